@@ -1,0 +1,162 @@
+//! Elementwise ops.
+
+use serde::{Deserialize, Serialize};
+
+use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, OpRule};
+use crate::types::{DType, TensorType};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryKind {
+    /// Exact GELU, `x * 0.5 * (1 + erf(x / sqrt 2))` (PyTorch's default).
+    Gelu,
+    Relu,
+    Sigmoid,
+    Exp,
+    Log,
+    Neg,
+    Sqrt,
+    Tanh,
+    Abs,
+}
+
+impl UnaryKind {
+    /// Plain flops per element (an estimate for transcendental functions).
+    fn flops_per_element(self) -> u64 {
+        match self {
+            UnaryKind::Gelu => 8,
+            UnaryKind::Sigmoid | UnaryKind::Tanh => 4,
+            UnaryKind::Exp | UnaryKind::Log | UnaryKind::Sqrt => 2,
+            UnaryKind::Relu | UnaryKind::Neg | UnaryKind::Abs => 1,
+        }
+    }
+}
+
+/// `y = f(x)` elementwise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unary {
+    pub kind: UnaryKind,
+}
+
+impl OpRule for Unary {
+    fn name(&self) -> &'static str {
+        "unary"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        expect_float("input", i[0])?;
+        Ok(vec![i[0].clone()])
+    }
+    fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
+        Cost {
+            flops: numel(&o[0].shape) * self.kind.flops_per_element(),
+            ..Cost::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryKind {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Maximum,
+    Minimum,
+}
+
+/// `y = a (op) b` with NumPy broadcasting; both operands have the same dtype.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Binary {
+    pub kind: BinaryKind,
+}
+
+impl OpRule for Binary {
+    fn name(&self) -> &'static str {
+        "binary"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        expect_same_dtype(i[0], i[1], "operands")?;
+        Ok(vec![i[0].with_shape(broadcast_shapes(&i[0].shape, &i[1].shape)?)])
+    }
+    fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
+        Cost {
+            flops: numel(&o[0].shape),
+            ..Cost::default()
+        }
+    }
+}
+
+/// `y = x * mul + add` with scalar constants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Affine {
+    pub mul: f64,
+    pub add: f64,
+}
+
+impl OpRule for Affine {
+    fn name(&self) -> &'static str {
+        "affine"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        expect_float("input", i[0])?;
+        Ok(vec![i[0].clone()])
+    }
+    fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
+        Cost {
+            flops: 2 * numel(&o[0].shape),
+            ..Cost::default()
+        }
+    }
+}
+
+/// Converts to another dtype (used by mixed precision).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cast {
+    pub dtype: DType,
+}
+
+impl OpRule for Cast {
+    fn name(&self) -> &'static str {
+        "cast"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        Ok(vec![TensorType::new(self.dtype, i[0].shape.clone())])
+    }
+}
+
+/// Stochastic depth on a residual branch `[B, ...]`: in training, each sample's branch is
+/// zeroed with probability `rate` and the survivors scaled by `1 / (1 - rate)`; at inference it
+/// is the identity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DropPath {
+    pub rate: f64,
+}
+
+impl OpRule for DropPath {
+    fn name(&self) -> &'static str {
+        "drop_path"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        if !(0.0..1.0).contains(&self.rate) {
+            return Err(format!("drop rate must be in [0, 1), found {}", self.rate));
+        }
+        expect_float("input", i[0])?;
+        Ok(vec![i[0].clone()])
+    }
+}

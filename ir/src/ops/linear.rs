@@ -1,0 +1,96 @@
+//! Contractions: linear layers and batched matrix products.
+
+use serde::{Deserialize, Serialize};
+
+use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, OpRule};
+use crate::types::TensorType;
+
+/// `y = x @ w^T (+ b)`: `x [..., in]`, `w [out, in]`, optional `b [out]` -> `[..., out]`
+/// (PyTorch's `nn.Linear`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Linear {}
+
+impl OpRule for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 3)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (x, w) = (i[0], i[1]);
+        expect_float("input", x)?;
+        expect_same_dtype(x, w, "weight")?;
+        if x.rank() < 1 || w.rank() != 2 {
+            return Err(format!("expects input [..., in] and weight [out, in], found {x} and {w}"));
+        }
+        let inp = x.shape[x.rank() - 1];
+        if w.shape[1] != inp {
+            return Err(format!("weight {w} does not take {inp} input features (input {x})"));
+        }
+        if let Some(b) = i.get(2) {
+            super::expect_vector("bias", b, w.shape[0], x)?;
+        }
+        let mut shape = x.shape.clone();
+        *shape.last_mut().unwrap() = w.shape[0];
+        Ok(vec![x.with_shape(shape)])
+    }
+    fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
+        let macs = numel(&i[0].shape) * i[1].shape[0] as u64;
+        let out = numel(&o[0].shape);
+        Cost {
+            macs,
+            flops: 2 * macs + if i.len() == 3 { out } else { 0 },
+            activations: out,
+        }
+    }
+}
+
+/// Batched matrix product `a [..., m, k] @ b [..., k, n] -> [..., m, n]`, batch dims broadcast.
+/// With `transpose_rhs`, `b` is `[..., n, k]` and is used transposed (`q @ k^T` without a copy).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MatMul {
+    pub transpose_rhs: bool,
+}
+
+impl OpRule for MatMul {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (a, b) = (i[0], i[1]);
+        expect_float("lhs", a)?;
+        expect_same_dtype(a, b, "rhs")?;
+        if a.rank() < 2 || b.rank() < 2 {
+            return Err(format!("operands must have rank >= 2, found {a} and {b}"));
+        }
+        let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
+        let (bk, n) = if self.transpose_rhs {
+            (b.shape[b.rank() - 1], b.shape[b.rank() - 2])
+        } else {
+            (b.shape[b.rank() - 2], b.shape[b.rank() - 1])
+        };
+        if k != bk {
+            return Err(format!(
+                "inner dimensions differ: {a} @ {b}{} ({k} vs {bk})",
+                if self.transpose_rhs { "^T" } else { "" }
+            ));
+        }
+        let mut shape = broadcast_shapes(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
+        shape.extend([m, n]);
+        Ok(vec![a.with_shape(shape)])
+    }
+    fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
+        let a = &i[0].shape;
+        let k = a[a.len() - 1] as u64;
+        let out = numel(&o[0].shape);
+        Cost {
+            macs: out * k,
+            flops: 2 * out * k,
+            activations: out,
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The closed op set. One module per family; each op is a struct holding its attributes and
+//! implementing [`OpRule`]: arity, type inference and cost live next to its documented
+//! semantics. [`Op`] is the serializable sum of them all; `Op::name()` is the key runtimes and
+//! passes use to find an op's kernel or VJP.
+//!
+//! Layout conventions: images and feature maps are NCHW; ViT tokens are NHWC (`[B, H, W, C]`)
+//! as in detectron2; linear weights are `[out, in]` as in PyTorch.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod linear;
+mod norm;
+mod pool;
+mod resize;
+mod shape;
+mod source;
+
+pub use attention::{RelPosBias, RelPosGather, Softmax};
+pub use conv::{Conv2d, ConvTranspose2d};
+pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
+pub use linear::{Linear, MatMul};
+pub use norm::{BatchNorm, GroupNorm, LayerNorm};
+pub use pool::MaxPool2d;
+pub use resize::{Resize, ResizeMode};
+pub use shape::{Concat, Pad, Permute, Reshape, Slice};
+pub use source::{Init, Input, Parameter};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::TensorType;
+
+/// Compute cost of one node.
+///
+/// * `macs`: multiply-adds in fvcore's convention (what the paper's Table 5 calls FLOPs):
+///   conv, transposed conv, linear and matmul count one per multiply-add; norms count as fvcore's
+///   handles do (layer/group norm 5 per element, inference batch norm 2 per element); nearest
+///   resize 1 per output element, bilinear 4; everything else (elementwise, softmax, bicubic,
+///   shape ops) 0, as fvcore ignores them.
+/// * `flops`: plain floating-point operations: 2 per multiply-add for contractions, plus a
+///   per-element estimate for the rest (documented on each op).
+/// * `activations`: fvcore's activation count: output elements of conv, transposed conv,
+///   linear and matmul nodes; 0 for every other op.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    pub macs: u64,
+    pub flops: u64,
+    pub activations: u64,
+}
+
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            macs: self.macs + o.macs,
+            flops: self.flops + o.flops,
+            activations: self.activations + o.activations,
+        }
+    }
+}
+
+impl std::iter::Sum for Cost {
+    fn sum<I: Iterator<Item = Cost>>(iter: I) -> Cost {
+        iter.fold(Cost::default(), |a, b| a + b)
+    }
+}
+
+/// The rules every op provides.
+pub trait OpRule {
+    /// Lowercase name used in dumps and to find kernels and VJPs.
+    fn name(&self) -> &'static str;
+    /// Allowed number of inputs (inclusive range).
+    fn arity(&self) -> (usize, usize);
+    /// Output types from input types; the message names the mismatch.
+    fn infer(&self, inputs: &[&TensorType]) -> Result<Vec<TensorType>, String>;
+    /// Cost of one execution (see [`Cost`]).
+    fn cost(&self, _inputs: &[&TensorType], _outputs: &[TensorType]) -> Cost {
+        Cost::default()
+    }
+}
+
+macro_rules! op_set {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        /// Every operation a graph can hold. Serialized with an `"op"` tag naming the variant.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "op", rename_all = "snake_case")]
+        pub enum Op {
+            $($variant($ty)),*
+        }
+
+        impl Op {
+            /// The op's rules.
+            pub fn rule(&self) -> &dyn OpRule {
+                match self {
+                    $(Op::$variant(o) => o),*
+                }
+            }
+        }
+
+        $(impl From<$ty> for Op {
+            fn from(o: $ty) -> Op {
+                Op::$variant(o)
+            }
+        })*
+    };
+}
+
+op_set! {
+    Input(Input),
+    Parameter(Parameter),
+    Unary(Unary),
+    Binary(Binary),
+    Affine(Affine),
+    Cast(Cast),
+    DropPath(DropPath),
+    Linear(Linear),
+    MatMul(MatMul),
+    Conv2d(Conv2d),
+    ConvTranspose2d(ConvTranspose2d),
+    LayerNorm(LayerNorm),
+    GroupNorm(GroupNorm),
+    BatchNorm(BatchNorm),
+    Softmax(Softmax),
+    RelPosGather(RelPosGather),
+    RelPosBias(RelPosBias),
+    Reshape(Reshape),
+    Permute(Permute),
+    Pad(Pad),
+    Slice(Slice),
+    Concat(Concat),
+    MaxPool2d(MaxPool2d),
+    Resize(Resize),
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        self.rule().name()
+    }
+
+    /// Attributes as compact `key=value` text, for dumps.
+    pub fn attrs_text(&self) -> String {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        let Some(map) = value.as_object_mut() else {
+            return String::new();
+        };
+        map.remove("op");
+        map.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether this node is a source (graph input or parameter) rather than a computation.
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Input(_) | Op::Parameter(_))
+    }
+}
+
+// ----- helpers shared by the type rules -----
+
+pub(crate) fn numel(shape: &[usize]) -> u64 {
+    shape.iter().map(|&d| d as u64).product()
+}
+
+pub(crate) fn expect_rank(what: &str, t: &TensorType, rank: usize) -> Result<(), String> {
+    if t.rank() != rank {
+        return Err(format!("{what} must have rank {rank}, found {t}"));
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_float(what: &str, t: &TensorType) -> Result<(), String> {
+    if !t.dtype.is_float() {
+        return Err(format!("{what} must be floating point, found {t}"));
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_same_dtype(a: &TensorType, b: &TensorType, what: &str) -> Result<(), String> {
+    if a.dtype != b.dtype {
+        return Err(format!("{what}: dtype mismatch {a} vs {b}"));
+    }
+    Ok(())
+}
+
+/// A per-channel vector (norm weight, bias, running statistic) of length `c`.
+pub(crate) fn expect_vector(what: &str, t: &TensorType, c: usize, x: &TensorType) -> Result<(), String> {
+    if t.shape != [c] {
+        return Err(format!("{what} must have shape [{c}], found {t}"));
+    }
+    expect_same_dtype(x, t, what)
+}
+
+/// NumPy-style broadcast of two shapes.
+pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+        };
+    }
+    Ok(out)
+}

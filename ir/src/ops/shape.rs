@@ -1,0 +1,132 @@
+//! Data-movement ops: they change the layout of values, never their contents.
+
+use serde::{Deserialize, Serialize};
+
+use super::OpRule;
+use crate::types::TensorType;
+
+/// Same elements in row-major order under a new shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reshape {
+    pub shape: Vec<usize>,
+}
+
+impl OpRule for Reshape {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let n: usize = self.shape.iter().product();
+        if n != i[0].numel() {
+            return Err(format!("cannot reshape {} ({} elements) to {:?}", i[0], i[0].numel(), self.shape));
+        }
+        Ok(vec![i[0].with_shape(self.shape.clone())])
+    }
+}
+
+/// Axis permutation: output axis `k` is input axis `perm[k]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Permute {
+    pub perm: Vec<usize>,
+}
+
+impl OpRule for Permute {
+    fn name(&self) -> &'static str {
+        "permute"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let x = i[0];
+        let mut seen = vec![false; x.rank()];
+        if self.perm.len() != x.rank() || !self.perm.iter().all(|&p| p < x.rank() && !std::mem::replace(&mut seen[p], true)) {
+            return Err(format!("{:?} is not a permutation of the axes of {x}", self.perm));
+        }
+        Ok(vec![x.with_shape(self.perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>())])
+    }
+}
+
+/// Zero padding: `pads[d] = [before, after]` for every axis `d`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pad {
+    pub pads: Vec<[usize; 2]>,
+}
+
+impl OpRule for Pad {
+    fn name(&self) -> &'static str {
+        "pad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let x = i[0];
+        if self.pads.len() != x.rank() {
+            return Err(format!("{} pad pairs for {x}", self.pads.len()));
+        }
+        Ok(vec![x.with_shape(x.shape.iter().zip(&self.pads).map(|(d, p)| d + p[0] + p[1]).collect::<Vec<_>>())])
+    }
+}
+
+/// Elements `start..end` along `axis`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Slice {
+    pub axis: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl OpRule for Slice {
+    fn name(&self) -> &'static str {
+        "slice"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let x = i[0];
+        let dim = *x.shape.get(self.axis).ok_or_else(|| format!("axis {} out of range for {x}", self.axis))?;
+        if self.start >= self.end || self.end > dim {
+            return Err(format!("slice {}..{} out of range for axis {} of {x}", self.start, self.end, self.axis));
+        }
+        let mut shape = x.shape.clone();
+        shape[self.axis] = self.end - self.start;
+        Ok(vec![x.with_shape(shape)])
+    }
+}
+
+/// Concatenation of all inputs along `axis`; other dims and dtypes must agree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Concat {
+    pub axis: usize,
+}
+
+impl OpRule for Concat {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, usize::MAX)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let first = i[0];
+        if self.axis >= first.rank() {
+            return Err(format!("axis {} out of range for {first}", self.axis));
+        }
+        let mut shape = first.shape.clone();
+        shape[self.axis] = 0;
+        for t in i {
+            let same_elsewhere = t.rank() == first.rank()
+                && (0..t.rank()).all(|d| d == self.axis || t.shape[d] == first.shape[d]);
+            if !same_elsewhere || t.dtype != first.dtype {
+                return Err(format!("cannot concatenate {t} with {first} along axis {}", self.axis));
+            }
+            shape[self.axis] += t.shape[self.axis];
+        }
+        Ok(vec![first.with_shape(shape)])
+    }
+}

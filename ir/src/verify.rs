@@ -1,0 +1,80 @@
+use std::collections::HashSet;
+
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use crate::error::IrError;
+use crate::graph::{Graph, Value};
+use crate::ops::Op;
+
+impl Graph {
+    /// Checks the whole graph: acyclic; every node's inputs present exactly once each, in
+    /// range of their producers' outputs and of the op's arity; types re-inferred and equal to
+    /// the stored ones; input, parameter and output names unique; outputs refer to real values.
+    pub fn verify(&self) -> Result<(), IrError> {
+        let order = self.topo_order()?;
+        for idx in order {
+            let node = &self.graph[idx];
+            let structure = |message: String| IrError::Structure {
+                node: idx.index(),
+                op: node.op.name().to_string(),
+                scope: node.scope.clone(),
+                message,
+            };
+            let mut slots: Vec<Option<Value>> = Vec::new();
+            for e in self.graph.edges_directed(idx, Direction::Incoming) {
+                let w = e.weight();
+                if w.input >= slots.len() {
+                    slots.resize(w.input + 1, None);
+                }
+                if slots[w.input].is_some() {
+                    return Err(structure(format!("input {} is connected twice", w.input)));
+                }
+                if w.output >= self.graph[e.source()].outputs.len() {
+                    return Err(structure(format!("input {} reads missing output {} of %{}", w.input, w.output, e.source().index())));
+                }
+                slots[w.input] = Some(Value {
+                    node: e.source(),
+                    output: w.output,
+                });
+            }
+            let inputs: Vec<Value> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| s.ok_or_else(|| structure(format!("input {i} is not connected"))))
+                .collect::<Result<_, _>>()?;
+            let inferred = self.infer_node(&node.op, &node.scope, &inputs, idx.index())?;
+            if inferred != node.outputs {
+                let show = |ts: &[crate::TensorType]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+                return Err(structure(format!("stored type {} but inferred {}", show(&node.outputs), show(&inferred))));
+            }
+        }
+        let mut names = HashSet::new();
+        for i in self.graph.node_indices() {
+            let name = match &self.graph[i].op {
+                Op::Input(x) => &x.name,
+                Op::Parameter(p) => &p.name,
+                _ => continue,
+            };
+            if !names.insert(name.as_str()) {
+                return Err(IrError::Graph(format!("input/parameter name `{name}` is declared twice")));
+            }
+        }
+        let mut outs = HashSet::new();
+        for o in &self.outputs {
+            if !outs.insert(o.name.as_str()) {
+                return Err(IrError::Graph(format!("output `{}` is declared twice", o.name)));
+            }
+            let ok = self.graph.node_weight(o.value.node).is_some_and(|n| o.value.output < n.outputs.len());
+            if !ok {
+                return Err(IrError::Graph(format!(
+                    "output `{}` refers to missing value %{}:{}",
+                    o.name,
+                    o.value.node.index(),
+                    o.value.output
+                )));
+            }
+        }
+        Ok(())
+    }
+}
