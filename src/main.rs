@@ -1,1 +1,128 @@
-fn main(){}
+//! The `vitdet` command line.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use vitdet::compile::{compile, CompileOptions};
+
+#[derive(Parser)]
+#[command(name = "vitdet", version, about = "Compiler and runtime for the ViT-based Mask R-CNN")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, verify and schedule a model's graph; report parameters, FLOPs, activations and
+    /// planned peak memory.
+    Compile {
+        /// Preset (vit-b, vit-l, vit-h, vitdet-b, vitdet-l, vitdet-h, vit-tiny, vitdet-tiny) or a
+        /// JSON/TOML config file.
+        #[arg(long, default_value = "vit-b")]
+        model: String,
+        /// Input side in pixels (overrides the config's).
+        #[arg(long)]
+        image_size: Option<usize>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Write the compiled artifact (graph + schedule + config) as JSON.
+        #[arg(long)]
+        emit: Option<PathBuf>,
+        /// Write the graph as Graphviz dot.
+        #[arg(long)]
+        dot: Option<PathBuf>,
+        /// Write the one-line-per-node text dump.
+        #[arg(long)]
+        dump_ir: Option<PathBuf>,
+    },
+    /// Run a model's backbone on an image and report its outputs p2..p6.
+    Infer {
+        #[arg(long, default_value = "vitdet-tiny")]
+        model: String,
+        /// safetensors file with detectron2 state-dict keys; without it a seeded random init is used.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// PNG or JPEG image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Write p2..p6 (NCHW f32, batch 1) to this safetensors file.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+        /// Seed of the random init used without --weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Forward passes to time (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Compile {
+            model,
+            image_size,
+            format,
+            emit,
+            dot,
+            dump_ir,
+        } => {
+            let compiled = compile(&CompileOptions { model, image_size })?;
+            if let Some(path) = emit {
+                let text = serde_json::to_string(&compiled.artifact())?;
+                vitdet::runtime::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = dot {
+                vitdet::runtime::write_atomic(&path, compiled.graph.to_dot().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = dump_ir {
+                vitdet::runtime::write_atomic(&path, compiled.graph.dump()?.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            }
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&compiled.report)?),
+                Format::Text => print!("{}", compiled.report.to_text()),
+            }
+        }
+        Command::Infer {
+            model,
+            weights,
+            image,
+            dump,
+            seed,
+            repeat,
+            format,
+        } => {
+            let opts = vitdet::infer::InferOptions {
+                model,
+                weights,
+                image,
+                dump,
+                seed,
+                repeat,
+            };
+            let result = vitdet::infer::infer(&opts)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&result.summary)?),
+                Format::Text => print!("{}", result.summary.to_text()),
+            }
+        }
+    }
+    Ok(())
+}

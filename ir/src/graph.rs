@@ -152,9 +152,37 @@ impl Graph {
         uses
     }
 
-    /// A topological order (inputs before users), stable in node-index order among ready nodes.
+    /// A topological order that follows construction order where dependencies allow (Kahn's
+    /// algorithm taking the lowest ready node index first): builders add nodes in program
+    /// order, so this is the order a framework would run them in.
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>, IrError> {
-        petgraph::algo::toposort(&self.graph, None).map_err(|c| IrError::Cycle { node: c.node_id().index() })
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let mut indegree: HashMap<NodeIndex, usize> = HashMap::new();
+        let mut ready = BinaryHeap::new();
+        for idx in self.graph.node_indices() {
+            let d = self.graph.edges_directed(idx, Direction::Incoming).count();
+            if d == 0 {
+                ready.push(Reverse(idx));
+            }
+            indegree.insert(idx, d);
+        }
+        let mut order = Vec::with_capacity(indegree.len());
+        while let Some(Reverse(idx)) = ready.pop() {
+            order.push(idx);
+            for e in self.graph.edges_directed(idx, Direction::Outgoing) {
+                let d = indegree.get_mut(&e.target()).expect("edge target is a node");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(e.target()));
+                }
+            }
+        }
+        if order.len() != indegree.len() {
+            let stuck = indegree.iter().filter(|(_, &d)| d > 0).map(|(i, _)| i.index()).min().unwrap_or(0);
+            return Err(IrError::Cycle { node: stuck });
+        }
+        Ok(order)
     }
 
     /// Graph inputs as (node, name, type).

@@ -1,0 +1,155 @@
+//! Running a compiled backbone on an image.
+
+use std::fmt::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use vitdet_runtime::{preprocess_image, run_with_order, Device, ParamStore, Tensor};
+
+use crate::compile::{compile, CompileOptions};
+use crate::report::bytes;
+use crate::rss::RssProbe;
+
+#[derive(Clone, Debug)]
+pub struct InferOptions {
+    pub model: String,
+    pub weights: Option<PathBuf>,
+    pub image: PathBuf,
+    pub dump: Option<PathBuf>,
+    pub seed: u64,
+    /// Runs to time; the summary reports the median.
+    pub repeat: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct OutputSummary {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub mean: f64,
+    pub abs_max: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InferSummary {
+    pub model: String,
+    pub image: String,
+    pub original_hw: (usize, usize),
+    pub resized_hw: (usize, usize),
+    /// The weights file, or `random init (seed N)`.
+    pub weights: String,
+    pub outputs: Vec<OutputSummary>,
+    /// Median wall time of one forward pass.
+    pub run_seconds: f64,
+    pub runs: usize,
+    /// Peak growth of the process's resident set during the runs (Linux only).
+    pub peak_rss_growth_bytes: Option<u64>,
+    pub measured_peak_activation_bytes: usize,
+    pub planned_peak_activation_bytes: usize,
+    pub param_bytes: usize,
+}
+
+pub struct InferResult {
+    pub outputs: Vec<(String, Tensor)>,
+    pub summary: InferSummary,
+}
+
+pub fn infer(opts: &InferOptions) -> Result<InferResult> {
+    let compiled = compile(&CompileOptions {
+        model: opts.model.clone(),
+        image_size: None,
+    })?;
+    let device = Device::Cpu;
+    let (params, weights) = match &opts.weights {
+        Some(path) => (
+            ParamStore::load_safetensors(path, &compiled.graph, &device)?,
+            path.display().to_string(),
+        ),
+        None => {
+            eprintln!("note: no --weights given; using a seeded random init (seed {})", opts.seed);
+            (
+                ParamStore::init_random(&compiled.graph, opts.seed, &device)?,
+                format!("random init (seed {})", opts.seed),
+            )
+        }
+    };
+    let pre = preprocess_image(&opts.image, compiled.config.image_size, &device)?;
+    let probe = RssProbe::start();
+    let mut times = Vec::new();
+    let mut out = None;
+    for _ in 0..opts.repeat.max(1) {
+        drop(out.take());
+        let start = Instant::now();
+        out = Some(run_with_order(&compiled.graph, &params, &[("image", pre.image.clone())], &device, &compiled.order)?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let peak_rss_growth_bytes = probe.peak_growth();
+    let out = out.expect("at least one run");
+    times.sort_by(f64::total_cmp);
+    let run_seconds = times[times.len() / 2];
+    let mut outputs = Vec::new();
+    for (name, t) in &out.outputs {
+        let flat = t.flatten_all()?.to_dtype(candle_core_dtype_f64())?;
+        outputs.push(OutputSummary {
+            name: name.clone(),
+            shape: t.dims().to_vec(),
+            mean: flat.mean_all()?.to_scalar::<f64>()?,
+            abs_max: flat.abs()?.max(0)?.to_scalar::<f64>()?,
+        });
+    }
+    if let Some(path) = &opts.dump {
+        ParamStore::from_tensors(out.outputs.iter().map(|(n, t)| (n.clone(), t.clone())))
+            .save_safetensors(path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let summary = InferSummary {
+        model: opts.model.clone(),
+        image: opts.image.display().to_string(),
+        original_hw: pre.original_hw,
+        resized_hw: pre.resized_hw,
+        weights,
+        outputs,
+        run_seconds,
+        runs: times.len(),
+        peak_rss_growth_bytes,
+        measured_peak_activation_bytes: out.peak_live_bytes,
+        planned_peak_activation_bytes: compiled.report.peak_activation_bytes,
+        param_bytes: out.param_bytes,
+    };
+    Ok(InferResult {
+        outputs: out.outputs,
+        summary,
+    })
+}
+
+fn candle_core_dtype_f64() -> vitdet_runtime::CandleDType {
+    vitdet_runtime::CandleDType::F64
+}
+
+impl InferSummary {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "model    {}  weights: {}", self.model, self.weights);
+        let _ = writeln!(
+            s,
+            "image    {} ({}x{} -> {}x{})",
+            self.image, self.original_hw.1, self.original_hw.0, self.resized_hw.1, self.resized_hw.0
+        );
+        for o in &self.outputs {
+            let _ = writeln!(s, "{:<4} {:?}  mean {:+.5}  |max| {:.5}", o.name, o.shape, o.mean, o.abs_max);
+        }
+        let _ = writeln!(s, "ran in {:.3} s (median of {})", self.run_seconds, self.runs);
+        if let Some(g) = self.peak_rss_growth_bytes {
+            let _ = writeln!(s, "rss      peak growth {} during the runs", bytes(g as usize));
+        }
+        let _ = writeln!(
+            s,
+            "memory   measured peak {} live activations (planned {}), {} parameters",
+            bytes(self.measured_peak_activation_bytes),
+            bytes(self.planned_peak_activation_bytes),
+            bytes(self.param_bytes)
+        );
+        s
+    }
+}
