@@ -1,0 +1,141 @@
+//! The `vitdet` command line, end to end: reports, artifacts, inference and error messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::fixture;
+
+fn vitdet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vitdet")).args(args).output().expect("run vitdet")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = vitdet(args);
+    assert!(out.status.success(), "vitdet {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = vitdet(args);
+    assert!(!out.status.success(), "vitdet {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn compile_reports_detectron2_parameter_counts() {
+    let text = ok(&["compile", "--model", "vitdet-b", "--format", "json"]);
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(r["model"], "vitdet-b");
+    assert_eq!(r["mode"], "infer");
+    assert_eq!(r["image_size"], 1024);
+    assert_eq!(r["params_by_scope"]["backbone.net"], 85_889_024);
+    assert_eq!(r["params_by_scope"]["backbone"], 91_449_024);
+    assert_eq!(r["params"], 91_449_024);
+    for key in ["nodes", "flops", "activations", "peak_memory_bytes"] {
+        assert!(r[key].as_u64().unwrap() > 0, "{key} missing or zero: {text}");
+    }
+}
+
+#[test]
+fn compile_writes_artifact_dot_and_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let emit = dir.path().join("a.json");
+    let dot = dir.path().join("g.dot");
+    let dump = dir.path().join("g.txt");
+    let text = ok(&[
+        "compile", "--model", "vit-tiny", "--emit", emit.to_str().unwrap(), "--dot", dot.to_str().unwrap(),
+        "--dump-ir", dump.to_str().unwrap(),
+    ]);
+    assert!(text.contains("params") && text.contains("backbone.net"), "{text}");
+    let artifact: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&emit).unwrap()).unwrap();
+    assert_eq!(artifact["mode"], "infer");
+    let graph = vitdet::ir::Graph::from_json(&artifact["graph"].to_string()).unwrap();
+    graph.verify().unwrap();
+    assert_eq!(artifact["schedule"].as_array().unwrap().len(), graph.graph.node_count());
+    assert!(std::fs::read_to_string(&dot).unwrap().starts_with("digraph"));
+    let dump = std::fs::read_to_string(&dump).unwrap();
+    assert_eq!(dump.lines().filter(|l| l.starts_with('%')).count(), graph.graph.node_count());
+}
+
+#[test]
+fn compile_takes_config_files_and_rejects_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("m.toml");
+    std::fs::write(&toml, "preset = \"vitdet-tiny\"\ndepth = 2\nglobal_blocks = [1]\n").unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(&["compile", "--model", toml.to_str().unwrap(), "--format", "json"])).unwrap();
+    assert!(r["params"].as_u64().unwrap() > 0);
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"family\": \"vitdet\", \"embed_dim\": 30, \"depth\": 2, \"num_heads\": 4}").unwrap();
+    let err = fails(&["compile", "--model", bad.to_str().unwrap()]);
+    assert!(err.contains("embed_dim"), "{err}");
+    let err = fails(&["compile", "--model", "vitdet-q"]);
+    assert!(err.contains("vitdet-b") && err.contains("vit-tiny"), "lists the presets: {err}");
+    let err = fails(&["compile", "--model", "vitdet-b", "--image-size", "1000"]);
+    assert!(err.contains("1000"), "{err}");
+}
+
+#[test]
+fn infer_dumps_pyramid_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("f.safetensors");
+    let weights = fixture("vitdet_tiny.safetensors");
+    let image = fixture("preprocess_large.png");
+    let text = ok(&[
+        "infer", "--model", "vitdet-tiny", "--weights", weights.to_str().unwrap(), "--image", image.to_str().unwrap(),
+        "--dump", dump.to_str().unwrap(),
+    ]);
+    assert!(text.contains("p2") && text.contains("measured peak"), "{text}");
+    let t = candle_core::safetensors::load(&dump, &candle_core::Device::Cpu).unwrap();
+    let shapes: Vec<(String, Vec<usize>)> = ["p2", "p3", "p4", "p5", "p6"]
+        .iter()
+        .map(|n| (n.to_string(), t[*n].dims().to_vec()))
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            ("p2".into(), vec![1, 16, 32, 32]),
+            ("p3".into(), vec![1, 16, 16, 16]),
+            ("p4".into(), vec![1, 16, 8, 8]),
+            ("p5".into(), vec![1, 16, 4, 4]),
+            ("p6".into(), vec![1, 16, 2, 2]),
+        ]
+    );
+}
+
+#[test]
+fn infer_without_weights_says_so() {
+    let image = fixture("preprocess.png");
+    let out = vitdet(&["infer", "--model", "vit-tiny", "--image", image.to_str().unwrap(), "--seed", "3"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("random init") && err.contains("seed 3"), "{err}");
+}
+
+#[test]
+fn infer_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixture("preprocess.png");
+    let image = image.to_str().unwrap();
+
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", "/nonexistent/w.safetensors", "--image", image]);
+    assert!(err.contains("/nonexistent/w.safetensors"), "{err}");
+
+    let corrupt = dir.path().join("corrupt.safetensors");
+    std::fs::write(&corrupt, b"definitely not safetensors").unwrap();
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", corrupt.to_str().unwrap(), "--image", image]);
+    assert!(err.contains("corrupt.safetensors"), "{err}");
+
+    // The other family's weights: missing and unexpected keys are both named.
+    let other = fixture("vit_tiny.safetensors");
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", other.to_str().unwrap(), "--image", image]);
+    assert!(err.contains("rel_pos_h") && err.contains("gamma_1"), "{err}");
+
+    let not_image = dir.path().join("x.png");
+    std::fs::write(&not_image, b"hello").unwrap();
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", not_image.to_str().unwrap()]);
+    assert!(err.contains("x.png"), "{err}");
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", "/nonexistent/img.jpg"]);
+    assert!(err.contains("/nonexistent/img.jpg"), "{err}");
+}
