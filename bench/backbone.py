@@ -7,7 +7,11 @@ vitdet vs PyTorch, in one run on the same machine and the same thread count.
 
 PyTorch side: the detectron2-equivalent reference modules of tests/fixtures/generate.py
 (manual attention with decomposed relative positions, as detectron2's ViT computes it),
-float32, eval, no_grad. vitdet side: `vitdet infer --model vitdet-b`, same image size.
+float32, eval, no_grad. vitdet side: `vitdet infer --model vitdet-b` on the same weights
+(random, written to a temporary safetensors file with detectron2's keys) and the same
+1024x768 image. The outputs p2..p6 of both are compared (relative L2 error), so the
+benchmark doubles as a full-size correctness check of window padding (64 -> 70 tokens) and
+the 64x64 global blocks.
 Both report the median forward time over --runs after one warm-up, and the peak growth of
 the resident set during the timed runs (the kernel's high-water mark reset through
 /proc/self/clear_refs, so weights loaded before are not counted).
@@ -34,20 +38,47 @@ def rss_status():
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def torch_side(threads, runs):
+def make_inputs(d):
+    """A random 1024x768 RGB PNG and the detectron2 preprocessing of it (no resize is needed
+    at this size: normalize, then zero-pad bottom/right to 1024x1024)."""
+    import numpy as np
     import torch
-    import torch.nn.functional as F
+    from PIL import Image
 
-    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    path = os.path.join(d, "bench.png")
+    Image.fromarray(pixels).save(path)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    x = (torch.from_numpy(pixels).permute(2, 0, 1).float() - mean) / std
+    image = torch.zeros(1, 3, 1024, 1024)
+    image[0, :, :768, :] = x
+    return path, image
+
+
+def torch_model(weights_path):
+    import torch
+    from safetensors.torch import save_file
+
     sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
     import generate as ref  # reference modules written from detectron2's semantics
 
     torch.set_default_dtype(torch.float32)
-    torch.manual_seed(0)
     net = ref.ViT(img=1024, patch=16, dim=768, depth=12, heads=12, window_size=14,
                   global_blocks=(2, 5, 8, 11), pretrain_img=224, mode="rel_pos")
-    model = ref.SimpleFeaturePyramid(net, dim=768, out=256).eval()
-    image = torch.randn(1, 3, 1024, 1024)
+    model = ref.SimpleFeaturePyramid(net, dim=768, out=256)
+    ref.init_weights(model, torch.Generator().manual_seed(0))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in model.state_dict().items()}, weights_path)
+    return ref, model
+
+
+def torch_side(threads, runs, ref, model, image):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    net = model.net
 
     def forward():
         x = net.patch_embed(image)
@@ -66,35 +97,29 @@ def torch_side(threads, runs):
         start_rss, _ = rss_status()
         times = []
         for _ in range(runs):
+            out = None
             t = time.perf_counter()
             out = forward()
             times.append(time.perf_counter() - t)
-            del out
         _, hwm = rss_status()
     return {"seconds": statistics.median(times), "peak_rss_growth_bytes": hwm - start_rss,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "threads": torch.get_num_threads()}, out
 
 
-def vitdet_side(threads, runs):
-    from PIL import Image
-    import numpy as np
-
+def vitdet_side(threads, runs, weights, image_path, dump):
     binary = os.path.join(ROOT, "target", "release", "vitdet")
     if not os.path.exists(binary):
         sys.exit(f"{binary} not found: run `cargo build --release` first")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "bench.png")
-        rng = np.random.default_rng(0)
-        Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(path)
-        env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-        # one extra run serves as the warm-up; the median of the rest is reported
-        out = subprocess.run([binary, "infer", "--model", "vitdet-b", "--image", path,
-                              "--repeat", str(runs + 1), "--format", "json"],
-                             env=env, check=True, capture_output=True, text=True)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    # one extra run serves as the warm-up; the median of all runs is reported
+    out = subprocess.run([binary, "infer", "--model", "vitdet-b", "--weights", weights, "--image", image_path,
+                          "--dump", dump, "--repeat", str(runs + 1), "--format", "json"],
+                         env=env, check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
     return {"seconds": r["run_seconds"], "peak_rss_growth_bytes": r["peak_rss_growth_bytes"],
             "peak_live_bytes": r["measured_peak_activation_bytes"],
-            "planned_peak_bytes": r["planned_peak_activation_bytes"]}
+            "planned_peak_bytes": r["planned_peak_activation_bytes"],
+            "seconds_by_op": dict(r["op_seconds"])}
 
 
 def main():
@@ -102,8 +127,21 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    ours = vitdet_side(args.threads, args.runs)
-    theirs = torch_side(args.threads, args.runs)
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        weights = os.path.join(d, "vitdet_b.safetensors")
+        dump = os.path.join(d, "ours.safetensors")
+        image_path, image = make_inputs(d)
+        ref, model = torch_model(weights)
+        ours = vitdet_side(args.threads, args.runs, weights, image_path, dump)
+        theirs, torch_out = torch_side(args.threads, args.runs, ref, model, image)
+        our_out = load_file(dump)
+    errors = {}
+    for k in ("p2", "p3", "p4", "p5", "p6"):
+        a, b = our_out[k].double(), torch_out[k].double()
+        errors[k] = float((a - b).norm() / b.norm())
+    ours["rel_l2_vs_pytorch"] = errors
     gib = 1024 ** 3
     print(json.dumps({"vitdet": ours, "pytorch": theirs}, indent=2))
     print(f"\nViTDet-B backbone+pyramid, 1024x1024, {args.threads} threads, median of {args.runs}")
@@ -112,6 +150,7 @@ def main():
     print(f"  pytorch  {theirs['seconds']:.2f} s   peak RSS growth {theirs['peak_rss_growth_bytes'] / gib:.2f} GiB"
           f"   (torch {theirs['torch']})")
     print(f"  time ratio vitdet/pytorch = {ours['seconds'] / theirs['seconds']:.2f}x")
+    print("  outputs: relative L2 error vs PyTorch " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ pub struct InferSummary {
     pub measured_peak_activation_bytes: usize,
     pub planned_peak_activation_bytes: usize,
     pub param_bytes: usize,
+    /// Seconds per op name in the last run, slowest first.
+    pub op_seconds: Vec<(String, f64)>,
 }
 
 pub struct InferResult {
@@ -116,6 +118,11 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
         measured_peak_activation_bytes: out.peak_live_bytes,
         planned_peak_activation_bytes: compiled.report.peak_activation_bytes,
         param_bytes: out.param_bytes,
+        op_seconds: {
+            let mut v: Vec<(String, f64)> = out.op_seconds.clone().into_iter().collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v
+        },
     };
     Ok(InferResult {
         outputs: out.outputs,
@@ -143,6 +150,8 @@ impl InferSummary {
         if let Some(g) = self.peak_rss_growth_bytes {
             let _ = writeln!(s, "rss      peak growth {} during the runs", bytes(g as usize));
         }
+        let ops: Vec<String> = self.op_seconds.iter().take(8).map(|(k, v)| format!("{k} {v:.2}s")).collect();
+        let _ = writeln!(s, "time by op: {}", ops.join(", "));
         let _ = writeln!(
             s,
             "memory   measured peak {} live activations (planned {}), {} parameters",
