@@ -3,8 +3,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
-use vitdet_ir::{Graph, NodeIndex};
+use vitdet_ir::{Artifact, Graph, NodeIndex};
 use vitdet_models::{build_backbone, ModelConfig};
 use vitdet_passes::{liveness, schedule};
 
@@ -25,16 +24,6 @@ pub struct Compiled {
     pub graph: Graph,
     pub order: Vec<NodeIndex>,
     pub report: CompileReport,
-}
-
-/// The artifact written by `--emit`: the graph plus how it is meant to run.
-#[derive(Serialize)]
-pub struct Artifact<'a> {
-    pub format: &'static str,
-    pub model: &'a ModelConfig,
-    pub mode: &'static str,
-    pub schedule: Vec<usize>,
-    pub graph: &'a Graph,
 }
 
 pub fn load_config(opts: &CompileOptions) -> Result<ModelConfig> {
@@ -63,13 +52,9 @@ pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
 }
 
 impl Compiled {
-    pub fn artifact(&self) -> Artifact<'_> {
-        Artifact {
-            format: "vitdet-artifact/1",
-            model: &self.config,
-            mode: "infer",
-            schedule: self.order.iter().map(|i| i.index()).collect(),
-            graph: &self.graph,
-        }
+    /// The artifact `--emit` writes: graph, schedule, and the config and report as metadata.
+    pub fn artifact(&self) -> Result<Artifact> {
+        let metadata = serde_json::json!({ "model": self.config, "report": self.report });
+        Ok(Artifact::new("infer", self.graph.clone(), self.order.clone(), metadata))
     }
 }

@@ -86,7 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let compiled = compile(&CompileOptions { model, image_size })?;
             if let Some(path) = emit {
-                let text = serde_json::to_string(&compiled.artifact())?;
+                let text = compiled.artifact()?.to_json()?;
                 vitdet::runtime::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
             }
             if let Some(path) = dot {

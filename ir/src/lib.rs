@@ -11,6 +11,7 @@
 //! * Graphs serialize to JSON with serde, print one line per node ([`Graph::dump`]) and export
 //!   Graphviz dot ([`Graph::to_dot`]).
 
+mod artifact;
 mod error;
 mod graph;
 pub mod ops;
@@ -18,6 +19,7 @@ mod print;
 mod types;
 mod verify;
 
+pub use artifact::{Artifact, ARTIFACT_FORMAT};
 pub use error::IrError;
 pub use graph::{Edge, Graph, NamedValue, Node, Value};
 pub use ops::{Cost, Op, OpRule};

@@ -137,3 +137,27 @@ fn costs_follow_fvcore_conventions() {
     assert_eq!(c.macs, 2 * 8 * 4 + 5 * 8);
     assert_eq!(c.activations, 8);
 }
+
+#[test]
+fn artifact_round_trip_and_schedule_checks() {
+    use vitdet_ir::Artifact;
+    let g = small_graph();
+    let order = g.topo_order().unwrap();
+    let a = Artifact::new("infer", g.clone(), order.clone(), serde_json::json!({"note": "x"}));
+    let back = Artifact::from_json(&a.to_json().unwrap()).unwrap();
+    assert_eq!(back.schedule, order);
+    assert_eq!(back.metadata["note"], "x");
+
+    let mut reversed = order.clone();
+    reversed.reverse();
+    let bad = Artifact::new("infer", g.clone(), reversed, serde_json::Value::Null);
+    let msg = Artifact::from_json(&bad.to_json().unwrap()).unwrap_err().to_string();
+    assert!(msg.contains("before its input"), "{msg}");
+
+    let bad = Artifact::new("infer", g.clone(), order[1..].to_vec(), serde_json::Value::Null);
+    let msg = Artifact::from_json(&bad.to_json().unwrap()).unwrap_err().to_string();
+    assert!(msg.contains("covers"), "{msg}");
+
+    let text = a.to_json().unwrap().replace("vitdet-artifact/1", "vitdet-artifact/9");
+    assert!(Artifact::from_json(&text).unwrap_err().to_string().contains("vitdet-artifact/9"));
+}

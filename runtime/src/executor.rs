@@ -1,0 +1,370 @@
+//! The executor: runs a verified graph node by node, frees every value after its last use and
+//! measures its peak of live bytes.
+//!
+//! # Live bytes
+//!
+//! A *value* (one output of one node) is **live** from the moment its node has run until the
+//! moment its last consumer has run; graph outputs stay live until the end of the run. The
+//! executor holds exactly the live values. *Live bytes* are the sum of
+//! [`TensorType::size_in_bytes`] over the live values, counting graph inputs (live from their
+//! `input` node's position in the order) and computed values, but not parameters and buffers,
+//! which are reported separately as [`RunOutput::param_bytes`].
+//!
+//! The peak is sampled once per node, **after the node's outputs are produced and before the
+//! inputs it used for the last time (and any of its outputs nobody uses) are released**: at that
+//! moment a real allocator holds both. [`Liveness::step`] is the single definition of this
+//! accounting; the executor follows it to free tensors, and [`peak_live_bytes`] replays it
+//! without executing anything, so a planner that computes liveness over the same order gets the
+//! same number.
+//!
+//! Uses are counted per edge (`Graph::use_counts`: a value fed twice to one node has two uses,
+//! both consumed by that node) plus one per graph output naming the value. With an explicit
+//! order that omits some nodes, edges into omitted nodes do not count.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use candle_core::{Device, Tensor};
+use vitdet_ir::{Graph, NodeIndex, Op, TensorType, Value};
+
+use crate::dtype::{describe, matches};
+use crate::error::{list_names, RuntimeError};
+use crate::kernels::{self, KernelError};
+use crate::params::ParamStore;
+
+/// What a run produces.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// Graph outputs, in the graph's output order.
+    pub outputs: Vec<(String, Tensor)>,
+    /// Peak of live bytes over the run (see the module doc).
+    pub peak_live_bytes: usize,
+    /// Bytes of all the graph's parameters and buffers (held by the [`ParamStore`]).
+    pub param_bytes: usize,
+    /// Wall time spent in each op's kernels, by op name.
+    pub op_seconds: BTreeMap<String, f64>,
+}
+
+impl RunOutput {
+    /// The output named `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// Sum of the sizes of all parameters and buffers the graph declares.
+pub fn param_bytes(graph: &Graph) -> usize {
+    graph.parameters().map(|(_, p)| p.ty.size_in_bytes()).sum()
+}
+
+/// The live-bytes accounting of one walk over an execution order (see the module doc).
+pub struct Liveness<'g> {
+    graph: &'g Graph,
+    remaining: HashMap<Value, usize>,
+    live: usize,
+    peak: usize,
+}
+
+impl<'g> Liveness<'g> {
+    /// Starts a walk over `order`, whose scheduled nodes determine the uses that count.
+    pub fn new(graph: &'g Graph, order: &[NodeIndex]) -> Self {
+        let mut remaining = graph.use_counts();
+        let scheduled: HashSet<NodeIndex> = order.iter().copied().collect();
+        if scheduled.len() != graph.graph.node_count() {
+            for n in graph.graph.node_indices().filter(|n| !scheduled.contains(n)) {
+                for v in graph.inputs_of(n) {
+                    if let Some(c) = remaining.get_mut(&v) {
+                        *c -= 1;
+                    }
+                }
+            }
+        }
+        Liveness {
+            graph,
+            remaining,
+            live: 0,
+            peak: 0,
+        }
+    }
+
+    fn counted(&self, v: Value) -> bool {
+        !matches!(self.graph.node(v.node).op, Op::Parameter(_))
+    }
+
+    fn bytes(&self, v: Value) -> usize {
+        self.graph.value_type(v).size_in_bytes()
+    }
+
+    /// Accounts for node `n` having just produced its outputs: adds them to the live bytes,
+    /// samples the peak, then releases the inputs `n` used for the last time and the outputs of
+    /// `n` nobody uses. Returns the released values (parameters are never live, never released).
+    pub fn step(&mut self, n: NodeIndex) -> Vec<Value> {
+        let outputs: Vec<Value> = (0..self.graph.node(n).outputs.len()).map(|output| Value { node: n, output }).collect();
+        for &v in &outputs {
+            if self.counted(v) {
+                self.live += self.bytes(v);
+            }
+        }
+        self.peak = self.peak.max(self.live);
+        let mut dead = Vec::new();
+        for v in self.graph.inputs_of(n) {
+            if !self.counted(v) {
+                continue;
+            }
+            let c = self.remaining.get_mut(&v).expect("every edge is a counted use");
+            *c -= 1;
+            if *c == 0 {
+                dead.push(v);
+            }
+        }
+        for v in outputs {
+            if self.counted(v) && self.remaining.get(&v).copied().unwrap_or(0) == 0 {
+                dead.push(v);
+            }
+        }
+        for &v in &dead {
+            self.live -= self.bytes(v);
+        }
+        dead
+    }
+
+    /// Live bytes now.
+    pub fn live_bytes(&self) -> usize {
+        self.live
+    }
+
+    /// Peak live bytes so far.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak
+    }
+}
+
+/// The peak live bytes a run over `order` will measure, computed without executing anything.
+/// The order must be valid as for [`run_with_order`].
+pub fn peak_live_bytes(graph: &Graph, order: &[NodeIndex]) -> Result<usize, RuntimeError> {
+    check_order(graph, order)?;
+    let mut liveness = Liveness::new(graph, order);
+    for &n in order {
+        liveness.step(n);
+    }
+    Ok(liveness.peak_bytes())
+}
+
+/// Runs `graph` in its default order ([`Graph::topo_order`]). See [`run_with_order`].
+pub fn run(graph: &Graph, params: &ParamStore, inputs: &[(&str, Tensor)], device: &Device) -> Result<RunOutput, RuntimeError> {
+    let order = graph.topo_order()?;
+    run_with_order(graph, params, inputs, device, &order)
+}
+
+/// Runs `graph` on `device`, executing the nodes in `order`.
+///
+/// * The graph is verified first.
+/// * `inputs` must feed every graph input exactly once, by name, with the declared shape and
+///   dtype; tensors on another device are copied to `device`.
+/// * `params` must hold every parameter the graph declares, with its declared shape and dtype;
+///   parameters on another device are copied for this run (keep the store on `device` to avoid
+///   that: [`ParamStore::to_device`]).
+/// * `order` lists nodes at most once each; every node's inputs must be produced earlier in it
+///   (parameters are always available) and every graph output must be produced. Nodes it omits
+///   are not run (e.g. dead code).
+/// * Every kernel's outputs are checked against the types the graph declares.
+pub fn run_with_order(
+    graph: &Graph,
+    params: &ParamStore,
+    inputs: &[(&str, Tensor)],
+    device: &Device,
+    order: &[NodeIndex],
+) -> Result<RunOutput, RuntimeError> {
+    graph.verify()?;
+    check_order(graph, order)?;
+    let mut fed = feed_inputs(graph, inputs, device)?;
+    let param_values = gather_params(graph, params, device)?;
+
+    let mut liveness = Liveness::new(graph, order);
+    // The values the executor holds, and their measured size.
+    let mut held: HashMap<Value, Tensor> = HashMap::new();
+    let mut held_bytes = 0usize;
+    let mut peak = 0usize;
+    let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
+    let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+
+    for &n in order {
+        let node = graph.node(n);
+        let outputs: Vec<Tensor> = match &node.op {
+            Op::Parameter(_) => Vec::new(),
+            Op::Input(inp) => vec![fed.remove(inp.name.as_str()).expect("inputs were checked")],
+            op => {
+                let mut args = Vec::new();
+                for v in graph.inputs_of(n) {
+                    let t = match param_values.get(&v.node) {
+                        Some(t) => t.clone(),
+                        None => held.get(&v).cloned().ok_or_else(|| {
+                            RuntimeError::Order(format!(
+                                "node %{} ({}) in `{}` reads %{}:{}, which the order has not produced",
+                                n.index(),
+                                node.op.name(),
+                                node.scope,
+                                v.node.index(),
+                                v.output
+                            ))
+                        })?,
+                    };
+                    args.push(t);
+                }
+                let start = std::time::Instant::now();
+                let outs = kernels::execute(op, &args).map_err(|e| match e {
+                    KernelError::Unsupported(reason) => RuntimeError::Unsupported {
+                        node: n.index(),
+                        op: op.name().to_string(),
+                        scope: node.scope.clone(),
+                        reason,
+                    },
+                    KernelError::Candle(e) => kernel_error(graph, n, e.to_string()),
+                })?;
+                drop(args);
+                *op_seconds.entry(op.name().to_string()).or_insert(0.0) += start.elapsed().as_secs_f64();
+                check_outputs(graph, n, &outs)?;
+                outs
+            }
+        };
+        for (output, t) in outputs.into_iter().enumerate() {
+            held_bytes += tensor_bytes(&t);
+            held.insert(Value { node: n, output }, t);
+        }
+        peak = peak.max(held_bytes);
+        for v in liveness.step(n) {
+            if let Some(t) = held.remove(&v) {
+                held_bytes -= tensor_bytes(&t);
+            }
+        }
+        debug_assert_eq!(held_bytes, liveness.live_bytes());
+    }
+    debug_assert_eq!(peak, liveness.peak_bytes());
+
+    let mut outputs = Vec::with_capacity(graph.outputs.len());
+    for o in &graph.outputs {
+        let t = match param_values.get(&o.value.node) {
+            Some(t) => t.clone(),
+            None => held.get(&o.value).cloned().ok_or_else(|| {
+                RuntimeError::Order(format!(
+                    "graph output `{}` (%{}:{}) was not produced by the order",
+                    o.name,
+                    o.value.node.index(),
+                    o.value.output
+                ))
+            })?,
+        };
+        outputs.push((o.name.clone(), t));
+    }
+    Ok(RunOutput {
+        outputs,
+        peak_live_bytes: peak,
+        param_bytes: param_bytes(graph),
+        op_seconds,
+    })
+}
+
+fn kernel_error(graph: &Graph, n: NodeIndex, message: String) -> RuntimeError {
+    let node = graph.node(n);
+    RuntimeError::Kernel {
+        node: n.index(),
+        op: node.op.name().to_string(),
+        scope: node.scope.clone(),
+        message,
+    }
+}
+
+fn check_outputs(graph: &Graph, n: NodeIndex, outs: &[Tensor]) -> Result<(), RuntimeError> {
+    let want = &graph.node(n).outputs;
+    let ok = outs.len() == want.len() && outs.iter().zip(want).all(|(t, ty)| matches(t, ty));
+    if ok {
+        return Ok(());
+    }
+    let show_t = outs.iter().map(describe).collect::<Vec<_>>().join(", ");
+    let show_ty = want.iter().map(TensorType::to_string).collect::<Vec<_>>().join(", ");
+    Err(kernel_error(graph, n, format!("kernel produced {show_t}, the graph declares {show_ty}")))
+}
+
+fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
+    let mut seen = HashSet::new();
+    for &n in order {
+        if graph.graph.node_weight(n).is_none() {
+            return Err(RuntimeError::Order(format!("node %{} does not exist", n.index())));
+        }
+        if !seen.insert(n) {
+            return Err(RuntimeError::Order(format!("node %{} is listed twice", n.index())));
+        }
+    }
+    for n in order {
+        for v in graph.inputs_of(*n) {
+            if !seen.contains(&v.node) && !matches!(graph.node(v.node).op, Op::Parameter(_)) {
+                let node = graph.node(*n);
+                return Err(RuntimeError::Order(format!(
+                    "node %{} ({}) in `{}` reads %{}:{}, whose node is not in the order",
+                    n.index(),
+                    node.op.name(),
+                    node.scope,
+                    v.node.index(),
+                    v.output
+                )));
+            }
+        }
+    }
+    for o in &graph.outputs {
+        if !seen.contains(&o.value.node) && !matches!(graph.node(o.value.node).op, Op::Parameter(_)) {
+            return Err(RuntimeError::Order(format!("graph output `{}` is produced by a node not in the order", o.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the fed inputs against the graph's and moves them to `device`.
+fn feed_inputs<'a>(graph: &'a Graph, inputs: &[(&str, Tensor)], device: &Device) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
+    let declared: HashMap<&'a str, &'a TensorType> = graph.inputs().map(|(_, name, ty)| (name, ty)).collect();
+    let mut fed: HashMap<&'a str, Tensor> = HashMap::new();
+    for (name, t) in inputs {
+        let Some((&key, ty)) = declared.get_key_value(*name) else {
+            let mut names: Vec<String> = declared.keys().map(|s| s.to_string()).collect();
+            names.sort();
+            return Err(RuntimeError::UnexpectedInput {
+                name: name.to_string(),
+                reason: format!("the graph has no such input (its inputs: {})", list_names(&names)),
+            });
+        };
+        if fed.contains_key(key) {
+            return Err(RuntimeError::UnexpectedInput {
+                name: name.to_string(),
+                reason: "fed more than once".into(),
+            });
+        }
+        if !matches(t, ty) {
+            return Err(RuntimeError::InputMismatch {
+                name: name.to_string(),
+                expected: ty.to_string(),
+                found: describe(t),
+            });
+        }
+        let t = if t.device().same_device(device) { t.clone() } else { t.to_device(device)? };
+        fed.insert(key, t);
+    }
+    let mut missing: Vec<(&str, &TensorType)> = declared.iter().filter(|(n, _)| !fed.contains_key(*n)).map(|(n, t)| (*n, *t)).collect();
+    missing.sort_by_key(|(n, _)| *n);
+    if let Some((name, ty)) = missing.first() {
+        return Err(RuntimeError::MissingInput {
+            name: name.to_string(),
+            expected: ty.to_string(),
+        });
+    }
+    Ok(fed)
+}
+
+/// The parameter tensors by node, checked against the graph and on `device`.
+fn gather_params(graph: &Graph, params: &ParamStore, device: &Device) -> Result<HashMap<NodeIndex, Tensor>, RuntimeError> {
+    params.check(graph)?;
+    let mut out = HashMap::new();
+    for (n, p) in graph.parameters() {
+        let t = params.get(&p.name).expect("checked");
+        let t = if t.device().same_device(device) { t.clone() } else { t.to_device(device)? };
+        out.insert(n, t);
+    }
+    Ok(out)
+}

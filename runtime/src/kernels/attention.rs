@@ -1,0 +1,106 @@
+//! Attention building blocks: softmax and the two relative-position families.
+//!
+//! The relative-position ops read small tables (parameters) and are written with candle ops on
+//! index tensors built on the host, so they run on any device without a CPU round trip.
+
+use candle_core::{DType, Tensor};
+use vitdet_ir::ops::{RelPosBias, RelPosGather, Softmax};
+
+use super::{accum_dtype, cpu, expect_float, KernelError, KernelResult};
+
+/// Softmax along `op.axis`, stably (`exp(x - max) / sum`). On the CPU the last axis runs as one
+/// fused custom op (`cpu::SoftmaxLastDim`); other axes and other devices use candle's
+/// reductions ([`softmax_portable`]). Half types are computed in f32.
+pub fn softmax(op: &Softmax, x: &Tensor) -> KernelResult<Tensor> {
+    expect_float("input", x)?;
+    if op.axis >= x.rank() {
+        return Err(KernelError::Unsupported(format!("axis {} out of range for {:?}", op.axis, x.dims())));
+    }
+    if op.axis + 1 == x.rank() && x.device().is_cpu() {
+        let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
+        return Ok(cpu::softmax_last_dim(&x.to_dtype(acc)?)?.to_dtype(dtype)?);
+    }
+    softmax_portable(op, x)
+}
+
+/// Softmax from candle ops (max, subtract, exp, sum, divide).
+pub fn softmax_portable(op: &Softmax, x: &Tensor) -> KernelResult<Tensor> {
+    let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
+    let xf = x.to_dtype(acc)?;
+    let max = xf.max_keepdim(op.axis)?;
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(op.axis)?;
+    Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
+}
+
+/// PyTorch's 1-d linear interpolation (`align_corners=False`) from `n_in` to `n_out` samples
+/// as a dense `[n_out, n_in]` matrix (row-major, f64).
+pub(crate) fn linear_interp_matrix(n_in: usize, n_out: usize) -> Vec<f64> {
+    let mut m = vec![0f64; n_out * n_in];
+    let scale = n_in as f64 / n_out as f64;
+    for d in 0..n_out {
+        let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src as usize).min(n_in - 1);
+        let i1 = if i0 + 1 < n_in { i0 + 1 } else { i0 };
+        let l1 = src - i0 as f64;
+        m[d * n_in + i0] += 1.0 - l1;
+        m[d * n_in + i1] += l1;
+    }
+    m
+}
+
+/// detectron2's `get_rel_pos`: `table [L, C] -> [q, k, C]`. When `L != 2 max(q, k) - 1` the
+/// table is first resized along `L` by linear interpolation (`align_corners=False`), computed as
+/// an interpolation matrix times the table in f64. Entry `(i, j)` reads row
+/// `trunc(i * max(k/q, 1) - j * max(q/k, 1) + (k - 1) * max(q/k, 1))`, evaluated in f64
+/// (detectron2 evaluates it in the default float dtype; the two agree unless a coordinate lies
+/// within rounding of an integer, which needs `q != k` with a ratio that is not a short binary
+/// fraction).
+pub fn rel_pos_gather(op: &RelPosGather, table: &Tensor) -> KernelResult<Tensor> {
+    expect_float("table", table)?;
+    let (l, c) = table.dims2()?;
+    let (q, k) = (op.q_size, op.k_size);
+    if q == 0 || k == 0 || l == 0 {
+        return Err(KernelError::Unsupported(format!("empty sizes q={q} k={k} for table [{l}, {c}]")));
+    }
+    let target = 2 * q.max(k) - 1;
+    let table = if l != target {
+        let m = Tensor::from_vec(linear_interp_matrix(l, target), (target, l), table.device())?;
+        m.matmul(&table.to_dtype(DType::F64)?.contiguous()?)?.to_dtype(table.dtype())?
+    } else {
+        table.clone()
+    };
+    let (qf, kf) = (q as f64, k as f64);
+    let q_scale = (kf / qf).max(1.0);
+    let k_scale = (qf / kf).max(1.0);
+    let mut idx = Vec::with_capacity(q * k);
+    for i in 0..q {
+        for j in 0..k {
+            let r = i as f64 * q_scale - j as f64 * k_scale + (kf - 1.0) * k_scale;
+            idx.push(r as u32);
+        }
+    }
+    let idx = Tensor::from_vec(idx, q * k, table.device())?;
+    Ok(table.index_select(&idx, 0)?.reshape((q, k, c))?)
+}
+
+/// BEiT's relative position bias: `table [(2h-1)(2w-1), heads] -> [heads, h*w, h*w]` with entry
+/// `(n, i, j) = table[(yi - yj + h - 1) * (2w - 1) + (xi - xj + w - 1), n]`.
+pub fn rel_pos_bias(op: &RelPosBias, table: &Tensor) -> KernelResult<Tensor> {
+    let (rows, heads) = table.dims2()?;
+    let [h, w] = op.window;
+    if h == 0 || w == 0 || rows != op.table_len() {
+        return Err(KernelError::Unsupported(format!("table [{rows}, {heads}] does not fit window {:?}", op.window)));
+    }
+    let n = h * w;
+    let mut idx = Vec::with_capacity(n * n);
+    for i in 0..n {
+        let (yi, xi) = (i / w, i % w);
+        for j in 0..n {
+            let (yj, xj) = (j / w, j % w);
+            idx.push(((yi + h - 1 - yj) * (2 * w - 1) + (xi + w - 1 - xj)) as u32);
+        }
+    }
+    let idx = Tensor::from_vec(idx, n * n, table.device())?;
+    Ok(table.index_select(&idx, 0)?.reshape((n, n, heads))?.permute((2, 0, 1))?.contiguous()?)
+}

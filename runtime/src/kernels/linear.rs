@@ -1,0 +1,162 @@
+//! Contractions: `linear` and batched `matmul`, on candle's matmul (the `gemm` crate on the CPU,
+//! cuBLAS on CUDA).
+//!
+//! Both backends need each operand's two innermost dims to be "tight": row-major (strides
+//! `[cols, 1]`) or column-major (strides `[1, rows]`), and the batch dims to collapse to one
+//! stride (possibly 0, for a broadcast operand). The kernels reshape operands to rank 2 or 3 so
+//! that this always holds, and express `transpose_rhs` / `w^T` as a column-major view (no copy).
+
+use candle_core::{DType, Tensor};
+use vitdet_ir::ops::MatMul;
+
+use super::{contraction_needs_f32, expect_float, KernelError, KernelResult};
+
+/// `t` itself when its two innermost dims are tight row- or column-major, else a contiguous copy.
+pub(crate) fn gemm_operand(t: &Tensor) -> candle_core::Result<Tensor> {
+    let r = t.rank();
+    let (d, s) = (t.dims(), t.stride());
+    let (rows, cols, rs, cs) = (d[r - 2], d[r - 1], s[r - 2], s[r - 1]);
+    let row_major = (cs == 1 || cols == 1) && (rs == cols || rows == 1);
+    let col_major = (rs == 1 || rows == 1) && (cs == rows || cols == 1);
+    if row_major || col_major {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Runs `f` on the operands converted to f32 when the contraction cannot run in their dtype
+/// (bf16 on the CPU), and rounds the result back.
+pub(crate) fn with_contraction_dtype(
+    ops: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> KernelResult<Tensor>,
+) -> KernelResult<Tensor> {
+    if contraction_needs_f32(ops[0]) {
+        let dtype = ops[0].dtype();
+        let up: Vec<Tensor> = ops.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<_, _>>()?;
+        Ok(f(&up)?.to_dtype(dtype)?)
+    } else {
+        f(&ops.iter().map(|t| (*t).clone()).collect::<Vec<_>>())
+    }
+}
+
+/// `y = x @ w^T + b`: `x [..., in]` is viewed as one `[M, in]` matrix (free when contiguous), `w`
+/// `[out, in]` is used through its transposed view, and the bias is added with one broadcast add.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor> {
+    expect_float("input", x)?;
+    let dims = x.dims().to_vec();
+    let (inp, out) = (*dims.last().unwrap(), w.dim(0)?);
+    if w.dims() != [out, inp] {
+        return Err(KernelError::Unsupported(format!("weight {:?} does not fit input {:?}", w.dims(), dims)));
+    }
+    let mut ops = vec![x, w];
+    ops.extend(b);
+    with_contraction_dtype(&ops, |t| {
+        let rows = t[0].elem_count() / inp.max(1);
+        let x2 = t[0].reshape((rows, inp))?;
+        let x2 = gemm_operand(&x2)?;
+        let wt = gemm_operand(&t[1].t()?)?;
+        let mut y = x2.matmul(&wt)?;
+        if let Some(b) = t.get(2) {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().unwrap() = out;
+        Ok(y.reshape(out_dims)?)
+    })
+}
+
+/// Batched `a [..., m, k] @ b [..., k, n]` (or `b [..., n, k]` transposed) with broadcast batch
+/// dims. An rhs without batch dims is folded: the lhs batch becomes matrix rows (one gemm). A
+/// broadcast operand with a single batch element uses a stride-0 batch view (no copy); only
+/// partially broadcast batch shapes are materialized.
+pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+    expect_float("lhs", a)?;
+    let (ra, rb) = (a.rank(), b.rank());
+    if ra < 2 || rb < 2 {
+        return Err(KernelError::Unsupported(format!("matmul needs rank >= 2, found {:?} and {:?}", a.dims(), b.dims())));
+    }
+    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+    let (bk, n) = if op.transpose_rhs {
+        (b.dims()[rb - 1], b.dims()[rb - 2])
+    } else {
+        (b.dims()[rb - 2], b.dims()[rb - 1])
+    };
+    if k != bk {
+        return Err(KernelError::Unsupported(format!(
+            "inner dimensions differ: {:?} @ {:?} (transpose_rhs={})",
+            a.dims(),
+            b.dims(),
+            op.transpose_rhs
+        )));
+    }
+    let batch_a = a.dims()[..ra - 2].to_vec();
+    let batch_b = b.dims()[..rb - 2].to_vec();
+    let batch = broadcast_shapes(&batch_a, &batch_b)
+        .ok_or_else(|| KernelError::Unsupported(format!("batch dims {batch_a:?} and {batch_b:?} do not broadcast")))?;
+    let (nb, nb_a, nb_b) = (prod(&batch), prod(&batch_a), prod(&batch_b));
+    let rhs_mat = |t: &Tensor, lead: &[usize]| -> candle_core::Result<Tensor> {
+        // `t` as [lead..., k, n], a transposed view when `transpose_rhs`.
+        let mut s = lead.to_vec();
+        if op.transpose_rhs {
+            s.extend([n, k]);
+            t.reshape(s)?.transpose(lead.len(), lead.len() + 1)
+        } else {
+            s.extend([k, n]);
+            t.reshape(s)
+        }
+    };
+    let mut out_dims = batch.clone();
+    out_dims.extend([m, n]);
+    with_contraction_dtype(&[a, b], |t| {
+        let (a, b) = (&t[0], &t[1]);
+        let y = if nb_b == 1 {
+            // One rhs matrix for every batch element: fold the lhs batch into its rows.
+            let a2 = gemm_operand(&a.reshape((nb_a * m, k))?)?;
+            let b2 = gemm_operand(&rhs_mat(b, &[])?)?;
+            a2.matmul(&b2)?
+        } else {
+            let lhs = if nb_a == nb {
+                a.reshape((nb, m, k))?
+            } else if nb_a == 1 {
+                a.reshape((1, m, k))?.broadcast_as((nb, m, k))?
+            } else {
+                let mut full = batch.clone();
+                full.extend([m, k]);
+                a.broadcast_as(full)?.contiguous()?.reshape((nb, m, k))?
+            };
+            let rhs = if nb_b == nb {
+                rhs_mat(b, &[nb])?
+            } else {
+                // nb_b > 1 here, so a partial broadcast: materialize it.
+                let mut full = batch.clone();
+                let mut bd = b.dims()[rb - 2..].to_vec();
+                full.append(&mut bd);
+                rhs_mat(&b.broadcast_as(full)?.contiguous()?, &[nb])?
+            };
+            gemm_operand(&lhs)?.matmul(&gemm_operand(&rhs)?)?
+        };
+        Ok(y.reshape(out_dims.clone())?)
+    })
+}
+
+fn prod(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+/// NumPy broadcast of two shapes.
+pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+            match (da, db) {
+                (x, y) if x == y => Some(x),
+                (1, y) => Some(y),
+                (x, 1) => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,132 @@
+//! Kernels: one module per op family, mirroring `vitdet_ir::ops`. [`execute`] finds an op's
+//! kernel by matching on [`Op`].
+//!
+//! Every kernel is written with candle tensor ops, so it runs on any candle device, except for a
+//! few CPU-only fast paths (custom ops in `cpu`: fused softmax, fused normalizations) that are
+//! chosen only when the input lives on the CPU; other devices take the candle-op path.
+//!
+//! Conventions shared by the kernels:
+//! * Half-precision (f16/bf16) inputs of reductions (norms, softmax) and of resizes are computed
+//!   in f32 and rounded back, as PyTorch's CPU kernels do.
+//! * candle's CPU matmul (the `gemm` crate) has no bf16 kernel, so on the CPU bf16 contractions
+//!   (linear, matmul, conv, transposed conv) are computed in f32 and rounded back to bf16.
+//! * Kernels avoid copies: `slice` returns a view, and only ops that need contiguous data
+//!   (`permute`, the CPU custom ops, matmul operands with unusable strides) make it contiguous.
+
+pub mod attention;
+pub mod conv;
+pub(crate) mod cpu;
+pub mod elementwise;
+pub mod linear;
+pub mod norm;
+pub mod pool;
+pub mod resize;
+pub mod shape;
+
+use candle_core::{DType, Tensor};
+use vitdet_ir::Op;
+
+/// Why a kernel did not produce a value.
+#[derive(Debug)]
+pub enum KernelError {
+    /// A candle operation failed.
+    Candle(candle_core::Error),
+    /// The runtime has no kernel for this op, these attributes or these dtypes.
+    Unsupported(String),
+}
+
+impl From<candle_core::Error> for KernelError {
+    fn from(e: candle_core::Error) -> Self {
+        KernelError::Candle(e)
+    }
+}
+
+impl std::fmt::Display for KernelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelError::Candle(e) => write!(f, "{e}"),
+            KernelError::Unsupported(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+pub type KernelResult<T> = Result<T, KernelError>;
+
+/// Runs one op on its input tensors (in the op's input order) and returns its outputs.
+///
+/// Sources (`input`, `parameter`) are not computations: the executor supplies their values, and
+/// asking for them here is an `Unsupported` error.
+pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
+    let (lo, hi) = op.rule().arity();
+    if inputs.len() < lo || inputs.len() > hi {
+        return Err(KernelError::Unsupported(format!(
+            "{} takes {lo}..={hi} inputs, given {}",
+            op.name(),
+            inputs.len()
+        )));
+    }
+    let one = |t: Tensor| Ok(vec![t]);
+    let x = &inputs[0..];
+    match op {
+        Op::Input(_) | Op::Parameter(_) => Err(KernelError::Unsupported(
+            "sources are supplied by the executor, not computed".into(),
+        )),
+        Op::Unary(o) => one(elementwise::unary(o, &x[0])?),
+        Op::Binary(o) => one(elementwise::binary(o, &x[0], &x[1])?),
+        Op::Affine(o) => one(elementwise::affine(o, &x[0])?),
+        Op::Cast(o) => one(elementwise::cast(o, &x[0])?),
+        Op::DropPath(o) => one(elementwise::drop_path(o, &x[0])?),
+        Op::Linear(_) => one(linear::linear(&x[0], &x[1], x.get(2))?),
+        Op::MatMul(o) => one(linear::matmul(o, &x[0], &x[1])?),
+        Op::Conv2d(o) => one(conv::conv2d(o, &x[0], &x[1], x.get(2))?),
+        Op::ConvTranspose2d(o) => one(conv::conv_transpose2d(o, &x[0], &x[1], x.get(2))?),
+        Op::LayerNorm(o) => one(norm::layer_norm(o, &x[0], &x[1], &x[2])?),
+        Op::GroupNorm(o) => one(norm::group_norm(o, &x[0], &x[1], &x[2])?),
+        Op::BatchNorm(o) => one(norm::batch_norm(o, &x[0], &x[1], &x[2], &x[3], &x[4])?),
+        Op::Softmax(o) => one(attention::softmax(o, &x[0])?),
+        Op::RelPosGather(o) => one(attention::rel_pos_gather(o, &x[0])?),
+        Op::RelPosBias(o) => one(attention::rel_pos_bias(o, &x[0])?),
+        Op::Reshape(o) => one(shape::reshape(o, &x[0])?),
+        Op::Permute(o) => one(shape::permute(o, &x[0])?),
+        Op::Pad(o) => one(shape::pad(o, &x[0])?),
+        Op::Slice(o) => one(shape::slice(o, &x[0])?),
+        Op::Concat(o) => one(shape::concat(o, x)?),
+        Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),
+        Op::Resize(o) => one(resize::resize(o, &x[0])?),
+    }
+}
+
+/// The dtype reductions are computed in: f32 for half types, the dtype itself otherwise.
+pub(crate) fn accum_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// Requires a floating-point input.
+pub(crate) fn expect_float(what: &str, t: &Tensor) -> KernelResult<()> {
+    if !t.dtype().is_float() {
+        return Err(KernelError::Unsupported(format!(
+            "{what} must be floating point, found {}",
+            crate::dtype::describe(t)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a contraction in `dtype` on `t`'s device must be computed in f32 (bf16 on the CPU,
+/// which candle's gemm does not support).
+pub(crate) fn contraction_needs_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::BF16 && t.device().is_cpu()
+}
+
+/// `t` with shape `[1, c, 1, ...]` (rank `rank`) for broadcasting a per-channel vector over
+/// axis `axis`.
+pub(crate) fn channel_view(v: &Tensor, axis: usize, rank: usize) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1usize; rank];
+    shape[axis] = v.elem_count();
+    v.reshape(shape)
+}

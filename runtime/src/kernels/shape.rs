@@ -1,0 +1,54 @@
+//! Data-movement ops.
+//!
+//! `slice` is a view (no copy). `reshape` is a view of contiguous data (candle copies
+//! non-contiguous data first). `permute` produces contiguous data, so later ops read it
+//! sequentially; when the permuted view is already contiguous (e.g. undoing an earlier view)
+//! it costs nothing.
+
+use candle_core::Tensor;
+use vitdet_ir::ops::{Concat, Pad, Permute, Reshape, Slice};
+
+use super::{KernelError, KernelResult};
+
+/// Same elements in row-major order under a new shape.
+pub fn reshape(op: &Reshape, x: &Tensor) -> KernelResult<Tensor> {
+    Ok(x.reshape(op.shape.as_slice())?)
+}
+
+/// Output axis `k` is input axis `perm[k]`; the result is contiguous.
+pub fn permute(op: &Permute, x: &Tensor) -> KernelResult<Tensor> {
+    if op.perm.len() != x.rank() {
+        return Err(KernelError::Unsupported(format!("{:?} is not a permutation of {:?}", op.perm, x.dims())));
+    }
+    Ok(x.permute(op.perm.clone())?.contiguous()?)
+}
+
+/// Zero padding, one candle `pad_with_zeros` per padded axis.
+pub fn pad(op: &Pad, x: &Tensor) -> KernelResult<Tensor> {
+    if op.pads.len() != x.rank() {
+        return Err(KernelError::Unsupported(format!("{} pad pairs for {:?}", op.pads.len(), x.dims())));
+    }
+    let mut y = x.clone();
+    for (d, [before, after]) in op.pads.iter().enumerate() {
+        if *before > 0 || *after > 0 {
+            y = y.pad_with_zeros(d, *before, *after)?;
+        }
+    }
+    Ok(y)
+}
+
+/// Elements `start..end` along `axis`, as a view.
+pub fn slice(op: &Slice, x: &Tensor) -> KernelResult<Tensor> {
+    if op.start >= op.end {
+        return Err(KernelError::Unsupported(format!("empty slice {}..{}", op.start, op.end)));
+    }
+    Ok(x.narrow(op.axis, op.start, op.end - op.start)?)
+}
+
+/// Concatenation along `axis`.
+pub fn concat(op: &Concat, xs: &[Tensor]) -> KernelResult<Tensor> {
+    if xs.len() == 1 {
+        return Ok(xs[0].clone());
+    }
+    Ok(Tensor::cat(xs, op.axis)?)
+}
