@@ -129,7 +129,15 @@ fn infer_errors_name_the_problem() {
     // The other family's weights: missing and unexpected keys are both named.
     let other = fixture("vit_tiny.safetensors");
     let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", other.to_str().unwrap(), "--image", image]);
-    assert!(err.contains("rel_pos_h") && err.contains("gamma_1"), "{err}");
+    assert!(err.contains("parameter(s) missing: `backbone.net.blocks.0.attn.rel_pos_h`"), "{err}");
+    assert!(err.contains("unexpected key(s): `backbone.adapter.up2.0.bias`"), "{err}");
+
+    // Right keys, wrong shapes: a config with narrower pyramid outputs.
+    let narrow = dir.path().join("narrow.toml");
+    std::fs::write(&narrow, "preset = \"vitdet-tiny\"\nout_channels = 8\n").unwrap();
+    let weights = fixture("vitdet_tiny.safetensors");
+    let err = fails(&["infer", "--model", narrow.to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--image", image]);
+    assert!(err.contains("backbone.simfp_2.4.norm.bias`: expected shape [8], found [16]"), "{err}");
 
     let not_image = dir.path().join("x.png");
     std::fs::write(&not_image, b"hello").unwrap();

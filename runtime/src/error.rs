@@ -14,6 +14,17 @@ pub(crate) fn list_names(names: &[String]) -> String {
     text
 }
 
+fn key_mismatch(missing: &[String], unexpected: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("{} parameter(s) missing: {}", missing.len(), list_names(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("{} unexpected key(s): {}", unexpected.len(), list_names(unexpected)));
+    }
+    parts.join("; ")
+}
+
 /// Everything that can go wrong while loading parameters, preprocessing images or executing a
 /// graph. Messages name the offending input, parameter, file or node (with its op and scope).
 #[derive(Debug, Error)]
@@ -58,9 +69,10 @@ pub enum RuntimeError {
     #[error("{count} parameter(s) missing from {source_name}: {}", list_names(.names))]
     MissingParameters { source_name: String, count: usize, names: Vec<String> },
 
-    /// Weights the graph does not declare.
-    #[error("{count} unexpected parameter(s) in {source_name}: {}", list_names(.names))]
-    UnexpectedParameters { source_name: String, count: usize, names: Vec<String> },
+    /// A weights file whose keys differ from the graph's parameter names: both lists at once,
+    /// so one run shows everything to fix.
+    #[error("weights in {source_name} do not match the model: {}", key_mismatch(.missing, .unexpected))]
+    KeyMismatch { source_name: String, missing: Vec<String>, unexpected: Vec<String> },
 
     /// A parameter has the wrong shape.
     #[error("parameter `{name}`: expected shape {expected:?}, found {found:?}")]

@@ -115,7 +115,7 @@ impl ParamStore {
 
     /// Loads the weights for `graph` from a safetensors file onto `device` (see the module doc
     /// for the key and dtype rules). Errors, in this order: unreadable or corrupt file; missing
-    /// keys; unexpected keys; then the first (by name) shape or dtype mismatch.
+    /// or unexpected keys (listed together); then the first (by name) shape or dtype mismatch.
     pub fn load_safetensors(path: impl AsRef<Path>, graph: &Graph, device: &Device) -> Result<Self, RuntimeError> {
         let path = path.as_ref();
         let file_err = |message: String| RuntimeError::WeightsFile {
@@ -129,23 +129,16 @@ impl ParamStore {
         let wanted: BTreeMap<&str, &TensorType> = graph.parameters().map(|(_, p)| (p.name.as_str(), &p.ty)).collect();
         let present: BTreeSet<&str> = st.names().into_iter().map(|s| s.as_str()).collect();
         let missing: Vec<String> = wanted.keys().filter(|k| !present.contains(*k)).map(|k| k.to_string()).collect();
-        if !missing.is_empty() {
-            return Err(RuntimeError::MissingParameters {
-                source_name,
-                count: missing.len(),
-                names: missing,
-            });
-        }
         let unexpected: Vec<String> = present
             .iter()
             .filter(|k| !wanted.contains_key(*k) && !k.ends_with(IGNORED_SUFFIX))
             .map(|k| k.to_string())
             .collect();
-        if !unexpected.is_empty() {
-            return Err(RuntimeError::UnexpectedParameters {
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(RuntimeError::KeyMismatch {
                 source_name,
-                count: unexpected.len(),
-                names: unexpected,
+                missing,
+                unexpected,
             });
         }
 
