@@ -201,6 +201,11 @@ impl Graph {
         })
     }
 
+    /// Bytes of all parameters and buffers.
+    pub fn param_bytes(&self) -> usize {
+        self.parameters().map(|(_, p)| p.ty.size_in_bytes()).sum()
+    }
+
     /// Number of trainable parameter elements.
     pub fn param_count(&self) -> u64 {
         self.parameters().filter(|(_, p)| p.trainable).map(|(_, p)| p.ty.numel() as u64).sum()

@@ -14,6 +14,7 @@
 mod artifact;
 mod error;
 mod graph;
+mod liveness;
 pub mod ops;
 mod print;
 mod types;
@@ -22,6 +23,7 @@ mod verify;
 pub use artifact::{Artifact, ARTIFACT_FORMAT};
 pub use error::IrError;
 pub use graph::{Edge, Graph, NamedValue, Node, Value};
+pub use liveness::Liveness;
 pub use ops::{Cost, Op, OpRule};
 pub use types::{DType, TensorType};
 

@@ -1,15 +1,9 @@
-//! Liveness over an execution order, and the peak of live bytes it implies.
-//!
-//! The accounting matches the runtime's measurement exactly, so planned and measured peaks can
-//! be compared: a value is live from the step that produces it (graph inputs included) until
-//! the step of its last consumer; graph outputs stay live to the end; parameters are resident
-//! for the whole run and are counted separately. The peak is sampled after each step's outputs
-//! exist and before its inputs are released; outputs nobody reads are released right after.
-
-use std::collections::HashMap;
+//! The planned peak of live bytes over an execution order, with the step that reaches it
+//! and the whole profile. The accounting is `vitdet_ir::Liveness`, the same one the runtime
+//! measures with, so planned and measured peaks agree exactly.
 
 use serde::Serialize;
-use vitdet_ir::{Graph, IrError, NodeIndex, Op, Value};
+use vitdet_ir::{Graph, IrError, NodeIndex};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Liveness {
@@ -24,49 +18,23 @@ pub struct Liveness {
 }
 
 pub fn liveness(graph: &Graph, order: &[NodeIndex]) -> Result<Liveness, IrError> {
-    let mut remaining = graph.use_counts();
-    let mut live = 0usize;
+    let mut walk = vitdet_ir::Liveness::new(graph, order);
     let mut out = Liveness {
         peak_bytes: 0,
         peak_node: None,
-        param_bytes: 0,
+        param_bytes: graph.param_bytes(),
         profile: Vec::with_capacity(order.len()),
     };
     for &idx in order {
-        let node = graph.node(idx);
-        if let Op::Parameter(p) = &node.op {
-            out.param_bytes += p.ty.size_in_bytes();
-            out.profile.push(live);
-            continue;
+        if graph.graph.node_weight(idx).is_none() {
+            return Err(IrError::Graph(format!("order names missing node %{}", idx.index())));
         }
-        live += node.outputs.iter().map(|t| t.size_in_bytes()).sum::<usize>();
-        if live > out.peak_bytes {
-            out.peak_bytes = live;
+        walk.step(idx);
+        if walk.peak_bytes() > out.peak_bytes {
+            out.peak_bytes = walk.peak_bytes();
             out.peak_node = Some(idx.index());
         }
-        for v in graph.inputs_of(idx) {
-            release(graph, &mut remaining, v, &mut live)?;
-        }
-        for (k, t) in node.outputs.iter().enumerate() {
-            if remaining.get(&Value { node: idx, output: k }).copied().unwrap_or(0) == 0 {
-                live -= t.size_in_bytes();
-            }
-        }
-        out.profile.push(live);
+        out.profile.push(walk.live_bytes());
     }
     Ok(out)
-}
-
-fn release(graph: &Graph, remaining: &mut HashMap<Value, usize>, v: Value, live: &mut usize) -> Result<(), IrError> {
-    if matches!(graph.node(v.node).op, Op::Parameter(_)) {
-        return Ok(());
-    }
-    let n = remaining
-        .get_mut(&v)
-        .ok_or_else(|| IrError::Graph(format!("value %{}:{} is read but has no recorded uses", v.node.index(), v.output)))?;
-    *n -= 1;
-    if *n == 0 {
-        *live -= graph.value_type(v).size_in_bytes();
-    }
-    Ok(())
 }

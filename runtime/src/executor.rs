@@ -12,7 +12,7 @@
 //!
 //! The peak is sampled once per node, **after the node's outputs are produced and before the
 //! inputs it used for the last time (and any of its outputs nobody uses) are released**: at that
-//! moment a real allocator holds both. [`Liveness::step`] is the single definition of this
+//! moment a real allocator holds both. [`vitdet_ir::Liveness::step`] is the single definition of this
 //! accounting; the executor follows it to free tensors, and [`peak_live_bytes`] replays it
 //! without executing anything, so a planner that computes liveness over the same order gets the
 //! same number.
@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use candle_core::{Device, Tensor};
-use vitdet_ir::{Graph, NodeIndex, Op, TensorType, Value};
+use vitdet_ir::{Graph, Liveness, NodeIndex, Op, TensorType, Value};
 
 use crate::dtype::{describe, matches};
 use crate::error::{list_names, RuntimeError};
@@ -51,92 +51,6 @@ impl RunOutput {
     }
 }
 
-/// Sum of the sizes of all parameters and buffers the graph declares.
-pub fn param_bytes(graph: &Graph) -> usize {
-    graph.parameters().map(|(_, p)| p.ty.size_in_bytes()).sum()
-}
-
-/// The live-bytes accounting of one walk over an execution order (see the module doc).
-pub struct Liveness<'g> {
-    graph: &'g Graph,
-    remaining: HashMap<Value, usize>,
-    live: usize,
-    peak: usize,
-}
-
-impl<'g> Liveness<'g> {
-    /// Starts a walk over `order`, whose scheduled nodes determine the uses that count.
-    pub fn new(graph: &'g Graph, order: &[NodeIndex]) -> Self {
-        let mut remaining = graph.use_counts();
-        let scheduled: HashSet<NodeIndex> = order.iter().copied().collect();
-        if scheduled.len() != graph.graph.node_count() {
-            for n in graph.graph.node_indices().filter(|n| !scheduled.contains(n)) {
-                for v in graph.inputs_of(n) {
-                    if let Some(c) = remaining.get_mut(&v) {
-                        *c -= 1;
-                    }
-                }
-            }
-        }
-        Liveness {
-            graph,
-            remaining,
-            live: 0,
-            peak: 0,
-        }
-    }
-
-    fn counted(&self, v: Value) -> bool {
-        !matches!(self.graph.node(v.node).op, Op::Parameter(_))
-    }
-
-    fn bytes(&self, v: Value) -> usize {
-        self.graph.value_type(v).size_in_bytes()
-    }
-
-    /// Accounts for node `n` having just produced its outputs: adds them to the live bytes,
-    /// samples the peak, then releases the inputs `n` used for the last time and the outputs of
-    /// `n` nobody uses. Returns the released values (parameters are never live, never released).
-    pub fn step(&mut self, n: NodeIndex) -> Vec<Value> {
-        let outputs: Vec<Value> = (0..self.graph.node(n).outputs.len()).map(|output| Value { node: n, output }).collect();
-        for &v in &outputs {
-            if self.counted(v) {
-                self.live += self.bytes(v);
-            }
-        }
-        self.peak = self.peak.max(self.live);
-        let mut dead = Vec::new();
-        for v in self.graph.inputs_of(n) {
-            if !self.counted(v) {
-                continue;
-            }
-            let c = self.remaining.get_mut(&v).expect("every edge is a counted use");
-            *c -= 1;
-            if *c == 0 {
-                dead.push(v);
-            }
-        }
-        for v in outputs {
-            if self.counted(v) && self.remaining.get(&v).copied().unwrap_or(0) == 0 {
-                dead.push(v);
-            }
-        }
-        for &v in &dead {
-            self.live -= self.bytes(v);
-        }
-        dead
-    }
-
-    /// Live bytes now.
-    pub fn live_bytes(&self) -> usize {
-        self.live
-    }
-
-    /// Peak live bytes so far.
-    pub fn peak_bytes(&self) -> usize {
-        self.peak
-    }
-}
 
 /// The peak live bytes a run over `order` will measure, computed without executing anything.
 /// The order must be valid as for [`run_with_order`].
@@ -258,7 +172,7 @@ pub fn run_with_order(
     Ok(RunOutput {
         outputs,
         peak_live_bytes: peak,
-        param_bytes: param_bytes(graph),
+        param_bytes: graph.param_bytes(),
         op_seconds,
     })
 }

@@ -29,7 +29,7 @@ pub mod preprocess;
 
 pub use error::RuntimeError;
 pub use fsio::write_atomic;
-pub use executor::{param_bytes, peak_live_bytes, run, run_with_order, Liveness, RunOutput};
+pub use executor::{peak_live_bytes, run, run_with_order, RunOutput};
 pub use params::ParamStore;
 pub use preprocess::{preprocess_image, preprocess_rgb, Preprocessed};
 
