@@ -14,7 +14,7 @@ fn main() -> Result<()> {
     let image = args.next().context("usage: compile_and_run MODEL IMAGE")?;
     let compiled = compile(&CompileOptions { model, image_size: None })?;
     let r = &compiled.report;
-    println!("{}: {} params, {} multiply-adds, planned peak {} bytes", r.model, r.params, r.flops, r.peak_memory_bytes);
+    println!("{}: {} params, {} multiply-adds, planned peak {} bytes", r.model, r.cost.params, r.cost.flops, r.peak_memory_bytes);
 
     let device = Device::Cpu;
     let params = ParamStore::init_random(&compiled.graph, 0, &device)?;

@@ -89,15 +89,11 @@ fn run(cli: Cli) -> Result<()> {
             dump_ir,
         } => {
             let compiled = compile(&CompileOptions { model, image_size })?;
-            if let Some(path) = emit {
-                let text = compiled.artifact()?.to_json()?;
+            let artifact = emit.map(|p| -> Result<_> { Ok((p, compiled.artifact()?.to_json()?)) }).transpose()?;
+            let dot = dot.map(|p| (p, compiled.graph.to_dot()));
+            let dump = dump_ir.map(|p| -> Result<_> { Ok((p, compiled.graph.dump()?)) }).transpose()?;
+            for (path, text) in [artifact, dot, dump].into_iter().flatten() {
                 vitdet::runtime::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-            }
-            if let Some(path) = dot {
-                vitdet::runtime::write_atomic(&path, compiled.graph.to_dot().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-            }
-            if let Some(path) = dump_ir {
-                vitdet::runtime::write_atomic(&path, compiled.graph.dump()?.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
             }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&compiled.report)?),

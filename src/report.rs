@@ -14,45 +14,32 @@ pub struct CompileReport {
     pub mode: &'static str,
     pub image_size: usize,
     pub nodes: usize,
-    /// Trainable parameter elements.
-    pub params: u64,
     /// Trainable parameters per name prefix of depth 1 and 2.
     pub params_by_scope: BTreeMap<String, u64>,
-    /// Multiply-adds, fvcore's convention (the paper's Table 5 "FLOPs").
-    pub flops: u64,
-    /// Floating-point operations (2 per multiply-add, plus elementwise work).
-    pub flops_plain: u64,
-    /// fvcore's activation count (outputs of conv/linear/matmul).
-    pub activations: u64,
+    /// params, flops (fvcore multiply-adds), flops_plain, activations, flops_by_scope, ops.
+    #[serde(flatten)]
+    pub cost: CostSummary,
     /// Parameters and buffers, resident throughout.
     pub param_bytes: usize,
     /// Peak of live activation bytes over the execution order.
     pub peak_activation_bytes: usize,
     /// `param_bytes + peak_activation_bytes`.
     pub peak_memory_bytes: usize,
-    pub flops_by_scope: BTreeMap<String, u64>,
-    pub ops: BTreeMap<String, usize>,
     pub compile_seconds: f64,
 }
 
 impl CompileReport {
     pub fn new(model: &str, config: &ModelConfig, graph: &Graph, live: &Liveness, seconds: f64) -> Self {
-        let cost = CostSummary::of(graph);
         CompileReport {
             model: model.to_string(),
             mode: "infer",
             image_size: config.image_size,
             nodes: graph.graph.node_count(),
-            params: cost.params,
             params_by_scope: params_by_scope(graph),
-            flops: cost.flops,
-            flops_plain: cost.flops_plain,
-            activations: cost.activations,
+            cost: CostSummary::of(graph),
             param_bytes: live.param_bytes,
             peak_activation_bytes: live.peak_bytes,
             peak_memory_bytes: live.param_bytes + live.peak_bytes,
-            flops_by_scope: cost.flops_by_scope,
-            ops: cost.ops,
             compile_seconds: seconds,
         }
     }
@@ -61,9 +48,9 @@ impl CompileReport {
         let mut s = String::new();
         let _ = writeln!(s, "model        {} ({} mode, {}x{} input)", self.model, self.mode, self.image_size, self.image_size);
         let _ = writeln!(s, "nodes        {}", self.nodes);
-        let _ = writeln!(s, "params       {} ({})", self.params, human(self.params as f64, ""));
-        let _ = writeln!(s, "flops        {} multiply-adds (fvcore) / {} plain", human(self.flops as f64, ""), human(self.flops_plain as f64, ""));
-        let _ = writeln!(s, "activations  {}", human(self.activations as f64, ""));
+        let _ = writeln!(s, "params       {} ({})", self.cost.params, human(self.cost.params as f64, ""));
+        let _ = writeln!(s, "flops        {} multiply-adds (fvcore) / {} plain", human(self.cost.flops as f64, ""), human(self.cost.flops_plain as f64, ""));
+        let _ = writeln!(s, "activations  {}", human(self.cost.activations as f64, ""));
         let _ = writeln!(
             s,
             "memory       {} peak = {} parameters + {} live activations",
@@ -72,13 +59,13 @@ impl CompileReport {
             bytes(self.peak_activation_bytes)
         );
         let _ = writeln!(s, "\n{:<28} {:>14} {:>14}", "scope", "params", "flops (fvcore)");
-        let scopes: std::collections::BTreeSet<&String> = self.params_by_scope.keys().chain(self.flops_by_scope.keys()).collect();
+        let scopes: std::collections::BTreeSet<&String> = self.params_by_scope.keys().chain(self.cost.flops_by_scope.keys()).collect();
         for scope in scopes {
             let p = self.params_by_scope.get(scope).copied().unwrap_or(0);
-            let f = self.flops_by_scope.get(scope).copied().unwrap_or(0);
+            let f = self.cost.flops_by_scope.get(scope).copied().unwrap_or(0);
             let _ = writeln!(s, "{:<28} {:>14} {:>14}", scope, p, human(f as f64, ""));
         }
-        let _ = writeln!(s, "\nops: {}", self.ops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(s, "\nops: {}", self.cost.ops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
         let _ = writeln!(s, "compiled in {:.2} s", self.compile_seconds);
         s
     }

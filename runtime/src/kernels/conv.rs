@@ -34,11 +34,15 @@ pub fn conv2d(op: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Kernel
     let mut ops = vec![x, w];
     ops.extend(b);
     with_contraction_dtype(&ops, |t| {
-        let y = conv2d_nobias(op, &t[0], &t[1])?;
-        Ok(match t.get(2) {
-            Some(b) => y.broadcast_add(&channel_view(b, 1, 4)?)?,
-            None => y,
-        })
+        add_channel_bias(conv2d_nobias(op, &t[0], &t[1])?, t.get(2))
+    })
+}
+
+/// `y [N, C, H, W] + b [C]` when there is a bias.
+fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> KernelResult<Tensor> {
+    Ok(match b {
+        Some(b) => y.broadcast_add(&channel_view(b, 1, 4)?)?,
+        None => y,
     })
 }
 
@@ -140,11 +144,7 @@ pub fn conv_transpose2d(op: &ConvTranspose2d, x: &Tensor, w: &Tensor, b: Option<
         if [kh, kw] == op.stride && op.padding == [0, 0] && op.output_padding == [0, 0] && op.dilation == [1, 1] {
             return unpatchify_deconv(x, w, b);
         }
-        let y = conv_transpose2d_nobias(op, x, w)?;
-        Ok(match b {
-            Some(b) => y.broadcast_add(&channel_view(b, 1, 4)?)?,
-            None => y,
-        })
+        add_channel_bias(conv_transpose2d_nobias(op, x, w)?, b)
     })
 }
 
