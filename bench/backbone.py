@@ -112,7 +112,7 @@ def vitdet_side(threads, runs, weights, image_path, dump):
         sys.exit(f"{binary} not found: run `cargo build --release` first")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     # one extra run serves as the warm-up; the median of all runs is reported
-    out = subprocess.run([binary, "infer", "--model", "vitdet-b", "--weights", weights, "--image", image_path,
+    out = subprocess.run([binary, "--threads", str(threads), "infer", "--model", "vitdet-b", "--weights", weights, "--image", image_path,
                           "--dump", dump, "--repeat", str(runs + 1), "--format", "json"],
                          env=env, check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)

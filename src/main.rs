@@ -9,6 +9,9 @@ use vitdet::compile::{compile, CompileOptions};
 #[derive(Parser)]
 #[command(name = "vitdet", version, about = "Compiler and runtime for the ViT-based Mask R-CNN")]
 struct Cli {
+    /// CPU threads for kernels (default: all cores, or RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +72,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // candle and its matmul read the thread count from here; set before any kernel runs.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
     // One-shot runs reach their high-water mark anyway: keep freed memory for reuse instead of
     // paying a page fault per 4 KiB on every large tensor.
     vitdet::runtime::alloc::retain_freed_memory();
