@@ -21,6 +21,24 @@ pub struct InferOptions {
     pub seed: u64,
     /// Runs to time; the summary reports the median.
     pub repeat: usize,
+    pub device: Device,
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(text: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| {
+        Device::new_cuda(ordinal).with_context(|| {
+            format!("device `{text}`: CUDA is unavailable (this binary needs `--features cuda` and a GPU with its driver)")
+        })
+    };
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => anyhow::bail!("unknown device `{text}`: expected cpu, cuda or cuda:N"),
+        },
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,7 +80,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
         model: opts.model.clone(),
         image_size: None,
     })?;
-    let device = Device::Cpu;
+    let device = opts.device.clone();
     let (params, weights) = match &opts.weights {
         Some(path) => (
             ParamStore::load_safetensors(path, &compiled.graph, &device)?,

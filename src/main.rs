@@ -62,6 +62,9 @@ enum Command {
         /// Seed of the random init used without --weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where to run: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Forward passes to time (the median is reported).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
@@ -113,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
             image,
             dump,
             seed,
+            device,
             repeat,
             format,
         } => {
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
                 dump,
                 seed,
                 repeat,
+                device: vitdet::infer::parse_device(&device)?,
             };
             let result = vitdet::infer::infer(&opts)?;
             match format {

@@ -139,6 +139,13 @@ fn infer_errors_name_the_problem() {
     let err = fails(&["infer", "--model", narrow.to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--image", image]);
     assert!(err.contains("backbone.simfp_2.4.norm.bias`: expected shape [8], found [16]"), "{err}");
 
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image, "--device", "tpu"]);
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image, "--device", "cuda"]);
+        assert!(err.contains("CUDA is unavailable"), "{err}");
+    }
+
     let not_image = dir.path().join("x.png");
     std::fs::write(&not_image, b"hello").unwrap();
     let err = fails(&["infer", "--model", "vitdet-tiny", "--image", not_image.to_str().unwrap()]);
