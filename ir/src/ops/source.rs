@@ -30,7 +30,8 @@ impl OpRule for Input {
 pub enum Init {
     Zeros,
     Ones,
-    /// Normal with the given std, truncated at +-2 std (timm's `trunc_normal_`).
+    /// Normal with the given std, truncated at +-2 std. (timm's `trunc_normal_(std=s)` cuts at
+    /// +-2 absolute, which for small `s` is no truncation at all.)
     TruncNormal { std: f64 },
     /// Normal with the given std.
     Normal { std: f64 },
