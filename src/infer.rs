@@ -82,10 +82,20 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     })?;
     let device = opts.device.clone();
     let (params, weights) = match &opts.weights {
-        Some(path) => (
-            ParamStore::load_safetensors(path, &compiled.graph, &device)?,
-            path.display().to_string(),
-        ),
+        Some(path) => {
+            let store = ParamStore::load_safetensors(path, &compiled.graph, &device)?;
+            let skipped = store.skipped_keys();
+            if !skipped.is_empty() {
+                let mut modules: Vec<&str> = skipped.iter().filter_map(|k| k.split('.').next()).collect();
+                modules.dedup();
+                eprintln!(
+                    "note: skipped {} keys of modules this model does not build ({})",
+                    skipped.len(),
+                    modules.join(", ")
+                );
+            }
+            (store, path.display().to_string())
+        }
         None => {
             eprintln!("note: no --weights given; using a seeded random init (seed {})", opts.seed);
             (

@@ -4,6 +4,10 @@
 //! * [`ParamStore::load_safetensors`] loads weights whose keys are exactly the graph's parameter
 //!   names (detectron2's state-dict keys). Keys ending in `.num_batches_tracked` (a counter
 //!   PyTorch BatchNorm layers keep in their state dicts, unused at inference) are ignored.
+//!   Keys under a top-level module the graph does not build at all (e.g. `roi_heads.*` when
+//!   the graph is a backbone, so a whole detectron2 checkpoint loads into it) are skipped and
+//!   listed by [`ParamStore::skipped_keys`]; an unexpected key under a module the graph does
+//!   build is an error.
 //!   Float tensors stored in another float width (f16, bf16, f32, f64) are converted to the
 //!   graph's dtype, as users converting checkpoints expect; any other dtype difference is an
 //!   error.
@@ -27,6 +31,8 @@ use crate::error::RuntimeError;
 #[derive(Debug, Clone, Default)]
 pub struct ParamStore {
     tensors: BTreeMap<String, Tensor>,
+    /// Keys of the loaded file that belong to top-level modules the graph does not build.
+    skipped: Vec<String>,
 }
 
 /// Suffix of BatchNorm state-dict entries that are ignored when loading.
@@ -42,7 +48,13 @@ impl ParamStore {
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
         ParamStore {
             tensors: tensors.into_iter().collect(),
+            skipped: Vec::new(),
         }
+    }
+
+    /// Keys the last load skipped because their top-level module is not part of the graph.
+    pub fn skipped_keys(&self) -> &[String] {
+        &self.skipped
     }
 
     /// Adds or replaces a tensor, returning the previous one.
@@ -78,7 +90,7 @@ impl ParamStore {
         for (k, v) in &self.tensors {
             out.insert(k.clone(), v.to_device(device)?);
         }
-        Ok(ParamStore { tensors: out })
+        Ok(ParamStore::from_tensors(out))
     }
 
     /// Checks that the store holds every parameter `graph` declares, with its shape and dtype.
@@ -129,11 +141,13 @@ impl ParamStore {
         let wanted: BTreeMap<&str, &TensorType> = graph.parameters().map(|(_, p)| (p.name.as_str(), &p.ty)).collect();
         let present: BTreeSet<&str> = st.names().into_iter().map(|s| s.as_str()).collect();
         let missing: Vec<String> = wanted.keys().filter(|k| !present.contains(*k)).map(|k| k.to_string()).collect();
-        let unexpected: Vec<String> = present
+        let top = |k: &str| k.split('.').next().unwrap_or("").to_string();
+        let built: BTreeSet<String> = wanted.keys().map(|k| top(k)).collect();
+        let (unexpected, skipped): (Vec<String>, Vec<String>) = present
             .iter()
             .filter(|k| !wanted.contains_key(*k) && !k.ends_with(IGNORED_SUFFIX))
             .map(|k| k.to_string())
-            .collect();
+            .partition(|k| built.contains(&top(k)));
         if !missing.is_empty() || !unexpected.is_empty() {
             return Err(RuntimeError::KeyMismatch {
                 source_name,
@@ -160,7 +174,7 @@ impl ParamStore {
                 .map_err(|e| file_err(format!("tensor `{name}`: {e}")))?;
             tensors.insert(name.to_string(), t.to_dtype(to_candle(ty.dtype))?);
         }
-        Ok(ParamStore { tensors })
+        Ok(ParamStore { tensors, skipped })
     }
 
     /// Initializes every parameter of `graph` on `device` following its `Init`, deterministically
@@ -202,7 +216,7 @@ impl ParamStore {
             };
             tensors.insert(p.name.clone(), t);
         }
-        Ok(ParamStore { tensors })
+        Ok(ParamStore::from_tensors(tensors))
     }
 
     /// Writes every tensor to a safetensors file, atomically ([`crate::write_atomic`]: a

@@ -103,15 +103,21 @@ fn missing_keys() {
 fn unexpected_keys() {
     let d = TempDir::new("unexpected");
     let path = d.file("w.safetensors");
-    save(&path, &[("a.weight", f32t(&[2, 3])), ("a.bias", f32t(&[2])), ("head.extra", f32t(&[1]))]);
+    save(&path, &[("a.weight", f32t(&[2, 3])), ("a.bias", f32t(&[2])), ("a.extra", f32t(&[1]))]);
     let err = ParamStore::load_safetensors(&path, &two_param_graph(), &cpu()).unwrap_err();
     assert!(matches!(&err, RuntimeError::KeyMismatch { missing, unexpected, .. } if missing.is_empty() && unexpected.len() == 1), "{err}");
-    assert!(err.to_string().contains("`head.extra`"), "{err}");
+    assert!(err.to_string().contains("`a.extra`"), "{err}");
+
+    // Keys of modules the graph does not build at all are skipped, and listed.
+    save(&path, &[("a.weight", f32t(&[2, 3])), ("a.bias", f32t(&[2])), ("roi_heads.box_predictor.bias", f32t(&[3]))]);
+    let store = ParamStore::load_safetensors(&path, &two_param_graph(), &cpu()).unwrap();
+    assert_eq!(store.skipped_keys(), ["roi_heads.box_predictor.bias".to_string()]);
+    assert_eq!(store.len(), 2);
 
     // Both kinds at once are reported together.
-    save(&path, &[("a.weight", f32t(&[2, 3])), ("head.extra", f32t(&[1]))]);
+    save(&path, &[("a.weight", f32t(&[2, 3])), ("a.extra", f32t(&[1]))]);
     let msg = ParamStore::load_safetensors(&path, &two_param_graph(), &cpu()).unwrap_err().to_string();
-    assert!(msg.contains("1 parameter(s) missing: `a.bias`") && msg.contains("1 unexpected key(s): `head.extra`"), "{msg}");
+    assert!(msg.contains("1 parameter(s) missing: `a.bias`") && msg.contains("1 unexpected key(s): `a.extra`"), "{msg}");
 }
 
 #[test]
