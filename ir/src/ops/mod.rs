@@ -8,6 +8,7 @@
 
 mod attention;
 mod conv;
+mod detection;
 mod elementwise;
 mod linear;
 mod norm;
@@ -18,6 +19,7 @@ mod source;
 
 pub use attention::{RelPosBias, RelPosGather, Softmax};
 pub use conv::{Conv2d, ConvTranspose2d};
+pub use detection::{Anchors, BoxDecode, ClipBoxes, GatherRows, IndexSelect, Nms, PasteMasks, RoiAlign, TopK};
 pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
 pub use linear::{Linear, MatMul};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};
@@ -130,6 +132,15 @@ op_set! {
     Concat(Concat),
     MaxPool2d(MaxPool2d),
     Resize(Resize),
+    Anchors(Anchors),
+    BoxDecode(BoxDecode),
+    ClipBoxes(ClipBoxes),
+    TopK(TopK),
+    IndexSelect(IndexSelect),
+    GatherRows(GatherRows),
+    Nms(Nms),
+    RoiAlign(RoiAlign),
+    PasteMasks(PasteMasks),
 }
 
 impl Op {

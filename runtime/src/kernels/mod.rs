@@ -95,6 +95,15 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Concat(o) => one(shape::concat(o, x)?),
         Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),
         Op::Resize(o) => one(resize::resize(o, &x[0])?),
+        Op::Anchors(_)
+        | Op::BoxDecode(_)
+        | Op::ClipBoxes(_)
+        | Op::TopK(_)
+        | Op::IndexSelect(_)
+        | Op::GatherRows(_)
+        | Op::Nms(_)
+        | Op::RoiAlign(_)
+        | Op::PasteMasks(_) => Err(KernelError::Unsupported(format!("no kernel for {} yet", op.name()))),
     }
 }
 
