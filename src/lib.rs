@@ -8,6 +8,7 @@
 
 pub mod coco;
 pub mod compile;
+pub mod detections;
 pub mod infer;
 pub mod report;
 pub mod rss;
