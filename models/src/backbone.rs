@@ -29,7 +29,17 @@ pub fn build_backbone_batched(cfg: &ModelConfig, batch: usize) -> Result<Graph> 
     }
     let mut b = Builder::new();
     let image = b.input(INPUT_NAME, vec![batch, 3, cfg.image_size, cfg.image_size])?;
-    let pyramid = b.scoped("backbone", |b| {
+    let pyramid = pyramid(&mut b, cfg, image)?;
+    let mut graph = b.finish();
+    for (name, v) in OUTPUT_NAMES.iter().zip(pyramid) {
+        graph.set_output(name, v);
+    }
+    Ok(graph)
+}
+
+/// Emits the backbone (scope `backbone`) on `image [B, 3, S, S]` and returns `[p2, .., p6]`.
+pub(crate) fn pyramid(b: &mut Builder, cfg: &ModelConfig, image: Value) -> Result<Vec<Value>> {
+    b.scoped("backbone", |b| {
         let blocks = b.scoped("net", |b| trunk(b, cfg, image))?;
         match cfg.family {
             Family::Vitdet => {
@@ -47,10 +57,5 @@ pub fn build_backbone_batched(cfg: &ModelConfig, batch: usize) -> Result<Graph> 
                 fpn(b, cfg, c)
             }
         }
-    })?;
-    let mut graph = b.finish();
-    for (name, v) in OUTPUT_NAMES.iter().zip(pyramid) {
-        graph.set_output(name, v);
-    }
-    Ok(graph)
+    })
 }

@@ -3,10 +3,10 @@
 //! parameter names are `scope.leaf`, i.e. detectron2's state-dict keys.
 
 use vitdet_ir::ops::{
-    Affine, BatchNorm, Binary, BinaryKind, Conv2d, ConvTranspose2d, GroupNorm, Init, Input, LayerNorm, MatMul,
-    MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary, UnaryKind,
+    Affine, BatchNorm, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input, LayerNorm,
+    MatMul, MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary, UnaryKind,
 };
-use vitdet_ir::{Graph, Op, TensorType, Value};
+use vitdet_ir::{Graph, NodeIndex, Op, TensorType, Value};
 
 use crate::error::ModelError;
 
@@ -56,6 +56,13 @@ impl Builder {
         Ok(self.graph.add(op, &scope, inputs)?)
     }
 
+    /// Adds a node with several outputs in the current scope; its outputs are
+    /// `Value { node, output: i }`.
+    pub fn op_multi(&mut self, op: impl Into<Op>, inputs: &[Value]) -> Result<NodeIndex> {
+        let scope = self.scope();
+        Ok(self.graph.add_node(op, &scope, inputs)?)
+    }
+
     pub fn shape(&self, v: Value) -> Vec<usize> {
         self.graph.value_type(v).shape.clone()
     }
@@ -97,9 +104,14 @@ impl Builder {
 
     /// `nn.Linear(in, out, bias)` on the last axis; weight trunc-normal(0.02), bias zeros.
     pub fn linear(&mut self, name: &str, x: Value, out: usize, bias: bool) -> Result<Value> {
+        self.linear_init(name, x, out, bias, Init::TruncNormal { std: TRUNC_NORMAL_STD })
+    }
+
+    /// [`Builder::linear`] with the weight initialized by `init` (bias zeros).
+    pub fn linear_init(&mut self, name: &str, x: Value, out: usize, bias: bool, init: Init) -> Result<Value> {
         let inp = *self.shape(x).last().expect("linear input has rank >= 1");
         self.scoped(name, |b| {
-            let w = b.param("weight", vec![out, inp], Init::TruncNormal { std: TRUNC_NORMAL_STD })?;
+            let w = b.param("weight", vec![out, inp], init)?;
             let mut ins = vec![x, w];
             if bias {
                 ins.push(b.param("bias", vec![out], Init::Zeros)?);
@@ -190,6 +202,28 @@ impl Builder {
         self.op(conv, &ins)
     }
 
+    /// Parameters of `nn.Conv2d(in, out, k)` with bias as children of module `name`: weight
+    /// Normal(`std`), bias zeros. Apply them (possibly several times: a head shared over
+    /// pyramid levels) with [`Builder::conv2d_apply`].
+    pub fn conv2d_params(&mut self, name: &str, inp: usize, out: usize, k: usize, std: f64) -> Result<(Value, Value)> {
+        self.scoped(name, |b| {
+            let w = b.param("weight", vec![out, inp, k, k], Init::Normal { std })?;
+            let bias = b.param("bias", vec![out], Init::Zeros)?;
+            Ok((w, bias))
+        })
+    }
+
+    /// A stride-1 conv with `padding` on `x` with given weight and bias, in the current scope.
+    pub fn conv2d_apply(&mut self, x: Value, w: Value, bias: Value, padding: usize) -> Result<Value> {
+        let conv = Conv2d {
+            stride: [1, 1],
+            padding: [padding, padding],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        self.op(conv, &[x, w, bias])
+    }
+
     /// detectron2's `Conv2d(in, out, k, padding=k/2, bias=False, norm=...)`: a bias-free conv
     /// with its norm as child module `norm` (`name.weight`, `name.norm.*`).
     pub fn conv_norm(&mut self, name: &str, x: Value, out: usize, k: usize, norm: Norm) -> Result<Value> {
@@ -247,6 +281,18 @@ impl Builder {
 
     pub fn gelu(&mut self, x: Value) -> Result<Value> {
         self.op(Unary { kind: UnaryKind::Gelu }, &[x])
+    }
+
+    pub fn relu(&mut self, x: Value) -> Result<Value> {
+        self.op(Unary { kind: UnaryKind::Relu }, &[x])
+    }
+
+    pub fn sigmoid(&mut self, x: Value) -> Result<Value> {
+        self.op(Unary { kind: UnaryKind::Sigmoid }, &[x])
+    }
+
+    pub fn concat(&mut self, xs: &[Value], axis: usize) -> Result<Value> {
+        self.op(Concat { axis }, xs)
     }
 
     pub fn softmax(&mut self, x: Value, axis: usize) -> Result<Value> {

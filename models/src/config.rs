@@ -113,6 +113,145 @@ pub struct ModelConfig {
     /// Per-channel RGB std divided in preprocessing (detectron2's).
     #[serde(default = "d_pixel_std")]
     pub pixel_std: [f64; 3],
+    /// The Mask R-CNN heads and their test-time settings ([`crate::build_detector`]); ignored by
+    /// [`crate::build_backbone`]. Every field has a default (detectron2's ViTDet COCO config).
+    #[serde(default)]
+    pub detector: DetectorConfig,
+}
+
+/// The Mask R-CNN heads on top of the pyramid (detectron2's `RPN` with `StandardRPNHead`,
+/// `StandardROIHeads` with `FastRCNNConvFCHead`, `FastRCNNOutputLayers` and
+/// `MaskRCNNConvUpsampleHead`) and their inference settings. Defaults are detectron2's ViTDet
+/// COCO values (`configs/common/models/mask_rcnn_fpn.py` + `mask_rcnn_vitdet.py`). In a config
+/// file this is the `detector` table; omitted fields take their defaults (also when the file
+/// starts from a preset: a `detector` table replaces the preset's whole section).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// Foreground classes (COCO: 80); the classifier has one more (background, last).
+    #[serde(default = "d_num_classes")]
+    pub num_classes: usize,
+    /// 3x3 convs (with ReLU, channels kept) in the RPN head; ViTDet: 2 (`conv_dims=[-1, -1]`).
+    /// With 1 the conv is `rpn_head.conv` itself, with more `rpn_head.conv.conv{k}`.
+    #[serde(default = "d_rpn_num_conv")]
+    pub rpn_num_conv: usize,
+    /// Proposals kept per pyramid level before NMS, by objectness (test: 1000).
+    #[serde(default = "d_topk")]
+    pub rpn_pre_nms_topk: usize,
+    /// Proposals kept after NMS over all levels (test: 1000): the RoI count of the box head.
+    #[serde(default = "d_topk")]
+    pub rpn_post_nms_topk: usize,
+    /// IoU threshold of the RPN's per-level NMS (0.7).
+    #[serde(default = "d_rpn_nms")]
+    pub rpn_nms_thresh: f64,
+    /// 3x3 conv + norm + ReLU layers of the box head (ViTDet: 4).
+    #[serde(default = "d_head_num_conv")]
+    pub box_head_num_conv: usize,
+    /// Channels of the box head convs (256).
+    #[serde(default = "d_head_conv_dim")]
+    pub box_head_conv_dim: usize,
+    /// Width of the box head's single fully connected layer (1024).
+    #[serde(default = "d_box_head_fc_dim")]
+    pub box_head_fc_dim: usize,
+    /// 3x3 conv + norm + ReLU layers of the mask head before its deconv (4).
+    #[serde(default = "d_head_num_conv")]
+    pub mask_head_num_conv: usize,
+    /// Channels of the mask head convs and deconv (256).
+    #[serde(default = "d_head_conv_dim")]
+    pub mask_head_conv_dim: usize,
+    /// Detections scoring at or below this are dropped before the per-class NMS (test: 0.05).
+    #[serde(default = "d_score_thresh")]
+    pub score_thresh: f64,
+    /// IoU threshold of the per-class detection NMS (0.5).
+    #[serde(default = "d_box_nms")]
+    pub box_nms_thresh: f64,
+    /// Maximum detections per image (100): the static size of every output.
+    #[serde(default = "d_detections")]
+    pub detections_per_image: usize,
+}
+
+fn d_num_classes() -> usize {
+    80
+}
+fn d_rpn_num_conv() -> usize {
+    2
+}
+fn d_topk() -> usize {
+    1000
+}
+fn d_rpn_nms() -> f64 {
+    0.7
+}
+fn d_head_num_conv() -> usize {
+    4
+}
+fn d_head_conv_dim() -> usize {
+    256
+}
+fn d_box_head_fc_dim() -> usize {
+    1024
+}
+fn d_score_thresh() -> f64 {
+    0.05
+}
+fn d_box_nms() -> f64 {
+    0.5
+}
+fn d_detections() -> usize {
+    100
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig {
+            num_classes: d_num_classes(),
+            rpn_num_conv: d_rpn_num_conv(),
+            rpn_pre_nms_topk: d_topk(),
+            rpn_post_nms_topk: d_topk(),
+            rpn_nms_thresh: d_rpn_nms(),
+            box_head_num_conv: d_head_num_conv(),
+            box_head_conv_dim: d_head_conv_dim(),
+            box_head_fc_dim: d_box_head_fc_dim(),
+            mask_head_num_conv: d_head_num_conv(),
+            mask_head_conv_dim: d_head_conv_dim(),
+            score_thresh: d_score_thresh(),
+            box_nms_thresh: d_box_nms(),
+            detections_per_image: d_detections(),
+        }
+    }
+}
+
+impl DetectorConfig {
+    /// Checks the section describes buildable heads; the message names the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::Invalid(m));
+        for (name, v) in [
+            ("detector.num_classes", self.num_classes),
+            ("detector.rpn_num_conv", self.rpn_num_conv),
+            ("detector.rpn_pre_nms_topk", self.rpn_pre_nms_topk),
+            ("detector.rpn_post_nms_topk", self.rpn_post_nms_topk),
+            ("detector.box_head_conv_dim", self.box_head_conv_dim),
+            ("detector.box_head_fc_dim", self.box_head_fc_dim),
+            ("detector.mask_head_conv_dim", self.mask_head_conv_dim),
+            ("detector.detections_per_image", self.detections_per_image),
+        ] {
+            if v == 0 {
+                return bad(format!("`{name}` must be positive"));
+            }
+        }
+        for (name, v) in [
+            ("detector.rpn_nms_thresh", self.rpn_nms_thresh),
+            ("detector.box_nms_thresh", self.box_nms_thresh),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("`{name}` must be in [0, 1], found {v}"));
+            }
+        }
+        if !self.score_thresh.is_finite() {
+            return bad(format!("`detector.score_thresh` must be finite, found {}", self.score_thresh));
+        }
+        Ok(())
+    }
 }
 
 fn d_image_size() -> usize {
@@ -195,6 +334,7 @@ impl ModelConfig {
             group_norm_groups: d_group_norm_groups(),
             pixel_mean: PIXEL_MEAN,
             pixel_std: PIXEL_STD,
+            detector: DetectorConfig::default(),
         }
     }
 
@@ -460,6 +600,7 @@ impl ModelConfig {
                 self.pixel_std
             ));
         }
+        self.detector.validate()?;
         match self.family {
             Family::Vitdet => {
                 if !self.embed_dim.is_multiple_of(4) {

@@ -27,6 +27,22 @@
 //!
 //! Both produce `p2`..`p6` (strides 4..64, `out_channels` channels) from one input `image`.
 //!
+//! # The detector
+//!
+//! [`build_detector`] adds detectron2's test-time Mask R-CNN to either backbone, configured by
+//! [`ModelConfig::detector`] ([`DetectorConfig`], defaults from detectron2's ViTDet COCO
+//! config): the RPN (`proposal_generator.rpn_head`: two shared 3x3 convs `conv.conv0`,
+//! `conv.conv1` with ReLU, `objectness_logits`, `anchor_deltas`; anchors 32..512 for p2..p6 with
+//! ratios 0.5, 1, 2; per-level top 1000, decode, clip, empty-box removal, level-wise NMS 0.7,
+//! 1000 proposals), the box head (`roi_heads.box_head.conv1..4` with norm and ReLU, `fc1`;
+//! `roi_heads.box_predictor.cls_score`, `bbox_pred`; softmax, class-specific decoding, clip,
+//! score threshold, per-class NMS 0.5, 100 detections) and the mask head
+//! (`roi_heads.mask_head.mask_fcn1..4`, `deconv`, `predictor`; the predicted class's mask,
+//! sigmoid). The head norms are detectron2's channel LayerNorm for `vitdet-*` and BatchNorm for
+//! `vit-*`. Counts that vary at run time are static maxima with a `valid` mask. `vitdet-b` has
+//! detectron2's 110,895,792 parameters; `vit-b` 115,676,968 (the paper: 116M), `vit-l`
+//! 339,015,056 (339M).
+//!
 //! # Use
 //!
 //! ```
@@ -35,6 +51,11 @@
 //! let graph = build_backbone(&cfg).unwrap();
 //! graph.verify().unwrap();
 //! assert_eq!(graph.outputs.len(), 5);
+//!
+//! // The whole Mask R-CNN; `build_detector_for_image` clips to a smaller resized image.
+//! let detector = vitdet_models::build_detector(&cfg).unwrap();
+//! detector.verify().unwrap();
+//! assert_eq!(detector.outputs.len(), vitdet_models::DETECTOR_OUTPUT_NAMES.len());
 //! ```
 //!
 //! # Parameter initialization (when no weights are loaded)
@@ -55,14 +76,22 @@ mod attention;
 mod backbone;
 mod builder;
 mod config;
+mod detector;
 mod error;
 pub mod presets;
+mod roi_heads;
+mod rpn;
 mod simple_pyramid;
 mod vit;
 
 pub use adapter_fpn::{ADAPTER_GN_EPS, FPN_BN_EPS};
 pub use backbone::{build_backbone, build_backbone_batched, INPUT_NAME, OUTPUT_NAMES, OUTPUT_STRIDES};
 pub use builder::TRUNC_NORMAL_STD;
-pub use config::{quarter_blocks, AttentionStrategy, Family, ModelConfig, RelPos, PIXEL_MEAN, PIXEL_STD};
+pub use config::{
+    quarter_blocks, AttentionStrategy, DetectorConfig, Family, ModelConfig, RelPos, PIXEL_MEAN, PIXEL_STD,
+};
+pub use detector::{build_detector, build_detector_for_image, DETECTOR_OUTPUT_NAMES};
+pub use roi_heads::{BOX_POOLER_SIZE, BOX_REG_WEIGHTS, HEAD_LN_EPS, MASK_POOLER_SIZE};
+pub use rpn::{box_scale_clamp, RPN_ANCHOR_SIZES, RPN_ASPECT_RATIOS};
 pub use error::ModelError;
 pub use simple_pyramid::PYRAMID_LN_EPS;

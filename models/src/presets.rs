@@ -3,7 +3,7 @@
 //! The tiny presets must stay in sync with `tests/fixtures/generate.py`, which builds the
 //! PyTorch reference models with exactly these settings.
 
-use crate::config::{Family, ModelConfig, RelPos};
+use crate::config::{DetectorConfig, Family, ModelConfig, RelPos};
 
 /// Every preset name [`get`] accepts.
 pub const NAMES: [&str; 8] = [
@@ -33,6 +33,7 @@ pub fn get(name: &str) -> Option<ModelConfig> {
             c.image_size = 128;
             c.window_size = 3;
             c.out_channels = 16;
+            c.detector = tiny_detector();
             c
         }
         "vit-tiny" => {
@@ -43,6 +44,7 @@ pub fn get(name: &str) -> Option<ModelConfig> {
             c.layer_scale = true;
             c.group_norm_groups = 8;
             c.out_channels = 16;
+            c.detector = tiny_detector();
             c
         }
         _ => return None,
@@ -66,4 +68,18 @@ fn vit(dim: usize, depth: usize, heads: usize, drop_path: f64) -> ModelConfig {
     c.rel_pos = Some(RelPos::SharedBias);
     c.drop_path_rate = drop_path;
     c
+}
+
+/// Heads small enough for CPU tests and demos: narrow convs and fc, fewer proposals and
+/// detections; COCO's 80 classes and every threshold as detectron2's.
+fn tiny_detector() -> DetectorConfig {
+    DetectorConfig {
+        rpn_pre_nms_topk: 200,
+        rpn_post_nms_topk: 100,
+        box_head_conv_dim: 16,
+        box_head_fc_dim: 64,
+        mask_head_conv_dim: 16,
+        detections_per_image: 20,
+        ..DetectorConfig::default()
+    }
 }

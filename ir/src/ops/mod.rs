@@ -10,6 +10,7 @@ mod attention;
 mod conv;
 mod detection;
 mod elementwise;
+mod index;
 mod linear;
 mod norm;
 mod pool;
@@ -21,6 +22,7 @@ pub use attention::{RelPosBias, RelPosGather, Softmax};
 pub use conv::{Conv2d, ConvTranspose2d};
 pub use detection::{Anchors, BoxDecode, ClipBoxes, GatherRows, IndexSelect, Nms, PasteMasks, RoiAlign, TopK};
 pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
+pub use index::{CompareKind, CompareScalar, IotaLike};
 pub use linear::{Linear, MatMul};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};
 pub use pool::MaxPool2d;
@@ -141,6 +143,8 @@ op_set! {
     Nms(Nms),
     RoiAlign(RoiAlign),
     PasteMasks(PasteMasks),
+    IotaLike(IotaLike),
+    CompareScalar(CompareScalar),
 }
 
 impl Op {
