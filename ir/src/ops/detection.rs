@@ -279,7 +279,7 @@ impl OpRule for RoiAlign {
 
 /// detectron2's `paste_masks_in_image`: per-box mask probabilities `[R, M, M]` are resampled
 /// bilinearly into their boxes `[R, 4]` on a `height x width` canvas (zero outside the box) and
-/// thresholded (`> threshold`): output `[R, height, width]` u8.
+/// thresholded (`>= threshold`, as detectron2): output `[R, height, width]` u8.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PasteMasks {
     pub height: usize,

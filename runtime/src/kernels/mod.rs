@@ -3,7 +3,9 @@
 //!
 //! Every kernel is written with candle tensor ops, so it runs on any candle device, except for a
 //! few CPU-only fast paths (custom ops in `cpu`: fused softmax, fused normalizations) that are
-//! chosen only when the input lives on the CPU; other devices take the candle-op path.
+//! chosen only when the input lives on the CPU; other devices take the candle-op path. The
+//! detection kernels (`detection`: anchors, box coding, top-k, NMS, RoIAlign, mask paste) are
+//! host loops: inputs on another device are copied to the CPU and the results copied back.
 //!
 //! Conventions shared by the kernels:
 //! * Half-precision (f16/bf16) inputs of reductions (norms, softmax) and of resizes are computed
@@ -16,7 +18,9 @@
 pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;
+pub mod detection;
 pub mod elementwise;
+pub mod index;
 pub mod linear;
 pub mod norm;
 pub mod pool;
@@ -95,15 +99,17 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Concat(o) => one(shape::concat(o, x)?),
         Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),
         Op::Resize(o) => one(resize::resize(o, &x[0])?),
-        Op::Anchors(_)
-        | Op::BoxDecode(_)
-        | Op::ClipBoxes(_)
-        | Op::TopK(_)
-        | Op::IndexSelect(_)
-        | Op::GatherRows(_)
-        | Op::Nms(_)
-        | Op::RoiAlign(_)
-        | Op::PasteMasks(_) => Err(KernelError::Unsupported(format!("no kernel for {} yet", op.name()))),
+        Op::IotaLike(o) => one(index::iota_like(o, &x[0])?),
+        Op::CompareScalar(o) => one(index::compare_scalar(o, &x[0])?),
+        Op::Anchors(o) => one(detection::anchors(o)?),
+        Op::BoxDecode(o) => one(detection::box_decode(o, &x[0], &x[1])?),
+        Op::ClipBoxes(o) => one(detection::clip_boxes(o, &x[0])?),
+        Op::TopK(o) => detection::top_k(o, &x[0]),
+        Op::IndexSelect(o) => one(detection::index_select(o, &x[0], &x[1])?),
+        Op::GatherRows(_) => one(detection::gather_rows(&x[0], &x[1])?),
+        Op::Nms(o) => detection::nms(o, &x[0], &x[1], x.get(2), x.get(3)),
+        Op::RoiAlign(o) => one(detection::roi_align(o, x)?),
+        Op::PasteMasks(o) => one(detection::paste_masks(o, &x[0], &x[1])?),
     }
 }
 
