@@ -5,14 +5,14 @@
 //! ```
 
 use anyhow::{Context, Result};
-use vitdet::compile::{compile, CompileOptions};
+use vitdet::compile::{compile, CompileOptions, Target};
 use vitdet::runtime::{preprocess_image, run_with_order, Device, ParamStore};
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let model = args.next().unwrap_or_else(|| "vit-tiny".into());
     let image = args.next().context("usage: compile_and_run MODEL IMAGE")?;
-    let compiled = compile(&CompileOptions { model, image_size: None })?;
+    let compiled = compile(&CompileOptions { model, image_size: None, target: Target::Backbone })?;
     let r = &compiled.report;
     println!("{}: {} params, {} multiply-adds, planned peak {} bytes", r.model, r.cost.params, r.cost.flops, r.peak_memory_bytes);
 

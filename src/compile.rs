@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use vitdet_ir::{Artifact, Graph, NodeIndex};
-use vitdet_models::{build_backbone, ModelConfig};
+use vitdet_models::{build_backbone, build_detector_for_image, ModelConfig};
 use vitdet_passes::{liveness, schedule};
 
 use crate::report::CompileReport;
@@ -16,6 +16,17 @@ pub struct CompileOptions {
     pub model: String,
     /// Overrides the config's input side in pixels.
     pub image_size: Option<usize>,
+    pub target: Target,
+}
+
+/// Which graph to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Backbone and feature pyramid: outputs `p2`..`p6`.
+    Backbone,
+    /// The whole Mask R-CNN at test time; `image_hw` is the resized image inside the padded
+    /// square input (detections are clipped to it), `None` for the full square.
+    Detector { image_hw: Option<[usize; 2]> },
 }
 
 /// A compiled inference graph with its execution order.
@@ -36,13 +47,22 @@ pub fn load_config(opts: &CompileOptions) -> Result<ModelConfig> {
 }
 
 pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
+    compile_config(&opts.model, load_config(opts)?, opts.target)
+}
+
+/// Compiles an already loaded config (`name` labels the report).
+pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result<Compiled> {
     let start = Instant::now();
-    let config = load_config(opts)?;
-    let graph = build_backbone(&config)?;
+    let graph = match target {
+        Target::Backbone => build_backbone(&config)?,
+        Target::Detector { image_hw } => {
+            build_detector_for_image(&config, image_hw.unwrap_or([config.image_size, config.image_size]))?
+        }
+    };
     graph.verify().context("verifying the built graph")?;
     let order = schedule(&graph)?;
     let live = liveness(&graph, &order)?;
-    let report = CompileReport::new(&opts.model, &config, &graph, &live, start.elapsed().as_secs_f64());
+    let report = CompileReport::new(name, &config, &graph, &live, start.elapsed().as_secs_f64());
     Ok(Compiled {
         config,
         graph,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vitdet_runtime::{preprocess_image, run_with_order, Device, ParamStore, Tensor};
 
-use crate::compile::{compile, CompileOptions};
+use crate::compile::{compile, CompileOptions, Target};
 use crate::report::bytes;
 use crate::rss::RssProbe;
 
@@ -79,6 +79,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     let compiled = compile(&CompileOptions {
         model: opts.model.clone(),
         image_size: None,
+        target: Target::Backbone,
     })?;
     let device = opts.device.clone();
     let (params, weights) = match &opts.weights {

@@ -8,6 +8,7 @@
 
 pub mod coco;
 pub mod compile;
+pub mod detect;
 pub mod detections;
 pub mod infer;
 pub mod report;

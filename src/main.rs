@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use vitdet::compile::{compile, CompileOptions};
+use vitdet::compile::{compile, CompileOptions, Target};
 
 #[derive(Parser)]
 #[command(name = "vitdet", version, about = "Compiler and runtime for the ViT-based Mask R-CNN")]
@@ -45,17 +45,27 @@ enum Command {
         /// Write the one-line-per-node text dump.
         #[arg(long)]
         dump_ir: Option<PathBuf>,
+        /// Compile the backbone and feature pyramid only (outputs p2..p6), not the detector.
+        #[arg(long)]
+        backbone_only: bool,
     },
-    /// Run a model's backbone on an image and report its outputs p2..p6.
+    /// Run the detector on an image or a folder of images (`--out DIR`: COCO results
+    /// `detections.json` and pictures), or the backbone alone (`--dump`: p2..p6).
     Infer {
         #[arg(long, default_value = "vitdet-tiny")]
         model: String,
         /// safetensors file with detectron2 state-dict keys; without it a seeded random init is used.
         #[arg(long)]
         weights: Option<PathBuf>,
-        /// PNG or JPEG image.
+        /// PNG or JPEG image; with --out also a folder of them.
         #[arg(long)]
         image: PathBuf,
+        /// Run the whole detector and write detections.json (COCO results) and pictures here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Score threshold of the detections (default: the model's, 0.05).
+        #[arg(long)]
+        score_thresh: Option<f64>,
         /// Write p2..p6 (NCHW f32, batch 1) to this safetensors file.
         #[arg(long)]
         dump: Option<PathBuf>,
@@ -97,8 +107,10 @@ fn run(cli: Cli) -> Result<()> {
             emit,
             dot,
             dump_ir,
+            backbone_only,
         } => {
-            let compiled = compile(&CompileOptions { model, image_size })?;
+            let target = if backbone_only { Target::Backbone } else { Target::Detector { image_hw: None } };
+            let compiled = compile(&CompileOptions { model, image_size, target })?;
             let artifact = emit.map(|p| -> Result<_> { Ok((p, compiled.artifact()?.to_json()?)) }).transpose()?;
             let dot = dot.map(|p| (p, compiled.graph.to_dot()));
             let dump = dump_ir.map(|p| -> Result<_> { Ok((p, compiled.graph.dump()?)) }).transpose()?;
@@ -114,12 +126,37 @@ fn run(cli: Cli) -> Result<()> {
             model,
             weights,
             image,
+            out,
+            score_thresh,
             dump,
             seed,
             device,
             repeat,
             format,
         } => {
+            let device = vitdet::infer::parse_device(&device)?;
+            if let Some(out) = out {
+                if dump.is_some() {
+                    anyhow::bail!("--dump writes backbone features and --out detections: run them separately");
+                }
+                let summary = vitdet::detect::detect(&vitdet::detect::DetectOptions {
+                    model,
+                    weights,
+                    image,
+                    out,
+                    score_thresh,
+                    seed,
+                    device,
+                })?;
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+                    Format::Text => print!("{}", summary.to_text()),
+                }
+                return Ok(());
+            }
+            if score_thresh.is_some() {
+                anyhow::bail!("--score-thresh applies to detections: add --out DIR");
+            }
             let opts = vitdet::infer::InferOptions {
                 model,
                 weights,
@@ -127,7 +164,7 @@ fn run(cli: Cli) -> Result<()> {
                 dump,
                 seed,
                 repeat,
-                device: vitdet::infer::parse_device(&device)?,
+                device,
             };
             let result = vitdet::infer::infer(&opts)?;
             match format {

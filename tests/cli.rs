@@ -31,6 +31,10 @@ fn compile_reports_detectron2_parameter_counts() {
     assert_eq!(r["image_size"], 1024);
     assert_eq!(r["params_by_scope"]["backbone.net"], 85_889_024);
     assert_eq!(r["params_by_scope"]["backbone"], 91_449_024);
+    assert_eq!(r["params"], 110_895_792, "detectron2's ViTDet-B Mask R-CNN");
+    assert_eq!(r["params_by_scope"]["proposal_generator"], 1_184_015);
+    let text = ok(&["compile", "--model", "vitdet-b", "--backbone-only", "--format", "json"]);
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(r["params"], 91_449_024);
     for key in ["nodes", "flops", "activations", "peak_memory_bytes"] {
         assert!(r[key].as_u64().unwrap() > 0, "{key} missing or zero: {text}");
