@@ -157,3 +157,69 @@ fn infer_errors_name_the_problem() {
     let err = fails(&["infer", "--model", "vitdet-tiny", "--image", "/nonexistent/img.jpg"]);
     assert!(err.contains("/nonexistent/img.jpg"), "{err}");
 }
+
+/// The paper's Table 5 at 1024x1024: params within 1%, fvcore FLOPs within 5%, activations
+/// within 10%. Our FLOPs are a static upper bound (the mask head always runs on the maximum of
+/// 100 detections; the paper averages runtime counts over images), see the README.
+#[test]
+fn table5_model_complexity() {
+    for (model, params, gflops, mact) in [("vit-b", 116e6, 853e9, 1532e6), ("vit-l", 339e6, 1907e9, 2727e6)] {
+        let r: serde_json::Value = serde_json::from_str(&ok(&["compile", "--model", model, "--format", "json"])).unwrap();
+        let rel = |key: &str, paper: f64| (r[key].as_f64().unwrap() - paper).abs() / paper;
+        assert!(rel("params", params) <= 0.01, "{model} params {}", r["params"]);
+        assert!(rel("flops", gflops) <= 0.05, "{model} flops {}", r["flops"]);
+        assert!(rel("activations", mact) <= 0.10, "{model} activations {}", r["activations"]);
+    }
+}
+
+#[test]
+fn infer_out_writes_coco_results_and_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("single");
+    let image = fixture("preprocess_large.png");
+    let text = ok(&[
+        "infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--score-thresh", "0",
+    ]);
+    assert!(text.contains("detections"), "{text}");
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
+    let results = results.as_array().unwrap();
+    assert!(!results.is_empty(), "score threshold 0 keeps detections");
+    for r in results {
+        assert!(vitdet::coco::CATEGORY_IDS.contains(&(r["category_id"].as_u64().unwrap() as u32)));
+        let b: Vec<f64> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] > 0.0 && b[3] > 0.0 && b[0] + b[2] <= 100.001 && b[1] + b[3] <= 60.001, "{b:?}");
+        assert_eq!(r["segmentation"]["size"], serde_json::json!([60, 100]));
+    }
+    let png = image::open(out.join("detections.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (100, 60));
+
+    // A folder with one unreadable file: the others' results survive.
+    let folder = dir.path().join("images");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixture("preprocess.png"), folder.join("000000000007.png")).unwrap();
+    std::fs::copy(fixture("preprocess_large.png"), folder.join("b.png")).unwrap();
+    std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
+    let out2 = dir.path().join("folder");
+    let output = vitdet(&[
+        "infer", "--model", "vitdet-tiny", "--image", folder.to_str().unwrap(), "--out", out2.to_str().unwrap(),
+        "--score-thresh", "0",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("broken.jpg"));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out2.join("detections.json")).unwrap()).unwrap();
+    let ids: std::collections::BTreeSet<u64> = results.as_array().unwrap().iter().map(|r| r["image_id"].as_u64().unwrap()).collect();
+    assert!(ids.contains(&7), "numeric file names give COCO image ids: {ids:?}");
+    assert!(out2.join("b.detections.png").exists() && out2.join("000000000007.detections.png").exists());
+
+    // A higher threshold keeps fewer detections; a bad threshold is an error naming it.
+    let out3 = dir.path().join("strict");
+    ok(&[
+        "infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out3.to_str().unwrap(),
+        "--score-thresh", "0.9",
+    ]);
+    let strict: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out3.join("detections.json")).unwrap()).unwrap();
+    assert!(strict.as_array().unwrap().len() < results.as_array().unwrap().len());
+    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out3.to_str().unwrap(), "--score-thresh", "1.5"]);
+    assert!(err.contains("score-thresh"), "{err}");
+}

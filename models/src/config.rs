@@ -247,8 +247,8 @@ impl DetectorConfig {
                 return bad(format!("`{name}` must be in [0, 1], found {v}"));
             }
         }
-        if !self.score_thresh.is_finite() {
-            return bad(format!("`detector.score_thresh` must be finite, found {}", self.score_thresh));
+        if !(0.0..1.0).contains(&self.score_thresh) {
+            return bad(format!("`detector.score_thresh` must be in [0, 1), found {}", self.score_thresh));
         }
         Ok(())
     }
