@@ -137,7 +137,10 @@ pub fn run_with_order(
                 drop(args);
                 *op_seconds.entry(op.name().to_string()).or_insert(0.0) += start.elapsed().as_secs_f64();
                 check_outputs(graph, n, &outs)?;
-                outs
+                // Ops without inputs (anchors, ...) have no device to follow: place them.
+                outs.into_iter()
+                    .map(|t| if t.device().same_device(device) { Ok(t) } else { t.to_device(device) })
+                    .collect::<Result<Vec<_>, _>>()?
             }
         };
         for (output, t) in outputs.into_iter().enumerate() {
