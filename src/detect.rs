@@ -36,6 +36,8 @@ pub struct ImageReport {
     pub image_id: u64,
     pub detections: usize,
     pub seconds: f64,
+    /// Kernel time per op name, slowest first.
+    pub op_seconds: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,7 +108,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         let id = image_id(path, index);
         let start = Instant::now();
         match detect_one(&config, &params, path, &opts.device) {
-            Ok((rgb, dets)) => {
+            Ok((rgb, dets, op_seconds)) => {
                 let (h, w) = (rgb.height() as usize, rgb.width() as usize);
                 results.extend(coco_results(&dets, id, h, w));
                 let picture = if images.len() == 1 {
@@ -121,6 +123,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
                     image_id: id,
                     detections: dets.len(),
                     seconds: start.elapsed().as_secs_f64(),
+                    op_seconds,
                 });
             }
             // One bad file in a folder does not lose the others' results.
@@ -154,7 +157,9 @@ fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
 /// Runs the detector on one image; detections in original-image pixels, as detectron2's
 /// `detector_postprocess`: boxes scaled from the resized frame and clipped to the image, empty
 /// boxes dropped, masks pasted into the image and thresholded.
-fn detect_one(config: &ModelConfig, params: &ParamStore, path: &Path, device: &Device) -> Result<(RgbImage, Vec<Detection>)> {
+type OpSeconds = Vec<(String, f64)>;
+
+fn detect_one(config: &ModelConfig, params: &ParamStore, path: &Path, device: &Device) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
     let rgb = load_rgb(path)?;
     let pre: Preprocessed = preprocess_rgb(&rgb, config.image_size, device)?;
     let (rh, rw) = pre.resized_hw;
@@ -207,7 +212,9 @@ fn detect_one(config: &ModelConfig, params: &ParamStore, path: &Path, device: &D
             d.mask = Some(m);
         }
     }
-    Ok((rgb, dets))
+    let mut op_seconds: OpSeconds = out.op_seconds.into_iter().collect();
+    op_seconds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok((rgb, dets, op_seconds))
 }
 
 impl DetectSummary {
@@ -215,6 +222,8 @@ impl DetectSummary {
         let mut s = format!("model    {}  weights: {}\n", self.model, self.weights);
         for r in &self.images {
             s.push_str(&format!("{}  id {}: {} detections in {:.2} s\n", r.image, r.image_id, r.detections, r.seconds));
+            let ops: Vec<String> = r.op_seconds.iter().take(8).map(|(k, v)| format!("{k} {v:.2}s")).collect();
+            s.push_str(&format!("         time by op: {}\n", ops.join(", ")));
         }
         for (img, why) in &self.failed {
             s.push_str(&format!("failed   {img}: {why}\n"));

@@ -111,24 +111,44 @@ fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]
     let (ho, wo) = (h + 2 * ph - dh * (kh - 1), wd + 2 * pw - dw * (kw - 1));
     let k = c * kh * kw;
     let w2 = w.reshape((o, k))?;
-    let w2 = if n == 1 { w2 } else { w2.unsqueeze(0)?.broadcast_as((n, o, k))? };
-    let row_bytes = n * k * wo * x.dtype().size_in_bytes();
-    let rows = (IM2COL_TILE_BYTES / row_bytes.max(1)).clamp(1, ho);
-    let mut tiles = Vec::with_capacity(ho.div_ceil(rows));
-    for r0 in (0..ho).step_by(rows) {
-        let r = rows.min(ho - r0);
+    // The `kh * kw` shifted windows of output rows `r0..r0 + r` of images `b0..b0 + nb`,
+    // as columns `[C*kh*kw, nb*r*Wo]`: one large GEMM per tile, whatever the batch size (a
+    // batch of RoIs is thousands of tiny images).
+    let columns = |b0: usize, nb: usize, r0: usize, r: usize| -> KernelResult<Tensor> {
         let mut windows = Vec::with_capacity(kh * kw);
         for a in 0..kh {
             for b in 0..kw {
-                windows.push(xp.narrow(2, r0 + a * dh, r)?.narrow(3, b * dw, wo)?);
+                windows.push(xp.narrow(0, b0, nb)?.narrow(2, r0 + a * dh, r)?.narrow(3, b * dw, wo)?);
             }
         }
-        // [N, C, kh*kw, r, Wo] -> [N, C*kh*kw, r*Wo]
-        let cols = Tensor::stack(&windows, 2)?.reshape((n, k, r * wo))?;
-        let y = if n == 1 { w2.matmul(&cols.squeeze(0)?)? } else { w2.matmul(&cols)? };
-        tiles.push(y.reshape((n, o, r, wo))?);
+        // [nb, C, kh*kw, r, Wo] -> [C, kh*kw, nb, r, Wo] -> [C*kh*kw, nb*r*Wo]
+        let stacked = Tensor::stack(&windows, 2)?;
+        let cols = if nb == 1 { stacked } else { stacked.permute((1, 2, 0, 3, 4))?.contiguous()? };
+        Ok(cols.reshape((k, nb * r * wo))?)
+    };
+    let image_bytes = k * ho * wo * x.dtype().size_in_bytes();
+    if n > 1 && image_bytes <= IM2COL_TILE_BYTES {
+        let per_tile = (IM2COL_TILE_BYTES / image_bytes.max(1)).clamp(1, n);
+        let mut tiles = Vec::with_capacity(n.div_ceil(per_tile));
+        for b0 in (0..n).step_by(per_tile) {
+            let nb = per_tile.min(n - b0);
+            let y = w2.matmul(&columns(b0, nb, 0, ho)?)?; // [O, nb*Ho*Wo]
+            tiles.push(y.reshape((o, nb, ho, wo))?.permute((1, 0, 2, 3))?);
+        }
+        return Ok(Tensor::cat(&tiles, 0)?.contiguous()?);
     }
-    Ok(if tiles.len() == 1 { tiles.pop().expect("one tile") } else { Tensor::cat(&tiles, 2)? })
+    let row_bytes = k * wo * x.dtype().size_in_bytes();
+    let rows = (IM2COL_TILE_BYTES / row_bytes.max(1)).clamp(1, ho);
+    let mut images = Vec::with_capacity(n);
+    for b0 in 0..n {
+        let mut tiles = Vec::with_capacity(ho.div_ceil(rows));
+        for r0 in (0..ho).step_by(rows) {
+            let r = rows.min(ho - r0);
+            tiles.push(w2.matmul(&columns(b0, 1, r0, r)?)?.reshape((1, o, r, wo))?);
+        }
+        images.push(if tiles.len() == 1 { tiles.pop().expect("one tile") } else { Tensor::cat(&tiles, 2)? });
+    }
+    Ok(if images.len() == 1 { images.pop().expect("one image") } else { Tensor::cat(&images, 0)? })
 }
 
 /// PyTorch's `conv_transpose2d` (groups 1), weight `[C_in, C_out, kh, kw]`.
