@@ -309,6 +309,17 @@ fn conv2d_tiled_im2col_matches_candle() {
     check(&got, &want, DOT, "tiled im2col conv");
 }
 
+#[test]
+fn conv2d_batched_im2col_matches_candle() {
+    // A batch of small maps (as RoI heads have): 64 * 9 * 20 * 20 * 4 bytes per image, 32 MiB
+    // per tile -> 36 images per GEMM -> 3 tiles for 80 images.
+    let x = Tensor::randn(0f32, 1.0, (80, 64, 20, 20), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.05, (8, 64, 3, 3), &Device::Cpu).unwrap();
+    let got = exec(Conv2d::same(1), &[x.clone(), w.clone()]);
+    let want = Nd::from_tensor(&x.conv2d(&w, 1, 1, 1, 1).unwrap());
+    check(&got, &want, DOT, "batched im2col conv");
+}
+
 fn conv_transpose2d_ref(x: &Nd, w: &Nd, b: Option<&Nd>, op: &ConvTranspose2d) -> Nd {
     let (n, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let (o, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);
