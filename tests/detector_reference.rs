@@ -40,8 +40,8 @@ fn proposal_values(graph: &Graph) -> (Value, Value) {
     let order = graph.topo_order().unwrap();
     let idx = order
         .into_iter()
-        .filter(|&n| graph.node(n).scope == "proposal_generator")
-        .last()
+        .rev()
+        .find(|&n| graph.node(n).scope == "proposal_generator")
         .expect("proposal_generator scope present");
     let keep = graph.inputs_of(idx)[1];
     (Value::from(idx), Value { node: keep.node, output: 1 })
