@@ -6,6 +6,7 @@
 //!
 //! The crates are re-exported for applications that want one dependency.
 
+pub mod bench;
 pub mod coco;
 pub mod compile;
 pub mod detect;

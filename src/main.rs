@@ -48,6 +48,12 @@ enum Command {
         /// Compile the backbone and feature pyramid only (outputs p2..p6), not the detector.
         #[arg(long)]
         backbone_only: bool,
+        /// Also run the graph once (random weights and input) and report its speed (fps).
+        #[arg(long)]
+        bench: bool,
+        /// Device for --bench: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Run the detector on an image or a folder of images (`--out DIR`: COCO results
     /// `detections.json` and pictures), or the backbone alone (`--dump`: p2..p6).
@@ -108,9 +114,15 @@ fn run(cli: Cli) -> Result<()> {
             dot,
             dump_ir,
             backbone_only,
+            bench,
+            device,
         } => {
             let target = if backbone_only { Target::Backbone } else { Target::Detector { image_hw: None } };
-            let compiled = compile(&CompileOptions { model, image_size, target })?;
+            let mut compiled = compile(&CompileOptions { model, image_size, target })?;
+            if bench {
+                let device = vitdet::infer::parse_device(&device)?;
+                compiled.report.benchmark = Some(vitdet::bench::benchmark(&compiled, &device)?);
+            }
             let artifact = emit.map(|p| -> Result<_> { Ok((p, compiled.artifact()?.to_json()?)) }).transpose()?;
             let dot = dot.map(|p| (p, compiled.graph.to_dot()));
             let dump = dump_ir.map(|p| -> Result<_> { Ok((p, compiled.graph.dump()?)) }).transpose()?;

@@ -26,6 +26,9 @@ pub struct CompileReport {
     /// `param_bytes + peak_activation_bytes`.
     pub peak_memory_bytes: usize,
     pub compile_seconds: f64,
+    /// Measured with `--bench`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benchmark: Option<crate::bench::Benchmark>,
 }
 
 impl CompileReport {
@@ -41,6 +44,7 @@ impl CompileReport {
             peak_activation_bytes: live.peak_bytes,
             peak_memory_bytes: live.param_bytes + live.peak_bytes,
             compile_seconds: seconds,
+            benchmark: None,
         }
     }
 
@@ -67,6 +71,12 @@ impl CompileReport {
         }
         let _ = writeln!(s, "\nops: {}", self.cost.ops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
         let _ = writeln!(s, "compiled in {:.2} s", self.compile_seconds);
+        if let Some(b) = &self.benchmark {
+            let _ = writeln!(s, "\nbenchmark (random weights and input, one pass after a warm-up)");
+            let _ = writeln!(s, "  device   {} ({} threads)", b.device, b.threads);
+            let _ = writeln!(s, "  time     {:.3} s = {:.3} fps", b.seconds, b.fps);
+            let _ = writeln!(s, "  memory   {} live activations measured", bytes(b.measured_peak_activation_bytes));
+        }
         s
     }
 }

@@ -223,3 +223,14 @@ fn infer_out_writes_coco_results_and_pictures() {
     let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out3.to_str().unwrap(), "--score-thresh", "1.5"]);
     assert!(err.contains("score-thresh"), "{err}");
 }
+
+#[test]
+fn compile_bench_reports_fps() {
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&["compile", "--model", "vit-tiny", "--bench", "--format", "json"])).unwrap();
+    let b = &r["benchmark"];
+    assert!(b["fps"].as_f64().unwrap() > 0.0 && b["seconds"].as_f64().unwrap() > 0.0, "{b}");
+    assert_eq!(b["measured_peak_activation_bytes"], r["peak_activation_bytes"], "measured equals planned");
+    let text = ok(&["compile", "--model", "vitdet-tiny", "--bench"]);
+    assert!(text.contains("fps"), "{text}");
+}

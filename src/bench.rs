@@ -1,0 +1,43 @@
+//! `vitdet compile --bench`: run a compiled graph once on random weights and a random input to
+//! measure its speed (frames per second) and peak live memory on a device.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
+
+use crate::compile::Compiled;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Benchmark {
+    pub device: String,
+    pub threads: usize,
+    /// Wall time of one forward pass (after one warm-up pass).
+    pub seconds: f64,
+    pub fps: f64,
+    pub measured_peak_activation_bytes: usize,
+}
+
+pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
+    let params = ParamStore::init_random(&compiled.graph, 0, device)?;
+    let mut inputs = Vec::new();
+    for (_, name, ty) in compiled.graph.inputs() {
+        inputs.push((name, Tensor::randn(0f32, 1.0, ty.shape.as_slice(), device)?));
+    }
+    let inputs: Vec<(&str, Tensor)> = inputs.into_iter().collect();
+    run_with_order(&compiled.graph, &params, &inputs, device, &compiled.order)?;
+    let start = Instant::now();
+    let out = run_with_order(&compiled.graph, &params, &inputs, device, &compiled.order)?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(Benchmark {
+        device: format!("{device:?}"),
+        threads: std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        seconds,
+        fps: 1.0 / seconds,
+        measured_peak_activation_bytes: out.peak_live_bytes,
+    })
+}
