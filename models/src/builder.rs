@@ -251,6 +251,17 @@ impl Builder {
 
     // ----- plain ops in the current scope -----
 
+    /// Boxes `[..., 4]` clamped to an `image_hw` image.
+    pub fn clip_boxes(&mut self, boxes: Value, image_hw: [usize; 2]) -> Result<Value> {
+        self.op(
+            vitdet_ir::ops::ClipBoxes {
+                height: image_hw[0] as f64,
+                width: image_hw[1] as f64,
+            },
+            &[boxes],
+        )
+    }
+
     pub fn reshape(&mut self, x: Value, shape: Vec<usize>) -> Result<Value> {
         self.op(Reshape { shape }, &[x])
     }

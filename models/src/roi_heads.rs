@@ -5,7 +5,7 @@
 //! (`mask_head.mask_fcn{1..n}`, `mask_head.deconv`, `mask_head.predictor`) and
 //! `mask_rcnn_inference`, all in static shapes.
 
-use vitdet_ir::ops::{BoxDecode, ClipBoxes, GatherRows, IndexSelect, Init, IotaLike, Nms, RoiAlign};
+use vitdet_ir::ops::{BoxDecode, GatherRows, IndexSelect, Init, IotaLike, Nms, RoiAlign};
 use vitdet_ir::{DType, Value};
 
 use crate::adapter_fpn::FPN_BN_EPS;
@@ -151,13 +151,7 @@ fn fast_rcnn_inference(
         &[deltas, proposals.boxes],
     )?;
     let boxes = b.reshape(boxes, vec![r * k, 4])?;
-    let boxes = b.op(
-        ClipBoxes {
-            height: image_hw[0] as f64,
-            width: image_hw[1] as f64,
-        },
-        &[boxes],
-    )?;
+    let boxes = b.clip_boxes(boxes, image_hw)?;
     let iota = |b: &mut Builder, axis: usize| -> Result<Value> {
         let v = b.op(
             IotaLike {

@@ -3,7 +3,7 @@
 //! a level-wise batched NMS, in static shapes (a fixed proposal count plus a validity mask).
 
 use vitdet_ir::ops::{
-    Anchors, Binary, BinaryKind, BoxDecode, ClipBoxes, CompareKind, CompareScalar, IndexSelect, IotaLike, Nms, TopK,
+    Anchors, Binary, BinaryKind, BoxDecode, CompareKind, CompareScalar, IndexSelect, IotaLike, Nms, TopK,
 };
 use vitdet_ir::{DType, Value};
 
@@ -114,13 +114,7 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
         let boxes = b.concat(&boxes, 0)?;
         let scores = b.concat(&scores, 0)?;
         let levels = b.concat(&levels, 0)?;
-        let boxes = b.op(
-            ClipBoxes {
-                height: image_hw[0] as f64,
-                width: image_hw[1] as f64,
-            },
-            &[boxes],
-        )?;
+        let boxes = b.clip_boxes(boxes, image_hw)?;
         let valid = nonempty(b, boxes)?;
         // Non-finite scores are invalid in Nms itself (detectron2's `valid_mask`).
         let nms = b.op_multi(
