@@ -72,7 +72,10 @@ fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// COCO-style ids: a numeric file stem (`000000397133.jpg` -> 397133), else the 1-based index.
 fn image_id(path: &Path, index: usize) -> u64 {
-    path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()).unwrap_or(index as u64 + 1)
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(index as u64 + 1)
 }
 
 pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
@@ -84,10 +87,19 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
     let images = list_images(&opts.image)?;
     let square = compile_config(&opts.model, config.clone(), Target::Detector { image_hw: None })?;
     let (params, weights) = match &opts.weights {
-        Some(path) => (ParamStore::load_safetensors(path, &square.graph, &opts.device)?, path.display().to_string()),
+        Some(path) => (
+            ParamStore::load_safetensors(path, &square.graph, &opts.device)?,
+            path.display().to_string(),
+        ),
         None => {
-            eprintln!("note: no --weights given; using a seeded random init (seed {})", opts.seed);
-            (ParamStore::init_random(&square.graph, opts.seed, &opts.device)?, format!("random init (seed {})", opts.seed))
+            eprintln!(
+                "note: no --weights given; using a seeded random init (seed {})",
+                opts.seed
+            );
+            (
+                ParamStore::init_random(&square.graph, opts.seed, &opts.device)?,
+                format!("random init (seed {})", opts.seed),
+            )
         }
     };
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
@@ -104,7 +116,11 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
     let mut reports = Vec::new();
     let mut failed = Vec::new();
     for (index, path) in images.iter().enumerate() {
-        progress.set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        progress.set_message(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         let id = image_id(path, index);
         let start = Instant::now();
         match detect_one(&config, &params, path, &opts.device) {
@@ -114,7 +130,10 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
                 let picture = if images.len() == 1 {
                     opts.out.join("detections.png")
                 } else {
-                    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let stem = path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default();
                     opts.out.join(format!("{stem}.detections.png"))
                 };
                 write_png(&picture, &draw(&rgb, &dets))?;
@@ -159,14 +178,34 @@ fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
 /// boxes dropped, masks pasted into the image and thresholded.
 type OpSeconds = Vec<(String, f64)>;
 
-fn detect_one(config: &ModelConfig, params: &ParamStore, path: &Path, device: &Device) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
+fn detect_one(
+    config: &ModelConfig,
+    params: &ParamStore,
+    path: &Path,
+    device: &Device,
+) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
     let rgb = load_rgb(path)?;
     let pre: Preprocessed = preprocess_rgb(&rgb, config.image_size, device)?;
     let (rh, rw) = pre.resized_hw;
-    let compiled = compile_config("", config.clone(), Target::Detector { image_hw: Some([rh, rw]) })?;
-    let out = run_with_order(&compiled.graph, params, &[("image", pre.image)], device, &compiled.order)?;
+    let compiled = compile_config(
+        "",
+        config.clone(),
+        Target::Detector {
+            image_hw: Some([rh, rw]),
+        },
+    )?;
+    let out = run_with_order(
+        &compiled.graph,
+        params,
+        &[("image", pre.image)],
+        device,
+        &compiled.order,
+    )?;
     let get = |name: &str| -> Result<Tensor> {
-        Ok(out.get(name).with_context(|| format!("detector has no output `{name}`"))?.to_device(&Device::Cpu)?)
+        Ok(out
+            .get(name)
+            .with_context(|| format!("detector has no output `{name}`"))?
+            .to_device(&Device::Cpu)?)
     };
     let boxes = get("boxes")?.to_dtype(CandleDType::F32)?.to_vec2::<f32>()?;
     let scores = get("scores")?.to_dtype(CandleDType::F32)?.to_vec1::<f32>()?;
@@ -184,7 +223,12 @@ fn detect_one(config: &ModelConfig, params: &ParamStore, path: &Path, device: &D
         }
         let b = &boxes[i];
         let clip = |v: f32, hi: usize| v.clamp(0.0, hi as f32);
-        let bbox = [clip(b[0] * sx, ow), clip(b[1] * sy, oh), clip(b[2] * sx, ow), clip(b[3] * sy, oh)];
+        let bbox = [
+            clip(b[0] * sx, ow),
+            clip(b[1] * sy, oh),
+            clip(b[2] * sx, ow),
+            clip(b[3] * sy, oh),
+        ];
         if bbox[2] - bbox[0] <= 0.0 || bbox[3] - bbox[1] <= 0.0 {
             continue;
         }
@@ -221,8 +265,16 @@ impl DetectSummary {
     pub fn to_text(&self) -> String {
         let mut s = format!("model    {}  weights: {}\n", self.model, self.weights);
         for r in &self.images {
-            s.push_str(&format!("{}  id {}: {} detections in {:.2} s\n", r.image, r.image_id, r.detections, r.seconds));
-            let ops: Vec<String> = r.op_seconds.iter().take(8).map(|(k, v)| format!("{k} {v:.2}s")).collect();
+            s.push_str(&format!(
+                "{}  id {}: {} detections in {:.2} s\n",
+                r.image, r.image_id, r.detections, r.seconds
+            ));
+            let ops: Vec<String> = r
+                .op_seconds
+                .iter()
+                .take(8)
+                .map(|(k, v)| format!("{k} {v:.2}s"))
+                .collect();
             s.push_str(&format!("         time by op: {}\n", ops.join(", ")));
         }
         for (img, why) in &self.failed {

@@ -28,7 +28,9 @@ pub struct InferOptions {
 pub fn parse_device(text: &str) -> Result<Device> {
     let cuda = |ordinal: usize| {
         Device::new_cuda(ordinal).with_context(|| {
-            format!("device `{text}`: CUDA is unavailable (this binary needs `--features cuda` and a GPU with its driver)")
+            format!(
+                "device `{text}`: CUDA is unavailable (this binary needs `--features cuda` and a GPU with its driver)"
+            )
         })
     };
     match text {
@@ -98,7 +100,10 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
             (store, path.display().to_string())
         }
         None => {
-            eprintln!("note: no --weights given; using a seeded random init (seed {})", opts.seed);
+            eprintln!(
+                "note: no --weights given; using a seeded random init (seed {})",
+                opts.seed
+            );
             (
                 ParamStore::init_random(&compiled.graph, opts.seed, &device)?,
                 format!("random init (seed {})", opts.seed),
@@ -112,7 +117,13 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     for _ in 0..opts.repeat.max(1) {
         drop(out.take());
         let start = Instant::now();
-        out = Some(run_with_order(&compiled.graph, &params, &[("image", pre.image.clone())], &device, &compiled.order)?);
+        out = Some(run_with_order(
+            &compiled.graph,
+            &params,
+            &[("image", pre.image.clone())],
+            &device,
+            &compiled.order,
+        )?);
         times.push(start.elapsed().as_secs_f64());
     }
     let peak_rss_growth_bytes = probe.peak_growth();
@@ -173,13 +184,22 @@ impl InferSummary {
             self.image, self.original_hw.1, self.original_hw.0, self.resized_hw.1, self.resized_hw.0
         );
         for o in &self.outputs {
-            let _ = writeln!(s, "{:<4} {:?}  mean {:+.5}  |max| {:.5}", o.name, o.shape, o.mean, o.abs_max);
+            let _ = writeln!(
+                s,
+                "{:<4} {:?}  mean {:+.5}  |max| {:.5}",
+                o.name, o.shape, o.mean, o.abs_max
+            );
         }
         let _ = writeln!(s, "ran in {:.3} s (median of {})", self.run_seconds, self.runs);
         if let Some(g) = self.peak_rss_growth_bytes {
             let _ = writeln!(s, "rss      peak growth {} during the runs", bytes(g as usize));
         }
-        let ops: Vec<String> = self.op_seconds.iter().take(8).map(|(k, v)| format!("{k} {v:.2}s")).collect();
+        let ops: Vec<String> = self
+            .op_seconds
+            .iter()
+            .take(8)
+            .map(|(k, v)| format!("{k} {v:.2}s"))
+            .collect();
         let _ = writeln!(s, "time by op: {}", ops.join(", "));
         let _ = writeln!(
             s,

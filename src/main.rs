@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vitdet::compile::{compile, CompileOptions, Target};
 
 #[derive(Parser)]
-#[command(name = "vitdet", version, about = "Compiler and runtime for the ViT-based Mask R-CNN")]
+#[command(
+    name = "vitdet",
+    version,
+    about = "Compiler and runtime for the ViT-based Mask R-CNN"
+)]
 struct Cli {
     /// CPU threads for kernels (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long, global = true)]
@@ -117,17 +121,30 @@ fn run(cli: Cli) -> Result<()> {
             bench,
             device,
         } => {
-            let target = if backbone_only { Target::Backbone } else { Target::Detector { image_hw: None } };
-            let mut compiled = compile(&CompileOptions { model, image_size, target })?;
+            let target = if backbone_only {
+                Target::Backbone
+            } else {
+                Target::Detector { image_hw: None }
+            };
+            let mut compiled = compile(&CompileOptions {
+                model,
+                image_size,
+                target,
+            })?;
             if bench {
                 let device = vitdet::infer::parse_device(&device)?;
                 compiled.report.benchmark = Some(vitdet::bench::benchmark(&compiled, &device)?);
             }
-            let artifact = emit.map(|p| -> Result<_> { Ok((p, compiled.artifact()?.to_json()?)) }).transpose()?;
+            let artifact = emit
+                .map(|p| -> Result<_> { Ok((p, compiled.artifact()?.to_json()?)) })
+                .transpose()?;
             let dot = dot.map(|p| (p, compiled.graph.to_dot()));
-            let dump = dump_ir.map(|p| -> Result<_> { Ok((p, compiled.graph.dump()?)) }).transpose()?;
+            let dump = dump_ir
+                .map(|p| -> Result<_> { Ok((p, compiled.graph.dump()?)) })
+                .transpose()?;
             for (path, text) in [artifact, dot, dump].into_iter().flatten() {
-                vitdet::runtime::write_atomic(&path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+                vitdet::runtime::write_atomic(&path, text.as_bytes())
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&compiled.report)?),

@@ -50,10 +50,24 @@ impl CompileReport {
 
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "model        {} ({} mode, {}x{} input)", self.model, self.mode, self.image_size, self.image_size);
+        let _ = writeln!(
+            s,
+            "model        {} ({} mode, {}x{} input)",
+            self.model, self.mode, self.image_size, self.image_size
+        );
         let _ = writeln!(s, "nodes        {}", self.nodes);
-        let _ = writeln!(s, "params       {} ({})", self.cost.params, human(self.cost.params as f64, ""));
-        let _ = writeln!(s, "flops        {} multiply-adds (fvcore) / {} plain", human(self.cost.flops as f64, ""), human(self.cost.flops_plain as f64, ""));
+        let _ = writeln!(
+            s,
+            "params       {} ({})",
+            self.cost.params,
+            human(self.cost.params as f64, "")
+        );
+        let _ = writeln!(
+            s,
+            "flops        {} multiply-adds (fvcore) / {} plain",
+            human(self.cost.flops as f64, ""),
+            human(self.cost.flops_plain as f64, "")
+        );
         let _ = writeln!(s, "activations  {}", human(self.cost.activations as f64, ""));
         let _ = writeln!(
             s,
@@ -63,19 +77,36 @@ impl CompileReport {
             bytes(self.peak_activation_bytes)
         );
         let _ = writeln!(s, "\n{:<28} {:>14} {:>14}", "scope", "params", "flops (fvcore)");
-        let scopes: std::collections::BTreeSet<&String> = self.params_by_scope.keys().chain(self.cost.flops_by_scope.keys()).collect();
+        let scopes: std::collections::BTreeSet<&String> = self
+            .params_by_scope
+            .keys()
+            .chain(self.cost.flops_by_scope.keys())
+            .collect();
         for scope in scopes {
             let p = self.params_by_scope.get(scope).copied().unwrap_or(0);
             let f = self.cost.flops_by_scope.get(scope).copied().unwrap_or(0);
             let _ = writeln!(s, "{:<28} {:>14} {:>14}", scope, p, human(f as f64, ""));
         }
-        let _ = writeln!(s, "\nops: {}", self.cost.ops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+        let _ = writeln!(
+            s,
+            "\nops: {}",
+            self.cost
+                .ops
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let _ = writeln!(s, "compiled in {:.2} s", self.compile_seconds);
         if let Some(b) = &self.benchmark {
             let _ = writeln!(s, "\nbenchmark (random weights and input, one pass after a warm-up)");
             let _ = writeln!(s, "  device   {} ({} threads)", b.device, b.threads);
             let _ = writeln!(s, "  time     {:.3} s = {:.3} fps", b.seconds, b.fps);
-            let _ = writeln!(s, "  memory   {} live activations measured", bytes(b.measured_peak_activation_bytes));
+            let _ = writeln!(
+                s,
+                "  memory   {} live activations measured",
+                bytes(b.measured_peak_activation_bytes)
+            );
         }
         s
     }

@@ -21,7 +21,11 @@ const TOL: f64 = 1e-5;
 fn block_output(graph: &Graph, i: usize) -> Value {
     let scope = format!("backbone.net.blocks.{i}");
     let order = graph.topo_order().unwrap();
-    let idx = order.into_iter().filter(|&n| graph.node(n).scope == scope).last().expect("block scope present");
+    let idx = order
+        .into_iter()
+        .filter(|&n| graph.node(n).scope == scope)
+        .last()
+        .expect("block scope present");
     Value::from(idx)
 }
 

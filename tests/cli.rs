@@ -7,12 +7,19 @@ use std::process::{Command, Output};
 use common::fixture;
 
 fn vitdet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitdet")).args(args).output().expect("run vitdet")
+    Command::new(env!("CARGO_BIN_EXE_vitdet"))
+        .args(args)
+        .output()
+        .expect("run vitdet")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = vitdet(args);
-    assert!(out.status.success(), "vitdet {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vitdet {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -48,8 +55,15 @@ fn compile_writes_artifact_dot_and_dump() {
     let dot = dir.path().join("g.dot");
     let dump = dir.path().join("g.txt");
     let text = ok(&[
-        "compile", "--model", "vit-tiny", "--emit", emit.to_str().unwrap(), "--dot", dot.to_str().unwrap(),
-        "--dump-ir", dump.to_str().unwrap(),
+        "compile",
+        "--model",
+        "vit-tiny",
+        "--emit",
+        emit.to_str().unwrap(),
+        "--dot",
+        dot.to_str().unwrap(),
+        "--dump-ir",
+        dump.to_str().unwrap(),
     ]);
     assert!(text.contains("params") && text.contains("backbone.net"), "{text}");
     let artifact = vitdet::ir::Artifact::from_json(&std::fs::read_to_string(&emit).unwrap()).unwrap();
@@ -58,7 +72,10 @@ fn compile_writes_artifact_dot_and_dump() {
     let graph = &artifact.graph;
     assert!(std::fs::read_to_string(&dot).unwrap().starts_with("digraph"));
     let dump = std::fs::read_to_string(&dump).unwrap();
-    assert_eq!(dump.lines().filter(|l| l.starts_with('%')).count(), graph.graph.node_count());
+    assert_eq!(
+        dump.lines().filter(|l| l.starts_with('%')).count(),
+        graph.graph.node_count()
+    );
 }
 
 #[test]
@@ -66,15 +83,23 @@ fn compile_takes_config_files_and_rejects_bad_ones() {
     let dir = tempfile::tempdir().unwrap();
     let toml = dir.path().join("m.toml");
     std::fs::write(&toml, "preset = \"vitdet-tiny\"\ndepth = 2\nglobal_blocks = [1]\n").unwrap();
-    let r: serde_json::Value = serde_json::from_str(&ok(&["compile", "--model", toml.to_str().unwrap(), "--format", "json"])).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(&["compile", "--model", toml.to_str().unwrap(), "--format", "json"])).unwrap();
     assert!(r["params"].as_u64().unwrap() > 0);
 
     let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, "{\"family\": \"vitdet\", \"embed_dim\": 30, \"depth\": 2, \"num_heads\": 4}").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"family\": \"vitdet\", \"embed_dim\": 30, \"depth\": 2, \"num_heads\": 4}",
+    )
+    .unwrap();
     let err = fails(&["compile", "--model", bad.to_str().unwrap()]);
     assert!(err.contains("embed_dim"), "{err}");
     let err = fails(&["compile", "--model", "vitdet-q"]);
-    assert!(err.contains("vitdet-b") && err.contains("vit-tiny"), "lists the presets: {err}");
+    assert!(
+        err.contains("vitdet-b") && err.contains("vit-tiny"),
+        "lists the presets: {err}"
+    );
     let err = fails(&["compile", "--model", "vitdet-b", "--image-size", "1000"]);
     assert!(err.contains("1000"), "{err}");
 }
@@ -86,8 +111,15 @@ fn infer_dumps_pyramid_outputs() {
     let weights = fixture("vitdet_tiny.safetensors");
     let image = fixture("preprocess_large.png");
     let text = ok(&[
-        "infer", "--model", "vitdet-tiny", "--weights", weights.to_str().unwrap(), "--image", image.to_str().unwrap(),
-        "--dump", dump.to_str().unwrap(),
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--dump",
+        dump.to_str().unwrap(),
     ]);
     assert!(text.contains("p2") && text.contains("measured peak"), "{text}");
     let t = candle_core::safetensors::load(&dump, &candle_core::Device::Cpu).unwrap();
@@ -110,7 +142,15 @@ fn infer_dumps_pyramid_outputs() {
 #[test]
 fn infer_without_weights_says_so() {
     let image = fixture("preprocess.png");
-    let out = vitdet(&["infer", "--model", "vit-tiny", "--image", image.to_str().unwrap(), "--seed", "3"]);
+    let out = vitdet(&[
+        "infer",
+        "--model",
+        "vit-tiny",
+        "--image",
+        image.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("random init") && err.contains("seed 3"), "{err}");
@@ -122,26 +162,67 @@ fn infer_errors_name_the_problem() {
     let image = fixture("preprocess.png");
     let image = image.to_str().unwrap();
 
-    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", "/nonexistent/w.safetensors", "--image", image]);
+    let err = fails(&[
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "--image",
+        image,
+    ]);
     assert!(err.contains("/nonexistent/w.safetensors"), "{err}");
 
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, b"definitely not safetensors").unwrap();
-    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", corrupt.to_str().unwrap(), "--image", image]);
+    let err = fails(&[
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        corrupt.to_str().unwrap(),
+        "--image",
+        image,
+    ]);
     assert!(err.contains("corrupt.safetensors"), "{err}");
 
     // The other family's weights: missing and unexpected keys are both named.
     let other = fixture("vit_tiny.safetensors");
-    let err = fails(&["infer", "--model", "vitdet-tiny", "--weights", other.to_str().unwrap(), "--image", image]);
-    assert!(err.contains("parameter(s) missing: `backbone.net.blocks.0.attn.rel_pos_h`"), "{err}");
-    assert!(err.contains("unexpected key(s): `backbone.adapter.up2.0.bias`"), "{err}");
+    let err = fails(&[
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        other.to_str().unwrap(),
+        "--image",
+        image,
+    ]);
+    assert!(
+        err.contains("parameter(s) missing: `backbone.net.blocks.0.attn.rel_pos_h`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected key(s): `backbone.adapter.up2.0.bias`"),
+        "{err}"
+    );
 
     // Right keys, wrong shapes: a config with narrower pyramid outputs.
     let narrow = dir.path().join("narrow.toml");
     std::fs::write(&narrow, "preset = \"vitdet-tiny\"\nout_channels = 8\n").unwrap();
     let weights = fixture("vitdet_tiny.safetensors");
-    let err = fails(&["infer", "--model", narrow.to_str().unwrap(), "--weights", weights.to_str().unwrap(), "--image", image]);
-    assert!(err.contains("backbone.simfp_2.4.norm.bias`: expected shape [8], found [16]"), "{err}");
+    let err = fails(&[
+        "infer",
+        "--model",
+        narrow.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image",
+        image,
+    ]);
+    assert!(
+        err.contains("backbone.simfp_2.4.norm.bias`: expected shape [8], found [16]"),
+        "{err}"
+    );
 
     let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image, "--device", "tpu"]);
     assert!(err.contains("unknown device `tpu`"), "{err}");
@@ -152,7 +233,13 @@ fn infer_errors_name_the_problem() {
 
     let not_image = dir.path().join("x.png");
     std::fs::write(&not_image, b"hello").unwrap();
-    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", not_image.to_str().unwrap()]);
+    let err = fails(&[
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        not_image.to_str().unwrap(),
+    ]);
     assert!(err.contains("x.png"), "{err}");
     let err = fails(&["infer", "--model", "vitdet-tiny", "--image", "/nonexistent/img.jpg"]);
     assert!(err.contains("/nonexistent/img.jpg"), "{err}");
@@ -164,11 +251,16 @@ fn infer_errors_name_the_problem() {
 #[test]
 fn table5_model_complexity() {
     for (model, params, gflops, mact) in [("vit-b", 116e6, 853e9, 1532e6), ("vit-l", 339e6, 1907e9, 2727e6)] {
-        let r: serde_json::Value = serde_json::from_str(&ok(&["compile", "--model", model, "--format", "json"])).unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&ok(&["compile", "--model", model, "--format", "json"])).unwrap();
         let rel = |key: &str, paper: f64| (r[key].as_f64().unwrap() - paper).abs() / paper;
         assert!(rel("params", params) <= 0.01, "{model} params {}", r["params"]);
         assert!(rel("flops", gflops) <= 0.05, "{model} flops {}", r["flops"]);
-        assert!(rel("activations", mact) <= 0.10, "{model} activations {}", r["activations"]);
+        assert!(
+            rel("activations", mact) <= 0.10,
+            "{model} activations {}",
+            r["activations"]
+        );
     }
 }
 
@@ -178,17 +270,33 @@ fn infer_out_writes_coco_results_and_pictures() {
     let out = dir.path().join("single");
     let image = fixture("preprocess_large.png");
     let text = ok(&[
-        "infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--score-thresh", "0",
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--score-thresh",
+        "0",
     ]);
     assert!(text.contains("detections"), "{text}");
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
     let results = results.as_array().unwrap();
     assert!(!results.is_empty(), "score threshold 0 keeps detections");
     for r in results {
         assert!(vitdet::coco::CATEGORY_IDS.contains(&(r["category_id"].as_u64().unwrap() as u32)));
-        let b: Vec<f64> = r["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] > 0.0 && b[3] > 0.0 && b[0] + b[2] <= 100.001 && b[1] + b[3] <= 60.001, "{b:?}");
+        let b: Vec<f64> = r["bbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert!(
+            b[0] >= 0.0 && b[1] >= 0.0 && b[2] > 0.0 && b[3] > 0.0 && b[0] + b[2] <= 100.001 && b[1] + b[3] <= 60.001,
+            "{b:?}"
+        );
         assert_eq!(r["segmentation"]["size"], serde_json::json!([60, 100]));
     }
     let png = image::open(out.join("detections.png")).unwrap();
@@ -202,25 +310,56 @@ fn infer_out_writes_coco_results_and_pictures() {
     std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
     let out2 = dir.path().join("folder");
     let output = vitdet(&[
-        "infer", "--model", "vitdet-tiny", "--image", folder.to_str().unwrap(), "--out", out2.to_str().unwrap(),
-        "--score-thresh", "0",
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        folder.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--score-thresh",
+        "0",
     ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("broken.jpg"));
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out2.join("detections.json")).unwrap()).unwrap();
-    let ids: std::collections::BTreeSet<u64> = results.as_array().unwrap().iter().map(|r| r["image_id"].as_u64().unwrap()).collect();
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out2.join("detections.json")).unwrap()).unwrap();
+    let ids: std::collections::BTreeSet<u64> = results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["image_id"].as_u64().unwrap())
+        .collect();
     assert!(ids.contains(&7), "numeric file names give COCO image ids: {ids:?}");
     assert!(out2.join("b.detections.png").exists() && out2.join("000000000007.detections.png").exists());
 
     // A higher threshold keeps fewer detections; a bad threshold is an error naming it.
     let out3 = dir.path().join("strict");
     ok(&[
-        "infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out3.to_str().unwrap(),
-        "--score-thresh", "0.9",
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+        "--score-thresh",
+        "0.9",
     ]);
-    let strict: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out3.join("detections.json")).unwrap()).unwrap();
+    let strict: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out3.join("detections.json")).unwrap()).unwrap();
     assert!(strict.as_array().unwrap().len() < results.as_array().unwrap().len());
-    let err = fails(&["infer", "--model", "vitdet-tiny", "--image", image.to_str().unwrap(), "--out", out3.to_str().unwrap(), "--score-thresh", "1.5"]);
+    let err = fails(&[
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        image.to_str().unwrap(),
+        "--out",
+        out3.to_str().unwrap(),
+        "--score-thresh",
+        "1.5",
+    ]);
     assert!(err.contains("score-thresh"), "{err}");
 }
 
@@ -229,8 +368,14 @@ fn compile_bench_reports_fps() {
     let r: serde_json::Value =
         serde_json::from_str(&ok(&["compile", "--model", "vit-tiny", "--bench", "--format", "json"])).unwrap();
     let b = &r["benchmark"];
-    assert!(b["fps"].as_f64().unwrap() > 0.0 && b["seconds"].as_f64().unwrap() > 0.0, "{b}");
-    assert_eq!(b["measured_peak_activation_bytes"], r["peak_activation_bytes"], "measured equals planned");
+    assert!(
+        b["fps"].as_f64().unwrap() > 0.0 && b["seconds"].as_f64().unwrap() > 0.0,
+        "{b}"
+    );
+    assert_eq!(
+        b["measured_peak_activation_bytes"], r["peak_activation_bytes"],
+        "measured equals planned"
+    );
     let text = ok(&["compile", "--model", "vitdet-tiny", "--bench"]);
     assert!(text.contains("fps"), "{text}");
 }

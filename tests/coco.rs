@@ -10,7 +10,10 @@ fn rle_matches_pycocotools() {
         serde_json::from_str(&std::fs::read_to_string(common::fixture("coco_rle.json")).unwrap()).unwrap();
     assert!(cases.len() >= 7);
     for c in cases {
-        let (h, w) = (c["height"].as_u64().unwrap() as usize, c["width"].as_u64().unwrap() as usize);
+        let (h, w) = (
+            c["height"].as_u64().unwrap() as usize,
+            c["width"].as_u64().unwrap() as usize,
+        );
         let mask: Vec<u8> = c["rows"]
             .as_array()
             .unwrap()
@@ -42,7 +45,12 @@ fn results_use_coco_ids_xywh_and_rle() {
             mask[y * 8 + x] = 1;
         }
     }
-    let dets = vec![Detection { bbox: [2.0, 1.0, 6.0, 4.0], score: 0.9, class: 11, mask: Some(mask.clone()) }];
+    let dets = vec![Detection {
+        bbox: [2.0, 1.0, 6.0, 4.0],
+        score: 0.9,
+        class: 11,
+        mask: Some(mask.clone()),
+    }];
     let r = coco_results(&dets, 42, 6, 8);
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j[0]["image_id"], 42);
@@ -59,10 +67,19 @@ fn results_use_coco_ids_xywh_and_rle() {
             big[y * 200 + x] = 1;
         }
     }
-    let dets = vec![Detection { bbox: [40.0, 50.0, 100.0, 90.0], score: 0.9, class: 11, mask: Some(big) }];
+    let dets = vec![Detection {
+        bbox: [40.0, 50.0, 100.0, 90.0],
+        score: 0.9,
+        class: 11,
+        mask: Some(big),
+    }];
     let out = draw(&img, &dets);
     assert_ne!(out.get_pixel(70, 70), img.get_pixel(70, 70), "mask pixels are tinted");
     assert_ne!(out.get_pixel(40, 70), img.get_pixel(40, 70), "box edge is drawn");
-    assert_eq!(out.get_pixel(45, 85), img.get_pixel(45, 85), "inside the box, outside the mask");
+    assert_eq!(
+        out.get_pixel(45, 85),
+        img.get_pixel(45, 85),
+        "inside the box, outside the mask"
+    );
     assert_eq!(out.get_pixel(199, 119), img.get_pixel(199, 119), "far away");
 }

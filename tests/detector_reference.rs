@@ -44,7 +44,13 @@ fn proposal_values(graph: &Graph) -> (Value, Value) {
         .find(|&n| graph.node(n).scope == "proposal_generator")
         .expect("proposal_generator scope present");
     let keep = graph.inputs_of(idx)[1];
-    (Value::from(idx), Value { node: keep.node, output: 1 })
+    (
+        Value::from(idx),
+        Value {
+            node: keep.node,
+            output: 1,
+        },
+    )
 }
 
 /// Backbone weights (loaded and key-checked against the backbone graph) plus the head weights;
@@ -58,11 +64,18 @@ fn detector_params(preset: &str, name: &str, graph: &Graph, device: &Device) -> 
         if k.ends_with(".num_batches_tracked") {
             continue;
         }
-        assert!(k.starts_with("proposal_generator.") || k.starts_with("roi_heads."), "{name}: head key {k}");
+        assert!(
+            k.starts_with("proposal_generator.") || k.starts_with("roi_heads."),
+            "{name}: head key {k}"
+        );
         assert!(params.insert(k.clone(), t).is_none(), "{name}: {k} in both files");
     }
     params.check(graph).unwrap();
-    assert_eq!(params.len(), graph.parameters().count(), "{name}: extra keys in the head file");
+    assert_eq!(
+        params.len(),
+        graph.parameters().count(),
+        "{name}: extra keys in the head file"
+    );
     params
 }
 
@@ -85,18 +98,32 @@ fn check_detector(preset: &str, name: &str) {
     let pvalid = get("proposals_valid").to_vec1::<u8>().unwrap();
     let pm = pvalid.iter().filter(|&&v| v == 1).count();
     assert_eq!(pm, m, "{preset}: valid proposals");
-    assert!(pvalid[..m].iter().all(|&v| v == 1), "{preset}: valid proposals come first");
+    assert!(
+        pvalid[..m].iter().all(|&v| v == 1),
+        "{preset}: valid proposals come first"
+    );
     let (_, pmax) = compare(&get("proposals").narrow(0, 0, m).unwrap(), &reference["proposals"]);
     eprintln!("{preset}: {m} proposals, max |box diff| {pmax:.2e} px");
-    assert!(pmax <= BOX_TOL, "{preset}: proposals differ by {pmax:.3e} px > {BOX_TOL:e}");
+    assert!(
+        pmax <= BOX_TOL,
+        "{preset}: proposals differ by {pmax:.3e} px > {BOX_TOL:e}"
+    );
 
     // Detections: identical valid mask (count) and classes, boxes / scores / masks close.
     let valid = get("valid").to_vec1::<u8>().unwrap();
-    assert_eq!(valid, reference["valid"].to_vec1::<u8>().unwrap(), "{preset}: valid slots");
+    assert_eq!(
+        valid,
+        reference["valid"].to_vec1::<u8>().unwrap(),
+        "{preset}: valid slots"
+    );
     let n = reference["scores"].dims()[0];
     assert!(n >= 5, "{preset}: the fixture should hold several detections");
     let classes = get("classes").narrow(0, 0, n).unwrap().to_vec1::<i64>().unwrap();
-    assert_eq!(classes, reference["classes"].to_vec1::<i64>().unwrap(), "{preset}: classes");
+    assert_eq!(
+        classes,
+        reference["classes"].to_vec1::<i64>().unwrap(),
+        "{preset}: classes"
+    );
     for (k, tol) in [("boxes", BOX_TOL), ("scores", SCORE_TOL), ("masks", MASK_TOL)] {
         let (rel, max) = compare(&get(k).narrow(0, 0, n).unwrap(), &reference[k]);
         eprintln!("{preset} {k} ({n} detections): rel L2 {rel:.2e}, max abs {max:.2e}");

@@ -43,7 +43,10 @@ impl Artifact {
     pub fn from_json(text: &str) -> Result<Self, IrError> {
         let a: Artifact = serde_json::from_str(text)?;
         if a.format != ARTIFACT_FORMAT {
-            return Err(IrError::Graph(format!("artifact format `{}`, expected `{ARTIFACT_FORMAT}`", a.format)));
+            return Err(IrError::Graph(format!(
+                "artifact format `{}`, expected `{ARTIFACT_FORMAT}`",
+                a.format
+            )));
         }
         a.graph.verify()?;
         a.check_schedule()?;

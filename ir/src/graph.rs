@@ -66,7 +66,14 @@ impl Graph {
             outputs,
         });
         for (i, v) in inputs.iter().enumerate() {
-            self.graph.add_edge(v.node, idx, Edge { output: v.output, input: i });
+            self.graph.add_edge(
+                v.node,
+                idx,
+                Edge {
+                    output: v.output,
+                    input: i,
+                },
+            );
         }
         Ok(idx)
     }
@@ -77,7 +84,13 @@ impl Graph {
         Ok(Value::from(idx))
     }
 
-    pub(crate) fn infer_node(&self, op: &Op, scope: &str, inputs: &[Value], id: usize) -> Result<Vec<TensorType>, IrError> {
+    pub(crate) fn infer_node(
+        &self,
+        op: &Op,
+        scope: &str,
+        inputs: &[Value],
+        id: usize,
+    ) -> Result<Vec<TensorType>, IrError> {
         let err = |message: String| IrError::Type {
             node: id,
             op: op.name().to_string(),
@@ -94,7 +107,13 @@ impl Graph {
                 .graph
                 .node_weight(v.node)
                 .and_then(|n| n.outputs.get(v.output))
-                .ok_or_else(|| err(format!("input {i} refers to missing value %{}:{}", v.node.index(), v.output)))?;
+                .ok_or_else(|| {
+                    err(format!(
+                        "input {i} refers to missing value %{}:{}",
+                        v.node.index(),
+                        v.output
+                    ))
+                })?;
             types.push(t);
         }
         op.rule().infer(&types).map_err(err)
@@ -179,7 +198,12 @@ impl Graph {
             }
         }
         if order.len() != indegree.len() {
-            let stuck = indegree.iter().filter(|(_, &d)| d > 0).map(|(i, _)| i.index()).min().unwrap_or(0);
+            let stuck = indegree
+                .iter()
+                .filter(|(_, &d)| d > 0)
+                .map(|(i, _)| i.index())
+                .min()
+                .unwrap_or(0);
             return Err(IrError::Cycle { node: stuck });
         }
         Ok(order)
@@ -208,7 +232,10 @@ impl Graph {
 
     /// Number of trainable parameter elements.
     pub fn param_count(&self) -> u64 {
-        self.parameters().filter(|(_, p)| p.trainable).map(|(_, p)| p.ty.numel() as u64).sum()
+        self.parameters()
+            .filter(|(_, p)| p.trainable)
+            .map(|(_, p)| p.ty.numel() as u64)
+            .sum()
     }
 
     /// Cost of one node.
@@ -234,7 +261,14 @@ impl Graph {
             .collect();
         for (id, target, input) in users {
             self.graph.remove_edge(id);
-            self.graph.add_edge(new.node, target, Edge { output: new.output, input });
+            self.graph.add_edge(
+                new.node,
+                target,
+                Edge {
+                    output: new.output,
+                    input,
+                },
+            );
         }
         for o in &mut self.outputs {
             if o.value == old {

@@ -54,7 +54,9 @@ impl<'g> Liveness<'g> {
     /// samples the peak, then releases the inputs `n` used for the last time and the outputs of
     /// `n` nobody uses. Returns the released values (parameters are never live, never released).
     pub fn step(&mut self, n: NodeIndex) -> Vec<Value> {
-        let outputs: Vec<Value> = (0..self.graph.node(n).outputs.len()).map(|output| Value { node: n, output }).collect();
+        let outputs: Vec<Value> = (0..self.graph.node(n).outputs.len())
+            .map(|output| Value { node: n, output })
+            .collect();
         for &v in &outputs {
             if self.counted(v) {
                 self.live += self.bytes(v);
@@ -93,4 +95,3 @@ impl<'g> Liveness<'g> {
         self.peak
     }
 }
-

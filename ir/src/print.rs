@@ -26,7 +26,11 @@ impl Graph {
                 op => {
                     let args: Vec<String> = self.inputs_of(idx).into_iter().map(value_name).collect();
                     let attrs = op.attrs_text();
-                    let attrs = if attrs.is_empty() { String::new() } else { format!("{{{attrs}}}") };
+                    let attrs = if attrs.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{{{attrs}}}")
+                    };
                     format!("{}{}({})", op.name(), attrs, args.join(", "))
                 }
             };
@@ -50,14 +54,26 @@ impl Graph {
                 Op::Parameter(p) => (p.name.clone(), "ellipse"),
                 op => (format!("{}\\n{}", op.name(), esc(&node.scope)), "box"),
             };
-            let _ = writeln!(s, "  n{} [label=\"{}\\n{}\", shape={}];", idx.index(), esc(&label), types.join(", "), shape);
+            let _ = writeln!(
+                s,
+                "  n{} [label=\"{}\\n{}\", shape={}];",
+                idx.index(),
+                esc(&label),
+                types.join(", "),
+                shape
+            );
         }
         for e in self.graph.edge_indices() {
             let (a, b) = self.graph.edge_endpoints(e).expect("edge endpoints");
             let _ = writeln!(s, "  n{} -> n{};", a.index(), b.index());
         }
         for (k, o) in self.outputs.iter().enumerate() {
-            let _ = writeln!(s, "  out{k} [label=\"{}\", shape=house];\n  n{} -> out{k};", esc(&o.name), o.value.node.index());
+            let _ = writeln!(
+                s,
+                "  out{k} [label=\"{}\", shape=house];\n  n{} -> out{k};",
+                esc(&o.name),
+                o.value.node.index()
+            );
         }
         s.push_str("}\n");
         s

@@ -31,7 +31,12 @@ impl Graph {
                     return Err(structure(format!("input {} is connected twice", w.input)));
                 }
                 if w.output >= self.graph[e.source()].outputs.len() {
-                    return Err(structure(format!("input {} reads missing output {} of %{}", w.input, w.output, e.source().index())));
+                    return Err(structure(format!(
+                        "input {} reads missing output {} of %{}",
+                        w.input,
+                        w.output,
+                        e.source().index()
+                    )));
                 }
                 slots[w.input] = Some(Value {
                     node: e.source(),
@@ -46,7 +51,11 @@ impl Graph {
             let inferred = self.infer_node(&node.op, &node.scope, &inputs, idx.index())?;
             if inferred != node.outputs {
                 let show = |ts: &[crate::TensorType]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
-                return Err(structure(format!("stored type {} but inferred {}", show(&node.outputs), show(&inferred))));
+                return Err(structure(format!(
+                    "stored type {} but inferred {}",
+                    show(&node.outputs),
+                    show(&inferred)
+                )));
             }
         }
         let mut names = HashSet::new();
@@ -57,7 +66,9 @@ impl Graph {
                 _ => continue,
             };
             if !names.insert(name.as_str()) {
-                return Err(IrError::Graph(format!("input/parameter name `{name}` is declared twice")));
+                return Err(IrError::Graph(format!(
+                    "input/parameter name `{name}` is declared twice"
+                )));
             }
         }
         let mut outs = HashSet::new();
@@ -65,7 +76,10 @@ impl Graph {
             if !outs.insert(o.name.as_str()) {
                 return Err(IrError::Graph(format!("output `{}` is declared twice", o.name)));
             }
-            let ok = self.graph.node_weight(o.value.node).is_some_and(|n| o.value.output < n.outputs.len());
+            let ok = self
+                .graph
+                .node_weight(o.value.node)
+                .is_some_and(|n| o.value.output < n.outputs.len());
             if !ok {
                 return Err(IrError::Graph(format!(
                     "output `{}` refers to missing value %{}:{}",

@@ -1,7 +1,9 @@
 //! Graph construction, type errors, verification, serialization and printing.
 
-use vitdet_ir::ops::{Binary, BinaryKind, Conv2d, Init, Input, LayerNorm, Linear, Parameter, Reshape, Unary, UnaryKind};
 use petgraph::visit::EdgeRef;
+use vitdet_ir::ops::{
+    Binary, BinaryKind, Conv2d, Init, Input, LayerNorm, Linear, Parameter, Reshape, Unary, UnaryKind,
+};
 use vitdet_ir::{Graph, IrError, NodeIndex, Op, TensorType, Value};
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
@@ -17,7 +19,16 @@ fn param(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
 /// x [2, 8] -> linear(8 -> 4) -> gelu -> layer_norm -> + x2
 fn small_graph() -> Graph {
     let mut g = Graph::new();
-    let x = g.add(Input { name: "x".into(), ty: TensorType::f32([2, 8]) }, "", &[]).unwrap();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([2, 8]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
     let w = param(&mut g, "fc.weight", &[4, 8]);
     let b = param(&mut g, "fc.bias", &[4]);
     let y = g.add(Linear::default(), "fc", &[x, w, b]).unwrap();
@@ -42,14 +53,35 @@ fn builds_and_verifies() {
 #[test]
 fn type_error_names_node_scope_and_mismatch() {
     let mut g = Graph::new();
-    let x = g.add(Input { name: "x".into(), ty: TensorType::f32([2, 8]) }, "", &[]).unwrap();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([2, 8]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
     let w = param(&mut g, "blocks.3.attn.qkv.weight", &[24, 7]);
     let err = g.add(Linear::default(), "blocks.3.attn.qkv", &[x, w]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, IrError::Type { node: 2, .. }), "{msg}");
-    assert!(msg.contains("linear") && msg.contains("blocks.3.attn.qkv") && msg.contains("f32[24,7]"), "{msg}");
+    assert!(
+        msg.contains("linear") && msg.contains("blocks.3.attn.qkv") && msg.contains("f32[24,7]"),
+        "{msg}"
+    );
 
-    let x4 = g.add(Input { name: "img".into(), ty: TensorType::f32([1, 3, 8, 8]) }, "", &[]).unwrap();
+    let x4 = g
+        .add(
+            Input {
+                name: "img".into(),
+                ty: TensorType::f32([1, 3, 8, 8]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
     let cw = param(&mut g, "conv.weight", &[16, 4, 3, 3]);
     let msg = g.add(Conv2d::same(1), "conv", &[x4, cw]).unwrap_err().to_string();
     assert!(msg.contains("expects 4 input channels"), "{msg}");
@@ -75,14 +107,25 @@ fn verify_rejects_tampered_graphs() {
     // A stored type that disagrees with inference.
     let g = small_graph();
     let mut bad = g.clone();
-    let gelu = bad.graph.node_indices().find(|&i| matches!(bad.graph[i].op, Op::Unary(_))).unwrap();
+    let gelu = bad
+        .graph
+        .node_indices()
+        .find(|&i| matches!(bad.graph[i].op, Op::Unary(_)))
+        .unwrap();
     bad.graph[gelu].outputs[0] = TensorType::f32([2, 5]);
     let msg = bad.verify().unwrap_err().to_string();
-    assert!(msg.contains("stored type f32[2,5] but inferred f32[2,4]") && msg.contains("act"), "{msg}");
+    assert!(
+        msg.contains("stored type f32[2,5] but inferred f32[2,4]") && msg.contains("act"),
+        "{msg}"
+    );
 
     // A disconnected input.
     let mut bad = g.clone();
-    let fc = bad.graph.node_indices().find(|&i| matches!(bad.graph[i].op, Op::Linear(_))).unwrap();
+    let fc = bad
+        .graph
+        .node_indices()
+        .find(|&i| matches!(bad.graph[i].op, Op::Linear(_)))
+        .unwrap();
     let e = bad
         .graph
         .edges_directed(fc, petgraph::Direction::Incoming)
@@ -95,18 +138,32 @@ fn verify_rejects_tampered_graphs() {
 
     // A cycle.
     let mut bad = g.clone();
-    let sum = bad.graph.node_indices().find(|&i| matches!(bad.graph[i].op, Op::Binary(_))).unwrap();
+    let sum = bad
+        .graph
+        .node_indices()
+        .find(|&i| matches!(bad.graph[i].op, Op::Binary(_)))
+        .unwrap();
     bad.graph.add_edge(sum, fc, vitdet_ir::Edge { output: 0, input: 3 });
     assert!(matches!(bad.verify().unwrap_err(), IrError::Cycle { .. }));
 
     // Duplicate parameter names.
     let mut bad = g.clone();
     param(&mut bad, "fc.weight", &[4, 8]);
-    assert!(bad.verify().unwrap_err().to_string().contains("`fc.weight` is declared twice"));
+    assert!(bad
+        .verify()
+        .unwrap_err()
+        .to_string()
+        .contains("`fc.weight` is declared twice"));
 
     // An output pointing nowhere.
     let mut bad = g;
-    bad.set_output("ghost", Value { node: NodeIndex::new(999), output: 0 });
+    bad.set_output(
+        "ghost",
+        Value {
+            node: NodeIndex::new(999),
+            output: 0,
+        },
+    );
     assert!(bad.verify().unwrap_err().to_string().contains("output `ghost`"));
 }
 
@@ -121,12 +178,18 @@ fn malformed_json_is_an_error() {
 fn dump_and_dot() {
     let g = small_graph();
     let dump = g.dump().unwrap();
-    assert_eq!(dump.lines().filter(|l| l.starts_with('%')).count(), g.graph.node_count());
+    assert_eq!(
+        dump.lines().filter(|l| l.starts_with('%')).count(),
+        g.graph.node_count()
+    );
     assert!(dump.contains("linear(%0, %1, %2) : f32[2,4]  # fc"), "{dump}");
     assert!(dump.contains("layer_norm{axis=1, eps=1e-6}"), "{dump}");
     assert!(dump.contains("output \"out\""), "{dump}");
     let dot = g.to_dot();
-    assert!(dot.starts_with("digraph") && dot.contains("n0 -> n3;") && dot.trim_end().ends_with('}'), "{dot}");
+    assert!(
+        dot.starts_with("digraph") && dot.contains("n0 -> n3;") && dot.trim_end().ends_with('}'),
+        "{dot}"
+    );
 }
 
 #[test]
@@ -159,5 +222,8 @@ fn artifact_round_trip_and_schedule_checks() {
     assert!(msg.contains("covers"), "{msg}");
 
     let text = a.to_json().unwrap().replace("vitdet-artifact/1", "vitdet-artifact/9");
-    assert!(Artifact::from_json(&text).unwrap_err().to_string().contains("vitdet-artifact/9"));
+    assert!(Artifact::from_json(&text)
+        .unwrap_err()
+        .to_string()
+        .contains("vitdet-artifact/9"));
 }

@@ -3,8 +3,8 @@
 //! parameter names are `scope.leaf`, i.e. detectron2's state-dict keys.
 
 use vitdet_ir::ops::{
-    Affine, BatchNorm, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input, LayerNorm,
-    MatMul, MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary, UnaryKind,
+    Affine, BatchNorm, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input, LayerNorm, MatMul,
+    MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary, UnaryKind,
 };
 use vitdet_ir::{Graph, NodeIndex, Op, TensorType, Value};
 
@@ -299,7 +299,12 @@ impl Builder {
     }
 
     pub fn sigmoid(&mut self, x: Value) -> Result<Value> {
-        self.op(Unary { kind: UnaryKind::Sigmoid }, &[x])
+        self.op(
+            Unary {
+                kind: UnaryKind::Sigmoid,
+            },
+            &[x],
+        )
     }
 
     pub fn concat(&mut self, xs: &[Value], axis: usize) -> Result<Value> {

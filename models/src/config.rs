@@ -248,7 +248,10 @@ impl DetectorConfig {
             }
         }
         if !(0.0..1.0).contains(&self.score_thresh) {
-            return bad(format!("`detector.score_thresh` must be in [0, 1), found {}", self.score_thresh));
+            return bad(format!(
+                "`detector.score_thresh` must be in [0, 1), found {}",
+                self.score_thresh
+            ));
         }
         Ok(())
     }

@@ -91,7 +91,7 @@ pub use config::{
     quarter_blocks, AttentionStrategy, DetectorConfig, Family, ModelConfig, RelPos, PIXEL_MEAN, PIXEL_STD,
 };
 pub use detector::{build_detector, build_detector_for_image, DETECTOR_OUTPUT_NAMES};
+pub use error::ModelError;
 pub use roi_heads::{BOX_POOLER_SIZE, BOX_REG_WEIGHTS, HEAD_LN_EPS, MASK_POOLER_SIZE};
 pub use rpn::{box_scale_clamp, RPN_ANCHOR_SIZES, RPN_ASPECT_RATIOS};
-pub use error::ModelError;
 pub use simple_pyramid::PYRAMID_LN_EPS;

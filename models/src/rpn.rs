@@ -42,7 +42,11 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
         let (convs, obj, deltas) = b.scoped("rpn_head", |b| {
             let mut convs = Vec::new();
             for k in 0..det.rpn_num_conv {
-                let name = if det.rpn_num_conv == 1 { "conv".to_string() } else { format!("conv.conv{k}") };
+                let name = if det.rpn_num_conv == 1 {
+                    "conv".to_string()
+                } else {
+                    format!("conv.conv{k}")
+                };
                 convs.push(b.conv2d_params(&name, c, c, 3, 0.01)?);
             }
             let obj = b.conv2d_params("objectness_logits", c, a, 1, 0.01)?;
@@ -52,7 +56,9 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
 
         let (mut boxes, mut scores, mut levels) = (Vec::new(), Vec::new(), Vec::new());
         for (l, &x) in feats.iter().enumerate() {
-            let [_, _, h, w] = b.shape(x)[..] else { unreachable!("pyramid levels are NCHW") };
+            let [_, _, h, w] = b.shape(x)[..] else {
+                unreachable!("pyramid levels are NCHW")
+            };
             let n = h * w * a;
             let (logits, d) = b.scoped("rpn_head", |b| {
                 let mut t = x;
@@ -144,7 +150,12 @@ fn nonempty(b: &mut Builder, boxes: Value) -> Result<Value> {
     let wh = b.binary(BinaryKind::Sub, hi, lo)?;
     let w = b.slice(wh, 1, 0, 1)?;
     let h = b.slice(wh, 1, 1, 2)?;
-    let side = b.op(Binary { kind: BinaryKind::Minimum }, &[w, h])?;
+    let side = b.op(
+        Binary {
+            kind: BinaryKind::Minimum,
+        },
+        &[w, h],
+    )?;
     let ok = b.op(
         CompareScalar {
             kind: CompareKind::Gt,

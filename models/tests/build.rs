@@ -271,4 +271,3 @@ fn graph_json_round_trip() {
     back.verify().unwrap();
     assert_eq!(back.param_count(), g.param_count());
 }
-

@@ -24,7 +24,11 @@ fn shapes(g: &Graph, prefix: &str) -> BTreeMap<String, Vec<usize>> {
 }
 
 fn output(g: &Graph, name: &str) -> TensorType {
-    let o = g.outputs.iter().find(|o| o.name == name).unwrap_or_else(|| panic!("no output {name}"));
+    let o = g
+        .outputs
+        .iter()
+        .find(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no output {name}"));
     g.value_type(o.value).clone()
 }
 
@@ -123,7 +127,13 @@ fn one_rpn_conv_is_named_conv() {
     cfg.detector.rpn_num_conv = 1;
     let g = build_detector(&cfg).unwrap();
     let keys: Vec<String> = shapes(&g, "proposal_generator.rpn_head.conv").into_keys().collect();
-    assert_eq!(keys, ["proposal_generator.rpn_head.conv.bias", "proposal_generator.rpn_head.conv.weight"]);
+    assert_eq!(
+        keys,
+        [
+            "proposal_generator.rpn_head.conv.bias",
+            "proposal_generator.rpn_head.conv.weight"
+        ]
+    );
 }
 
 fn check_outputs(g: &Graph, d: usize) {
@@ -179,7 +189,10 @@ fn static_sizes_follow_the_config() {
         o => panic!("{o:?}"),
     }
     match &nms[1].0 {
-        vitdet_ir::Op::Nms(n) => assert_eq!((n.iou_threshold, n.max_output, n.score_threshold), (0.5, 20, Some(0.05))),
+        vitdet_ir::Op::Nms(n) => assert_eq!(
+            (n.iou_threshold, n.max_output, n.score_threshold),
+            (0.5, 20, Some(0.05))
+        ),
         o => panic!("{o:?}"),
     }
     // Both clips use the given image size, not the padded input.
@@ -190,7 +203,10 @@ fn static_sizes_follow_the_config() {
         }
     }
     // RoIAlign: 100 proposals at 7x7, then 20 detections at 14x14.
-    let roi: Vec<Vec<usize>> = op_types(&g, "roi_align").into_iter().map(|(_, t)| t[0].shape.clone()).collect();
+    let roi: Vec<Vec<usize>> = op_types(&g, "roi_align")
+        .into_iter()
+        .map(|(_, t)| t[0].shape.clone())
+        .collect();
     assert_eq!(roi, [vec![100, 16, 7, 7], vec![20, 16, 14, 14]]);
 
     assert!(build_detector_for_image(&cfg, [0, 128]).is_err());
@@ -205,7 +221,10 @@ fn full_size_detector_shapes() {
     // p6 of a 1024 input has 16 * 16 * 3 = 768 anchors, fewer than 1000.
     let ks: Vec<usize> = op_types(&g, "top_k").iter().map(|(_, t)| t[0].shape[0]).collect();
     assert_eq!(ks, [1000, 1000, 1000, 1000, 768]);
-    let nms: Vec<Vec<usize>> = op_types(&g, "nms").into_iter().map(|(_, t)| t[0].shape.clone()).collect();
+    let nms: Vec<Vec<usize>> = op_types(&g, "nms")
+        .into_iter()
+        .map(|(_, t)| t[0].shape.clone())
+        .collect();
     assert_eq!(nms, [vec![1000], vec![100]]);
 }
 
@@ -213,12 +232,24 @@ fn full_size_detector_shapes() {
 fn detector_config_defaults_and_round_trips() {
     let d = DetectorConfig::default();
     assert_eq!(
-        (d.num_classes, d.rpn_num_conv, d.rpn_pre_nms_topk, d.rpn_post_nms_topk, d.detections_per_image),
+        (
+            d.num_classes,
+            d.rpn_num_conv,
+            d.rpn_pre_nms_topk,
+            d.rpn_post_nms_topk,
+            d.detections_per_image
+        ),
         (80, 2, 1000, 1000, 100)
     );
     assert_eq!((d.rpn_nms_thresh, d.score_thresh, d.box_nms_thresh), (0.7, 0.05, 0.5));
     assert_eq!(
-        (d.box_head_num_conv, d.box_head_conv_dim, d.box_head_fc_dim, d.mask_head_num_conv, d.mask_head_conv_dim),
+        (
+            d.box_head_num_conv,
+            d.box_head_conv_dim,
+            d.box_head_fc_dim,
+            d.mask_head_num_conv,
+            d.mask_head_conv_dim
+        ),
         (4, 256, 1024, 4, 256)
     );
     for name in ["vitdet-b", "vit-b"] {
@@ -229,7 +260,13 @@ fn detector_config_defaults_and_round_trips() {
     let cfg = ModelConfig::from_toml_str("family = \"vitdet\"\nembed_dim = 64\ndepth = 4\nnum_heads = 2\n").unwrap();
     assert_eq!(cfg.detector, d);
     let cfg = ModelConfig::from_toml_str("preset = \"vitdet-b\"\n[detector]\nscore_thresh = 0.3\n").unwrap();
-    assert_eq!(cfg.detector, DetectorConfig { score_thresh: 0.3, ..d.clone() });
+    assert_eq!(
+        cfg.detector,
+        DetectorConfig {
+            score_thresh: 0.3,
+            ..d.clone()
+        }
+    );
     let cfg = ModelConfig::from_json_str(r#"{"preset": "vit-b", "detector": {"detections_per_image": 50}}"#).unwrap();
     assert_eq!(cfg.detector.detections_per_image, 50);
     for name in ["vitdet-tiny", "vit-b"] {
@@ -270,7 +307,10 @@ fn score_threshold_and_class_count_are_config_fields() {
     let s = shapes(&g, "roi_heads.box_predictor.");
     assert_eq!(s["roi_heads.box_predictor.cls_score.weight"], [4, 64]);
     assert_eq!(s["roi_heads.box_predictor.bbox_pred.weight"], [12, 64]);
-    assert_eq!(shapes(&g, "roi_heads.mask_head.predictor.")["roi_heads.mask_head.predictor.weight"], [3, 16, 1, 1]);
+    assert_eq!(
+        shapes(&g, "roi_heads.mask_head.predictor.")["roi_heads.mask_head.predictor.weight"],
+        [3, 16, 1, 1]
+    );
     match &op_types(&g, "nms")[1].0 {
         vitdet_ir::Op::Nms(n) => assert_eq!(n.score_threshold, Some(0.0)),
         o => panic!("{o:?}"),

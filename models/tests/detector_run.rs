@@ -20,20 +20,40 @@ fn tiny_detectors_run_and_outputs_are_consistent() {
         let valid = out.get("valid").unwrap().to_vec1::<u8>().unwrap();
         let n = valid.iter().filter(|&&v| v == 1).count();
         assert!(n > 0, "{name}: no detections at score threshold 0");
-        assert!(valid[..n].iter().all(|&v| v == 1), "{name}: valid slots come first: {valid:?}");
+        assert!(
+            valid[..n].iter().all(|&v| v == 1),
+            "{name}: valid slots come first: {valid:?}"
+        );
         let scores = out.get("scores").unwrap().to_vec1::<f32>().unwrap();
-        assert!(scores[..n].windows(2).all(|p| p[0] >= p[1]), "{name}: descending scores {scores:?}");
+        assert!(
+            scores[..n].windows(2).all(|p| p[0] >= p[1]),
+            "{name}: descending scores {scores:?}"
+        );
         assert!(scores[..n].iter().all(|&s| s > 0.0 && s <= 1.0), "{name}: {scores:?}");
         let classes = out.get("classes").unwrap().to_vec1::<i64>().unwrap();
-        assert!(classes.iter().all(|&c| (0..cfg.detector.num_classes as i64).contains(&c)), "{name}: {classes:?}");
+        assert!(
+            classes
+                .iter()
+                .all(|&c| (0..cfg.detector.num_classes as i64).contains(&c)),
+            "{name}: {classes:?}"
+        );
         let boxes = out.get("boxes").unwrap().to_vec2::<f32>().unwrap();
         for b in &boxes[..n] {
-            assert!(0.0 <= b[0] && b[0] <= b[2] && b[2] <= w as f32, "{name}: box {b:?} outside {h}x{w}");
-            assert!(0.0 <= b[1] && b[1] <= b[3] && b[3] <= h as f32, "{name}: box {b:?} outside {h}x{w}");
+            assert!(
+                0.0 <= b[0] && b[0] <= b[2] && b[2] <= w as f32,
+                "{name}: box {b:?} outside {h}x{w}"
+            );
+            assert!(
+                0.0 <= b[1] && b[1] <= b[3] && b[3] <= h as f32,
+                "{name}: box {b:?} outside {h}x{w}"
+            );
         }
         let masks = out.get("masks").unwrap();
         assert_eq!(masks.dims(), [d, 28, 28]);
         let m = masks.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(m.iter().all(|&p| (0.0..=1.0).contains(&p)), "{name}: mask probabilities");
+        assert!(
+            m.iter().all(|&p| (0.0..=1.0).contains(&p)),
+            "{name}: mask probabilities"
+        );
     }
 }

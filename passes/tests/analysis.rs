@@ -5,20 +5,39 @@ use vitdet_passes::{liveness, params_by_scope, schedule, CostSummary};
 /// x -> a = gelu(x) -> b = gelu(a) -> c = a + b, plus a linear layer's parameters.
 fn diamond() -> Graph {
     let mut g = Graph::new();
-    let x = g.add(Input { name: "x".into(), ty: TensorType::f32([2, 2]) }, "", &[]).unwrap();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([2, 2]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
     let a = g.add(Unary { kind: UnaryKind::Gelu }, "m.a", &[x]).unwrap();
     let b = g.add(Unary { kind: UnaryKind::Gelu }, "m.b", &[a]).unwrap();
     let c = g.add(Binary { kind: BinaryKind::Add }, "m.c", &[a, b]).unwrap();
     let w = g
         .add(
-            Parameter { name: "m.fc.weight".into(), ty: TensorType::f32([3, 2]), init: Init::Zeros, trainable: true },
+            Parameter {
+                name: "m.fc.weight".into(),
+                ty: TensorType::f32([3, 2]),
+                init: Init::Zeros,
+                trainable: true,
+            },
             "m.fc",
             &[],
         )
         .unwrap();
     let buf = g
         .add(
-            Parameter { name: "m.bn.running_mean".into(), ty: TensorType::f32([3]), init: Init::Zeros, trainable: false },
+            Parameter {
+                name: "m.bn.running_mean".into(),
+                ty: TensorType::f32([3]),
+                init: Init::Zeros,
+                trainable: false,
+            },
             "m.bn",
             &[],
         )

@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     let device = Device::Cpu;
     let params = ParamStore::load_safetensors(weights, graph, &device)?;
     // The input side comes from the graph's `image` input, [1, 3, S, S].
-    let (_, _, ty) = graph.inputs().find(|(_, name, _)| *name == "image").ok_or("artifact has no `image` input")?;
+    let (_, _, ty) = graph
+        .inputs()
+        .find(|(_, name, _)| *name == "image")
+        .ok_or("artifact has no `image` input")?;
     let pre = preprocess_image(image, ty.shape[3], &device)?;
     let out = run_with_order(graph, &params, &[("image", pre.image)], &device, &artifact.schedule)?;
     for (name, t) in &out.outputs {

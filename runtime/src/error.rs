@@ -7,7 +7,12 @@ use thiserror::Error;
 /// Shows at most the first 10 names of a list, then how many more there are.
 pub(crate) fn list_names(names: &[String]) -> String {
     const SHOWN: usize = 10;
-    let mut text = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         text.push_str(&format!(", ... ({} more)", names.len() - SHOWN));
     }
@@ -17,10 +22,18 @@ pub(crate) fn list_names(names: &[String]) -> String {
 fn key_mismatch(missing: &[String], unexpected: &[String]) -> String {
     let mut parts = Vec::new();
     if !missing.is_empty() {
-        parts.push(format!("{} parameter(s) missing: {}", missing.len(), list_names(missing)));
+        parts.push(format!(
+            "{} parameter(s) missing: {}",
+            missing.len(),
+            list_names(missing)
+        ));
     }
     if !unexpected.is_empty() {
-        parts.push(format!("{} unexpected key(s): {}", unexpected.len(), list_names(unexpected)));
+        parts.push(format!(
+            "{} unexpected key(s): {}",
+            unexpected.len(),
+            list_names(unexpected)
+        ));
     }
     parts.join("; ")
 }
@@ -47,15 +60,29 @@ pub enum RuntimeError {
 
     /// A fed input has the wrong shape or dtype.
     #[error("input `{name}`: expected {expected}, found {found}")]
-    InputMismatch { name: String, expected: String, found: String },
+    InputMismatch {
+        name: String,
+        expected: String,
+        found: String,
+    },
 
     /// The runtime has no kernel for this op (or these attributes / dtypes).
     #[error("node %{node} ({op}) in `{scope}`: the runtime cannot execute it: {reason}")]
-    Unsupported { node: usize, op: String, scope: String, reason: String },
+    Unsupported {
+        node: usize,
+        op: String,
+        scope: String,
+        reason: String,
+    },
 
     /// A kernel failed, or produced a value whose type differs from the graph's.
     #[error("node %{node} ({op}) in `{scope}`: {message}")]
-    Kernel { node: usize, op: String, scope: String, message: String },
+    Kernel {
+        node: usize,
+        op: String,
+        scope: String,
+        message: String,
+    },
 
     /// A weights file could not be read or parsed.
     #[error("cannot read weights file `{path}`: {message}")]
@@ -67,20 +94,36 @@ pub enum RuntimeError {
 
     /// Parameters the graph declares but the weights (or the store) lack.
     #[error("{count} parameter(s) missing from {source_name}: {}", list_names(.names))]
-    MissingParameters { source_name: String, count: usize, names: Vec<String> },
+    MissingParameters {
+        source_name: String,
+        count: usize,
+        names: Vec<String>,
+    },
 
     /// A weights file whose keys differ from the graph's parameter names: both lists at once,
     /// so one run shows everything to fix.
     #[error("weights in {source_name} do not match the model: {}", key_mismatch(.missing, .unexpected))]
-    KeyMismatch { source_name: String, missing: Vec<String>, unexpected: Vec<String> },
+    KeyMismatch {
+        source_name: String,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
 
     /// A parameter has the wrong shape.
     #[error("parameter `{name}`: expected shape {expected:?}, found {found:?}")]
-    ParameterShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    ParameterShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
 
     /// A parameter has a dtype that cannot be converted to the graph's.
     #[error("parameter `{name}`: expected dtype {expected}, found {found}")]
-    ParameterDtype { name: String, expected: String, found: String },
+    ParameterDtype {
+        name: String,
+        expected: String,
+        found: String,
+    },
 
     /// A parameter's `Init` cannot produce its dtype (e.g. a random integer tensor).
     #[error("parameter `{name}`: cannot initialize: {message}")]

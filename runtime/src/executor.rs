@@ -51,7 +51,6 @@ impl RunOutput {
     }
 }
 
-
 /// The peak live bytes a run over `order` will measure, computed without executing anything.
 /// The order must be valid as for [`run_with_order`].
 pub fn peak_live_bytes(graph: &Graph, order: &[NodeIndex]) -> Result<usize, RuntimeError> {
@@ -64,7 +63,12 @@ pub fn peak_live_bytes(graph: &Graph, order: &[NodeIndex]) -> Result<usize, Runt
 }
 
 /// Runs `graph` in its default order ([`Graph::topo_order`]). See [`run_with_order`].
-pub fn run(graph: &Graph, params: &ParamStore, inputs: &[(&str, Tensor)], device: &Device) -> Result<RunOutput, RuntimeError> {
+pub fn run(
+    graph: &Graph,
+    params: &ParamStore,
+    inputs: &[(&str, Tensor)],
+    device: &Device,
+) -> Result<RunOutput, RuntimeError> {
     let order = graph.topo_order()?;
     run_with_order(graph, params, inputs, device, &order)
 }
@@ -139,7 +143,13 @@ pub fn run_with_order(
                 check_outputs(graph, n, &outs)?;
                 // Ops without inputs (anchors, ...) have no device to follow: place them.
                 outs.into_iter()
-                    .map(|t| if t.device().same_device(device) { Ok(t) } else { t.to_device(device) })
+                    .map(|t| {
+                        if t.device().same_device(device) {
+                            Ok(t)
+                        } else {
+                            t.to_device(device)
+                        }
+                    })
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -198,7 +208,11 @@ fn check_outputs(graph: &Graph, n: NodeIndex, outs: &[Tensor]) -> Result<(), Run
     }
     let show_t = outs.iter().map(describe).collect::<Vec<_>>().join(", ");
     let show_ty = want.iter().map(TensorType::to_string).collect::<Vec<_>>().join(", ");
-    Err(kernel_error(graph, n, format!("kernel produced {show_t}, the graph declares {show_ty}")))
+    Err(kernel_error(
+        graph,
+        n,
+        format!("kernel produced {show_t}, the graph declares {show_ty}"),
+    ))
 }
 
 fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
@@ -228,14 +242,21 @@ fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
     }
     for o in &graph.outputs {
         if !seen.contains(&o.value.node) && !matches!(graph.node(o.value.node).op, Op::Parameter(_)) {
-            return Err(RuntimeError::Order(format!("graph output `{}` is produced by a node not in the order", o.name)));
+            return Err(RuntimeError::Order(format!(
+                "graph output `{}` is produced by a node not in the order",
+                o.name
+            )));
         }
     }
     Ok(())
 }
 
 /// Checks the fed inputs against the graph's and moves them to `device`.
-fn feed_inputs<'a>(graph: &'a Graph, inputs: &[(&str, Tensor)], device: &Device) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
+fn feed_inputs<'a>(
+    graph: &'a Graph,
+    inputs: &[(&str, Tensor)],
+    device: &Device,
+) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
     let declared: HashMap<&'a str, &'a TensorType> = graph.inputs().map(|(_, name, ty)| (name, ty)).collect();
     let mut fed: HashMap<&'a str, Tensor> = HashMap::new();
     for (name, t) in inputs {
@@ -260,10 +281,18 @@ fn feed_inputs<'a>(graph: &'a Graph, inputs: &[(&str, Tensor)], device: &Device)
                 found: describe(t),
             });
         }
-        let t = if t.device().same_device(device) { t.clone() } else { t.to_device(device)? };
+        let t = if t.device().same_device(device) {
+            t.clone()
+        } else {
+            t.to_device(device)?
+        };
         fed.insert(key, t);
     }
-    let mut missing: Vec<(&str, &TensorType)> = declared.iter().filter(|(n, _)| !fed.contains_key(*n)).map(|(n, t)| (*n, *t)).collect();
+    let mut missing: Vec<(&str, &TensorType)> = declared
+        .iter()
+        .filter(|(n, _)| !fed.contains_key(*n))
+        .map(|(n, t)| (*n, *t))
+        .collect();
     missing.sort_by_key(|(n, _)| *n);
     if let Some((name, ty)) = missing.first() {
         return Err(RuntimeError::MissingInput {
@@ -275,12 +304,20 @@ fn feed_inputs<'a>(graph: &'a Graph, inputs: &[(&str, Tensor)], device: &Device)
 }
 
 /// The parameter tensors by node, checked against the graph and on `device`.
-fn gather_params(graph: &Graph, params: &ParamStore, device: &Device) -> Result<HashMap<NodeIndex, Tensor>, RuntimeError> {
+fn gather_params(
+    graph: &Graph,
+    params: &ParamStore,
+    device: &Device,
+) -> Result<HashMap<NodeIndex, Tensor>, RuntimeError> {
     params.check(graph)?;
     let mut out = HashMap::new();
     for (n, p) in graph.parameters() {
         let t = params.get(&p.name).expect("checked");
-        let t = if t.device().same_device(device) { t.clone() } else { t.to_device(device)? };
+        let t = if t.device().same_device(device) {
+            t.clone()
+        } else {
+            t.to_device(device)?
+        };
         out.insert(n, t);
     }
     Ok(out)

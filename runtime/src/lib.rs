@@ -28,8 +28,8 @@ pub mod params;
 pub mod preprocess;
 
 pub use error::RuntimeError;
-pub use fsio::write_atomic;
 pub use executor::{peak_live_bytes, run, run_with_order, RunOutput};
+pub use fsio::write_atomic;
 pub use params::ParamStore;
 pub use preprocess::{preprocess_image, preprocess_rgb, Preprocessed};
 

@@ -81,7 +81,10 @@ impl ParamStore {
 
     /// Total bytes of all tensors.
     pub fn total_bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     /// A copy of the store on `device`.
@@ -135,12 +138,17 @@ impl ParamStore {
             message,
         };
         let bytes = std::fs::read(path).map_err(|e| file_err(e.to_string()))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
+        let st =
+            SafeTensors::deserialize(&bytes).map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
         let source_name = format!("`{}`", path.display());
 
         let wanted: BTreeMap<&str, &TensorType> = graph.parameters().map(|(_, p)| (p.name.as_str(), &p.ty)).collect();
         let present: BTreeSet<&str> = st.names().into_iter().map(|s| s.as_str()).collect();
-        let missing: Vec<String> = wanted.keys().filter(|k| !present.contains(*k)).map(|k| k.to_string()).collect();
+        let missing: Vec<String> = wanted
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .map(|k| k.to_string())
+            .collect();
         let top = |k: &str| k.split('.').next().unwrap_or("").to_string();
         let built: BTreeSet<String> = wanted.keys().map(|k| top(k)).collect();
         let (unexpected, skipped): (Vec<String>, Vec<String>) = present
@@ -164,7 +172,9 @@ impl ParamStore {
             let dtype_err = || RuntimeError::ParameterDtype {
                 name: name.to_string(),
                 expected: ty.dtype.to_string(),
-                found: stored.map(|d| d.to_string()).unwrap_or_else(|| format!("{:?}", view.dtype())),
+                found: stored
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| format!("{:?}", view.dtype())),
             };
             let stored = stored.ok_or_else(dtype_err)?;
             if stored != ty.dtype && !(stored.is_float() && ty.dtype.is_float()) {
@@ -198,7 +208,8 @@ impl ParamStore {
                 let t = if p.ty.dtype == DType::F64 {
                     Tensor::from_vec((0..n).map(|_| f(&mut rng)).collect::<Vec<f64>>(), shape, device)?
                 } else {
-                    Tensor::from_vec((0..n).map(|_| f(&mut rng) as f32).collect::<Vec<f32>>(), shape, device)?.to_dtype(dtype)?
+                    Tensor::from_vec((0..n).map(|_| f(&mut rng) as f32).collect::<Vec<f32>>(), shape, device)?
+                        .to_dtype(dtype)?
                 };
                 Ok(t)
             };
@@ -229,7 +240,10 @@ impl ParamStore {
         };
         let mut views = Vec::with_capacity(self.tensors.len());
         for (name, t) in &self.tensors {
-            views.push((name.clone(), RawView::from_tensor(t).map_err(|e| write_err(format!("tensor `{name}`: {e}")))?));
+            views.push((
+                name.clone(),
+                RawView::from_tensor(t).map_err(|e| write_err(format!("tensor `{name}`: {e}")))?,
+            ));
         }
         let bytes = safetensors::tensor::serialize(views, &None).map_err(|e| write_err(e.to_string()))?;
         crate::fsio::write_atomic(path, &bytes).map_err(|e| write_err(e.to_string()))
@@ -282,9 +296,19 @@ struct RawView {
 impl RawView {
     fn from_tensor(t: &Tensor) -> Result<Self, String> {
         let dtype = from_candle(t.dtype()).ok_or_else(|| format!("unsupported dtype {:?}", t.dtype()))?;
-        let flat = t.flatten_all().and_then(|f| f.to_device(&Device::Cpu)).map_err(|e| e.to_string())?;
-        fn bytes<T: candle_core::WithDType, const N: usize>(t: &Tensor, f: impl Fn(T) -> [u8; N]) -> Result<Vec<u8>, String> {
-            Ok(t.to_vec1::<T>().map_err(|e| e.to_string())?.into_iter().flat_map(f).collect())
+        let flat = t
+            .flatten_all()
+            .and_then(|f| f.to_device(&Device::Cpu))
+            .map_err(|e| e.to_string())?;
+        fn bytes<T: candle_core::WithDType, const N: usize>(
+            t: &Tensor,
+            f: impl Fn(T) -> [u8; N],
+        ) -> Result<Vec<u8>, String> {
+            Ok(t.to_vec1::<T>()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .flat_map(f)
+                .collect())
         }
         let data = match t.dtype() {
             CDType::F32 => bytes(&flat, f32::to_le_bytes)?,

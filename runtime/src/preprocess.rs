@@ -86,7 +86,9 @@ pub fn preprocess_image(path: impl AsRef<Path>, size: usize, device: &Device) ->
 pub fn preprocess_rgb(img: &RgbImage, size: usize, device: &Device) -> Result<Preprocessed, RuntimeError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if size == 0 || w == 0 || h == 0 {
-        return Err(RuntimeError::Preprocess(format!("cannot resize a {w}x{h} image to size {size}")));
+        return Err(RuntimeError::Preprocess(format!(
+            "cannot resize a {w}x{h} image to size {size}"
+        )));
     }
     let (nh, nw, scale) = shortest_edge_shape(h, w, size, size);
     let resized;
@@ -110,7 +112,9 @@ pub fn preprocess_rgb(img: &RgbImage, size: usize, device: &Device) -> Result<Pr
 pub fn normalize_and_pad(img: &RgbImage, size: usize, device: &Device) -> Result<Tensor, RuntimeError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w > size || h > size {
-        return Err(RuntimeError::Preprocess(format!("a {w}x{h} image does not fit in {size}x{size}")));
+        return Err(RuntimeError::Preprocess(format!(
+            "a {w}x{h} image does not fit in {size}x{size}"
+        )));
     }
     let mut data = vec![0f32; 3 * size * size];
     let raw = img.as_raw();
@@ -150,7 +154,16 @@ fn pillow_taps(n_in: usize, n_out: usize) -> Vec<(usize, Vec<i32>)> {
             w.iter_mut().for_each(|v| *v /= total);
         }
         let one = (1u32 << PRECISION_BITS) as f64;
-        let fixed = w.iter().map(|&v| if v < 0.0 { (-0.5 + v * one) as i32 } else { (0.5 + v * one) as i32 }).collect();
+        let fixed = w
+            .iter()
+            .map(|&v| {
+                if v < 0.0 {
+                    (-0.5 + v * one) as i32
+                } else {
+                    (0.5 + v * one) as i32
+                }
+            })
+            .collect();
         taps.push((lo, fixed));
     }
     taps

@@ -37,7 +37,12 @@ fn nd(t: &Tensor) -> Nd {
 }
 
 fn i64s(t: &Tensor) -> Vec<i64> {
-    t.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap()
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -59,18 +64,42 @@ const SCALE_CLAMP: f64 = 4.135_166_556_742_356; // ln(1000 / 16)
 #[test]
 fn anchors_match_detectron2_exactly() {
     let f = fixtures();
-    let op = Anchors { grid: [5, 7], stride: 8.0, sizes: vec![32.0], aspect_ratios: vec![0.5, 1.0, 2.0], offset: 0.5 };
+    let op = Anchors {
+        grid: [5, 7],
+        stride: 8.0,
+        sizes: vec![32.0],
+        aspect_ratios: vec![0.5, 1.0, 2.0],
+        offset: 0.5,
+    };
     let got = &run(op, &[])[0];
     assert_eq!(got.dtype(), DType::F32);
     assert_close(&nd(got), &nd(&f["anchors_5x7_s8"]), 0.0, 0.0, "anchors 5x7 stride 8");
-    let op = Anchors { grid: [3, 4], stride: 16.0, sizes: vec![32.0, 45.25], aspect_ratios: vec![0.5, 1.0, 2.0], offset: 0.5 };
-    assert_close(&nd(&run(op, &[])[0]), &nd(&f["anchors_3x4_s16_2sizes"]), 0.0, 0.0, "anchors 3x4 stride 16, 2 sizes");
+    let op = Anchors {
+        grid: [3, 4],
+        stride: 16.0,
+        sizes: vec![32.0, 45.25],
+        aspect_ratios: vec![0.5, 1.0, 2.0],
+        offset: 0.5,
+    };
+    assert_close(
+        &nd(&run(op, &[])[0]),
+        &nd(&f["anchors_3x4_s16_2sizes"]),
+        0.0,
+        0.0,
+        "anchors 3x4 stride 16, 2 sizes",
+    );
 }
 
 #[test]
 fn anchors_hand_case() {
     // One cell, size 16, ratio 1, stride 4, offset 0.5: centre (2, 2), box (-6, -6, 10, 10).
-    let op = Anchors { grid: [1, 2], stride: 4.0, sizes: vec![16.0], aspect_ratios: vec![1.0], offset: 0.5 };
+    let op = Anchors {
+        grid: [1, 2],
+        stride: 4.0,
+        sizes: vec![16.0],
+        aspect_ratios: vec![1.0],
+        offset: 0.5,
+    };
     let got = nd(&run(op, &[])[0]);
     assert_eq!(got.data, vec![-6.0, -6.0, 10.0, 10.0, -2.0, -6.0, 14.0, 10.0]);
 }
@@ -80,8 +109,14 @@ fn anchors_hand_case() {
 #[test]
 fn box_decode_matches_detectron2() {
     let f = fixtures();
-    for (w, dk, ok) in [([1.0, 1.0, 1.0, 1.0], "decode_deltas_w1", "decode_out_w1"), ([10.0, 10.0, 5.0, 5.0], "decode_deltas_w10", "decode_out_w10")] {
-        let op = BoxDecode { weights: w, scale_clamp: SCALE_CLAMP };
+    for (w, dk, ok) in [
+        ([1.0, 1.0, 1.0, 1.0], "decode_deltas_w1", "decode_out_w1"),
+        ([10.0, 10.0, 5.0, 5.0], "decode_deltas_w10", "decode_out_w10"),
+    ] {
+        let op = BoxDecode {
+            weights: w,
+            scale_clamp: SCALE_CLAMP,
+        };
         let got = nd(&run(op, &[&f[dk], &f["decode_boxes"]])[0]);
         let want = nd(&f[ok]);
         assert_close(&got, &want, 1e-5, 1e-6, ok);
@@ -95,7 +130,13 @@ fn box_decode_hand_case_and_clamp() {
     // clamped to SCALE_CLAMP -> h = 20 * 1000 / 16 = 1250.
     let boxes = t32(&[0.0, 0.0, 10.0, 20.0], &[1, 4]);
     let deltas = t32(&[0.1, 0.0, std::f32::consts::LN_2, 100.0], &[1, 4]);
-    let got = nd(&run(BoxDecode { weights: [1.0; 4], scale_clamp: SCALE_CLAMP }, &[&deltas, &boxes])[0]);
+    let got = nd(&run(
+        BoxDecode {
+            weights: [1.0; 4],
+            scale_clamp: SCALE_CLAMP,
+        },
+        &[&deltas, &boxes],
+    )[0]);
     let want = [6.0 - 10.0, 10.0 - 625.0, 6.0 + 10.0, 10.0 + 625.0];
     for (g, w) in got.data.iter().zip(want) {
         assert!((g - w).abs() < 1e-4, "{:?} vs {want:?}", got.data);
@@ -104,8 +145,17 @@ fn box_decode_hand_case_and_clamp() {
 
 #[test]
 fn clip_boxes_clamps_each_coordinate() {
-    let b = t32(&[-5.0, -1.0, 130.0, 50.0, 10.0, 70.0, 20.0, 90.0, f32::NAN, 1.0, 2.0, 3.0], &[3, 4]);
-    let got = nd(&run(ClipBoxes { height: 60.0, width: 100.0 }, &[&b])[0]);
+    let b = t32(
+        &[-5.0, -1.0, 130.0, 50.0, 10.0, 70.0, 20.0, 90.0, f32::NAN, 1.0, 2.0, 3.0],
+        &[3, 4],
+    );
+    let got = nd(&run(
+        ClipBoxes {
+            height: 60.0,
+            width: 100.0,
+        },
+        &[&b],
+    )[0]);
     assert_eq!(&got.data[..8], &[0.0, 0.0, 100.0, 50.0, 10.0, 60.0, 20.0, 60.0]);
     assert!(got.data[8].is_nan(), "NaN stays NaN");
 }
@@ -114,7 +164,9 @@ fn clip_boxes_clamps_each_coordinate() {
 
 /// The long row of the fixture script: `((i * 48271 + 12345) mod 196613 - 98306) / 4096`.
 fn topk_long_row() -> Vec<f32> {
-    (0..196_608u64).map(|i| (((i * 48_271 + 12_345) % 196_613) as f64 - 98_306.0) as f32 / 4096.0).collect()
+    (0..196_608u64)
+        .map(|i| (((i * 48_271 + 12_345) % 196_613) as f64 - 98_306.0) as f32 / 4096.0)
+        .collect()
 }
 
 #[test]
@@ -144,7 +196,10 @@ fn top_k_ties_and_nan() {
     assert_eq!(i64s(&out[1]), vec![2, 5, 0, 3, 6, 4, 1]);
     let v = nd(&out[0]);
     assert!(v.data[6].is_nan());
-    assert!(matches!(kernels::execute(&TopK { k: 8 }.into(), &[x]), Err(KernelError::Unsupported(_))));
+    assert!(matches!(
+        kernels::execute(&TopK { k: 8 }.into(), &[x]),
+        Err(KernelError::Unsupported(_))
+    ));
 }
 
 // ------------------------------------------------------------------------------- gathers
@@ -182,7 +237,10 @@ fn nms_keep(out: &[Tensor]) -> Vec<i64> {
     let keep = i64s(&out[0]);
     let flags = u8s(&out[1]);
     let n = flags.iter().filter(|&&v| v == 1).count();
-    assert!(flags[..n].iter().all(|&v| v == 1) && flags[n..].iter().all(|&v| v == 0), "flags {flags:?}");
+    assert!(
+        flags[..n].iter().all(|&v| v == 1) && flags[n..].iter().all(|&v| v == 0),
+        "flags {flags:?}"
+    );
     assert!(keep[n..].iter().all(|&v| v == 0), "unused slots are 0");
     keep[..n].to_vec()
 }
@@ -191,16 +249,31 @@ fn nms_keep(out: &[Tensor]) -> Vec<i64> {
 fn nms_matches_torchvision() {
     let f = fixtures();
     let (b, s) = (&f["nms_boxes"], &f["nms_scores"]);
-    let plain = Nms { iou_threshold: 0.5, max_output: 300, score_threshold: None };
+    let plain = Nms {
+        iou_threshold: 0.5,
+        max_output: 300,
+        score_threshold: None,
+    };
     assert_eq!(nms_keep(&run(plain, &[b, s])), i64s(&f["nms_plain_keep"]), "plain nms");
 
     let want = i64s(&f["nms_batched_keep"]);
-    let batched = Nms { iou_threshold: 0.5, max_output: 300, score_threshold: Some(0.2) };
+    let batched = Nms {
+        iou_threshold: 0.5,
+        max_output: 300,
+        score_threshold: Some(0.2),
+    };
     let got = nms_keep(&run(batched.clone(), &[b, s, &f["nms_groups"], &f["nms_valid"]]));
     assert_eq!(got, want, "batched nms");
     // Truncated: the first max_output of the same list.
-    let short = Nms { max_output: 20, ..batched };
-    assert_eq!(nms_keep(&run(short, &[b, s, &f["nms_groups"], &f["nms_valid"]])), want[..20].to_vec(), "max_output 20");
+    let short = Nms {
+        max_output: 20,
+        ..batched
+    };
+    assert_eq!(
+        nms_keep(&run(short, &[b, s, &f["nms_groups"], &f["nms_valid"]])),
+        want[..20].to_vec(),
+        "max_output 20"
+    );
 }
 
 #[test]
@@ -209,26 +282,41 @@ fn nms_hand_case() {
     // box 0 in another group, box 4 has a NaN score, box 5 is marked invalid.
     let b = t32(
         &[
-            0.0, 0.0, 10.0, 10.0, 1.0, 1.0, 11.0, 11.0, 20.0, 20.0, 30.0, 30.0, 0.0, 0.0, 10.0, 10.0, 0.0, 0.0, 5.0, 5.0, 20.0, 0.0, 25.0, 5.0,
+            0.0, 0.0, 10.0, 10.0, 1.0, 1.0, 11.0, 11.0, 20.0, 20.0, 30.0, 30.0, 0.0, 0.0, 10.0, 10.0, 0.0, 0.0, 5.0,
+            5.0, 20.0, 0.0, 25.0, 5.0,
         ],
         &[6, 4],
     );
     let s = t32(&[0.9, 0.95, 0.5, 0.3, f32::NAN, 0.99], &[6]);
     let g = ti64(&[0, 0, 0, 7, 0, 0]);
     let v = Tensor::from_vec(vec![1u8, 1, 1, 1, 1, 0], 6, &Device::Cpu).unwrap();
-    let op = Nms { iou_threshold: 0.6, max_output: 5, score_threshold: None };
+    let op = Nms {
+        iou_threshold: 0.6,
+        max_output: 5,
+        score_threshold: None,
+    };
     assert_eq!(nms_keep(&run(op.clone(), &[&b, &s, &g, &v])), vec![1, 2, 3]);
     // IoU 0.68 <= 0.7: both kept.
-    let op7 = Nms { iou_threshold: 0.7, ..op.clone() };
+    let op7 = Nms {
+        iou_threshold: 0.7,
+        ..op.clone()
+    };
     assert_eq!(nms_keep(&run(op7, &[&b, &s, &g, &v])), vec![1, 0, 2, 3]);
     // Without groups box 3 is suppressed by box 1 (IoU 0.68); without the mask box 5 is kept.
     assert_eq!(nms_keep(&run(op.clone(), &[&b, &s])), vec![5, 1, 2]);
     // A score threshold is strict: 0.5 drops box 2 and box 3.
-    let thr = Nms { score_threshold: Some(0.5), ..op };
+    let thr = Nms {
+        score_threshold: Some(0.5),
+        ..op
+    };
     assert_eq!(nms_keep(&run(thr, &[&b, &s, &g, &v])), vec![1]);
     // Equal scores: lower index first.
     let tie = t32(&[0.5; 6], &[6]);
-    let op = Nms { iou_threshold: 0.6, max_output: 6, score_threshold: None };
+    let op = Nms {
+        iou_threshold: 0.6,
+        max_output: 6,
+        score_threshold: None,
+    };
     // (box 4, now with a finite score, overlaps box 0 by IoU 0.25 only.)
     assert_eq!(nms_keep(&run(op, &[&b, &tie, &g, &v])), vec![0, 2, 3, 4]);
 }
@@ -244,14 +332,35 @@ fn nms_timing_80k() {
     for _ in 0..n {
         let (cx, cy) = (r.uniform() * 1024.0, r.uniform() * 1024.0);
         let (w, h) = (8.0 + r.uniform() * 200.0, 8.0 + r.uniform() * 200.0);
-        boxes.extend_from_slice(&[(cx - w / 2.0) as f32, (cy - h / 2.0) as f32, (cx + w / 2.0) as f32, (cy + h / 2.0) as f32]);
+        boxes.extend_from_slice(&[
+            (cx - w / 2.0) as f32,
+            (cy - h / 2.0) as f32,
+            (cx + w / 2.0) as f32,
+            (cy + h / 2.0) as f32,
+        ]);
     }
     let scores: Vec<f32> = (0..n).map(|_| r.uniform() as f32).collect();
     let groups: Vec<i64> = (0..n as i64).map(|i| i % 80).collect();
     let (b, s, g) = (t32(&boxes, &[n, 4]), t32(&scores, &[n]), ti64(&groups));
     for (what, op, inputs) in [
-        ("80 groups, threshold 0.05", Nms { iou_threshold: 0.5, max_output: 1000, score_threshold: Some(0.05) }, vec![&b, &s, &g]),
-        ("one group", Nms { iou_threshold: 0.7, max_output: 1000, score_threshold: None }, vec![&b, &s]),
+        (
+            "80 groups, threshold 0.05",
+            Nms {
+                iou_threshold: 0.5,
+                max_output: 1000,
+                score_threshold: Some(0.05),
+            },
+            vec![&b, &s, &g],
+        ),
+        (
+            "one group",
+            Nms {
+                iou_threshold: 0.7,
+                max_output: 1000,
+                score_threshold: None,
+            },
+            vec![&b, &s],
+        ),
     ] {
         // Warm-up on a few boxes (starts the thread pool).
         let few: Vec<Tensor> = inputs.iter().map(|t| t.narrow(0, 0, 1000).unwrap()).collect();
@@ -259,7 +368,11 @@ fn nms_timing_80k() {
         let start = std::time::Instant::now();
         let out = run(op, &inputs);
         let kept = nms_keep(&out);
-        eprintln!("nms of {n} candidates ({what}): {:.1} ms, {} kept", start.elapsed().as_secs_f64() * 1e3, kept.len());
+        eprintln!(
+            "nms of {n} candidates ({what}): {:.1} ms, {} kept",
+            start.elapsed().as_secs_f64() * 1e3,
+            kept.len()
+        );
         assert!(kept.windows(2).all(|w| scores[w[0] as usize] >= scores[w[1] as usize]));
     }
 }
@@ -283,7 +396,10 @@ fn roi_align_matches_torchvision_multilevel() {
     let f = fixtures();
     let boxes = &f["roi_boxes"];
     let bx = Nd::from_tensor(boxes).data;
-    let levels: Vec<i64> = kernels::detection::assign_levels(&roi_op([7, 7], 0, true), &bx, 4).into_iter().map(|l| l as i64).collect();
+    let levels: Vec<i64> = kernels::detection::assign_levels(&roi_op([7, 7], 0, true), &bx, 4)
+        .into_iter()
+        .map(|l| l as i64)
+        .collect();
     assert_eq!(levels, i64s(&f["roi_levels"]), "level assignment");
     let feats = ["roi_feat2", "roi_feat3", "roi_feat4", "roi_feat5"].map(|k| &f[k]);
     for (op, key) in [
@@ -308,7 +424,15 @@ fn roi_align_hand_case() {
     // centres (0.5, 0.5), (0.5, 1.5), (1.5, 0.5), (1.5, 1.5).
     let feat = t32(&(0..16).map(|v| v as f32).collect::<Vec<_>>(), &[1, 1, 4, 4]);
     let boxes = t32(&[0.5, 0.5, 2.5, 2.5], &[1, 4]);
-    let op = RoiAlign { output_size: [2, 2], scales: vec![1.0], sampling_ratio: 0, aligned: true, canonical_box_size: 224.0, canonical_level: 4, min_level: 4 };
+    let op = RoiAlign {
+        output_size: [2, 2],
+        scales: vec![1.0],
+        sampling_ratio: 0,
+        aligned: true,
+        canonical_box_size: 224.0,
+        canonical_level: 4,
+        min_level: 4,
+    };
     let got = nd(&run(op, &[&feat, &boxes])[0]);
     let want = [0.5 * 4.0 + 0.5, 0.5 * 4.0 + 1.5, 1.5 * 4.0 + 0.5, 1.5 * 4.0 + 1.5];
     for (g, w) in got.data.iter().zip(want) {
@@ -321,7 +445,11 @@ fn roi_align_hand_case() {
 #[test]
 fn paste_masks_matches_detectron2() {
     let f = fixtures();
-    let op = PasteMasks { height: 60, width: 80, threshold: 0.5 };
+    let op = PasteMasks {
+        height: 60,
+        width: 80,
+        threshold: 0.5,
+    };
     let got = run(op, &[&f["paste_masks"], &f["paste_boxes"]]);
     assert_eq!(got[0].dtype(), DType::U8);
     assert_eq!(got[0].dims(), &[5, 60, 80]);
@@ -348,11 +476,25 @@ fn paste_masks_hand_case() {
     // weights of cell (0, 0) along an axis are 0.75, 0.75, 0.25, 0 (zero padding beyond).
     let m = t32(&[1.0, 0.0, 0.0, 0.0], &[1, 2, 2]);
     let b = t32(&[0.0, 0.0, 4.0, 4.0], &[1, 4]);
-    let got = u8s(&run(PasteMasks { height: 4, width: 4, threshold: 0.5 }, &[&m, &b])[0]);
+    let got = u8s(&run(
+        PasteMasks {
+            height: 4,
+            width: 4,
+            threshold: 0.5,
+        },
+        &[&m, &b],
+    )[0]);
     // 0.75 * 0.75 = 0.5625 >= 0.5; 0.75 * 0.25 < 0.5.
     assert_eq!(got, vec![1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     // `>=`: a threshold equal to the value keeps the pixel.
-    let got = u8s(&run(PasteMasks { height: 4, width: 4, threshold: 0.5625 }, &[&m, &b])[0]);
+    let got = u8s(&run(
+        PasteMasks {
+            height: 4,
+            width: 4,
+            threshold: 0.5625,
+        },
+        &[&m, &b],
+    )[0]);
     assert_eq!(got[..2], [1, 1]);
 }
 
@@ -369,7 +511,10 @@ fn float_outputs_keep_the_input_dtype() {
         let want = f["topk_small_values"].to_dtype(dtype).unwrap();
         assert_close(&nd(&out[0]), &nd(&want), 0.0, 0.0, "top-k values");
         let boxes = f["roi_boxes"].to_dtype(dtype).unwrap();
-        let mut inputs: Vec<Tensor> = ["roi_feat2", "roi_feat3", "roi_feat4", "roi_feat5"].iter().map(|k| f[*k].to_dtype(dtype).unwrap()).collect();
+        let mut inputs: Vec<Tensor> = ["roi_feat2", "roi_feat3", "roi_feat4", "roi_feat5"]
+            .iter()
+            .map(|k| f[*k].to_dtype(dtype).unwrap())
+            .collect();
         inputs.push(boxes);
         let got = &kernels::execute(&roi_op([7, 7], 0, true).into(), &inputs).unwrap()[0];
         assert_eq!(got.dtype(), dtype);
@@ -378,6 +523,16 @@ fn float_outputs_keep_the_input_dtype() {
         }
         let d = f["decode_deltas_w1"].to_dtype(dtype).unwrap();
         let b = f["decode_boxes"].to_dtype(dtype).unwrap();
-        assert_eq!(run(BoxDecode { weights: [1.0; 4], scale_clamp: SCALE_CLAMP }, &[&d, &b])[0].dtype(), dtype);
+        assert_eq!(
+            run(
+                BoxDecode {
+                    weights: [1.0; 4],
+                    scale_clamp: SCALE_CLAMP
+                },
+                &[&d, &b]
+            )[0]
+            .dtype(),
+            dtype
+        );
     }
 }

@@ -12,11 +12,29 @@ use vitdet_ir::{Graph, NodeIndex, TensorType, Value};
 use vitdet_runtime::{peak_live_bytes, run, run_with_order, ParamStore, RuntimeError};
 
 fn input(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
-    g.add(Input { name: name.into(), ty: TensorType::f32(shape.to_vec()) }, "", &[]).unwrap()
+    g.add(
+        Input {
+            name: name.into(),
+            ty: TensorType::f32(shape.to_vec()),
+        },
+        "",
+        &[],
+    )
+    .unwrap()
 }
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
-    g.add(Parameter { name: name.into(), ty: TensorType::f32(shape.to_vec()), init: Init::Zeros, trainable: true }, "", &[]).unwrap()
+    g.add(
+        Parameter {
+            name: name.into(),
+            ty: TensorType::f32(shape.to_vec()),
+            init: Init::Zeros,
+            trainable: true,
+        },
+        "",
+        &[],
+    )
+    .unwrap()
 }
 
 fn add(g: &mut Graph, a: Value, b: Value, scope: &str) -> Value {
@@ -35,7 +53,17 @@ fn chain_graph() -> Graph {
     let a = g.add(Unary { kind: UnaryKind::Relu }, "a", &[x]).unwrap();
     let b = g.add(Concat { axis: 0 }, "b", &[a, a]).unwrap();
     let c = g.add(Pad { pads: vec![[0, 8]] }, "c", &[b]).unwrap();
-    let d = g.add(Slice { axis: 0, start: 0, end: 4 }, "d", &[c]).unwrap();
+    let d = g
+        .add(
+            Slice {
+                axis: 0,
+                start: 0,
+                end: 4,
+            },
+            "d",
+            &[c],
+        )
+        .unwrap();
     let e = add(&mut g, d, w, "e");
     g.set_output("e", e);
     g.set_output("b", b);
@@ -56,8 +84,14 @@ fn peak_live_bytes_known_answer() {
     assert_eq!(out.param_bytes, 16);
     assert_eq!(peak_live_bytes(&g, &g.topo_order().unwrap()).unwrap(), 112);
     assert_eq!(out.get("e").unwrap().to_vec1::<f32>().unwrap(), [10., 22., 30., 44.]);
-    assert_eq!(out.get("b").unwrap().to_vec1::<f32>().unwrap(), [0., 2., 0., 4., 0., 2., 0., 4.]);
-    assert_eq!(out.outputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["e", "b"]);
+    assert_eq!(
+        out.get("b").unwrap().to_vec1::<f32>().unwrap(),
+        [0., 2., 0., 4., 0., 2., 0., 4.]
+    );
+    assert_eq!(
+        out.outputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["e", "b"]
+    );
 }
 
 /// Two branches whose big intermediates overlap or not depending on the order.
@@ -65,9 +99,29 @@ fn branch_graph() -> (Graph, [NodeIndex; 6]) {
     let mut g = Graph::new();
     let x = input(&mut g, "x", &[1]);
     let big1 = g.add(Pad { pads: vec![[0, 99]] }, "big1", &[x]).unwrap();
-    let s1 = g.add(Slice { axis: 0, start: 0, end: 1 }, "s1", &[big1]).unwrap();
+    let s1 = g
+        .add(
+            Slice {
+                axis: 0,
+                start: 0,
+                end: 1,
+            },
+            "s1",
+            &[big1],
+        )
+        .unwrap();
     let big2 = g.add(Pad { pads: vec![[0, 199]] }, "big2", &[x]).unwrap();
-    let s2 = g.add(Slice { axis: 0, start: 0, end: 1 }, "s2", &[big2]).unwrap();
+    let s2 = g
+        .add(
+            Slice {
+                axis: 0,
+                start: 0,
+                end: 1,
+            },
+            "s2",
+            &[big2],
+        )
+        .unwrap();
     let out = add(&mut g, s1, s2, "out");
     g.set_output("y", out);
     (g, [x.node, big1.node, s1.node, big2.node, s2.node, out.node])
@@ -98,11 +152,20 @@ fn order_errors() {
     let feed = || vec![("x", Tensor::new(&[3f32], &cpu()).unwrap())];
     let p = ParamStore::new();
     let err = run_with_order(&g, &p, &feed(), &cpu(), &[x, big1, s1, s1, big2, s2, out]).unwrap_err();
-    assert!(matches!(err, RuntimeError::Order(ref m) if m.contains("twice")), "{err}");
+    assert!(
+        matches!(err, RuntimeError::Order(ref m) if m.contains("twice")),
+        "{err}"
+    );
     let err = run_with_order(&g, &p, &feed(), &cpu(), &[x, s1, big1, big2, s2, out]).unwrap_err();
-    assert!(err.to_string().contains("s1") && err.to_string().contains("not produced"), "{err}");
+    assert!(
+        err.to_string().contains("s1") && err.to_string().contains("not produced"),
+        "{err}"
+    );
     let err = run_with_order(&g, &p, &feed(), &cpu(), &[x, big1, s1]).unwrap_err();
-    assert!(err.to_string().contains("big2") || err.to_string().contains("output `y`"), "{err}");
+    assert!(
+        err.to_string().contains("big2") || err.to_string().contains("output `y`"),
+        "{err}"
+    );
     // A node missing from the order is reported by name before anything runs.
     let err = peak_live_bytes(&g, &[x, big1, s1, s2, out]).unwrap_err();
     assert!(err.to_string().contains("s2"), "{err}");
@@ -119,16 +182,31 @@ fn input_checks() {
     assert_eq!(err.to_string(), "missing graph input `x` (expected f32[4])");
 
     let err = run(&g, &params, &[("x", ok.clone()), ("z", ok.clone())], &cpu()).unwrap_err();
-    assert!(matches!(err, RuntimeError::UnexpectedInput { ref name, .. } if name == "z"), "{err}");
+    assert!(
+        matches!(err, RuntimeError::UnexpectedInput { ref name, .. } if name == "z"),
+        "{err}"
+    );
     assert!(err.to_string().contains("`x`"), "lists the graph's inputs: {err}");
 
     let err = run(&g, &params, &[("x", ok.clone()), ("x", ok.clone())], &cpu()).unwrap_err();
     assert!(err.to_string().contains("more than once"), "{err}");
 
-    let err = run(&g, &params, &[("x", Tensor::zeros(5, DType::F32, &cpu()).unwrap())], &cpu()).unwrap_err();
+    let err = run(
+        &g,
+        &params,
+        &[("x", Tensor::zeros(5, DType::F32, &cpu()).unwrap())],
+        &cpu(),
+    )
+    .unwrap_err();
     assert_eq!(err.to_string(), "input `x`: expected f32[4], found f32[5]");
 
-    let err = run(&g, &params, &[("x", Tensor::zeros(4, DType::F64, &cpu()).unwrap())], &cpu()).unwrap_err();
+    let err = run(
+        &g,
+        &params,
+        &[("x", Tensor::zeros(4, DType::F64, &cpu()).unwrap())],
+        &cpu(),
+    )
+    .unwrap_err();
     assert_eq!(err.to_string(), "input `x`: expected f32[4], found f64[4]");
 }
 
@@ -164,11 +242,22 @@ fn dead_values_and_repeated_inputs() {
     let r = run(&g, &ParamStore::new(), &[("x", xs)], &cpu()).unwrap();
     assert_eq!(r.peak_live_bytes, peak_live_bytes(&g, &order).unwrap());
     // Whatever the topological order: x and `dead` coexist (432), and possibly sq too (464).
-    assert!(r.peak_live_bytes == 432 || r.peak_live_bytes == 464, "{}", r.peak_live_bytes);
+    assert!(
+        r.peak_live_bytes == 432 || r.peak_live_bytes == 464,
+        "{}",
+        r.peak_live_bytes
+    );
     assert_eq!(r.get("y").unwrap().to_vec1::<f32>().unwrap()[2], 19.0);
     // Omitting the dead node from an explicit order skips it.
     let order: Vec<NodeIndex> = [x.node, sq.node, y.node].into();
-    let r = run_with_order(&g, &ParamStore::new(), &[("x", Tensor::zeros(8, DType::F32, &cpu()).unwrap())], &cpu(), &order).unwrap();
+    let r = run_with_order(
+        &g,
+        &ParamStore::new(),
+        &[("x", Tensor::zeros(8, DType::F32, &cpu()).unwrap())],
+        &cpu(),
+        &order,
+    )
+    .unwrap();
     assert_eq!(r.peak_live_bytes, 64);
 }
 
@@ -184,7 +273,12 @@ fn conv_ln(g: &mut Graph, x: Value, prefix: &str, cin: usize, cout: usize, k: us
     let y = g.add(Conv2d::same(k / 2), prefix, &[x, w]).unwrap();
     let nw = param(g, &format!("{prefix}.norm.weight"), &[cout]);
     let nb = param(g, &format!("{prefix}.norm.bias"), &[cout]);
-    g.add(LayerNorm { axis: 1, eps: 1e-6 }, &format!("{prefix}.norm"), &[y, nw, nb]).unwrap()
+    g.add(
+        LayerNorm { axis: 1, eps: 1e-6 },
+        &format!("{prefix}.norm"),
+        &[y, nw, nb],
+    )
+    .unwrap()
 }
 
 fn deconv(g: &mut Graph, x: Value, prefix: &str, cin: usize, cout: usize) -> Value {
@@ -201,8 +295,13 @@ fn simple_feature_pyramid_matches_detectron2() {
     let x = g.add(Permute { perm: vec![0, 3, 1, 2] }, "backbone", &[trunk]).unwrap();
     let p = "backbone.simfp_2";
     let y = deconv(&mut g, x, &format!("{p}.0"), 32, 16);
-    let (lw, lb) = (param(&mut g, &format!("{p}.1.weight"), &[16]), param(&mut g, &format!("{p}.1.bias"), &[16]));
-    let y = g.add(LayerNorm { axis: 1, eps: 1e-6 }, &format!("{p}.1"), &[y, lw, lb]).unwrap();
+    let (lw, lb) = (
+        param(&mut g, &format!("{p}.1.weight"), &[16]),
+        param(&mut g, &format!("{p}.1.bias"), &[16]),
+    );
+    let y = g
+        .add(LayerNorm { axis: 1, eps: 1e-6 }, &format!("{p}.1"), &[y, lw, lb])
+        .unwrap();
     let y = g.add(Unary { kind: UnaryKind::Gelu }, &format!("{p}.2"), &[y]).unwrap();
     let y = deconv(&mut g, y, &format!("{p}.3"), 16, 8);
     let y = conv_ln(&mut g, y, &format!("{p}.4"), 8, 16, 1);
@@ -230,7 +329,13 @@ fn simple_feature_pyramid_matches_detectron2() {
     let out = run(&g, &params, &[("trunk", io["trunk"].clone())], &cpu()).unwrap();
     for name in ["p2", "p3", "p4", "p5", "p6"] {
         // The fixtures README's model tolerance: f32 through a few layers of O(1) values.
-        assert_close(&Nd::from_tensor(out.get(name).unwrap()), &Nd::from_tensor(&io[name]), 1e-4, 1e-4, name);
+        assert_close(
+            &Nd::from_tensor(out.get(name).unwrap()),
+            &Nd::from_tensor(&io[name]),
+            1e-4,
+            1e-4,
+            name,
+        );
     }
 }
 
@@ -240,21 +345,45 @@ fn batchnorm_fpn_matches_and_loads_real_keys() {
     // its weights are written to a file with the FPN keys (and BN `num_batches_tracked`
     // counters, which the loader ignores) and loaded back through `load_safetensors`.
     let mut g = Graph::new();
-    let c: Vec<Value> = [(2, 32), (3, 16), (4, 8), (5, 4)].iter().map(|(s, hw)| input(&mut g, &format!("c{s}"), &[1, 32, *hw, *hw])).collect();
+    let c: Vec<Value> = [(2, 32), (3, 16), (4, 8), (5, 4)]
+        .iter()
+        .map(|(s, hw)| input(&mut g, &format!("c{s}"), &[1, 32, *hw, *hw]))
+        .collect();
     let conv_bn = |g: &mut Graph, x: Value, prefix: &str, cin: usize, k: usize| -> Value {
         let w = param(g, &format!("{prefix}.weight"), &[16, cin, k, k]);
         let y = g.add(Conv2d::same(k / 2), prefix, &[x, w]).unwrap();
-        let n: Vec<Value> = ["weight", "bias", "running_mean", "running_var"].iter().map(|s| param(g, &format!("{prefix}.norm.{s}"), &[16])).collect();
-        g.add(BatchNorm { eps: 1e-5 }, &format!("{prefix}.norm"), &[y, n[0], n[1], n[2], n[3]]).unwrap()
+        let n: Vec<Value> = ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .map(|s| param(g, &format!("{prefix}.norm.{s}"), &[16]))
+            .collect();
+        g.add(
+            BatchNorm { eps: 1e-5 },
+            &format!("{prefix}.norm"),
+            &[y, n[0], n[1], n[2], n[3]],
+        )
+        .unwrap()
     };
     let mut prev = conv_bn(&mut g, c[3], "backbone.fpn_lateral5", 32, 1);
     let mut outs = vec![("p5".to_string(), conv_bn(&mut g, prev, "backbone.fpn_output5", 16, 3))];
     for (i, s) in [(2usize, 4usize), (1, 3), (0, 2)] {
         let lat = conv_bn(&mut g, c[i], &format!("backbone.fpn_lateral{s}"), 32, 1);
         let hw = 32 >> i;
-        let up = g.add(Resize { size: [hw, hw], mode: ResizeMode::Nearest, align_corners: false }, "backbone", &[prev]).unwrap();
+        let up = g
+            .add(
+                Resize {
+                    size: [hw, hw],
+                    mode: ResizeMode::Nearest,
+                    align_corners: false,
+                },
+                "backbone",
+                &[prev],
+            )
+            .unwrap();
         prev = add(&mut g, lat, up, "backbone");
-        outs.push((format!("p{s}"), conv_bn(&mut g, prev, &format!("backbone.fpn_output{s}"), 16, 3)));
+        outs.push((
+            format!("p{s}"),
+            conv_bn(&mut g, prev, &format!("backbone.fpn_output{s}"), 16, 3),
+        ));
     }
     let p6 = g.add(MaxPool2d::new(1, 2), "backbone.top_block", &[outs[0].1]).unwrap();
     outs.push(("p6".into(), p6));
@@ -264,8 +393,15 @@ fn batchnorm_fpn_matches_and_loads_real_keys() {
     g.verify().unwrap();
 
     let weights = load("vit_tiny.safetensors");
-    let mut subset: HashMap<String, Tensor> = weights.iter().filter(|(k, _)| k.starts_with("backbone.fpn_")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    assert!(subset.keys().any(|k| k.ends_with(".num_batches_tracked")), "the fixture has BN counters");
+    let mut subset: HashMap<String, Tensor> = weights
+        .iter()
+        .filter(|(k, _)| k.starts_with("backbone.fpn_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(
+        subset.keys().any(|k| k.ends_with(".num_batches_tracked")),
+        "the fixture has BN counters"
+    );
     subset.retain(|_, v| v.dtype() == DType::F32 || v.rank() == 0);
     let dir = std::env::temp_dir().join(format!("vitdet-fpn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -278,6 +414,12 @@ fn batchnorm_fpn_matches_and_loads_real_keys() {
     let feeds: Vec<(&str, Tensor)> = ["c2", "c3", "c4", "c5"].iter().map(|n| (*n, io[*n].clone())).collect();
     let out = run(&g, &params, &feeds, &cpu()).unwrap();
     for name in ["p2", "p3", "p4", "p5", "p6"] {
-        assert_close(&Nd::from_tensor(out.get(name).unwrap()), &Nd::from_tensor(&io[name]), 1e-4, 1e-4, name);
+        assert_close(
+            &Nd::from_tensor(out.get(name).unwrap()),
+            &Nd::from_tensor(&io[name]),
+            1e-4,
+            1e-4,
+            name,
+        );
     }
 }

@@ -17,7 +17,8 @@ use vitdet_runtime::kernels;
 use vitdet_runtime::preprocess;
 
 fn ops() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures_dir().join("ops.safetensors"), &Device::Cpu).expect("tests/fixtures/ops.safetensors")
+    candle_core::safetensors::load(fixtures_dir().join("ops.safetensors"), &Device::Cpu)
+        .expect("tests/fixtures/ops.safetensors")
 }
 
 fn run1(op: impl Into<Op>, inputs: &[&Tensor]) -> Nd {
@@ -33,8 +34,21 @@ fn want(f: &HashMap<String, Tensor>, name: &str) -> Nd {
 fn bicubic_matches_pytorch() {
     let f = ops();
     for (name, size) in [("8", [8, 8]), ("20", [20, 20]), ("5x11", [5, 11])] {
-        let got = run1(Resize { size, mode: ResizeMode::Bicubic, align_corners: false }, &[&f["bicubic_in"]]);
-        assert_close(&got, &want(&f, &format!("bicubic_out_{name}")), 1e-5, 0.0, &format!("bicubic {name}"));
+        let got = run1(
+            Resize {
+                size,
+                mode: ResizeMode::Bicubic,
+                align_corners: false,
+            },
+            &[&f["bicubic_in"]],
+        );
+        assert_close(
+            &got,
+            &want(&f, &format!("bicubic_out_{name}")),
+            1e-5,
+            0.0,
+            &format!("bicubic {name}"),
+        );
     }
 }
 
@@ -42,9 +56,27 @@ fn bicubic_matches_pytorch() {
 fn rel_pos_gather_matches_detectron2() {
     let f = ops();
     let t = &f["relpos_table"];
-    assert_close(&run1(RelPosGather { q_size: 3, k_size: 3 }, &[t]), &want(&f, "relpos_gather_q3_k3"), 0.0, 0.0, "q3 k3 (gather)");
-    assert_close(&run1(RelPosGather { q_size: 7, k_size: 7 }, &[t]), &want(&f, "relpos_gather_q7_k7"), 1e-5, 0.0, "q7 k7 (interpolated)");
-    assert_close(&run1(RelPosGather { q_size: 4, k_size: 7 }, &[t]), &want(&f, "relpos_gather_q4_k7"), 1e-5, 0.0, "q4 k7 (interpolated, scaled)");
+    assert_close(
+        &run1(RelPosGather { q_size: 3, k_size: 3 }, &[t]),
+        &want(&f, "relpos_gather_q3_k3"),
+        0.0,
+        0.0,
+        "q3 k3 (gather)",
+    );
+    assert_close(
+        &run1(RelPosGather { q_size: 7, k_size: 7 }, &[t]),
+        &want(&f, "relpos_gather_q7_k7"),
+        1e-5,
+        0.0,
+        "q7 k7 (interpolated)",
+    );
+    assert_close(
+        &run1(RelPosGather { q_size: 4, k_size: 7 }, &[t]),
+        &want(&f, "relpos_gather_q4_k7"),
+        1e-5,
+        0.0,
+        "q4 k7 (interpolated, scaled)",
+    );
 }
 
 #[test]
@@ -64,28 +96,44 @@ fn gelu_matches_exact_erf() {
 #[test]
 fn group_norm_matches() {
     let f = ops();
-    let got = run1(GroupNorm { groups: 4, eps: 1e-5 }, &[&f["groupnorm_in"], &f["groupnorm_w"], &f["groupnorm_b"]]);
+    let got = run1(
+        GroupNorm { groups: 4, eps: 1e-5 },
+        &[&f["groupnorm_in"], &f["groupnorm_w"], &f["groupnorm_b"]],
+    );
     assert_close(&got, &want(&f, "groupnorm_out"), 1e-5, 0.0, "group norm");
 }
 
 #[test]
 fn channel_layer_norm_matches() {
     let f = ops();
-    let got = run1(LayerNorm { axis: 1, eps: 1e-6 }, &[&f["channel_ln_in"], &f["channel_ln_w"], &f["channel_ln_b"]]);
+    let got = run1(
+        LayerNorm { axis: 1, eps: 1e-6 },
+        &[&f["channel_ln_in"], &f["channel_ln_w"], &f["channel_ln_b"]],
+    );
     assert_close(&got, &want(&f, "channel_ln_out"), 1e-5, 0.0, "channel LN");
 }
 
 #[test]
 fn deconv_matches() {
     let f = ops();
-    let got = run1(ConvTranspose2d::upsample(2), &[&f["deconv_in"], &f["deconv_w"], &f["deconv_b"]]);
+    let got = run1(
+        ConvTranspose2d::upsample(2),
+        &[&f["deconv_in"], &f["deconv_w"], &f["deconv_b"]],
+    );
     assert_close(&got, &want(&f, "deconv_out"), 1e-5, 0.0, "deconv k2 s2");
 }
 
 #[test]
 fn nearest_and_maxpool_match() {
     let f = ops();
-    let got = run1(Resize { size: [6, 6], mode: ResizeMode::Nearest, align_corners: false }, &[&f["nearest_in"]]);
+    let got = run1(
+        Resize {
+            size: [6, 6],
+            mode: ResizeMode::Nearest,
+            align_corners: false,
+        },
+        &[&f["nearest_in"]],
+    );
     assert_close(&got, &want(&f, "nearest_out"), 0.0, 0.0, "nearest x2");
     let got = run1(MaxPool2d::new(1, 2), &[&f["maxpool_in"]]);
     assert_close(&got, &want(&f, "maxpool_k1s2_out"), 0.0, 0.0, "maxpool k1 s2");
@@ -102,7 +150,10 @@ fn preprocess_expected() -> HashMap<String, Tensor> {
 #[test]
 fn preprocess_matches_detectron2() {
     let f = preprocess_expected();
-    for (file, suffix, hw) in [("preprocess.png", "", (48, 64)), ("preprocess_large.png", "_large", (38, 64))] {
+    for (file, suffix, hw) in [
+        ("preprocess.png", "", (48, 64)),
+        ("preprocess_large.png", "_large", (38, 64)),
+    ] {
         let path = fixtures_dir().join(file);
         let p = preprocess::preprocess_image(&path, 64, &Device::Cpu).unwrap();
         assert_eq!(p.resized_hw, hw, "{file}");
@@ -116,7 +167,13 @@ fn preprocess_matches_detectron2() {
         assert_close(&got, &want_resized, 0.0, 0.0, &format!("{file}: resized pixels"));
 
         // Normalization and padding of the exact pixels: (x - mean) / std in f64, rounded to f32.
-        assert_close(&Nd::from_tensor(&p.image), &want(&f, &format!("image{suffix}")), 0.0, 0.0, &format!("{file}: image"));
+        assert_close(
+            &Nd::from_tensor(&p.image),
+            &want(&f, &format!("image{suffix}")),
+            0.0,
+            0.0,
+            &format!("{file}: image"),
+        );
     }
 }
 
@@ -127,9 +184,22 @@ fn normalization_is_exact_on_reference_pixels() {
     for suffix in ["", "_large"] {
         let px = &f[&format!("resized_uint8{suffix}")];
         let (h, w, _) = px.dims3().unwrap();
-        let data: Vec<u8> = px.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as u8).collect();
+        let data: Vec<u8> = px
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u8)
+            .collect();
         let img = image::RgbImage::from_raw(w as u32, h as u32, data).unwrap();
         let t = preprocess::normalize_and_pad(&img, 64, &Device::Cpu).unwrap();
-        assert_close(&Nd::from_tensor(&t), &want(&f, &format!("image{suffix}")), 0.0, 0.0, "normalize + pad");
+        assert_close(
+            &Nd::from_tensor(&t),
+            &want(&f, &format!("image{suffix}")),
+            0.0,
+            0.0,
+            "normalize + pad",
+        );
     }
 }

@@ -14,7 +14,12 @@ fn exec(op: impl Into<Op>, x: &Tensor) -> Tensor {
 #[test]
 fn iota_like_counts_along_its_axis() {
     let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let iota = |axis, start, step, dtype| IotaLike { axis, start, step, dtype };
+    let iota = |axis, start, step, dtype| IotaLike {
+        axis,
+        start,
+        step,
+        dtype,
+    };
     let y = exec(iota(1, 0.0, 1.0, DType::I64), &x);
     assert_eq!(y.to_vec2::<i64>().unwrap(), [[0, 1, 2], [0, 1, 2]]);
     let y = exec(iota(0, 0.0, 1.0, DType::I64), &x);
@@ -32,8 +37,14 @@ fn compare_scalar_masks() {
     let y = exec(cmp(CompareKind::Gt, 0.0), &x);
     assert_eq!(y.dtype(), candle_core::DType::U8);
     assert_eq!(y.to_vec1::<u8>().unwrap(), [0, 0, 1, 1, 0]);
-    assert_eq!(exec(cmp(CompareKind::Le, 0.0), &x).to_vec1::<u8>().unwrap(), [1, 1, 0, 0, 0]);
-    assert_eq!(exec(cmp(CompareKind::Ne, 0.0), &x).to_vec1::<u8>().unwrap(), [1, 0, 1, 1, 1]);
+    assert_eq!(
+        exec(cmp(CompareKind::Le, 0.0), &x).to_vec1::<u8>().unwrap(),
+        [1, 1, 0, 0, 0]
+    );
+    assert_eq!(
+        exec(cmp(CompareKind::Ne, 0.0), &x).to_vec1::<u8>().unwrap(),
+        [1, 0, 1, 1, 1]
+    );
     let i = Tensor::new(&[0i64, 1, 2], &Device::Cpu).unwrap();
     assert_eq!(exec(cmp(CompareKind::Ge, 0.5), &i).to_vec1::<u8>().unwrap(), [0, 1, 1]);
     assert_eq!(exec(cmp(CompareKind::Eq, 1.0), &i).to_vec1::<u8>().unwrap(), [0, 1, 0]);

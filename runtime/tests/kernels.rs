@@ -58,7 +58,10 @@ fn erf_ref(x: f64) -> f64 {
 fn unary_ops() {
     let mut r = rng();
     let x = Nd::randn(&[3, 41], &mut r, 3.0, 0.0);
-    let pos = Nd::new(&x.shape, x.data.iter().map(|v| ((v.abs() + 0.1) as f32) as f64).collect());
+    let pos = Nd::new(
+        &x.shape,
+        x.data.iter().map(|v| ((v.abs() + 0.1) as f32) as f64).collect(),
+    );
     let cases: Vec<(UnaryKind, &Nd, fn(f64) -> f64)> = vec![
         (UnaryKind::Gelu, &x, |v| 0.5 * v * (1.0 + erf_ref(v / 2f64.sqrt()))),
         (UnaryKind::Relu, &x, |v| v.max(0.0)),
@@ -79,7 +82,11 @@ fn unary_ops() {
 
 fn broadcast_ref(a: &Nd, b: &Nd, f: fn(f64, f64) -> f64) -> Nd {
     let rank = a.shape.len().max(b.shape.len());
-    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, rank - s.len()).chain(s.iter().copied()).collect() };
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
     let (sa, sb) = (pad(&a.shape), pad(&b.shape));
     let out: Vec<usize> = sa.iter().zip(&sb).map(|(x, y)| *x.max(y)).collect();
     let (a2, b2) = (Nd::new(&sa, a.data.clone()), Nd::new(&sb, b.data.clone()));
@@ -95,7 +102,13 @@ fn broadcast_ref(a: &Nd, b: &Nd, f: fn(f64, f64) -> f64) -> Nd {
 #[test]
 fn binary_ops_broadcast() {
     let mut r = rng();
-    let shapes: [(&[usize], &[usize]); 5] = [(&[2, 3, 4], &[2, 3, 4]), (&[2, 3, 4], &[3, 1]), (&[2, 3, 4], &[4]), (&[1, 4], &[2, 3, 1]), (&[3, 1, 5], &[1, 2, 5])];
+    let shapes: [(&[usize], &[usize]); 5] = [
+        (&[2, 3, 4], &[2, 3, 4]),
+        (&[2, 3, 4], &[3, 1]),
+        (&[2, 3, 4], &[4]),
+        (&[1, 4], &[2, 3, 1]),
+        (&[3, 1, 5], &[1, 2, 5]),
+    ];
     let kinds: [(BinaryKind, fn(f64, f64) -> f64); 6] = [
         (BinaryKind::Add, |a, b| a + b),
         (BinaryKind::Sub, |a, b| a - b),
@@ -109,7 +122,12 @@ fn binary_ops_broadcast() {
         let b = Nd::randn(sb, &mut r, 1.0, 3.0); // away from 0 for Div
         for (kind, f) in kinds {
             let got = exec(Binary { kind }, &[a.tensor(), b.tensor()]);
-            check(&got, &broadcast_ref(&a, &b, f), ELEM, &format!("{kind:?} {sa:?} {sb:?}"));
+            check(
+                &got,
+                &broadcast_ref(&a, &b, f),
+                ELEM,
+                &format!("{kind:?} {sa:?} {sb:?}"),
+            );
         }
     }
 }
@@ -119,12 +137,27 @@ fn affine_cast_drop_path() {
     let mut r = rng();
     let x = Nd::randn(&[4, 5], &mut r, 1.0, 0.0);
     let got = exec(Affine { mul: 0.125, add: -2.5 }, &[x.tensor()]);
-    check(&got, &Nd::new(&x.shape, x.data.iter().map(|v| v * 0.125 - 2.5).collect()), ELEM, "affine");
+    check(
+        &got,
+        &Nd::new(&x.shape, x.data.iter().map(|v| v * 0.125 - 2.5).collect()),
+        ELEM,
+        "affine",
+    );
     let got = exec(DropPath { rate: 0.3 }, &[x.tensor()]);
     check(&got, &x, EXACT, "drop_path is the identity at inference");
-    let out = kernels::execute(&Cast { dtype: vitdet_ir::DType::F16 }.into(), &[x.tensor()]).unwrap();
+    let out = kernels::execute(
+        &Cast {
+            dtype: vitdet_ir::DType::F16,
+        }
+        .into(),
+        &[x.tensor()],
+    )
+    .unwrap();
     assert_eq!(out[0].dtype(), DType::F16);
-    let want = Nd::new(&x.shape, x.data.iter().map(|v| half::f16::from_f64(*v).to_f64()).collect());
+    let want = Nd::new(
+        &x.shape,
+        x.data.iter().map(|v| half::f16::from_f64(*v).to_f64()).collect(),
+    );
     check(&Nd::from_tensor(&out[0]), &want, EXACT, "cast to f16 rounds to nearest");
 }
 
@@ -133,10 +166,18 @@ fn affine_cast_drop_path() {
 fn matmul_ref(a: &Nd, b: &Nd, transpose_rhs: bool) -> Nd {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let n = if transpose_rhs { b.shape[rb - 2] } else { b.shape[rb - 1] };
+    let n = if transpose_rhs {
+        b.shape[rb - 2]
+    } else {
+        b.shape[rb - 1]
+    };
     let (ba, bb) = (&a.shape[..ra - 2], &b.shape[..rb - 2]);
     let rank = ba.len().max(bb.len());
-    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, rank - s.len()).chain(s.iter().copied()).collect() };
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
     let (pa, pb) = (pad(ba), pad(bb));
     let batch: Vec<usize> = pa.iter().zip(&pb).map(|(x, y)| *x.max(y)).collect();
     let mut out_shape = batch.clone();
@@ -152,7 +193,11 @@ fn matmul_ref(a: &Nd, b: &Nd, transpose_rhs: bool) -> Nd {
         let mut s = 0.0;
         for kk in 0..k {
             let av = a2.at(&[ia.clone(), vec![mi, kk]].concat());
-            let bv = if transpose_rhs { b2.at(&[ib.clone(), vec![ni, kk]].concat()) } else { b2.at(&[ib.clone(), vec![kk, ni]].concat()) };
+            let bv = if transpose_rhs {
+                b2.at(&[ib.clone(), vec![ni, kk]].concat())
+            } else {
+                b2.at(&[ib.clone(), vec![kk, ni]].concat())
+            };
             s += av * bv;
         }
         y.set(i, s);
@@ -171,20 +216,47 @@ fn linear_contiguous_and_strided() {
         let v = want.at(i) + b.data[i[2]];
         want.set(i, v)
     });
-    check(&exec(Linear {}, &[x.tensor(), w.tensor(), b.tensor()]), &want, DOT, "linear");
+    check(
+        &exec(Linear {}, &[x.tensor(), w.tensor(), b.tensor()]),
+        &want,
+        DOT,
+        "linear",
+    );
     // A non-contiguous input (a transposed view) goes through the same kernel.
-    let xt = Tensor::from_vec(transpose_last2(&x), (2, 5, 3), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().transpose(1, 2).unwrap();
+    let xt = Tensor::from_vec(transpose_last2(&x), (2, 5, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
     assert!(!xt.is_contiguous());
-    check(&exec(Linear {}, &[xt, w.tensor(), b.tensor()]), &want, DOT, "linear, strided input");
+    check(
+        &exec(Linear {}, &[xt, w.tensor(), b.tensor()]),
+        &want,
+        DOT,
+        "linear, strided input",
+    );
     // Without bias, rank-1 input.
     let x1 = Nd::randn(&[5], &mut r, 1.0, 0.0);
-    let want1 = matmul_ref(&Nd::new(&[1, 5], x1.data.clone()), &Nd::new(&[5, 4], transpose2(&w)), false);
-    check(&exec(Linear {}, &[x1.tensor(), w.tensor()]), &Nd::new(&[4], want1.data), DOT, "linear rank 1");
+    let want1 = matmul_ref(
+        &Nd::new(&[1, 5], x1.data.clone()),
+        &Nd::new(&[5, 4], transpose2(&w)),
+        false,
+    );
+    check(
+        &exec(Linear {}, &[x1.tensor(), w.tensor()]),
+        &Nd::new(&[4], want1.data),
+        DOT,
+        "linear rank 1",
+    );
 }
 
 fn transpose2(w: &Nd) -> Vec<f64> {
     let (r, c) = (w.shape[0], w.shape[1]);
-    (0..c).flat_map(|j| (0..r).map(move |i| (i, j))).map(|(i, j)| w.data[i * c + j]).collect()
+    (0..c)
+        .flat_map(|j| (0..r).map(move |i| (i, j)))
+        .map(|(i, j)| w.data[i * c + j])
+        .collect()
 }
 
 fn transpose_last2(x: &Nd) -> Vec<f64> {
@@ -218,7 +290,12 @@ fn matmul_batched_broadcast_transposed() {
         let a = Nd::randn(sa, &mut r, 1.0, 0.0);
         let b = Nd::randn(sb, &mut r, 1.0, 0.0);
         let got = exec(MatMul { transpose_rhs: t }, &[a.tensor(), b.tensor()]);
-        check(&got, &matmul_ref(&a, &b, t), DOT, &format!("matmul {sa:?} @ {sb:?} t={t}"));
+        check(
+            &got,
+            &matmul_ref(&a, &b, t),
+            DOT,
+            &format!("matmul {sa:?} @ {sb:?} t={t}"),
+        );
     }
 }
 
@@ -228,12 +305,21 @@ fn bf16_contractions_on_cpu() {
     let mut r = rng();
     let a = Nd::randn(&[2, 4, 8], &mut r, 1.0, 0.0);
     let b = Nd::randn(&[2, 8, 3], &mut r, 1.0, 0.0);
-    let out = kernels::execute(&MatMul { transpose_rhs: false }.into(), &[a.tensor_as(DType::BF16), b.tensor_as(DType::BF16)]).unwrap();
+    let out = kernels::execute(
+        &MatMul { transpose_rhs: false }.into(),
+        &[a.tensor_as(DType::BF16), b.tensor_as(DType::BF16)],
+    )
+    .unwrap();
     assert_eq!(out[0].dtype(), DType::BF16);
     let a16 = Nd::from_tensor(&a.tensor_as(DType::BF16));
     let b16 = Nd::from_tensor(&b.tensor_as(DType::BF16));
     // bf16 keeps 8 mantissa bits: relative rounding 2^-8 of the result.
-    check(&Nd::from_tensor(&out[0]), &matmul_ref(&a16, &b16, false), (1e-2, 8e-3), "bf16 matmul");
+    check(
+        &Nd::from_tensor(&out[0]),
+        &matmul_ref(&a16, &b16, false),
+        (1e-2, 8e-3),
+        "bf16 matmul",
+    );
 }
 
 fn conv2d_ref(x: &Nd, w: &Nd, b: Option<&Nd>, op: &Conv2d) -> Nd {
@@ -268,7 +354,12 @@ fn conv2d_ref(x: &Nd, w: &Nd, b: Option<&Nd>, op: &Conv2d) -> Nd {
 #[test]
 fn conv2d_all_attribute_paths() {
     let mut r = rng();
-    let conv = |s: [usize; 2], p: [usize; 2], d: [usize; 2], g: usize| Conv2d { stride: s, padding: p, dilation: d, groups: g };
+    let conv = |s: [usize; 2], p: [usize; 2], d: [usize; 2], g: usize| Conv2d {
+        stride: s,
+        padding: p,
+        dilation: d,
+        groups: g,
+    };
     let cases: Vec<(&[usize], &[usize], Conv2d, bool)> = vec![
         (&[2, 3, 7, 6], &[4, 3, 3, 3], conv([1, 1], [1, 1], [1, 1], 1), true),
         (&[1, 4, 9, 8], &[6, 2, 3, 3], conv([2, 2], [1, 1], [1, 1], 2), true),
@@ -293,7 +384,12 @@ fn conv2d_all_attribute_paths() {
             ins.push(b.tensor());
         }
         let got = exec(op.clone(), &ins);
-        check(&got, &conv2d_ref(&x, &w, bias.then_some(&b), &op), DOT, &format!("conv2d {sx:?} {sw:?} {op:?}"));
+        check(
+            &got,
+            &conv2d_ref(&x, &w, bias.then_some(&b), &op),
+            DOT,
+            &format!("conv2d {sx:?} {sw:?} {op:?}"),
+        );
     }
 }
 
@@ -353,7 +449,12 @@ fn conv_transpose2d_ref(x: &Nd, w: &Nd, b: Option<&Nd>, op: &ConvTranspose2d) ->
 #[test]
 fn conv_transpose2d_all_attribute_paths() {
     let mut r = rng();
-    let op = |s: [usize; 2], p: [usize; 2], q: [usize; 2], d: [usize; 2]| ConvTranspose2d { stride: s, padding: p, output_padding: q, dilation: d };
+    let op = |s: [usize; 2], p: [usize; 2], q: [usize; 2], d: [usize; 2]| ConvTranspose2d {
+        stride: s,
+        padding: p,
+        output_padding: q,
+        dilation: d,
+    };
     let cases: Vec<(&[usize], &[usize], ConvTranspose2d, bool)> = vec![
         // kernel == stride fast path (the pyramids' 2x2 s2 deconvolutions), batch 1 and 2
         (&[1, 4, 3, 5], &[4, 6, 2, 2], ConvTranspose2d::upsample(2), true),
@@ -375,7 +476,12 @@ fn conv_transpose2d_all_attribute_paths() {
             ins.push(b.tensor());
         }
         let got = exec(o.clone(), &ins);
-        check(&got, &conv_transpose2d_ref(&x, &w, bias.then_some(&b), &o), DOT, &format!("deconv {sx:?} {sw:?} {o:?}"));
+        check(
+            &got,
+            &conv_transpose2d_ref(&x, &w, bias.then_some(&b), &o),
+            DOT,
+            &format!("deconv {sx:?} {sw:?} {o:?}"),
+        );
     }
 }
 
@@ -395,7 +501,10 @@ fn axis_norm_ref(x: &Nd, w: &Nd, b: &Nd, axis: usize, eps: f64) -> Nd {
         let mean = (0..c).map(|k| x.at(&idx(k))).sum::<f64>() / c as f64;
         let var = (0..c).map(|k| (x.at(&idx(k)) - mean).powi(2)).sum::<f64>() / c as f64;
         for k in 0..c {
-            y.set(&idx(k), (x.at(&idx(k)) - mean) / (var + eps).sqrt() * w.data[k] + b.data[k]);
+            y.set(
+                &idx(k),
+                (x.at(&idx(k)) - mean) / (var + eps).sqrt() * w.data[k] + b.data[k],
+            );
         }
     });
     y
@@ -404,7 +513,12 @@ fn axis_norm_ref(x: &Nd, w: &Nd, b: &Nd, axis: usize, eps: f64) -> Nd {
 #[test]
 fn layer_norm_any_axis_fused_and_portable() {
     let mut r = rng();
-    let cases: [(&[usize], usize, f64); 4] = [(&[4, 7, 16], 2, 1e-6), (&[2, 6, 3, 5], 1, 1e-6), (&[5, 3, 4], 0, 1e-5), (&[3, 700], 1, 1e-6)];
+    let cases: [(&[usize], usize, f64); 4] = [
+        (&[4, 7, 16], 2, 1e-6),
+        (&[2, 6, 3, 5], 1, 1e-6),
+        (&[5, 3, 4], 0, 1e-5),
+        (&[3, 700], 1, 1e-6),
+    ];
     for (shape, axis, eps) in cases {
         // A large mean and a small spread test the two-pass variance.
         let x = Nd::randn(shape, &mut r, 0.5, 20.0);
@@ -412,18 +526,41 @@ fn layer_norm_any_axis_fused_and_portable() {
         let b = Nd::randn(&[shape[axis]], &mut r, 0.1, 0.0);
         let op = LayerNorm { axis, eps };
         let want = axis_norm_ref(&x, &w, &b, axis, eps);
-        check(&exec(op.clone(), &[x.tensor(), w.tensor(), b.tensor()]), &want, NORM, &format!("layer_norm {shape:?} axis {axis}"));
+        check(
+            &exec(op.clone(), &[x.tensor(), w.tensor(), b.tensor()]),
+            &want,
+            NORM,
+            &format!("layer_norm {shape:?} axis {axis}"),
+        );
         let portable = norm::layer_norm_portable(&op, &x.tensor(), &w.tensor(), &b.tensor()).unwrap();
         // The portable path computes the statistics in f32: values around 20 carry an ulp of
         // 1.9e-6, i.e. 4e-6 of the std (0.5), and the mean and x - mean each round: ~3e-5.
-        check(&Nd::from_tensor(&portable), &want, (3e-5, 1e-5), &format!("layer_norm portable {shape:?} axis {axis}"));
+        check(
+            &Nd::from_tensor(&portable),
+            &want,
+            (3e-5, 1e-5),
+            &format!("layer_norm portable {shape:?} axis {axis}"),
+        );
     }
     // f64 in, f64 out
     let x = Nd::randn(&[3, 8], &mut r, 1.0, 0.0);
     let (w, b) = (Nd::randn(&[8], &mut r, 1.0, 0.0), Nd::randn(&[8], &mut r, 1.0, 0.0));
-    let out = kernels::execute(&LayerNorm { axis: 1, eps: 1e-6 }.into(), &[x.tensor_as(DType::F64), w.tensor_as(DType::F64), b.tensor_as(DType::F64)]).unwrap();
+    let out = kernels::execute(
+        &LayerNorm { axis: 1, eps: 1e-6 }.into(),
+        &[
+            x.tensor_as(DType::F64),
+            w.tensor_as(DType::F64),
+            b.tensor_as(DType::F64),
+        ],
+    )
+    .unwrap();
     assert_eq!(out[0].dtype(), DType::F64);
-    check(&Nd::from_tensor(&out[0]), &axis_norm_ref(&x, &w, &b, 1, 1e-6), (1e-12, 1e-12), "layer_norm f64");
+    check(
+        &Nd::from_tensor(&out[0]),
+        &axis_norm_ref(&x, &w, &b, 1, 1e-6),
+        (1e-12, 1e-12),
+        "layer_norm f64",
+    );
 }
 
 fn group_norm_ref(x: &Nd, w: &Nd, b: &Nd, groups: usize, eps: f64) -> Nd {
@@ -449,15 +586,29 @@ fn group_norm_ref(x: &Nd, w: &Nd, b: &Nd, groups: usize, eps: f64) -> Nd {
 #[test]
 fn group_norm_fused_and_portable() {
     let mut r = rng();
-    for (shape, groups) in [(&[2usize, 8, 5, 5][..], 4usize), (&[1, 6, 7][..], 3), (&[3, 4, 2, 2][..], 1)] {
+    for (shape, groups) in [
+        (&[2usize, 8, 5, 5][..], 4usize),
+        (&[1, 6, 7][..], 3),
+        (&[3, 4, 2, 2][..], 1),
+    ] {
         let x = Nd::randn(shape, &mut r, 2.0, 1.0);
         let w = Nd::randn(&[shape[1]], &mut r, 0.1, 1.0);
         let b = Nd::randn(&[shape[1]], &mut r, 0.1, 0.0);
         let op = GroupNorm { groups, eps: 1e-5 };
         let want = group_norm_ref(&x, &w, &b, groups, 1e-5);
-        check(&exec(op.clone(), &[x.tensor(), w.tensor(), b.tensor()]), &want, NORM, &format!("group_norm {shape:?}"));
+        check(
+            &exec(op.clone(), &[x.tensor(), w.tensor(), b.tensor()]),
+            &want,
+            NORM,
+            &format!("group_norm {shape:?}"),
+        );
         let portable = norm::group_norm_portable(&op, &x.tensor(), &w.tensor(), &b.tensor()).unwrap();
-        check(&Nd::from_tensor(&portable), &want, NORM, &format!("group_norm portable {shape:?}"));
+        check(
+            &Nd::from_tensor(&portable),
+            &want,
+            NORM,
+            &format!("group_norm portable {shape:?}"),
+        );
     }
 }
 
@@ -472,9 +623,15 @@ fn batch_norm_inference() {
     let mut want = x.clone();
     for_each_index(&x.shape, |i| {
         let c = i[1];
-        want.set(i, (x.at(i) - mean.data[c]) / (var.data[c] + 1e-5).sqrt() * w.data[c] + b.data[c]);
+        want.set(
+            i,
+            (x.at(i) - mean.data[c]) / (var.data[c] + 1e-5).sqrt() * w.data[c] + b.data[c],
+        );
     });
-    let got = exec(BatchNorm { eps: 1e-5 }, &[x.tensor(), w.tensor(), b.tensor(), mean.tensor(), var.tensor()]);
+    let got = exec(
+        BatchNorm { eps: 1e-5 },
+        &[x.tensor(), w.tensor(), b.tensor(), mean.tensor(), var.tensor()],
+    );
     check(&got, &want, NORM, "batch_norm");
 }
 
@@ -503,19 +660,39 @@ fn softmax_ref(x: &Nd, axis: usize) -> Nd {
 #[test]
 fn softmax_axes_fused_and_portable() {
     let mut r = rng();
-    for (shape, axis) in [(&[3usize, 4, 37][..], 2usize), (&[2, 5, 3][..], 1), (&[4, 3][..], 0), (&[2, 1000][..], 1)] {
+    for (shape, axis) in [
+        (&[3usize, 4, 37][..], 2usize),
+        (&[2, 5, 3][..], 1),
+        (&[4, 3][..], 0),
+        (&[2, 1000][..], 1),
+    ] {
         let x = Nd::randn(shape, &mut r, 4.0, 50.0); // large logits test the max subtraction
         let want = softmax_ref(&x, axis);
         // Probabilities <= 1; f32 exp/sum/divide: a few ulp of each value.
-        check(&exec(Softmax { axis }, &[x.tensor()]), &want, (1e-7, 2e-6), &format!("softmax {shape:?} axis {axis}"));
+        check(
+            &exec(Softmax { axis }, &[x.tensor()]),
+            &want,
+            (1e-7, 2e-6),
+            &format!("softmax {shape:?} axis {axis}"),
+        );
         let portable = attention::softmax_portable(&Softmax { axis }, &x.tensor()).unwrap();
-        check(&Nd::from_tensor(&portable), &want, (1e-7, 2e-6), &format!("softmax portable {shape:?} axis {axis}"));
+        check(
+            &Nd::from_tensor(&portable),
+            &want,
+            (1e-7, 2e-6),
+            &format!("softmax portable {shape:?} axis {axis}"),
+        );
     }
     // f16 input: computed in f32 and rounded to f16.
     let x = Nd::randn(&[2, 9], &mut r, 1.0, 0.0);
     let out = kernels::execute(&Softmax { axis: 1 }.into(), &[x.tensor_as(DType::F16)]).unwrap();
     assert_eq!(out[0].dtype(), DType::F16);
-    check(&Nd::from_tensor(&out[0]), &softmax_ref(&Nd::from_tensor(&x.tensor_as(DType::F16)), 1), (1e-4, 1e-3), "softmax f16");
+    check(
+        &Nd::from_tensor(&out[0]),
+        &softmax_ref(&Nd::from_tensor(&x.tensor_as(DType::F16)), 1),
+        (1e-4, 1e-3),
+        "softmax f16",
+    );
 }
 
 /// detectron2's get_rel_pos written directly from its definition.
@@ -559,7 +736,12 @@ fn rel_pos_gather_with_and_without_interpolation() {
     for (q, k) in [(3, 3), (7, 7), (4, 7), (7, 4), (1, 1), (2, 2)] {
         let got = exec(RelPosGather { q_size: q, k_size: k }, &[table.tensor()]);
         // Interpolation is an f64 matrix product of two taps; the gather itself is exact.
-        check(&got, &rel_pos_gather_ref(&table, q, k), ELEM, &format!("rel_pos_gather q={q} k={k}"));
+        check(
+            &got,
+            &rel_pos_gather_ref(&table, q, k),
+            ELEM,
+            &format!("rel_pos_gather q={q} k={k}"),
+        );
     }
 }
 
@@ -580,7 +762,12 @@ fn rel_pos_bias_beit_index() {
                 }
             }
         }
-        check(&exec(RelPosBias { window: [h, w] }, &[table.tensor()]), &want, EXACT, &format!("rel_pos_bias {h}x{w}"));
+        check(
+            &exec(RelPosBias { window: [h, w] }, &[table.tensor()]),
+            &want,
+            EXACT,
+            &format!("rel_pos_bias {h}x{w}"),
+        );
     }
 }
 
@@ -590,7 +777,12 @@ fn rel_pos_bias_beit_index() {
 fn shape_ops() {
     let mut r = rng();
     let x = Nd::randn(&[2, 3, 4], &mut r, 1.0, 0.0);
-    check(&exec(Reshape { shape: vec![4, 6] }, &[x.tensor()]), &Nd::new(&[4, 6], x.data.clone()), EXACT, "reshape");
+    check(
+        &exec(Reshape { shape: vec![4, 6] }, &[x.tensor()]),
+        &Nd::new(&[4, 6], x.data.clone()),
+        EXACT,
+        "reshape",
+    );
 
     let mut want = Nd::zeros(&[4, 2, 3]);
     for_each_index(&x.shape, |i| want.set(&[i[2], i[0], i[1]], x.at(i)));
@@ -605,7 +797,19 @@ fn shape_ops() {
 
     let mut want = Nd::zeros(&[2, 3, 2]);
     for_each_index(&[2, 3, 2], |i| want.set(i, x.at(&[i[0], i[1], i[2] + 1])));
-    check(&exec(Slice { axis: 2, start: 1, end: 3 }, &[x.tensor()]), &want, EXACT, "slice");
+    check(
+        &exec(
+            Slice {
+                axis: 2,
+                start: 1,
+                end: 3,
+            },
+            &[x.tensor()],
+        ),
+        &want,
+        EXACT,
+        "slice",
+    );
 
     let y = Nd::randn(&[2, 1, 4], &mut r, 1.0, 0.0);
     let mut want = Nd::zeros(&[2, 4, 4]);
@@ -613,9 +817,23 @@ fn shape_ops() {
         let v = if i[1] < 3 { x.at(i) } else { y.at(&[i[0], 0, i[2]]) };
         want.set(i, v)
     });
-    check(&exec(Concat { axis: 1 }, &[x.tensor(), y.tensor()]), &want, EXACT, "concat");
+    check(
+        &exec(Concat { axis: 1 }, &[x.tensor(), y.tensor()]),
+        &want,
+        EXACT,
+        "concat",
+    );
     // A reshape of a non-contiguous value (a slice) copies correctly.
-    let sliced = kernels::execute(&Slice { axis: 2, start: 1, end: 3 }.into(), &[x.tensor()]).unwrap();
+    let sliced = kernels::execute(
+        &Slice {
+            axis: 2,
+            start: 1,
+            end: 3,
+        }
+        .into(),
+        &[x.tensor()],
+    )
+    .unwrap();
     let got = exec(Reshape { shape: vec![12] }, &sliced);
     let mut want = Vec::new();
     for_each_index(&[2, 3, 2], |i| want.push(x.at(&[i[0], i[1], i[2] + 1])));
@@ -626,9 +844,18 @@ fn shape_ops() {
 fn max_pool2d_kernels_strides_padding() {
     let mut r = rng();
     let x = Nd::randn(&[2, 3, 7, 6], &mut r, 1.0, 0.0);
-    let cases = [([2, 2], [2, 2], [0, 0]), ([1, 1], [2, 2], [0, 0]), ([3, 3], [2, 2], [1, 1]), ([2, 3], [1, 2], [1, 0])];
+    let cases = [
+        ([2, 2], [2, 2], [0, 0]),
+        ([1, 1], [2, 2], [0, 0]),
+        ([3, 3], [2, 2], [1, 1]),
+        ([2, 3], [1, 2], [1, 0]),
+    ];
     for (k, s, p) in cases {
-        let op = MaxPool2d { kernel: k, stride: s, padding: p };
+        let op = MaxPool2d {
+            kernel: k,
+            stride: s,
+            padding: p,
+        };
         let ho = (7 + 2 * p[0] - k[0]) / s[0] + 1;
         let wo = (6 + 2 * p[1] - k[1]) / s[1] + 1;
         let mut want = Nd::zeros(&[2, 3, ho, wo]);
@@ -645,7 +872,12 @@ fn max_pool2d_kernels_strides_padding() {
             }
             want.set(i, m);
         });
-        check(&exec(op.clone(), &[x.tensor()]), &want, EXACT, &format!("max_pool2d {op:?}"));
+        check(
+            &exec(op.clone(), &[x.tensor()]),
+            &want,
+            EXACT,
+            &format!("max_pool2d {op:?}"),
+        );
     }
 }
 
@@ -656,7 +888,11 @@ fn resize_ref(x: &Nd, size: [usize; 2], mode: ResizeMode, align: bool) -> Nd {
     let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let src = |d: usize, n_in: usize, n_out: usize| -> f64 {
         if align {
-            if n_out > 1 { d as f64 * (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 }
+            if n_out > 1 {
+                d as f64 * (n_in - 1) as f64 / (n_out - 1) as f64
+            } else {
+                0.0
+            }
         } else {
             (d as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5
         }
@@ -717,7 +953,11 @@ fn resize_all_modes() {
                 continue;
             }
             for size in [[10, 14], [3, 4], [8, 5], [5, 7], [1, 1], [11, 2]] {
-                let op = Resize { size, mode, align_corners: align };
+                let op = Resize {
+                    size,
+                    mode,
+                    align_corners: align,
+                };
                 let tol = if mode == ResizeMode::Nearest { EXACT } else { RESIZE };
                 let want = resize_ref(&x, size, mode, align);
                 check(&exec(op.clone(), &[x.tensor()]), &want, tol, &format!("{op:?}"));
@@ -740,7 +980,13 @@ fn unsupported_requests_are_errors() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
     let x = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
-    match kernels::execute(&Op::Input(Input { name: "x".into(), ty: vitdet_ir::TensorType::f32([2, 2]) }), &[]) {
+    match kernels::execute(
+        &Op::Input(Input {
+            name: "x".into(),
+            ty: vitdet_ir::TensorType::f32([2, 2]),
+        }),
+        &[],
+    ) {
         Err(KernelError::Unsupported(_)) => {}
         other => panic!("expected Unsupported, got {other:?}"),
     }

@@ -44,7 +44,10 @@ impl OpRule for Conv2d {
             return Err(format!("groups={} does not divide channels of {x} / {w}", self.groups));
         }
         if w.shape[1] * self.groups != x.shape[1] {
-            return Err(format!("weight {w} expects {} input channels, input is {x}", w.shape[1] * self.groups));
+            return Err(format!(
+                "weight {w} expects {} input channels, input is {x}",
+                w.shape[1] * self.groups
+            ));
         }
         if let Some(b) = i.get(2) {
             super::expect_vector("bias", b, w.shape[0], x)?;
@@ -54,7 +57,10 @@ impl OpRule for Conv2d {
             let span = self.dilation[d] * (w.shape[2 + d] - 1) + 1;
             let padded = x.shape[2 + d] + 2 * self.padding[d];
             if self.stride[d] == 0 || padded < span {
-                return Err(format!("kernel {w} does not fit input {x} with padding {:?}", self.padding));
+                return Err(format!(
+                    "kernel {w} does not fit input {x} with padding {:?}",
+                    self.padding
+                ));
             }
             out.push((padded - span) / self.stride[d] + 1);
         }
@@ -111,7 +117,10 @@ impl OpRule for ConvTranspose2d {
         expect_float("input", x)?;
         expect_same_dtype(x, w, "weight")?;
         if w.shape[0] != x.shape[1] {
-            return Err(format!("weight {w} expects {} input channels, input is {x}", w.shape[0]));
+            return Err(format!(
+                "weight {w} expects {} input channels, input is {x}",
+                w.shape[0]
+            ));
         }
         if let Some(b) = i.get(2) {
             super::expect_vector("bias", b, w.shape[1], x)?;

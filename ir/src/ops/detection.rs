@@ -38,7 +38,10 @@ impl OpRule for Anchors {
         if self.per_cell() == 0 || self.grid.contains(&0) {
             return Err("anchors need a non-empty grid, sizes and aspect ratios".into());
         }
-        Ok(vec![TensorType::f32([self.grid[0] * self.grid[1] * self.per_cell(), 4])])
+        Ok(vec![TensorType::f32([
+            self.grid[0] * self.grid[1] * self.per_cell(),
+            4,
+        ])])
     }
 }
 
@@ -116,7 +119,10 @@ impl OpRule for TopK {
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let x = i[0];
         expect_float("input", x)?;
-        let n = *x.shape.last().ok_or_else(|| format!("input must have rank >= 1, found {x}"))?;
+        let n = *x
+            .shape
+            .last()
+            .ok_or_else(|| format!("input must have rank >= 1, found {x}"))?;
         if self.k == 0 || self.k > n {
             return Err(format!("k = {} out of range for {x}", self.k));
         }
@@ -169,7 +175,9 @@ impl OpRule for GatherRows {
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let (x, idx) = (i[0], i[1]);
         if x.rank() < 2 || idx.shape != [x.shape[0]] || idx.dtype != DType::I64 {
-            return Err(format!("expects data [N, M, ...] and i64 indices [N], found {x} and {idx}"));
+            return Err(format!(
+                "expects data [N, M, ...] and i64 indices [N], found {x} and {idx}"
+            ));
         }
         let mut shape = vec![x.shape[0]];
         shape.extend_from_slice(&x.shape[2..]);
@@ -261,13 +269,20 @@ impl OpRule for RoiAlign {
         for f in feats {
             expect_rank("features", f, 4)?;
             if f.shape[0] != 1 || f.shape[1] != c || f.dtype != feats[0].dtype {
-                return Err(format!("feature maps must be [1, C, H, W] with one C and dtype, found {f}"));
+                return Err(format!(
+                    "feature maps must be [1, C, H, W] with one C and dtype, found {f}"
+                ));
             }
         }
         if boxes.rank() != 2 || boxes.shape[1] != 4 || boxes.dtype != feats[0].dtype {
             return Err(format!("boxes must be [R, 4] of the features' dtype, found {boxes}"));
         }
-        Ok(vec![feats[0].with_shape([boxes.shape[0], c, self.output_size[0], self.output_size[1]])])
+        Ok(vec![feats[0].with_shape([
+            boxes.shape[0],
+            c,
+            self.output_size[0],
+            self.output_size[1],
+        ])])
     }
     fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
         Cost {

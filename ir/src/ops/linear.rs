@@ -22,7 +22,9 @@ impl OpRule for Linear {
         expect_float("input", x)?;
         expect_same_dtype(x, w, "weight")?;
         if x.rank() < 1 || w.rank() != 2 {
-            return Err(format!("expects input [..., in] and weight [out, in], found {x} and {w}"));
+            return Err(format!(
+                "expects input [..., in] and weight [out, in], found {x} and {w}"
+            ));
         }
         let inp = x.shape[x.rank() - 1];
         if w.shape[1] != inp {

@@ -38,8 +38,15 @@ impl OpRule for MaxPool2d {
         let mut out = x.shape[..2].to_vec();
         for d in 0..2 {
             let padded = x.shape[2 + d] + 2 * self.padding[d];
-            if self.kernel[d] == 0 || self.stride[d] == 0 || padded < self.kernel[d] || 2 * self.padding[d] > self.kernel[d] {
-                return Err(format!("kernel {:?} stride {:?} padding {:?} invalid for {x}", self.kernel, self.stride, self.padding));
+            if self.kernel[d] == 0
+                || self.stride[d] == 0
+                || padded < self.kernel[d]
+                || 2 * self.padding[d] > self.kernel[d]
+            {
+                return Err(format!(
+                    "kernel {:?} stride {:?} padding {:?} invalid for {x}",
+                    self.kernel, self.stride, self.padding
+                ));
             }
             out.push((padded - self.kernel[d]) / self.stride[d] + 1);
         }

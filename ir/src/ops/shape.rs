@@ -21,7 +21,12 @@ impl OpRule for Reshape {
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let n: usize = self.shape.iter().product();
         if n != i[0].numel() {
-            return Err(format!("cannot reshape {} ({} elements) to {:?}", i[0], i[0].numel(), self.shape));
+            return Err(format!(
+                "cannot reshape {} ({} elements) to {:?}",
+                i[0],
+                i[0].numel(),
+                self.shape
+            ));
         }
         Ok(vec![i[0].with_shape(self.shape.clone())])
     }
@@ -43,10 +48,17 @@ impl OpRule for Permute {
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let x = i[0];
         let mut seen = vec![false; x.rank()];
-        if self.perm.len() != x.rank() || !self.perm.iter().all(|&p| p < x.rank() && !std::mem::replace(&mut seen[p], true)) {
+        if self.perm.len() != x.rank()
+            || !self
+                .perm
+                .iter()
+                .all(|&p| p < x.rank() && !std::mem::replace(&mut seen[p], true))
+        {
             return Err(format!("{:?} is not a permutation of the axes of {x}", self.perm));
         }
-        Ok(vec![x.with_shape(self.perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>())])
+        Ok(vec![
+            x.with_shape(self.perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>())
+        ])
     }
 }
 
@@ -68,7 +80,13 @@ impl OpRule for Pad {
         if self.pads.len() != x.rank() {
             return Err(format!("{} pad pairs for {x}", self.pads.len()));
         }
-        Ok(vec![x.with_shape(x.shape.iter().zip(&self.pads).map(|(d, p)| d + p[0] + p[1]).collect::<Vec<_>>())])
+        Ok(vec![x.with_shape(
+            x.shape
+                .iter()
+                .zip(&self.pads)
+                .map(|(d, p)| d + p[0] + p[1])
+                .collect::<Vec<_>>(),
+        )])
     }
 }
 
@@ -89,9 +107,15 @@ impl OpRule for Slice {
     }
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         let x = i[0];
-        let dim = *x.shape.get(self.axis).ok_or_else(|| format!("axis {} out of range for {x}", self.axis))?;
+        let dim = *x
+            .shape
+            .get(self.axis)
+            .ok_or_else(|| format!("axis {} out of range for {x}", self.axis))?;
         if self.start >= self.end || self.end > dim {
-            return Err(format!("slice {}..{} out of range for axis {} of {x}", self.start, self.end, self.axis));
+            return Err(format!(
+                "slice {}..{} out of range for axis {} of {x}",
+                self.start, self.end, self.axis
+            ));
         }
         let mut shape = x.shape.clone();
         shape[self.axis] = self.end - self.start;
@@ -120,8 +144,8 @@ impl OpRule for Concat {
         let mut shape = first.shape.clone();
         shape[self.axis] = 0;
         for t in i {
-            let same_elsewhere = t.rank() == first.rank()
-                && (0..t.rank()).all(|d| d == self.axis || t.shape[d] == first.shape[d]);
+            let same_elsewhere =
+                t.rank() == first.rank() && (0..t.rank()).all(|d| d == self.axis || t.shape[d] == first.shape[d]);
             if !same_elsewhere || t.dtype != first.dtype {
                 return Err(format!("cannot concatenate {t} with {first} along axis {}", self.axis));
             }

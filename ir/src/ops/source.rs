@@ -32,11 +32,17 @@ pub enum Init {
     Ones,
     /// Normal with the given std, truncated at +-2 std. (timm's `trunc_normal_(std=s)` cuts at
     /// +-2 absolute, which for small `s` is no truncation at all.)
-    TruncNormal { std: f64 },
+    TruncNormal {
+        std: f64,
+    },
     /// Normal with the given std.
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
     /// Uniform in [-bound, bound].
-    Uniform { bound: f64 },
+    Uniform {
+        bound: f64,
+    },
 }
 
 /// A named tensor the model owns: `name` is its state-dict key (detectron2's where the module

@@ -14,7 +14,11 @@ use super::{accum_dtype, cpu, expect_float, KernelError, KernelResult};
 pub fn softmax(op: &Softmax, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if op.axis >= x.rank() {
-        return Err(KernelError::Unsupported(format!("axis {} out of range for {:?}", op.axis, x.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "axis {} out of range for {:?}",
+            op.axis,
+            x.dims()
+        )));
     }
     if op.axis + 1 == x.rank() && x.device().is_cpu() {
         let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
@@ -61,12 +65,15 @@ pub fn rel_pos_gather(op: &RelPosGather, table: &Tensor) -> KernelResult<Tensor>
     let (l, c) = table.dims2()?;
     let (q, k) = (op.q_size, op.k_size);
     if q == 0 || k == 0 || l == 0 {
-        return Err(KernelError::Unsupported(format!("empty sizes q={q} k={k} for table [{l}, {c}]")));
+        return Err(KernelError::Unsupported(format!(
+            "empty sizes q={q} k={k} for table [{l}, {c}]"
+        )));
     }
     let target = 2 * q.max(k) - 1;
     let table = if l != target {
         let m = Tensor::from_vec(linear_interp_matrix(l, target), (target, l), table.device())?;
-        m.matmul(&table.to_dtype(DType::F64)?.contiguous()?)?.to_dtype(table.dtype())?
+        m.matmul(&table.to_dtype(DType::F64)?.contiguous()?)?
+            .to_dtype(table.dtype())?
     } else {
         table.clone()
     };
@@ -90,7 +97,10 @@ pub fn rel_pos_bias(op: &RelPosBias, table: &Tensor) -> KernelResult<Tensor> {
     let (rows, heads) = table.dims2()?;
     let [h, w] = op.window;
     if h == 0 || w == 0 || rows != op.table_len() {
-        return Err(KernelError::Unsupported(format!("table [{rows}, {heads}] does not fit window {:?}", op.window)));
+        return Err(KernelError::Unsupported(format!(
+            "table [{rows}, {heads}] does not fit window {:?}",
+            op.window
+        )));
     }
     let n = h * w;
     let mut idx = Vec::with_capacity(n * n);
@@ -102,5 +112,9 @@ pub fn rel_pos_bias(op: &RelPosBias, table: &Tensor) -> KernelResult<Tensor> {
         }
     }
     let idx = Tensor::from_vec(idx, n * n, table.device())?;
-    Ok(table.index_select(&idx, 0)?.reshape((n, n, heads))?.permute((2, 0, 1))?.contiguous()?)
+    Ok(table
+        .index_select(&idx, 0)?
+        .reshape((n, n, heads))?
+        .permute((2, 0, 1))?
+        .contiguous()?)
 }

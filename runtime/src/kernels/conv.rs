@@ -33,9 +33,7 @@ pub fn conv2d(op: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Kernel
     w.dims4()?;
     let mut ops = vec![x, w];
     ops.extend(b);
-    with_contraction_dtype(&ops, |t| {
-        add_channel_bias(conv2d_nobias(op, &t[0], &t[1])?, t.get(2))
-    })
+    with_contraction_dtype(&ops, |t| add_channel_bias(conv2d_nobias(op, &t[0], &t[1])?, t.get(2)))
 }
 
 /// `y [N, C, H, W] + b [C]` when there is a bias.
@@ -67,7 +65,11 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
         (x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?, 0)
     };
     // Asymmetric dilation: dilate the kernel with zeros.
-    let (w, dil) = if dh == dw { (w.clone(), dh) } else { (insert_zeros(&insert_zeros(w, 2, dh)?, 3, dw)?, 1) };
+    let (w, dil) = if dh == dw {
+        (w.clone(), dh)
+    } else {
+        (insert_zeros(&insert_zeros(w, 2, dh)?, 3, dw)?, 1)
+    };
     if sh == sw {
         return Ok(x.conv2d(&w, pad, sh, dil, op.groups)?);
     }
@@ -82,7 +84,11 @@ fn patchify_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let (ho, wo) = (h / kh, wd / kw);
-    let x = if ho * kh != h || wo * kw != wd { x.narrow(2, 0, ho * kh)?.narrow(3, 0, wo * kw)? } else { x.clone() };
+    let x = if ho * kh != h || wo * kw != wd {
+        x.narrow(2, 0, ho * kh)?.narrow(3, 0, wo * kw)?
+    } else {
+        x.clone()
+    };
     let patches = x
         .reshape((n, c, ho, kh, wo, kw))?
         .permute((0, 2, 4, 1, 3, 5))?
@@ -123,7 +129,11 @@ fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]
         }
         // [nb, C, kh*kw, r, Wo] -> [C, kh*kw, nb, r, Wo] -> [C*kh*kw, nb*r*Wo]
         let stacked = Tensor::stack(&windows, 2)?;
-        let cols = if nb == 1 { stacked } else { stacked.permute((1, 2, 0, 3, 4))?.contiguous()? };
+        let cols = if nb == 1 {
+            stacked
+        } else {
+            stacked.permute((1, 2, 0, 3, 4))?.contiguous()?
+        };
         Ok(cols.reshape((k, nb * r * wo))?)
     };
     let image_bytes = k * ho * wo * x.dtype().size_in_bytes();
@@ -146,9 +156,17 @@ fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]
             let r = rows.min(ho - r0);
             tiles.push(w2.matmul(&columns(b0, 1, r0, r)?)?.reshape((1, o, r, wo))?);
         }
-        images.push(if tiles.len() == 1 { tiles.pop().expect("one tile") } else { Tensor::cat(&tiles, 2)? });
+        images.push(if tiles.len() == 1 {
+            tiles.pop().expect("one tile")
+        } else {
+            Tensor::cat(&tiles, 2)?
+        });
     }
-    Ok(if images.len() == 1 { images.pop().expect("one image") } else { Tensor::cat(&images, 0)? })
+    Ok(if images.len() == 1 {
+        images.pop().expect("one image")
+    } else {
+        Tensor::cat(&images, 0)?
+    })
 }
 
 /// PyTorch's `conv_transpose2d` (groups 1), weight `[C_in, C_out, kh, kw]`.
@@ -175,7 +193,9 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
     let [oph, opw] = op.output_padding;
     let [dh, dw] = op.dilation;
     if sh == 0 || sw == 0 || dh == 0 || dw == 0 {
-        return Err(KernelError::Unsupported(format!("invalid conv_transpose2d attributes {op:?}")));
+        return Err(KernelError::Unsupported(format!(
+            "invalid conv_transpose2d attributes {op:?}"
+        )));
     }
     if ph == pw && sh == sw && oph == opw && dh == dw {
         return Ok(x.conv_transpose2d(w, ph, oph, sh, dh)?);
@@ -230,7 +250,9 @@ pub(crate) fn insert_zeros(x: &Tensor, dim: usize, s: usize) -> candle_core::Res
     let z = Tensor::zeros(zshape, x.dtype(), x.device())?;
     let mut merged = x.dims().to_vec();
     merged[dim] = len * s;
-    Tensor::cat(&[xu, z], dim + 1)?.reshape(merged)?.narrow(dim, 0, (len - 1) * s + 1)
+    Tensor::cat(&[xu, z], dim + 1)?
+        .reshape(merged)?
+        .narrow(dim, 0, (len - 1) * s + 1)
 }
 
 /// Zero-pads (positive amounts) or crops (negative amounts) both ends of `dim`.

@@ -175,8 +175,12 @@ fn par_rows<T: Real>(src: &[T], dim: usize, f: impl Fn(&[T], &mut [T]) + Sync + 
         return dst;
     }
     let rows = src.len() / dim;
-    let per_task = (16384 / dim).max(1).min(rows.div_ceil(rayon::current_num_threads()).max(1));
-    dst.par_chunks_mut(per_task * dim).zip(src.par_chunks(per_task * dim)).for_each(|(d, s)| f(s, d));
+    let per_task = (16384 / dim)
+        .max(1)
+        .min(rows.div_ceil(rayon::current_num_threads()).max(1));
+    dst.par_chunks_mut(per_task * dim)
+        .zip(src.par_chunks(per_task * dim))
+        .for_each(|(d, s)| f(s, d));
     dst
 }
 
@@ -309,39 +313,41 @@ impl CustomOp1 for ResizeF64 {
         let (oh, ow) = (self.out_h, self.out_w);
         let planes = src.len() / (h * w).max(1);
         let mut dst = vec![0f64; planes * oh * ow];
-        dst.par_chunks_mut((oh * ow).max(1)).zip(src.par_chunks((h * w).max(1))).for_each(|(d, x)| {
-            // along W: [h, w] -> [h, ow]
-            let tmp: std::borrow::Cow<[f64]> = if self.taps_w.is_empty() {
-                std::borrow::Cow::Borrowed(x)
-            } else {
-                let mut t = vec![0f64; h * ow];
-                for y in 0..h {
-                    let row = &x[y * w..(y + 1) * w];
-                    let out = &mut t[y * ow..(y + 1) * ow];
-                    for (idx, wt) in &self.taps_w {
-                        for o in 0..ow {
-                            out[o] += wt[o] * row[idx[o] as usize];
+        dst.par_chunks_mut((oh * ow).max(1))
+            .zip(src.par_chunks((h * w).max(1)))
+            .for_each(|(d, x)| {
+                // along W: [h, w] -> [h, ow]
+                let tmp: std::borrow::Cow<[f64]> = if self.taps_w.is_empty() {
+                    std::borrow::Cow::Borrowed(x)
+                } else {
+                    let mut t = vec![0f64; h * ow];
+                    for y in 0..h {
+                        let row = &x[y * w..(y + 1) * w];
+                        let out = &mut t[y * ow..(y + 1) * ow];
+                        for (idx, wt) in &self.taps_w {
+                            for o in 0..ow {
+                                out[o] += wt[o] * row[idx[o] as usize];
+                            }
+                        }
+                    }
+                    std::borrow::Cow::Owned(t)
+                };
+                // along H: [h, ow] -> [oh, ow]
+                if self.taps_h.is_empty() {
+                    d.copy_from_slice(&tmp);
+                } else {
+                    for o in 0..oh {
+                        let out = &mut d[o * ow..(o + 1) * ow];
+                        for (idx, wt) in &self.taps_h {
+                            let row = &tmp[idx[o] as usize * ow..(idx[o] as usize + 1) * ow];
+                            let k = wt[o];
+                            for (dv, sv) in out.iter_mut().zip(row) {
+                                *dv += k * sv;
+                            }
                         }
                     }
                 }
-                std::borrow::Cow::Owned(t)
-            };
-            // along H: [h, ow] -> [oh, ow]
-            if self.taps_h.is_empty() {
-                d.copy_from_slice(&tmp);
-            } else {
-                for o in 0..oh {
-                    let out = &mut d[o * ow..(o + 1) * ow];
-                    for (idx, wt) in &self.taps_h {
-                        let row = &tmp[idx[o] as usize * ow..(idx[o] as usize + 1) * ow];
-                        let k = wt[o];
-                        for (dv, sv) in out.iter_mut().zip(row) {
-                            *dv += k * sv;
-                        }
-                    }
-                }
-            }
-        });
+            });
         let mut shape = dims.to_vec();
         shape[r - 2] = oh;
         shape[r - 1] = ow;
@@ -359,7 +365,12 @@ pub(crate) enum NormKind {
     Axis { outer: usize, c: usize, inner: usize },
     /// `x` viewed as `[n, groups, c / groups, inner]`: statistics over each `(n, group)`, per-`c`
     /// affine (group norm).
-    Group { n: usize, c: usize, groups: usize, inner: usize },
+    Group {
+        n: usize,
+        c: usize,
+        groups: usize,
+        inner: usize,
+    },
 }
 
 /// A fused normalization `(x - mean) / sqrt(var + eps) * w + b` (biased variance, two passes
@@ -391,7 +402,11 @@ fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
         }
     }
     let mut sq: f64 = acc.iter().sum();
-    sq += chunks.remainder().iter().map(|v| (v.to_f64() - mean) * (v.to_f64() - mean)).sum::<f64>();
+    sq += chunks
+        .remainder()
+        .iter()
+        .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
+        .sum::<f64>();
     (mean, 1.0 / (sq / n + eps).sqrt())
 }
 
@@ -400,13 +415,16 @@ fn norm_impl<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: &[T]) -> Ve
     match kind {
         NormKind::Axis { c, inner: 1, .. } => {
             let min_rows = (4096 / c.max(1)).max(1);
-            dst.par_chunks_mut(c).with_min_len(min_rows).zip(x.par_chunks(c).with_min_len(min_rows)).for_each(|(d, s)| {
-                let (mean, rstd) = stats(s, eps);
-                let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
-                for i in 0..c {
-                    d[i] = (s[i] - mean) * rstd * w[i] + b[i];
-                }
-            });
+            dst.par_chunks_mut(c)
+                .with_min_len(min_rows)
+                .zip(x.par_chunks(c).with_min_len(min_rows))
+                .for_each(|(d, s)| {
+                    let (mean, rstd) = stats(s, eps);
+                    let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+                    for i in 0..c {
+                        d[i] = (s[i] - mean) * rstd * w[i] + b[i];
+                    }
+                });
         }
         NormKind::Axis { outer, c, inner } => {
             // Tiles of up to TILE inner positions; each tile accumulates per-position sums over c.
@@ -436,7 +454,10 @@ fn norm_impl<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: &[T]) -> Ve
                     }
                 }
                 let mean_t: Vec<T> = mean.iter().map(|&m| T::from_f64(m)).collect();
-                let rstd_t: Vec<T> = var.iter().map(|&s| T::from_f64(1.0 / (s / c as f64 + eps).sqrt())).collect();
+                let rstd_t: Vec<T> = var
+                    .iter()
+                    .map(|&s| T::from_f64(1.0 / (s / c as f64 + eps).sqrt()))
+                    .collect();
                 for ci in 0..c {
                     let off = base + ci * inner;
                     let row = &x[off..off + len];
@@ -454,20 +475,23 @@ fn norm_impl<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: &[T]) -> Ve
             debug_assert_eq!(x.len(), n * c * inner);
             let cg = c / groups;
             let chunk = cg * inner;
-            dst.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).enumerate().for_each(|(ng, (d, s))| {
-                let g = ng % groups;
-                let (mean, rstd) = stats(s, eps);
-                let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
-                for k in 0..cg {
-                    let ch = g * cg + k;
-                    let scale = rstd * w[ch];
-                    let bc = b[ch];
-                    let (dr, sr) = (&mut d[k * inner..(k + 1) * inner], &s[k * inner..(k + 1) * inner]);
-                    for i in 0..inner {
-                        dr[i] = (sr[i] - mean) * scale + bc;
+            dst.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .enumerate()
+                .for_each(|(ng, (d, s))| {
+                    let g = ng % groups;
+                    let (mean, rstd) = stats(s, eps);
+                    let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+                    for k in 0..cg {
+                        let ch = g * cg + k;
+                        let scale = rstd * w[ch];
+                        let bc = b[ch];
+                        let (dr, sr) = (&mut d[k * inner..(k + 1) * inner], &s[k * inner..(k + 1) * inner]);
+                        for i in 0..inner {
+                            dr[i] = (sr[i] - mean) * scale + bc;
+                        }
                     }
-                }
-            });
+                });
         }
     }
     dst
@@ -510,7 +534,8 @@ impl CustomOp3 for Norm {
 
 /// Applies [`Norm`] to contiguous f32/f64 tensors on the CPU.
 pub(crate) fn norm(x: &Tensor, w: &Tensor, b: &Tensor, kind: NormKind, eps: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Norm { kind, eps })
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Norm { kind, eps })
 }
 
 /// Applies [`SoftmaxLastDim`] to an f32/f64 tensor on the CPU.
@@ -585,7 +610,10 @@ mod tests {
                 let z: f64 = s.iter().map(|&v| (v as f64 - m).exp()).sum();
                 for (a, b) in s.iter().zip(d) {
                     let want = (*a as f64 - m).exp() / z;
-                    assert!((*b as f64 - want).abs() <= 1e-7 + 1e-6 * want, "dim {dim}: {b} vs {want}");
+                    assert!(
+                        (*b as f64 - want).abs() <= 1e-7 + 1e-6 * want,
+                        "dim {dim}: {b} vs {want}"
+                    );
                 }
             }
         }

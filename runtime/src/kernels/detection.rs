@@ -38,12 +38,18 @@ fn data_error(msg: String) -> KernelError {
 
 /// All elements of `t` (any device, any dtype), row-major, as f64.
 fn host_f64(t: &Tensor) -> KernelResult<Vec<f64>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
 }
 
 /// All elements of `t` as `T` (f32 or f64), row-major, on the host.
 fn host_as<T: WithDType>(t: &Tensor) -> KernelResult<Vec<T>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(T::DTYPE)?
+        .flatten_all()?
+        .to_vec1::<T>()?)
 }
 
 /// All elements of an integer tensor as i64.
@@ -51,7 +57,10 @@ fn host_i64(t: &Tensor, what: &str) -> KernelResult<Vec<i64>> {
     if t.dtype().is_float() {
         return unsupported(format!("{what} must be integer, found {}", crate::dtype::describe(t)));
     }
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()?)
 }
 
 /// A tensor of `dtype` on `device` from f64 host data.
@@ -88,7 +97,9 @@ fn compute_dtype(t: &Tensor) -> DType {
 pub fn anchors(op: &Anchors) -> KernelResult<Tensor> {
     let [gh, gw] = op.grid;
     if gh == 0 || gw == 0 || op.per_cell() == 0 {
-        return unsupported(format!("anchors need a non-empty grid, sizes and aspect ratios: {op:?}"));
+        return unsupported(format!(
+            "anchors need a non-empty grid, sizes and aspect ratios: {op:?}"
+        ));
     }
     let mut cells: Vec<[f32; 4]> = Vec::with_capacity(op.per_cell());
     for &size in &op.sizes {
@@ -167,7 +178,10 @@ pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> KernelResu
 pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> KernelResult<Tensor> {
     expect_float("boxes", boxes)?;
     if boxes.dims().last() != Some(&4) {
-        return unsupported(format!("clip_boxes expects [..., 4], found {}", crate::dtype::describe(boxes)));
+        return unsupported(format!(
+            "clip_boxes expects [..., 4], found {}",
+            crate::dtype::describe(boxes)
+        ));
     }
     let mut b = host_f64(boxes)?;
     for (i, v) in b.iter_mut().enumerate() {
@@ -233,7 +247,10 @@ pub fn top_k(op: &TopK, x: &Tensor) -> KernelResult<Vec<Tensor>> {
         });
     let mut shape = x.dims().to_vec();
     *shape.last_mut().unwrap() = k;
-    Ok(vec![from_f64(vals, &shape, x.dtype(), x.device())?, from_host(inds, &shape, x.device())?])
+    Ok(vec![
+        from_f64(vals, &shape, x.dtype(), x.device())?,
+        from_host(inds, &shape, x.device())?,
+    ])
 }
 
 // ------------------------------------------------------------------------------- gathers
@@ -241,7 +258,9 @@ pub fn top_k(op: &TopK, x: &Tensor) -> KernelResult<Vec<Tensor>> {
 /// Checks `indices` against a dimension of size `size`; the error names the first bad index.
 fn check_indices(idx: &[i64], size: usize, what: &str) -> KernelResult<()> {
     if let Some((p, &i)) = idx.iter().enumerate().find(|(_, &i)| i < 0 || i as u64 >= size as u64) {
-        return Err(data_error(format!("{what}: index {i} (position {p}) out of range for size {size}")));
+        return Err(data_error(format!(
+            "{what}: index {i} (position {p}) out of range for size {size}"
+        )));
     }
     Ok(())
 }
@@ -250,14 +269,29 @@ fn check_indices(idx: &[i64], size: usize, what: &str) -> KernelResult<()> {
 /// check of the i64 indices: an index outside `0..size` is an error naming it.
 pub fn index_select(op: &IndexSelect, data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
     if op.axis >= data.rank() {
-        return unsupported(format!("index_select: axis {} out of range for {}", op.axis, crate::dtype::describe(data)));
+        return unsupported(format!(
+            "index_select: axis {} out of range for {}",
+            op.axis,
+            crate::dtype::describe(data)
+        ));
     }
     if indices.rank() != 1 {
-        return unsupported(format!("index_select: indices must be [k], found {}", crate::dtype::describe(indices)));
+        return unsupported(format!(
+            "index_select: indices must be [k], found {}",
+            crate::dtype::describe(indices)
+        ));
     }
     let idx = host_i64(indices, "index_select indices")?;
-    check_indices(&idx, data.dims()[op.axis], &format!("index_select along axis {}", op.axis))?;
-    let indices = if indices.dtype() == DType::I64 { indices.clone() } else { indices.to_dtype(DType::I64)? };
+    check_indices(
+        &idx,
+        data.dims()[op.axis],
+        &format!("index_select along axis {}", op.axis),
+    )?;
+    let indices = if indices.dtype() == DType::I64 {
+        indices.clone()
+    } else {
+        indices.to_dtype(DType::I64)?
+    };
     Ok(data.index_select(&indices, op.axis)?)
 }
 
@@ -328,11 +362,23 @@ impl GroupBoxes {
         let n = self.x0.len();
         let alive = &mut self.alive[p + 1..n];
         let m = alive.len();
-        let (x0s, y0s, x1s, y1s, areas) = (&self.x0[p + 1..n], &self.y0[p + 1..n], &self.x1[p + 1..n], &self.y1[p + 1..n], &self.area[p + 1..n]);
+        let (x0s, y0s, x1s, y1s, areas) = (
+            &self.x0[p + 1..n],
+            &self.y0[p + 1..n],
+            &self.x1[p + 1..n],
+            &self.y1[p + 1..n],
+            &self.area[p + 1..n],
+        );
         let run = |base: usize, alive: &mut [u8]| {
             let m = alive.len();
             let r = base..base + m;
-            let (x0s, y0s, x1s, y1s, areas) = (&x0s[r.clone()], &y0s[r.clone()], &x1s[r.clone()], &y1s[r.clone()], &areas[r]);
+            let (x0s, y0s, x1s, y1s, areas) = (
+                &x0s[r.clone()],
+                &y0s[r.clone()],
+                &x1s[r.clone()],
+                &y1s[r.clone()],
+                &areas[r],
+            );
             for j in 0..m {
                 let w = (ix1.min(x1s[j]) - ix0.max(x0s[j])).max(0.0);
                 let h = (iy1.min(y1s[j]) - iy0.max(y0s[j])).max(0.0);
@@ -342,7 +388,10 @@ impl GroupBoxes {
         };
         const CHUNK: usize = 16_384;
         if m > CHUNK {
-            alive.par_chunks_mut(CHUNK).enumerate().for_each(|(c, al)| run(c * CHUNK, al));
+            alive
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, al)| run(c * CHUNK, al));
         } else {
             run(0, alive);
         }
@@ -363,7 +412,13 @@ impl GroupBoxes {
 /// Outputs: `keep [max_output]` i64, the kept indices in descending score order (0 in unused
 /// slots), and `keep_valid [max_output]` u8. The loop stops once `max_output` boxes are kept,
 /// so the cost is at most `max_output` x (group size) IoUs.
-pub fn nms(op: &Nms, boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, valid: Option<&Tensor>) -> KernelResult<Vec<Tensor>> {
+pub fn nms(
+    op: &Nms,
+    boxes: &Tensor,
+    scores: &Tensor,
+    groups: Option<&Tensor>,
+    valid: Option<&Tensor>,
+) -> KernelResult<Vec<Tensor>> {
     expect_float("boxes", boxes)?;
     expect_float("scores", scores)?;
     let (n, four) = boxes.dims2()?;
@@ -381,7 +436,12 @@ pub fn nms(op: &Nms, boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, v
     let s = host_f64(scores)?;
     let g = match groups {
         Some(t) if t.dims() == [n] => Some(host_i64(t, "nms groups")?),
-        Some(t) => return unsupported(format!("nms: groups must be [{n}], found {}", crate::dtype::describe(t))),
+        Some(t) => {
+            return unsupported(format!(
+                "nms: groups must be [{n}], found {}",
+                crate::dtype::describe(t)
+            ))
+        }
         None => None,
     };
     let v = match valid {
@@ -392,7 +452,9 @@ pub fn nms(op: &Nms, boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, v
     // (score, index) pairs of the candidates, sorted by descending score then index (finite
     // scores: a total order).
     let mut cands: Vec<(f64, u32)> = (0..n)
-        .filter(|&i| s[i].is_finite() && op.score_threshold.is_none_or(|t| s[i] > t) && v.as_ref().is_none_or(|v| v[i] != 0))
+        .filter(|&i| {
+            s[i].is_finite() && op.score_threshold.is_none_or(|t| s[i] > t) && v.as_ref().is_none_or(|v| v[i] != 0)
+        })
         .map(|i| (s[i], i as u32))
         .collect();
     cands.par_sort_unstable_by(|a, c| c.0.partial_cmp(&a.0).unwrap().then(a.1.cmp(&c.1)));
@@ -433,7 +495,11 @@ pub fn nms(op: &Nms, boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, v
             }
         }
     };
-    let n_groups = if g.is_none() { usize::from(!order.is_empty()) } else { n_groups };
+    let n_groups = if g.is_none() {
+        usize::from(!order.is_empty())
+    } else {
+        n_groups
+    };
     let mut sizes = vec![0usize; n_groups];
     for &l in &gid {
         sizes[l] += 1;
@@ -464,7 +530,10 @@ pub fn nms(op: &Nms, boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, v
     keep.resize(op.max_output, 0);
     flags.resize(op.max_output, 0);
     let dev = boxes.device();
-    Ok(vec![from_host(keep, &[op.max_output], dev)?, from_host(flags, &[op.max_output], dev)?])
+    Ok(vec![
+        from_host(keep, &[op.max_output], dev)?,
+        from_host(flags, &[op.max_output], dev)?,
+    ])
 }
 
 // ------------------------------------------------------------------------------- RoIAlign
@@ -519,7 +588,16 @@ fn axis_taps(mut c: f64, size: usize) -> Option<(usize, usize, f64, f64)> {
 /// RoIAlign of one box on one level `[C, H, W]` into `out [C, oh, ow]`, as torchvision's CPU
 /// `roi_align` (f64 arithmetic in its order of operations).
 #[allow(clippy::too_many_arguments)]
-fn roi_align_box<T: Real>(op: &RoiAlign, feat: &[T], c: usize, h: usize, w: usize, scale: f64, bx: &[f64], out: &mut [T]) {
+fn roi_align_box<T: Real>(
+    op: &RoiAlign,
+    feat: &[T],
+    c: usize,
+    h: usize,
+    w: usize,
+    scale: f64,
+    bx: &[f64],
+    out: &mut [T],
+) {
     let [oh, ow] = op.output_size;
     let offset = if op.aligned { 0.5 } else { 0.0 };
     let x0 = bx[0] * scale - offset;
@@ -591,7 +669,11 @@ pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
     let (feats, boxes) = inputs.split_at(inputs.len() - 1);
     let boxes = &boxes[0];
     if feats.is_empty() || feats.len() != op.scales.len() {
-        return unsupported(format!("roi_align: {} feature maps for {} scales", feats.len(), op.scales.len()));
+        return unsupported(format!(
+            "roi_align: {} feature maps for {} scales",
+            feats.len(),
+            op.scales.len()
+        ));
     }
     if op.output_size.contains(&0) {
         return unsupported(format!("roi_align: output size {:?}", op.output_size));
@@ -603,19 +685,32 @@ pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
         expect_float("features", f)?;
         let (b, cc, h, w) = f.dims4()?;
         if b != 1 || cc != c || f.dtype() != dtype || h == 0 || w == 0 {
-            return unsupported(format!("roi_align: feature maps must be [1, C, H, W] with one C and dtype, found {}", crate::dtype::describe(f)));
+            return unsupported(format!(
+                "roi_align: feature maps must be [1, C, H, W] with one C and dtype, found {}",
+                crate::dtype::describe(f)
+            ));
         }
         dims.push((h, w));
     }
     let (r, four) = boxes.dims2()?;
     if four != 4 {
-        return unsupported(format!("roi_align: boxes must be [R, 4], found {}", crate::dtype::describe(boxes)));
+        return unsupported(format!(
+            "roi_align: boxes must be [R, 4], found {}",
+            crate::dtype::describe(boxes)
+        ));
     }
     let bx = host_f64(boxes)?;
     let levels = assign_levels(op, &bx, feats.len());
     let [oh, ow] = op.output_size;
     let shape = [r, c, oh, ow];
-    fn run<T: Real + WithDType>(op: &RoiAlign, feats: &[Tensor], dims: &[(usize, usize)], bx: &[f64], levels: &[usize], c: usize) -> KernelResult<Vec<T>> {
+    fn run<T: Real + WithDType>(
+        op: &RoiAlign,
+        feats: &[Tensor],
+        dims: &[(usize, usize)],
+        bx: &[f64],
+        levels: &[usize],
+        c: usize,
+    ) -> KernelResult<Vec<T>> {
         let data: Vec<Vec<T>> = feats.iter().map(host_as::<T>).collect::<KernelResult<_>>()?;
         let per_box = c * op.output_size[0] * op.output_size[1];
         let mut out = vec![T::ZERO; levels.len() * per_box];

@@ -22,7 +22,11 @@ pub fn iota_like(op: &IotaLike, x: &Tensor) -> KernelResult<Tensor> {
 
 /// `x (kind) value` as u8; integer inputs are compared in f64 so a fractional `value` is exact.
 pub fn compare_scalar(op: &CompareScalar, x: &Tensor) -> KernelResult<Tensor> {
-    let x = if x.dtype().is_float() { x.clone() } else { x.to_dtype(DType::F64)? };
+    let x = if x.dtype().is_float() {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F64)?
+    };
     let v = op.value;
     Ok(match op.kind {
         CompareKind::Gt => x.gt(v)?,

@@ -47,7 +47,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
     let dims = x.dims().to_vec();
     let (inp, out) = (*dims.last().unwrap(), w.dim(0)?);
     if w.dims() != [out, inp] {
-        return Err(KernelError::Unsupported(format!("weight {:?} does not fit input {:?}", w.dims(), dims)));
+        return Err(KernelError::Unsupported(format!(
+            "weight {:?} does not fit input {:?}",
+            w.dims(),
+            dims
+        )));
     }
     let mut ops = vec![x, w];
     ops.extend(b);
@@ -74,7 +78,11 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     expect_float("lhs", a)?;
     let (ra, rb) = (a.rank(), b.rank());
     if ra < 2 || rb < 2 {
-        return Err(KernelError::Unsupported(format!("matmul needs rank >= 2, found {:?} and {:?}", a.dims(), b.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "matmul needs rank >= 2, found {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        )));
     }
     let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
     let (bk, n) = if op.transpose_rhs {

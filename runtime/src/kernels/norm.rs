@@ -49,7 +49,10 @@ pub fn group_norm(op: &GroupNorm, x: &Tensor, w: &Tensor, b: &Tensor) -> KernelR
     expect_float("input", x)?;
     let dims = x.dims();
     if dims.len() < 2 || op.groups == 0 || !dims[1].is_multiple_of(op.groups) {
-        return Err(KernelError::Unsupported(format!("{} groups on input {dims:?}", op.groups)));
+        return Err(KernelError::Unsupported(format!(
+            "{} groups on input {dims:?}",
+            op.groups
+        )));
     }
     if !x.device().is_cpu() {
         return group_norm_portable(op, x, w, b);
@@ -88,10 +91,20 @@ fn fused(x: &Tensor, w: &Tensor, b: &Tensor, kind: NormKind, eps: f64) -> Kernel
 
 /// Inference batch norm on `[N, C, ...]` with running statistics, computed as PyTorch's CPU
 /// kernel does: `alpha = w / sqrt(var + eps)`, `beta = b - mean * alpha`, `y = x * alpha + beta`.
-pub fn batch_norm(op: &BatchNorm, x: &Tensor, w: &Tensor, b: &Tensor, mean: &Tensor, var: &Tensor) -> KernelResult<Tensor> {
+pub fn batch_norm(
+    op: &BatchNorm,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if x.rank() < 2 {
-        return Err(KernelError::Unsupported(format!("batch norm input must be [N, C, ...], found {:?}", x.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "batch norm input must be [N, C, ...], found {:?}",
+            x.dims()
+        )));
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let alpha = w.to_dtype(acc)?.div(&(var.to_dtype(acc)? + op.eps)?.sqrt()?)?;

@@ -16,7 +16,10 @@ pub fn max_pool2d(op: &MaxPool2d, x: &Tensor) -> KernelResult<Tensor> {
     let [sh, sw] = op.stride;
     let [ph, pw] = op.padding;
     if kh == 0 || kw == 0 || sh == 0 || sw == 0 || h + 2 * ph < kh || w + 2 * pw < kw {
-        return Err(KernelError::Unsupported(format!("max_pool2d {op:?} on input {:?}", x.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "max_pool2d {op:?} on input {:?}",
+            x.dims()
+        )));
     }
     let x = if ph > 0 || pw > 0 {
         let ninf = |hh: usize, ww: usize| -> candle_core::Result<Tensor> {

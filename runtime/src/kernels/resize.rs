@@ -26,7 +26,11 @@ pub fn resize(op: &Resize, x: &Tensor) -> KernelResult<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let [oh, ow] = op.size;
     if oh == 0 || ow == 0 || h == 0 || w == 0 {
-        return Err(KernelError::Unsupported(format!("resize of {:?} to {:?}", x.dims(), op.size)));
+        return Err(KernelError::Unsupported(format!(
+            "resize of {:?} to {:?}",
+            x.dims(),
+            op.size
+        )));
     }
     let dtype = x.dtype();
     if op.mode != ResizeMode::Nearest && x.device().is_cpu() {
@@ -68,7 +72,11 @@ fn taps(op: &Resize, n_in: usize, n_out: usize) -> Taps {
     let clamp = |i: i64| i.clamp(0, last) as u32;
     let src = |d: usize| -> f64 {
         if op.align_corners {
-            let scale = if n_out > 1 { (n_in - 1) as f64 / (n_out - 1) as f64 } else { 0.0 };
+            let scale = if n_out > 1 {
+                (n_in - 1) as f64 / (n_out - 1) as f64
+            } else {
+                0.0
+            };
             d as f64 * scale
         } else {
             (d as f64 + 0.5) * (n_in as f64 / n_out as f64) - 0.5

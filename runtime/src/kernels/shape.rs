@@ -18,7 +18,11 @@ pub fn reshape(op: &Reshape, x: &Tensor) -> KernelResult<Tensor> {
 /// Output axis `k` is input axis `perm[k]`; the result is contiguous.
 pub fn permute(op: &Permute, x: &Tensor) -> KernelResult<Tensor> {
     if op.perm.len() != x.rank() {
-        return Err(KernelError::Unsupported(format!("{:?} is not a permutation of {:?}", op.perm, x.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "{:?} is not a permutation of {:?}",
+            op.perm,
+            x.dims()
+        )));
     }
     Ok(x.permute(op.perm.clone())?.contiguous()?)
 }
@@ -26,7 +30,11 @@ pub fn permute(op: &Permute, x: &Tensor) -> KernelResult<Tensor> {
 /// Zero padding, one candle `pad_with_zeros` per padded axis.
 pub fn pad(op: &Pad, x: &Tensor) -> KernelResult<Tensor> {
     if op.pads.len() != x.rank() {
-        return Err(KernelError::Unsupported(format!("{} pad pairs for {:?}", op.pads.len(), x.dims())));
+        return Err(KernelError::Unsupported(format!(
+            "{} pad pairs for {:?}",
+            op.pads.len(),
+            x.dims()
+        )));
     }
     let mut y = x.clone();
     for (d, [before, after]) in op.pads.iter().enumerate() {
@@ -40,7 +48,10 @@ pub fn pad(op: &Pad, x: &Tensor) -> KernelResult<Tensor> {
 /// Elements `start..end` along `axis`, as a view.
 pub fn slice(op: &Slice, x: &Tensor) -> KernelResult<Tensor> {
     if op.start >= op.end {
-        return Err(KernelError::Unsupported(format!("empty slice {}..{}", op.start, op.end)));
+        return Err(KernelError::Unsupported(format!(
+            "empty slice {}..{}",
+            op.start, op.end
+        )));
     }
     Ok(x.narrow(op.axis, op.start, op.end - op.start)?)
 }

@@ -50,7 +50,12 @@ impl Nd {
     /// exactly the reference's inputs).
     pub fn randn(shape: &[usize], rng: &mut TestRng, scale: f64, offset: f64) -> Self {
         let n = shape.iter().product();
-        Nd::new(shape, (0..n).map(|_| ((rng.normal() * scale + offset) as f32) as f64).collect())
+        Nd::new(
+            shape,
+            (0..n)
+                .map(|_| ((rng.normal() * scale + offset) as f32) as f64)
+                .collect(),
+        )
     }
     pub fn strides(&self) -> Vec<usize> {
         let mut s = vec![1; self.shape.len()];
@@ -61,9 +66,7 @@ impl Nd {
     }
     pub fn offset(&self, idx: &[usize]) -> usize {
         assert_eq!(idx.len(), self.shape.len());
-        idx.iter().zip(self.strides()).map(|(i, s)| {
-            i * s
-        }).sum()
+        idx.iter().zip(self.strides()).map(|(i, s)| i * s).sum()
     }
     pub fn at(&self, idx: &[usize]) -> f64 {
         for (i, d) in idx.iter().zip(&self.shape) {
@@ -79,10 +82,19 @@ impl Nd {
         self.tensor_as(DType::F32)
     }
     pub fn tensor_as(&self, dtype: DType) -> Tensor {
-        Tensor::from_vec(self.data.clone(), self.shape.as_slice(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(self.data.clone(), self.shape.as_slice(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
     pub fn from_tensor(t: &Tensor) -> Nd {
-        let data = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let data = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         Nd::new(t.dims(), data)
     }
     pub fn numel(&self) -> usize {
@@ -119,7 +131,10 @@ pub fn assert_close(got: &Nd, want: &Nd, atol: f64, rtol: f64, what: &str) {
     let mut worst = (0.0f64, 0usize);
     for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
         if g.is_nan() || w.is_nan() {
-            assert!(g.is_nan() && w.is_nan(), "{what}: NaN mismatch at {i}: got {g}, want {w}");
+            assert!(
+                g.is_nan() && w.is_nan(),
+                "{what}: NaN mismatch at {i}: got {g}, want {w}"
+            );
             continue;
         }
         let excess = (g - w).abs() - (atol + rtol * w.abs());
@@ -140,7 +155,11 @@ pub fn assert_close(got: &Nd, want: &Nd, atol: f64, rtol: f64, what: &str) {
 
 /// Max |got - want| (for reporting).
 pub fn max_abs_diff(got: &Nd, want: &Nd) -> f64 {
-    got.data.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    got.data
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn fixtures_dir() -> std::path::PathBuf {
