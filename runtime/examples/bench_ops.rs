@@ -142,6 +142,19 @@ fn main() {
     time("conv 3x3 [1,256,256,256] (im2col gemm, tiled)", &filter, 1, || {
         exec(Conv2d::same(1), &[&c1, &w3])
     });
+    // The 3x3 convolutions of the Mask R-CNN heads and the pyramid / RPN at 1024x1024.
+    for (name, shape, reps) in [
+        ("conv 3x3 box head [1000,256,7,7]", [1000, 256, 7, 7], 1),
+        ("conv 3x3 mask head [100,256,14,14]", [100, 256, 14, 14], 2),
+        ("conv 3x3 p2 [1,256,256,256]", [1, 256, 256, 256], 1),
+        ("conv 3x3 p4 [1,256,64,64]", [1, 256, 64, 64], 5),
+    ] {
+        let xs = r(&shape);
+        let gflop = 2.0 * (shape.iter().product::<usize>() * 256 * 9) as f64 * 1e-9;
+        time(&format!("{name} ({gflop:.1} GFLOP)"), &filter, reps, || {
+            exec(Conv2d::same(1), &[&xs, &w3])
+        });
+    }
     let pos = r(&[1, 768, 14, 14]);
     let bic = Resize {
         size: [64, 64],

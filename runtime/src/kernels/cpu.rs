@@ -110,6 +110,79 @@ fn contiguous_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout
     }
 }
 
+// ----- im2col -----
+
+/// The im2col column matrix of a tile of a stride-1 convolution, built in one pass from a
+/// contiguous, unpadded f32/f64 `[N, C, H, W]` input: `[C * kh * kw, nb * r * Wo]` with row
+/// `(c, a, b)` holding `x[b0 + i, c, y + a * dh - ph, z + b * dw - pw]` (zero outside the
+/// input) at column `(i, y - r0, z)`, for images `b0..b0 + nb` and output rows `r0..r0 + r`.
+/// Parallel over the rows of the column matrix.
+pub(crate) struct Im2Col {
+    pub kernel: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub out_w: usize,
+    pub images: (usize, usize),
+    pub rows: (usize, usize),
+}
+
+impl Im2Col {
+    fn build<T: candle_core::WithDType>(&self, src: &[T], dims: &[usize]) -> Vec<T> {
+        let (c, h, w) = (dims[1], dims[2], dims[3]);
+        let [kh, kw] = self.kernel;
+        let [ph, pw] = self.padding;
+        let [dh, dw] = self.dilation;
+        let wo = self.out_w;
+        let (b0, nb) = self.images;
+        let (r0, r) = self.rows;
+        let cols = nb * r * wo;
+        let mut out = vec![T::zero(); c * kh * kw * cols];
+        if cols == 0 {
+            return out;
+        }
+        out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
+            let (ci, a, b) = (row / (kh * kw), row / kw % kh, row % kw);
+            // Output columns z whose input column z + b dw - pw lies inside [0, w).
+            let shift = (b * dw) as isize - pw as isize;
+            let z0 = (-shift).clamp(0, wo as isize) as usize;
+            let z1 = (w as isize - shift).clamp(z0 as isize, wo as isize) as usize;
+            for i in 0..nb {
+                let plane = &src[((b0 + i) * c + ci) * h * w..][..h * w];
+                for y in 0..r {
+                    let iy = (r0 + y + a * dh) as isize - ph as isize;
+                    let d = &mut dst[(i * r + y) * wo..][..wo];
+                    if iy < 0 || iy >= h as isize || z0 == z1 {
+                        continue; // already zero
+                    }
+                    let line = &plane[iy as usize * w..][..w];
+                    let s0 = (z0 as isize + shift) as usize;
+                    d[z0..z1].copy_from_slice(&line[s0..s0 + (z1 - z0)]);
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "vitdet-im2col-cpu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        if dims.len() != 4 {
+            bail!("{}: expected a rank-4 input, got {dims:?}", self.name());
+        }
+        let shape = Shape::from((dims[1] * self.kernel[0] * self.kernel[1], self.images.1 * self.rows.1 * self.out_w));
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.build(contiguous_slice::<f32>(s, l, self.name())?, dims)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.build(contiguous_slice::<f64>(s, l, self.name())?, dims)),
+            _ => bail!("{}: f32 or f64 input expected, got {:?}", self.name(), s.dtype()),
+        };
+        Ok((out, shape))
+    }
+}
+
 // ----- softmax over the last axis -----
 
 /// Softmax over the last axis of a contiguous f32/f64 tensor. Per row: the max (8 running
