@@ -416,6 +416,59 @@ fn conv2d_batched_im2col_matches_candle() {
     check(&got, &want, DOT, "batched im2col conv");
 }
 
+#[test]
+fn conv2d_im2col_padding_dilation_dtypes() {
+    // The CPU im2col path (stride 1, one group, kernel > 1x1): batches, asymmetric padding and
+    // dilation, padding wider than the kernel reach (all-zero column rows), a non-contiguous
+    // input, and every float dtype (f32 / f64 build columns on the host, f16 / bf16 take the
+    // candle-op path or are widened to f32).
+    let mut r = rng();
+    let conv = |p: [usize; 2], d: [usize; 2]| Conv2d {
+        stride: [1, 1],
+        padding: p,
+        dilation: d,
+        groups: 1,
+    };
+    let cases: Vec<(&[usize], &[usize], Conv2d)> = vec![
+        (&[3, 4, 5, 6], &[5, 4, 3, 3], conv([1, 1], [1, 1])),
+        (&[2, 3, 6, 7], &[4, 3, 3, 2], conv([2, 1], [1, 2])),
+        (&[2, 2, 3, 4], &[3, 2, 3, 3], conv([4, 3], [1, 1])),
+        (&[1, 3, 7, 5], &[2, 3, 2, 3], conv([0, 2], [2, 1])),
+    ];
+    for (sx, sw, op) in cases {
+        let x = Nd::randn(sx, &mut r, 1.0, 0.0);
+        let w = Nd::randn(sw, &mut r, 0.3, 0.0);
+        let b = Nd::randn(&[sw[0]], &mut r, 1.0, 0.0);
+        let want = conv2d_ref(&x, &w, Some(&b), &op);
+        for (dtype, tol) in [
+            (DType::F32, DOT),
+            (DType::F64, DOT),
+            (DType::F16, (2e-2, 2e-2)),
+            (DType::BF16, (1e-1, 2e-2)),
+        ] {
+            let ins = [x.tensor_as(dtype), w.tensor_as(dtype), b.tensor_as(dtype)];
+            let got = exec(op.clone(), &ins);
+            check(&got, &want, tol, &format!("im2col conv {sx:?} {sw:?} {op:?} {dtype:?}"));
+        }
+        // The same input as a transposed (non-contiguous) view.
+        let xt = x
+            .tensor()
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let got = exec(op.clone(), &[xt, w.tensor(), b.tensor()]);
+        check(
+            &got,
+            &want,
+            DOT,
+            &format!("im2col conv {sx:?} {sw:?} {op:?} non-contiguous"),
+        );
+    }
+}
+
 fn conv_transpose2d_ref(x: &Nd, w: &Nd, b: Option<&Nd>, op: &ConvTranspose2d) -> Nd {
     let (n, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
     let (o, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);

@@ -136,30 +136,52 @@ impl Im2Col {
         let (b0, nb) = self.images;
         let (r0, r) = self.rows;
         let cols = nb * r * wo;
-        let mut out = vec![T::zero(); c * kh * kw * cols];
+        let len = c * kh * kw * cols;
+        let mut out: Vec<T> = Vec::with_capacity(len);
         if cols == 0 {
             return out;
         }
-        out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
-            let (ci, a, b) = (row / (kh * kw), row / kw % kh, row % kw);
-            // Output columns z whose input column z + b dw - pw lies inside [0, w).
-            let shift = (b * dw) as isize - pw as isize;
-            let z0 = (-shift).clamp(0, wo as isize) as usize;
-            let z1 = (w as isize - shift).clamp(z0 as isize, wo as isize) as usize;
-            for i in 0..nb {
-                let plane = &src[((b0 + i) * c + ci) * h * w..][..h * w];
-                for y in 0..r {
-                    let iy = (r0 + y + a * dh) as isize - ph as isize;
-                    let d = &mut dst[(i * r + y) * wo..][..wo];
-                    if iy < 0 || iy >= h as isize || z0 == z1 {
-                        continue; // already zero
+        // Every element is written exactly once below (copied or zeroed), so the buffer is not
+        // cleared first.
+        let fill = |d: &mut [std::mem::MaybeUninit<T>], v: &[T]| {
+            // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the lengths match.
+            assert_eq!(d.len(), v.len());
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), d.as_mut_ptr() as *mut T, v.len()) }
+        };
+        let zero = |d: &mut [std::mem::MaybeUninit<T>]| {
+            d.iter_mut().for_each(|e| {
+                e.write(T::zero());
+            })
+        };
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (ci, a, b) = (row / (kh * kw), row / kw % kh, row % kw);
+                // Output columns z whose input column z + b dw - pw lies inside [0, w).
+                let shift = (b * dw) as isize - pw as isize;
+                let z0 = (-shift).clamp(0, wo as isize) as usize;
+                let z1 = (w as isize - shift).clamp(z0 as isize, wo as isize) as usize;
+                for i in 0..nb {
+                    let plane = &src[((b0 + i) * c + ci) * h * w..][..h * w];
+                    for y in 0..r {
+                        let iy = (r0 + y + a * dh) as isize - ph as isize;
+                        let d = &mut dst[(i * r + y) * wo..][..wo];
+                        if iy < 0 || iy >= h as isize || z0 == z1 {
+                            zero(d);
+                            continue;
+                        }
+                        let line = &plane[iy as usize * w..][..w];
+                        let s0 = (z0 as isize + shift) as usize;
+                        zero(&mut d[..z0]);
+                        fill(&mut d[z0..z1], &line[s0..s0 + (z1 - z0)]);
+                        zero(&mut d[z1..]);
                     }
-                    let line = &plane[iy as usize * w..][..w];
-                    let s0 = (z0 as isize + shift) as usize;
-                    d[z0..z1].copy_from_slice(&line[s0..s0 + (z1 - z0)]);
                 }
-            }
-        });
+            });
+        // SAFETY: all `len` elements were initialized above (each row of `cols` elements is
+        // covered by `nb * r` output lines of `wo` elements, each zeroed or copied in full).
+        unsafe { out.set_len(len) };
         out
     }
 }
@@ -173,7 +195,10 @@ impl CustomOp1 for Im2Col {
         if dims.len() != 4 {
             bail!("{}: expected a rank-4 input, got {dims:?}", self.name());
         }
-        let shape = Shape::from((dims[1] * self.kernel[0] * self.kernel[1], self.images.1 * self.rows.1 * self.out_w));
+        let shape = Shape::from((
+            dims[1] * self.kernel[0] * self.kernel[1],
+            self.images.1 * self.rows.1 * self.out_w,
+        ));
         let out = match s {
             CpuStorage::F32(_) => CpuStorage::F32(self.build(contiguous_slice::<f32>(s, l, self.name())?, dims)),
             CpuStorage::F64(_) => CpuStorage::F64(self.build(contiguous_slice::<f64>(s, l, self.name())?, dims)),
