@@ -264,22 +264,27 @@ fn table5_model_complexity() {
     }
 }
 
+/// `infer --model vitdet-tiny --image IMAGE --out OUT --score-thresh T`.
+fn detect_args<'a>(image: &'a str, out: &'a str, thresh: &'a str) -> Vec<&'a str> {
+    vec![
+        "infer",
+        "--model",
+        "vitdet-tiny",
+        "--image",
+        image,
+        "--out",
+        out,
+        "--score-thresh",
+        thresh,
+    ]
+}
+
 #[test]
 fn infer_out_writes_coco_results_and_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("single");
     let image = fixture("preprocess_large.png");
-    let text = ok(&[
-        "infer",
-        "--model",
-        "vitdet-tiny",
-        "--image",
-        image.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--score-thresh",
-        "0",
-    ]);
+    let text = ok(&detect_args(image.to_str().unwrap(), out.to_str().unwrap(), "0"));
     assert!(text.contains("detections"), "{text}");
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
@@ -309,17 +314,7 @@ fn infer_out_writes_coco_results_and_pictures() {
     std::fs::copy(fixture("preprocess_large.png"), folder.join("b.png")).unwrap();
     std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
     let out2 = dir.path().join("folder");
-    let output = vitdet(&[
-        "infer",
-        "--model",
-        "vitdet-tiny",
-        "--image",
-        folder.to_str().unwrap(),
-        "--out",
-        out2.to_str().unwrap(),
-        "--score-thresh",
-        "0",
-    ]);
+    let output = vitdet(&detect_args(folder.to_str().unwrap(), out2.to_str().unwrap(), "0"));
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("broken.jpg"));
     let results: serde_json::Value =
@@ -335,31 +330,11 @@ fn infer_out_writes_coco_results_and_pictures() {
 
     // A higher threshold keeps fewer detections; a bad threshold is an error naming it.
     let out3 = dir.path().join("strict");
-    ok(&[
-        "infer",
-        "--model",
-        "vitdet-tiny",
-        "--image",
-        image.to_str().unwrap(),
-        "--out",
-        out3.to_str().unwrap(),
-        "--score-thresh",
-        "0.9",
-    ]);
+    ok(&detect_args(image.to_str().unwrap(), out3.to_str().unwrap(), "0.9"));
     let strict: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out3.join("detections.json")).unwrap()).unwrap();
     assert!(strict.as_array().unwrap().len() < results.as_array().unwrap().len());
-    let err = fails(&[
-        "infer",
-        "--model",
-        "vitdet-tiny",
-        "--image",
-        image.to_str().unwrap(),
-        "--out",
-        out3.to_str().unwrap(),
-        "--score-thresh",
-        "1.5",
-    ]);
+    let err = fails(&detect_args(image.to_str().unwrap(), out3.to_str().unwrap(), "1.5"));
     assert!(err.contains("score-thresh"), "{err}");
 }
 
