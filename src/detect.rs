@@ -15,6 +15,7 @@ use vitdet_runtime::{kernels, run_with_order, CandleDType, Device, ParamStore, T
 
 use crate::compile::{compile_config, Target};
 use crate::detections::{coco_results, draw, CocoResult, Detection};
+use crate::infer::load_params;
 
 /// detectron2's mask threshold when pasting.
 pub const MASK_THRESHOLD: f64 = 0.5;
@@ -86,22 +87,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
     }
     let images = list_images(&opts.image)?;
     let square = compile_config(&opts.model, config.clone(), Target::Detector { image_hw: None })?;
-    let (params, weights) = match &opts.weights {
-        Some(path) => (
-            ParamStore::load_safetensors(path, &square.graph, &opts.device)?,
-            path.display().to_string(),
-        ),
-        None => {
-            eprintln!(
-                "note: no --weights given; using a seeded random init (seed {})",
-                opts.seed
-            );
-            (
-                ParamStore::init_random(&square.graph, opts.seed, &opts.device)?,
-                format!("random init (seed {})", opts.seed),
-            )
-        }
-    };
+    let (params, weights) = load_params(opts.weights.as_deref(), &square.graph, opts.seed, &opts.device)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
 
     let progress = indicatif::ProgressBar::new(images.len() as u64);

@@ -84,32 +84,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
         target: Target::Backbone,
     })?;
     let device = opts.device.clone();
-    let (params, weights) = match &opts.weights {
-        Some(path) => {
-            let store = ParamStore::load_safetensors(path, &compiled.graph, &device)?;
-            let skipped = store.skipped_keys();
-            if !skipped.is_empty() {
-                let mut modules: Vec<&str> = skipped.iter().filter_map(|k| k.split('.').next()).collect();
-                modules.dedup();
-                eprintln!(
-                    "note: skipped {} keys of modules this model does not build ({})",
-                    skipped.len(),
-                    modules.join(", ")
-                );
-            }
-            (store, path.display().to_string())
-        }
-        None => {
-            eprintln!(
-                "note: no --weights given; using a seeded random init (seed {})",
-                opts.seed
-            );
-            (
-                ParamStore::init_random(&compiled.graph, opts.seed, &device)?,
-                format!("random init (seed {})", opts.seed),
-            )
-        }
-    };
+    let (params, weights) = load_params(opts.weights.as_deref(), &compiled.graph, opts.seed, &device)?;
     let pre = preprocess_image(&opts.image, compiled.config.image_size, &device)?;
     let probe = RssProbe::start();
     let mut times = Vec::new();
@@ -132,7 +107,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     let run_seconds = times[times.len() / 2];
     let mut outputs = Vec::new();
     for (name, t) in &out.outputs {
-        let flat = t.flatten_all()?.to_dtype(candle_core_dtype_f64())?;
+        let flat = t.flatten_all()?.to_dtype(vitdet_runtime::CandleDType::F64)?;
         outputs.push(OutputSummary {
             name: name.clone(),
             shape: t.dims().to_vec(),
@@ -170,8 +145,38 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     })
 }
 
-fn candle_core_dtype_f64() -> vitdet_runtime::CandleDType {
-    vitdet_runtime::CandleDType::F64
+/// The graph's parameters from `weights` (keys of modules the graph does not build are
+/// skipped, and the user told so) or, without a file, a seeded random init (and the user told
+/// so); also a label for reports.
+pub fn load_params(
+    weights: Option<&std::path::Path>,
+    graph: &vitdet_ir::Graph,
+    seed: u64,
+    device: &Device,
+) -> Result<(ParamStore, String)> {
+    match weights {
+        Some(path) => {
+            let store = ParamStore::load_safetensors(path, graph, device)?;
+            let skipped = store.skipped_keys();
+            if !skipped.is_empty() {
+                let mut modules: Vec<&str> = skipped.iter().filter_map(|k| k.split('.').next()).collect();
+                modules.dedup();
+                eprintln!(
+                    "note: skipped {} keys of modules this model does not build ({})",
+                    skipped.len(),
+                    modules.join(", ")
+                );
+            }
+            Ok((store, path.display().to_string()))
+        }
+        None => {
+            eprintln!("note: no --weights given; using a seeded random init (seed {seed})");
+            Ok((
+                ParamStore::init_random(graph, seed, device)?,
+                format!("random init (seed {seed})"),
+            ))
+        }
+    }
 }
 
 impl InferSummary {
