@@ -160,6 +160,51 @@ impl OpRule for IndexSelect {
     }
 }
 
+/// Backward of [`IndexSelect`]: inputs `indices [k]` (i64) and `dy` (the gradient of the
+/// selection, `dy.shape[axis] = k`) -> `dx` with `dx.shape[axis] = size`, zero except that
+/// slice `indices[j]` of `dx` accumulates slice `j` of `dy` (repeated indices add up). An
+/// index outside `0..size` is an error at run time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IndexSelectGrad {
+    pub axis: usize,
+    pub size: usize,
+}
+
+impl OpRule for IndexSelectGrad {
+    fn name(&self) -> &'static str {
+        "index_select_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (idx, dy) = (i[0], i[1]);
+        if idx.rank() != 1 || idx.dtype != DType::I64 {
+            return Err(format!("indices must be i64 [k], found {idx}"));
+        }
+        expect_float("gradient", dy)?;
+        if self.axis >= dy.rank() {
+            return Err(format!("axis {} out of range for {dy}", self.axis));
+        }
+        if dy.shape[self.axis] != idx.shape[0] {
+            return Err(format!(
+                "gradient {dy} must have {} entries along axis {} (one per index)",
+                idx.shape[0], self.axis
+            ));
+        }
+        let mut shape = dy.shape.clone();
+        shape[self.axis] = self.size;
+        Ok(vec![dy.with_shape(shape)])
+    }
+    /// One add per gradient element.
+    fn cost(&self, i: &[&TensorType], _: &[TensorType]) -> Cost {
+        Cost {
+            flops: numel(&i[1].shape),
+            ..Cost::default()
+        }
+    }
+}
+
 /// Per-row selection: `data [N, M, ...]`, `indices [N]` (i64) -> `[N, ...]` with
 /// `out[n] = data[n, indices[n]]` (class-specific boxes and masks).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +227,39 @@ impl OpRule for GatherRows {
         let mut shape = vec![x.shape[0]];
         shape.extend_from_slice(&x.shape[2..]);
         Ok(vec![x.with_shape(shape)])
+    }
+}
+
+/// Backward of [`GatherRows`]: inputs `indices [N]` (i64) and `dy [N, ...]` -> `dx [N, rows,
+/// ...]`, zero except `dx[n, indices[n]] = dy[n]`. An index outside `0..rows` is an error at
+/// run time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GatherRowsGrad {
+    /// `M`, the size of the gathered axis of the forward's data.
+    pub rows: usize,
+}
+
+impl OpRule for GatherRowsGrad {
+    fn name(&self) -> &'static str {
+        "gather_rows_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (idx, dy) = (i[0], i[1]);
+        expect_float("gradient", dy)?;
+        if dy.rank() < 1 || idx.shape != [dy.shape[0]] || idx.dtype != DType::I64 {
+            return Err(format!(
+                "expects i64 indices [N] and a gradient [N, ...], found {idx} and {dy}"
+            ));
+        }
+        if self.rows == 0 {
+            return Err("rows must be positive".into());
+        }
+        let mut shape = vec![dy.shape[0], self.rows];
+        shape.extend_from_slice(&dy.shape[1..]);
+        Ok(vec![dy.with_shape(shape)])
     }
 }
 
@@ -287,6 +365,61 @@ impl OpRule for RoiAlign {
     fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
         Cost {
             flops: 4 * 4 * numel(&o[0].shape),
+            ..Cost::default()
+        }
+    }
+}
+
+/// Backward of [`RoiAlign`] with respect to the features: inputs `boxes [R, 4]` and
+/// `dy [R, C, oh, ow]` -> one gradient per level, `[1, C, H_l, W_l]` as in `feature_shapes`
+/// (finest first, as the forward's inputs). Each box goes to the level the forward assigned it
+/// and each bin's gradient, divided by the number of samples, is spread over the four bilinear
+/// neighbours of every sample with the forward's weights, clamping and out-of-range rule (the
+/// adjoint of the forward, as detectron2's/torchvision's `ROIAlign` backward). Boxes get no
+/// gradient: detectron2 detaches proposals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoiAlignGrad {
+    pub roi: RoiAlign,
+    pub feature_shapes: Vec<[usize; 4]>,
+}
+
+impl OpRule for RoiAlignGrad {
+    fn name(&self) -> &'static str {
+        "roi_align_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (boxes, dy) = (i[0], i[1]);
+        expect_float("gradient", dy)?;
+        if self.feature_shapes.len() != self.roi.scales.len() || self.feature_shapes.is_empty() {
+            return Err(format!(
+                "{} feature shapes for {} scales",
+                self.feature_shapes.len(),
+                self.roi.scales.len()
+            ));
+        }
+        let c = self.feature_shapes[0][1];
+        if let Some(f) = self.feature_shapes.iter().find(|f| f[0] != 1 || f[1] != c) {
+            return Err(format!("feature shapes must be [1, C, H, W] with one C, found {f:?}"));
+        }
+        if boxes.rank() != 2 || boxes.shape[1] != 4 || boxes.dtype != dy.dtype {
+            return Err(format!("boxes must be [R, 4] of the gradient's dtype, found {boxes}"));
+        }
+        let [oh, ow] = self.roi.output_size;
+        if dy.shape != [boxes.shape[0], c, oh, ow] {
+            return Err(format!(
+                "gradient must be [{}, {c}, {oh}, {ow}], found {dy}",
+                boxes.shape[0]
+            ));
+        }
+        Ok(self.feature_shapes.iter().map(|f| dy.with_shape(f.to_vec())).collect())
+    }
+    /// Four multiply-adds per sample as in the forward, plus zeroing the level gradients.
+    fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
+        Cost {
+            flops: 4 * 4 * numel(&i[1].shape) + o.iter().map(|t| numel(&t.shape)).sum::<u64>(),
             ..Cost::default()
         }
     }

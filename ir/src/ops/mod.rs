@@ -14,18 +14,23 @@ mod index;
 mod linear;
 mod norm;
 mod pool;
+mod random;
 mod resize;
 mod shape;
 mod source;
 
-pub use attention::{RelPosBias, RelPosGather, Softmax};
+pub use attention::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
 pub use conv::{Conv2d, ConvTranspose2d};
-pub use detection::{Anchors, BoxDecode, ClipBoxes, GatherRows, IndexSelect, Nms, PasteMasks, RoiAlign, TopK};
+pub use detection::{
+    Anchors, BoxDecode, ClipBoxes, GatherRows, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
+    RoiAlignGrad, TopK,
+};
 pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
 pub use index::{CompareKind, CompareScalar, IotaLike};
 pub use linear::{Linear, MatMul};
 pub use norm::{BatchNorm, GroupNorm, LayerNorm};
 pub use pool::MaxPool2d;
+pub use random::{splitmix64, DropPathMask};
 pub use resize::{Resize, ResizeMode};
 pub use shape::{Concat, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
@@ -117,6 +122,7 @@ op_set! {
     Affine(Affine),
     Cast(Cast),
     DropPath(DropPath),
+    DropPathMask(DropPathMask),
     Linear(Linear),
     MatMul(MatMul),
     Conv2d(Conv2d),
@@ -125,8 +131,11 @@ op_set! {
     GroupNorm(GroupNorm),
     BatchNorm(BatchNorm),
     Softmax(Softmax),
+    SoftmaxGrad(SoftmaxGrad),
     RelPosGather(RelPosGather),
     RelPosBias(RelPosBias),
+    RelPosGatherGrad(RelPosGatherGrad),
+    RelPosBiasGrad(RelPosBiasGrad),
     Reshape(Reshape),
     Permute(Permute),
     Pad(Pad),
@@ -139,9 +148,12 @@ op_set! {
     ClipBoxes(ClipBoxes),
     TopK(TopK),
     IndexSelect(IndexSelect),
+    IndexSelectGrad(IndexSelectGrad),
     GatherRows(GatherRows),
+    GatherRowsGrad(GatherRowsGrad),
     Nms(Nms),
     RoiAlign(RoiAlign),
+    RoiAlignGrad(RoiAlignGrad),
     PasteMasks(PasteMasks),
     IotaLike(IotaLike),
     CompareScalar(CompareScalar),
