@@ -80,6 +80,85 @@ impl OpRule for Conv2d {
     }
 }
 
+/// Weight gradient of [`Conv2d`] with these attributes: inputs `(x [N, Cin, H, W],
+/// dy [N, O, Ho, Wo])` -> `dw [O, Cin/groups, kh, kw]` with
+/// `dw[o, c, i, j] = sum_{n, p, q} dy[n, o, p, q] * x[n, g*Cin/groups + c, p*s - pad + i*d,
+/// q*s - pad + j*d]` (`g` the group of `o`, out-of-range `x` reads 0). `dy` must have the
+/// forward output size. The input gradient of `Conv2d` is a [`ConvTranspose2d`] of `dy` with the
+/// same weight, stride, padding and dilation and the `output_padding` that restores `H, W`; the
+/// weight gradient of `ConvTranspose2d` is this op with the roles swapped (input `dy`, gradient
+/// the transposed conv's input).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Conv2dGradWeight {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+    pub kernel: [usize; 2],
+}
+
+impl OpRule for Conv2dGradWeight {
+    fn name(&self) -> &'static str {
+        "conv2d_grad_weight"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (x, dy) = (i[0], i[1]);
+        expect_rank("input", x, 4)?;
+        expect_rank("gradient", dy, 4)?;
+        expect_float("input", x)?;
+        expect_same_dtype(x, dy, "gradient")?;
+        let (cin, o) = (x.shape[1], dy.shape[1]);
+        if self.groups == 0 || cin % self.groups != 0 || o % self.groups != 0 {
+            return Err(format!("groups={} does not divide channels of {x} / {dy}", self.groups));
+        }
+        if dy.shape[0] != x.shape[0] {
+            return Err(format!("gradient {dy} and input {x} differ in batch"));
+        }
+        if self.kernel.contains(&0) || self.dilation.contains(&0) || self.stride.contains(&0) {
+            return Err(format!(
+                "kernel {:?}, stride {:?} and dilation {:?} must be positive",
+                self.kernel, self.stride, self.dilation
+            ));
+        }
+        for d in 0..2 {
+            let span = self.dilation[d] * (self.kernel[d] - 1) + 1;
+            let padded = x.shape[2 + d] + 2 * self.padding[d];
+            if padded < span {
+                return Err(format!(
+                    "kernel {:?} does not fit input {x} with padding {:?}",
+                    self.kernel, self.padding
+                ));
+            }
+            let expected = (padded - span) / self.stride[d] + 1;
+            if dy.shape[2 + d] != expected {
+                return Err(format!(
+                    "gradient {dy} must have the conv output size {expected} on axis {}",
+                    2 + d
+                ));
+            }
+        }
+        Ok(vec![x.with_shape([
+            o,
+            cin / self.groups,
+            self.kernel[0],
+            self.kernel[1],
+        ])])
+    }
+    fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
+        // The forward's contraction: batch * prod(w.shape) * prod(out spatial).
+        let dy = &i[1].shape;
+        let macs = dy[0] as u64 * numel(&o[0].shape) * (dy[2] * dy[3]) as u64;
+        Cost {
+            macs,
+            flops: 2 * macs,
+            activations: 0,
+        }
+    }
+}
+
 /// 2-d transposed convolution (PyTorch's `conv_transpose2d`, groups 1): `x [N, C, H, W]`,
 /// `w [C, O, kh, kw]`, optional `b [O]` -> `[N, O, Ho, Wo]` with
 /// `Ho = (H - 1) s - 2p + d(kh - 1) + output_padding + 1`.

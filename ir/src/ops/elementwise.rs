@@ -57,6 +57,40 @@ impl OpRule for Unary {
     }
 }
 
+/// Backward of [`Unary`]: inputs `(x, dy)` of the same type, `dx = dy * f'(x)` elementwise:
+/// * gelu: `Phi(x) + x * phi(x)` (exact, with the normal cdf `Phi` and pdf `phi`);
+/// * relu: `1` where `x > 0`, else `0` (PyTorch's `threshold_backward`, so `f'(0) = 0`);
+/// * sigmoid: `s (1 - s)` with `s = sigmoid(x)`; exp: `exp(x)`; log: `1 / x`; neg: `-1`;
+/// * sqrt: `0.5 / sqrt(x)`; tanh: `1 - t^2` with `t = tanh(x)`;
+/// * abs: `sign(x)` with `sign(0) = 0`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnaryGrad {
+    pub kind: UnaryKind,
+}
+
+impl OpRule for UnaryGrad {
+    fn name(&self) -> &'static str {
+        "unary_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        expect_float("input", i[0])?;
+        if i[0] != i[1] {
+            return Err(format!("gradient {} must have the input's type {}", i[1], i[0]));
+        }
+        Ok(vec![i[0].clone()])
+    }
+    fn cost(&self, _: &[&TensorType], o: &[TensorType]) -> Cost {
+        // Re-evaluating f (or its derivative) plus the multiply by dy.
+        Cost {
+            flops: numel(&o[0].shape) * (self.kind.flops_per_element() + 1),
+            ..Cost::default()
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BinaryKind {

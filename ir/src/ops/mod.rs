@@ -15,23 +15,25 @@ mod linear;
 mod norm;
 mod pool;
 mod random;
+mod reduce;
 mod resize;
 mod shape;
 mod source;
 
 pub use attention::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
-pub use conv::{Conv2d, ConvTranspose2d};
+pub use conv::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
 pub use detection::{
     Anchors, BoxDecode, ClipBoxes, GatherRows, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
     RoiAlignGrad, TopK,
 };
-pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
+pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryGrad, UnaryKind};
 pub use index::{CompareKind, CompareScalar, IotaLike};
 pub use linear::{Linear, MatMul};
-pub use norm::{BatchNorm, GroupNorm, LayerNorm};
-pub use pool::MaxPool2d;
+pub use norm::{BatchNorm, BatchNormTrain, BatchNormTrainGrad, GroupNorm, GroupNormGrad, LayerNorm, LayerNormGrad};
+pub use pool::{MaxPool2d, MaxPool2dGrad};
 pub use random::{splitmix64, DropPathMask};
-pub use resize::{Resize, ResizeMode};
+pub use reduce::ReduceSum;
+pub use resize::{Resize, ResizeGrad, ResizeMode};
 pub use shape::{Concat, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
 
@@ -118,6 +120,8 @@ op_set! {
     Input(Input),
     Parameter(Parameter),
     Unary(Unary),
+    UnaryGrad(UnaryGrad),
+    ReduceSum(ReduceSum),
     Binary(Binary),
     Affine(Affine),
     Cast(Cast),
@@ -126,10 +130,15 @@ op_set! {
     Linear(Linear),
     MatMul(MatMul),
     Conv2d(Conv2d),
+    Conv2dGradWeight(Conv2dGradWeight),
     ConvTranspose2d(ConvTranspose2d),
     LayerNorm(LayerNorm),
+    LayerNormGrad(LayerNormGrad),
     GroupNorm(GroupNorm),
+    GroupNormGrad(GroupNormGrad),
     BatchNorm(BatchNorm),
+    BatchNormTrain(BatchNormTrain),
+    BatchNormTrainGrad(BatchNormTrainGrad),
     Softmax(Softmax),
     SoftmaxGrad(SoftmaxGrad),
     RelPosGather(RelPosGather),
@@ -142,7 +151,9 @@ op_set! {
     Slice(Slice),
     Concat(Concat),
     MaxPool2d(MaxPool2d),
+    MaxPool2dGrad(MaxPool2dGrad),
     Resize(Resize),
+    ResizeGrad(ResizeGrad),
     Anchors(Anchors),
     BoxDecode(BoxDecode),
     ClipBoxes(ClipBoxes),

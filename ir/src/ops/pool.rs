@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, OpRule};
+use super::{expect_float, expect_rank, numel, Cost, OpRule};
 use crate::types::TensorType;
 
 /// Max pooling on NCHW (padding counts as -inf). `kernel 1, stride 2` is detectron2's
@@ -51,5 +51,46 @@ impl OpRule for MaxPool2d {
             out.push((padded - self.kernel[d]) / self.stride[d] + 1);
         }
         Ok(vec![x.with_shape(out)])
+    }
+}
+
+/// Backward of [`MaxPool2d`] with the same attributes: inputs `(x [N, C, H, W], dy)` with `dy`
+/// of the pooled size -> `dx` like `x`. Each window's gradient goes to the element PyTorch's
+/// forward picks: the first maximum in row-major window order, where a NaN counts as the
+/// maximum (the first NaN wins); overlapping windows accumulate. Padding never receives
+/// gradient.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaxPool2dGrad {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+}
+
+impl OpRule for MaxPool2dGrad {
+    fn name(&self) -> &'static str {
+        "max_pool2d_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let forward = MaxPool2d {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let pooled = forward.infer(&i[..1])?.remove(0);
+        if i[1] != &pooled {
+            return Err(format!("gradient {} must have the pooled type {pooled}", i[1]));
+        }
+        Ok(vec![i[0].clone()])
+    }
+    fn cost(&self, i: &[&TensorType], _: &[TensorType]) -> Cost {
+        // One comparison per window element to find the argmax, one add per routed gradient.
+        let dy = &i[1].shape;
+        Cost {
+            flops: numel(dy) * (self.kernel[0] * self.kernel[1]) as u64 + numel(dy),
+            ..Cost::default()
+        }
     }
 }

@@ -56,3 +56,52 @@ impl OpRule for Resize {
         }
     }
 }
+
+/// Backward of [`Resize`] (the exact adjoint of the forward for every mode): input
+/// `dy [N, C, h, w]` (the resized size) -> `dx [N, C, input_size]`, where `input_size` is the
+/// forward's input size and `mode`, `align_corners` are the forward's. Each output pixel's
+/// gradient is scattered back to the source pixels with the forward's interpolation weights
+/// (nearest: its one source; bilinear: 2x2; bicubic: 4x4 with clamped border indices, so
+/// clamped taps accumulate on the border pixel).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResizeGrad {
+    pub input_size: [usize; 2],
+    pub mode: ResizeMode,
+    pub align_corners: bool,
+}
+
+impl OpRule for ResizeGrad {
+    fn name(&self) -> &'static str {
+        "resize_grad"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let dy = i[0];
+        expect_rank("gradient", dy, 4)?;
+        expect_float("gradient", dy)?;
+        if self.input_size.contains(&0) || dy.shape[2..].contains(&0) {
+            return Err(format!("empty input size {:?} or gradient {dy}", self.input_size));
+        }
+        Ok(vec![dy.with_shape([
+            dy.shape[0],
+            dy.shape[1],
+            self.input_size[0],
+            self.input_size[1],
+        ])])
+    }
+    fn cost(&self, i: &[&TensorType], _: &[TensorType]) -> Cost {
+        // Per resized element: one multiply-add per interpolation tap.
+        let n = numel(&i[0].shape);
+        let taps = match self.mode {
+            ResizeMode::Nearest => 1,
+            ResizeMode::Bilinear => 4,
+            ResizeMode::Bicubic => 16,
+        };
+        Cost {
+            flops: 2 * taps * n,
+            ..Cost::default()
+        }
+    }
+}
