@@ -1,12 +1,14 @@
-//! Attention building blocks: softmax and the two relative-position families.
+//! Attention building blocks: softmax and the two relative-position families, and their
+//! backward ops.
 //!
 //! The relative-position ops read small tables (parameters) and are written with candle ops on
-//! index tensors built on the host, so they run on any device without a CPU round trip.
+//! index tensors built on the host, so they run on any device without a CPU round trip; their
+//! backward ops scatter-add with candle's `index_add` over the same indices.
 
 use candle_core::{DType, Tensor};
-use vitdet_ir::ops::{RelPosBias, RelPosGather, Softmax};
+use vitdet_ir::ops::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
 
-use super::{accum_dtype, cpu, expect_float, KernelError, KernelResult};
+use super::{accum_dtype, cpu, cpu_attention_grad, expect_float, KernelError, KernelResult};
 
 /// Softmax along `op.axis`, stably (`exp(x - max) / sum`). On the CPU the last axis runs as one
 /// fused custom op (`cpu::SoftmaxLastDim`); other axes and other devices use candle's
@@ -77,6 +79,12 @@ pub fn rel_pos_gather(op: &RelPosGather, table: &Tensor) -> KernelResult<Tensor>
     } else {
         table.clone()
     };
+    let idx = Tensor::from_vec(rel_pos_gather_rows(q, k), q * k, table.device())?;
+    Ok(table.index_select(&idx, 0)?.reshape((q, k, c))?)
+}
+
+/// The resized-table row [`rel_pos_gather`] reads for each `(i, j)`, row-major over `[q, k]`.
+fn rel_pos_gather_rows(q: usize, k: usize) -> Vec<u32> {
     let (qf, kf) = (q as f64, k as f64);
     let q_scale = (kf / qf).max(1.0);
     let k_scale = (qf / kf).max(1.0);
@@ -87,8 +95,7 @@ pub fn rel_pos_gather(op: &RelPosGather, table: &Tensor) -> KernelResult<Tensor>
             idx.push(r as u32);
         }
     }
-    let idx = Tensor::from_vec(idx, q * k, table.device())?;
-    Ok(table.index_select(&idx, 0)?.reshape((q, k, c))?)
+    idx
 }
 
 /// BEiT's relative position bias: `table [(2h-1)(2w-1), heads] -> [heads, h*w, h*w]` with entry
@@ -103,6 +110,17 @@ pub fn rel_pos_bias(op: &RelPosBias, table: &Tensor) -> KernelResult<Tensor> {
         )));
     }
     let n = h * w;
+    let idx = Tensor::from_vec(rel_pos_bias_rows(h, w), n * n, table.device())?;
+    Ok(table
+        .index_select(&idx, 0)?
+        .reshape((n, n, heads))?
+        .permute((2, 0, 1))?
+        .contiguous()?)
+}
+
+/// The table row [`rel_pos_bias`] reads for each token pair `(i, j)`, row-major over `[n, n]`.
+fn rel_pos_bias_rows(h: usize, w: usize) -> Vec<u32> {
+    let n = h * w;
     let mut idx = Vec::with_capacity(n * n);
     for i in 0..n {
         let (yi, xi) = (i / w, i % w);
@@ -111,10 +129,90 @@ pub fn rel_pos_bias(op: &RelPosBias, table: &Tensor) -> KernelResult<Tensor> {
             idx.push(((yi + h - 1 - yj) * (2 * w - 1) + (xi + w - 1 - xj)) as u32);
         }
     }
-    let idx = Tensor::from_vec(idx, n * n, table.device())?;
-    Ok(table
-        .index_select(&idx, 0)?
-        .reshape((n, n, heads))?
-        .permute((2, 0, 1))?
-        .contiguous()?)
+    idx
+}
+
+// ------------------------------------------------------------------------------- backward
+
+/// Softmax backward `dx = y * (dy - sum(dy * y, axis))` from the softmax output `y` and its
+/// gradient `dy`. On the CPU the last axis runs as one fused custom op
+/// (`cpu_attention_grad::SoftmaxGradLastDim`, one pass per row for the dot product and one for
+/// the result); other axes and devices use candle ops. Half types are computed in f32.
+pub fn softmax_grad(op: &SoftmaxGrad, y: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("softmax output", y)?;
+    if y.dims() != dy.dims() || y.dtype() != dy.dtype() {
+        return Err(KernelError::Unsupported(format!(
+            "softmax_grad: output {} and gradient {} must have one shape and dtype",
+            crate::dtype::describe(y),
+            crate::dtype::describe(dy)
+        )));
+    }
+    if op.axis >= y.rank() {
+        return Err(KernelError::Unsupported(format!(
+            "softmax_grad: axis {} out of range for {:?}",
+            op.axis,
+            y.dims()
+        )));
+    }
+    let (dtype, acc) = (y.dtype(), accum_dtype(y.dtype()));
+    let (yf, dyf) = (y.to_dtype(acc)?, dy.to_dtype(acc)?);
+    if op.axis + 1 == y.rank() && y.device().is_cpu() {
+        return Ok(cpu_attention_grad::softmax_grad_last_dim(&yf, &dyf)?.to_dtype(dtype)?);
+    }
+    let dot = (&yf * &dyf)?.sum_keepdim(op.axis)?;
+    Ok((yf * dyf.broadcast_sub(&dot)?)?.to_dtype(dtype)?)
+}
+
+/// `zeros([size, rest]).index_add(rows, src, 0)` in `src`'s accumulation dtype (f32 for half
+/// types, so repeated rows add up without half-precision rounding).
+fn scatter_rows(rows: Vec<u32>, src: &Tensor, size: usize) -> KernelResult<Tensor> {
+    let acc = accum_dtype(src.dtype());
+    let (n, rest) = src.dims2()?;
+    let idx = Tensor::from_vec(rows, n, src.device())?;
+    let zeros = Tensor::zeros((size, rest), acc, src.device())?;
+    Ok(zeros.index_add(&idx, &src.to_dtype(acc)?.contiguous()?, 0)?)
+}
+
+/// Backward of [`rel_pos_gather`]: `dy [q, k, C] -> dtable [table_len, C]`. Each `dy[i, j]` is
+/// added to the resized-table row the forward read; when the forward resized the table
+/// (`table_len != 2 max(q, k) - 1`), the result goes back through the transposed interpolation
+/// matrix, in f64 like the forward's resize.
+pub fn rel_pos_gather_grad(op: &RelPosGatherGrad, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("gradient", dy)?;
+    let (q, k, l) = (op.q_size, op.k_size, op.table_len);
+    let dims = dy.dims();
+    if q == 0 || k == 0 || l == 0 || dims.len() != 3 || dims[..2] != [q, k] {
+        return Err(KernelError::Unsupported(format!(
+            "rel_pos_gather_grad: gradient must be [{q}, {k}, C] for table_len {l}, found {}",
+            crate::dtype::describe(dy)
+        )));
+    }
+    let c = dims[2];
+    let target = 2 * q.max(k) - 1;
+    let g = scatter_rows(rel_pos_gather_rows(q, k), &dy.reshape((q * k, c))?, target)?;
+    let g = if l != target {
+        // Forward: resized = M table with M [target, l]; adjoint: dtable = M^T g.
+        let m = Tensor::from_vec(linear_interp_matrix(l, target), (target, l), dy.device())?;
+        m.t()?.contiguous()?.matmul(&g.to_dtype(DType::F64)?)?
+    } else {
+        g
+    };
+    Ok(g.to_dtype(dy.dtype())?)
+}
+
+/// Backward of [`rel_pos_bias`]: `dy [heads, n, n] -> dtable [(2h-1)(2w-1), heads]`, each
+/// `dy[:, i, j]` added to the table row of the pair's relative offset.
+pub fn rel_pos_bias_grad(op: &RelPosBiasGrad, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("gradient", dy)?;
+    let [h, w] = op.window;
+    let n = h * w;
+    let (heads, n1, n2) = dy.dims3()?;
+    if n == 0 || n1 != n || n2 != n {
+        return Err(KernelError::Unsupported(format!(
+            "rel_pos_bias_grad: gradient [{heads}, {n1}, {n2}] does not fit window {:?}",
+            op.window
+        )));
+    }
+    let src = dy.permute((1, 2, 0))?.reshape((n * n, heads))?;
+    Ok(scatter_rows(rel_pos_bias_rows(h, w), &src, op.table_len())?.to_dtype(dy.dtype())?)
 }

@@ -1,12 +1,13 @@
 //! Detection kernels: anchors, box decoding and clipping, top-k, gathers, batched NMS,
-//! multi-level RoIAlign and mask pasting (`vitdet_ir::ops::detection`).
+//! multi-level RoIAlign and mask pasting (`vitdet_ir::ops::detection`), and the backward ops of
+//! the gathers and of RoIAlign.
 //!
 //! These are hand-written loops on the host. Inputs on the CPU are read in place (after a
 //! conversion to f32/f64 where needed); inputs on another device are **copied to the CPU,
 //! computed there and the result copied back** to the input's device (simple and exact; these
-//! ops are a small part of a detector's time). `index_select` and `gather_rows` are the
-//! exceptions: they check their indices on the host and then gather with candle's
-//! device-generic `index_select`.
+//! ops are a small part of a detector's time). `index_select`, `gather_rows` and their backward
+//! ops are the exceptions: they check their indices on the host and then gather (scatter-add)
+//! with candle's device-generic `index_select` (`index_add`).
 //!
 //! Arithmetic: box math, RoIAlign and mask pasting are computed in f64 from the stored values
 //! and rounded to the output dtype once (detectron2 computes them in the input dtype, f32;
@@ -21,7 +22,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, WithDType};
 use rayon::prelude::*;
-use vitdet_ir::ops::{Anchors, BoxDecode, ClipBoxes, IndexSelect, Nms, PasteMasks, RoiAlign, TopK};
+use vitdet_ir::ops::{
+    Anchors, BoxDecode, ClipBoxes, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
+    RoiAlignGrad, TopK,
+};
 
 use super::cpu::Real;
 use super::{expect_float, KernelError, KernelResult};
@@ -319,6 +323,58 @@ pub fn gather_rows(data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
     Ok(out.reshape(shape)?)
 }
 
+/// Backward of [`index_select`]: `dx = zeros(shape with size along axis).index_add(indices,
+/// dy, axis)` (any device, after a host-side range check): repeated indices accumulate,
+/// computed in f32 for half types.
+pub fn index_select_grad(op: &IndexSelectGrad, indices: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("gradient", dy)?;
+    let dims = dy.dims();
+    if op.axis >= dims.len() || indices.dims() != [dims[op.axis]] {
+        return unsupported(format!(
+            "index_select_grad: expects indices [k] and a gradient with k entries along axis {}, found {} and {}",
+            op.axis,
+            crate::dtype::describe(indices),
+            crate::dtype::describe(dy)
+        ));
+    }
+    let idx = host_i64(indices, "index_select_grad indices")?;
+    check_indices(&idx, op.size, &format!("index_select_grad along axis {}", op.axis))?;
+    let mut shape = dims.to_vec();
+    shape[op.axis] = op.size;
+    let acc = super::accum_dtype(dy.dtype());
+    let idx = Tensor::from_vec(idx, indices.elem_count(), dy.device())?;
+    let dx = Tensor::zeros(shape, acc, dy.device())?.index_add(&idx, &dy.to_dtype(acc)?.contiguous()?, op.axis)?;
+    Ok(dx.to_dtype(dy.dtype())?)
+}
+
+/// Backward of [`gather_rows`]: `dy [N, ...] -> dx [N, M, ...]`, zero except
+/// `dx[n, indices[n]] = dy[n]`: one `index_add` into rows `n * M + indices[n]` of `dx` viewed as
+/// `[N * M, ...]` (any device; the rows are distinct, so nothing accumulates), after a range
+/// check.
+pub fn gather_rows_grad(op: &GatherRowsGrad, indices: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("gradient", dy)?;
+    let dims = dy.dims().to_vec();
+    if dims.is_empty() || indices.dims() != [dims[0]] || op.rows == 0 {
+        return unsupported(format!(
+            "gather_rows_grad expects indices [N] and a gradient [N, ...] with rows > 0, found {} and {} (rows {})",
+            crate::dtype::describe(indices),
+            crate::dtype::describe(dy),
+            op.rows
+        ));
+    }
+    let (n, m) = (dims[0], op.rows);
+    let idx = host_i64(indices, "gather_rows_grad indices")?;
+    check_indices(&idx, m, "gather_rows_grad")?;
+    let flat: Vec<i64> = idx.iter().enumerate().map(|(r, &i)| (r * m) as i64 + i).collect();
+    let flat = Tensor::from_vec(flat, n, dy.device())?;
+    let mut view = vec![n * m];
+    view.extend_from_slice(&dims[1..]);
+    let dx = Tensor::zeros(view, dy.dtype(), dy.device())?.index_add(&flat, &dy.contiguous()?, 0)?;
+    let mut shape = vec![n, m];
+    shape.extend_from_slice(&dims[1..]);
+    Ok(dx.reshape(shape)?)
+}
+
 // ------------------------------------------------------------------------------- NMS
 
 /// One NMS group's candidates in descending score order (structure of arrays) and whether
@@ -585,19 +641,11 @@ fn axis_taps(mut c: f64, size: usize) -> Option<(usize, usize, f64, f64)> {
     Some((low, high, l, 1.0 - l))
 }
 
-/// RoIAlign of one box on one level `[C, H, W]` into `out [C, oh, ow]`, as torchvision's CPU
-/// `roi_align` (f64 arithmetic in its order of operations).
-#[allow(clippy::too_many_arguments)]
-fn roi_align_box<T: Real>(
-    op: &RoiAlign,
-    feat: &[T],
-    c: usize,
-    h: usize,
-    w: usize,
-    scale: f64,
-    bx: &[f64],
-    out: &mut [T],
-) {
+/// The bilinear samples of one box on an `h x w` level, as torchvision's `roi_align`
+/// computes them (f64 arithmetic in its order of operations): per bin (row-major), its samples
+/// (row-major over iy, ix). Returns the samples, the samples per bin and the divisor of the
+/// bin average (`max(samples per bin, 1)`). Shared by the forward and its adjoint.
+fn roi_align_samples(op: &RoiAlign, h: usize, w: usize, scale: f64, bx: &[f64]) -> (Vec<Sample>, usize, f64) {
     let [oh, ow] = op.output_size;
     let offset = if op.aligned { 0.5 } else { 0.0 };
     let x0 = bx[0] * scale - offset;
@@ -641,7 +689,24 @@ fn roi_align_box<T: Real>(
             }
         }
     }
-    let per_bin = gh * gw;
+    (samples, gh * gw, count)
+}
+
+/// RoIAlign of one box on one level `[C, H, W]` into `out [C, oh, ow]`, as torchvision's CPU
+/// `roi_align`.
+#[allow(clippy::too_many_arguments)]
+fn roi_align_box<T: Real>(
+    op: &RoiAlign,
+    feat: &[T],
+    c: usize,
+    h: usize,
+    w: usize,
+    scale: f64,
+    bx: &[f64],
+    out: &mut [T],
+) {
+    let [oh, ow] = op.output_size;
+    let (samples, per_bin, count) = roi_align_samples(op, h, w, scale, bx);
     for ch in 0..c {
         let plane = &feat[ch * h * w..(ch + 1) * h * w];
         let o = &mut out[ch * oh * ow..(ch + 1) * oh * ow];
@@ -730,6 +795,103 @@ pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
         from_host(run::<f32>(op, feats, &dims, &bx, &levels, c)?, &shape, device)?
     };
     Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? })
+}
+
+/// Backward of [`roi_align`] with respect to the features: `boxes [R, 4]`, `dy [R, C, oh, ow]`
+/// -> one gradient `[1, C, H_l, W_l]` per level of `op.feature_shapes`. Each box goes to the
+/// level [`assign_levels`] gives (as in the forward) and each bin's gradient, divided by the
+/// bin's sample count, is added to the four bilinear taps of each of its samples with the
+/// forward's weights ([`roi_align_samples`]: same positions, clamping and out-of-range rule),
+/// which is torchvision's `roi_align_backward`. Boxes get no gradient.
+///
+/// Host loop like the forward: `dy` is read as f32 (f64 for f64), per-sample products are
+/// formed in f64 and added into a buffer of that type. Parallel over channels (each channel's
+/// planes are written by one task), boxes in order within a channel, so the result does not
+/// depend on the thread count.
+pub fn roi_align_grad(op: &RoiAlignGrad, boxes: &Tensor, dy: &Tensor) -> KernelResult<Vec<Tensor>> {
+    expect_float("gradient", dy)?;
+    let roi = &op.roi;
+    let shapes = &op.feature_shapes;
+    if shapes.is_empty() || shapes.len() != roi.scales.len() {
+        return unsupported(format!(
+            "roi_align_grad: {} feature shapes for {} scales",
+            shapes.len(),
+            roi.scales.len()
+        ));
+    }
+    let c = shapes[0][1];
+    if let Some(f) = shapes.iter().find(|f| f[0] != 1 || f[1] != c || f[2] == 0 || f[3] == 0) {
+        return unsupported(format!(
+            "roi_align_grad: feature shapes must be non-empty [1, C, H, W] with one C, found {f:?}"
+        ));
+    }
+    let [oh, ow] = roi.output_size;
+    let (r, four) = boxes.dims2()?;
+    if four != 4 || dy.dims() != [r, c, oh, ow] {
+        return unsupported(format!(
+            "roi_align_grad: expects boxes [R, 4] and a gradient [R, {c}, {oh}, {ow}], found {} and {}",
+            crate::dtype::describe(boxes),
+            crate::dtype::describe(dy)
+        ));
+    }
+    let bx = host_f64(boxes)?;
+    let levels = assign_levels(roi, &bx, shapes.len());
+    fn run<T: Real + WithDType>(
+        op: &RoiAlignGrad,
+        dy: &Tensor,
+        bx: &[f64],
+        levels: &[usize],
+    ) -> KernelResult<Vec<Vec<T>>> {
+        let roi = &op.roi;
+        let g = host_as::<T>(dy)?;
+        let c = op.feature_shapes[0][1];
+        let bins = roi.output_size[0] * roi.output_size[1];
+        let mut grads = Vec::with_capacity(op.feature_shapes.len());
+        for (l, f) in op.feature_shapes.iter().enumerate() {
+            let (h, w) = (f[2], f[3]);
+            let boxes: Vec<usize> = (0..levels.len()).filter(|&i| levels[i] == l).collect();
+            let samples: Vec<(Vec<Sample>, usize, f64)> = boxes
+                .par_iter()
+                .map(|&i| roi_align_samples(roi, h, w, roi.scales[l], &bx[4 * i..4 * i + 4]))
+                .collect();
+            let mut grad = vec![T::ZERO; c * h * w];
+            if !boxes.is_empty() {
+                grad.par_chunks_mut(h * w).enumerate().for_each(|(ch, plane)| {
+                    for (&i, (smp, per_bin, count)) in boxes.iter().zip(&samples) {
+                        let gy = &g[(i * c + ch) * bins..][..bins];
+                        for (bin, &gv) in gy.iter().enumerate() {
+                            let gv = Real::to_f64(gv) / *count;
+                            for s in &smp[bin * per_bin..(bin + 1) * per_bin] {
+                                for &(o, wt) in s {
+                                    plane[o] += <T as Real>::from_f64(wt * gv);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            grads.push(grad);
+        }
+        Ok(grads)
+    }
+    let device = dy.device();
+    let dtype = dy.dtype();
+    let outs: Vec<Tensor> = if compute_dtype(dy) == DType::F64 {
+        run::<f64>(op, dy, &bx, &levels)?
+            .into_iter()
+            .zip(shapes)
+            .map(|(g, f)| from_host(g, f, device))
+            .collect::<KernelResult<_>>()?
+    } else {
+        run::<f32>(op, dy, &bx, &levels)?
+            .into_iter()
+            .zip(shapes)
+            .map(|(g, f)| from_host(g, f, device))
+            .collect::<KernelResult<_>>()?
+    };
+    outs.into_iter()
+        .map(|t| Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? }))
+        .collect()
 }
 
 // ------------------------------------------------------------------------------- mask paste

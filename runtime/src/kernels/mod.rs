@@ -18,12 +18,14 @@
 pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;
+pub(crate) mod cpu_attention_grad;
 pub mod detection;
 pub mod elementwise;
 pub mod index;
 pub mod linear;
 pub mod norm;
 pub mod pool;
+pub mod random;
 pub mod resize;
 pub mod shape;
 
@@ -82,6 +84,7 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Affine(o) => one(elementwise::affine(o, &x[0])?),
         Op::Cast(o) => one(elementwise::cast(o, &x[0])?),
         Op::DropPath(o) => one(elementwise::drop_path(o, &x[0])?),
+        Op::DropPathMask(o) => one(random::drop_path_mask(o, &x[0])?),
         Op::Linear(_) => one(linear::linear(&x[0], &x[1], x.get(2))?),
         Op::MatMul(o) => one(linear::matmul(o, &x[0], &x[1])?),
         Op::Conv2d(o) => one(conv::conv2d(o, &x[0], &x[1], x.get(2))?),
@@ -90,8 +93,11 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::GroupNorm(o) => one(norm::group_norm(o, &x[0], &x[1], &x[2])?),
         Op::BatchNorm(o) => one(norm::batch_norm(o, &x[0], &x[1], &x[2], &x[3], &x[4])?),
         Op::Softmax(o) => one(attention::softmax(o, &x[0])?),
+        Op::SoftmaxGrad(o) => one(attention::softmax_grad(o, &x[0], &x[1])?),
         Op::RelPosGather(o) => one(attention::rel_pos_gather(o, &x[0])?),
         Op::RelPosBias(o) => one(attention::rel_pos_bias(o, &x[0])?),
+        Op::RelPosGatherGrad(o) => one(attention::rel_pos_gather_grad(o, &x[0])?),
+        Op::RelPosBiasGrad(o) => one(attention::rel_pos_bias_grad(o, &x[0])?),
         Op::Reshape(o) => one(shape::reshape(o, &x[0])?),
         Op::Permute(o) => one(shape::permute(o, &x[0])?),
         Op::Pad(o) => one(shape::pad(o, &x[0])?),
@@ -106,9 +112,12 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::ClipBoxes(o) => one(detection::clip_boxes(o, &x[0])?),
         Op::TopK(o) => detection::top_k(o, &x[0]),
         Op::IndexSelect(o) => one(detection::index_select(o, &x[0], &x[1])?),
+        Op::IndexSelectGrad(o) => one(detection::index_select_grad(o, &x[0], &x[1])?),
         Op::GatherRows(_) => one(detection::gather_rows(&x[0], &x[1])?),
+        Op::GatherRowsGrad(o) => one(detection::gather_rows_grad(o, &x[0], &x[1])?),
         Op::Nms(o) => detection::nms(o, &x[0], &x[1], x.get(2), x.get(3)),
         Op::RoiAlign(o) => one(detection::roi_align(o, x)?),
+        Op::RoiAlignGrad(o) => detection::roi_align_grad(o, &x[0], &x[1]),
         Op::PasteMasks(o) => one(detection::paste_masks(o, &x[0], &x[1])?),
     }
 }
