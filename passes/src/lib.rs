@@ -4,10 +4,12 @@
 //! summary behind `vitdet compile`'s report. Later passes (fusion, autodiff, checkpointing,
 //! memory planning) are graph-in, graph-out functions living beside these.
 
+pub mod autodiff;
 pub mod cost;
 pub mod liveness;
 pub mod schedule;
 
+pub use autodiff::{differentiate, AutodiffError, Differentiated};
 pub use cost::{params_by_scope, CostSummary};
 pub use liveness::{liveness, Liveness};
 pub use schedule::schedule;

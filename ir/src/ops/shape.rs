@@ -154,3 +154,26 @@ impl OpRule for Concat {
         Ok(vec![first.with_shape(shape)])
     }
 }
+
+/// NumPy-style broadcast of the input to `shape` (the adjoint of a sum over broadcast axes):
+/// the input's axes align with the trailing axes of `shape`, each of size 1 or equal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Expand {
+    pub shape: Vec<usize>,
+}
+
+impl OpRule for Expand {
+    fn name(&self) -> &'static str {
+        "expand"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let x = i[0];
+        match super::broadcast_shapes(&x.shape, &self.shape) {
+            Ok(s) if s == self.shape => Ok(vec![x.with_shape(self.shape.clone())]),
+            _ => Err(format!("cannot expand {x} to {:?}", self.shape)),
+        }
+    }
+}

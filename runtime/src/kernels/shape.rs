@@ -6,7 +6,7 @@
 //! it costs nothing.
 
 use candle_core::Tensor;
-use vitdet_ir::ops::{Concat, Pad, Permute, Reshape, Slice};
+use vitdet_ir::ops::{Concat, Expand, Pad, Permute, Reshape, Slice};
 
 use super::{KernelError, KernelResult};
 
@@ -62,4 +62,9 @@ pub fn concat(op: &Concat, xs: &[Tensor]) -> KernelResult<Tensor> {
         return Ok(xs[0].clone());
     }
     Ok(Tensor::cat(xs, op.axis)?)
+}
+
+/// Broadcast to `shape`, as a view (stride 0 on the broadcast axes).
+pub fn expand(op: &Expand, x: &Tensor) -> KernelResult<Tensor> {
+    Ok(x.broadcast_as(op.shape.as_slice())?)
 }

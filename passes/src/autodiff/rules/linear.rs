@@ -1,0 +1,176 @@
+//! Contractions: linear layers, matrix products and convolutions.
+
+use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d, MatMul, Permute, ReduceSum};
+use vitdet_ir::Value;
+
+use super::{Ctx, Grads};
+
+fn bias_grad(ctx: &mut Ctx, dy: Value, axes: Vec<usize>) -> Result<Value, String> {
+    ctx.emit(ReduceSum { axes, keepdim: false }, &[dy])
+}
+
+/// `y = x @ w^T + b`: `dx = dy @ w`, `dw = dy^T @ x` over all leading axes, `db = sum dy`.
+pub(super) fn linear(ctx: &mut Ctx, dy: Value) -> Grads {
+    let (x, w) = (ctx.input(0), ctx.input(1));
+    let xs = ctx.shape(x);
+    let (out, inp) = (ctx.shape(w)[0], ctx.shape(w)[1]);
+    let rows = xs.iter().product::<usize>() / inp;
+    let dx = if ctx.needs(0) {
+        let dy2 = ctx.reshape(dy, vec![rows, out])?;
+        let dx = ctx.emit(MatMul { transpose_rhs: false }, &[dy2, w])?;
+        Some(ctx.reshape(dx, xs.clone())?)
+    } else {
+        None
+    };
+    let dw = if ctx.needs(1) {
+        let dy2 = ctx.reshape(dy, vec![rows, out])?;
+        let x2 = ctx.reshape(x, vec![rows, inp])?;
+        let dyt = ctx.emit(Permute { perm: vec![1, 0] }, &[dy2])?;
+        Some(ctx.emit(MatMul { transpose_rhs: false }, &[dyt, x2])?)
+    } else {
+        None
+    };
+    let mut grads = vec![dx, dw];
+    if ctx.num_inputs() == 3 {
+        let rank = ctx.shape(dy).len();
+        grads.push(if ctx.needs(2) {
+            Some(bias_grad(ctx, dy, (0..rank - 1).collect())?)
+        } else {
+            None
+        });
+    }
+    Ok(grads)
+}
+
+/// Swaps the last two axes.
+fn transpose(ctx: &mut Ctx, v: Value) -> Result<Value, String> {
+    let r = ctx.shape(v).len();
+    let mut perm: Vec<usize> = (0..r).collect();
+    perm.swap(r - 2, r - 1);
+    ctx.emit(Permute { perm }, &[v])
+}
+
+/// `y = a @ b` (or `a @ b^T`), batch axes broadcast.
+pub(super) fn matmul(ctx: &mut Ctx, o: &MatMul, dy: Value) -> Grads {
+    let (a, b) = (ctx.input(0), ctx.input(1));
+    let (sa, sb) = (ctx.shape(a), ctx.shape(b));
+    let da = if ctx.needs(0) {
+        // dy [.., m, n] @ b^T: b is [.., k, n] (use it transposed) or [.., n, k] (as is).
+        let g = ctx.emit(
+            MatMul {
+                transpose_rhs: !o.transpose_rhs,
+            },
+            &[dy, b],
+        )?;
+        Some(ctx.sum_to(g, &sa)?)
+    } else {
+        None
+    };
+    let db = if ctx.needs(1) {
+        let g = if o.transpose_rhs {
+            // b [.., n, k]: dy^T [.., n, m] @ a [.., m, k]
+            let dyt = transpose(ctx, dy)?;
+            ctx.emit(MatMul { transpose_rhs: false }, &[dyt, a])?
+        } else {
+            // b [.., k, n]: a^T [.., k, m] @ dy [.., m, n]
+            let at = transpose(ctx, a)?;
+            ctx.emit(MatMul { transpose_rhs: false }, &[at, dy])?
+        };
+        Some(ctx.sum_to(g, &sb)?)
+    } else {
+        None
+    };
+    Ok(vec![da, db])
+}
+
+/// Convolution: the input gradient is the transposed convolution of `dy` with the same weight
+/// (its output padding restores the input size), the weight gradient a correlation of `x` with
+/// `dy`.
+pub(super) fn conv2d(ctx: &mut Ctx, o: &Conv2d, dy: Value) -> Grads {
+    let (x, w) = (ctx.input(0), ctx.input(1));
+    let (xs, ws, ys) = (ctx.shape(x), ctx.shape(w), ctx.shape(dy));
+    let kernel = [ws[2], ws[3]];
+    let dx = if ctx.needs(0) {
+        if o.groups != 1 {
+            return Err(format!(
+                "input gradient of a grouped convolution (groups {}) is not implemented",
+                o.groups
+            ));
+        }
+        let mut output_padding = [0; 2];
+        for d in 0..2 {
+            let covered = (ys[2 + d] - 1) * o.stride[d] + o.dilation[d] * (kernel[d] - 1) + 1;
+            output_padding[d] = xs[2 + d] + 2 * o.padding[d] - covered;
+        }
+        let op = ConvTranspose2d {
+            stride: o.stride,
+            padding: o.padding,
+            output_padding,
+            dilation: o.dilation,
+        };
+        Some(ctx.emit(op, &[dy, w])?)
+    } else {
+        None
+    };
+    let dw = if ctx.needs(1) {
+        let op = Conv2dGradWeight {
+            stride: o.stride,
+            padding: o.padding,
+            dilation: o.dilation,
+            groups: o.groups,
+            kernel,
+        };
+        Some(ctx.emit(op, &[x, dy])?)
+    } else {
+        None
+    };
+    let mut grads = vec![dx, dw];
+    if ctx.num_inputs() == 3 {
+        grads.push(if ctx.needs(2) {
+            Some(bias_grad(ctx, dy, vec![0, 2, 3])?)
+        } else {
+            None
+        });
+    }
+    Ok(grads)
+}
+
+/// Transposed convolution `x [N, Cin, H, W]`, `w [Cin, Cout, kh, kw]`: it is the adjoint of the
+/// convolution of its output with `w`, so `dx = conv2d(dy, w)` and the weight gradient is that
+/// convolution's, with the roles of input and output swapped.
+pub(super) fn conv_transpose2d(ctx: &mut Ctx, o: &ConvTranspose2d, dy: Value) -> Grads {
+    let (x, w) = (ctx.input(0), ctx.input(1));
+    let ws = ctx.shape(w);
+    let dx = if ctx.needs(0) {
+        let op = Conv2d {
+            stride: o.stride,
+            padding: o.padding,
+            dilation: o.dilation,
+            groups: 1,
+        };
+        Some(ctx.emit(op, &[dy, w])?)
+    } else {
+        None
+    };
+    let dw = if ctx.needs(1) {
+        let op = Conv2dGradWeight {
+            stride: o.stride,
+            padding: o.padding,
+            dilation: o.dilation,
+            groups: 1,
+            kernel: [ws[2], ws[3]],
+        };
+        Some(ctx.emit(op, &[dy, x])?)
+    } else {
+        None
+    };
+    let mut grads = vec![dx, dw];
+    if ctx.num_inputs() == 3 {
+        grads.push(if ctx.needs(2) {
+            Some(bias_grad(ctx, dy, vec![0, 2, 3])?)
+        } else {
+            None
+        });
+    }
+    Ok(grads)
+}
