@@ -59,10 +59,11 @@ impl OpRule for Unary {
 
 /// Backward of [`Unary`]: inputs `(x, dy)` of the same type, `dx = dy * f'(x)` elementwise:
 /// * gelu: `Phi(x) + x * phi(x)` (exact, with the normal cdf `Phi` and pdf `phi`);
-/// * relu: `1` where `x > 0`, else `0` (PyTorch's `threshold_backward`, so `f'(0) = 0`);
+/// * relu: `0` where `x <= 0`, else `1` (PyTorch's `threshold_backward`: `f'(0) = 0`, and a NaN
+///   input passes `dy` through);
 /// * sigmoid: `s (1 - s)` with `s = sigmoid(x)`; exp: `exp(x)`; log: `1 / x`; neg: `-1`;
 /// * sqrt: `0.5 / sqrt(x)`; tanh: `1 - t^2` with `t = tanh(x)`;
-/// * abs: `sign(x)` with `sign(0) = 0`.
+/// * abs: `sign(x)` with `sign(0) = 0` (and `0` for NaN, as PyTorch's CPU `sgn`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UnaryGrad {
     pub kind: UnaryKind,

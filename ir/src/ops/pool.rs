@@ -56,9 +56,10 @@ impl OpRule for MaxPool2d {
 
 /// Backward of [`MaxPool2d`] with the same attributes: inputs `(x [N, C, H, W], dy)` with `dy`
 /// of the pooled size -> `dx` like `x`. Each window's gradient goes to the element PyTorch's
-/// forward picks: the first maximum in row-major window order, where a NaN counts as the
-/// maximum (the first NaN wins); overlapping windows accumulate. Padding never receives
-/// gradient.
+/// CPU forward picks: scanning the in-bounds window elements in row-major order, an element
+/// replaces the current pick when it is greater or is NaN (so the first maximum wins, or the
+/// last NaN), starting from the first in-bounds element (which a window of all `-inf` keeps).
+/// Overlapping windows accumulate; padding never receives gradient.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MaxPool2dGrad {
     pub kernel: [usize; 2],

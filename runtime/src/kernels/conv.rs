@@ -19,12 +19,18 @@
 //! * `conv_transpose2d` with kernel == stride, no padding / output padding / dilation (the 2x2
 //!   stride-2 deconvolutions of the feature pyramids): `w^T @ x` per image, then one pass that
 //!   interleaves the kernel offsets into the output and adds the bias.
+//!
+//! `conv2d_grad_weight` (the weight gradient of `conv2d`) is, on the CPU for f32 / f64, a strided
+//! im2col of `x` per tile times `dy^T`, summed over tiles; elsewhere it is itself a convolution
+//! (`conv2d_grad_weight_portable`). Input gradients need no kernel of their own: that of
+//! `conv2d` is a `conv_transpose2d` of `dy` and that of `conv_transpose2d` a `conv2d` of `dy`.
 
 use candle_core::{DType, Storage, Tensor, WithDType};
 use rayon::prelude::*;
-use vitdet_ir::ops::{Conv2d, ConvTranspose2d};
+use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
 
 use super::cpu::Im2Col;
+use super::cpu_grad::StridedIm2Col;
 use super::linear::{gemm_operand, with_contraction_dtype};
 use super::{channel_view, expect_float, KernelError, KernelResult};
 
@@ -252,6 +258,143 @@ fn im2col_conv_candle(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [us
     } else {
         Tensor::cat(&images, 0)?
     })
+}
+
+/// The weight gradient of [`conv2d`] (see [`Conv2dGradWeight`]): `x [N, Cin, H, W]`,
+/// `dy [N, O, Ho, Wo]` -> `dw [O, Cin/groups, kh, kw]`.
+pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
+    with_contraction_dtype(&[x, dy], |t| {
+        let (x, dy) = (&t[0], &t[1]);
+        if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+            return conv2d_grad_weight_portable(op, x, dy);
+        }
+        let [kh, kw] = op.kernel;
+        let g = op.groups;
+        let (og, kg) = (o / g, cin / g * kh * kw);
+        let k = cin * kh * kw;
+        let x = x.contiguous()?;
+        // Tiles of whole images, or of output rows of one image, keep the columns under
+        // IM2COL_TILE_BYTES; their products are summed.
+        let size = x.dtype().size_in_bytes();
+        let image_bytes = k * ho * wo * size;
+        let mut tiles = Vec::new();
+        if image_bytes <= IM2COL_TILE_BYTES {
+            let per_tile = (IM2COL_TILE_BYTES / image_bytes.max(1)).clamp(1, n.max(1));
+            for b0 in (0..n).step_by(per_tile) {
+                tiles.push((b0, per_tile.min(n - b0), 0, ho));
+            }
+        } else {
+            let rows = (IM2COL_TILE_BYTES / (k * wo * size).max(1)).clamp(1, ho.max(1));
+            for b0 in 0..n {
+                for r0 in (0..ho).step_by(rows) {
+                    tiles.push((b0, 1, r0, rows.min(ho - r0)));
+                }
+            }
+        }
+        let mut dw: Option<Tensor> = None;
+        for (b0, nb, r0, r) in tiles {
+            let cols = StridedIm2Col {
+                kernel: op.kernel,
+                stride: op.stride,
+                padding: op.padding,
+                dilation: op.dilation,
+                out_w: wo,
+                images: (b0, nb),
+                rows: (r0, r),
+            }
+            .apply(&x)?; // [Cin*kh*kw, nb*r*Wo]
+            let dyt = dy
+                .narrow(0, b0, nb)?
+                .narrow(2, r0, r)?
+                .permute((1, 0, 2, 3))?
+                .contiguous()?
+                .reshape((o, nb * r * wo))?;
+            let parts = (0..g)
+                .map(|gi| {
+                    let cg = gemm_operand(&cols.narrow(0, gi * kg, kg)?.t()?)?;
+                    dyt.narrow(0, gi * og, og)?.matmul(&cg) // [O/g, Cin/g*kh*kw]
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let part = if g == 1 {
+                parts[0].clone()
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            dw = Some(match dw {
+                None => part,
+                Some(acc) => (acc + part)?,
+            });
+        }
+        let dw = match dw {
+            Some(dw) => dw,
+            None => Tensor::zeros((o, kg), x.dtype(), x.device())?,
+        };
+        Ok(dw.reshape((o, cin / g, kh, kw))?)
+    })
+}
+
+/// The weight gradient as a convolution (the non-CPU path, and half types on the CPU; public so
+/// tests can check it on the CPU): per group, `x` with batch and channels swapped
+/// (`[Cin/g, N, H, W]`) convolved with `dy` likewise swapped (`[O/g, N, Ho, Wo]`, as the weight)
+/// at stride `dilation`, dilation `stride` and the same padding gives `dw^T` on a grid of at
+/// least `kh x kw`, cropped to it.
+pub fn conv2d_grad_weight_portable(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    let (_, cin, _, _, o, _, _) = check_grad_weight(op, x, dy)?;
+    let g = op.groups;
+    let (cg, og) = (cin / g, o / g);
+    let [kh, kw] = op.kernel;
+    let conv = Conv2d {
+        stride: op.dilation,
+        padding: op.padding,
+        dilation: op.stride,
+        groups: 1,
+    };
+    let parts = (0..g)
+        .map(|gi| -> KernelResult<Tensor> {
+            let xg = x.narrow(1, gi * cg, cg)?.transpose(0, 1)?.contiguous()?;
+            let dyg = dy.narrow(1, gi * og, og)?.transpose(0, 1)?.contiguous()?;
+            let full = conv2d(&conv, &xg, &dyg, None)?; // [Cin/g, O/g, >= kh, >= kw]
+            Ok(full.narrow(2, 0, kh)?.narrow(3, 0, kw)?.transpose(0, 1)?)
+        })
+        .collect::<KernelResult<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+}
+
+/// Validates the operands of a weight gradient; returns `(N, Cin, H, W, O, Ho, Wo)`.
+fn check_grad_weight(
+    op: &Conv2dGradWeight,
+    x: &Tensor,
+    dy: &Tensor,
+) -> KernelResult<(usize, usize, usize, usize, usize, usize, usize)> {
+    expect_float("input", x)?;
+    let (n, cin, h, w) = x.dims4()?;
+    let (n2, o, ho, wo) = dy.dims4()?;
+    let bad = |why: String| {
+        Err(KernelError::Unsupported(format!(
+            "conv2d_grad_weight {op:?} with input {:?} and gradient {:?}: {why}",
+            x.dims(),
+            dy.dims()
+        )))
+    };
+    if dy.dtype() != x.dtype() {
+        return bad(format!("dtypes {:?} and {:?} differ", x.dtype(), dy.dtype()));
+    }
+    let g = op.groups;
+    if g == 0 || !cin.is_multiple_of(g) || !o.is_multiple_of(g) || n != n2 {
+        return bad("groups must divide both channel counts and the batches must agree".into());
+    }
+    if op.kernel.contains(&0) || op.stride.contains(&0) || op.dilation.contains(&0) {
+        return bad("kernel, stride and dilation must be positive".into());
+    }
+    for (d, (size, out)) in [(h, ho), (w, wo)].into_iter().enumerate() {
+        let span = op.dilation[d] * (op.kernel[d] - 1) + 1;
+        let padded = size + 2 * op.padding[d];
+        if padded < span || out != (padded - span) / op.stride[d] + 1 {
+            return bad("the gradient does not have the convolution's output size".into());
+        }
+    }
+    Ok((n, cin, h, w, o, ho, wo))
 }
 
 /// PyTorch's `conv_transpose2d` (groups 1), weight `[C_in, C_out, kh, kw]`.

@@ -1,9 +1,9 @@
 //! Elementwise ops: unary functions, broadcasting binary ops, affine, cast, drop path.
 
 use candle_core::{DType, Tensor};
-use vitdet_ir::ops::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryKind};
+use vitdet_ir::ops::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryGrad, UnaryKind};
 
-use super::{expect_float, KernelResult};
+use super::{accum_dtype, expect_float, KernelError, KernelResult};
 use crate::dtype::to_candle;
 
 /// `f(x)` elementwise. GELU is the exact erf form (PyTorch's default): on the CPU, f32 (and f16 /
@@ -32,6 +32,48 @@ fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
         }
         _ => x.gelu_erf(),
     }
+}
+
+/// `dx = dy * f'(x)` (see [`UnaryGrad`] for each derivative), from candle ops in f32 for half
+/// types (f64 for f64) and rounded back.
+pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    expect_float("input", x)?;
+    if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
+        return Err(KernelError::Unsupported(format!(
+            "unary_grad: gradient {:?} {:?} must match input {:?} {:?}",
+            dy.dtype(),
+            dy.dims(),
+            x.dtype(),
+            x.dims()
+        )));
+    }
+    let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
+    let (x, dy) = (x.to_dtype(acc)?, dy.to_dtype(acc)?);
+    let dx = match op.kind {
+        UnaryKind::Gelu => {
+            // Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+            let cdf = ((x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
+            let pdf = (x.sqr()? * -0.5)?
+                .exp()?
+                .affine(1.0 / (2.0 * std::f64::consts::PI).sqrt(), 0.0)?;
+            dy.mul(&(cdf + x.mul(&pdf)?)?)?
+        }
+        UnaryKind::Relu => {
+            // threshold_backward: 0 where x <= 0 (so NaN inputs pass dy through).
+            x.le(0.0)?.where_cond(&dy.zeros_like()?, &dy)?
+        }
+        UnaryKind::Sigmoid => {
+            let s = (x.neg()?.exp()? + 1.0)?.recip()?;
+            dy.mul(&s.mul(&s.affine(-1.0, 1.0)?)?)?
+        }
+        UnaryKind::Exp => dy.mul(&x.exp()?)?,
+        UnaryKind::Log => dy.div(&x)?,
+        UnaryKind::Neg => dy.neg()?,
+        UnaryKind::Sqrt => (dy.div(&x.sqrt()?)? * 0.5)?,
+        UnaryKind::Tanh => dy.mul(&x.tanh()?.sqr()?.affine(-1.0, 1.0)?)?,
+        UnaryKind::Abs => dy.mul(&x.sign()?)?,
+    };
+    Ok(dx.to_dtype(dtype)?)
 }
 
 /// `a (op) b` with NumPy broadcasting (candle's `broadcast_*`, which use the plain kernels when

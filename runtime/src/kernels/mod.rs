@@ -19,6 +19,7 @@ pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;
 pub(crate) mod cpu_attention_grad;
+pub(crate) mod cpu_grad;
 pub mod detection;
 pub mod elementwise;
 pub mod index;
@@ -26,6 +27,7 @@ pub mod linear;
 pub mod norm;
 pub mod pool;
 pub mod random;
+pub mod reduce;
 pub mod resize;
 pub mod shape;
 
@@ -80,6 +82,8 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
             "sources are supplied by the executor, not computed".into(),
         )),
         Op::Unary(o) => one(elementwise::unary(o, &x[0])?),
+        Op::UnaryGrad(o) => one(elementwise::unary_grad(o, &x[0], &x[1])?),
+        Op::ReduceSum(o) => one(reduce::reduce_sum(o, &x[0])?),
         Op::Binary(o) => one(elementwise::binary(o, &x[0], &x[1])?),
         Op::Affine(o) => one(elementwise::affine(o, &x[0])?),
         Op::Cast(o) => one(elementwise::cast(o, &x[0])?),
@@ -88,10 +92,15 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Linear(_) => one(linear::linear(&x[0], &x[1], x.get(2))?),
         Op::MatMul(o) => one(linear::matmul(o, &x[0], &x[1])?),
         Op::Conv2d(o) => one(conv::conv2d(o, &x[0], &x[1], x.get(2))?),
+        Op::Conv2dGradWeight(o) => one(conv::conv2d_grad_weight(o, &x[0], &x[1])?),
         Op::ConvTranspose2d(o) => one(conv::conv_transpose2d(o, &x[0], &x[1], x.get(2))?),
         Op::LayerNorm(o) => one(norm::layer_norm(o, &x[0], &x[1], &x[2])?),
+        Op::LayerNormGrad(o) => norm::layer_norm_grad(o, &x[0], &x[1], &x[2]),
         Op::GroupNorm(o) => one(norm::group_norm(o, &x[0], &x[1], &x[2])?),
+        Op::GroupNormGrad(o) => norm::group_norm_grad(o, &x[0], &x[1], &x[2]),
         Op::BatchNorm(o) => one(norm::batch_norm(o, &x[0], &x[1], &x[2], &x[3], &x[4])?),
+        Op::BatchNormTrain(o) => norm::batch_norm_train(o, &x[0], &x[1], &x[2], &x[3], &x[4]),
+        Op::BatchNormTrainGrad(o) => norm::batch_norm_train_grad(o, &x[0], &x[1], &x[2]),
         Op::Softmax(o) => one(attention::softmax(o, &x[0])?),
         Op::SoftmaxGrad(o) => one(attention::softmax_grad(o, &x[0], &x[1])?),
         Op::RelPosGather(o) => one(attention::rel_pos_gather(o, &x[0])?),
@@ -104,7 +113,9 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Slice(o) => one(shape::slice(o, &x[0])?),
         Op::Concat(o) => one(shape::concat(o, x)?),
         Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),
+        Op::MaxPool2dGrad(o) => one(pool::max_pool2d_grad(o, &x[0], &x[1])?),
         Op::Resize(o) => one(resize::resize(o, &x[0])?),
+        Op::ResizeGrad(o) => one(resize::resize_grad(o, &x[0])?),
         Op::IotaLike(o) => one(index::iota_like(o, &x[0])?),
         Op::CompareScalar(o) => one(index::compare_scalar(o, &x[0])?),
         Op::Anchors(o) => one(detection::anchors(o)?),

@@ -13,11 +13,16 @@
 //!   `dst * (in - 1) / (out - 1)` (`True`); taps `floor(src)` and the next one (clamped).
 //! * bicubic: the same source coordinate without the clamp at 0, four taps `floor(src) - 1 ..=
 //!   floor(src) + 2` clamped into the image, Keys' cubic convolution with `A = -0.75`.
+//!
+//! `resize_grad` is the exact adjoint: the same taps (one definition, [`taps`]), each output's
+//! gradient scattered back to its sources with the same weights (an f64 host loop on the CPU,
+//! candle's `index_add` per tap elsewhere).
 
-use candle_core::{DType, Tensor};
-use vitdet_ir::ops::{Resize, ResizeMode};
+use candle_core::{DType, Device, Tensor};
+use vitdet_ir::ops::{Resize, ResizeGrad, ResizeMode};
 
 use super::cpu::{self, Taps};
+use super::cpu_grad::{self, with_slice};
 use super::{accum_dtype, expect_float, KernelError, KernelResult};
 
 /// Resizes the last two axes to `op.size`.
@@ -61,6 +66,83 @@ pub fn resize_portable(op: &Resize, x: &Tensor) -> KernelResult<Tensor> {
     let y = resize_axis(&xc, 2, &taps(op, h, oh))?;
     let y = resize_axis(&y, 3, &taps(op, w, ow))?;
     Ok(y.to_dtype(dtype)?)
+}
+
+/// Backward of [`resize`]: `dy [N, C, h, w]` -> `dx [N, C, op.input_size]`, the transpose of the
+/// forward's interpolation (taps shared with the forward). On the CPU one f64 pass for every
+/// mode, rounded to the dtype once; elsewhere [`resize_grad_portable`].
+pub fn resize_grad(op: &ResizeGrad, dy: &Tensor) -> KernelResult<Tensor> {
+    let (n, c, oh, ow) = check_resize_grad(op, dy)?;
+    if !dy.device().is_cpu() {
+        return resize_grad_portable(op, dy);
+    }
+    let [h, w] = op.input_size;
+    let fwd = forward_of(op);
+    let (taps_h, taps_w) = (taps(&fwd, h, oh), taps(&fwd, w, ow));
+    let g = dy.to_dtype(DType::F64)?;
+    let dx = with_slice::<f64, _>(&g, |gs| cpu_grad::resize_grad(gs, [h, w], [oh, ow], &taps_h, &taps_w))?;
+    Ok(Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu)?.to_dtype(dy.dtype())?)
+}
+
+/// Resize backward from candle ops (`index_add` per tap): the non-CPU path, public so tests can
+/// check it on the CPU. Computed in f32 (f64 for f64, the dtype itself for nearest, whose
+/// adjoint only adds gradients) like [`resize_portable`].
+pub fn resize_grad_portable(op: &ResizeGrad, dy: &Tensor) -> KernelResult<Tensor> {
+    let (_, _, oh, ow) = check_resize_grad(op, dy)?;
+    let [h, w] = op.input_size;
+    let fwd = forward_of(op);
+    let dtype = dy.dtype();
+    let g = dy.to_dtype(accum_dtype(dtype))?;
+    let g = resize_axis_adjoint(&g, 2, h, &taps(&fwd, h, oh))?;
+    let g = resize_axis_adjoint(&g, 3, w, &taps(&fwd, w, ow))?;
+    Ok(g.to_dtype(dtype)?)
+}
+
+fn check_resize_grad(op: &ResizeGrad, dy: &Tensor) -> KernelResult<(usize, usize, usize, usize)> {
+    expect_float("gradient", dy)?;
+    let dims = dy.dims4()?;
+    if op.input_size.contains(&0) || dims.2 == 0 || dims.3 == 0 {
+        return Err(KernelError::Unsupported(format!(
+            "resize_grad of {:?} to {:?}",
+            dy.dims(),
+            op.input_size
+        )));
+    }
+    Ok(dims)
+}
+
+/// The forward resize a `ResizeGrad` is the adjoint of (its `size` is not used by [`taps`]).
+fn forward_of(op: &ResizeGrad) -> Resize {
+    Resize {
+        size: op.input_size,
+        mode: op.mode,
+        align_corners: op.align_corners,
+    }
+}
+
+/// Adjoint of [`resize_axis`]: `dx[.., idx_t[o], ..] += w_t[o] * dy[.., o, ..]` along `dim`, which
+/// has `n_in` entries in `dx`.
+fn resize_axis_adjoint(dy: &Tensor, dim: usize, n_in: usize, taps: &Taps) -> candle_core::Result<Tensor> {
+    if taps.is_empty() {
+        return Ok(dy.clone());
+    }
+    let n_out = taps[0].0.len();
+    let mut shape = dy.dims().to_vec();
+    shape[dim] = n_in;
+    let mut wshape = vec![1usize; dy.rank()];
+    wshape[dim] = n_out;
+    let mut dx = Tensor::zeros(shape, dy.dtype(), dy.device())?;
+    for (idx, weights) in taps {
+        let idx = Tensor::from_vec(idx.clone(), n_out, dy.device())?;
+        let src = if weights.iter().all(|&w| w == 1.0) {
+            dy.clone()
+        } else {
+            let w = Tensor::from_vec(weights.clone(), wshape.as_slice(), dy.device())?.to_dtype(dy.dtype())?;
+            dy.broadcast_mul(&w)?
+        };
+        dx = dx.index_add(&idx, &src.contiguous()?, dim)?;
+    }
+    Ok(dx)
 }
 
 /// The taps of one axis resized from `n_in` to `n_out` (empty for the identity).
