@@ -12,6 +12,7 @@ mod detection;
 mod elementwise;
 mod index;
 mod linear;
+mod loss;
 mod norm;
 mod pool;
 mod random;
@@ -19,6 +20,7 @@ mod reduce;
 mod resize;
 mod shape;
 mod source;
+mod targets;
 
 pub use attention::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
 pub use conv::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
@@ -29,6 +31,10 @@ pub use detection::{
 pub use elementwise::{Affine, Binary, BinaryKind, Cast, DropPath, Unary, UnaryGrad, UnaryKind};
 pub use index::{CompareKind, CompareScalar, IotaLike};
 pub use linear::{Linear, MatMul};
+pub use loss::{
+    LossNorm, SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss, SmoothL1LossGrad, SoftmaxCrossEntropyLoss,
+    SoftmaxCrossEntropyLossGrad,
+};
 pub use norm::{BatchNorm, BatchNormTrain, BatchNormTrainGrad, GroupNorm, GroupNormGrad, LayerNorm, LayerNormGrad};
 pub use pool::{MaxPool2d, MaxPool2dGrad};
 pub use random::{splitmix64, DropPathMask};
@@ -36,6 +42,7 @@ pub use reduce::ReduceSum;
 pub use resize::{Resize, ResizeGrad, ResizeMode};
 pub use shape::{Concat, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
+pub use targets::{max_positives, AnchorTargets, MaskTargets, ProposalTargets};
 
 use serde::{Deserialize, Serialize};
 
@@ -168,6 +175,15 @@ op_set! {
     PasteMasks(PasteMasks),
     IotaLike(IotaLike),
     CompareScalar(CompareScalar),
+    AnchorTargets(AnchorTargets),
+    ProposalTargets(ProposalTargets),
+    MaskTargets(MaskTargets),
+    SigmoidBceLoss(SigmoidBceLoss),
+    SigmoidBceLossGrad(SigmoidBceLossGrad),
+    SmoothL1Loss(SmoothL1Loss),
+    SmoothL1LossGrad(SmoothL1LossGrad),
+    SoftmaxCrossEntropyLoss(SoftmaxCrossEntropyLoss),
+    SoftmaxCrossEntropyLossGrad(SoftmaxCrossEntropyLossGrad),
 }
 
 impl Op {

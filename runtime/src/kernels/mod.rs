@@ -24,12 +24,14 @@ pub mod detection;
 pub mod elementwise;
 pub mod index;
 pub mod linear;
+pub mod loss;
 pub mod norm;
 pub mod pool;
 pub mod random;
 pub mod reduce;
 pub mod resize;
 pub mod shape;
+pub mod targets;
 
 use candle_core::{DType, Tensor};
 use vitdet_ir::Op;
@@ -130,6 +132,15 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::RoiAlign(o) => one(detection::roi_align(o, x)?),
         Op::RoiAlignGrad(o) => detection::roi_align_grad(o, &x[0], &x[1]),
         Op::PasteMasks(o) => one(detection::paste_masks(o, &x[0], &x[1])?),
+        Op::AnchorTargets(o) => targets::anchor_targets(o, &x[0], &x[1], &x[2], &x[3]),
+        Op::ProposalTargets(o) => targets::proposal_targets(o, x),
+        Op::MaskTargets(o) => one(targets::mask_targets(o, &x[0], &x[1], &x[2], x.get(3))?),
+        Op::SigmoidBceLoss(o) => one(loss::sigmoid_bce_loss(o, x)?),
+        Op::SigmoidBceLossGrad(o) => one(loss::sigmoid_bce_loss_grad(o, x)?),
+        Op::SmoothL1Loss(o) => one(loss::smooth_l1_loss(o, x)?),
+        Op::SmoothL1LossGrad(o) => one(loss::smooth_l1_loss_grad(o, x)?),
+        Op::SoftmaxCrossEntropyLoss(o) => one(loss::softmax_cross_entropy_loss(o, x)?),
+        Op::SoftmaxCrossEntropyLossGrad(o) => one(loss::softmax_cross_entropy_loss_grad(o, x)?),
     }
 }
 
