@@ -16,7 +16,7 @@
 //! largest output magnitude (f32 rounding of O(1) values summed over at most a few hundred terms
 //! is ~1e-6 of the scale).
 
-#![allow(clippy::needless_range_loop)]
+#![allow(clippy::needless_range_loop, clippy::type_complexity)]
 
 mod common;
 
@@ -272,7 +272,13 @@ fn unary_grad_special_points() {
 fn layer_norm_grad_matches_finite_differences() {
     let mut r = rng(2);
     // Token layout (last axis) and detectron2's channel LayerNorm (axis 1 of NCHW).
-    for (shape, axis) in [(vec![2, 3, 8], 2), (vec![2, 6, 3, 4], 1), (vec![5, 7], 0)] {
+    // 20 x 30 = 600 positions per channel: more than one 512-position tile of the fused loop.
+    for (shape, axis) in [
+        (vec![2, 3, 8], 2),
+        (vec![2, 6, 3, 4], 1),
+        (vec![5, 7], 0),
+        (vec![1, 3, 20, 30], 1),
+    ] {
         let c = shape[axis];
         let x = Nd::randn(&shape, &mut r, 2.0, 0.5).tensor_as(DType::F64);
         let w = randn(&[c], &mut r);

@@ -25,6 +25,12 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
 
 // ----- normalization gradients -----
 
+/// A raw pointer that rayon tasks may share when they write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
 /// How a normalization's statistics are grouped; `x` is viewed as `[outer, c, inner]` (with
 /// `outer = n` for group and batch norm). The affine weight is per `c` in every case.
 #[derive(Clone, Copy, Debug)]
@@ -81,36 +87,96 @@ pub(crate) fn norm_grad<T: WithDType>(
     let f = |v: T| v.to_f64();
     let mut dx = vec![T::zero(); x.len()];
     let (c, sums) = match kind {
-        NormGradKind::Axis { c, inner, .. } => {
-            let block = c * inner;
-            let per_task = (16384 / block.max(1)).max(1);
+        NormGradKind::Axis { c, inner: 1, .. } => {
+            // Rows of `c` contiguous values; blocks of rows per task.
+            let rows = (16384 / c.max(1)).max(1);
             let sums = dx
-                .par_chunks_mut((per_task * block).max(1))
-                .zip(x.par_chunks((per_task * block).max(1)))
-                .zip(dy.par_chunks((per_task * block).max(1)))
+                .par_chunks_mut((rows * c).max(1))
+                .zip(x.par_chunks((rows * c).max(1)))
+                .zip(dy.par_chunks((rows * c).max(1)))
                 .fold(
                     || (vec![0f64; c], vec![0f64; c]),
                     |mut acc, ((dxb, xb), dyb)| {
-                        for ((dxo, xo), dyo) in dxb.chunks_mut(block).zip(xb.chunks(block)).zip(dyb.chunks(block)) {
-                            for i in 0..inner {
-                                let at = |k: usize| k * inner + i;
-                                let (mean, rstd) = moments(c, |k| f(xo[at(k)]), eps);
-                                let (mut sg, mut sgx) = (0f64, 0f64);
-                                for k in 0..c {
-                                    let xh = (f(xo[at(k)]) - mean) * rstd;
-                                    let d = f(dyo[at(k)]);
-                                    let g = d * f(w[k]);
-                                    sg += g;
-                                    sgx += g * xh;
-                                    acc.0[k] += d * xh;
-                                    acc.1[k] += d;
-                                }
-                                let (mg, mgx) = (sg / c as f64, sgx / c as f64);
-                                for k in 0..c {
-                                    let xh = (f(xo[at(k)]) - mean) * rstd;
-                                    let g = f(dyo[at(k)]) * f(w[k]);
-                                    dxo[at(k)] = T::from_f64(rstd * (g - mg - xh * mgx));
-                                }
+                        for ((dxr, xr), dyr) in dxb.chunks_mut(c).zip(xb.chunks(c)).zip(dyb.chunks(c)) {
+                            let (mean, rstd) = moments(c, |k| f(xr[k]), eps);
+                            let (mut sg, mut sgx) = (0f64, 0f64);
+                            for k in 0..c {
+                                let (xh, d) = ((f(xr[k]) - mean) * rstd, f(dyr[k]));
+                                let g = d * f(w[k]);
+                                sg += g;
+                                sgx += g * xh;
+                                acc.0[k] += d * xh;
+                                acc.1[k] += d;
+                            }
+                            let (mg, mgx) = (sg / c as f64, sgx / c as f64);
+                            for k in 0..c {
+                                let xh = (f(xr[k]) - mean) * rstd;
+                                let g = f(dyr[k]) * f(w[k]);
+                                dxr[k] = T::from_f64(rstd * (g - mg - xh * mgx));
+                            }
+                        }
+                        acc
+                    },
+                )
+                .reduce(|| (vec![0f64; c], vec![0f64; c]), add_partials);
+            (c, sums)
+        }
+        NormGradKind::Axis { outer, c, inner } => {
+            // Statistics over a strided axis (e.g. channels of NCHW): tasks take a tile of up to
+            // TILE inner positions of one outer index and sweep the `c` contiguous runs of the
+            // tile, keeping per-position sums (as the forward does), so every pass reads memory
+            // in order.
+            const TILE: usize = 512;
+            let tiles_per = inner.div_ceil(TILE);
+            let ptr = SendPtr(dx.as_mut_ptr());
+            let sums = (0..outer * tiles_per)
+                .into_par_iter()
+                .fold(
+                    || (vec![0f64; c], vec![0f64; c]),
+                    |mut acc, t| {
+                        #[allow(clippy::redundant_locals)]
+                        let ptr = ptr; // capture the Send wrapper, not its raw-pointer field
+                        let (o, i0) = (t / tiles_per, (t % tiles_per) * TILE);
+                        let len = TILE.min(inner - i0);
+                        let run = |k: usize| o * c * inner + k * inner + i0;
+                        let mut mean = vec![0f64; len];
+                        for k in 0..c {
+                            for (m, v) in mean.iter_mut().zip(&x[run(k)..run(k) + len]) {
+                                *m += f(*v);
+                            }
+                        }
+                        mean.iter_mut().for_each(|m| *m /= c as f64);
+                        let mut rstd = vec![0f64; len];
+                        for k in 0..c {
+                            for ((s, v), m) in rstd.iter_mut().zip(&x[run(k)..run(k) + len]).zip(&mean) {
+                                *s += (f(*v) - m).powi(2);
+                            }
+                        }
+                        rstd.iter_mut().for_each(|s| *s = 1.0 / (*s / c as f64 + eps).sqrt());
+                        let (mut sg, mut sgx) = (vec![0f64; len], vec![0f64; len]);
+                        for k in 0..c {
+                            let wk = f(w[k]);
+                            let (mut sdx, mut sd) = (0f64, 0f64);
+                            for j in 0..len {
+                                let xh = (f(x[run(k) + j]) - mean[j]) * rstd[j];
+                                let d = f(dy[run(k) + j]);
+                                sg[j] += d * wk;
+                                sgx[j] += d * wk * xh;
+                                sdx += d * xh;
+                                sd += d;
+                            }
+                            acc.0[k] += sdx;
+                            acc.1[k] += sd;
+                        }
+                        for k in 0..c {
+                            let wk = f(w[k]);
+                            // SAFETY: tasks cover disjoint (outer, inner-range) blocks, so every
+                            // element of dx is written by exactly one task.
+                            let out = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(run(k)), len) };
+                            for j in 0..len {
+                                let xh = (f(x[run(k) + j]) - mean[j]) * rstd[j];
+                                let g = f(dy[run(k) + j]) * wk;
+                                out[j] = T::from_f64(rstd[j] * (g - sg[j] / c as f64 - xh * sgx[j] / c as f64));
                             }
                         }
                         acc
