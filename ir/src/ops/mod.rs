@@ -40,7 +40,7 @@ pub use pool::{MaxPool2d, MaxPool2dGrad};
 pub use random::{splitmix64, DropPathMask};
 pub use reduce::ReduceSum;
 pub use resize::{Resize, ResizeGrad, ResizeMode};
-pub use shape::{Concat, Pad, Permute, Reshape, Slice};
+pub use shape::{Concat, Expand, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
 pub use targets::{max_positives, AnchorTargets, MaskTargets, ProposalTargets};
 
@@ -157,6 +157,7 @@ op_set! {
     Pad(Pad),
     Slice(Slice),
     Concat(Concat),
+    Expand(Expand),
     MaxPool2d(MaxPool2d),
     MaxPool2dGrad(MaxPool2dGrad),
     Resize(Resize),

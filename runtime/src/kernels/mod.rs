@@ -114,6 +114,7 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Pad(o) => one(shape::pad(o, &x[0])?),
         Op::Slice(o) => one(shape::slice(o, &x[0])?),
         Op::Concat(o) => one(shape::concat(o, x)?),
+        Op::Expand(o) => one(shape::expand(o, &x[0])?),
         Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),
         Op::MaxPool2dGrad(o) => one(pool::max_pool2d_grad(o, &x[0], &x[1])?),
         Op::Resize(o) => one(resize::resize(o, &x[0])?),
