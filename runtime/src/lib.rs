@@ -6,12 +6,17 @@
 //! * [`kernels`] hold one module per op family; [`kernels::execute`] runs a single op.
 //! * [`ParamStore`] loads weights from safetensors (keys = the graph's parameter names),
 //!   initializes them from a seed, and saves them atomically.
+//! * [`optim`]: AdamW with `torch.optim.AdamW`'s arithmetic, ViTDet's parameter groups
+//!   (layer-wise lr decay, no weight decay on norms, biases, position tables) and the warmup +
+//!   half-cosine schedule; errors are [`optim::OptimError`].
+//! * [`checkpoint`] saves and loads training checkpoints (parameters, optimizer state, iteration)
+//!   as one safetensors file, atomically; errors are [`checkpoint::CheckpointError`].
 //! * [`preprocess`] reads images and applies detectron2's ViTDet test-time preprocessing.
 //! * [`alloc::retain_freed_memory`] (opt-in, for applications) stops glibc from returning large
 //!   freed blocks to the kernel, which otherwise costs a page fault per 4 KiB of every large
 //!   op result.
 //!
-//! All fallible functions return [`RuntimeError`], whose messages name the input, parameter,
+//! All other fallible functions return [`RuntimeError`], whose messages name the input, parameter,
 //! file or node (op and scope) at fault. The runtime never falls back silently: an op or
 //! attribute combination it cannot execute is an [`RuntimeError::Unsupported`] error.
 //!
@@ -19,17 +24,20 @@
 //! application can embed it to run compiled artifacts.
 
 pub mod alloc;
+pub mod checkpoint;
 pub mod dtype;
 mod error;
 pub mod executor;
 mod fsio;
 pub mod kernels;
+pub mod optim;
 pub mod params;
 pub mod preprocess;
 
 pub use error::RuntimeError;
 pub use executor::{peak_live_bytes, run, run_with_order, RunOutput};
 pub use fsio::write_atomic;
+pub use optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, WarmupCosine};
 pub use params::ParamStore;
 pub use preprocess::{preprocess_image, preprocess_rgb, Preprocessed};
 

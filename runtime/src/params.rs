@@ -261,7 +261,7 @@ fn check_shape(name: &str, ty: &TensorType, found: &[usize]) -> Result<(), Runti
     Ok(())
 }
 
-fn st_to_ir(d: StDtype) -> Option<DType> {
+pub(crate) fn st_to_ir(d: StDtype) -> Option<DType> {
     Some(match d {
         StDtype::F32 => DType::F32,
         StDtype::F16 => DType::F16,
@@ -287,14 +287,14 @@ fn ir_to_st(d: DType) -> StDtype {
 }
 
 /// A tensor's bytes (little endian) for serialization.
-struct RawView {
+pub(crate) struct RawView {
     dtype: StDtype,
     shape: Vec<usize>,
     data: Vec<u8>,
 }
 
 impl RawView {
-    fn from_tensor(t: &Tensor) -> Result<Self, String> {
+    pub(crate) fn from_tensor(t: &Tensor) -> Result<Self, String> {
         let dtype = from_candle(t.dtype()).ok_or_else(|| format!("unsupported dtype {:?}", t.dtype()))?;
         let flat = t
             .flatten_all()
