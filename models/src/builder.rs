@@ -3,10 +3,11 @@
 //! parameter names are `scope.leaf`, i.e. detectron2's state-dict keys.
 
 use vitdet_ir::ops::{
-    Affine, BatchNorm, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input, LayerNorm, MatMul,
-    MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary, UnaryKind,
+    Affine, BatchNorm, BatchNormTrain, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input,
+    LayerNorm, MatMul, MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary,
+    UnaryKind,
 };
-use vitdet_ir::{Graph, NodeIndex, Op, TensorType, Value};
+use vitdet_ir::{DType, Graph, NodeIndex, Op, TensorType, Value};
 
 use crate::error::ModelError;
 
@@ -18,6 +19,21 @@ pub const TRUNC_NORMAL_STD: f64 = 0.02;
 pub(crate) struct Builder {
     pub graph: Graph,
     scope: Vec<String>,
+    /// `Some` while building a training graph (see [`Training`]); `None` for inference.
+    pub training: Option<Training>,
+}
+
+/// `nn.BatchNorm2d`'s default momentum of the running statistics (detectron2 keeps it).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// Training mode of a [`Builder`]: modules emit their training form. Drop path multiplies
+/// branches by a `DropPathMask` drawn from `seed`; BatchNorm normalizes with batch statistics
+/// (`BatchNormTrain`) and records its updated running statistics in `buffer_updates`.
+pub(crate) struct Training {
+    /// The graph's i64 seed input.
+    pub seed: Value,
+    /// `(buffer name, new value)` for every BatchNorm running statistic.
+    pub buffer_updates: Vec<(String, Value)>,
 }
 
 impl Builder {
@@ -25,6 +41,7 @@ impl Builder {
         Builder {
             graph: Graph::new(),
             scope: Vec::new(),
+            training: None,
         }
     }
 
@@ -68,10 +85,14 @@ impl Builder {
     }
 
     pub fn input(&mut self, name: &str, shape: Vec<usize>) -> Result<Value> {
+        self.typed_input(name, DType::F32, shape)
+    }
+
+    pub fn typed_input(&mut self, name: &str, dtype: DType, shape: Vec<usize>) -> Result<Value> {
         self.op(
             Input {
                 name: name.to_string(),
-                ty: TensorType::f32(shape),
+                ty: TensorType::new(dtype, shape),
             },
             &[],
         )
@@ -139,15 +160,30 @@ impl Builder {
         })
     }
 
-    /// `nn.BatchNorm2d` in inference form: trainable `weight`, `bias`; buffers `running_mean`
-    /// (zeros) and `running_var` (ones).
+    /// `nn.BatchNorm2d`: trainable `weight`, `bias`; buffers `running_mean` (zeros) and
+    /// `running_var` (ones). Inference form normalizes with the running statistics; in
+    /// training mode with the batch's (`BatchNormTrain`, momentum [`BN_MOMENTUM`]), recording
+    /// the updated statistics.
     pub fn batch_norm(&mut self, name: &str, x: Value, eps: f64) -> Result<Value> {
         let c = self.shape(x)[1];
         self.scoped(name, |b| {
             let (w, bias) = b.affine_params(c)?;
             let mean = b.buffer("running_mean", vec![c], Init::Zeros)?;
             let var = b.buffer("running_var", vec![c], Init::Ones)?;
-            b.op(BatchNorm { eps }, &[x, w, bias, mean, var])
+            if b.training.is_none() {
+                return b.op(BatchNorm { eps }, &[x, w, bias, mean, var]);
+            }
+            let op = BatchNormTrain {
+                eps,
+                momentum: BN_MOMENTUM,
+            };
+            let node = b.op_multi(op, &[x, w, bias, mean, var])?;
+            let out = |output| Value { node, output };
+            let (mean_name, var_name) = (b.path("running_mean"), b.path("running_var"));
+            let t = b.training.as_mut().expect("training mode");
+            t.buffer_updates.push((mean_name, out(1)));
+            t.buffer_updates.push((var_name, out(2)));
+            Ok(out(0))
         })
     }
 

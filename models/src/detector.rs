@@ -8,7 +8,7 @@ use crate::builder::{Builder, Result};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::roi_heads::roi_heads;
-use crate::rpn::rpn;
+use crate::rpn::{rpn, RpnTopk};
 
 /// Names of the detector graph's outputs, in order: `boxes [D, 4]` f32 (`x0, y0, x1, y1` in
 /// input-image pixels), `scores [D]` f32, `classes [D]` i64 (`0..num_classes`), `valid [D]`
@@ -56,7 +56,11 @@ pub fn build_detector_for_image(cfg: &ModelConfig, image_hw: [usize; 2]) -> Resu
     let mut b = Builder::new();
     let image = b.input(INPUT_NAME, vec![1, 3, s, s])?;
     let feats = pyramid(&mut b, cfg, image)?;
-    let proposals = rpn(&mut b, cfg, &feats, image_hw)?;
+    let topk = RpnTopk {
+        pre_nms: cfg.detector.rpn_pre_nms_topk,
+        post_nms: cfg.detector.rpn_post_nms_topk,
+    };
+    let proposals = rpn(&mut b, cfg, &feats, image_hw, topk)?;
     let d = roi_heads(&mut b, cfg, &feats[..4], &proposals, image_hw)?;
     let mut graph = b.finish();
     for (name, v) in DETECTOR_OUTPUT_NAMES

@@ -43,6 +43,15 @@
 //! detectron2's 110,895,792 parameters; `vit-b` 115,676,968 (the paper: 116M), `vit-l`
 //! 339,015,056 (339M).
 //!
+//! # Training
+//!
+//! [`build_detector_training`] builds the same detector in training form as one forward graph
+//! from an image and padded ground truth (`gt_boxes`, `gt_classes`, `gt_masks`, `gt_valid`) and
+//! a `seed` to detectron2's five losses and their sum `loss`: drop path active, BatchNorm on
+//! batch statistics, in-graph target assignment (anchor and proposal matching and sampling,
+//! mask targets) and weighted losses. Its trainable parameters are exactly the inference
+//! detector's, so checkpoints interchange; autodiff derives the backward graph from it.
+//!
 //! # Use
 //!
 //! ```
@@ -82,6 +91,7 @@ pub mod presets;
 mod roi_heads;
 mod rpn;
 mod simple_pyramid;
+mod train;
 mod vit;
 
 pub use adapter_fpn::{ADAPTER_GN_EPS, FPN_BN_EPS};
@@ -95,3 +105,7 @@ pub use error::ModelError;
 pub use roi_heads::{BOX_POOLER_SIZE, BOX_REG_WEIGHTS, HEAD_LN_EPS, MASK_POOLER_SIZE};
 pub use rpn::{box_scale_clamp, RPN_ANCHOR_SIZES, RPN_ASPECT_RATIOS};
 pub use simple_pyramid::PYRAMID_LN_EPS;
+pub use train::{
+    build_detector_training, build_detector_training_with, TrainingConfig, ANCHOR_TARGETS_STREAM, BUFFER_UPDATE_PREFIX,
+    GT_BOXES, GT_CLASSES, GT_MASKS, GT_VALID, LOSS_NAMES, PROPOSAL_TARGETS_STREAM, SEED,
+};

@@ -74,44 +74,17 @@ pub(crate) fn roi_heads(
     proposals: &Proposals,
     image_hw: [usize; 2],
 ) -> Result<Detections> {
-    let det = &cfg.detector;
-    let k = det.num_classes;
-    let norm = head_norm(cfg);
     b.scoped("roi_heads", |b| {
         // ----- box branch -----
-        let x = pooler(b, "box_pooler", levels, proposals.boxes, BOX_POOLER_SIZE)?;
-        let feat = b.scoped("box_head", |b| {
-            let mut x = x;
-            for i in 1..=det.box_head_num_conv {
-                x = b.conv_norm(&format!("conv{i}"), x, det.box_head_conv_dim, 3, norm)?;
-                x = b.relu(x)?;
-            }
-            let s = b.shape(x);
-            let x = b.reshape(x, vec![s[0], s[1..].iter().product()])?;
-            // c2_xavier_fill: kaiming_uniform(a=1), bound sqrt(3 / fan_in).
-            let bound = (3.0 / b.shape(x)[1] as f64).sqrt();
-            let x = b.linear_init("fc1", x, det.box_head_fc_dim, true, Init::Uniform { bound })?;
-            b.relu(x)
-        })?;
+        let feat = box_features(b, cfg, levels, proposals.boxes)?;
         let (boxes, scores, classes, valid) = b.scoped("box_predictor", |b| {
-            let logits = b.linear_init("cls_score", feat, k + 1, true, Init::Normal { std: 0.01 })?;
-            let deltas = b.linear_init("bbox_pred", feat, 4 * k, true, Init::Normal { std: 0.001 })?;
+            let (logits, deltas) = box_predictor(b, cfg, feat)?;
             fast_rcnn_inference(b, cfg, logits, deltas, proposals, image_hw)
         })?;
 
         // ----- mask branch (on the detected boxes) -----
-        let x = pooler(b, "mask_pooler", levels, boxes, MASK_POOLER_SIZE)?;
+        let logits = mask_logits(b, cfg, levels, boxes)?;
         let masks = b.scoped("mask_head", |b| {
-            let mut x = x;
-            for i in 1..=det.mask_head_num_conv {
-                x = b.conv_norm(&format!("mask_fcn{i}"), x, det.mask_head_conv_dim, 3, norm)?;
-                x = b.relu(x)?;
-            }
-            let x = b.conv_transpose("deconv", x, det.mask_head_conv_dim, 2)?;
-            let x = b.scoped("deconv_relu", |b| b.relu(x))?;
-            let inp = b.shape(x)[1];
-            let (w, bias) = b.conv2d_params("predictor", inp, k, 1, 0.001)?;
-            let logits = b.scoped("predictor", |b| b.conv2d_apply(x, w, bias, 0))?;
             // mask_rcnn_inference: the mask of the predicted class, sigmoid.
             let m = b.op(GatherRows {}, &[logits, classes])?;
             b.sigmoid(m)
@@ -123,6 +96,56 @@ pub(crate) fn roi_heads(
             valid,
             masks,
         })
+    })
+}
+
+/// The box pooler and `FastRCNNConvFCHead` (current scope `roi_heads`) on `boxes [R, 4]`:
+/// features `[R, box_head_fc_dim]`.
+pub(crate) fn box_features(b: &mut Builder, cfg: &ModelConfig, levels: &[Value], boxes: Value) -> Result<Value> {
+    let det = &cfg.detector;
+    let norm = head_norm(cfg);
+    let x = pooler(b, "box_pooler", levels, boxes, BOX_POOLER_SIZE)?;
+    b.scoped("box_head", |b| {
+        let mut x = x;
+        for i in 1..=det.box_head_num_conv {
+            x = b.conv_norm(&format!("conv{i}"), x, det.box_head_conv_dim, 3, norm)?;
+            x = b.relu(x)?;
+        }
+        let s = b.shape(x);
+        let x = b.reshape(x, vec![s[0], s[1..].iter().product()])?;
+        // c2_xavier_fill: kaiming_uniform(a=1), bound sqrt(3 / fan_in).
+        let bound = (3.0 / b.shape(x)[1] as f64).sqrt();
+        let x = b.linear_init("fc1", x, det.box_head_fc_dim, true, Init::Uniform { bound })?;
+        b.relu(x)
+    })
+}
+
+/// `FastRCNNOutputLayers` (current scope `roi_heads.box_predictor`) on box features: class
+/// logits `[R, K + 1]` (background last) and class-specific deltas `[R, 4K]`.
+pub(crate) fn box_predictor(b: &mut Builder, cfg: &ModelConfig, feat: Value) -> Result<(Value, Value)> {
+    let k = cfg.detector.num_classes;
+    let logits = b.linear_init("cls_score", feat, k + 1, true, Init::Normal { std: 0.01 })?;
+    let deltas = b.linear_init("bbox_pred", feat, 4 * k, true, Init::Normal { std: 0.001 })?;
+    Ok((logits, deltas))
+}
+
+/// The mask pooler and `MaskRCNNConvUpsampleHead` (current scope `roi_heads`) on
+/// `boxes [R, 4]`: per-class mask logits `[R, K, 28, 28]`.
+pub(crate) fn mask_logits(b: &mut Builder, cfg: &ModelConfig, levels: &[Value], boxes: Value) -> Result<Value> {
+    let det = &cfg.detector;
+    let norm = head_norm(cfg);
+    let x = pooler(b, "mask_pooler", levels, boxes, MASK_POOLER_SIZE)?;
+    b.scoped("mask_head", |b| {
+        let mut x = x;
+        for i in 1..=det.mask_head_num_conv {
+            x = b.conv_norm(&format!("mask_fcn{i}"), x, det.mask_head_conv_dim, 3, norm)?;
+            x = b.relu(x)?;
+        }
+        let x = b.conv_transpose("deconv", x, det.mask_head_conv_dim, 2)?;
+        let x = b.scoped("deconv_relu", |b| b.relu(x))?;
+        let inp = b.shape(x)[1];
+        let (w, bias) = b.conv2d_params("predictor", inp, det.num_classes, 1, 0.001)?;
+        b.scoped("predictor", |b| b.conv2d_apply(x, w, bias, 0))
     })
 }
 

@@ -20,18 +20,42 @@ pub fn box_scale_clamp() -> f64 {
     (1000.0f64 / 16.0).ln()
 }
 
-/// Test-time proposals: `boxes [P, 4]` (image pixels, clipped, descending objectness) and
-/// `valid [P]` (u8) where `P = rpn_post_nms_topk`.
+/// Proposals: `boxes [P, 4]` (image pixels, clipped, descending objectness) and `valid [P]`
+/// (u8) where `P` is the post-NMS top-k; plus the head's raw outputs per level, which the
+/// training losses read.
 pub(crate) struct Proposals {
     pub boxes: Value,
     pub valid: Value,
+    pub levels: Vec<RpnLevel>,
+}
+
+/// The RPN head's outputs on one level, in detectron2's `RPN.forward` order (locations
+/// row-major, then cell anchors): `logits [n]`, `deltas [n, 4]` and the level's `anchors [n, 4]`.
+pub(crate) struct RpnLevel {
+    pub logits: Value,
+    pub deltas: Value,
+    pub anchors: Value,
+}
+
+/// How many proposals the RPN keeps per level before NMS and in all after it (detectron2's
+/// `pre_nms_topk`, `post_nms_topk`; the test-time values are in [`crate::DetectorConfig`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RpnTopk {
+    pub pre_nms: usize,
+    pub post_nms: usize,
 }
 
 /// Emits the RPN in scope `proposal_generator` on `feats = [p2, .., p6]`.
 ///
 /// `image_hw` is the size boxes are clipped to (detectron2: the `image_sizes` of the
 /// `ImageList`, i.e. the resized image before padding).
-pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw: [usize; 2]) -> Result<Proposals> {
+pub(crate) fn rpn(
+    b: &mut Builder,
+    cfg: &ModelConfig,
+    feats: &[Value],
+    image_hw: [usize; 2],
+    topk: RpnTopk,
+) -> Result<Proposals> {
     let det = &cfg.detector;
     let c = cfg.out_channels;
     let a = RPN_ASPECT_RATIOS.len();
@@ -55,6 +79,7 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
         })?;
 
         let (mut boxes, mut scores, mut levels) = (Vec::new(), Vec::new(), Vec::new());
+        let mut raw = Vec::with_capacity(feats.len());
         for (l, &x) in feats.iter().enumerate() {
             let [_, _, h, w] = b.shape(x)[..] else {
                 unreachable!("pyramid levels are NCHW")
@@ -91,9 +116,14 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
             })?;
             // find_top_rpn_proposals: top min(n, pre_nms_topk) per level (detectron2 decodes
             // every anchor first; decoding only the selected ones gives the same boxes).
-            let k = n.min(det.rpn_pre_nms_topk);
+            let k = n.min(topk.pre_nms);
             let top = b.op_multi(TopK { k }, &[logits])?;
             let (top_scores, top_idx) = (Value { node: top, output: 0 }, Value { node: top, output: 1 });
+            raw.push(RpnLevel {
+                logits,
+                deltas: d,
+                anchors,
+            });
             let d = b.op(IndexSelect { axis: 0 }, &[d, top_idx])?;
             let anchors = b.op(IndexSelect { axis: 0 }, &[anchors, top_idx])?;
             let decoded = b.op(
@@ -126,7 +156,7 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
         let nms = b.op_multi(
             Nms {
                 iou_threshold: det.rpn_nms_thresh,
-                max_output: det.rpn_post_nms_topk,
+                max_output: topk.post_nms,
                 score_threshold: None,
             },
             &[boxes, scores, levels, valid],
@@ -137,6 +167,7 @@ pub(crate) fn rpn(b: &mut Builder, cfg: &ModelConfig, feats: &[Value], image_hw:
         Ok(Proposals {
             boxes,
             valid: keep_valid,
+            levels: raw,
         })
     })
 }

@@ -1,7 +1,7 @@
 //! The plain ViT trunk shared by both families (scope `backbone.net`): patch embedding,
 //! absolute position embedding, and `depth` blocks of window or global attention.
 
-use vitdet_ir::ops::{BinaryKind, DropPath, Init, RelPosBias, ResizeMode};
+use vitdet_ir::ops::{BinaryKind, DropPath, DropPathMask, Init, RelPosBias, ResizeMode};
 use vitdet_ir::Value;
 
 use crate::attention::{attention, window_partition, window_unpartition, RelPosTerm};
@@ -111,7 +111,7 @@ fn block(b: &mut Builder, cfg: &ModelConfig, i: usize, x: Value, rel: RelPosTerm
         let a = b.scoped("attn", |b| attention(b, wins, cfg.num_heads, cfg.qkv_bias, rel))?;
         window_unpartition(b, a, layout)?
     };
-    let h = residual_branch(b, cfg, h, "gamma_1", rate)?;
+    let h = residual_branch(b, cfg, h, "gamma_1", rate, drop_path_stream(i, 0))?;
     let x = b.add(x, h)?;
 
     let h = b.layer_norm("norm2", x, 3, eps)?;
@@ -120,12 +120,20 @@ fn block(b: &mut Builder, cfg: &ModelConfig, i: usize, x: Value, rel: RelPosTerm
         let y = b.scoped("act", |b| b.gelu(y))?;
         b.linear("fc2", y, c, true)
     })?;
-    let h = residual_branch(b, cfg, h, "gamma_2", rate)?;
+    let h = residual_branch(b, cfg, h, "gamma_2", rate, drop_path_stream(i, 1))?;
     b.add(x, h)
 }
 
-/// Layer scale (when configured) and drop path (when its rate is positive) on a branch.
-fn residual_branch(b: &mut Builder, cfg: &ModelConfig, h: Value, gamma: &str, rate: f64) -> Result<Value> {
+/// The random stream of block `i`'s drop path on branch `branch` (0 attention, 1 MLP): one
+/// independent per-sample draw per site and step.
+pub(crate) fn drop_path_stream(i: usize, branch: u64) -> u64 {
+    2 * i as u64 + branch
+}
+
+/// Layer scale (when configured) and drop path (when its rate is positive) on a branch. In
+/// training mode drop path is timm's: the branch times a per-sample `DropPathMask` (0, or
+/// `1 / (1 - rate)` with probability `1 - rate`) drawn from the seed on `stream`.
+fn residual_branch(b: &mut Builder, cfg: &ModelConfig, h: Value, gamma: &str, rate: f64, stream: u64) -> Result<Value> {
     let mut h = h;
     if cfg.layer_scale {
         // Ones: an identity scale until pre-trained (BEiT) values are loaded.
@@ -133,7 +141,19 @@ fn residual_branch(b: &mut Builder, cfg: &ModelConfig, h: Value, gamma: &str, ra
         h = b.binary(BinaryKind::Mul, h, g)?;
     }
     if rate > 0.0 {
-        h = b.scoped("drop_path", |b| b.op(DropPath { rate }, &[h]))?;
+        let seed = b.training.as_ref().map(|t| t.seed);
+        h = b.scoped("drop_path", |b| match seed {
+            None => b.op(DropPath { rate }, &[h]),
+            Some(seed) => {
+                let shape = b.shape(h);
+                let batch = shape[0];
+                let mask = b.op(DropPathMask { rate, stream, batch }, &[seed])?;
+                let mut view = vec![1; shape.len()];
+                view[0] = batch;
+                let mask = b.reshape(mask, view)?;
+                b.binary(BinaryKind::Mul, h, mask)
+            }
+        })?;
     }
     Ok(h)
 }

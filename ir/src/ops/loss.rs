@@ -3,7 +3,9 @@
 //! Each loss reduces to a scalar `[]`: `loss = sum_i(w_i * l_i) / n`, where `l_i` is the
 //! per-element loss, `w` the `weights` input and `n` the normalizer chosen by the op's
 //! [`LossNorm`]. Sampled and ignored entries (static shapes: a fixed number of anchors or RoI
-//! slots) are expressed by the weights: a weight of 0 removes an entry from the sum.
+//! slots) are expressed by the weights: a weight of 0 removes an entry from the sum exactly,
+//! even when its loss is not finite (an unused slot may hold anything), and gives it a zero
+//! gradient.
 //!
 //! `weights` has a *prefix* of the per-element shape (`[]`, `[N]`, `[N, 4]`, ... for
 //! `[N, 4]` elements) and is broadcast over the remaining axes, so one weight per RoI covers
