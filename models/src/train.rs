@@ -108,7 +108,8 @@ pub fn build_detector_training(cfg: &ModelConfig, image_size: [usize; 2], max_gt
 /// * drop path is active: block `i` multiplies its two residual branches by per-sample
 ///   `DropPathMask`s of rate `drop_path_rate * i / (depth - 1)` (detectron2's linearly
 ///   increasing rates), on streams `2i` and `2i + 1` of the seed;
-/// * BatchNorm (`vit` family: FPN and heads) uses batch statistics (`BatchNormTrain`);
+/// * BatchNorm (`vit` family: FPN and heads) uses batch statistics (`BatchNormTrain`, those
+///   of this graph's one image and its RoIs; the paper syncs them across all GPUs' images);
 /// * the RPN keeps `rpn_pre_nms_topk` per level and `rpn_post_nms_topk` after NMS (2000 / 1000),
 ///   and its proposals carry no gradient (detectron2 detaches them);
 /// * RPN losses (`RPN.losses`): `AnchorTargets` (matcher 0.3 / 0.7 with low-quality matches,
