@@ -1,7 +1,7 @@
-//! COCO conventions: the 80 category ids and names, and pycocotools' compressed run-length
-//! encoding of masks (the `segmentation` field of COCO results).
+//! COCO conventions: the 80 category ids and names. The run-length encoding of masks (the
+//! `segmentation` field of COCO results) lives in [`crate::mask`] and is re-exported here.
 
-use serde::{Deserialize, Serialize};
+pub use crate::mask::{rle_encode, Rle};
 
 /// COCO category ids of the 80 contiguous class indices detectron2 predicts.
 pub const CATEGORY_IDS: [u32; 80] = [
@@ -93,57 +93,3 @@ pub const CLASS_NAMES: [&str; 80] = [
     "hair drier",
     "toothbrush",
 ];
-
-/// A compressed RLE as COCO results store it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rle {
-    /// `[height, width]`.
-    pub size: [usize; 2],
-    pub counts: String,
-}
-
-/// Encodes a row-major `height x width` binary mask (nonzero = inside) as pycocotools does:
-/// runs in column-major order starting with a (possibly empty) run of zeros, then each count
-/// (minus the count two places back, from the fourth on) as 5-bit groups with a continuation
-/// bit, offset by 48 into printable ASCII.
-pub fn rle_encode(mask: &[u8], height: usize, width: usize) -> Rle {
-    assert_eq!(mask.len(), height * width, "mask is not {height}x{width}");
-    let mut counts: Vec<i64> = Vec::new();
-    let mut current = 0u8;
-    let mut run = 0i64;
-    for x in 0..width {
-        for y in 0..height {
-            let v = u8::from(mask[y * width + x] != 0);
-            if v != current {
-                counts.push(run);
-                run = 0;
-                current = v;
-            }
-            run += 1;
-        }
-    }
-    counts.push(run);
-    let mut s = String::new();
-    for i in 0..counts.len() {
-        let mut x = counts[i];
-        if i > 2 {
-            x -= counts[i - 2];
-        }
-        loop {
-            let mut c = (x & 0x1f) as u8;
-            x >>= 5;
-            let more = if c & 0x10 != 0 { x != -1 } else { x != 0 };
-            if more {
-                c |= 0x20;
-            }
-            s.push((c + 48) as char);
-            if !more {
-                break;
-            }
-        }
-    }
-    Rle {
-        size: [height, width],
-        counts: s,
-    }
-}

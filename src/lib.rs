@@ -11,7 +11,9 @@ pub mod coco;
 pub mod compile;
 pub mod detect;
 pub mod detections;
+pub mod eval;
 pub mod infer;
+pub mod mask;
 pub mod report;
 pub mod rss;
 

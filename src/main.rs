@@ -91,6 +91,25 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// COCO box and mask AP (pycocotools' 12 numbers) and the TIDE error breakdown of a
+    /// results file against a ground-truth instances file.
+    Eval {
+        /// COCO instances JSON (images, annotations, categories).
+        #[arg(long)]
+        gt: Option<PathBuf>,
+        /// COCO results JSON: a list of {image_id, category_id, score, bbox, [segmentation]}.
+        #[arg(long)]
+        dets: Option<PathBuf>,
+        /// Evaluate a model directly (with --weights and --data): not yet supported.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
 }
 
 fn main() {
@@ -149,6 +168,34 @@ fn run(cli: Cli) -> Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&compiled.report)?),
                 Format::Text => print!("{}", compiled.report.to_text()),
+            }
+        }
+        Command::Eval {
+            gt,
+            dets,
+            model,
+            weights,
+            data,
+            format,
+        } => {
+            if model.is_some() || weights.is_some() || data.is_some() {
+                if gt.is_some() || dets.is_some() {
+                    anyhow::bail!("give either --gt/--dets or --model/--weights/--data, not both");
+                }
+                anyhow::bail!(
+                    "vitdet eval --model/--weights/--data is not yet supported (it needs the dataset \
+                     loader); run `vitdet infer --out DIR` and evaluate DIR/detections.json with --gt/--dets"
+                );
+            }
+            let (Some(gt), Some(dets)) = (gt, dets) else {
+                anyhow::bail!("vitdet eval needs --gt GT.json and --dets DETS.json");
+            };
+            let gt = vitdet::eval::GroundTruth::load(&gt)?;
+            let dets = vitdet::eval::Detections::load(&dets, &gt)?;
+            let report = vitdet::eval::evaluate(&gt, &dets)?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Text => print!("{}", report.to_text()),
             }
         }
         Command::Infer {
