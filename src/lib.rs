@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod coco;
 pub mod compile;
+pub mod data;
 pub mod detect;
 pub mod detections;
 pub mod eval;

@@ -110,6 +110,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Datasets: `synth` writes a synthetic instance-segmentation dataset in COCO layout.
+    Data {
+        #[command(subcommand)]
+        command: vitdet::data::DataCommand,
+    },
 }
 
 fn main() {
@@ -129,6 +134,7 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Data { command } => vitdet::data::run_cli(command)?,
         Command::Compile {
             model,
             image_size,
