@@ -222,6 +222,33 @@ fn boxes_only_results_skip_masks() {
     );
 }
 
+#[test]
+fn boxes_only_ground_truth_skips_masks() {
+    let mut raw = read("main_gt.json");
+    for a in raw["annotations"].as_array_mut().unwrap() {
+        a.as_object_mut().unwrap().remove("segmentation");
+    }
+    let gt = GroundTruth::from_value(&raw, "boxes_gt.json").unwrap();
+    let dets = Detections::load(&path("main_dets.json"), &gt).unwrap();
+    let report = evaluate(&gt, &dets).unwrap();
+    assert_close(
+        &report.bbox,
+        &floats(&read("main_expected.json")["bbox"]),
+        "boxes-only GT bbox",
+    );
+    assert!(report.segm.is_none() && report.tide.segm.is_none());
+    // Some annotations with masks and some without is an error naming the first without.
+    let mut raw = read("main_gt.json");
+    raw["annotations"][2].as_object_mut().unwrap().remove("segmentation");
+    let gt = GroundTruth::from_value(&raw, "gt.json").unwrap();
+    let id = raw["annotations"][2]["id"].as_i64().unwrap();
+    let e = format!("{:#}", evaluate(&gt, &dets).unwrap_err());
+    assert!(
+        e.contains(&format!("annotation id {id}")) && e.contains("segmentation"),
+        "{e}"
+    );
+}
+
 fn gt_json() -> Value {
     json!({
         "images": [{"id": 1, "height": 20, "width": 30}],

@@ -465,7 +465,7 @@ fn short(v: &Value) -> String {
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
     pub bbox: [f64; 12],
-    /// `None` when the results carry no masks.
+    /// `None` when the results (or the ground truth) carry no masks.
     pub segm: Option<[f64; 12]>,
     pub tide: TideReport,
 }
@@ -478,9 +478,10 @@ pub struct TideReport {
 }
 
 /// Evaluates `dets` against `gt`: COCOeval and TIDE for boxes, and for masks when the results
-/// have them.
+/// have them and the ground truth is not boxes-only.
 pub fn evaluate(gt: &GroundTruth, dets: &Detections) -> Result<EvalReport> {
-    let masks = dets.all_have_masks()?;
+    let gt_masks = gt.annotations.is_empty() || gt.annotations.iter().any(|a| a.segmentation.is_some());
+    let masks = dets.all_have_masks()? && gt_masks;
     let bbox = CocoEval::run(gt, dets, IouType::Bbox)?;
     let tide_bbox = tide::evaluate(gt, dets, TideMode::Box)?;
     let (segm, tide_segm) = if masks {
@@ -516,7 +517,7 @@ impl EvalReport {
             s += &format!("\nTIDE {name}\n{}", t.to_text());
         }
         if self.segm.is_none() {
-            s += "\n(no masks in the results: segm not evaluated)\n";
+            s += "\n(segm not evaluated: the results or the ground truth have no masks)\n";
         }
         s
     }

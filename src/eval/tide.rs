@@ -353,13 +353,33 @@ pub fn evaluate(gt: &GroundTruth, dets: &Detections, mode: TideMode) -> Result<T
     Ok(run.finish())
 }
 
+/// An error as found, before the claims on ground truth are settled.
+#[derive(Clone, Copy)]
+struct Recorded {
+    kind: Kind,
+    /// Detection index, or ground-truth index for misses.
+    id: usize,
+    /// The data point the error contributes unfixed (none for misses and ignored detections).
+    original: Option<(i64, Point)>,
+    /// Index into `claims` for localization and classification errors.
+    claim: Option<usize>,
+}
+
+fn rec(kind: Kind, id: usize, original: Option<(i64, Point)>, claim: Option<usize>) -> Recorded {
+    Recorded {
+        kind,
+        id,
+        original,
+        claim,
+    }
+}
+
 struct Run<'a> {
     gts: &'a [GtItem<'a>],
     dts: &'a [DtItem<'a>],
     ap: ClassedAp,
-    /// (kind, detection or ground-truth index, original point, claim index) per error, in
-    /// the order tidecv records them.
-    errors: Vec<(Kind, usize, Option<(i64, Point)>, Option<usize>)>,
+    /// Errors in the order tidecv records them.
+    errors: Vec<Recorded>,
     claims: Vec<Claim>,
     /// Unmatched non-crowd ground truth per class (tidecv's `false_negatives`).
     false_negatives: HashMap<i64, usize>,
@@ -388,7 +408,7 @@ impl Run<'_> {
             for &g in &truths {
                 self.ap.obj(self.gts[g].class);
                 *self.false_negatives.entry(self.gts[g].class).or_default() += 1;
-                self.errors.push((Kind::Miss, g, None, None));
+                self.errors.push(rec(Kind::Miss, g, None, None));
             }
             return;
         }
@@ -469,7 +489,7 @@ impl Run<'_> {
                 )
             });
             if ng == 0 {
-                self.errors.push((Kind::Bkg, id, original, None));
+                self.errors.push(rec(Kind::Bkg, id, original, None));
                 continue;
             }
             let mut claim = |kind: Kind, g: usize, errors: &mut Vec<_>, claims: &mut Vec<Claim>| {
@@ -479,7 +499,7 @@ impl Run<'_> {
                     gt: truths[g],
                     suppress: gt_used[g],
                 });
-                errors.push((kind, id, original, Some(claims.len() - 1)));
+                errors.push(rec(kind, id, original, Some(claims.len() - 1)));
             };
             let (g, v) = argmax((0..ng).map(|g| cls_iou(p, g)));
             if (BG_THRESH..=POS_THRESH).contains(&v) {
@@ -493,22 +513,22 @@ impl Run<'_> {
             }
             let (_, v) = argmax((0..ng).map(|g| if gt_used[g] { cls_iou(p, g) } else { 0.0 }));
             if v >= POS_THRESH {
-                self.errors.push((Kind::Dupe, id, original, None));
+                self.errors.push(rec(Kind::Dupe, id, original, None));
                 continue;
             }
             let (_, v) = argmax(gt_iou[p].iter().copied());
             if v <= BG_THRESH {
-                self.errors.push((Kind::Bkg, id, original, None));
+                self.errors.push(rec(Kind::Bkg, id, original, None));
                 continue;
             }
-            self.errors.push((Kind::Both, id, original, None));
+            self.errors.push(rec(Kind::Both, id, original, None));
         }
         for (g, &t) in truths.iter().enumerate() {
             if !gt_used[g] {
                 self.ap.obj(self.gts[t].class);
                 *self.false_negatives.entry(self.gts[t].class).or_default() += 1;
                 if !usable[g] {
-                    self.errors.push((Kind::Miss, t, None, None));
+                    self.errors.push(rec(Kind::Miss, t, None, None));
                 }
             }
         }
@@ -529,37 +549,44 @@ impl Run<'_> {
         let errors: Vec<Error> = self
             .errors
             .iter()
-            .map(|&(kind, id, original, claim)| {
-                let fixed = match kind {
-                    Kind::Miss => Fixed::RemoveGt(self.gts[id].class),
-                    Kind::Cls | Kind::Loc => {
-                        let c = &self.claims[claim.expect("claims come with cls/loc errors")];
-                        let class = if kind == Kind::Cls {
-                            self.gts[c.gt].class
-                        } else {
-                            self.dts[id].class
-                        };
-                        if !c.suppress && best.get(&c.gt).map(|b| b.1) == Some(c.pred) {
-                            Fixed::Point(
-                                class,
-                                Point {
-                                    score: self.dts[id].score,
-                                    correct: true,
-                                },
-                            )
-                        } else {
-                            Fixed::Drop
+            .map(
+                |&Recorded {
+                     kind,
+                     id,
+                     original,
+                     claim,
+                 }| {
+                    let fixed = match kind {
+                        Kind::Miss => Fixed::RemoveGt(self.gts[id].class),
+                        Kind::Cls | Kind::Loc => {
+                            let c = &self.claims[claim.expect("claims come with cls/loc errors")];
+                            let class = if kind == Kind::Cls {
+                                self.gts[c.gt].class
+                            } else {
+                                self.dts[id].class
+                            };
+                            if !c.suppress && best.get(&c.gt).map(|b| b.1) == Some(c.pred) {
+                                Fixed::Point(
+                                    class,
+                                    Point {
+                                        score: self.dts[id].score,
+                                        correct: true,
+                                    },
+                                )
+                            } else {
+                                Fixed::Drop
+                            }
                         }
+                        Kind::Both | Kind::Dupe | Kind::Bkg => Fixed::Drop,
+                    };
+                    Error {
+                        kind,
+                        id,
+                        original,
+                        fixed,
                     }
-                    Kind::Both | Kind::Dupe | Kind::Bkg => Fixed::Drop,
-                };
-                Error {
-                    kind,
-                    id,
-                    original,
-                    fixed,
-                }
-            })
+                },
+            )
             .collect();
         let ap50 = self.ap.m_ap();
         let delta = |kind: Kind| (fix(&self.ap, &errors, |e| e.kind == kind, None).m_ap() - ap50).max(0.0);
