@@ -14,7 +14,7 @@ use vitdet_runtime::preprocess::{load_rgb, preprocess_rgb, Preprocessed};
 use vitdet_runtime::{kernels, run_with_order, CandleDType, Device, ParamStore, Tensor};
 
 use crate::compile::{compile_config, Target};
-use crate::detections::{coco_results, draw, CocoResult, Detection};
+use crate::detections::{coco_results, draw, Categories, CocoResult, Detection};
 use crate::infer::load_params;
 
 /// detectron2's mask threshold when pasting.
@@ -98,6 +98,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
     if images.len() == 1 {
         progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let categories = Categories::coco();
     let mut results: Vec<CocoResult> = Vec::new();
     let mut reports = Vec::new();
     let mut failed = Vec::new();
@@ -112,7 +113,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         match detect_one(&config, &params, path, &opts.device) {
             Ok((rgb, dets, op_seconds)) => {
                 let (h, w) = (rgb.height() as usize, rgb.width() as usize);
-                results.extend(coco_results(&dets, id, h, w));
+                results.extend(coco_results(&dets, id, h, w, &categories));
                 let picture = if images.len() == 1 {
                     opts.out.join("detections.png")
                 } else {
@@ -122,7 +123,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
                         .unwrap_or_default();
                     opts.out.join(format!("{stem}.detections.png"))
                 };
-                write_png(&picture, &draw(&rgb, &dets))?;
+                write_png(&picture, &draw(&rgb, &dets, &categories))?;
                 reports.push(ImageReport {
                     image: path.display().to_string(),
                     image_id: id,
@@ -153,7 +154,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
     })
 }
 
-fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
+pub(crate) fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
     vitdet_runtime::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
@@ -164,7 +165,7 @@ fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
 /// boxes dropped, masks pasted into the image and thresholded.
 type OpSeconds = Vec<(String, f64)>;
 
-fn detect_one(
+pub(crate) fn detect_one(
     config: &ModelConfig,
     params: &ParamStore,
     path: &Path,

@@ -6,13 +6,52 @@ use serde::Serialize;
 
 use crate::coco::{rle_encode, Rle, CATEGORY_IDS, CLASS_NAMES};
 
+/// What a model's contiguous class indices stand for: COCO category ids and names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Categories {
+    pub ids: Vec<u64>,
+    pub names: Vec<String>,
+}
+
+impl Categories {
+    /// The 80 COCO classes in detectron2's order.
+    pub fn coco() -> Self {
+        Categories {
+            ids: CATEGORY_IDS.iter().map(|&i| i as u64).collect(),
+            names: CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// A dataset's categories in the contiguous order training used (sorted ids).
+    pub fn from_dataset(dataset: &crate::data::CocoDataset) -> Self {
+        let mut cats: Vec<_> = dataset.categories.iter().map(|c| (c.id, c.name.clone())).collect();
+        cats.sort_by_key(|c| c.0);
+        Categories {
+            ids: cats.iter().map(|c| c.0).collect(),
+            names: cats.into_iter().map(|c| c.1).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn name(&self, class: usize) -> &str {
+        self.names.get(class).map(String::as_str).unwrap_or("?")
+    }
+}
+
 /// One detected instance.
 #[derive(Clone, Debug)]
 pub struct Detection {
     /// `[x0, y0, x1, y1]` in original image pixels.
     pub bbox: [f32; 4],
     pub score: f32,
-    /// Contiguous class index, 0..80.
+    /// Contiguous class index (see [`Categories`]).
     pub class: usize,
     /// Binary mask over the original image, row-major, if the model predicts masks.
     pub mask: Option<Vec<u8>>,
@@ -22,7 +61,7 @@ pub struct Detection {
 #[derive(Clone, Debug, Serialize)]
 pub struct CocoResult {
     pub image_id: u64,
-    pub category_id: u32,
+    pub category_id: u64,
     /// `[x, y, width, height]`.
     pub bbox: [f32; 4],
     pub score: f32,
@@ -31,13 +70,19 @@ pub struct CocoResult {
 }
 
 /// COCO results for one image of `height x width` pixels.
-pub fn coco_results(dets: &[Detection], image_id: u64, height: usize, width: usize) -> Vec<CocoResult> {
+pub fn coco_results(
+    dets: &[Detection],
+    image_id: u64,
+    height: usize,
+    width: usize,
+    categories: &Categories,
+) -> Vec<CocoResult> {
     dets.iter()
         .map(|d| {
             let [x0, y0, x1, y1] = d.bbox;
             CocoResult {
                 image_id,
-                category_id: CATEGORY_IDS[d.class],
+                category_id: categories.ids.get(d.class).copied().unwrap_or(u64::MAX),
                 bbox: [x0, y0, x1 - x0, y1 - y0],
                 score: d.score,
                 segmentation: d.mask.as_ref().map(|m| rle_encode(m, height, width)),
@@ -105,7 +150,7 @@ fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: i64, color: 
 
 /// The image with each detection's mask (translucent), box, class name and score drawn on it,
 /// lowest score first so the most confident ones end up on top.
-pub fn draw(image: &RgbImage, dets: &[Detection]) -> RgbImage {
+pub fn draw(image: &RgbImage, dets: &[Detection], categories: &Categories) -> RgbImage {
     let mut img = image.clone();
     let (w, h) = (img.width() as usize, img.height() as usize);
     let scale = ((w.max(h) as f32 / 640.0).round() as i64).max(1);
@@ -126,7 +171,7 @@ pub fn draw(image: &RgbImage, dets: &[Detection]) -> RgbImage {
         fill_rect(&mut img, x0, y1 - thickness, x1, y1, color);
         fill_rect(&mut img, x0, y0, x0 + thickness, y1, color);
         fill_rect(&mut img, x1 - thickness, y0, x1, y1, color);
-        let label = format!("{} {:.2}", CLASS_NAMES[d.class], d.score);
+        let label = format!("{} {:.2}", categories.name(d.class), d.score);
         let (tw, th) = (label.len() as i64 * 8 * scale + 2 * scale, 8 * scale + 2 * scale);
         let ty = if y0 - th >= 0 { y0 - th } else { y0 };
         fill_rect(&mut img, x0, ty, x0 + tw, ty + th, color);

@@ -17,6 +17,7 @@ pub mod infer;
 pub mod mask;
 pub mod report;
 pub mod rss;
+pub mod train;
 
 pub use vitdet_ir as ir;
 pub use vitdet_models as models;

@@ -110,6 +110,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Train a detector on a COCO-layout dataset (progress bar, metrics.jsonl, atomic
+    /// checkpoints, exact resume).
+    Train(vitdet::train::cli::TrainArgs),
     /// Datasets: `synth` writes a synthetic instance-segmentation dataset in COCO layout.
     Data {
         #[command(subcommand)]
@@ -135,6 +138,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data { command } => vitdet::data::run_cli(command)?,
+        Command::Train(args) => vitdet::train::cli::run(args)?,
         Command::Compile {
             model,
             image_size,

@@ -2,32 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::fixture;
-
-fn vitdet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitdet"))
-        .args(args)
-        .output()
-        .expect("run vitdet")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = vitdet(args);
-    assert!(
-        out.status.success(),
-        "vitdet {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = vitdet(args);
-    assert!(!out.status.success(), "vitdet {args:?} should fail");
-    String::from_utf8(out.stderr).unwrap()
-}
+use common::{fails, fixture, ok, vitdet};
 
 #[test]
 fn compile_reports_detectron2_parameter_counts() {

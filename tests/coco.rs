@@ -38,7 +38,7 @@ fn category_table_is_coco() {
 
 #[test]
 fn results_use_coco_ids_xywh_and_rle() {
-    use vitdet::detections::{coco_results, draw, Detection};
+    use vitdet::detections::{coco_results, draw, Categories, Detection};
     let mut mask = vec![0u8; 6 * 8];
     for y in 1..4 {
         for x in 2..6 {
@@ -51,7 +51,7 @@ fn results_use_coco_ids_xywh_and_rle() {
         class: 11,
         mask: Some(mask.clone()),
     }];
-    let r = coco_results(&dets, 42, 6, 8);
+    let r = coco_results(&dets, 42, 6, 8, &Categories::coco());
     let j = serde_json::to_value(&r).unwrap();
     assert_eq!(j[0]["image_id"], 42);
     assert_eq!(j[0]["category_id"], 13, "class 11 (stop sign) is COCO id 13");
@@ -73,7 +73,7 @@ fn results_use_coco_ids_xywh_and_rle() {
         class: 11,
         mask: Some(big),
     }];
-    let out = draw(&img, &dets);
+    let out = draw(&img, &dets, &Categories::coco());
     assert_ne!(out.get_pixel(70, 70), img.get_pixel(70, 70), "mask pixels are tinted");
     assert_ne!(out.get_pixel(40, 70), img.get_pixel(40, 70), "box edge is drawn");
     assert_eq!(

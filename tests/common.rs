@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -34,4 +35,28 @@ pub fn compare(ours: &Tensor, reference: &Tensor) -> (f64, f64) {
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
     let max = diff.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
     (num / den.max(f64::MIN_POSITIVE), max)
+}
+
+/// Runs the `vitdet` binary.
+pub fn vitdet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vitdet"))
+        .args(args)
+        .output()
+        .expect("run vitdet")
+}
+
+pub fn ok(args: &[&str]) -> String {
+    let out = vitdet(args);
+    assert!(
+        out.status.success(),
+        "vitdet {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn fails(args: &[&str]) -> String {
+    let out = vitdet(args);
+    assert!(!out.status.success(), "vitdet {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
 }

@@ -1,0 +1,169 @@
+//! The `vitdet train` command line: options, a progress bar, and the summary.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{MetricsLine, Progress, TrainOptions};
+use vitdet_models::ModelConfig;
+
+/// `vitdet train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Preset or JSON/TOML config (its detector's class count is taken from the dataset).
+    #[arg(long, default_value = "vitdet-tiny")]
+    pub model: String,
+    /// COCO-layout dataset: annotations/instances_train.json and train/ (`vitdet data synth`
+    /// writes one).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Starting weights (safetensors with every parameter of the model); default: seeded init.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Run directory: train.json, metrics.jsonl, checkpoint.safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its checkpoint (with the options it was started with).
+    #[arg(long)]
+    pub resume: bool,
+    /// Total iterations (with --resume: extend the run to this many).
+    #[arg(long)]
+    pub iters: Option<u64>,
+    /// Images per iteration.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Learning rate of the heads (the trunk's blocks get layer-wise decayed rates).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Layer-wise lr decay (default: the paper's 0.7 / 0.8 / 0.9 for B / L / H depths).
+    #[arg(long)]
+    pub lr_decay: Option<f64>,
+    /// Linear warmup iterations.
+    #[arg(long, default_value_t = 250)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every N iterations (and at the end).
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: u64,
+    /// Ground-truth instances per image the graph has room for.
+    #[arg(long, default_value_t = 16)]
+    pub max_instances: usize,
+}
+
+impl TrainArgs {
+    pub fn options(&self) -> Result<TrainOptions> {
+        let Some(data) = self.data.clone() else {
+            bail!("--data is required to start a run (only --resume reads it from the run)");
+        };
+        Ok(TrainOptions {
+            model: ModelConfig::load(&self.model)?,
+            data,
+            weights: self.weights.clone(),
+            iterations: self.iters.unwrap_or(1000),
+            batch_size: self.batch,
+            base_lr: self.lr,
+            weight_decay: self.weight_decay,
+            lr_decay: self.lr_decay,
+            warmup_iters: self.warmup.min(self.iters.unwrap_or(1000)),
+            seed: self.seed,
+            checkpoint_period: self.checkpoint_every,
+            max_instances: self.max_instances,
+        })
+    }
+}
+
+/// A progress bar on stderr: iteration, loss terms, lr, it/s and ETA. Hidden when stderr is not
+/// a terminal (metrics.jsonl has everything).
+pub struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    pub fn new() -> Self {
+        Bar(None)
+    }
+}
+
+impl Default for Bar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `loss 1.234 (rpn_cls 0.1, ...)`.
+pub fn describe_losses(line: &MetricsLine) -> String {
+    let total = line.losses.get("loss").copied().unwrap_or(f64::NAN);
+    let terms: Vec<String> = line
+        .losses
+        .iter()
+        .filter(|(k, _)| k.as_str() != "loss")
+        .map(|(k, v)| format!("{} {v:.3}", k.trim_start_matches("loss_")))
+        .collect();
+    format!("loss {total:.3} ({})", terms.join(", "))
+}
+
+impl Progress for Bar {
+    fn start(&mut self, start: u64, total: u64) {
+        let bar = ProgressBar::new(total);
+        bar.set_position(start);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} it, {per_sec}, eta {eta} {msg}")
+                .expect("valid template"),
+        );
+        if !std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        self.0 = Some(bar);
+    }
+    fn iteration(&mut self, line: &MetricsLine) {
+        if let Some(bar) = &self.0 {
+            bar.set_position(line.iteration);
+            bar.set_message(format!("{}, lr {:.2e}", describe_losses(line), line.lr));
+        }
+    }
+    fn message(&mut self, text: &str) {
+        match &self.0 {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(bar) = self.0.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Runs `vitdet train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut bar = Bar::new();
+    let summary = if args.resume {
+        super::resume(&args.out, args.iters, &mut bar)?
+    } else {
+        super::train(args.options()?, &args.out, &mut bar)?
+    };
+    let done = summary.iterations - summary.start_iteration;
+    println!(
+        "trained iterations {}..{} in {:.1} s ({:.2} it/s); checkpoint {}",
+        summary.start_iteration + 1,
+        summary.iterations,
+        summary.seconds,
+        done as f64 / summary.seconds.max(1e-9),
+        summary.checkpoint.display()
+    );
+    if let Some(last) = &summary.last {
+        println!("last iteration: {}", describe_losses(last));
+    }
+    let kernels: f64 = summary.op_seconds.iter().map(|(_, t)| t).sum();
+    let top: Vec<String> = summary
+        .op_seconds
+        .iter()
+        .take(6)
+        .map(|(op, t)| format!("{op} {:.0}%", 100.0 * t / kernels.max(1e-12)))
+        .collect();
+    println!("kernel time {kernels:.1} s: {}", top.join(", "));
+    Ok(())
+}

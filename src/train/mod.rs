@@ -1,0 +1,316 @@
+//! `vitdet train`: compiles the training step once (training forward graph, autodiff, schedule)
+//! and runs it over augmented batches with AdamW, the warmup + cosine schedule, metrics and
+//! atomic checkpoints.
+//!
+//! A run directory holds:
+//! * `train.json`: the options the run was started with (a resumed run reads them back, so a
+//!   resume cannot silently change the experiment);
+//! * `metrics.jsonl`: one JSON object per iteration (loss terms, learning rate, timing);
+//! * `checkpoint.safetensors`: parameters, optimizer state and the iteration reached, replaced
+//!   atomically every `checkpoint_period` iterations and at the end. It is also a weights file
+//!   for `vitdet infer --weights`.
+//!
+//! Determinism: iteration `i` draws its images, its augmentation and the graph's `seed` input
+//! (drop path, anchor and RoI sampling) from counter-based streams keyed by `(seed, i, slot)`,
+//! and every kernel is deterministic, so a resumed run reproduces the uninterrupted run's
+//! losses bit for bit.
+
+pub mod cli;
+pub mod metrics;
+mod step;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use vitdet_models::ModelConfig;
+use vitdet_runtime::checkpoint::{self, CheckpointMeta};
+use vitdet_runtime::optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, ParamInfo, WarmupCosine};
+use vitdet_runtime::Device;
+use vitdet_runtime::ParamStore;
+
+use crate::data::{CocoDataset, LsjConfig, TrainLoader};
+pub use metrics::MetricsLine;
+pub use step::TrainStep;
+
+/// File names inside a run directory.
+pub const OPTIONS_FILE: &str = "train.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    /// The model; its detector's class count is set from the dataset.
+    pub model: ModelConfig,
+    /// COCO-layout dataset root: `annotations/instances_train.json` and `train/`.
+    pub data: PathBuf,
+    /// Starting weights (every parameter of the model), or `None` for the seeded initialization.
+    pub weights: Option<PathBuf>,
+    pub iterations: u64,
+    /// Images per iteration (their gradients are averaged).
+    pub batch_size: usize,
+    pub base_lr: f64,
+    pub weight_decay: f64,
+    /// Layer-wise learning-rate decay (`None`: the paper's rate for the trunk depth).
+    pub lr_decay: Option<f64>,
+    pub warmup_iters: u64,
+    pub seed: u64,
+    pub checkpoint_period: u64,
+    /// Ground-truth instances per image the graph takes (more are dropped and counted).
+    pub max_instances: usize,
+}
+
+impl TrainOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.iterations == 0 {
+            bail!("--iters must be at least 1");
+        }
+        if self.batch_size == 0 {
+            bail!("--batch must be at least 1");
+        }
+        if self.checkpoint_period == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        if self.max_instances == 0 {
+            bail!("--max-instances must be at least 1");
+        }
+        if self.warmup_iters > self.iterations {
+            bail!(
+                "--warmup ({}) is longer than the run ({} iterations)",
+                self.warmup_iters,
+                self.iterations
+            );
+        }
+        self.model.validate().context("model configuration")?;
+        Ok(())
+    }
+
+    fn group_config(&self) -> GroupConfig {
+        let mut g = GroupConfig::paper(self.model.depth);
+        g.base_lr = self.base_lr;
+        g.weight_decay = self.weight_decay;
+        if let Some(rate) = self.lr_decay {
+            g.lr_decay_rate = rate;
+        }
+        g
+    }
+
+    /// The training annotations and images of `data`.
+    pub fn train_split(&self) -> (PathBuf, PathBuf) {
+        (
+            self.data.join("annotations").join("instances_train.json"),
+            self.data.join("train"),
+        )
+    }
+}
+
+/// What [`train`] reports when it finishes.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    /// Iteration the run started at (0, or the checkpoint's when resumed).
+    pub start_iteration: u64,
+    pub iterations: u64,
+    pub last: Option<MetricsLine>,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+    /// Kernel time per op name over the whole run, slowest first.
+    pub op_seconds: Vec<(String, f64)>,
+}
+
+/// How [`train`] reports progress.
+pub trait Progress {
+    fn start(&mut self, _start: u64, _total: u64) {}
+    fn iteration(&mut self, _line: &MetricsLine) {}
+    fn message(&mut self, _text: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// No progress output.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// Starts a run in `out` (which must not hold a run already).
+pub fn train(options: TrainOptions, out: &Path, progress: &mut dyn Progress) -> Result<TrainSummary> {
+    options.validate()?;
+    if out.join(OPTIONS_FILE).exists() {
+        bail!(
+            "{} already holds a training run; pass --resume to continue it or choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create run directory {}", out.display()))?;
+    let text = serde_json::to_string_pretty(&options)?;
+    vitdet_runtime::write_atomic(&out.join(OPTIONS_FILE), text.as_bytes())
+        .with_context(|| format!("cannot write {}", out.join(OPTIONS_FILE).display()))?;
+    run(options, out, false, progress)
+}
+
+/// Continues the run in `out` from its checkpoint, with the options it was started with;
+/// `iterations` may extend it.
+pub fn resume(out: &Path, iterations: Option<u64>, progress: &mut dyn Progress) -> Result<TrainSummary> {
+    let path = out.join(OPTIONS_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a training run (cannot read {})",
+            out.display(),
+            path.display()
+        )
+    })?;
+    let mut options: TrainOptions =
+        serde_json::from_str(&text).with_context(|| format!("malformed {}", path.display()))?;
+    if let Some(n) = iterations {
+        if n != options.iterations {
+            options.iterations = n;
+            options.validate()?;
+            let text = serde_json::to_string_pretty(&options)?;
+            vitdet_runtime::write_atomic(&path, text.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    run(options, out, true, progress)
+}
+
+fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn Progress) -> Result<TrainSummary> {
+    let device = Device::Cpu;
+    let (annotations, images) = options.train_split();
+    let dataset = CocoDataset::load(&annotations, &images)?;
+    options.model.detector.num_classes = dataset.num_classes();
+    let loader = TrainLoader::new(
+        dataset,
+        LsjConfig::vitdet(options.model.image_size),
+        options.batch_size,
+        options.seed,
+    )?;
+    let report = loader.report();
+    if report.skipped_images > 0 || report.crowd_annotations > 0 {
+        progress.message(&format!(
+            "training on {} of {} images ({} without a non-crowd instance skipped, {} crowd annotations ignored)",
+            report.used, report.images, report.skipped_images, report.crowd_annotations
+        ));
+    }
+
+    let compile_start = Instant::now();
+    let step = TrainStep::compile(&options.model, options.max_instances)?;
+    progress.message(&format!(
+        "compiled the training step: {} forward + {} backward nodes, {} trainable tensors, {:.2} s",
+        step.forward_nodes(),
+        step.backward_nodes(),
+        step.gradients().len(),
+        compile_start.elapsed().as_secs_f64()
+    ));
+
+    let groups = ParamGroups::new(&ParamInfo::from_graph(step.graph()), options.group_config())?;
+    let schedule = WarmupCosine::new(options.iterations, options.warmup_iters)?;
+    let checkpoint_path = out.join(CHECKPOINT_FILE);
+    let metrics_path = out.join(METRICS_FILE);
+
+    let (mut params, mut optimizer, start) = if resuming {
+        let ck = checkpoint::load(&checkpoint_path, &device)
+            .with_context(|| format!("cannot resume {}: no usable checkpoint", out.display()))?;
+        ck.check(step.graph())
+            .with_context(|| format!("{} does not fit the model of this run", checkpoint_path.display()))?;
+        if ck.meta.seed != options.seed {
+            bail!(
+                "{} was written with seed {}, the run's options say {}",
+                checkpoint_path.display(),
+                ck.meta.seed,
+                options.seed
+            );
+        }
+        if ck.meta.iteration >= options.iterations {
+            bail!(
+                "{} already completed {} of {} iterations; pass --iters to extend the run",
+                out.display(),
+                ck.meta.iteration,
+                options.iterations
+            );
+        }
+        metrics::truncate_after(&metrics_path, ck.meta.iteration)?;
+        (ck.params, ck.optimizer, ck.meta.iteration)
+    } else {
+        let params = match &options.weights {
+            Some(w) => ParamStore::load_safetensors(w, step.graph(), &device)
+                .with_context(|| format!("cannot load --weights {}", w.display()))?,
+            None => ParamStore::init_random(step.graph(), options.seed, &device)?,
+        };
+        (params, AdamW::new(AdamWConfig::default())?, 0)
+    };
+    let model_config = serde_json::to_value(&options.model)?;
+    let mut metrics = metrics::Writer::append(&metrics_path)?;
+
+    let started = Instant::now();
+    progress.start(start, options.iterations);
+    let mut last = None;
+    let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
+    for iteration in start..options.iterations {
+        let t0 = Instant::now();
+        let batch = loader.samples(iteration)?;
+        let result = step.run_batch(&params, &batch, options.seed, iteration, options.max_instances)?;
+        if let Some(bad) = result.non_finite() {
+            progress.finish();
+            let kept = if checkpoint_path.exists() {
+                format!("the last good checkpoint is {}", checkpoint_path.display())
+            } else {
+                "no checkpoint was written yet".to_string()
+            };
+            bail!("iteration {}: {bad}; stopping ({kept})", iteration + 1);
+        }
+        for (op, t) in &result.op_seconds {
+            *op_seconds.entry(op.clone()).or_default() += t;
+        }
+        let multiplier = schedule.multiplier(iteration)?;
+        optimizer.step_groups(&mut params, &result.gradients, &groups, multiplier)?;
+        for (name, value) in &result.buffer_updates {
+            params.insert(name.clone(), value.clone());
+        }
+        let line = MetricsLine {
+            iteration: iteration + 1,
+            losses: result.losses.clone(),
+            lr: options.base_lr * multiplier,
+            seconds: t0.elapsed().as_secs_f64(),
+            truncated_instances: result.truncated,
+        };
+        metrics.write(&line)?;
+        progress.iteration(&line);
+        if (iteration + 1) % options.checkpoint_period == 0 || iteration + 1 == options.iterations {
+            if let Some(name) = first_non_finite(&params)? {
+                progress.finish();
+                bail!(
+                    "iteration {}: the update made parameter `{name}` non-finite; stopping without \
+                     overwriting the last good checkpoint ({})",
+                    iteration + 1,
+                    checkpoint_path.display()
+                );
+            }
+            let meta = CheckpointMeta {
+                iteration: iteration + 1,
+                seed: options.seed,
+                model_config: model_config.clone(),
+            };
+            checkpoint::save(&checkpoint_path, &params, &optimizer, &meta)?;
+        }
+        last = Some(line);
+    }
+    progress.finish();
+    let mut op_seconds: Vec<(String, f64)> = op_seconds.into_iter().collect();
+    op_seconds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(TrainSummary {
+        start_iteration: start,
+        iterations: options.iterations,
+        last,
+        seconds: started.elapsed().as_secs_f64(),
+        checkpoint: checkpoint_path,
+        op_seconds,
+    })
+}
+
+/// The first parameter holding a NaN or infinity, if any.
+fn first_non_finite(params: &ParamStore) -> Result<Option<String>> {
+    let tensors: Vec<(String, vitdet_runtime::Tensor)> =
+        params.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+    Ok(vitdet_runtime::optim::non_finite_gradients(&tensors)?
+        .into_iter()
+        .next())
+}
