@@ -116,14 +116,14 @@ impl Ctx<'_> {
         }
         match v.as_f64() {
             Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
-            _ => Err(self.err(format!("`{key}` must be an integer, not {v}"))),
+            _ => Err(self.err(format!("`{key}` must be an integer, not {}", short(v)))),
         }
     }
 
     fn number(&self, v: &Value, key: &str) -> Result<f64> {
         match v.as_f64() {
             Some(f) if f.is_finite() => Ok(f),
-            _ => Err(self.err(format!("`{key}` must be a finite number, not {v}"))),
+            _ => Err(self.err(format!("`{key}` must be a finite number, not {}", short(v)))),
         }
     }
 
@@ -133,7 +133,7 @@ impl Ctx<'_> {
         };
         let arr = v.as_array().filter(|a| a.len() == 4);
         let Some(arr) = arr else {
-            return Err(self.err(format!("`bbox` must be [x, y, width, height], not {v}")));
+            return Err(self.err(format!("`bbox` must be [x, y, width, height], not {}", short(v))));
         };
         let mut b = [0.0; 4];
         for (o, x) in b.iter_mut().zip(arr) {
@@ -150,7 +150,10 @@ impl Ctx<'_> {
             .filter(|a| a.len() == 2)
             .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect());
         let Some(hw) = hw else {
-            return Err(self.err(format!("segmentation `size` must be [height, width], not {size}")));
+            return Err(self.err(format!(
+                "segmentation `size` must be [height, width], not {}",
+                short(size)
+            )));
         };
         let (h, w) = (hw[0], hw[1]);
         match self.get(obj, "counts")? {
@@ -167,7 +170,10 @@ impl Ctx<'_> {
                     )),
                 }
             }
-            other => Err(anyhow::anyhow!("`counts` must be a string or a list, not {other}")),
+            other => Err(anyhow::anyhow!(
+                "`counts` must be a string or a list, not {}",
+                short(other)
+            )),
         }
         .map_err(|e| self.err(format!("segmentation: {e}")))
     }
@@ -214,7 +220,7 @@ impl GroundTruth {
                     None => Ok(None),
                     Some(v) => match v.as_u64() {
                         Some(d) if d > 0 => Ok(Some(d as usize)),
-                        _ => Err(ctx.err(format!("`{key}` must be a positive integer, not {v}"))),
+                        _ => Err(ctx.err(format!("`{key}` must be a positive integer, not {}", short(v)))),
                     },
                 }
             };
@@ -265,7 +271,7 @@ impl GroundTruth {
                 Some(v) => match v.as_i64() {
                     Some(0) => false,
                     Some(1) => true,
-                    _ => return Err(ctx.err(format!("`iscrowd` must be 0 or 1, not {v}"))),
+                    _ => return Err(ctx.err(format!("`iscrowd` must be 0 or 1, not {}", short(v)))),
                 },
             };
             let segmentation = match obj.get("segmentation") {
@@ -321,7 +327,12 @@ fn gt_segmentation(ctx: &Ctx, seg: &Value, size: Option<(usize, usize)>) -> Resu
             Runs::union(&masks.map_err(|e| ctx.err(format!("segmentation: {e}")))?)
                 .map_err(|e| ctx.err(format!("segmentation: {e}")))?
         }
-        other => return Err(ctx.err(format!("`segmentation` must be polygons or an RLE, not {other}"))),
+        other => {
+            return Err(ctx.err(format!(
+                "`segmentation` must be polygons or an RLE, not {}",
+                short(other)
+            )))
+        }
     };
     if let Some((h, w)) = size {
         if (runs.height(), runs.width()) != (h, w) {
