@@ -9,7 +9,11 @@
 //! weights are used as loaded.
 //!
 //! On the CPU, stride-1 ungrouped convolutions with a kernel larger than 1x1 run as tiled
-//! im2col + gemm (`im2col_conv`), about twice as fast as candle's CPU kernel.
+//! im2col + gemm (`im2col_conv`), about twice as fast as candle's CPU kernel. Transposed
+//! convolutions (the input gradients of every `conv2d` in training) never use candle's CPU
+//! kernel, a direct loop 10-25x slower (`deconv_cpu`): stride 1 runs as the flipped-kernel
+//! convolution on the im2col path, every other attribute set as `w^T @ x` per tile plus a
+//! col2im scatter-add.
 //!
 //! Two fast paths turn "patchify" layers into a single gemm:
 //! * `conv2d` with kernel == stride, no padding, no dilation, one group (ViT patch embedding):
@@ -20,8 +24,8 @@
 //!   stride-2 deconvolutions of the feature pyramids): `w^T @ x` per image, then one pass that
 //!   interleaves the kernel offsets into the output and adds the bias.
 //!
-//! `conv2d_grad_weight` (the weight gradient of `conv2d`) is, on the CPU for f32 / f64, a strided
-//! im2col of `x` per tile times `dy^T`, summed over tiles; elsewhere it is itself a convolution
+//! `conv2d_grad_weight` (the weight gradient of `conv2d`) is, on the CPU for f32 / f64, the
+//! (strided) im2col columns of `x` per tile times `dy^T`, summed over tiles; elsewhere it is itself a convolution
 //! (`conv2d_grad_weight_portable`). Input gradients need no kernel of their own: that of
 //! `conv2d` is a `conv_transpose2d` of `dy` and that of `conv_transpose2d` a `conv2d` of `dy`.
 
@@ -29,8 +33,8 @@ use candle_core::{DType, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
 
-use super::cpu::Im2Col;
-use super::cpu_grad::StridedIm2Col;
+use super::cpu::{Col2Im, Im2Col};
+use super::cpu_grad::{with_slice, StridedIm2Col};
 use super::linear::{gemm_operand, with_contraction_dtype};
 use super::{channel_view, expect_float, KernelError, KernelResult};
 
@@ -292,43 +296,60 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
                 }
             }
         }
-        let mut dw: Option<Tensor> = None;
+        // Per group, `dw^T [Cin/g*kh*kw, O/g]` summed over tiles: `cols @ dy^T` (dy^T a
+        // column-major view) is about twice as fast as `dy @ cols^T` when `O` is small, and the
+        // same for ViT-B's 256 channels.
+        let mut acc: Vec<Option<Tensor>> = vec![None; g];
         for (b0, nb, r0, r) in tiles {
-            let cols = StridedIm2Col {
-                kernel: op.kernel,
-                stride: op.stride,
-                padding: op.padding,
-                dilation: op.dilation,
-                out_w: wo,
-                images: (b0, nb),
-                rows: (r0, r),
-            }
-            .apply(&x)?; // [Cin*kh*kw, nb*r*Wo]
-            let dyt = dy
-                .narrow(0, b0, nb)?
-                .narrow(2, r0, r)?
-                .permute((1, 0, 2, 3))?
-                .contiguous()?
-                .reshape((o, nb * r * wo))?;
-            let parts = (0..g)
-                .map(|gi| {
-                    let cg = gemm_operand(&cols.narrow(0, gi * kg, kg)?.t()?)?;
-                    dyt.narrow(0, gi * og, og)?.matmul(&cg) // [O/g, Cin/g*kh*kw]
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let part = if g == 1 {
-                parts[0].clone()
+            let cols = if op.stride == [1, 1] {
+                x.apply_op1_no_bwd(&Im2Col {
+                    kernel: op.kernel,
+                    padding: op.padding,
+                    dilation: op.dilation,
+                    out_w: wo,
+                    images: (b0, nb),
+                    rows: (r0, r),
+                })?
             } else {
-                Tensor::cat(&parts, 0)?
+                StridedIm2Col {
+                    kernel: op.kernel,
+                    stride: op.stride,
+                    padding: op.padding,
+                    dilation: op.dilation,
+                    out_w: wo,
+                    images: (b0, nb),
+                    rows: (r0, r),
+                }
+                .apply(&x)?
+            }; // [Cin*kh*kw, nb*r*Wo]
+            let dyt = if nb == 1 {
+                dy.get(b0)?.narrow(1, r0, r)?.contiguous()?.reshape((o, r * wo))?
+            } else {
+                dy.narrow(0, b0, nb)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((o, nb * r * wo))?
             };
-            dw = Some(match dw {
-                None => part,
-                Some(acc) => (acc + part)?,
-            });
+            for (gi, slot) in acc.iter_mut().enumerate() {
+                // [Cin/g*kh*kw, O/g]
+                let part = cols.narrow(0, gi * kg, kg)?.matmul(&dyt.narrow(0, gi * og, og)?.t()?)?;
+                *slot = Some(match slot.take() {
+                    None => part,
+                    Some(sum) => (sum + part)?,
+                });
+            }
         }
-        let dw = match dw {
-            Some(dw) => dw,
-            None => Tensor::zeros((o, kg), x.dtype(), x.device())?,
+        let parts = acc
+            .into_iter()
+            .map(|p| match p {
+                Some(p) => p.t(),
+                None => Tensor::zeros((og, kg), x.dtype(), x.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dw = if g == 1 {
+            parts[0].contiguous()?
+        } else {
+            Tensor::cat(&parts, 0)?
         };
         Ok(dw.reshape((o, cin / g, kh, kw))?)
     })
@@ -425,6 +446,21 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
             "invalid conv_transpose2d attributes {op:?}"
         )));
     }
+    if x.device().is_cpu() {
+        if w.dtype() != x.dtype() {
+            return Err(KernelError::Unsupported(format!(
+                "conv_transpose2d: input {:?} and weight {:?} dtypes differ",
+                x.dtype(),
+                w.dtype()
+            )));
+        }
+        return match x.dtype() {
+            DType::F32 => deconv_cpu::<f32>(op, x, w),
+            DType::F64 => deconv_cpu::<f64>(op, x, w),
+            // Half types are widened (f32 accumulation, one rounding back).
+            dt => Ok(deconv_cpu::<f32>(op, &x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dt)?),
+        };
+    }
     if ph == pw && sh == sw && oph == opw && dh == dw {
         return Ok(x.conv_transpose2d(w, ph, oph, sh, dh)?);
     }
@@ -444,6 +480,109 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
         groups: 1,
     };
     conv2d_nobias(&conv, &xd, &wf)
+}
+
+/// Transposed convolution on the CPU (f32 / f64, any stride, padding, output padding and
+/// dilation). Stride 1 with a kernel larger than 1x1 and no cropping or output padding runs as
+/// the flipped-kernel convolution on the im2col path; everything else as `cols = w^T @ x`, one
+/// gemm per tile (`w` viewed `[Ci, Co*kh*kw]`, the tile's inputs `[Ci, nb*r*W]`), then a
+/// parallel scatter-add of the columns into the output ([`Col2Im`]). Tiles of whole images, or
+/// of input rows of one image, keep `cols` under `IM2COL_TILE_BYTES`. Unlike a zero-insertion
+/// lowering, no work is spent on the zeros between strided inputs.
+fn deconv_cpu<T: WithDType>(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
+    let (n, ci, h, wd) = x.dims4()?;
+    let (wci, co, kh, kw) = w.dims4()?;
+    let bad = |why: &str| {
+        Err(KernelError::Unsupported(format!(
+            "conv_transpose2d {op:?} with input {:?} and weight {:?}: {why}",
+            x.dims(),
+            w.dims()
+        )))
+    };
+    if wci != ci {
+        return bad("the weight's first axis must be the input channels");
+    }
+    if h == 0 || wd == 0 || kh == 0 || kw == 0 {
+        return bad("empty spatial axes or kernel");
+    }
+    let mut out_hw = [0usize; 2];
+    for (d, size) in [h, wd].into_iter().enumerate() {
+        let full = (size - 1) * op.stride[d] + op.dilation[d] * (w.dim(2 + d)? - 1) + op.output_padding[d] + 1;
+        if full <= 2 * op.padding[d] {
+            return bad("the padding leaves no output");
+        }
+        out_hw[d] = full - 2 * op.padding[d];
+    }
+    let [ho, wo] = out_hw;
+    let plane = ho * wo;
+    let [dh, dw] = op.dilation;
+    let reach = [dh * (kh - 1), dw * (kw - 1)];
+    if n * ci * co > 0
+        && op.stride == [1, 1]
+        && [kh, kw] != [1, 1]
+        && op.output_padding == [0, 0]
+        && reach[0] >= op.padding[0]
+        && reach[1] >= op.padding[1]
+    {
+        // Stride 1: a convolution of x padded by d (k - 1) - p with the flipped kernel, on the
+        // im2col path. Its gemm contracts over Ci * kh * kw rather than Ci and writes Co rather
+        // than Co * kh * kw values per pixel: 1.4-4x faster than gemm + col2im for the heads'
+        // and pyramid's 3x3 convolutions.
+        let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        let pad = [reach[0] - op.padding[0], reach[1] - op.padding[1]];
+        return im2col_conv_host::<T>(x, &wf, pad, op.dilation);
+    }
+    let mut out = vec![T::zero(); n * co * plane];
+    if n == 0 || ci == 0 || co == 0 {
+        return Ok(Tensor::from_vec(out, (n, co, ho, wo), x.device())?);
+    }
+    let m = co * kh * kw;
+    let wt = gemm_operand(&w.reshape((ci, m))?.t()?)?; // [Co*kh*kw, Ci], column-major view
+    let x = x.contiguous()?;
+    // Tiles: (first image, images, first input row, rows).
+    let size = T::DTYPE.size_in_bytes();
+    let image_bytes = m * h * wd * size;
+    let mut tiles = Vec::new();
+    if image_bytes <= IM2COL_TILE_BYTES {
+        let per_tile = (IM2COL_TILE_BYTES / image_bytes).clamp(1, n);
+        for b0 in (0..n).step_by(per_tile) {
+            tiles.push((b0, per_tile.min(n - b0), 0, h));
+        }
+    } else {
+        let rows = (IM2COL_TILE_BYTES / (m * wd * size)).clamp(1, h);
+        for b0 in 0..n {
+            for r0 in (0..h).step_by(rows) {
+                tiles.push((b0, 1, r0, rows.min(h - r0)));
+            }
+        }
+    }
+    for (b0, nb, r0, r) in tiles {
+        let xt = if nb == 1 {
+            x.get(b0)?.narrow(1, r0, r)?.contiguous()?.reshape((ci, r * wd))?
+        } else {
+            // [nb, Ci, H*W] -> [Ci, nb*H*W]: one gemm for a batch of small maps (RoI heads).
+            x.narrow(0, b0, nb)?
+                .reshape((nb, ci, h * wd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((ci, nb * h * wd))?
+        };
+        let cols = wt.matmul(&xt)?; // [Co*kh*kw, nb*r*W]
+        let scatter = Col2Im {
+            kernel: [kh, kw],
+            stride: op.stride,
+            padding: op.padding,
+            dilation: op.dilation,
+            in_w: wd,
+            out: out_hw,
+            channels: co,
+            images: nb,
+            rows: (r0, r),
+        };
+        let dst = &mut out[b0 * co * plane..(b0 + nb) * co * plane];
+        with_slice::<T, _>(&cols, |c| scatter.add_into(c, dst))??;
+    }
+    Ok(Tensor::from_vec(out, (n, co, ho, wo), x.device())?)
 }
 
 /// kernel == stride, no padding: `w^T @ x` per image, then interleave the kernel offsets.

@@ -208,6 +208,107 @@ impl CustomOp1 for Im2Col {
     }
 }
 
+// ----- col2im -----
+
+/// The scatter-add half of a transposed convolution computed as `cols = w^T @ x`: `cols` is
+/// `[Co * kh * kw, nb, r, W]` for input rows `r0..r0 + r` of `nb` images, and column
+/// `(co, a, b), (i, y, ix)` is added to `out[i, co, (r0 + y) sh + a dh - ph, ix sw + b dw - pw]`
+/// (dropped outside `[Ho, Wo]`: that is how padding crops; output-padding rows stay as they are).
+/// Parallel over the `nb * Co` output planes, so no two tasks write the same element.
+pub(crate) struct Col2Im {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    /// Input width `W`.
+    pub in_w: usize,
+    /// Output size `[Ho, Wo]`.
+    pub out: [usize; 2],
+    /// Output channels `Co`.
+    pub channels: usize,
+    /// Images in the tile.
+    pub images: usize,
+    /// Input rows of the tile: `(r0, r)`.
+    pub rows: (usize, usize),
+}
+
+impl Col2Im {
+    /// Adds the columns into `out`, the `[nb, Co, Ho, Wo]` output of the tile's images.
+    pub(crate) fn add_into<T: candle_core::WithDType>(&self, cols: &[T], out: &mut [T]) -> Result<()> {
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.padding;
+        let [dh, dw] = self.dilation;
+        let [ho, wo] = self.out;
+        let (w, co, nb) = (self.in_w, self.channels, self.images);
+        let (r0, r) = self.rows;
+        let (plane, tw) = (ho * wo, nb * r * w);
+        if cols.len() != co * kh * kw * tw || out.len() != nb * co * plane {
+            bail!(
+                "col2im: {} columns and {} outputs do not fit {co} channels x {kh}x{kw} taps, \
+                 {nb} images of {r} rows x {w} -> {ho}x{wo}",
+                cols.len(),
+                out.len()
+            );
+        }
+        if plane == 0 || tw == 0 || sh == 0 || sw == 0 {
+            return Ok(());
+        }
+        // The input columns `ix0..ix1` of kernel column `b` land inside `[0, Wo)`.
+        let col_range = |b: usize| -> (usize, usize, usize) {
+            let shift = (b * dw) as isize - pw as isize; // ox = ix sw + shift
+            let ix0 = if shift >= 0 {
+                0
+            } else {
+                ((-shift) as usize).div_ceil(sw).min(w)
+            };
+            let room = wo as isize - shift;
+            let ix1 = if room <= 0 {
+                0
+            } else {
+                (room as usize).div_ceil(sw).min(w)
+            };
+            let ox0 = if ix0 < ix1 { (ix0 * sw) as isize + shift } else { 0 };
+            (ix0, ix1.max(ix0), ox0 as usize)
+        };
+        let ranges: Vec<(usize, usize, usize)> = (0..kw).map(col_range).collect();
+        // Tiny planes (RoI heads) are batched so each task has some work.
+        let min_len = (4096 / (plane * kh * kw)).max(1);
+        out.par_chunks_mut(plane)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(idx, dst)| {
+                let (i, c) = (idx / co, idx % co);
+                for a in 0..kh {
+                    for (b, &(ix0, ix1, ox0)) in ranges.iter().enumerate() {
+                        if ix0 == ix1 {
+                            continue;
+                        }
+                        let src = &cols[((c * kh + a) * kw + b) * tw + i * r * w..][..r * w];
+                        for y in 0..r {
+                            let oy = ((r0 + y) * sh + a * dh) as isize - ph as isize;
+                            if oy < 0 || oy >= ho as isize {
+                                continue;
+                            }
+                            let line = &mut dst[oy as usize * wo..][..wo];
+                            let s = &src[y * w + ix0..y * w + ix1];
+                            if sw == 1 {
+                                for (d, &v) in line[ox0..ox0 + s.len()].iter_mut().zip(s) {
+                                    *d += v;
+                                }
+                            } else {
+                                for (d, &v) in line[ox0..].iter_mut().step_by(sw).zip(s) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
 // ----- softmax over the last axis -----
 
 /// Softmax over the last axis of a contiguous f32/f64 tensor. Per row: the max (8 running

@@ -438,6 +438,24 @@ impl StridedIm2Col {
         }
         out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
             let (ci, a, b) = (row / (kh * kw), row / kw % kh, row % kw);
+            // Output columns z0..z1 read inside the input: 0 <= z sw + b dw - pw < w.
+            let shift = (b * dw) as isize - pw as isize;
+            let z0 = if shift >= 0 {
+                0
+            } else {
+                ((-shift) as usize).div_ceil(sw).min(wo)
+            };
+            let room = w as isize - shift;
+            let z1 = if room <= 0 {
+                0
+            } else {
+                (room as usize).div_ceil(sw).min(wo)
+            }
+            .max(z0);
+            if z0 == z1 {
+                return;
+            }
+            let ix0 = (z0 * sw) as isize + shift;
             for i in 0..nb {
                 let plane = &src[((b0 + i) * c + ci) * h * w..][..h * w];
                 for y in 0..r {
@@ -445,13 +463,10 @@ impl StridedIm2Col {
                     if iy < 0 || iy >= h as isize {
                         continue;
                     }
-                    let line = &plane[iy as usize * w..][..w];
-                    let d = &mut dst[(i * r + y) * wo..][..wo];
-                    for (z, dv) in d.iter_mut().enumerate() {
-                        let ix = (z * sw + b * dw) as isize - pw as isize;
-                        if ix >= 0 && ix < w as isize {
-                            *dv = line[ix as usize];
-                        }
+                    let line = &plane[iy as usize * w + ix0 as usize..(iy as usize + 1) * w];
+                    let d = &mut dst[(i * r + y) * wo..][z0..z1];
+                    for (dv, &sv) in d.iter_mut().zip(line.iter().step_by(sw)) {
+                        *dv = sv;
                     }
                 }
             }
