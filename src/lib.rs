@@ -10,6 +10,7 @@ pub mod bench;
 pub mod coco;
 pub mod compile;
 pub mod data;
+pub mod demo;
 pub mod detect;
 pub mod detections;
 pub mod eval;

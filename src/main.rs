@@ -100,19 +100,27 @@ enum Command {
         /// COCO results JSON: a list of {image_id, category_id, score, bbox, [segmentation]}.
         #[arg(long)]
         dets: Option<PathBuf>,
-        /// Evaluate a model directly (with --weights and --data): not yet supported.
+        /// Evaluate a model directly: preset or config (with --weights and --data).
         #[arg(long)]
         model: Option<String>,
+        /// Weights or training checkpoint (safetensors) for --model.
         #[arg(long)]
         weights: Option<PathBuf>,
+        /// COCO-layout dataset: annotations/instances_<split>.json and <split>/.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Dataset split evaluated with --data.
+        #[arg(long, default_value = "val")]
+        split: String,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
     /// Train a detector on a COCO-layout dataset (progress bar, metrics.jsonl, atomic
     /// checkpoints, exact resume).
     Train(vitdet::train::cli::TrainArgs),
+    /// The whole pipeline on a CPU in minutes: synthetic dataset, training, COCO evaluation and
+    /// a picture of the detections.
+    Demo(vitdet::demo::DemoArgs),
     /// Datasets: `synth` writes a synthetic instance-segmentation dataset in COCO layout.
     Data {
         #[command(subcommand)]
@@ -139,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data { command } => vitdet::data::run_cli(command)?,
         Command::Train(args) => vitdet::train::cli::run(args)?,
+        Command::Demo(args) => vitdet::demo::run(args)?,
         Command::Compile {
             model,
             image_size,
@@ -186,16 +195,33 @@ fn run(cli: Cli) -> Result<()> {
             model,
             weights,
             data,
+            split,
             format,
         } => {
             if model.is_some() || weights.is_some() || data.is_some() {
                 if gt.is_some() || dets.is_some() {
                     anyhow::bail!("give either --gt/--dets or --model/--weights/--data, not both");
                 }
-                anyhow::bail!(
-                    "vitdet eval --model/--weights/--data is not yet supported (it needs the dataset \
-                     loader); run `vitdet infer --out DIR` and evaluate DIR/detections.json with --gt/--dets"
+                let (Some(model), Some(weights), Some(data)) = (model, weights, data) else {
+                    anyhow::bail!("evaluating a model needs --model, --weights and --data");
+                };
+                let config = vitdet::models::ModelConfig::load(&model)?;
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images, {per_sec}, eta {eta}")
+                        .expect("valid progress template"),
                 );
+                let eval =
+                    vitdet::train::validate::evaluate_split(&config, &weights, &data, &split, &mut |done, total| {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    })?;
+                bar.finish_and_clear();
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&eval.report)?),
+                    Format::Text => print!("{}", eval.report.to_text()),
+                }
+                return Ok(());
             }
             let (Some(gt), Some(dets)) = (gt, dets) else {
                 anyhow::bail!("vitdet eval needs --gt GT.json and --dets DETS.json");

@@ -48,7 +48,8 @@ pub const PROPOSAL_TARGETS_STREAM: u64 = (1 << 32) + 1;
 
 /// The training-time settings of the heads: detectron2's values for ViTDet's COCO configs
 /// (`configs/common/models/mask_rcnn_fpn.py`) by default.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainingConfig {
     /// Proposals kept per level before the RPN's NMS (training: 2000).
     pub rpn_pre_nms_topk: usize,

@@ -488,3 +488,19 @@ fn errors_name_the_problem() {
     let err = differentiate(&c.graph, "y").unwrap_err().to_string();
     assert!(err.contains("scalar"), "{err}");
 }
+
+#[test]
+fn convolution_at_box_head_scale() {
+    // 512 RoIs of 16 x 7 x 7: large enough that the CPU kernels split the work into tiles.
+    let mut c = Case::new(31);
+    let x = c.param(&[512, 16, 7, 7], 1.0, 0.0);
+    let w = c.param(&[16, 16, 3, 3], 0.3, 0.0);
+    let op = Conv2d {
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    let y = c.op(op, &[x, w]);
+    c.check(&[y]);
+}

@@ -30,7 +30,7 @@ use super::rng::Stream;
 use super::{mask_box, GtInstance};
 
 /// The augmentation's settings; [`LsjConfig::vitdet`] gives detectron2 ViTDet's.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LsjConfig {
     /// Input side `S` of the model.
     pub size: usize,

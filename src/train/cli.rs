@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{MetricsLine, Progress, TrainOptions};
-use vitdet_models::ModelConfig;
+use vitdet_models::{ModelConfig, TrainingConfig};
 
 /// `vitdet train`.
 #[derive(clap::Args, Debug)]
@@ -53,12 +53,21 @@ pub struct TrainArgs {
     /// Ground-truth instances per image the graph has room for.
     #[arg(long, default_value_t = 16)]
     pub max_instances: usize,
+    /// Large-scale jitter's scale range `MIN,MAX` (detectron2 ViTDet: 0.1,2.0).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1, 2.0])]
+    pub scale_range: Vec<f64>,
+    /// RoIs sampled per image for the box and mask heads (detectron2: 512).
+    #[arg(long, default_value_t = 512)]
+    pub roi_batch: usize,
 }
 
 impl TrainArgs {
     pub fn options(&self) -> Result<TrainOptions> {
         let Some(data) = self.data.clone() else {
             bail!("--data is required to start a run (only --resume reads it from the run)");
+        };
+        let [lo, hi] = self.scale_range[..] else {
+            bail!("--scale-range takes two numbers MIN,MAX, found {:?}", self.scale_range);
         };
         Ok(TrainOptions {
             model: ModelConfig::load(&self.model)?,
@@ -73,6 +82,11 @@ impl TrainArgs {
             seed: self.seed,
             checkpoint_period: self.checkpoint_every,
             max_instances: self.max_instances,
+            scale_range: [lo, hi],
+            heads: TrainingConfig {
+                roi_batch_size_per_image: self.roi_batch,
+                ..TrainingConfig::default()
+            },
         })
     }
 }

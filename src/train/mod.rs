@@ -18,13 +18,14 @@
 pub mod cli;
 pub mod metrics;
 mod step;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use vitdet_models::ModelConfig;
+use vitdet_models::{ModelConfig, TrainingConfig};
 use vitdet_runtime::checkpoint::{self, CheckpointMeta};
 use vitdet_runtime::optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, ParamInfo, WarmupCosine};
 use vitdet_runtime::Device;
@@ -60,6 +61,10 @@ pub struct TrainOptions {
     pub checkpoint_period: u64,
     /// Ground-truth instances per image the graph takes (more are dropped and counted).
     pub max_instances: usize,
+    /// Large-scale jitter's range of scale factors (detectron2 ViTDet: 0.1 to 2.0).
+    pub scale_range: [f64; 2],
+    /// Training settings of the RPN and RoI heads (detectron2's by default).
+    pub heads: TrainingConfig,
 }
 
 impl TrainOptions {
@@ -82,6 +87,10 @@ impl TrainOptions {
                 self.warmup_iters,
                 self.iterations
             );
+        }
+        let [lo, hi] = self.scale_range;
+        if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+            bail!("--scale-range {lo},{hi}: need 0 < min <= max");
         }
         self.model.validate().context("model configuration")?;
         Ok(())
@@ -192,7 +201,7 @@ fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn
     }
 
     let compile_start = Instant::now();
-    let step = TrainStep::compile(&options.model, options.max_instances)?;
+    let step = TrainStep::compile(&options.model, options.max_instances, &options.heads)?;
     progress.message(&format!(
         "compiled the training step: {} forward + {} backward nodes, {} trainable tensors, {:.2} s",
         step.forward_nodes(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use vitdet_ir::{Graph, NodeIndex};
-use vitdet_models::ModelConfig;
+use vitdet_models::{ModelConfig, TrainingConfig};
 use vitdet_passes::autodiff::GRAD_PREFIX;
 use vitdet_runtime::{run_with_order, ParamStore};
 use vitdet_runtime::{CandleDType as DType, Device, Tensor};
@@ -60,11 +60,12 @@ impl StepResult {
 }
 
 impl TrainStep {
-    /// Builds the training forward graph of `model` for its square input size with room for
-    /// `max_instances` ground-truth instances, differentiates its `loss` and schedules it.
-    pub fn compile(model: &ModelConfig, max_instances: usize) -> Result<Self> {
+    /// Builds the training forward graph of `model` (heads trained with `heads`) for its square
+    /// input size with room for `max_instances` ground-truth instances, differentiates its
+    /// `loss` and schedules it.
+    pub fn compile(model: &ModelConfig, max_instances: usize, heads: &TrainingConfig) -> Result<Self> {
         let s = model.image_size;
-        let forward = vitdet_models::build_detector_training(model, [s, s], max_instances)
+        let forward = vitdet_models::build_detector_training_with(model, [s, s], max_instances, heads)
             .context("building the training graph")?;
         let diff = vitdet_passes::differentiate(&forward, LOSS).context("differentiating the training graph")?;
         if !diff.unreached.is_empty() {
