@@ -135,17 +135,18 @@ def detectron2_worker(args):
               "instances": inst}]
     ready_rss = proc_status()["VmRSS"]
 
-    seconds, losses, fg = [], [], []
+    seconds, cpu_seconds, losses, fg = [], [], [], []
     with EventStorage(0) as storage:
         for i in range(args.warmup + args.runs):
             storage.iter = i
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss_dict = model(batch)
             total = sum(loss_dict.values())
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
             seconds.append(time.perf_counter() - t)
+            cpu_seconds.append(time.process_time() - c)
             losses.append({k: float(v) for k, v in loss_dict.items()} | {"loss": float(total)})
             fg.append(storage.latest()["roi_head/num_fg_samples"][0])
             storage.step()
@@ -154,6 +155,7 @@ def detectron2_worker(args):
         "torch": torch.__version__,
         "threads": args.threads,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "losses": losses,
         "fg_rois": fg,
         "rss_before_import_bytes": before_import,
@@ -161,6 +163,13 @@ def detectron2_worker(args):
         "rss_model_ready_bytes": ready_rss,
         "peak_rss_self_bytes": proc_status()["VmHWM"],
     }))
+
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds a running process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def machine_load():
@@ -225,6 +234,7 @@ def run_vitdet(args):
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
             peak_iterations = None
+            cpu_at_line = []  # the process's CPU seconds when each metrics line was first seen
             # Poll until the last iteration's line is written: the high-water mark then is the
             # peak of the iterations (plus at most one polling interval of the checkpoint write).
             # wait4 with WNOHANG reaps the child when it ends, keeping its rusage.
@@ -237,8 +247,11 @@ def run_vitdet(args):
                     break
                 if peak_iterations is None and hwm is not None and os.path.exists(metrics_path):
                     with open(metrics_path) as f:
-                        if sum(1 for l in f if l.strip()) >= iters:
-                            peak_iterations = hwm
+                        done = sum(1 for l in f if l.strip())
+                    if done > len(cpu_at_line):
+                        cpu_at_line += [process_cpu_seconds(proc.pid)] * (done - len(cpu_at_line))
+                    if done >= iters:
+                        peak_iterations = hwm
                 time.sleep(0.05)
             out.seek(0)
             err.seek(0)
@@ -253,6 +266,9 @@ def run_vitdet(args):
             "command": " ".join(cmd),
             "threads": args.threads,
             "seconds": [l["seconds"] for l in lines],
+            # From the second iteration on (the first also compiles and initializes), to within
+            # the 50 ms polling interval; None where two lines appeared within one poll.
+            "cpu_seconds": [None] + [b - a if b != a else None for a, b in zip(cpu_at_line, cpu_at_line[1:])],
             "losses": [l["losses"] for l in lines],
             "peak_rss_bytes": peak,
             "peak_rss_iterations_bytes": peak_iterations,
@@ -264,9 +280,14 @@ def run_vitdet(args):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def median_timed(result, warmup):
-    timed = result["seconds"][warmup:]
+def median_timed(result, warmup, key="seconds"):
+    """Median of the iterations after the warm-up (None when none was measured)."""
+    timed = [v for v in result[key][warmup:] if v is not None]
     return statistics.median(timed) if timed else None
+
+
+def fmt(value, width, digits=1):
+    return ("-" if value is None else f"{value:.{digits}f}").rjust(width)
 
 
 def main():
@@ -309,14 +330,15 @@ def main():
 
     print(f"\nViTDet-B Mask R-CNN training, batch 1 at {args.size}x{args.size}, {args.threads} threads, "
           f"median of {args.runs} iterations after {args.warmup} warm-up")
-    print(f"{'framework':<12} {'s/iter':>8} {'peak RSS GiB':>13}  notes")
+    print(f"{'framework':<12} {'s/iter':>8} {'CPU s/iter':>11} {'peak RSS GiB':>13}  notes")
     med = {}
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<12} {'-':>8} {'-':>13}  FAILED: {r['error']}")
+            print(f"{name:<12} {'-':>8} {'-':>11} {'-':>13}  FAILED: {r['error']}")
             continue
         med[name] = median_timed(r, args.warmup)
         r["median_seconds"] = med[name]
+        r["median_cpu_seconds"] = median_timed(r, max(args.warmup, 1 if name == "vitdet" else 0), "cpu_seconds")
         if name == "detectron2":
             note = (f"torch {r['torch']}; {r['rss_libraries_bytes'] / GIB:.2f} GiB after imports, "
                     f"{r['rss_model_ready_bytes'] / GIB:.2f} GiB with model and batch; fg RoIs {r['fg_rois']}")
@@ -324,7 +346,8 @@ def main():
             p = r["peak_rss_iterations_bytes"]
             note = ("peak by the last iteration " + (f"{p / GIB:.2f} GiB" if p else "not sampled")
                     + " (the rest: final checkpoint write)")
-        print(f"{name:<12} {med[name]:>8.1f} {r['peak_rss_bytes'] / GIB:>13.2f}  {note}")
+        print(f"{name:<12} {med[name]:>8.1f} {fmt(r['median_cpu_seconds'], 11)} "
+              f"{r['peak_rss_bytes'] / GIB:>13.2f}  {note}")
         print(f"{'':<12} per iteration: " + ", ".join(f"{s:.1f}" for s in r["seconds"])
               + f"; last loss {r['losses'][-1].get('loss', float('nan')):.3f}; process CPU/wall "
               f"{r['process_cpu_seconds'] / r['process_wall_seconds']:.2f}; "
