@@ -123,8 +123,8 @@ pub struct ModelConfig {
 /// `StandardROIHeads` with `FastRCNNConvFCHead`, `FastRCNNOutputLayers` and
 /// `MaskRCNNConvUpsampleHead`) and their inference settings. Defaults are detectron2's ViTDet
 /// COCO values (`configs/common/models/mask_rcnn_fpn.py` + `mask_rcnn_vitdet.py`). In a config
-/// file this is the `detector` table; omitted fields take their defaults (also when the file
-/// starts from a preset: a `detector` table replaces the preset's whole section).
+/// file this is the `detector` table; omitted fields take their defaults, or the preset's when
+/// the file starts from one (its fields override the preset's one by one).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DetectorConfig {
@@ -434,7 +434,15 @@ impl ModelConfig {
         else {
             unreachable!("a struct serializes to an object")
         };
-        merged.extend(fields);
+        // Tables merge field by field, so `[detector] num_classes = 4` keeps the preset's heads.
+        for (key, value) in fields {
+            match (merged.get_mut(&key), value) {
+                (Some(serde_json::Value::Object(base)), serde_json::Value::Object(over)) => base.extend(over),
+                (_, value) => {
+                    merged.insert(key, value);
+                }
+            }
+        }
         serde_json::from_value(serde_json::Value::Object(merged)).map_err(|e| parse_err(origin, e))
     }
 

@@ -258,3 +258,14 @@ fn invalid_configs_error_clearly() {
     c.attention = AttentionStrategy::Global;
     c.validate().unwrap();
 }
+
+#[test]
+fn preset_tables_merge_field_by_field() {
+    let cfg = ModelConfig::from_toml_str("preset = \"vitdet-tiny\"\n[detector]\nnum_classes = 4\n").unwrap();
+    let tiny = ModelConfig::preset("vitdet-tiny").unwrap();
+    assert_eq!(cfg.detector.num_classes, 4);
+    assert_eq!(cfg.detector.box_head_conv_dim, tiny.detector.box_head_conv_dim);
+    assert_eq!(cfg.detector.rpn_post_nms_topk, tiny.detector.rpn_post_nms_topk);
+    let err = ModelConfig::from_toml_str("preset = \"vitdet-tiny\"\n[detector]\nnum_clases = 4\n");
+    assert!(err.unwrap_err().to_string().contains("num_clases"));
+}
