@@ -316,12 +316,12 @@ fn grad_weight_reference(x: &Nd, dy: &Nd, op: &Conv2dGradWeight) -> Nd {
 
 #[test]
 fn grad_weight_matches_the_reference() {
-    // Stride 1 (contiguous im2col) and strided (strided im2col) columns, groups, dilation,
-    // asymmetric attributes, and 300 images of 64 channels (110 KiB of f32 columns each, 297
-    // per 32 MiB tile: two image tiles summed). f32 tolerance: sums of up to 300 * 49 = 14700
-    // products of N(0, 1) values (typical magnitude ~120), rounding ~ 1e-7 relative to the
-    // sum of |terms| ~ 1e4: atol 2e-3;
-    // f64 the same sums with 1e-16 rounding: atol 1e-9 leaves a wide margin.
+    // Stride 1 (contiguous im2col) and strided (strided im2col) columns, both gemm orientations,
+    // groups, dilation, asymmetric attributes, and 300 images of 64 channels (110 KiB of f32
+    // columns each, 297 per 32 MiB tile: two image tiles summed). f32 tolerance: sums of up to
+    // 300 * 49 = 14700 products of N(0, 1) values (typical magnitude ~120), rounding ~ 1e-7
+    // relative to the sum of |terms| ~ 1e4: atol 2e-3. f64: the same sums with 1e-16 rounding,
+    // atol 1e-9 leaves a wide margin.
     let mut r = TestRng::new(19);
     let gw = |k: [usize; 2], s: [usize; 2], p: [usize; 2], d: [usize; 2], g: usize| Conv2dGradWeight {
         stride: s,
@@ -335,6 +335,9 @@ fn grad_weight_matches_the_reference() {
         ([1, 3, 9, 8], 2, gw([3, 2], [1, 1], [2, 0], [2, 3], 1)),
         ([2, 2, 9, 10], 3, gw([3, 3], [2, 3], [1, 0], [1, 2], 1)),
         ([1, 4, 8, 8], 4, gw([1, 1], [2, 2], [0, 0], [1, 1], 2)),
+        // More output channels than Cin/g*kh*kw (the `dy @ cols^T` orientation).
+        ([2, 3, 6, 5], 8, gw([1, 1], [1, 1], [0, 0], [1, 1], 1)),
+        ([1, 4, 7, 6], 10, gw([2, 1], [2, 1], [1, 0], [1, 1], 2)),
         ([300, 64, 7, 7], 2, gw([3, 3], [1, 1], [1, 1], [1, 1], 1)),
     ];
     for (sx, o, op) in cases {
