@@ -91,7 +91,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             ..TrainingConfig::default()
         },
     };
-    let summary = train::train(options, &run_dir, &mut Bar::new())?;
+    let summary = train::train(options, &run_dir, None, &mut Bar::new())?;
     println!(
         "    {} iterations in {:.0} s ({:.1} it/s)",
         summary.iterations,

@@ -363,6 +363,7 @@ fn cli_eval_prints_json_and_text() {
 
 #[test]
 fn cli_eval_refuses_what_it_cannot_do() {
+    // Evaluating a model needs its dataset: a missing one is named.
     let out = vitdet(&[
         "eval",
         "--model",
@@ -373,7 +374,10 @@ fn cli_eval_refuses_what_it_cannot_do() {
         "coco",
     ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet supported"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("coco/annotations/instances_val.json"), "{err}");
+    let out = vitdet(&["eval", "--model", "vitdet-b", "--data", "coco"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --model, --weights and --data"));
 
     let gt = path("main_gt.json");
     let out = vitdet(&["eval", "--gt", gt.to_str().unwrap()]);

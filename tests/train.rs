@@ -59,22 +59,17 @@ fn resumed_run_repeats_the_uninterrupted_run_exactly() {
     let whole = dir.path().join("whole");
     train(&data, &whole, &[&["--iters", "5"], &common[..]].concat());
     let split = dir.path().join("split");
-    train(&data, &split, &[&["--iters", "3"], &common[..]].concat());
-    // Iteration 3 finished after the checkpoint at 2: a resume repeats it.
-    let text = ok(&[
-        "--threads",
-        "2",
-        "train",
-        "--out",
-        split.to_str().unwrap(),
-        "--resume",
-        "--iters",
-        "5",
-    ]);
-    assert!(text.contains("trained iterations 3..5"), "{text}");
+    train(
+        &data,
+        &split,
+        &[&["--iters", "5", "--stop-at", "3"], &common[..]].concat(),
+    );
+    // Stopped with a checkpoint at 3; the resume runs 4 and 5.
+    let text = ok(&["--threads", "2", "train", "--out", split.to_str().unwrap(), "--resume"]);
+    assert!(text.contains("trained iterations 4..5"), "{text}");
     let (a, b) = (losses(&whole), losses(&split));
     assert_eq!(a.len(), 5);
-    assert_eq!(b.len(), 5, "the resumed run's metrics replace the repeated iteration");
+    assert_eq!(b.len(), 5);
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.iteration, y.iteration);
         assert_eq!(
@@ -128,6 +123,32 @@ fn loss_falls() {
         last < 0.8 * first,
         "loss did not fall: first 8 iterations {first:.3}, last 8 {last:.3}"
     );
+
+    // The checkpoint evaluates as weights on the held-out split.
+    let ckpt = run.join("checkpoint.safetensors");
+    let text = ok(&[
+        "eval",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--data",
+        &data,
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for kind in ["bbox", "segm"] {
+        let stats = report[kind]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {kind} stats: {text}"));
+        assert_eq!(stats.len(), 12);
+        assert!(
+            stats.iter().all(|v| (-1.0..=1.0).contains(&v.as_f64().unwrap())),
+            "{text}"
+        );
+    }
+    assert!(report["tide"]["bbox"]["main"]["Miss"].is_number(), "{text}");
 }
 
 #[test]
@@ -147,7 +168,14 @@ fn killed_run_keeps_a_loadable_checkpoint_and_resumes() {
             "--iters",
             "1000",
         ])
-        .args(["--checkpoint-every", "1", "--out", run.to_str().unwrap()])
+        .args([
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            run.to_str().unwrap(),
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

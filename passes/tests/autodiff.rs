@@ -65,7 +65,6 @@ impl Case {
 
     /// A trainable f64 parameter with standard normal values times `scale` plus `offset`.
     fn param(&mut self, shape: &[usize], scale: f64, offset: f64) -> Value {
-        let name = format!("p{}", self.params.len());
         let n = shape.iter().product();
         let values = self.rng.normal(n).into_iter().map(|v| v * scale + offset).collect();
         self.param_values(shape, values)

@@ -31,6 +31,10 @@ pub struct TrainArgs {
     /// Total iterations (with --resume: extend the run to this many).
     #[arg(long)]
     pub iters: Option<u64>,
+    /// Stop this invocation after this many iterations (with a checkpoint); --resume continues
+    /// the run exactly.
+    #[arg(long)]
+    pub stop_at: Option<u64>,
     /// Images per iteration.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -42,9 +46,9 @@ pub struct TrainArgs {
     /// Layer-wise lr decay (default: the paper's 0.7 / 0.8 / 0.9 for B / L / H depths).
     #[arg(long)]
     pub lr_decay: Option<f64>,
-    /// Linear warmup iterations.
-    #[arg(long, default_value_t = 250)]
-    pub warmup: u64,
+    /// Linear warmup iterations (default: 250, or the whole run if shorter).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a checkpoint every N iterations (and at the end).
@@ -78,7 +82,7 @@ impl TrainArgs {
             base_lr: self.lr,
             weight_decay: self.weight_decay,
             lr_decay: self.lr_decay,
-            warmup_iters: self.warmup.min(self.iters.unwrap_or(1000)),
+            warmup_iters: self.warmup.unwrap_or(250.min(self.iters.unwrap_or(1000))),
             seed: self.seed,
             checkpoint_period: self.checkpoint_every,
             max_instances: self.max_instances,
@@ -155,9 +159,9 @@ impl Progress for Bar {
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut bar = Bar::new();
     let summary = if args.resume {
-        super::resume(&args.out, args.iters, &mut bar)?
+        super::resume(&args.out, args.iters, args.stop_at, &mut bar)?
     } else {
-        super::train(args.options()?, &args.out, &mut bar)?
+        super::train(args.options()?, &args.out, args.stop_at, &mut bar)?
     };
     let done = summary.iterations - summary.start_iteration;
     println!(

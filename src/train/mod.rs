@@ -120,6 +120,7 @@ impl TrainOptions {
 pub struct TrainSummary {
     /// Iteration the run started at (0, or the checkpoint's when resumed).
     pub start_iteration: u64,
+    /// Iterations completed when this invocation ended.
     pub iterations: u64,
     pub last: Option<MetricsLine>,
     pub seconds: f64,
@@ -140,8 +141,17 @@ pub trait Progress {
 pub struct Quiet;
 impl Progress for Quiet {}
 
-/// Starts a run in `out` (which must not hold a run already).
-pub fn train(options: TrainOptions, out: &Path, progress: &mut dyn Progress) -> Result<TrainSummary> {
+/// Starts a run in `out` (which must not hold a run already). Nothing is written before the
+/// dataset, the model and the starting weights have been checked.
+///
+/// `stop_at` ends this invocation after that many iterations (with a checkpoint), leaving a run
+/// that `--resume` continues exactly as if it had not stopped.
+pub fn train(
+    options: TrainOptions,
+    out: &Path,
+    stop_at: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary> {
     options.validate()?;
     if out.join(OPTIONS_FILE).exists() {
         bail!(
@@ -149,16 +159,17 @@ pub fn train(options: TrainOptions, out: &Path, progress: &mut dyn Progress) -> 
             out.display()
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create run directory {}", out.display()))?;
-    let text = serde_json::to_string_pretty(&options)?;
-    vitdet_runtime::write_atomic(&out.join(OPTIONS_FILE), text.as_bytes())
-        .with_context(|| format!("cannot write {}", out.join(OPTIONS_FILE).display()))?;
-    run(options, out, false, progress)
+    run(options, out, false, stop_at, progress)
 }
 
 /// Continues the run in `out` from its checkpoint, with the options it was started with;
 /// `iterations` may extend it.
-pub fn resume(out: &Path, iterations: Option<u64>, progress: &mut dyn Progress) -> Result<TrainSummary> {
+pub fn resume(
+    out: &Path,
+    iterations: Option<u64>,
+    stop_at: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary> {
     let path = out.join(OPTIONS_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -178,20 +189,26 @@ pub fn resume(out: &Path, iterations: Option<u64>, progress: &mut dyn Progress) 
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
     }
-    run(options, out, true, progress)
+    run(options, out, true, stop_at, progress)
 }
 
-fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn Progress) -> Result<TrainSummary> {
+fn run(
+    mut options: TrainOptions,
+    out: &Path,
+    resuming: bool,
+    stop_at: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let (annotations, images) = options.train_split();
     let dataset = CocoDataset::load(&annotations, &images)?;
     options.model.detector.num_classes = dataset.num_classes();
-    let loader = TrainLoader::new(
-        dataset,
-        LsjConfig::vitdet(options.model.image_size),
-        options.batch_size,
-        options.seed,
-    )?;
+    let lsj = LsjConfig {
+        min_scale: options.scale_range[0],
+        max_scale: options.scale_range[1],
+        ..LsjConfig::vitdet(options.model.image_size)
+    };
+    let loader = TrainLoader::new(dataset, lsj, options.batch_size, options.seed)?;
     let report = loader.report();
     if report.skipped_images > 0 || report.crowd_annotations > 0 {
         progress.message(&format!(
@@ -246,6 +263,12 @@ fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn
         };
         (params, AdamW::new(AdamWConfig::default())?, 0)
     };
+    if !resuming {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create run directory {}", out.display()))?;
+        let text = serde_json::to_string_pretty(&options)?;
+        vitdet_runtime::write_atomic(out.join(OPTIONS_FILE), text.as_bytes())
+            .with_context(|| format!("cannot write {}", out.join(OPTIONS_FILE).display()))?;
+    }
     let model_config = serde_json::to_value(&options.model)?;
     let mut metrics = metrics::Writer::append(&metrics_path)?;
 
@@ -253,7 +276,11 @@ fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn
     progress.start(start, options.iterations);
     let mut last = None;
     let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
-    for iteration in start..options.iterations {
+    let end = stop_at.map_or(options.iterations, |n| n.min(options.iterations));
+    if end <= start {
+        bail!("--stop-at {end} is not after the checkpoint's iteration {start}");
+    }
+    for iteration in start..end {
         let t0 = Instant::now();
         let batch = loader.samples(iteration)?;
         let result = step.run_batch(&params, &batch, options.seed, iteration, options.max_instances)?;
@@ -283,7 +310,7 @@ fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn
         };
         metrics.write(&line)?;
         progress.iteration(&line);
-        if (iteration + 1) % options.checkpoint_period == 0 || iteration + 1 == options.iterations {
+        if (iteration + 1) % options.checkpoint_period == 0 || iteration + 1 == end {
             if let Some(name) = first_non_finite(&params)? {
                 progress.finish();
                 bail!(
@@ -307,7 +334,7 @@ fn run(mut options: TrainOptions, out: &Path, resuming: bool, progress: &mut dyn
     op_seconds.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(TrainSummary {
         start_iteration: start,
-        iterations: options.iterations,
+        iterations: end,
         last,
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: checkpoint_path,
