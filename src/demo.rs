@@ -9,7 +9,8 @@ use vitdet_models::{ModelConfig, TrainingConfig};
 
 use crate::data::synthetic::{generate, SynthOptions};
 use crate::detect::write_png;
-use crate::detections::draw;
+use crate::detections::{draw, Detection};
+use image::RgbImage;
 use crate::train::cli::{describe_losses, Bar};
 use crate::train::validate::evaluate_split;
 use crate::train::{self, TrainOptions};
@@ -121,6 +122,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let picture = args.out.join("detections.png");
     let rgb = eval.dataset.load_image(0)?;
     let dets: Vec<_> = eval.detections[0].iter().filter(|d| d.score >= 0.5).cloned().collect();
+    let (rgb, dets) = enlarge(&rgb, &dets, PICTURE_SCALE);
     write_png(&picture, &draw(&rgb, &dets, &eval.categories))?;
     println!(
         "    {} detections with score >= 0.5 -> {}",
@@ -128,6 +130,32 @@ pub fn run(args: DemoArgs) -> Result<()> {
         picture.display()
     );
     Ok(())
+}
+
+/// The demo's images are small (128 px): the picture is drawn at this multiple so labels fit.
+const PICTURE_SCALE: u32 = 4;
+
+/// `image` and `dets` enlarged `k` times (nearest neighbour, so masks stay exact).
+fn enlarge(image: &RgbImage, dets: &[Detection], k: u32) -> (RgbImage, Vec<Detection>) {
+    let (w, h) = (image.width(), image.height());
+    let big = image::imageops::resize(image, w * k, h * k, image::imageops::FilterType::Nearest);
+    let (bw, k) = ((w * k) as usize, k as usize);
+    let dets = dets
+        .iter()
+        .map(|d| Detection {
+            bbox: d.bbox.map(|v| v * k as f32),
+            mask: d.mask.as_ref().map(|m| {
+                let mut out = vec![0u8; bw * h as usize * k];
+                for (i, v) in out.iter_mut().enumerate() {
+                    let (y, x) = (i / bw / k, (i % bw) / k);
+                    *v = m[y * w as usize + x];
+                }
+                out
+            }),
+            ..d.clone()
+        })
+        .collect();
+    (big, dets)
 }
 
 fn indent(text: &str) -> String {

@@ -220,11 +220,11 @@ fn run(
     let compile_start = Instant::now();
     let step = TrainStep::compile(&options.model, options.max_instances, &options.heads)?;
     progress.message(&format!(
-        "compiled the training step: {} forward + {} backward nodes, {} trainable tensors, {:.2} s",
+        "compiled the training step: {} forward + {} backward nodes, {} trainable tensors, {:.1} ms",
         step.forward_nodes(),
         step.backward_nodes(),
         step.gradients().len(),
-        compile_start.elapsed().as_secs_f64()
+        compile_start.elapsed().as_secs_f64() * 1e3
     ));
 
     let groups = ParamGroups::new(&ParamInfo::from_graph(step.graph()), options.group_config())?;
