@@ -25,13 +25,13 @@ pub struct DemoArgs {
     #[arg(long, default_value = "vitdet-tiny")]
     pub model: String,
     /// Training iterations (one image each).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 6500)]
     pub iters: u64,
     #[arg(long, default_value_t = 400)]
     pub train_images: usize,
     #[arg(long, default_value_t = 50)]
     pub val_images: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
