@@ -166,3 +166,27 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     vitdet_runtime::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enlarge_scales_boxes_and_masks() {
+        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let det = Detection {
+            bbox: [1.0, 0.0, 2.0, 1.0],
+            score: 0.9,
+            class: 0,
+            mask: Some(vec![0, 1, 0, 0, 0, 1]),
+        };
+        let (big, dets) = enlarge(&img, &[det], 2);
+        assert_eq!((big.width(), big.height()), (6, 4));
+        assert_eq!(big.get_pixel(5, 3).0, [2, 1, 0]);
+        assert_eq!(dets[0].bbox, [2.0, 0.0, 4.0, 2.0]);
+        let m = dets[0].mask.as_ref().unwrap();
+        let on: Vec<usize> = (0..m.len()).filter(|&i| m[i] == 1).collect();
+        // (1, 0) -> x 2..4, y 0..2; (2, 1) -> x 4..6, y 2..4; rows of 6.
+        assert_eq!(on, vec![2, 3, 8, 9, 16, 17, 22, 23]);
+    }
+}
