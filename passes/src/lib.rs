@@ -1,15 +1,17 @@
 //! `vitdet-passes`: analyses and rewrites over `vitdet-ir` graphs.
 //!
-//! Today: the execution schedule, liveness (peak live bytes over that schedule) and the cost
-//! summary behind `vitdet compile`'s report. Later passes (fusion, autodiff, checkpointing,
-//! memory planning) are graph-in, graph-out functions living beside these.
+//! Today: the execution schedule, liveness (peak live bytes over that schedule), the static
+//! memory plan (arena offsets) and the cost summary behind `vitdet compile`'s report. Later
+//! passes (fusion, checkpointing, in-place reuse) are graph-in, graph-out functions living beside these.
 
 pub mod autodiff;
 pub mod cost;
 pub mod liveness;
+pub mod memory;
 pub mod schedule;
 
 pub use autodiff::{differentiate, AutodiffError, Differentiated};
 pub use cost::{params_by_scope, CostSummary};
 pub use liveness::{liveness, Liveness};
+pub use memory::{plan_memory, MemoryPlan, PlanError};
 pub use schedule::schedule;

@@ -1,0 +1,342 @@
+//! The static memory planner: invariants on random graphs and random execution orders, on the
+//! real models, and the planned arena against the max-live lower bound.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use vitdet_ir::ops::{Binary, BinaryKind, Init, Input, Parameter, Reshape, Unary, UnaryKind};
+use vitdet_ir::{Graph, NodeIndex, TensorType, Value};
+use vitdet_models::{build_backbone, build_detector, build_detector_training, ModelConfig};
+use vitdet_passes::memory::ALIGNMENT;
+use vitdet_passes::{differentiate, liveness, plan_memory, schedule, MemoryPlan, PlanError};
+
+/// SplitMix64: a tiny seeded generator, so every random case is reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A random DAG of inputs, parameters, unary, binary (same-shape) and reshape nodes over
+/// random shapes; a few random values become graph outputs, and some values go unused.
+fn random_graph(rng: &mut Rng, nodes: usize) -> Graph {
+    let mut g = Graph::new();
+    let mut values: Vec<Value> = Vec::new();
+    let random_shape = |rng: &mut Rng| -> Vec<usize> { (0..1 + rng.below(3)).map(|_| 1 + rng.below(9)).collect() };
+    for i in 0..1 + rng.below(3) {
+        let ty = TensorType::f32(random_shape(rng));
+        values.push(
+            g.add(
+                Input {
+                    name: format!("x{i}"),
+                    ty,
+                },
+                "",
+                &[],
+            )
+            .unwrap(),
+        );
+    }
+    let unary = [UnaryKind::Gelu, UnaryKind::Relu, UnaryKind::Exp, UnaryKind::Neg];
+    let binary = [BinaryKind::Add, BinaryKind::Mul, BinaryKind::Sub];
+    for i in 0..nodes {
+        let a = values[rng.below(values.len())];
+        let shape = g.value_type(a).shape.clone();
+        let v = match rng.below(5) {
+            0 => g
+                .add(
+                    Unary {
+                        kind: unary[rng.below(unary.len())],
+                    },
+                    "u",
+                    &[a],
+                )
+                .unwrap(),
+            1 => {
+                let numel: usize = shape.iter().product();
+                let divisors: Vec<usize> = (1..=numel).filter(|&d| numel.is_multiple_of(d)).collect();
+                let k = divisors[rng.below(divisors.len())];
+                g.add(
+                    Reshape {
+                        shape: vec![numel / k, k],
+                    },
+                    "r",
+                    &[a],
+                )
+                .unwrap()
+            }
+            2 => {
+                // A parameter operand: read by the graph but never planned.
+                let p = g
+                    .add(
+                        Parameter {
+                            name: format!("p{i}"),
+                            ty: TensorType::f32(shape),
+                            init: Init::Zeros,
+                            trainable: true,
+                        },
+                        "p",
+                        &[],
+                    )
+                    .unwrap();
+                g.add(Binary { kind: BinaryKind::Mul }, "b", &[a, p]).unwrap()
+            }
+            _ => {
+                let same: Vec<Value> = values
+                    .iter()
+                    .copied()
+                    .filter(|&v| g.value_type(v).shape == shape)
+                    .collect();
+                let b = same[rng.below(same.len())];
+                g.add(
+                    Binary {
+                        kind: binary[rng.below(binary.len())],
+                    },
+                    "b",
+                    &[a, b],
+                )
+                .unwrap()
+            }
+        };
+        values.push(v);
+    }
+    for k in 0..1 + rng.below(3) {
+        let v = values[rng.below(values.len())];
+        g.set_output(&format!("y{k}"), v);
+    }
+    g
+}
+
+/// A random topological order (Kahn's algorithm choosing a random ready node), to test the
+/// planner on orders other than the default schedule.
+fn random_order(rng: &mut Rng, g: &Graph) -> Vec<NodeIndex> {
+    // One entry per edge, so a node reading a value twice waits for two decrements.
+    let mut pending: HashMap<NodeIndex, usize> = HashMap::new();
+    let mut consumers: HashMap<NodeIndex, Vec<NodeIndex>> = HashMap::new();
+    for n in g.graph.node_indices() {
+        let ins = g.inputs_of(n);
+        pending.insert(n, ins.len());
+        for v in ins {
+            consumers.entry(v.node).or_default().push(n);
+        }
+    }
+    let mut ready: Vec<NodeIndex> = pending.iter().filter(|(_, &c)| c == 0).map(|(&n, _)| n).collect();
+    ready.sort();
+    let mut order = Vec::new();
+    while !ready.is_empty() {
+        let n = ready.swap_remove(rng.below(ready.len()));
+        order.push(n);
+        for &m in consumers.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+            let c = pending.get_mut(&m).unwrap();
+            *c -= 1;
+            if *c == 0 {
+                ready.push(m);
+            }
+        }
+    }
+    assert_eq!(order.len(), g.graph.node_count());
+    order
+}
+
+/// Plans, checks the invariants and checks the lower bound is the liveness peak.
+fn plan_and_check(g: &Graph, order: &[NodeIndex]) -> MemoryPlan {
+    let plan = plan_memory(g, order).unwrap();
+    plan.check(g, order).unwrap();
+    assert_eq!(plan.lower_bound_bytes, liveness(g, order).unwrap().peak_bytes);
+    assert!(plan.arena_bytes >= plan.aligned_lower_bound_bytes);
+    assert!(plan.aligned_lower_bound_bytes >= plan.lower_bound_bytes);
+    plan
+}
+
+#[test]
+fn chain_needs_two_buffers() {
+    // x -> a -> b -> c, 16 f32 each (64 bytes, one aligned block): at every step exactly the
+    // input and output of the running node are live, so two blocks suffice and are needed.
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([16]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
+    let a = g.add(Unary { kind: UnaryKind::Relu }, "a", &[x]).unwrap();
+    let b = g.add(Unary { kind: UnaryKind::Relu }, "b", &[a]).unwrap();
+    let c = g.add(Unary { kind: UnaryKind::Relu }, "c", &[b]).unwrap();
+    g.set_output("c", c);
+    let order = schedule(&g).unwrap();
+    let plan = plan_and_check(&g, &order);
+    assert_eq!(plan.lower_bound_bytes, 128);
+    assert_eq!(plan.arena_bytes, 128);
+    // Alternating blocks: x and b share, a and c share.
+    assert_eq!(plan.offsets[&x].0, plan.offsets[&b].0);
+    assert_eq!(plan.offsets[&a].0, plan.offsets[&c].0);
+    assert_ne!(plan.offsets[&x].0, plan.offsets[&a].0);
+}
+
+#[test]
+fn sizes_are_aligned_and_the_arena_meets_the_aligned_bound() {
+    // x [100 f32] = 400 bytes -> 448 aligned. s = x * 2 elementwise keeps x alive for the
+    // final add, and a small value defined while only x is live must not reuse x's bytes.
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([100]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
+    let small = g.add(Reshape { shape: vec![10, 10] }, "r", &[x]).unwrap();
+    let e = g.add(Unary { kind: UnaryKind::Exp }, "e", &[small]).unwrap();
+    let back = g.add(Reshape { shape: vec![100] }, "r2", &[e]).unwrap();
+    let y = g.add(Binary { kind: BinaryKind::Add }, "y", &[x, back]).unwrap();
+    g.set_output("y", y);
+    let order = schedule(&g).unwrap();
+    let plan = plan_and_check(&g, &order);
+    for &(off, size) in plan.offsets.values() {
+        assert_eq!(off % ALIGNMENT, 0);
+        assert_eq!(size, 448);
+    }
+    // Live sets: {x,small}, {x,small,e}, {x,e,back}, {x,back,y}: three at most.
+    assert_eq!(plan.lower_bound_bytes, 3 * 400);
+    assert_eq!(plan.arena_bytes, 3 * 448);
+}
+
+#[test]
+fn random_graphs_satisfy_the_invariants() {
+    // Greedy best fit is a heuristic: on random graphs the arena may exceed the lower bound,
+    // so only the invariants are asserted here; the worst ratio against the aligned bound (tiny
+    // tensors round up to 64 bytes, which dwarfs the unaligned bound) is printed for information.
+    let mut worst = 1.0f64;
+    let aligned_ratio = |p: MemoryPlan| p.arena_bytes as f64 / p.aligned_lower_bound_bytes.max(1) as f64;
+    for seed in 0..200 {
+        let mut rng = Rng(seed);
+        let nodes = 1 + rng.below(60);
+        let g = random_graph(&mut rng, nodes);
+        let order = schedule(&g).unwrap();
+        worst = worst.max(aligned_ratio(plan_and_check(&g, &order)));
+        for _ in 0..3 {
+            let order = random_order(&mut rng, &g);
+            worst = worst.max(aligned_ratio(plan_and_check(&g, &order)));
+        }
+    }
+    println!("random graphs: worst arena / aligned lower bound {worst:.4}");
+}
+
+#[test]
+fn check_rejects_a_corrupted_plan() {
+    // The checker must be able to fail: move one buffer onto another that lives alongside it,
+    // shorten a lifetime, and shrink the arena, each in turn.
+    let mut rng = Rng(7);
+    let g = random_graph(&mut rng, 40);
+    let order = schedule(&g).unwrap();
+    let plan = plan_and_check(&g, &order);
+    let pair = (0..plan.buffers.len())
+        .flat_map(|i| (0..plan.buffers.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            let (a, b) = (&plan.buffers[i], &plan.buffers[j]);
+            i != j && a.first <= b.last && b.first <= a.last && a.size > 0 && b.size > 0
+        })
+        .expect("some two values live together");
+    let mut overlapped = plan.clone();
+    let (i, j) = pair;
+    overlapped.buffers[j].offset = overlapped.buffers[i].offset;
+    let b = overlapped.buffers[j];
+    overlapped.offsets.insert(b.value, (b.offset, b.size));
+    let err = overlapped.check(&g, &order).unwrap_err().to_string();
+    assert!(err.contains("overlap"), "{err}");
+
+    let mut short = plan.clone();
+    let k = short
+        .buffers
+        .iter()
+        .position(|b| b.last > b.first)
+        .expect("some value outlives its step");
+    short.buffers[k].last = short.buffers[k].first;
+    let err = short.check(&g, &order).unwrap_err().to_string();
+    assert!(err.contains("is live over steps"), "{err}");
+
+    let mut small = plan.clone();
+    small.arena_bytes -= ALIGNMENT;
+    let err = small.check(&g, &order).unwrap_err().to_string();
+    assert!(err.contains("past the"), "{err}");
+}
+
+#[test]
+fn bad_orders_are_errors() {
+    let mut rng = Rng(3);
+    let g = random_graph(&mut rng, 20);
+    let mut order = schedule(&g).unwrap();
+    let last = order.len() - 1;
+    order.swap(0, last);
+    assert!(matches!(plan_memory(&g, &order), Err(PlanError::NotTopological { .. })));
+    let mut order = schedule(&g).unwrap();
+    order.push(order[0]);
+    assert!(matches!(plan_memory(&g, &order), Err(PlanError::Repeated(_))));
+    let mut order = schedule(&g).unwrap();
+    order.push(NodeIndex::new(100_000));
+    assert!(matches!(plan_memory(&g, &order), Err(PlanError::MissingNode(100_000))));
+}
+
+/// Plans the graph's default schedule, checks it and prints the ratio; returns the ratio.
+fn plan_model(label: &str, g: &Graph) -> f64 {
+    let order = schedule(g).unwrap();
+    let start = Instant::now();
+    let plan = plan_memory(g, &order).unwrap();
+    let planning = start.elapsed();
+    plan.check(g, &order).unwrap();
+    assert_eq!(plan.lower_bound_bytes, liveness(g, &order).unwrap().peak_bytes);
+    println!(
+        "{label}: {} buffers, arena {} B, lower bound {} B, ratio {:.4}, planned in {:.0} ms",
+        plan.buffers.len(),
+        plan.arena_bytes,
+        plan.lower_bound_bytes,
+        plan.ratio(),
+        planning.as_secs_f64() * 1e3
+    );
+    plan.ratio()
+}
+
+/// The issue's acceptance bound: the planned arena within 5% of the max-live lower bound.
+const RATIO_BOUND: f64 = 1.05;
+
+#[test]
+fn real_models_in_infer_mode_plan_within_bound() {
+    for name in vitdet_models::presets::NAMES {
+        let cfg = ModelConfig::preset(name).unwrap();
+        let backbone = build_backbone(&cfg).unwrap();
+        let r = plan_model(&format!("{name} backbone (infer)"), &backbone);
+        assert!(r <= RATIO_BOUND, "{name} backbone: ratio {r:.4}");
+        let detector = build_detector(&cfg).unwrap();
+        let r = plan_model(&format!("{name} detector (infer)"), &detector);
+        assert!(r <= RATIO_BOUND, "{name} detector: ratio {r:.4}");
+    }
+}
+
+#[test]
+fn every_preset_in_train_mode_plans_within_bound() {
+    for name in vitdet_models::presets::NAMES {
+        let cfg = ModelConfig::preset(name).unwrap();
+        let s = cfg.image_size;
+        let forward = build_detector_training(&cfg, [s, s], 16).unwrap();
+        let diff = differentiate(&forward, "loss").unwrap();
+        let r = plan_model(&format!("{name} detector (train)"), &diff.graph);
+        assert!(r <= RATIO_BOUND, "{name} train: ratio {r:.4}");
+    }
+}
