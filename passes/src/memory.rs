@@ -30,7 +30,7 @@ pub enum PlanError {
     MissingNode(usize),
     #[error("execution order runs node %{0} twice")]
     Repeated(usize),
-    #[error("node %{consumer} reads %{producer}:{output} before that value is computed (order is not topological, or omits its producer)")]
+    #[error("node %{consumer} reads %{producer}:{output} before it is computed (order not topological or incomplete)")]
     NotTopological {
         consumer: usize,
         producer: usize,

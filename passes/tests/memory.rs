@@ -292,6 +292,22 @@ fn bad_orders_are_errors() {
     let mut order = schedule(&g).unwrap();
     order.push(NodeIndex::new(100_000));
     assert!(matches!(plan_memory(&g, &order), Err(PlanError::MissingNode(100_000))));
+    // An order that stops before a graph output is computed names that output.
+    let mut g = Graph::new();
+    let x = g
+        .add(
+            Input {
+                name: "x".into(),
+                ty: TensorType::f32([4]),
+            },
+            "",
+            &[],
+        )
+        .unwrap();
+    let y = g.add(Unary { kind: UnaryKind::Relu }, "y", &[x]).unwrap();
+    g.set_output("y", y);
+    let err = plan_memory(&g, &[x.node]).unwrap_err().to_string();
+    assert!(err.contains("`y`"), "{err}");
 }
 
 /// Plans the graph's default schedule, checks it and prints the ratio; returns the ratio.
