@@ -5,12 +5,14 @@
 //! passes (fusion, checkpointing, in-place reuse) are graph-in, graph-out functions living beside these.
 
 pub mod autodiff;
+pub mod checkpoint;
 pub mod cost;
 pub mod liveness;
 pub mod memory;
 pub mod schedule;
 
 pub use autodiff::{differentiate, AutodiffError, Differentiated};
+pub use checkpoint::{BudgetError, Chain, Policy, Solution, Stage, StagePolicy};
 pub use cost::{params_by_scope, CostSummary};
 pub use liveness::{liveness, Liveness};
 pub use memory::{plan_memory, MemoryPlan, PlanError};
