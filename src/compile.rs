@@ -27,6 +27,9 @@ pub enum Target {
     /// The whole Mask R-CNN at test time; `image_hw` is the resized image inside the padded
     /// square input (detections are clipped to it), `None` for the full square.
     Detector { image_hw: Option<[usize; 2]> },
+    /// One training step: the training forward graph (targets and losses, room for
+    /// `max_instances` ground-truth instances) and its gradients by autodiff.
+    Train { max_instances: usize },
 }
 
 /// A compiled inference graph with its execution order.
@@ -58,11 +61,22 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
         Target::Detector { image_hw } => {
             build_detector_for_image(&config, image_hw.unwrap_or([config.image_size, config.image_size]))?
         }
+        Target::Train { max_instances } => {
+            let s = config.image_size;
+            let forward = vitdet_models::build_detector_training(&config, [s, s], max_instances)?;
+            vitdet_passes::differentiate(&forward, "loss")?.graph
+        }
     };
     graph.verify().context("verifying the built graph")?;
     let order = schedule(&graph)?;
     let live = liveness(&graph, &order)?;
-    let report = CompileReport::new(name, &config, &graph, &live, start.elapsed().as_secs_f64());
+    let plan = vitdet_passes::plan_memory(&graph, &order)?;
+    let mode = if matches!(target, Target::Train { .. }) {
+        "train"
+    } else {
+        "infer"
+    };
+    let report = CompileReport::new(name, mode, &config, &graph, &live, &plan, start.elapsed().as_secs_f64());
     Ok(Compiled {
         config,
         graph,
@@ -75,6 +89,11 @@ impl Compiled {
     /// The artifact `--emit` writes: graph, schedule, and the config and report as metadata.
     pub fn artifact(&self) -> Result<Artifact> {
         let metadata = serde_json::json!({ "model": self.config, "report": self.report });
-        Ok(Artifact::new("infer", self.graph.clone(), self.order.clone(), metadata))
+        Ok(Artifact::new(
+            self.report.mode,
+            self.graph.clone(),
+            self.order.clone(),
+            metadata,
+        ))
     }
 }

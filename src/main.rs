@@ -20,6 +20,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Infer,
+    Train,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Text,
@@ -52,6 +58,9 @@ enum Command {
         /// Compile the backbone and feature pyramid only (outputs p2..p6), not the detector.
         #[arg(long)]
         backbone_only: bool,
+        /// `infer`: the test-time graph; `train`: one training step (losses and gradients).
+        #[arg(long, value_enum, default_value = "infer")]
+        mode: Mode,
         /// Also run the graph once (random weights and input) and report its speed (fps).
         #[arg(long)]
         bench: bool,
@@ -156,13 +165,20 @@ fn run(cli: Cli) -> Result<()> {
             dot,
             dump_ir,
             backbone_only,
+            mode,
             bench,
             device,
         } => {
-            let target = if backbone_only {
-                Target::Backbone
-            } else {
-                Target::Detector { image_hw: None }
+            let target = match (mode, backbone_only) {
+                (Mode::Train, true) => {
+                    anyhow::bail!("--backbone-only compiles an inference graph; drop it for --mode train")
+                }
+                (Mode::Train, false) if bench => {
+                    anyhow::bail!("--bench times inference; `vitdet train` reports the training step's speed")
+                }
+                (Mode::Train, false) => Target::Train { max_instances: 16 },
+                (Mode::Infer, true) => Target::Backbone,
+                (Mode::Infer, false) => Target::Detector { image_hw: None },
             };
             let mut compiled = compile(&CompileOptions {
                 model,

@@ -25,6 +25,9 @@ pub struct CompileReport {
     pub peak_activation_bytes: usize,
     /// `param_bytes + peak_activation_bytes`.
     pub peak_memory_bytes: usize,
+    /// Size of the one arena holding every activation, as the memory planner packs it (at
+    /// least `peak_activation_bytes`, the max-live lower bound).
+    pub arena_bytes: usize,
     pub compile_seconds: f64,
     /// Measured with `--bench`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -32,10 +35,18 @@ pub struct CompileReport {
 }
 
 impl CompileReport {
-    pub fn new(model: &str, config: &ModelConfig, graph: &Graph, live: &Liveness, seconds: f64) -> Self {
+    pub fn new(
+        model: &str,
+        mode: &'static str,
+        config: &ModelConfig,
+        graph: &Graph,
+        live: &Liveness,
+        plan: &vitdet_passes::MemoryPlan,
+        seconds: f64,
+    ) -> Self {
         CompileReport {
             model: model.to_string(),
-            mode: "infer",
+            mode,
             image_size: config.image_size,
             nodes: graph.graph.node_count(),
             params_by_scope: params_by_scope(graph),
@@ -43,6 +54,7 @@ impl CompileReport {
             param_bytes: live.param_bytes,
             peak_activation_bytes: live.peak_bytes,
             peak_memory_bytes: live.param_bytes + live.peak_bytes,
+            arena_bytes: plan.arena_bytes,
             compile_seconds: seconds,
             benchmark: None,
         }
@@ -75,6 +87,11 @@ impl CompileReport {
             bytes(self.peak_memory_bytes),
             bytes(self.param_bytes),
             bytes(self.peak_activation_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "arena        {} planned for all activations",
+            bytes(self.arena_bytes)
         );
         let _ = writeln!(s, "\n{:<28} {:>14} {:>14}", "scope", "params", "flops (fvcore)");
         let scopes: std::collections::BTreeSet<&String> = self

@@ -329,3 +329,39 @@ fn compile_bench_reports_fps() {
     let text = ok(&["compile", "--model", "vitdet-tiny", "--bench"]);
     assert!(text.contains("fps"), "{text}");
 }
+
+#[test]
+fn compile_train_mode_plans_the_training_step() {
+    let infer: serde_json::Value =
+        serde_json::from_str(&ok(&["compile", "--model", "vitdet-tiny", "--format", "json"])).unwrap();
+    for model in ["vitdet-tiny", "vit-b"] {
+        let text = ok(&["compile", "--model", model, "--mode", "train", "--format", "json"]);
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(r["mode"], "train");
+        let (arena, bound) = (
+            r["arena_bytes"].as_u64().unwrap(),
+            r["peak_activation_bytes"].as_u64().unwrap(),
+        );
+        // The planner packs every activation into one arena within 5% of the max-live bound.
+        assert!(
+            bound > 0 && arena >= bound && arena as f64 <= 1.05 * bound as f64,
+            "{model}: {arena} vs {bound}"
+        );
+        if model == "vitdet-tiny" {
+            assert!(r["nodes"].as_u64().unwrap() > infer["nodes"].as_u64().unwrap());
+            assert_eq!(
+                r["params"], infer["params"],
+                "training and inference share their parameters"
+            );
+        }
+    }
+    let err = fails(&[
+        "compile",
+        "--model",
+        "vitdet-tiny",
+        "--mode",
+        "train",
+        "--backbone-only",
+    ]);
+    assert!(err.contains("--backbone-only"), "{err}");
+}
