@@ -10,10 +10,10 @@ use vitdet_models::{ModelConfig, TrainingConfig};
 use crate::data::synthetic::{generate, SynthOptions};
 use crate::detect::write_png;
 use crate::detections::{draw, Detection};
-use image::RgbImage;
 use crate::train::cli::{describe_losses, Bar};
 use crate::train::validate::evaluate_split;
 use crate::train::{self, TrainOptions};
+use image::RgbImage;
 
 /// `vitdet demo`.
 #[derive(clap::Args, Debug)]
