@@ -60,13 +60,13 @@ pub struct CocoEval {
     pub stats: [f64; 12],
 }
 
-/// The geometry IoUs are computed on.
-enum Geom<'a> {
+/// The geometry IoUs are computed on (shared with TIDE).
+pub(super) enum Geom<'a> {
     Box([f64; 4]),
     Mask(&'a Runs),
 }
 
-fn iou(d: &Geom, g: &Geom, crowd: bool) -> f64 {
+pub(super) fn iou(d: &Geom, g: &Geom, crowd: bool) -> f64 {
     match (d, g) {
         (Geom::Box(d), Geom::Box(g)) => box_iou(d, g, crowd),
         (Geom::Mask(d), Geom::Mask(g)) => d.iou(g, crowd),

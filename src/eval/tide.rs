@@ -22,8 +22,8 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
+use super::cocoeval::{iou, Geom};
 use super::{Detections, GroundTruth};
-use crate::mask::{box_iou, Runs};
 
 /// tidecv's `pos_threshold`.
 pub const POS_THRESH: f64 = 0.5;
@@ -111,19 +111,6 @@ impl TideResult {
             self.special.false_pos,
             self.special.false_neg
         )
-    }
-}
-
-enum Geom<'a> {
-    Box([f64; 4]),
-    Mask(&'a Runs),
-}
-
-fn iou(d: &Geom, g: &Geom, crowd: bool) -> f64 {
-    match (d, g) {
-        (Geom::Box(d), Geom::Box(g)) => box_iou(d, g, crowd),
-        (Geom::Mask(d), Geom::Mask(g)) => d.iou(g, crowd),
-        _ => unreachable!("one mode per run"),
     }
 }
 

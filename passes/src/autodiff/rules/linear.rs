@@ -5,8 +5,17 @@ use vitdet_ir::Value;
 
 use super::{Ctx, Grads};
 
-fn bias_grad(ctx: &mut Ctx, dy: Value, axes: Vec<usize>) -> Result<Value, String> {
-    ctx.emit(ReduceSum { axes, keepdim: false }, &[dy])
+/// `[dx, dw]` plus, when the op has a bias (third input), its gradient: `dy` summed over
+/// `axes` (every axis but the channel one).
+fn with_bias_grad(ctx: &mut Ctx, mut grads: Vec<Option<Value>>, dy: Value, axes: Vec<usize>) -> Grads {
+    if ctx.num_inputs() == 3 {
+        grads.push(if ctx.needs(2) {
+            Some(ctx.emit(ReduceSum { axes, keepdim: false }, &[dy])?)
+        } else {
+            None
+        });
+    }
+    Ok(grads)
 }
 
 /// `y = x @ w^T + b`: `dx = dy @ w`, `dw = dy^T @ x` over all leading axes, `db = sum dy`.
@@ -30,16 +39,8 @@ pub(super) fn linear(ctx: &mut Ctx, dy: Value) -> Grads {
     } else {
         None
     };
-    let mut grads = vec![dx, dw];
-    if ctx.num_inputs() == 3 {
-        let rank = ctx.shape(dy).len();
-        grads.push(if ctx.needs(2) {
-            Some(bias_grad(ctx, dy, (0..rank - 1).collect())?)
-        } else {
-            None
-        });
-    }
-    Ok(grads)
+    let rank = ctx.shape(dy).len();
+    with_bias_grad(ctx, vec![dx, dw], dy, (0..rank - 1).collect())
 }
 
 /// Swaps the last two axes.
@@ -124,15 +125,7 @@ pub(super) fn conv2d(ctx: &mut Ctx, o: &Conv2d, dy: Value) -> Grads {
     } else {
         None
     };
-    let mut grads = vec![dx, dw];
-    if ctx.num_inputs() == 3 {
-        grads.push(if ctx.needs(2) {
-            Some(bias_grad(ctx, dy, vec![0, 2, 3])?)
-        } else {
-            None
-        });
-    }
-    Ok(grads)
+    with_bias_grad(ctx, vec![dx, dw], dy, vec![0, 2, 3])
 }
 
 /// Transposed convolution `x [N, Cin, H, W]`, `w [Cin, Cout, kh, kw]`: it is the adjoint of the
@@ -164,13 +157,5 @@ pub(super) fn conv_transpose2d(ctx: &mut Ctx, o: &ConvTranspose2d, dy: Value) ->
     } else {
         None
     };
-    let mut grads = vec![dx, dw];
-    if ctx.num_inputs() == 3 {
-        grads.push(if ctx.needs(2) {
-            Some(bias_grad(ctx, dy, vec![0, 2, 3])?)
-        } else {
-            None
-        });
-    }
-    Ok(grads)
+    with_bias_grad(ctx, vec![dx, dw], dy, vec![0, 2, 3])
 }
