@@ -4,13 +4,16 @@
 //! memory plan (arena offsets) and the cost summary behind `vitdet compile`'s report. Later
 //! passes (fusion, checkpointing, in-place reuse) are graph-in, graph-out functions living beside these.
 
+pub mod amp;
 pub mod autodiff;
 pub mod checkpoint;
 pub mod cost;
 pub mod liveness;
 pub mod memory;
 pub mod schedule;
+pub mod timing;
 
+pub use amp::{autocast, AmpError, Precision};
 pub use autodiff::{differentiate, AutodiffError, Differentiated};
 pub use checkpoint::{BudgetError, Chain, Policy, Solution, Stage, StagePolicy};
 pub use cost::{params_by_scope, CostSummary};
