@@ -21,6 +21,7 @@ mod resize;
 mod shape;
 mod source;
 mod targets;
+mod window_attention;
 
 pub use attention::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
 pub use conv::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
@@ -43,6 +44,7 @@ pub use resize::{Resize, ResizeGrad, ResizeMode};
 pub use shape::{Concat, Expand, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
 pub use targets::{max_positives, AnchorTargets, MaskTargets, ProposalTargets};
+pub use window_attention::{lse_dtype, WindowAttention, WindowAttentionGrad, WindowGeometry, WindowRelPos};
 
 use serde::{Deserialize, Serialize};
 
@@ -185,6 +187,8 @@ op_set! {
     SmoothL1LossGrad(SmoothL1LossGrad),
     SoftmaxCrossEntropyLoss(SoftmaxCrossEntropyLoss),
     SoftmaxCrossEntropyLossGrad(SoftmaxCrossEntropyLossGrad),
+    WindowAttention(WindowAttention),
+    WindowAttentionGrad(WindowAttentionGrad),
 }
 
 impl Op {

@@ -32,6 +32,7 @@ pub mod reduce;
 pub mod resize;
 pub mod shape;
 pub mod targets;
+pub mod window_attention;
 
 use candle_core::{DType, Tensor};
 use vitdet_ir::Op;
@@ -142,6 +143,8 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::SmoothL1LossGrad(o) => one(loss::smooth_l1_loss_grad(o, x)?),
         Op::SoftmaxCrossEntropyLoss(o) => one(loss::softmax_cross_entropy_loss(o, x)?),
         Op::SoftmaxCrossEntropyLossGrad(o) => one(loss::softmax_cross_entropy_loss_grad(o, x)?),
+        Op::WindowAttention(o) => window_attention::window_attention(o, x),
+        Op::WindowAttentionGrad(o) => window_attention::window_attention_grad(o, x),
     }
 }
 

@@ -11,6 +11,7 @@ mod linear;
 mod loss;
 mod norm;
 mod shape;
+mod window_attention;
 
 use vitdet_ir::{Op, Value};
 
@@ -71,6 +72,7 @@ pub(crate) fn vjp(ctx: &mut Ctx, dys: &[Option<Value>]) -> Grads {
         Op::IndexSelect(o) => detection::index_select(ctx, o, dy()?),
         Op::GatherRows(_) => detection::gather_rows(ctx, dy()?),
         Op::RoiAlign(o) => detection::roi_align(ctx, o, dy()?),
+        Op::WindowAttention(o) => window_attention::window_attention(ctx, o, dys),
         Op::SigmoidBceLoss(_) | Op::SmoothL1Loss(_) | Op::SoftmaxCrossEntropyLoss(_) => loss::loss(ctx, &op, dy()?),
         op => Err(format!("no VJP rule for `{}`", op.name())),
     }

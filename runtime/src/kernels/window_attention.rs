@@ -1,0 +1,571 @@
+//! Fused windowed attention ([`WindowAttention`]) and its backward ([`WindowAttentionGrad`]),
+//! written with candle tensor ops so they run on any device.
+//!
+//! Memory is bounded by working on chunks of window-heads: per chunk, the logits, the
+//! probabilities and (backward) their gradient are `[chunk, Nq, N]` with at most
+//! [`CHUNK_LOGIT_BYTES`] of logits, however many windows the image has. The forward keeps only
+//! the row log-sum-exp; the backward recomputes the probabilities from it.
+//!
+//! Padded query rows are skipped by grouping the windows into at most four *classes* of equal
+//! valid extent: the interior windows (all tokens valid), the last window column and the last
+//! window row (cut by the padding at the right / bottom) and the corner. All windows of a
+//! class share one set of valid query rows, so a class's queries are one dense
+//! `[windows * heads, vh * vw, hd]` tensor, while its keys and values keep all `wh * ww`
+//! tokens: padded keys (q, k, v = the qkv bias) take part in the softmax as in detectron2.
+//!
+//! The contractions go through the runtime's `matmul` kernel (candle's gemm / cuBLAS); half
+//! types are computed in f32 (the IR's `lse_dtype`), f64 stays f64.
+
+use candle_core::{DType, Tensor};
+use vitdet_ir::ops::{MatMul, WindowAttention, WindowAttentionGrad, WindowGeometry, WindowRelPos};
+use vitdet_ir::TensorType;
+
+use super::{accum_dtype, expect_float, linear, KernelError, KernelResult};
+
+/// Default upper bound on the logits of one chunk (bytes in the accumulation dtype), unless a
+/// single window-head is larger (a global block then computes one head at a time).
+pub const CHUNK_LOGIT_BYTES: usize = 8 << 20;
+
+/// `a @ b` or `a @ b^T` through the runtime's matmul kernel.
+fn mm(a: &Tensor, b: &Tensor, transpose_rhs: bool) -> KernelResult<Tensor> {
+    linear::matmul(&MatMul { transpose_rhs }, a, b)
+}
+
+/// Windows `start..start + count` along one axis, each with `valid` unpadded tokens.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: usize,
+    count: usize,
+    valid: usize,
+}
+
+/// The full windows along an axis of `len` tokens, then the padded last one if any.
+fn spans(len: usize, win: usize) -> Vec<Span> {
+    let (full, rem) = (len / win, len % win);
+    let mut out = Vec::with_capacity(2);
+    if full > 0 {
+        out.push(Span {
+            start: 0,
+            count: full,
+            valid: win,
+        });
+    }
+    if rem > 0 {
+        out.push(Span {
+            start: full,
+            count: 1,
+            valid: rem,
+        });
+    }
+    out
+}
+
+/// The relative-position inputs, in the accumulation dtype.
+enum Rel {
+    None,
+    Decomposed {
+        rh: Tensor,
+        rw: Tensor,
+    },
+    /// `[heads, wh, ww, N]`: the BEiT bias with its query axis split into the window grid.
+    Bias(Tensor),
+}
+
+/// What both directions derive from the inputs.
+struct Setup {
+    g: WindowGeometry,
+    dtype: DType,
+    acc: DType,
+    scale: f64,
+    /// `qkv` padded to `[B, Hp, Wp, 3C]` with the bias (or zeros), in `acc`.
+    padded: Tensor,
+    rel: Rel,
+    chunk_bytes: usize,
+}
+
+impl Setup {
+    fn new(op: &WindowAttention, x: &[Tensor], chunk_bytes: usize) -> KernelResult<Setup> {
+        let qkv = &x[0];
+        expect_float("qkv", qkv)?;
+        let ir_dtype = crate::dtype::from_candle(qkv.dtype())
+            .ok_or_else(|| KernelError::Unsupported(format!("qkv dtype {:?}", qkv.dtype())))?;
+        let g = op
+            .geometry(&TensorType::new(ir_dtype, qkv.dims().to_vec()))
+            .map_err(|m| KernelError::Unsupported(format!("window_attention: {m}")))?;
+        let (dtype, acc) = (qkv.dtype(), accum_dtype(qkv.dtype()));
+        let mut next = 1;
+        let bias = if op.qkv_bias {
+            next = 2;
+            Some(x[1].to_dtype(acc)?)
+        } else {
+            None
+        };
+        let rel = match op.rel_pos {
+            WindowRelPos::None => Rel::None,
+            WindowRelPos::Decomposed => Rel::Decomposed {
+                rh: x[next].to_dtype(acc)?,
+                rw: x[next + 1].to_dtype(acc)?,
+            },
+            WindowRelPos::Bias => {
+                let n = g.tokens();
+                Rel::Bias(x[next].to_dtype(acc)?.reshape((g.heads, g.window[0], g.window[1], n))?)
+            }
+        };
+        let padded = pad_tokens(&qkv.to_dtype(acc)?, bias.as_ref(), &g)?;
+        Ok(Setup {
+            g,
+            dtype,
+            acc,
+            scale: op.scale,
+            padded,
+            rel,
+            chunk_bytes,
+        })
+    }
+
+    /// The classes of windows: every (row span, column span) pair.
+    fn classes(&self) -> Vec<(Span, Span)> {
+        let (rows, cols) = (
+            spans(self.g.hw[0], self.g.window[0]),
+            spans(self.g.hw[1], self.g.window[1]),
+        );
+        rows.iter().flat_map(|&r| cols.iter().map(move |&c| (r, c))).collect()
+    }
+
+    /// Window-heads per chunk for a class with `nq` query rows: a multiple of `heads` when
+    /// whole windows fit the budget, else a divisor of `heads` (so a chunk never splits a
+    /// window's heads unevenly, which keeps the BEiT bias a plain broadcast).
+    fn chunk(&self, nq: usize) -> usize {
+        let per = nq * self.g.tokens() * self.acc.size_in_bytes();
+        let fit = (self.chunk_bytes / per.max(1)).max(1);
+        let heads = self.g.heads;
+        if fit >= heads {
+            fit / heads * heads
+        } else {
+            (1..=fit).rev().find(|d| heads % d == 0).unwrap_or(1)
+        }
+    }
+}
+
+/// `[B, H, W, 3C]` -> `[B, Hp, Wp, 3C]`, new positions holding the bias (or zero).
+fn pad_tokens(qkv: &Tensor, bias: Option<&Tensor>, g: &WindowGeometry) -> KernelResult<Tensor> {
+    let [h, w] = g.hw;
+    let [hp, wp] = g.padded;
+    let c3 = 3 * g.channels;
+    let fill = |shape: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
+        match bias {
+            Some(b) => b.reshape((1, 1, 1, c3))?.broadcast_as(shape)?.contiguous(),
+            None => Tensor::zeros(shape, qkv.dtype(), qkv.device()),
+        }
+    };
+    let mut t = qkv.contiguous()?;
+    if wp > w {
+        t = Tensor::cat(&[&t, &fill((g.batch, h, wp - w, c3))?], 2)?;
+    }
+    if hp > h {
+        t = Tensor::cat(&[&t, &fill((g.batch, hp - h, wp, c3))?], 1)?;
+    }
+    Ok(t)
+}
+
+/// One class's q, k, v: `q [G, vh*vw, hd]` (valid query rows only), `k, v [G, N, hd]`, with
+/// `G = B * rows * cols * heads` ordered (b, window row, window column, head).
+struct ClassQkv {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    windows: usize,
+    valid: [usize; 2],
+}
+
+fn class_qkv(s: &Setup, (sy, sx): (Span, Span)) -> KernelResult<ClassQkv> {
+    let g = &s.g;
+    let [wh, ww] = g.window;
+    let t = s
+        .padded
+        .reshape(vec![g.batch, g.grid[0], wh, g.grid[1], ww, 3, g.heads, g.head_dim])?
+        .narrow(1, sy.start, sy.count)?
+        .narrow(3, sx.start, sx.count)?
+        .permute(vec![5, 0, 1, 3, 6, 2, 4, 7])?; // [3, B, ny, nx, heads, wh, ww, hd]
+    let windows = g.batch * sy.count * sx.count;
+    let rows = windows * g.heads;
+    let (vh, vw) = (sy.valid, sx.valid);
+    let q = t
+        .narrow(0, 0, 1)?
+        .narrow(5, 0, vh)?
+        .narrow(6, 0, vw)?
+        .contiguous()?
+        .reshape((rows, vh * vw, g.head_dim))?;
+    let kv =
+        |i| -> candle_core::Result<Tensor> { t.narrow(0, i, 1)?.contiguous()?.reshape((rows, wh * ww, g.head_dim)) };
+    Ok(ClassQkv {
+        q,
+        k: kv(1)?,
+        v: kv(2)?,
+        windows,
+        valid: [vh, vw],
+    })
+}
+
+/// A class's slice of a `[B, H, W, C]` tensor (`out` or its gradient) in the query layout
+/// `[G, vh*vw, hd]`.
+fn class_rows(t: &Tensor, g: &WindowGeometry, (sy, sx): (Span, Span)) -> KernelResult<Tensor> {
+    let [wh, ww] = g.window;
+    let (vh, vw) = (sy.valid, sx.valid);
+    Ok(t.narrow(1, sy.start * wh, sy.count * vh)?
+        .narrow(2, sx.start * ww, sx.count * vw)?
+        .contiguous()?
+        .reshape(vec![g.batch, sy.count, vh, sx.count, vw, g.heads, g.head_dim])?
+        .permute(vec![0, 1, 3, 5, 2, 4, 6])?
+        .contiguous()?
+        .reshape((g.batch * sy.count * sx.count * g.heads, vh * vw, g.head_dim))?)
+}
+
+/// The inverse of [`class_rows`]: `[G, vh*vw, hd]` -> the class's `[B, ny*vh, nx*vw, C]` block.
+fn class_block(t: &Tensor, g: &WindowGeometry, (sy, sx): (Span, Span)) -> KernelResult<Tensor> {
+    let (vh, vw) = (sy.valid, sx.valid);
+    Ok(
+        t.reshape(vec![g.batch, sy.count, sx.count, g.heads, vh, vw, g.head_dim])?
+            .permute(vec![0, 1, 4, 2, 5, 3, 6])?
+            .contiguous()?
+            .reshape((g.batch, sy.count * vh, sx.count * vw, g.channels))?,
+    )
+}
+
+/// Joins per-class blocks (row-major over the classes) into the full grid: columns along axis
+/// 2 within a row span, row spans along axis 1.
+fn join_classes(blocks: Vec<Tensor>, cols: usize) -> KernelResult<Tensor> {
+    let mut rows = Vec::new();
+    for row in blocks.chunks(cols) {
+        rows.push(if row.len() == 1 {
+            row[0].clone()
+        } else {
+            Tensor::cat(row, 2)?
+        });
+    }
+    Ok(if rows.len() == 1 {
+        rows.remove(0)
+    } else {
+        Tensor::cat(&rows, 1)?
+    })
+}
+
+/// The chunk's scaled queries and logits `[gc, nq, N]`: `(scale q) k^T` plus the rel term.
+/// `g0` is the chunk's first window-head, so `g0 % heads` is its first head.
+fn logits(s: &Setup, qc: &Tensor, kc: &Tensor, valid: [usize; 2], g0: usize) -> KernelResult<(Tensor, Tensor)> {
+    let (gc, nq, _) = qc.dims3()?;
+    let [wh, ww] = s.g.window;
+    let [vh, vw] = valid;
+    let n = wh * ww;
+    let qs = qc.affine(s.scale, 0.0)?;
+    let mut a = mm(&qs, kc, true)?;
+    match &s.rel {
+        Rel::None => {}
+        Rel::Decomposed { rh, rw } => {
+            let (relh, relw) = decomposed_terms(qc, rh, rw, valid)?;
+            a = a
+                .reshape((gc, vh, vw, wh, ww))?
+                .broadcast_add(&relh.unsqueeze(4)?)?
+                .broadcast_add(&relw.unsqueeze(3)?)?
+                .reshape((gc, nq, n))?;
+        }
+        Rel::Bias(bias) => {
+            let heads = s.g.heads;
+            let bq = bias.narrow(1, 0, vh)?.narrow(2, 0, vw)?.reshape((heads, nq, n))?;
+            a = if gc % heads == 0 {
+                a.reshape((gc / heads, heads, nq, n))?
+                    .broadcast_add(&bq)?
+                    .reshape((gc, nq, n))?
+            } else {
+                a.broadcast_add(&bq.narrow(0, g0 % heads, gc)?)?
+            };
+        }
+    }
+    Ok((qs, a))
+}
+
+/// detectron2's decomposed terms for the valid queries `q [gc, vh*vw, hd]`:
+/// `relh [gc, vh, vw, wh] = q . rh[y]` and `relw [gc, vh, vw, ww] = q . rw[x]`, as matmuls
+/// batched over the indexed axis.
+fn decomposed_terms(q: &Tensor, rh: &Tensor, rw: &Tensor, [vh, vw]: [usize; 2]) -> KernelResult<(Tensor, Tensor)> {
+    let (gc, _, hd) = q.dims3()?;
+    let (wh, ww) = (rh.dim(0)?, rw.dim(0)?);
+    let q4 = q.reshape((gc, vh, vw, hd))?;
+    let qh = q4.permute((1, 0, 2, 3))?.contiguous()?.reshape((vh, gc * vw, hd))?;
+    let relh = mm(&qh, &rh.narrow(0, 0, vh)?, true)?
+        .reshape((vh, gc, vw, wh))?
+        .permute((1, 0, 2, 3))?;
+    let qw = q4.permute((2, 0, 1, 3))?.contiguous()?.reshape((vw, gc * vh, hd))?;
+    let relw = mm(&qw, &rw.narrow(0, 0, vw)?, true)?
+        .reshape((vw, gc, vh, ww))?
+        .permute((1, 2, 0, 3))?;
+    Ok((relh, relw))
+}
+
+/// Forward: `[out [B, H, W, C], lse [B*nW, heads, N]]`.
+pub fn window_attention(op: &WindowAttention, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
+    window_attention_chunked(op, x, CHUNK_LOGIT_BYTES)
+}
+
+/// [`window_attention`] with chunks of at most `chunk_bytes` of logits (for tests and tuning).
+pub fn window_attention_chunked(op: &WindowAttention, x: &[Tensor], chunk_bytes: usize) -> KernelResult<Vec<Tensor>> {
+    if x.len() != op.num_inputs() {
+        return Err(KernelError::Unsupported(format!(
+            "window_attention takes {} inputs for its attributes, given {}",
+            op.num_inputs(),
+            x.len()
+        )));
+    }
+    let s = Setup::new(op, x, chunk_bytes)?;
+    let g = s.g;
+    let [wh, ww] = g.window;
+    let classes = s.classes();
+    let mut out_blocks = Vec::with_capacity(classes.len());
+    let mut lse_blocks = Vec::with_capacity(classes.len());
+    for &class in &classes {
+        let c = class_qkv(&s, class)?;
+        let (rows, nq, _) = c.q.dims3()?;
+        let step = s.chunk(nq);
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        for g0 in (0..rows).step_by(step) {
+            let gc = step.min(rows - g0);
+            let qc = c.q.narrow(0, g0, gc)?;
+            let (_, a) = logits(&s, &qc, &c.k.narrow(0, g0, gc)?, c.valid, g0)?;
+            let m = a.max_keepdim(2)?;
+            let e = a.broadcast_sub(&m)?.exp()?;
+            let sum = e.sum_keepdim(2)?;
+            let p = e.broadcast_div(&sum)?;
+            outs.push(mm(&p, &c.v.narrow(0, g0, gc)?, false)?);
+            lses.push((m + sum.log()?)?.squeeze(2)?);
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        out_blocks.push(class_block(&o, &g, class)?);
+        // lse rows of this class -> [B, ny, nx, heads, wh, ww] with padded queries at 0.
+        let (sy, sx) = class;
+        let l = Tensor::cat(&lses, 0)?
+            .reshape(vec![g.batch, sy.count, sx.count, g.heads, sy.valid, sx.valid])?
+            .pad_with_zeros(4, 0, wh - sy.valid)?
+            .pad_with_zeros(5, 0, ww - sx.valid)?;
+        lse_blocks.push(l);
+    }
+    let cols = spans(g.hw[1], ww).len();
+    let out = join_classes(out_blocks, cols)?.to_dtype(s.dtype)?;
+    // The lse blocks join along the window-row and window-column axes (1 and 2), as the
+    // output blocks do along the token axes.
+    let lse = join_classes(lse_blocks, cols)?.reshape((g.batch * g.windows(), g.heads, g.tokens()))?;
+    Ok(vec![out, lse])
+}
+
+/// Backward: one gradient per forward input (see [`WindowAttentionGrad`]).
+pub fn window_attention_grad(op: &WindowAttentionGrad, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
+    window_attention_grad_chunked(op, x, CHUNK_LOGIT_BYTES)
+}
+
+/// [`window_attention_grad`] with chunks of at most `chunk_bytes` of logits.
+pub fn window_attention_grad_chunked(
+    op: &WindowAttentionGrad,
+    x: &[Tensor],
+    chunk_bytes: usize,
+) -> KernelResult<Vec<Tensor>> {
+    let fwd = op.forward();
+    let nf = fwd.num_inputs();
+    if x.len() != nf + 3 {
+        return Err(KernelError::Unsupported(format!(
+            "window_attention_grad takes {} inputs for its attributes, given {}",
+            nf + 3,
+            x.len()
+        )));
+    }
+    let s = Setup::new(&fwd, &x[..nf], chunk_bytes)?;
+    let g = s.g;
+    let [wh, ww] = g.window;
+    let n = g.tokens();
+    let out = x[nf].to_dtype(s.acc)?;
+    let lse = x[nf + 1]
+        .to_dtype(s.acc)?
+        .reshape(vec![g.batch, g.grid[0], g.grid[1], g.heads, wh, ww])?;
+    let dout = x[nf + 2].to_dtype(s.acc)?;
+
+    let mut drel = RelGrads::new(&s)?;
+    let classes = s.classes();
+    let mut blocks = Vec::with_capacity(classes.len());
+    for &class in &classes {
+        let (sy, sx) = class;
+        let [vh, vw] = [sy.valid, sx.valid];
+        let c = class_qkv(&s, class)?;
+        let o = class_rows(&out, &g, class)?;
+        let d_o = class_rows(&dout, &g, class)?;
+        let l = lse
+            .narrow(1, sy.start, sy.count)?
+            .narrow(2, sx.start, sx.count)?
+            .narrow(4, 0, vh)?
+            .narrow(5, 0, vw)?
+            .contiguous()?
+            .reshape((c.windows * g.heads, vh * vw, 1))?;
+        let (rows, nq, _) = c.q.dims3()?;
+        let step = s.chunk(nq);
+        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+        for g0 in (0..rows).step_by(step) {
+            let gc = step.min(rows - g0);
+            let (qc, kc, vc) = (c.q.narrow(0, g0, gc)?, c.k.narrow(0, g0, gc)?, c.v.narrow(0, g0, gc)?);
+            let doc = d_o.narrow(0, g0, gc)?;
+            let (qs, a) = logits(&s, &qc, &kc, c.valid, g0)?;
+            let p = a.broadcast_sub(&l.narrow(0, g0, gc)?)?.exp()?;
+            let dd = (&doc * &o.narrow(0, g0, gc)?)?.sum_keepdim(2)?;
+            dvs.push(mm(&p.t()?, &doc, false)?);
+            let dp = mm(&doc, &vc, true)?;
+            let ds = (p * dp.broadcast_sub(&dd)?)?;
+            let mut dq = mm(&ds, &kc, false)?.affine(s.scale, 0.0)?;
+            dks.push(mm(&ds.t()?, &qs, false)?);
+            if let Some(extra) = drel.accumulate(&s, &qc, &ds, c.valid, g0)? {
+                dq = (dq + extra)?;
+            }
+            dqs.push(dq);
+        }
+        // Window layout [B, ny, nx, heads, wh, ww, hd] for q (zero on padded rows), k, v.
+        let win = vec![g.batch, sy.count, sx.count, g.heads, wh, ww, g.head_dim];
+        let dq = Tensor::cat(&dqs, 0)?
+            .reshape(vec![g.batch, sy.count, sx.count, g.heads, vh, vw, g.head_dim])?
+            .pad_with_zeros(4, 0, wh - vh)?
+            .pad_with_zeros(5, 0, ww - vw)?;
+        let dk = Tensor::cat(&dks, 0)?.reshape(win.clone())?;
+        let dv = Tensor::cat(&dvs, 0)?.reshape(win)?;
+        let block = Tensor::stack(&[dq, dk, dv], 0)? // [3, B, ny, nx, heads, wh, ww, hd]
+            .permute(vec![1, 2, 5, 3, 6, 0, 4, 7])?
+            .contiguous()?
+            .reshape((g.batch, sy.count * wh, sx.count * ww, 3 * g.channels))?;
+        blocks.push(block);
+    }
+    let cols = spans(g.hw[1], ww).len();
+    let dpadded = join_classes(blocks, cols)?; // [B, Hp, Wp, 3C]
+    let [h, w] = g.hw;
+    let mut grads = vec![dpadded.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()?];
+    if fwd.qkv_bias {
+        // Padded tokens are the bias itself: their q, k, v gradients are its gradient.
+        let mut db = Tensor::zeros(3 * g.channels, s.acc, dpadded.device())?;
+        if g.padded[1] > w {
+            db = (db + dpadded.narrow(1, 0, h)?.narrow(2, w, g.padded[1] - w)?.sum((0, 1, 2))?)?;
+        }
+        if g.padded[0] > h {
+            db = (db + dpadded.narrow(1, h, g.padded[0] - h)?.sum((0, 1, 2))?)?;
+        }
+        grads.push(db);
+    }
+    grads.extend(drel.finish(&s, n)?);
+    grads.into_iter().map(|t| Ok(t.to_dtype(s.dtype)?)).collect()
+}
+
+/// Accumulators for the relative-position gradients.
+enum RelGrads {
+    None,
+    /// Full `[wh, wh, hd]` and `[ww, ww, hd]` table-embedding gradients.
+    Decomposed {
+        drh: Tensor,
+        drw: Tensor,
+    },
+    /// `[heads, wh, ww, N]`, the bias gradient with its query axis split.
+    Bias(Tensor),
+}
+
+impl RelGrads {
+    fn new(s: &Setup) -> KernelResult<RelGrads> {
+        let dev = s.padded.device();
+        Ok(match &s.rel {
+            Rel::None => RelGrads::None,
+            Rel::Decomposed { rh, rw } => RelGrads::Decomposed {
+                drh: rh.zeros_like()?,
+                drw: rw.zeros_like()?,
+            },
+            Rel::Bias(_) => {
+                let [wh, ww] = s.g.window;
+                RelGrads::Bias(Tensor::zeros((s.g.heads, wh, ww, wh * ww), s.acc, dev)?)
+            }
+        })
+    }
+
+    /// Adds one chunk's contribution (logit gradient `ds [gc, nq, N]`) and returns the extra
+    /// query gradient the decomposed term adds, if any.
+    fn accumulate(
+        &mut self,
+        s: &Setup,
+        q: &Tensor,
+        ds: &Tensor,
+        [vh, vw]: [usize; 2],
+        g0: usize,
+    ) -> KernelResult<Option<Tensor>> {
+        let (gc, nq, n) = ds.dims3()?;
+        let [wh, ww] = s.g.window;
+        match (self, &s.rel) {
+            (RelGrads::None, _) => Ok(None),
+            (RelGrads::Decomposed { drh, drw }, Rel::Decomposed { rh, rw }) => {
+                let hd = q.dim(2)?;
+                let ds5 = ds.reshape((gc, vh, vw, wh, ww))?;
+                let q4 = q.reshape((gc, vh, vw, hd))?;
+                // Height term, batched over the query row y: [vh, gc*vw, wh].
+                let dsh = ds5
+                    .sum(4)?
+                    .permute((1, 0, 2, 3))?
+                    .contiguous()?
+                    .reshape((vh, gc * vw, wh))?;
+                let qh = q4.permute((1, 0, 2, 3))?.contiguous()?.reshape((vh, gc * vw, hd))?;
+                let dqh = mm(&dsh, &rh.narrow(0, 0, vh)?.contiguous()?, false)?
+                    .reshape((vh, gc, vw, hd))?
+                    .permute((1, 0, 2, 3))?;
+                let gh = mm(&dsh.transpose(1, 2)?, &qh, false)?; // [vh, wh, hd]
+                *drh = (&*drh + gh.pad_with_zeros(0, 0, wh - vh)?)?;
+                // Width term, batched over the query column x: [vw, gc*vh, ww].
+                let dsw = ds5
+                    .sum(3)?
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape((vw, gc * vh, ww))?;
+                let qw = q4.permute((2, 0, 1, 3))?.contiguous()?.reshape((vw, gc * vh, hd))?;
+                let dqw = mm(&dsw, &rw.narrow(0, 0, vw)?.contiguous()?, false)?
+                    .reshape((vw, gc, vh, hd))?
+                    .permute((1, 2, 0, 3))?;
+                let gw = mm(&dsw.transpose(1, 2)?, &qw, false)?; // [vw, ww, hd]
+                *drw = (&*drw + gw.pad_with_zeros(0, 0, ww - vw)?)?;
+                Ok(Some((dqh + dqw)?.reshape((gc, nq, hd))?))
+            }
+            (RelGrads::Bias(acc), Rel::Bias(_)) => {
+                let heads = s.g.heads;
+                let part = if gc % heads == 0 {
+                    ds.reshape((gc / heads, heads, nq, n))?.sum(0)?
+                } else {
+                    // A divisor of heads: the chunk is heads g0%heads .. +gc of one window.
+                    let off = g0 % heads;
+                    let (before, after) = (off, heads - off - gc);
+                    let mut parts = Vec::with_capacity(3);
+                    if before > 0 {
+                        parts.push(Tensor::zeros((before, nq, n), ds.dtype(), ds.device())?);
+                    }
+                    parts.push(ds.clone());
+                    if after > 0 {
+                        parts.push(Tensor::zeros((after, nq, n), ds.dtype(), ds.device())?);
+                    }
+                    Tensor::cat(&parts, 0)?
+                };
+                let part = part
+                    .reshape((heads, vh, vw, n))?
+                    .pad_with_zeros(1, 0, wh - vh)?
+                    .pad_with_zeros(2, 0, ww - vw)?;
+                *acc = (&*acc + part)?;
+                Ok(None)
+            }
+            _ => Err(KernelError::Unsupported(
+                "window_attention_grad: relative-position gradients do not match the term".into(),
+            )),
+        }
+    }
+
+    fn finish(self, _s: &Setup, n: usize) -> KernelResult<Vec<Tensor>> {
+        Ok(match self {
+            RelGrads::None => vec![],
+            RelGrads::Decomposed { drh, drw } => vec![drh, drw],
+            RelGrads::Bias(acc) => {
+                let heads = acc.dim(0)?;
+                vec![acc.reshape((heads, n, n))?]
+            }
+        })
+    }
+}
