@@ -6,6 +6,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use vitdet::compile::{compile, CompileOptions, Target};
 
+/// Counts heap bytes, so runs report their measured peak beside the planned arena.
+#[global_allocator]
+static ALLOC: vitdet::runtime::alloc::CountingAllocator = vitdet::runtime::alloc::CountingAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "vitdet",

@@ -22,5 +22,5 @@ pub use cost::{params_by_scope, CostSummary};
 pub use dce::eliminate_dead_code;
 pub use fusion::{fuse_attention, Fused, FusedBlock, FusionError, FusionReport, UnmatchedAttention};
 pub use liveness::{liveness, Liveness};
-pub use memory::{plan_memory, MemoryPlan, PlanError};
+pub use memory::{plan_memory, MemoryBreakdown, MemoryPlan, PlanError};
 pub use schedule::schedule;

@@ -1,19 +1,45 @@
-//! Static memory planning: one arena for every activation of a scheduled graph.
+//! Static memory planning: one arena for every activation of a scheduled graph, laid out the
+//! way the runtime really holds memory.
 //!
-//! Lifetimes follow `vitdet_ir::Liveness` exactly (the accounting the runtime measures with):
-//! a value is live from the step its producer runs (a graph input from its `input` node's
-//! step) to the step of its last scheduled consumer; graph outputs live to the end; values
-//! nobody reads die at their own step; parameters are resident elsewhere and get no buffer.
-//! Lifetimes are closed step intervals: a node's inputs and outputs are live together at its
-//! step, so an output never shares memory with an input of the same node.
+//! # What gets a buffer
+//!
+//! * Every value the runtime stores in memory of its own (a *root*): graph inputs and the
+//!   results of ops that write a new buffer. Values the runtime executes as views (reshape of
+//!   contiguous data, slice, expand, no-op pads/casts/concats, see [`storage`] for the rules)
+//!   get no buffer: they live in their root's, and extend its lifetime. Views of parameters are
+//!   resident with the parameters and never planned.
+//! * Every node whose kernel allocates scratch memory beyond its outputs gets a *workspace*
+//!   buffer live at its own step only ([`workspace`] has the per-op rules).
+//!
+//! No op writes in place in the runtime (candle always allocates a result), so an elementwise
+//! output never reuses its dying input's buffer: planning that reuse would make the plan
+//! smaller than what the runtime measures.
+//!
+//! # Lifetimes
+//!
+//! A value is live from the step its producer runs (a graph input from its `input` node's
+//! step) to the step of its last scheduled consumer (`vitdet_ir::Liveness`'s walk); graph
+//! outputs live to the end; values nobody reads die at their own step. A root's buffer lives
+//! from its producer's step to the last step any value stored in it (itself or a view) is live.
+//! Lifetimes are closed step intervals: a node's inputs, outputs and workspace are live together
+//! at its step, so an output never shares memory with an input of the same node.
+//!
+//! # Placement
 //!
 //! Offsets come from greedy-by-size best fit, the strategy of TFLite's arena planner and
 //! XLA's heap simulator: buffers in decreasing size order, each put in the smallest gap left
 //! between already placed buffers whose lifetimes overlap its own, or above all of them when
 //! no gap fits.
 //!
-//! Not done yet: in-place reuse (an elementwise output taking over its dying input's buffer)
-//! is not attempted; every value gets its own buffer.
+//! [`MemoryPlan::breakdown`] splits the arena at its peak step into saved activations,
+//! transient activations, workspace and fragmentation, beside parameters, gradients and
+//! optimizer state ([`breakdown`]).
+
+mod breakdown;
+mod storage;
+mod workspace;
+
+pub use breakdown::MemoryBreakdown;
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,17 +68,31 @@ pub enum PlanError {
     Invalid(String),
 }
 
-/// One value's buffer: its lifetime in steps of the order (inclusive) and its place in the arena.
+/// What a buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufferKind {
+    /// The storage of a root value (and of every view of it).
+    Value,
+    /// The scratch memory of the node that produced `Buffer::value` (its output 0), during that
+    /// node's step only.
+    Workspace,
+}
+
+/// One buffer: its lifetime in steps of the order (inclusive) and its place in the arena.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Buffer {
+    /// The root value stored here; for a workspace, output 0 of the node it serves.
     pub value: Value,
+    pub kind: BufferKind,
     /// Step of the producer.
     pub first: usize,
-    /// Step of the last consumer (the last step for graph outputs).
+    /// Last step at which the value or a view of it is live (the last step for graph outputs).
     pub last: usize,
     pub offset: usize,
     /// Aligned size in bytes.
     pub size: usize,
+    /// Size in bytes before alignment (what the runtime allocates).
+    pub bytes: usize,
 }
 
 impl Buffer {
@@ -66,23 +106,45 @@ impl Buffer {
             && self.offset < other.offset + other.size
             && other.offset < self.offset + self.size
     }
+
+    fn describe(&self) -> String {
+        let what = match self.kind {
+            BufferKind::Value => "",
+            BufferKind::Workspace => " (workspace)",
+        };
+        format!(
+            "%{}:{}{what} (steps {}..={}, bytes {}..{})",
+            self.value.node.index(),
+            self.value.output,
+            self.first,
+            self.last,
+            self.offset,
+            self.offset + self.size
+        )
+    }
 }
 
 /// Where every activation lives in one arena.
 #[derive(Clone, Debug)]
 pub struct MemoryPlan {
-    /// `(offset, aligned size)` of every planned value.
+    /// `(offset, aligned size)` of the buffer holding each planned value: its own for a root,
+    /// its root's for a view. Values stored with the parameters are absent.
     pub offsets: HashMap<Value, (usize, usize)>,
-    /// Every buffer with its lifetime, in definition order.
+    /// The root whose buffer holds each planned value that is a view (see [`storage`]).
+    pub aliases: HashMap<Value, Value>,
+    /// Every buffer with its lifetime: value buffers in definition order, then workspaces.
     pub buffers: Vec<Buffer>,
     /// Bytes the arena needs: the highest end of any buffer.
     pub arena_bytes: usize,
-    /// Peak of the sum of live (unaligned) sizes over the steps, the same figure as
-    /// `vitdet_ir::Liveness`'s peak: no arena can be smaller.
+    /// Peak over the steps of the live (unaligned) buffer bytes, workspace included: what the
+    /// runtime holds at its fullest, and a bound no arena can beat.
     pub lower_bound_bytes: usize,
     /// The same peak over aligned sizes: the bound this planner's arena is really held to
     /// (for tiny tensors the 64-byte rounding alone can exceed `lower_bound_bytes` many times).
     pub aligned_lower_bound_bytes: usize,
+    /// Live (unaligned) buffer bytes at each step, workspace included: the figure the
+    /// runtime's per-step measurement compares with.
+    pub step_live_bytes: Vec<usize>,
     /// Number of steps of the order that was planned.
     pub steps: usize,
 }
@@ -124,9 +186,9 @@ fn validate_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Lifetimes of every non-parameter value computed by `order`, from `vitdet_ir::Liveness`'s
-/// walk, and its peak.
-fn lifetimes(graph: &Graph, order: &[NodeIndex]) -> (Vec<(Value, usize, usize)>, usize) {
+/// Liveness span `(value, first step, last step)` of every non-parameter value computed by
+/// `order`, in definition order, from `vitdet_ir::Liveness`'s walk.
+fn value_spans(graph: &Graph, order: &[NodeIndex]) -> Vec<(Value, usize, usize)> {
     let mut walk = vitdet_ir::Liveness::new(graph, order);
     let mut first: Vec<(Value, usize)> = Vec::new();
     let mut last: HashMap<Value, usize> = HashMap::new();
@@ -142,31 +204,65 @@ fn lifetimes(graph: &Graph, order: &[NodeIndex]) -> (Vec<(Value, usize, usize)>,
         }
     }
     let end = order.len().saturating_sub(1);
-    let spans = first
+    first
         .into_iter()
         .map(|(v, f)| (v, f, last.get(&v).copied().unwrap_or(end)))
-        .collect();
-    (spans, walk.peak_bytes())
+        .collect()
 }
 
-/// Plans one arena for the activations of `graph` run in `order` (normally
-/// [`crate::schedule`]'s). Errors name the offending node when `order` is not a valid
-/// execution order of `graph`.
-pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, PlanError> {
-    validate_order(graph, order)?;
-    let (spans, lower_bound_bytes) = lifetimes(graph, order);
-    let mut buffers: Vec<Buffer> = spans
-        .into_iter()
-        .map(|(value, first, last)| Buffer {
-            value,
-            first,
-            last,
-            offset: 0,
-            size: align(graph.value_type(value).size_in_bytes()),
-        })
-        .collect();
+/// The buffers the runtime allocates over `order` (unplaced: offset 0) and the root of every
+/// value that is a view.
+fn runtime_buffers(graph: &Graph, order: &[NodeIndex]) -> (Vec<Buffer>, HashMap<Value, Value>) {
+    let layouts = storage::layouts(graph, order);
+    let mut buffers: Vec<Buffer> = Vec::new();
+    let mut buffer_of: HashMap<Value, usize> = HashMap::new();
+    let mut aliases = HashMap::new();
+    for (v, first, last) in value_spans(graph, order) {
+        let root = layouts[&v].root;
+        if root != v {
+            aliases.insert(v, root);
+        }
+        if is_param(graph, root) {
+            continue;
+        }
+        match buffer_of.get(&root) {
+            // Roots come before their views in definition order.
+            Some(&i) => buffers[i].last = buffers[i].last.max(last),
+            None => {
+                let bytes = graph.value_type(v).size_in_bytes();
+                buffer_of.insert(v, buffers.len());
+                buffers.push(Buffer {
+                    value: v,
+                    kind: BufferKind::Value,
+                    first,
+                    last,
+                    offset: 0,
+                    size: align(bytes),
+                    bytes,
+                });
+            }
+        }
+    }
+    for (step, &n) in order.iter().enumerate() {
+        let bytes = workspace::workspace_bytes(graph, n, &layouts);
+        if bytes > 0 {
+            buffers.push(Buffer {
+                value: Value { node: n, output: 0 },
+                kind: BufferKind::Workspace,
+                first: step,
+                last: step,
+                offset: 0,
+                size: align(bytes),
+                bytes,
+            });
+        }
+    }
+    (buffers, aliases)
+}
 
-    // Placement order: largest first; ties by definition order so the plan is deterministic.
+/// Greedy-by-size best fit: sets every buffer's offset; returns the arena size.
+fn place(buffers: &mut [Buffer]) -> usize {
+    // Placement order: largest first; ties by position so the plan is deterministic.
     let mut by_size: Vec<usize> = (0..buffers.len()).collect();
     by_size.sort_by(|&a, &b| buffers[b].size.cmp(&buffers[a].size).then(a.cmp(&b)));
 
@@ -199,26 +295,54 @@ pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, Pla
         let at = placed.partition_point(|&j| buffers[j].offset <= offset);
         placed.insert(at, i);
     }
+    arena_bytes
+}
 
-    // Aligned live bytes per step from a difference array over the lifetimes.
-    let mut delta = vec![0isize; order.len() + 1];
-    for b in &buffers {
-        delta[b.first] += b.size as isize;
-        delta[b.last + 1] -= b.size as isize;
+/// Live bytes per step over `steps` steps, from a difference array over the lifetimes.
+fn live_per_step(buffers: &[Buffer], steps: usize, size: impl Fn(&Buffer) -> usize) -> Vec<usize> {
+    let mut delta = vec![0isize; steps + 1];
+    for b in buffers {
+        delta[b.first] += size(b) as isize;
+        delta[b.last + 1] -= size(b) as isize;
     }
-    let (mut live, mut aligned_lower_bound_bytes) = (0isize, 0usize);
-    for d in &delta[..order.len()] {
-        live += d;
-        aligned_lower_bound_bytes = aligned_lower_bound_bytes.max(live as usize);
-    }
+    let mut live = 0isize;
+    delta[..steps]
+        .iter()
+        .map(|d| {
+            live += d;
+            live as usize
+        })
+        .collect()
+}
 
-    let offsets = buffers.iter().map(|b| (b.value, (b.offset, b.size))).collect();
+/// Plans one arena for the activations of `graph` run in `order` (normally
+/// [`crate::schedule`]'s). Errors name the offending node when `order` is not a valid
+/// execution order of `graph`.
+pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, PlanError> {
+    validate_order(graph, order)?;
+    let (mut buffers, aliases) = runtime_buffers(graph, order);
+    let arena_bytes = place(&mut buffers);
+    let step_live_bytes = live_per_step(&buffers, order.len(), |b| b.bytes);
+    let aligned = live_per_step(&buffers, order.len(), |b| b.size);
+
+    let mut offsets: HashMap<Value, (usize, usize)> = buffers
+        .iter()
+        .filter(|b| b.kind == BufferKind::Value)
+        .map(|b| (b.value, (b.offset, b.size)))
+        .collect();
+    for (v, root) in &aliases {
+        if let Some(&place) = offsets.get(root) {
+            offsets.insert(*v, place);
+        }
+    }
     Ok(MemoryPlan {
         offsets,
+        aliases,
         buffers,
         arena_bytes,
-        lower_bound_bytes,
-        aligned_lower_bound_bytes,
+        lower_bound_bytes: step_live_bytes.iter().copied().max().unwrap_or(0),
+        aligned_lower_bound_bytes: aligned.iter().copied().max().unwrap_or(0),
+        step_live_bytes,
         steps: order.len(),
     })
 }
@@ -233,17 +357,30 @@ impl MemoryPlan {
         }
     }
 
+    /// The step at which the most (aligned) buffer bytes are live: where the arena's high-water
+    /// mark is reached when the placement has no fragmentation (the first such step).
+    pub fn peak_step(&self) -> usize {
+        let aligned = live_per_step(&self.buffers, self.steps, |b| b.size);
+        let max = aligned.iter().copied().max().unwrap_or(0);
+        aligned.iter().position(|&b| b == max).unwrap_or(0)
+    }
+
     /// Verifies the plan against `graph` run in `order`, recomputing lifetimes directly from
-    /// the order (not through the liveness walk the planner used): every computed
-    /// non-parameter value has an aligned buffer at least its size, live from its producer's
-    /// step to its last consumer's (graph outputs to the end), inside the arena; no two
-    /// buffers that are live at a common step share a byte.
+    /// the order (not through the liveness walk the planner used):
+    /// * every computed non-parameter value is held by a buffer: its own, or its root's when
+    ///   [`MemoryPlan::aliases`] names one (a root that is a parameter holds it outside the
+    ///   arena); that buffer is live from the root's producer's step through the value's last
+    ///   use (graph outputs to the end), so a view keeps its root alive;
+    /// * value buffers are at least their value's size, aligned and inside the arena; workspace
+    ///   buffers live at their node's step only;
+    /// * no two buffers that are live at a common step share a byte.
     pub fn check(&self, graph: &Graph, order: &[NodeIndex]) -> Result<(), PlanError> {
         validate_order(graph, order)?;
         let bad = |msg: String| Err(PlanError::Invalid(msg));
         if order.len() != self.steps {
             return bad(format!("planned for {} steps, order has {}", self.steps, order.len()));
         }
+        let name = |v: Value| format!("%{}:{}", v.node.index(), v.output);
         let step_of: HashMap<NodeIndex, usize> = order.iter().enumerate().map(|(s, &n)| (n, s)).collect();
         let mut needed: HashMap<Value, (usize, usize)> = HashMap::new();
         for (s, &n) in order.iter().enumerate() {
@@ -266,43 +403,73 @@ impl MemoryPlan {
                 span.1 = order.len() - 1;
             }
         }
-        if self.buffers.len() != needed.len() || self.offsets.len() != needed.len() {
-            return bad(format!(
-                "{} buffers and {} offsets for {} computed values",
-                self.buffers.len(),
-                self.offsets.len(),
-                needed.len()
-            ));
-        }
+        let mut value_buffer: HashMap<Value, &Buffer> = HashMap::new();
         for b in &self.buffers {
             let v = b.value;
-            let name = format!("%{}:{}", v.node.index(), v.output);
-            let Some(&(first, last)) = needed.get(&v) else {
-                return bad(format!("buffer for {name}, which is not a computed activation"));
-            };
-            if b.first > first || b.last < last || step_of[&v.node] != b.first {
-                return bad(format!(
-                    "{name} is live over steps {first}..={last} but its buffer over {}..={}",
-                    b.first, b.last
-                ));
+            if !step_of.contains_key(&v.node) || v.output >= graph.node(v.node).outputs.len() {
+                return bad(format!("buffer for {}, which the order does not compute", name(v)));
             }
-            let bytes = graph.value_type(v).size_in_bytes();
-            if b.size < bytes || b.size % ALIGNMENT != 0 || b.offset % ALIGNMENT != 0 {
-                return bad(format!(
-                    "{name} needs {bytes} bytes, has {} at offset {} (alignment {ALIGNMENT})",
-                    b.size, b.offset
-                ));
+            match b.kind {
+                BufferKind::Value => {
+                    if !needed.contains_key(&v) || self.aliases.contains_key(&v) {
+                        return bad(format!("buffer for {}, which is not a root activation", name(v)));
+                    }
+                    if value_buffer.insert(v, b).is_some() {
+                        return bad(format!("{} has two buffers", name(v)));
+                    }
+                    let bytes = graph.value_type(v).size_in_bytes();
+                    if b.size < bytes || b.bytes != bytes {
+                        return bad(format!("{} needs {bytes} bytes, its buffer has {}", name(v), b.size));
+                    }
+                }
+                BufferKind::Workspace => {
+                    if b.first != step_of[&v.node] || b.last != b.first {
+                        return bad(format!("{} does not live at its node's step only", b.describe()));
+                    }
+                }
+            }
+            if b.size % ALIGNMENT != 0 || b.offset % ALIGNMENT != 0 || b.size < b.bytes {
+                return bad(format!("{} is not aligned to {ALIGNMENT}", b.describe()));
             }
             if b.offset + b.size > self.arena_bytes {
                 return bad(format!(
-                    "{name} ends at byte {}, past the {}-byte arena",
-                    b.offset + b.size,
+                    "{} ends past the {}-byte arena",
+                    b.describe(),
                     self.arena_bytes
                 ));
             }
-            if self.offsets.get(&v) != Some(&(b.offset, b.size)) {
-                return bad(format!("offsets and buffers disagree on {name}"));
+        }
+        for (&v, &(first, last)) in &needed {
+            let root = self.aliases.get(&v).copied().unwrap_or(v);
+            if self.aliases.contains_key(&root) {
+                return bad(format!("{} is a view of {}, itself a view", name(v), name(root)));
             }
+            if root != v && is_param(graph, root) {
+                if self.offsets.contains_key(&v) {
+                    return bad(format!("{} lives with the parameters but has an offset", name(v)));
+                }
+                continue;
+            }
+            let Some(b) = value_buffer.get(&root) else {
+                return bad(format!("{} has no buffer (its root {})", name(v), name(root)));
+            };
+            if b.first != step_of[&root.node] || b.first > first || b.last < last {
+                return bad(format!(
+                    "{} is live over steps {first}..={last} but its buffer {} is not",
+                    name(v),
+                    b.describe()
+                ));
+            }
+            if self.offsets.get(&v) != Some(&(b.offset, b.size)) {
+                return bad(format!("offsets and buffers disagree on {}", name(v)));
+            }
+        }
+        if self.offsets.len() > needed.len() {
+            return bad(format!(
+                "{} offsets for {} computed values",
+                self.offsets.len(),
+                needed.len()
+            ));
         }
         // Sweep over steps: each buffer is compared with those still live when it starts,
         // which covers every pair whose lifetimes meet.
@@ -312,21 +479,7 @@ impl MemoryPlan {
         for b in by_first {
             active.retain(|a| a.last >= b.first);
             if let Some(a) = active.iter().find(|a| a.shares_bytes_with(b)) {
-                return bad(format!(
-                    "%{}:{} (steps {}..={}, bytes {}..{}) and %{}:{} (steps {}..={}, bytes {}..{}) overlap",
-                    a.value.node.index(),
-                    a.value.output,
-                    a.first,
-                    a.last,
-                    a.offset,
-                    a.offset + a.size,
-                    b.value.node.index(),
-                    b.value.output,
-                    b.first,
-                    b.last,
-                    b.offset,
-                    b.offset + b.size
-                ));
+                return bad(format!("{} and {} overlap", a.describe(), b.describe()));
             }
             active.push(b);
         }

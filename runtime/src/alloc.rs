@@ -12,6 +12,13 @@
 //! kernel. The process's resident size then stays at its high-water mark, which is what a
 //! one-shot inference or a training loop reaches anyway. Applications (the CLI, benchmarks)
 //! call it once at startup; the library never changes allocator settings by itself.
+//!
+//! [`CountingAllocator`] (opt-in, installed with `#[global_allocator]`) counts the heap bytes
+//! held and their high-water mark, so the executor can report a run's measured peak beside the
+//! memory planner's arena.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Raises glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` to 2 GiB (see the module doc).
 /// Returns whether the settings were applied (false on non-glibc targets).
@@ -29,5 +36,110 @@ pub fn retain_freed_memory() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         false
+    }
+}
+
+/// A global allocator that counts the heap bytes the process holds: [`std::alloc::System`]
+/// plus two atomics (bytes held now, and the high-water mark since the last
+/// [`CountingAllocator::reset_peak`]). Binaries and tests that want measured memory install it:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static ALLOC: vitdet_runtime::alloc::CountingAllocator = vitdet_runtime::alloc::CountingAllocator;
+/// ```
+///
+/// The counters are process-wide (every thread's allocations count), so a measurement is only
+/// meaningful while nothing else allocates concurrently: the executor's measured peak is exact
+/// for a run that has the process to itself (worker threads it starts itself, e.g. gemm's,
+/// count as they should). Counting costs two relaxed atomic updates per allocation.
+pub struct CountingAllocator;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Set by the first allocation through [`CountingAllocator`]: then it is the global allocator.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+impl CountingAllocator {
+    /// Whether this allocator is the process's global allocator (it has served an allocation).
+    pub fn installed() -> bool {
+        INSTALLED.load(Ordering::Relaxed)
+    }
+
+    /// Heap bytes held now (requested sizes, not the allocator's rounding).
+    pub fn current_bytes() -> usize {
+        CURRENT.load(Ordering::Relaxed)
+    }
+
+    /// Highest [`CountingAllocator::current_bytes`] since the last reset.
+    pub fn peak_bytes() -> usize {
+        PEAK.load(Ordering::Relaxed)
+    }
+
+    /// Restarts the high-water mark from the bytes held now.
+    pub fn reset_peak() {
+        PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn grew(bytes: usize) {
+        let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn shrank(bytes: usize) {
+        CURRENT.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Free functions for the counters, for callers that do not name the type.
+pub fn installed() -> bool {
+    CountingAllocator::installed()
+}
+/// See [`CountingAllocator::current_bytes`].
+pub fn current_bytes() -> usize {
+    CountingAllocator::current_bytes()
+}
+/// See [`CountingAllocator::peak_bytes`].
+pub fn peak_bytes() -> usize {
+    CountingAllocator::peak_bytes()
+}
+/// See [`CountingAllocator::reset_peak`].
+pub fn reset_peak() {
+    CountingAllocator::reset_peak()
+}
+
+// SAFETY: every call forwards to `System` with the caller's layout; the counters only observe.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            INSTALLED.store(true, Ordering::Relaxed);
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            INSTALLED.store(true, Ordering::Relaxed);
+            Self::grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        Self::shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            // Counted as the new block arriving before the old one leaves, which is what a
+            // moving realloc holds at its worst.
+            Self::grew(new_size);
+            Self::shrank(layout.size());
+        }
+        p
     }
 }

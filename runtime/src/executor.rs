@@ -20,6 +20,18 @@
 //! Uses are counted per edge (`Graph::use_counts`: a value fed twice to one node has two uses,
 //! both consumed by that node) plus one per graph output naming the value. With an explicit
 //! order that omits some nodes, edges into omitted nodes do not count.
+//!
+//! # Measured peak
+//!
+//! When the process's global allocator is [`crate::alloc::CountingAllocator`], the run also
+//! measures the heap: before each node the allocator's high-water mark is reset, and after the
+//! node's outputs are held it is read back, so each step's figure covers its inputs, its outputs
+//! and whatever the kernel allocated and freed in between (workspace, candle's internal copies).
+//! Bytes are counted above the heap level at the start of the run, plus the graph inputs still
+//! held at that step: their storage belongs to the caller (allocated before the run), but the
+//! memory plan places them in its arena while they are live, so the measurement counts them the
+//! same way. [`RunOutput::measured_peak_bytes`] is the maximum over the steps and compares
+//! directly with the planner's arena (`vitdet_passes::memory`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -42,6 +54,12 @@ pub struct RunOutput {
     pub param_bytes: usize,
     /// Wall time spent in each op's kernels, by op name.
     pub op_seconds: BTreeMap<String, f64>,
+    /// Measured heap high-water mark of the run (see the module doc), or `None` when the
+    /// counting allocator is not the global allocator.
+    pub measured_peak_bytes: Option<usize>,
+    /// The measured figure of each step of the order (same condition), for comparing a run
+    /// with its memory plan node by node.
+    pub measured_step_bytes: Option<Vec<usize>>,
 }
 
 impl RunOutput {
@@ -104,9 +122,17 @@ pub fn run_with_order(
     let mut peak = 0usize;
     let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
     let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let measuring = crate::alloc::installed();
+    let mut measured_steps: Vec<usize> = Vec::with_capacity(if measuring { order.len() } else { 0 });
+    // Bytes of graph inputs the executor holds (caller-owned storage, see the module doc).
+    let mut held_input_bytes = 0usize;
+    let heap_base = crate::alloc::current_bytes();
 
     for &n in order {
         let node = graph.node(n);
+        if measuring {
+            crate::alloc::reset_peak();
+        }
         let outputs: Vec<Tensor> = match &node.op {
             Op::Parameter(_) => Vec::new(),
             Op::Input(inp) => vec![fed.remove(inp.name.as_str()).expect("inputs were checked")],
@@ -153,14 +179,25 @@ pub fn run_with_order(
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
+        let is_input = matches!(node.op, Op::Input(_));
         for (output, t) in outputs.into_iter().enumerate() {
             held_bytes += tensor_bytes(&t);
+            if is_input {
+                held_input_bytes += tensor_bytes(&t);
+            }
             held.insert(Value { node: n, output }, t);
         }
         peak = peak.max(held_bytes);
+        if measuring {
+            let heap = crate::alloc::peak_bytes().saturating_sub(heap_base);
+            measured_steps.push(heap + held_input_bytes);
+        }
         for v in liveness.step(n) {
             if let Some(t) = held.remove(&v) {
                 held_bytes -= tensor_bytes(&t);
+                if matches!(graph.node(v.node).op, Op::Input(_)) {
+                    held_input_bytes -= tensor_bytes(&t);
+                }
             }
         }
         debug_assert_eq!(held_bytes, liveness.live_bytes());
@@ -187,6 +224,8 @@ pub fn run_with_order(
         peak_live_bytes: peak,
         param_bytes: graph.param_bytes(),
         op_seconds,
+        measured_peak_bytes: measuring.then(|| measured_steps.iter().copied().max().unwrap_or(0)),
+        measured_step_bytes: measuring.then_some(measured_steps),
     })
 }
 

@@ -15,6 +15,8 @@
 //! * [`alloc::retain_freed_memory`] (opt-in, for applications) stops glibc from returning large
 //!   freed blocks to the kernel, which otherwise costs a page fault per 4 KiB of every large
 //!   op result.
+//! * [`alloc::CountingAllocator`] (opt-in, installed with `#[global_allocator]`) counts heap
+//!   bytes, so [`RunOutput::measured_peak_bytes`] reports a run's measured peak beside the plan.
 //!
 //! All other fallible functions return [`RuntimeError`], whose messages name the input, parameter,
 //! file or node (op and scope) at fault. The runtime never falls back silently: an op or
