@@ -17,10 +17,13 @@ pub mod timing;
 
 pub use amp::{autocast, AmpError, Precision};
 pub use autodiff::{differentiate, AutodiffError, Differentiated};
-pub use checkpoint::{BudgetError, Chain, Policy, Solution, Stage, StagePolicy};
+pub use checkpoint::{
+    apply_checkpointing, BudgetError, Chain, CheckpointError, CheckpointPolicy, Checkpointed, FrontierPoint, Policy,
+    Solution, Stage, StageOption,
+};
 pub use cost::{params_by_scope, CostSummary};
 pub use dce::eliminate_dead_code;
 pub use fusion::{fuse_attention, Fused, FusedBlock, FusionError, FusionReport, UnmatchedAttention};
 pub use liveness::{liveness, Liveness};
 pub use memory::{plan_memory, MemoryBreakdown, MemoryPlan, PlanError};
-pub use schedule::schedule;
+pub use schedule::{schedule, RECOMPUTE_SCOPE};
