@@ -58,6 +58,7 @@ struct Spec {
 /// A graph under construction with float64 trainable parameters.
 struct Builder {
     g: Graph,
+    dtype: DType,
     params: Vec<(String, Vec<usize>)>,
 }
 
@@ -65,7 +66,7 @@ impl Builder {
     fn param(&mut self, name: &str, shape: &[usize]) -> Value {
         let p = Parameter {
             name: name.to_string(),
-            ty: TensorType::new(DType::F64, shape.to_vec()),
+            ty: TensorType::new(self.dtype, shape.to_vec()),
             init: Init::Zeros,
             trainable: true,
         };
@@ -95,8 +96,13 @@ const ATTN: &str = "blk.attn";
 /// parameter `x [B, H, W, C]`; output `y`, and the output's use by a loss `sum(y * r)`.
 /// `extra_probs_output` also exposes the probabilities (a pattern the pass must not fuse).
 fn attention_graph(s: Spec, extra_probs_output: bool) -> (Graph, Vec<(String, Vec<usize>)>) {
+    attention_graph_typed(s, extra_probs_output, DType::F64)
+}
+
+fn attention_graph_typed(s: Spec, extra_probs_output: bool, dtype: DType) -> (Graph, Vec<(String, Vec<usize>)>) {
     let mut b = Builder {
         g: Graph::new(),
+        dtype,
         params: Vec::new(),
     };
     let [hh, ww] = s.hw;
@@ -226,7 +232,7 @@ fn attention_graph(s: Spec, extra_probs_output: bool) -> (Graph, Vec<(String, Ve
     let r = b.g.add(
         Input {
             name: "probe".into(),
-            ty: TensorType::new(DType::F64, vec![s.batch, hh, ww, c]),
+            ty: TensorType::new(dtype, vec![s.batch, hh, ww, c]),
         },
         "loss",
         &[],
@@ -427,7 +433,7 @@ fn global_non_square_grid() {
 /// rounding.
 #[test]
 fn kernels_agree_across_chunk_sizes() {
-    use vitdet_runtime::kernels::window_attention::{window_attention_chunked, window_attention_grad_chunked};
+    use vitdet_runtime::kernels::window_attention::{window_attention_grad_with, window_attention_with, KernelOptions};
     let mut rng = Rng(7);
     for rel in [WindowRelPos::None, WindowRelPos::Decomposed, WindowRelPos::Bias] {
         let (b, h, w, heads, hd, ws) = (2, 5, 7, 4, 3, 3);
@@ -452,18 +458,27 @@ fn kernels_agree_across_chunk_sizes() {
             }
             WindowRelPos::Bias => x.push(tensor(rng.normal(heads * n * n), &[heads, n, n])),
         }
-        let full = window_attention_chunked(&op, &x, 1 << 30).unwrap();
+        let opts = |chunk_bytes, portable| KernelOptions { chunk_bytes, portable };
+        let full = window_attention_with(&op, &x, opts(1 << 30, false)).unwrap();
         let mut gx = x.clone();
         gx.extend(full.iter().cloned());
         gx.push(tensor(rng.normal(b * h * w * c), &[b, h, w, c]));
-        let gfull = window_attention_grad_chunked(&op.grad(), &gx, 1 << 30).unwrap();
-        // Logit bytes per window-head: 9 * 9 * 8 = 648; budgets of 2 windows, 1 head, 2 heads.
-        for bytes in [2 * heads * 648, 648, 2 * 648] {
-            let part = window_attention_chunked(&op, &x, bytes).unwrap();
+        let gfull = window_attention_grad_with(&op.grad(), &gx, opts(1 << 30, false)).unwrap();
+        // Logit bytes per window-head: 9 * 9 * 8 = 648; budgets of 2 windows, 1 head, 2 heads,
+        // and the portable (candle-op) epilogue.
+        for (bytes, portable) in [
+            (2 * heads * 648, false),
+            (648, false),
+            (2 * 648, false),
+            (1 << 30, true),
+            (648, true),
+        ] {
+            let o = opts(bytes, portable);
+            let part = window_attention_with(&op, &x, o).unwrap();
             for (a, e) in part.iter().zip(&full) {
                 assert!(rel_l2(a, e) < 1e-14, "{rel:?} {bytes}: forward");
             }
-            let gpart = window_attention_grad_chunked(&op.grad(), &gx, bytes).unwrap();
+            let gpart = window_attention_grad_with(&op.grad(), &gx, o).unwrap();
             for (a, e) in gpart.iter().zip(&gfull) {
                 assert!(rel_l2(a, e) < 1e-13, "{rel:?} {bytes}: backward");
             }
@@ -668,5 +683,59 @@ fn training_graph_fuses_every_block() {
         let diff = differentiate(&fused.graph, loss).unwrap();
         diff.graph.verify().unwrap();
         assert!(diff.unreached.is_empty() || !diff.unreached.iter().any(|p| p.contains("attn")));
+    }
+}
+
+/// Timing of one ViT-B-size attention block (64x64 tokens, 768 channels, 12 heads, 14x14
+/// windows with padding, decomposed rel pos; and the global case), unfused vs fused, forward
+/// and forward + backward, in float32. Not a test: run with
+/// `cargo test -p vitdet-passes --test fusion -- --ignored --nocapture vit_b_block_timing`.
+#[test]
+#[ignore]
+fn vit_b_block_timing() {
+    let dev = Device::Cpu;
+    for window in [Some(14), None] {
+        let spec = Spec {
+            batch: 1,
+            hw: [64, 64],
+            channels: 768,
+            heads: 12,
+            window,
+            rel: Rel::Decomposed,
+            qkv_bias: true,
+        };
+        let (unfused, params) = attention_graph_typed(spec, false, DType::F32);
+        let fused = fuse_attention(&unfused).unwrap();
+        assert_eq!(fused.report.fused, 1);
+        let mut rng = Rng(1);
+        let store = ParamStore::from_tensors(params.iter().map(|(n, s)| {
+            let vals: Vec<f32> = rng
+                .normal(s.iter().product())
+                .into_iter()
+                .map(|v| (0.05 * v) as f32)
+                .collect();
+            (n.clone(), Tensor::from_vec(vals, s.as_slice(), &dev).unwrap())
+        }));
+        let probe: Vec<f32> = rng.normal(64 * 64 * 768).into_iter().map(|v| v as f32).collect();
+        let inputs = [("probe", Tensor::from_vec(probe, (1, 64, 64, 768), &dev).unwrap())];
+        let time = |g: &Graph| {
+            run(g, &store, &inputs, &dev).unwrap(); // warm-up
+            let t = std::time::Instant::now();
+            let out = run(g, &store, &inputs, &dev).unwrap();
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let mut ops: Vec<_> = out.op_seconds.iter().filter(|(_, &s)| s > 0.05).collect();
+            ops.sort_by(|a, b| b.1.total_cmp(a.1));
+            eprintln!("  {ms:.0} ms: {ops:.2?}");
+            (ms, out.peak_live_bytes as f64 / (1 << 20) as f64)
+        };
+        let du = differentiate(&unfused, "loss").unwrap().graph;
+        let df = differentiate(&fused.graph, "loss").unwrap().graph;
+        let (fu, ff, bu, bf) = (time(&unfused), time(&fused.graph), time(&du), time(&df));
+        eprintln!(
+            "{}: forward unfused {:.0} ms ({:.0} MiB peak) fused {:.0} ms ({:.0} MiB); fwd+bwd unfused {:.0} ms ({:.0} MiB) fused {:.0} ms ({:.0} MiB); saved {:.1} MiB",
+            if window.is_some() { "window 14" } else { "global" },
+            fu.0, fu.1, ff.0, ff.1, bu.0, bu.1, bf.0, bf.1,
+            fused.report.blocks[0].saved_activation_bytes as f64 / (1 << 20) as f64
+        );
     }
 }

@@ -26,6 +26,24 @@ use super::{accum_dtype, expect_float, linear, KernelError, KernelResult};
 /// single window-head is larger (a global block then computes one head at a time).
 pub const CHUNK_LOGIT_BYTES: usize = 8 << 20;
 
+/// Knobs of the kernels, for tests and tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelOptions {
+    /// Upper bound on one chunk's logits, in bytes ([`CHUNK_LOGIT_BYTES`] by default).
+    pub chunk_bytes: usize,
+    /// Use the candle-op softmax epilogue even on the CPU (the path other devices take).
+    pub portable: bool,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        KernelOptions {
+            chunk_bytes: CHUNK_LOGIT_BYTES,
+            portable: false,
+        }
+    }
+}
+
 /// `a @ b` or `a @ b^T` through the runtime's matmul kernel.
 fn mm(a: &Tensor, b: &Tensor, transpose_rhs: bool) -> KernelResult<Tensor> {
     linear::matmul(&MatMul { transpose_rhs }, a, b)
@@ -80,11 +98,11 @@ struct Setup {
     /// `qkv` padded to `[B, Hp, Wp, 3C]` with the bias (or zeros), in `acc`.
     padded: Tensor,
     rel: Rel,
-    chunk_bytes: usize,
+    options: KernelOptions,
 }
 
 impl Setup {
-    fn new(op: &WindowAttention, x: &[Tensor], chunk_bytes: usize) -> KernelResult<Setup> {
+    fn new(op: &WindowAttention, x: &[Tensor], options: KernelOptions) -> KernelResult<Setup> {
         let qkv = &x[0];
         expect_float("qkv", qkv)?;
         let ir_dtype = crate::dtype::from_candle(qkv.dtype())
@@ -119,7 +137,7 @@ impl Setup {
             scale: op.scale,
             padded,
             rel,
-            chunk_bytes,
+            options,
         })
     }
 
@@ -137,7 +155,7 @@ impl Setup {
     /// window's heads unevenly, which keeps the BEiT bias a plain broadcast).
     fn chunk(&self, nq: usize) -> usize {
         let per = nq * self.g.tokens() * self.acc.size_in_bytes();
-        let fit = (self.chunk_bytes / per.max(1)).max(1);
+        let fit = (self.options.chunk_bytes / per.max(1)).max(1);
         let heads = self.g.heads;
         if fit >= heads {
             fit / heads * heads
@@ -250,38 +268,110 @@ fn join_classes(blocks: Vec<Tensor>, cols: usize) -> KernelResult<Tensor> {
     })
 }
 
-/// The chunk's scaled queries and logits `[gc, nq, N]`: `(scale q) k^T` plus the rel term.
-/// `g0` is the chunk's first window-head, so `g0 % heads` is its first head.
-fn logits(s: &Setup, qc: &Tensor, kc: &Tensor, valid: [usize; 2], g0: usize) -> KernelResult<(Tensor, Tensor)> {
-    let (gc, nq, _) = qc.dims3()?;
-    let [wh, ww] = s.g.window;
+/// One chunk's scores and the pieces of its relative-position term, before the softmax.
+struct ChunkLogits {
+    /// `scale * q`, `[gc, nq, hd]` (the backward's `dk` reads it).
+    qs: Tensor,
+    /// `(scale q) k^T`, `[gc, nq, N]`.
+    scores: Tensor,
+    rel: ChunkRel,
+    window: [usize; 2],
+    valid: [usize; 2],
+}
+
+enum ChunkRel {
+    None,
+    /// `[gc, nq, wh]` and `[gc, nq, ww]`, contiguous.
+    Decomposed {
+        relh: Tensor,
+        relw: Tensor,
+    },
+    /// `[heads, nq, N]` for the class's valid query rows, and the chunk's first head.
+    Bias {
+        rows: Tensor,
+        first_head: usize,
+    },
+}
+
+/// The chunk's scores and rel-term pieces. `g0` is the chunk's first window-head, so
+/// `g0 % heads` is its first head.
+fn chunk_logits(s: &Setup, qc: &Tensor, kc: &Tensor, valid: [usize; 2], g0: usize) -> KernelResult<ChunkLogits> {
+    let nq = qc.dim(1)?;
     let [vh, vw] = valid;
-    let n = wh * ww;
+    let n = s.g.tokens();
     let qs = qc.affine(s.scale, 0.0)?;
-    let mut a = mm(&qs, kc, true)?;
-    match &s.rel {
-        Rel::None => {}
+    let scores = mm(&qs, kc, true)?;
+    let rel = match &s.rel {
+        Rel::None => ChunkRel::None,
         Rel::Decomposed { rh, rw } => {
             let (relh, relw) = decomposed_terms(qc, rh, rw, valid)?;
-            a = a
+            ChunkRel::Decomposed {
+                relh: relh.contiguous()?.reshape((qc.dim(0)?, nq, s.g.window[0]))?,
+                relw: relw.contiguous()?.reshape((qc.dim(0)?, nq, s.g.window[1]))?,
+            }
+        }
+        Rel::Bias(bias) => ChunkRel::Bias {
+            rows: bias.narrow(1, 0, vh)?.narrow(2, 0, vw)?.reshape((s.g.heads, nq, n))?,
+            first_head: g0 % s.g.heads,
+        },
+    };
+    Ok(ChunkLogits {
+        qs,
+        scores,
+        rel,
+        window: s.g.window,
+        valid,
+    })
+}
+
+impl ChunkLogits {
+    /// The logits `[gc, nq, N]` with candle ops (scores + rel_h + rel_w as detectron2 adds
+    /// them, or + the bias rows of each chunk row's head).
+    fn full(&self) -> KernelResult<Tensor> {
+        let (gc, nq, n) = self.scores.dims3()?;
+        let [wh, ww] = self.window;
+        let [vh, vw] = self.valid;
+        Ok(match &self.rel {
+            ChunkRel::None => self.scores.clone(),
+            ChunkRel::Decomposed { relh, relw } => self
+                .scores
                 .reshape((gc, vh, vw, wh, ww))?
-                .broadcast_add(&relh.unsqueeze(4)?)?
-                .broadcast_add(&relw.unsqueeze(3)?)?
-                .reshape((gc, nq, n))?;
-        }
-        Rel::Bias(bias) => {
-            let heads = s.g.heads;
-            let bq = bias.narrow(1, 0, vh)?.narrow(2, 0, vw)?.reshape((heads, nq, n))?;
-            a = if gc % heads == 0 {
-                a.reshape((gc / heads, heads, nq, n))?
-                    .broadcast_add(&bq)?
-                    .reshape((gc, nq, n))?
-            } else {
-                a.broadcast_add(&bq.narrow(0, g0 % heads, gc)?)?
-            };
-        }
+                .broadcast_add(&relh.reshape((gc, vh, vw, wh, 1))?)?
+                .broadcast_add(&relw.reshape((gc, vh, vw, 1, ww))?)?
+                .reshape((gc, nq, n))?,
+            ChunkRel::Bias { rows, first_head } => {
+                let heads = rows.dim(0)?;
+                if gc % heads == 0 {
+                    self.scores
+                        .reshape((gc / heads, heads, nq, n))?
+                        .broadcast_add(rows)?
+                        .reshape((gc, nq, n))?
+                } else {
+                    self.scores.broadcast_add(&rows.narrow(0, *first_head, gc)?)?
+                }
+            }
+        })
     }
-    Ok((qs, a))
+
+    /// `(P, lse)`: the softmax of the logits over the keys and its row log-sum-exp `[gc, nq]`.
+    fn softmax(&self, portable: bool) -> KernelResult<(Tensor, Tensor)> {
+        if !portable && self.scores.device().is_cpu() {
+            return cpu_rows::softmax(self);
+        }
+        let a = self.full()?;
+        let m = a.max_keepdim(2)?;
+        let e = a.broadcast_sub(&m)?.exp()?;
+        let sum = e.sum_keepdim(2)?;
+        Ok((e.broadcast_div(&sum)?, (m + sum.log()?)?.squeeze(2)?))
+    }
+
+    /// `P = exp(logits - lse)` from a saved `lse [gc, nq, 1]`.
+    fn probs(&self, lse: &Tensor, portable: bool) -> KernelResult<Tensor> {
+        if !portable && self.scores.device().is_cpu() {
+            return cpu_rows::probs(self, lse);
+        }
+        Ok(self.full()?.broadcast_sub(lse)?.exp()?)
+    }
 }
 
 /// detectron2's decomposed terms for the valid queries `q [gc, vh*vw, hd]`:
@@ -304,11 +394,11 @@ fn decomposed_terms(q: &Tensor, rh: &Tensor, rw: &Tensor, [vh, vw]: [usize; 2]) 
 
 /// Forward: `[out [B, H, W, C], lse [B*nW, heads, N]]`.
 pub fn window_attention(op: &WindowAttention, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
-    window_attention_chunked(op, x, CHUNK_LOGIT_BYTES)
+    window_attention_with(op, x, KernelOptions::default())
 }
 
-/// [`window_attention`] with chunks of at most `chunk_bytes` of logits (for tests and tuning).
-pub fn window_attention_chunked(op: &WindowAttention, x: &[Tensor], chunk_bytes: usize) -> KernelResult<Vec<Tensor>> {
+/// [`window_attention`] with explicit [`KernelOptions`].
+pub fn window_attention_with(op: &WindowAttention, x: &[Tensor], options: KernelOptions) -> KernelResult<Vec<Tensor>> {
     if x.len() != op.num_inputs() {
         return Err(KernelError::Unsupported(format!(
             "window_attention takes {} inputs for its attributes, given {}",
@@ -316,7 +406,7 @@ pub fn window_attention_chunked(op: &WindowAttention, x: &[Tensor], chunk_bytes:
             x.len()
         )));
     }
-    let s = Setup::new(op, x, chunk_bytes)?;
+    let s = Setup::new(op, x, options)?;
     let g = s.g;
     let [wh, ww] = g.window;
     let classes = s.classes();
@@ -330,13 +420,10 @@ pub fn window_attention_chunked(op: &WindowAttention, x: &[Tensor], chunk_bytes:
         for g0 in (0..rows).step_by(step) {
             let gc = step.min(rows - g0);
             let qc = c.q.narrow(0, g0, gc)?;
-            let (_, a) = logits(&s, &qc, &c.k.narrow(0, g0, gc)?, c.valid, g0)?;
-            let m = a.max_keepdim(2)?;
-            let e = a.broadcast_sub(&m)?.exp()?;
-            let sum = e.sum_keepdim(2)?;
-            let p = e.broadcast_div(&sum)?;
+            let logits = chunk_logits(&s, &qc, &c.k.narrow(0, g0, gc)?, c.valid, g0)?;
+            let (p, lse) = logits.softmax(s.options.portable)?;
             outs.push(mm(&p, &c.v.narrow(0, g0, gc)?, false)?);
-            lses.push((m + sum.log()?)?.squeeze(2)?);
+            lses.push(lse);
         }
         let o = Tensor::cat(&outs, 0)?;
         out_blocks.push(class_block(&o, &g, class)?);
@@ -358,14 +445,14 @@ pub fn window_attention_chunked(op: &WindowAttention, x: &[Tensor], chunk_bytes:
 
 /// Backward: one gradient per forward input (see [`WindowAttentionGrad`]).
 pub fn window_attention_grad(op: &WindowAttentionGrad, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
-    window_attention_grad_chunked(op, x, CHUNK_LOGIT_BYTES)
+    window_attention_grad_with(op, x, KernelOptions::default())
 }
 
-/// [`window_attention_grad`] with chunks of at most `chunk_bytes` of logits.
-pub fn window_attention_grad_chunked(
+/// [`window_attention_grad`] with explicit [`KernelOptions`].
+pub fn window_attention_grad_with(
     op: &WindowAttentionGrad,
     x: &[Tensor],
-    chunk_bytes: usize,
+    options: KernelOptions,
 ) -> KernelResult<Vec<Tensor>> {
     let fwd = op.forward();
     let nf = fwd.num_inputs();
@@ -376,7 +463,7 @@ pub fn window_attention_grad_chunked(
             x.len()
         )));
     }
-    let s = Setup::new(&fwd, &x[..nf], chunk_bytes)?;
+    let s = Setup::new(&fwd, &x[..nf], options)?;
     let g = s.g;
     let [wh, ww] = g.window;
     let n = g.tokens();
@@ -409,8 +496,9 @@ pub fn window_attention_grad_chunked(
             let gc = step.min(rows - g0);
             let (qc, kc, vc) = (c.q.narrow(0, g0, gc)?, c.k.narrow(0, g0, gc)?, c.v.narrow(0, g0, gc)?);
             let doc = d_o.narrow(0, g0, gc)?;
-            let (qs, a) = logits(&s, &qc, &kc, c.valid, g0)?;
-            let p = a.broadcast_sub(&l.narrow(0, g0, gc)?)?.exp()?;
+            let logits = chunk_logits(&s, &qc, &kc, c.valid, g0)?;
+            let p = logits.probs(&l.narrow(0, g0, gc)?, s.options.portable)?;
+            let qs = logits.qs;
             let dd = (&doc * &o.narrow(0, g0, gc)?)?.sum_keepdim(2)?;
             dvs.push(mm(&p.t()?, &doc, false)?);
             let dp = mm(&doc, &vc, true)?;
@@ -567,5 +655,284 @@ impl RelGrads {
                 vec![acc.reshape((heads, n, n))?]
             }
         })
+    }
+}
+
+/// The CPU softmax epilogue: one pass per logit row (rows split over rayon tasks) that adds the
+/// rel term to the scores and computes the probabilities and the log-sum-exp, instead of the
+/// portable path's separate broadcast adds, max, exp, sum and divide over the whole chunk.
+mod cpu_rows {
+    use candle_core::{Storage, StorageRef, Tensor, WithDType};
+    use rayon::prelude::*;
+
+    use super::{ChunkLogits, ChunkRel, KernelError, KernelResult};
+    use crate::kernels::cpu::Real;
+
+    /// A read lock on a contiguous CPU tensor's data.
+    struct Held<'a> {
+        storage: StorageRef<'a>,
+        range: (usize, usize),
+    }
+
+    impl<'a> Held<'a> {
+        fn new(t: &'a Tensor) -> KernelResult<Held<'a>> {
+            let (storage, layout) = t.storage_and_layout();
+            let range = layout
+                .contiguous_offsets()
+                .ok_or_else(|| KernelError::Unsupported("window_attention: CPU rows must be contiguous".into()))?;
+            Ok(Held { storage, range })
+        }
+
+        fn slice<T: WithDType>(&self) -> KernelResult<&[T]> {
+            match &*self.storage {
+                Storage::Cpu(c) => Ok(&c.as_slice::<T>()?[self.range.0..self.range.1]),
+                _ => Err(KernelError::Unsupported(
+                    "window_attention: CPU rows on another device".into(),
+                )),
+            }
+        }
+    }
+
+    /// What each row adds to its scores.
+    enum Terms<'a, T> {
+        None,
+        /// Per row: `wh` height terms and `ww` width terms.
+        Decomposed {
+            relh: &'a [T],
+            relw: &'a [T],
+            window: [usize; 2],
+        },
+        /// `[heads, nq, N]` rows; chunk row `r` is window-head `r / nq`, head
+        /// `(first + r / nq) % heads`.
+        Bias {
+            rows: &'a [T],
+            heads: usize,
+            first: usize,
+            nq: usize,
+        },
+    }
+
+    impl<T: Real> Terms<'_, T> {
+        /// `dst = scores row r + terms`, in detectron2's order `(s + rel_h) + rel_w`.
+        #[inline(always)]
+        fn fill(&self, r: usize, src: &[T], dst: &mut [T]) {
+            let n = dst.len();
+            match *self {
+                Terms::None => dst.copy_from_slice(src),
+                Terms::Decomposed {
+                    relh,
+                    relw,
+                    window: [wh, ww],
+                } => {
+                    let (rh, rw) = (&relh[r * wh..(r + 1) * wh], &relw[r * ww..(r + 1) * ww]);
+                    for ky in 0..wh {
+                        let (d, sv) = (&mut dst[ky * ww..(ky + 1) * ww], &src[ky * ww..(ky + 1) * ww]);
+                        let a = rh[ky];
+                        for ((d, &x), &b) in d.iter_mut().zip(sv).zip(rw) {
+                            *d = (x + a) + b;
+                        }
+                    }
+                }
+                Terms::Bias { rows, heads, first, nq } => {
+                    let head = (first + r / nq) % heads;
+                    let b = &rows[(head * nq + r % nq) * n..][..n];
+                    for ((d, &x), &y) in dst.iter_mut().zip(src).zip(b) {
+                        *d = x + y;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rows per rayon task: about 16K elements, at most an equal share per thread.
+    fn rows_per_task(rows: usize, n: usize) -> usize {
+        (16384 / n.max(1))
+            .max(1)
+            .min(rows.div_ceil(rayon::current_num_threads()).max(1))
+    }
+
+    /// Locks the chunk's tensors and runs `f` on the scores and the row terms.
+    fn with_rows<T: Real + WithDType, R>(
+        c: &ChunkLogits,
+        f: impl FnOnce(&[T], usize, &Terms<T>) -> KernelResult<R>,
+    ) -> KernelResult<R> {
+        let (_, nq, n) = c.scores.dims3()?;
+        let scores = Held::new(&c.scores)?;
+        match &c.rel {
+            ChunkRel::None => f(scores.slice()?, n, &Terms::None),
+            ChunkRel::Decomposed { relh, relw } => {
+                let (h, w) = (Held::new(relh)?, Held::new(relw)?);
+                let terms = Terms::Decomposed {
+                    relh: h.slice()?,
+                    relw: w.slice()?,
+                    window: c.window,
+                };
+                f(scores.slice()?, n, &terms)
+            }
+            ChunkRel::Bias { rows, first_head } => {
+                let held = Held::new(rows)?;
+                let terms = Terms::Bias {
+                    rows: held.slice()?,
+                    heads: rows.dim(0)?,
+                    first: *first_head,
+                    nq,
+                };
+                f(scores.slice()?, n, &terms)
+            }
+        }
+    }
+
+    /// Softmax of one filled row in place; returns its log-sum-exp. Max and sum run over 8
+    /// lanes so the loops vectorize (the sum's lanes are combined in f64).
+    #[inline(always)]
+    fn softmax_row<T: Real>(row: &mut [T]) -> f64 {
+        let mut lanes = [T::NEG_INF; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for k in 0..8 {
+                lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
+            }
+        }
+        let mut max = T::NEG_INF;
+        for &v in chunks.remainder().iter().chain(lanes.iter()) {
+            if v > max {
+                max = v;
+            }
+        }
+        if max == T::NEG_INF {
+            max = T::ZERO; // a row of -inf gives NaN, as the unfused softmax does
+        }
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+        }
+        let mut acc = [T::ZERO; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for k in 0..8 {
+                acc[k] = acc[k] + c[k];
+            }
+        }
+        let sum: f64 = acc.iter().chain(chunks.remainder()).map(|&v| Real::to_f64(v)).sum();
+        let inv = <T as Real>::from_f64(1.0 / sum);
+        for v in row.iter_mut() {
+            *v = *v * inv;
+        }
+        Real::to_f64(max) + sum.ln()
+    }
+
+    /// Rows `first..` of one task: fill (scores + terms), then either the softmax with its
+    /// log-sum-exp ([`Lse::Out`]) or `exp(logit - lse)` from saved values ([`Lse::In`]).
+    #[inline(always)]
+    fn rows_task<T: Real>(s: &[T], terms: &Terms<T>, first: usize, out: &mut [T], lse: Lse<'_, T>) {
+        match lse {
+            Lse::Out(lc) => {
+                let n = out.len() / lc.len().max(1);
+                for (k, (row, l)) in out.chunks_mut(n).zip(lc.iter_mut()).enumerate() {
+                    let r = first + k;
+                    terms.fill(r, &s[r * n..(r + 1) * n], row);
+                    *l = <T as Real>::from_f64(softmax_row(row));
+                }
+            }
+            Lse::In(lse, n) => {
+                for (k, row) in out.chunks_mut(n).enumerate() {
+                    let r = first + k;
+                    terms.fill(r, &s[r * n..(r + 1) * n], row);
+                    let l = lse[r];
+                    for v in row.iter_mut() {
+                        *v = (*v - l).exp();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The row log-sum-exp: computed into a task's slice, or read from the saved values
+    /// (with the row length).
+    enum Lse<'a, T> {
+        Out(&'a mut [T]),
+        In(&'a [T], usize),
+    }
+
+    /// [`rows_task`] compiled for AVX2 + FMA (the f32 `exp` vectorizes 8-wide).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_task_avx2(s: &[f32], terms: &Terms<f32>, first: usize, out: &mut [f32], lse: Lse<'_, f32>) {
+        rows_task(s, terms, first, out, lse)
+    }
+
+    /// A task body: [`rows_task`] for some `T`, possibly compiled for wider vectors.
+    type RowsTask<T> = for<'a, 'b> fn(&[T], &Terms<'b, T>, usize, &mut [T], Lse<'a, T>);
+
+    /// The f32 task body for this CPU.
+    fn f32_task() -> RowsTask<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return |s, t, first, o, l| unsafe { rows_task_avx2(s, t, first, o, l) };
+        }
+        rows_task::<f32>
+    }
+
+    /// Runs `task` over rayon tasks of whole rows.
+    fn run_rows<T: Real>(s: &[T], n: usize, terms: &Terms<T>, out: &mut [T], lse: Lse<'_, T>, task: RowsTask<T>) {
+        let rows = s.len() / n.max(1);
+        let per = rows_per_task(rows, n);
+        match lse {
+            Lse::Out(lse) => out
+                .par_chunks_mut(per * n)
+                .zip(lse.par_chunks_mut(per))
+                .enumerate()
+                .for_each(|(i, (o, l))| task(s, terms, i * per, o, Lse::Out(l))),
+            Lse::In(lse, n) => out
+                .par_chunks_mut(per * n)
+                .enumerate()
+                .for_each(|(i, o)| task(s, terms, i * per, o, Lse::In(lse, n))),
+        }
+    }
+
+    fn softmax_typed<T: Real + WithDType>(c: &ChunkLogits, task: RowsTask<T>) -> KernelResult<(Tensor, Tensor)> {
+        let (gc, nq, n) = c.scores.dims3()?;
+        let (p, lse) = with_rows::<T, _>(c, |s, n, terms| {
+            let mut p = vec![T::ZERO; s.len()];
+            let mut lse = vec![T::ZERO; s.len() / n];
+            run_rows(s, n, terms, &mut p, Lse::Out(&mut lse), task);
+            Ok((p, lse))
+        })?;
+        let dev = c.scores.device();
+        Ok((
+            Tensor::from_vec(p, (gc, nq, n), dev)?,
+            Tensor::from_vec(lse, (gc, nq), dev)?,
+        ))
+    }
+
+    fn probs_typed<T: Real + WithDType>(c: &ChunkLogits, lse: &Tensor, task: RowsTask<T>) -> KernelResult<Tensor> {
+        let (gc, nq, n) = c.scores.dims3()?;
+        let lse = lse.contiguous()?;
+        let held = Held::new(&lse)?;
+        let lse: &[T] = held.slice()?;
+        let p = with_rows::<T, _>(c, |s, n, terms| {
+            let mut p = vec![T::ZERO; s.len()];
+            run_rows(s, n, terms, &mut p, Lse::In(lse, n), task);
+            Ok(p)
+        })?;
+        Ok(Tensor::from_vec(p, (gc, nq, n), c.scores.device())?)
+    }
+
+    /// [`ChunkLogits::softmax`] on the CPU (f32 or f64).
+    pub(super) fn softmax(c: &ChunkLogits) -> KernelResult<(Tensor, Tensor)> {
+        match c.scores.dtype() {
+            candle_core::DType::F32 => softmax_typed::<f32>(c, f32_task()),
+            candle_core::DType::F64 => softmax_typed::<f64>(c, rows_task::<f64>),
+            d => Err(KernelError::Unsupported(format!("window_attention: CPU rows in {d:?}"))),
+        }
+    }
+
+    /// [`ChunkLogits::probs`] on the CPU (f32 or f64).
+    pub(super) fn probs(c: &ChunkLogits, lse: &Tensor) -> KernelResult<Tensor> {
+        match c.scores.dtype() {
+            candle_core::DType::F32 => probs_typed::<f32>(c, lse, f32_task()),
+            candle_core::DType::F64 => probs_typed::<f64>(c, lse, rows_task::<f64>),
+            d => Err(KernelError::Unsupported(format!("window_attention: CPU rows in {d:?}"))),
+        }
     }
 }
