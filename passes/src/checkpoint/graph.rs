@@ -25,12 +25,17 @@
 //! recomputed flop. Options dominated in (stored, transient, flops) are discarded; option 0
 //! keeps every saved value.
 //!
-//! Stored bytes of an option: the boundary values, the saved values it keeps and the block
-//! values its recomputation reads. Transient: the saved values it rematerializes plus the
-//! largest intermediate of the recomputation (they are not all live at once, since the lazy
-//! schedule recomputes each value when the backward first asks for it, so this leans high).
-//! Values produced outside the block from parameters alone by cheap ops (a shared relative
-//! position bias) are recomputed too rather than held until the backward.
+//! Memory is counted in the memory plan's buffers: a view (reshape, slice, ...) costs nothing
+//! but holds its root's buffer. Stored bytes of an option: the buffers of the boundary values,
+//! of the saved values it keeps and of the block values its recomputation reads. Transient: the
+//! buffers of the saved values it rematerializes plus the largest intermediate of the
+//! recomputation (they are not all live at once, since the schedule recomputes each value when
+//! the backward first asks for it, so this leans high). Values produced outside the block from
+//! parameters alone by cheap ops (a shared relative-position bias) are recomputed too rather
+//! than held until the backward, unless the backward reads them anyway.
+//!
+//! Blocks with the same structure (same ops, costs, shapes, wiring, views and saved values,
+//! which repeated transformer blocks have) share one enumeration of options.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -49,7 +54,7 @@ pub const CHEAP_FLOPS_PER_ELEMENT: u64 = 32;
 /// Blocks with at most this many candidates get every subset tried as an option.
 pub const MAX_EXACT_CANDIDATES: usize = 10;
 
-/// Consumers of every value, and whether a node belongs to the forward pass.
+/// Consumers of every value, and the graph outputs.
 pub(crate) struct Uses {
     pub consumers: HashMap<Value, Vec<NodeIndex>>,
     pub outputs: HashSet<Value>,
