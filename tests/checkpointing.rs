@@ -2,9 +2,9 @@
 //! checkpointing, in less memory.
 //!
 //! Recomputation reruns the very same ops on the very same inputs with the same kernels (the
-//! clones are copies of the forward nodes, and drop path's masks are counter-based random
-//! draws from the step's seed), so the losses and gradients are asserted bit-identical, not
-//! merely close.
+//! clones are copies of the forward nodes, and drop path's masks, on here, are counter-based
+//! random draws from the step's seed), so the losses and gradients are asserted bit-identical,
+//! not merely close.
 
 use candle_core::{DType, Device, Tensor};
 use vitdet::ir::Graph;
@@ -14,11 +14,19 @@ use vitdet::runtime::{run_with_order, ParamStore, RunOutput};
 
 const MAX_GT: usize = 4;
 
-/// The training graph of a tiny preset.
+/// The training graph of a tiny preset, with drop path on (its random masks are recomputed
+/// too, and must come out the same).
 fn training_graph(preset: &str) -> (ModelConfig, Graph) {
-    let cfg = ModelConfig::preset(preset).unwrap();
+    let mut cfg = ModelConfig::preset(preset).unwrap();
+    cfg.drop_path_rate = 0.3;
     let s = cfg.image_size;
     let forward = build_detector_training(&cfg, [s, s], MAX_GT).unwrap();
+    let masks = forward
+        .graph
+        .node_indices()
+        .filter(|&n| forward.node(n).op.name() == "drop_path_mask")
+        .count();
+    assert!(masks > 0, "{preset}: no drop path in the graph");
     (cfg, differentiate(&forward, "loss").unwrap().graph)
 }
 
