@@ -340,15 +340,18 @@ impl<'g> Matcher<'g> {
         let hd = self.shape(pv)[2];
         let out5 = Value::from(self.sole_consumer(pv)?);
         let (op, _) = self.producer(out5, "reshape")?;
-        let Op::Reshape(r) = op else { unreachable!() };
-        let [bw, heads, h, w, hd2]: [usize; 5] = r.shape.clone().try_into().map_err(|_| {
+        let split = match op {
+            Op::Reshape(r) => r.shape.clone(),
+            _ => return Err(format!("expected the head split producing {}", self.describe(out5))),
+        };
+        let [bw, heads, h, w, hd2]: [usize; 5] = split.clone().try_into().map_err(|_| {
             format!(
                 "expected the head split [B, heads, h, w, hd], found {}",
                 self.describe(out5)
             )
         })?;
         if bw * heads != bh || h * w != n || hd2 != hd {
-            return Err(format!("head split {:?} does not fit {}", r.shape, self.describe(pv)));
+            return Err(format!("head split {split:?} does not fit {}", self.describe(pv)));
         }
         let c = heads * hd;
         let merged = self.then_permute(out5, &[0, 2, 3, 1, 4])?;

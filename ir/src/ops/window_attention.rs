@@ -152,7 +152,7 @@ impl Attrs {
             return Err(format!("empty heads {} or window {:?}", self.heads, self.window));
         }
         let s = &qkv.shape;
-        if s[3] % (3 * self.heads) != 0 || s[3] == 0 {
+        if !s[3].is_multiple_of(3 * self.heads) || s[3] == 0 {
             return Err(format!(
                 "qkv {qkv} must have 3 * heads * head_dim channels (heads {})",
                 self.heads

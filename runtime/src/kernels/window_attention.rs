@@ -160,7 +160,7 @@ impl Setup {
         if fit >= heads {
             fit / heads * heads
         } else {
-            (1..=fit).rev().find(|d| heads % d == 0).unwrap_or(1)
+            (1..=fit).rev().find(|&d| heads.is_multiple_of(d)).unwrap_or(1)
         }
     }
 }
@@ -502,14 +502,16 @@ pub fn window_attention_grad_with(
             let dd = (&doc * &o.narrow(0, g0, gc)?)?.sum_keepdim(2)?;
             dvs.push(mm(&p.t()?, &doc, false)?);
             let dp = mm(&doc, &vc, true)?;
-            let ds = (p * dp.broadcast_sub(&dd)?)?;
+            let decomposed = matches!(s.rel, Rel::Decomposed { .. });
+            let (ds, sums) = logit_grad(&p, &dp, &dd, decomposed.then_some(g.window), s.options.portable)?;
             let mut dq = mm(&ds, &kc, false)?.affine(s.scale, 0.0)?;
             dks.push(mm(&ds.t()?, &qs, false)?);
-            if let Some(extra) = drel.accumulate(&s, &qc, &ds, c.valid, g0)? {
+            if let Some(extra) = drel.accumulate(&s, &qc, &ds, sums, c.valid, g0)? {
                 dq = (dq + extra)?;
             }
             dqs.push(dq);
         }
+        drel.end_class(c.valid, g.window)?;
         // Window layout [B, ny, nx, heads, wh, ww, hd] for q (zero on padded rows), k, v.
         let win = vec![g.batch, sy.count, sx.count, g.heads, wh, ww, g.head_dim];
         let dq = Tensor::cat(&dqs, 0)?
@@ -543,6 +545,31 @@ pub fn window_attention_grad_with(
     grads.into_iter().map(|t| Ok(t.to_dtype(s.dtype)?)).collect()
 }
 
+/// The logit gradient `dS = P * (dP - D)` (`D [gc, nq, 1]`), and with `window` (the
+/// decomposed term) its sums over the key columns `[gc, nq, wh]` and key rows `[gc, nq, ww]`.
+#[allow(clippy::type_complexity)]
+fn logit_grad(
+    p: &Tensor,
+    dp: &Tensor,
+    d: &Tensor,
+    window: Option<[usize; 2]>,
+    portable: bool,
+) -> KernelResult<(Tensor, Option<(Tensor, Tensor)>)> {
+    if !portable && p.device().is_cpu() {
+        return cpu_rows::logit_grad(p, dp, d, window);
+    }
+    let ds = (p * dp.broadcast_sub(d)?)?;
+    let sums = match window {
+        Some([wh, ww]) => {
+            let (gc, nq, _) = ds.dims3()?;
+            let ds5 = ds.reshape((gc, nq, wh, ww))?;
+            Some((ds5.sum(3)?, ds5.sum(2)?))
+        }
+        None => None,
+    };
+    Ok((ds, sums))
+}
+
 /// Accumulators for the relative-position gradients.
 enum RelGrads {
     None,
@@ -551,8 +578,12 @@ enum RelGrads {
         drh: Tensor,
         drw: Tensor,
     },
-    /// `[heads, wh, ww, N]`, the bias gradient with its query axis split.
-    Bias(Tensor),
+    /// `total [heads, wh, ww, N]`, the bias gradient with its query axis split, and the
+    /// current class's `[hb, nq, N]` sums per block of `hb` heads (`hb` = the chunk's heads).
+    Bias {
+        total: Tensor,
+        class: Vec<Option<Tensor>>,
+    },
 }
 
 impl RelGrads {
@@ -566,18 +597,23 @@ impl RelGrads {
             },
             Rel::Bias(_) => {
                 let [wh, ww] = s.g.window;
-                RelGrads::Bias(Tensor::zeros((s.g.heads, wh, ww, wh * ww), s.acc, dev)?)
+                RelGrads::Bias {
+                    total: Tensor::zeros((s.g.heads, wh, ww, wh * ww), s.acc, dev)?,
+                    class: Vec::new(),
+                }
             }
         })
     }
 
-    /// Adds one chunk's contribution (logit gradient `ds [gc, nq, N]`) and returns the extra
-    /// query gradient the decomposed term adds, if any.
+    /// Adds one chunk's contribution (logit gradient `ds [gc, nq, N]`, and for the decomposed
+    /// term its sums from [`logit_grad`]) and returns the extra query gradient the decomposed
+    /// term adds, if any.
     fn accumulate(
         &mut self,
         s: &Setup,
         q: &Tensor,
         ds: &Tensor,
+        sums: Option<(Tensor, Tensor)>,
         [vh, vw]: [usize; 2],
         g0: usize,
     ) -> KernelResult<Option<Tensor>> {
@@ -587,11 +623,13 @@ impl RelGrads {
             (RelGrads::None, _) => Ok(None),
             (RelGrads::Decomposed { drh, drw }, Rel::Decomposed { rh, rw }) => {
                 let hd = q.dim(2)?;
-                let ds5 = ds.reshape((gc, vh, vw, wh, ww))?;
+                let (sum_h, sum_w) = sums.ok_or_else(|| {
+                    KernelError::Unsupported("window_attention_grad: decomposed term without its sums".into())
+                })?;
                 let q4 = q.reshape((gc, vh, vw, hd))?;
                 // Height term, batched over the query row y: [vh, gc*vw, wh].
-                let dsh = ds5
-                    .sum(4)?
+                let dsh = sum_h
+                    .reshape((gc, vh, vw, wh))?
                     .permute((1, 0, 2, 3))?
                     .contiguous()?
                     .reshape((vh, gc * vw, wh))?;
@@ -602,8 +640,8 @@ impl RelGrads {
                 let gh = mm(&dsh.transpose(1, 2)?, &qh, false)?; // [vh, wh, hd]
                 *drh = (&*drh + gh.pad_with_zeros(0, 0, wh - vh)?)?;
                 // Width term, batched over the query column x: [vw, gc*vh, ww].
-                let dsw = ds5
-                    .sum(3)?
+                let dsw = sum_w
+                    .reshape((gc, vh, vw, ww))?
                     .permute((2, 0, 1, 3))?
                     .contiguous()?
                     .reshape((vw, gc * vh, ww))?;
@@ -615,29 +653,21 @@ impl RelGrads {
                 *drw = (&*drw + gw.pad_with_zeros(0, 0, ww - vw)?)?;
                 Ok(Some((dqh + dqw)?.reshape((gc, nq, hd))?))
             }
-            (RelGrads::Bias(acc), Rel::Bias(_)) => {
+            (RelGrads::Bias { class, .. }, Rel::Bias(_)) => {
                 let heads = s.g.heads;
-                let part = if gc % heads == 0 {
-                    ds.reshape((gc / heads, heads, nq, n))?.sum(0)?
+                // Chunks hold whole windows (a multiple of heads) or `gc | heads` heads of one.
+                let (block, part) = if gc % heads == 0 {
+                    (0, ds.reshape((gc / heads, heads, nq, n))?.sum(0)?)
                 } else {
-                    // A divisor of heads: the chunk is heads g0%heads .. +gc of one window.
-                    let off = g0 % heads;
-                    let (before, after) = (off, heads - off - gc);
-                    let mut parts = Vec::with_capacity(3);
-                    if before > 0 {
-                        parts.push(Tensor::zeros((before, nq, n), ds.dtype(), ds.device())?);
-                    }
-                    parts.push(ds.clone());
-                    if after > 0 {
-                        parts.push(Tensor::zeros((after, nq, n), ds.dtype(), ds.device())?);
-                    }
-                    Tensor::cat(&parts, 0)?
+                    ((g0 % heads) / gc, ds.clone())
                 };
-                let part = part
-                    .reshape((heads, vh, vw, n))?
-                    .pad_with_zeros(1, 0, wh - vh)?
-                    .pad_with_zeros(2, 0, ww - vw)?;
-                *acc = (&*acc + part)?;
+                if class.len() <= block {
+                    class.resize(block + 1, None);
+                }
+                class[block] = Some(match class[block].take() {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
                 Ok(None)
             }
             _ => Err(KernelError::Unsupported(
@@ -646,13 +676,30 @@ impl RelGrads {
         }
     }
 
+    /// Folds the finished class's bias sums (valid query rows `vh x vw`) into the total.
+    fn end_class(&mut self, [vh, vw]: [usize; 2], [wh, ww]: [usize; 2]) -> KernelResult<()> {
+        if let RelGrads::Bias { total, class } = self {
+            let blocks: Vec<Tensor> = class.drain(..).flatten().collect();
+            if blocks.is_empty() {
+                return Ok(());
+            }
+            let (heads, n) = (total.dim(0)?, total.dim(3)?);
+            let part = Tensor::cat(&blocks, 0)?
+                .reshape((heads, vh, vw, n))?
+                .pad_with_zeros(1, 0, wh - vh)?
+                .pad_with_zeros(2, 0, ww - vw)?;
+            *total = (&*total + part)?;
+        }
+        Ok(())
+    }
+
     fn finish(self, _s: &Setup, n: usize) -> KernelResult<Vec<Tensor>> {
         Ok(match self {
             RelGrads::None => vec![],
             RelGrads::Decomposed { drh, drw } => vec![drh, drw],
-            RelGrads::Bias(acc) => {
-                let heads = acc.dim(0)?;
-                vec![acc.reshape((heads, n, n))?]
+            RelGrads::Bias { total, .. } => {
+                let heads = total.dim(0)?;
+                vec![total.reshape((heads, n, n))?]
             }
         })
     }
@@ -916,6 +963,84 @@ mod cpu_rows {
             Ok(p)
         })?;
         Ok(Tensor::from_vec(p, (gc, nq, n), c.scores.device())?)
+    }
+
+    /// [`super::logit_grad`] on the CPU: one pass per row writes `dS` and, for the decomposed
+    /// term, its sums over key columns and key rows.
+    #[allow(clippy::assign_op_pattern)] // `Real` has no `AddAssign`
+    fn logit_grad_typed<T: Real + WithDType>(
+        p: &Tensor,
+        dp: &Tensor,
+        d: &Tensor,
+        window: Option<[usize; 2]>,
+    ) -> KernelResult<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (gc, nq, n) = p.dims3()?;
+        let (p, dp, d) = (p.contiguous()?, dp.contiguous()?, d.contiguous()?);
+        let (hp, hdp, hd) = (Held::new(&p)?, Held::new(&dp)?, Held::new(&d)?);
+        let (ps, dps, ds_): (&[T], &[T], &[T]) = (hp.slice()?, hdp.slice()?, hd.slice()?);
+        let rows = gc * nq;
+        let [wh, ww] = window.unwrap_or([0, 0]);
+        let mut out = vec![T::ZERO; rows * n];
+        let mut sh = vec![T::ZERO; rows * wh];
+        let mut sw = vec![T::ZERO; rows * ww];
+        let per = rows_per_task(rows, n);
+        let body = |first: usize, o: &mut [T], sh: &mut [T], sw: &mut [T]| {
+            for (k, row) in o.chunks_mut(n).enumerate() {
+                let r = first + k;
+                let (pr, dpr, dr) = (&ps[r * n..(r + 1) * n], &dps[r * n..(r + 1) * n], ds_[r]);
+                for ((o, &a), &b) in row.iter_mut().zip(pr).zip(dpr) {
+                    *o = a * (b - dr);
+                }
+                if wh > 0 {
+                    let (h, w) = (&mut sh[k * wh..(k + 1) * wh], &mut sw[k * ww..(k + 1) * ww]);
+                    for (ky, kr) in row.chunks(ww).enumerate() {
+                        let mut acc = T::ZERO;
+                        for (wv, &v) in w.iter_mut().zip(kr) {
+                            acc = acc + v;
+                            *wv = *wv + v;
+                        }
+                        h[ky] = acc;
+                    }
+                }
+            }
+        };
+        if wh > 0 {
+            out.par_chunks_mut(per * n)
+                .zip(sh.par_chunks_mut(per * wh).zip(sw.par_chunks_mut(per * ww)))
+                .enumerate()
+                .for_each(|(i, (o, (h, w)))| body(i * per, o, h, w));
+        } else {
+            out.par_chunks_mut(per * n)
+                .enumerate()
+                .for_each(|(i, o)| body(i * per, o, &mut [], &mut []));
+        }
+        let dev = p.device();
+        let ds = Tensor::from_vec(out, (gc, nq, n), dev)?;
+        let sums = match window {
+            Some([wh, ww]) => Some((
+                Tensor::from_vec(sh, (gc, nq, wh), dev)?,
+                Tensor::from_vec(sw, (gc, nq, ww), dev)?,
+            )),
+            None => None,
+        };
+        Ok((ds, sums))
+    }
+
+    /// [`super::logit_grad`] on the CPU (f32 or f64).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn logit_grad(
+        p: &Tensor,
+        dp: &Tensor,
+        d: &Tensor,
+        window: Option<[usize; 2]>,
+    ) -> KernelResult<(Tensor, Option<(Tensor, Tensor)>)> {
+        match p.dtype() {
+            candle_core::DType::F32 => logit_grad_typed::<f32>(p, dp, d, window),
+            candle_core::DType::F64 => logit_grad_typed::<f64>(p, dp, d, window),
+            d => Err(KernelError::Unsupported(format!(
+                "window_attention_grad: CPU rows in {d:?}"
+            ))),
+        }
     }
 
     /// [`ChunkLogits::softmax`] on the CPU (f32 or f64).
