@@ -796,3 +796,48 @@ fn saved_bytes_of_base_training_graphs() {
         );
     }
 }
+
+/// Forward and training-step timing of the tiny backbones, unfused vs fused (not a test:
+/// `cargo test -p vitdet-passes --test fusion -- --ignored --nocapture tiny_backbone_timing`).
+#[test]
+#[ignore]
+fn tiny_backbone_timing() {
+    let dev = Device::Cpu;
+    for preset in ["vitdet-tiny", "vit-tiny"] {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let mut graph = build_backbone(&cfg).unwrap();
+        let outs: Vec<Value> = graph.outputs.iter().map(|o| o.value).collect();
+        let mut total: Option<Value> = None;
+        for v in outs {
+            let axes = (0..graph.value_type(v).rank()).collect();
+            let s = graph.add(ReduceSum { axes, keepdim: false }, "loss", &[v]).unwrap();
+            total = Some(match total {
+                Some(t) => graph.add(Binary { kind: BinaryKind::Add }, "loss", &[t, s]).unwrap(),
+                None => s,
+            });
+        }
+        graph.set_output("loss", total.unwrap());
+        let fused = fuse_attention(&graph).unwrap().graph;
+        let params = preset_params(&graph);
+        let inputs = [("image", image(&cfg))];
+        let time = |g: &Graph| {
+            run(g, &params, &inputs, &dev).unwrap();
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                run(g, &params, &inputs, &dev).unwrap();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / 5.0
+        };
+        let (du, df) = (
+            differentiate(&graph, "loss").unwrap().graph,
+            differentiate(&fused, "loss").unwrap().graph,
+        );
+        eprintln!(
+            "{preset}: forward unfused {:.1} ms fused {:.1} ms; fwd+bwd unfused {:.1} ms fused {:.1} ms",
+            time(&graph),
+            time(&fused),
+            time(&du),
+            time(&df)
+        );
+    }
+}
