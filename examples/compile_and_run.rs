@@ -15,6 +15,7 @@ fn main() -> Result<()> {
     let compiled = compile(&CompileOptions {
         model,
         image_size: None,
+        attention: None,
         target: Target::Backbone,
     })?;
     let r = &compiled.report;

@@ -17,6 +17,10 @@ pub struct Benchmark {
     pub seconds: f64,
     pub fps: f64,
     pub measured_peak_activation_bytes: usize,
+    /// Heap high-water mark of the run above its start (the counting allocator, when the binary
+    /// installs it), to compare with the planned arena.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_heap_peak_bytes: Option<usize>,
 }
 
 pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
@@ -39,5 +43,6 @@ pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
         seconds,
         fps: 1.0 / seconds,
         measured_peak_activation_bytes: out.peak_live_bytes,
+        measured_heap_peak_bytes: out.measured_peak_bytes,
     })
 }

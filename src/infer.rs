@@ -81,6 +81,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     let compiled = compile(&CompileOptions {
         model: opts.model.clone(),
         image_size: None,
+        attention: None,
         target: Target::Backbone,
     })?;
     let device = opts.device.clone();

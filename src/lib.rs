@@ -18,6 +18,7 @@ pub mod infer;
 pub mod mask;
 pub mod report;
 pub mod rss;
+pub mod study;
 pub mod train;
 
 pub use vitdet_ir as ir;

@@ -36,6 +36,109 @@ enum Format {
     Json,
 }
 
+/// Choices of `compile --mode train` (and `study`).
+#[derive(clap::Args, Clone)]
+struct TrainArgs {
+    /// Attention strategy: window (no global blocks), hybrid (the config's global blocks) or
+    /// global (every block); default: the config's.
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
+    /// Activation checkpointing (train mode): none, blocks (every block), global (the global
+    /// blocks) or auto (the cheapest recomputation that fits --budget). Default: auto when
+    /// --budget is given, else none.
+    #[arg(long, value_enum)]
+    checkpoint: Option<CheckpointArg>,
+    /// Memory budget of the training step, e.g. 16GiB or 800MB (train mode).
+    #[arg(long)]
+    budget: Option<String>,
+    /// Images per optimizer step, run as per-image passes with gradients accumulated (train mode).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Precision: f32, or autocast to bf16 / f16 (train mode).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Keep the unfused attention subgraph (train mode).
+    #[arg(long)]
+    no_fuse: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    Window,
+    Hybrid,
+    Global,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CheckpointArg {
+    None,
+    Blocks,
+    Global,
+    Auto,
+}
+
+impl TrainArgs {
+    fn attention(&self) -> Option<vitdet::models::AttentionStrategy> {
+        use vitdet::models::AttentionStrategy as A;
+        self.attention.map(|a| match a {
+            AttentionArg::Window => A::Window,
+            AttentionArg::Hybrid => A::Hybrid,
+            AttentionArg::Global => A::Global,
+        })
+    }
+
+    fn options(&self) -> Result<vitdet::compile::TrainOptions> {
+        use vitdet::compile::CheckpointChoice as C;
+        Ok(vitdet::compile::TrainOptions {
+            attention: self.attention(),
+            fuse_attention: !self.no_fuse,
+            checkpoint: self.checkpoint.map(|c| match c {
+                CheckpointArg::None => C::None,
+                CheckpointArg::Blocks => C::Blocks,
+                CheckpointArg::Global => C::Global,
+                CheckpointArg::Auto => C::Auto,
+            }),
+            budget_bytes: self
+                .budget
+                .as_deref()
+                .map(vitdet::compile::parse_bytes)
+                .transpose()
+                .context("--budget")?,
+            batch: self.batch,
+            precision: vitdet::passes::Precision::parse(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+            ..Default::default()
+        })
+    }
+
+    /// The flags that only mean something for a training step.
+    fn train_only_flags(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.checkpoint.is_some() {
+            v.push("--checkpoint");
+        }
+        if self.budget.is_some() {
+            v.push("--budget");
+        }
+        if self.batch != 1 {
+            v.push("--batch");
+        }
+        if self.dtype != "f32" {
+            v.push("--dtype");
+        }
+        if self.no_fuse {
+            v.push("--no-fuse");
+        }
+        v
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StudyFormat {
+    Text,
+    Markdown,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Build, verify and schedule a model's graph; report parameters, FLOPs, activations and
@@ -71,6 +174,46 @@ enum Command {
         /// Device for --bench: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
+    /// The paper's Table 3 as a command: peak memory and step time of training configurations,
+    /// predicted by the compiler (and measured on the CPU with --measure).
+    Study {
+        #[arg(long, default_value = "vit-l")]
+        model: String,
+        /// Input side in pixels (overrides the config's).
+        #[arg(long)]
+        image_size: Option<usize>,
+        /// Comma-separated dimensions to sweep: attention, checkpoint, budget, image-size, batch,
+        /// dtype, fusion.
+        #[arg(long, default_value = "attention,checkpoint")]
+        sweep: String,
+        /// Also run every configuration on the CPU: measured step time and memory.
+        #[arg(long)]
+        measure: bool,
+        /// Timed steps per measured configuration (after a warm-up step).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        /// Device profile of the predicted times: v100-32gb (the paper's), a100-80gb, h100-80gb.
+        #[arg(long, default_value = "v100-32gb")]
+        profile: String,
+        /// Precision of every row unless swept: f32, bf16 or f16. Default f16 (the paper's
+        /// automatic mixed precision), f32 with --measure (the CPU runtime runs f32).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Compile the fused attention (the default study runs attention as the paper's eager
+        /// PyTorch does, materializing the probabilities).
+        #[arg(long)]
+        fuse: bool,
+        /// Images per optimizer step unless swept.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "text")]
+        format: StudyFormat,
+        /// Write the Pareto plot (memory vs time) as SVG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Run the detector on an image or a folder of images (`--out DIR`: COCO results
     /// `detections.json` and pictures), or the backbone alone (`--dump`: p2..p6).
@@ -172,7 +315,14 @@ fn run(cli: Cli) -> Result<()> {
             mode,
             bench,
             device,
+            train,
         } => {
+            if mode == Mode::Infer {
+                let flags = train.train_only_flags();
+                if !flags.is_empty() {
+                    anyhow::bail!("{} apply to --mode train", flags.join(", "));
+                }
+            }
             let target = match (mode, backbone_only) {
                 (Mode::Train, true) => {
                     anyhow::bail!("--backbone-only compiles an inference graph; drop it for --mode train")
@@ -180,13 +330,14 @@ fn run(cli: Cli) -> Result<()> {
                 (Mode::Train, false) if bench => {
                     anyhow::bail!("--bench times inference; `vitdet train` reports the training step's speed")
                 }
-                (Mode::Train, false) => Target::Train { max_instances: 16 },
+                (Mode::Train, false) => Target::Train(train.options()?),
                 (Mode::Infer, true) => Target::Backbone,
                 (Mode::Infer, false) => Target::Detector { image_hw: None },
             };
             let mut compiled = compile(&CompileOptions {
                 model,
                 image_size,
+                attention: train.attention(),
                 target,
             })?;
             if bench {
@@ -207,6 +358,47 @@ fn run(cli: Cli) -> Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&compiled.report)?),
                 Format::Text => print!("{}", compiled.report.to_text()),
+            }
+        }
+        Command::Study {
+            model,
+            image_size,
+            sweep,
+            measure,
+            steps,
+            profile,
+            dtype,
+            fuse,
+            batch,
+            format,
+            plot,
+        } => {
+            use vitdet::study;
+            let dtype = dtype.unwrap_or_else(|| if measure { "f32" } else { "f16" }.to_string());
+            let base = vitdet::compile::TrainOptions {
+                fuse_attention: fuse,
+                batch,
+                precision: vitdet::passes::Precision::parse(&dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+                ..Default::default()
+            };
+            let opts = study::StudyOptions {
+                model,
+                image_size,
+                sweep: study::Dim::parse_list(&sweep).context("--sweep")?,
+                base,
+                profile,
+                measure,
+                steps,
+            };
+            let result = study::run_study(&opts, &|what| eprintln!("compiling {what}"))?;
+            match format {
+                StudyFormat::Text => print!("{}", study::to_text(&result)),
+                StudyFormat::Markdown => print!("{}", study::to_markdown(&result)),
+                StudyFormat::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+            }
+            if let Some(path) = plot {
+                study::write_plot(&result, &path)?;
+                eprintln!("wrote {}", path.display());
             }
         }
         Command::Eval {

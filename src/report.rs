@@ -28,7 +28,14 @@ pub struct CompileReport {
     /// Size of the one arena holding every activation, as the memory planner packs it (at
     /// least `peak_activation_bytes`, the max-live lower bound).
     pub arena_bytes: usize,
+    /// The planner's lower bound for the arena: the most bytes its buffers and kernel
+    /// workspace hold at one step of the order (the arena exceeds it only by placement gaps).
+    pub lower_bound_bytes: usize,
     pub compile_seconds: f64,
+    /// Training-step decisions and memory (`--mode train`); `peak_memory_bytes` is then the
+    /// whole step: parameters + optimizer state + gradient accumulator + `arena_bytes`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainReport>,
     /// Measured with `--bench`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub benchmark: Option<crate::bench::Benchmark>,
@@ -55,7 +62,9 @@ impl CompileReport {
             peak_activation_bytes: live.peak_bytes,
             peak_memory_bytes: live.param_bytes + live.peak_bytes,
             arena_bytes: plan.arena_bytes,
+            lower_bound_bytes: plan.lower_bound_bytes,
             compile_seconds: seconds,
+            train: None,
             benchmark: None,
         }
     }
@@ -81,18 +90,24 @@ impl CompileReport {
             human(self.cost.flops_plain as f64, "")
         );
         let _ = writeln!(s, "activations  {}", human(self.cost.activations as f64, ""));
-        let _ = writeln!(
-            s,
-            "memory       {} peak = {} parameters + {} live activations",
-            bytes(self.peak_memory_bytes),
-            bytes(self.param_bytes),
-            bytes(self.peak_activation_bytes)
-        );
-        let _ = writeln!(
-            s,
-            "arena        {} planned for all activations",
-            bytes(self.arena_bytes)
-        );
+        match &self.train {
+            None => {
+                let _ = writeln!(
+                    s,
+                    "memory       {} peak = {} parameters + {} live activations",
+                    bytes(self.peak_memory_bytes),
+                    bytes(self.param_bytes),
+                    bytes(self.peak_activation_bytes)
+                );
+                let _ = writeln!(
+                    s,
+                    "arena        {} planned for all activations (lower bound {})",
+                    bytes(self.arena_bytes),
+                    bytes(self.lower_bound_bytes)
+                );
+            }
+            Some(t) => t.write_text(&mut s, self),
+        }
         let _ = writeln!(s, "\n{:<28} {:>14} {:>14}", "scope", "params", "flops (fvcore)");
         let scopes: std::collections::BTreeSet<&String> = self
             .params_by_scope
@@ -124,8 +139,104 @@ impl CompileReport {
                 "  memory   {} live activations measured",
                 bytes(b.measured_peak_activation_bytes)
             );
+            if let Some(heap) = b.measured_heap_peak_bytes {
+                let _ = writeln!(
+                    s,
+                    "  heap     {} high-water mark ({:+.1}% of the planned arena)",
+                    bytes(heap),
+                    100.0 * (heap as f64 / self.arena_bytes.max(1) as f64 - 1.0)
+                );
+            }
         }
         s
+    }
+}
+
+/// What `--mode train` decided, and the step's memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub dtype: &'static str,
+    pub batch: usize,
+    pub memory_breakdown: crate::compile::StepMemory,
+    /// `none`, `blocks`, `global` or `auto`.
+    pub checkpoint: crate::compile::CheckpointChoice,
+    /// Scopes whose activations are recomputed in the backward.
+    pub checkpointed: Vec<String>,
+    /// Plain FLOPs of the recomputation (per image).
+    pub recompute_flops: u64,
+    /// Plain FLOPs of the whole step, recomputation included (`batch` images).
+    pub step_flops: u64,
+    /// Attention regions replaced by the fused `window_attention` op.
+    pub fused_attention: usize,
+    /// Training activation memory the fusion saved, over all fused blocks.
+    pub fusion_saved_bytes: u64,
+}
+
+impl TrainReport {
+    pub fn new(step: &crate::compile::TrainStep) -> Self {
+        TrainReport {
+            dtype: step.precision.name(),
+            batch: step.batch,
+            memory_breakdown: step.memory.clone(),
+            checkpoint: step.checkpoint,
+            checkpointed: step.checkpointed.clone(),
+            recompute_flops: step.recompute_flops,
+            step_flops: step.graph.cost().flops * step.batch as u64,
+            fused_attention: step.fused_attention,
+            fusion_saved_bytes: step.fusion_saved_bytes,
+        }
+    }
+
+    fn write_text(&self, s: &mut String, r: &CompileReport) {
+        let m = &self.memory_breakdown;
+        let b = &m.breakdown;
+        let _ = writeln!(
+            s,
+            "step         {} {}, batch {}{}",
+            human(self.step_flops as f64, "FLOP"),
+            self.dtype,
+            self.batch,
+            if self.batch > 1 {
+                " (per-image passes, gradients accumulated)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "memory       {} planned peak; arena {} (max-live bound {})",
+            bytes(r.peak_memory_bytes),
+            bytes(r.arena_bytes),
+            bytes(r.lower_bound_bytes)
+        );
+        for (what, v) in [
+            ("parameters", b.parameters),
+            ("gradients", b.gradients),
+            ("optimizer state", b.optimizer_state),
+            ("saved activations", b.saved_activations),
+            ("transient", b.transient_activations),
+            ("workspace", b.workspace),
+            ("accumulator", m.accumulation),
+        ] {
+            let _ = writeln!(s, "  {what:<19}{:>12}", bytes(v as usize));
+        }
+        let _ = writeln!(
+            s,
+            "attention    {} regions fused (saving {} of training activations)",
+            self.fused_attention,
+            bytes(self.fusion_saved_bytes as usize)
+        );
+        let pct = 100.0 * self.recompute_flops as f64 * self.batch as f64 / self.step_flops.max(1) as f64;
+        let _ = writeln!(
+            s,
+            "checkpoint   {}: {} scopes recomputed, {} ({pct:.1}% of the step)",
+            self.checkpoint.name(),
+            self.checkpointed.len(),
+            human(self.recompute_flops as f64, "FLOP"),
+        );
+        for scope in &self.checkpointed {
+            let _ = writeln!(s, "  {scope}");
+        }
     }
 }
 

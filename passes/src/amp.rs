@@ -105,7 +105,7 @@ pub enum AmpError {
         scope: String,
         dtype: &'static str,
         #[source]
-        source: IrError,
+        source: Box<IrError>,
     },
     #[error(transparent)]
     Ir(#[from] IrError),
@@ -153,7 +153,7 @@ pub fn autocast(graph: &Graph, precision: Precision) -> Result<Graph, AmpError> 
                 op: name.to_string(),
                 scope: node.scope.clone(),
                 dtype: precision.name(),
-                source,
+                source: Box::new(source),
             })?;
         for i in 0..node.outputs.len() {
             map.insert(Value { node: n, output: i }, Value { node: id, output: i });

@@ -7,7 +7,10 @@ use vitdet_ir::{Artifact, Graph, NodeIndex};
 use vitdet_models::{build_backbone, build_detector_for_image, ModelConfig};
 use vitdet_passes::{liveness, schedule};
 
-use crate::report::CompileReport;
+use crate::report::{CompileReport, TrainReport};
+
+mod train;
+pub use train::{compile_train, parse_bytes, CheckpointChoice, StepMemory, TrainOptions, TrainStep};
 
 /// What to compile.
 #[derive(Clone, Debug)]
@@ -16,20 +19,22 @@ pub struct CompileOptions {
     pub model: String,
     /// Overrides the config's input side in pixels.
     pub image_size: Option<usize>,
+    /// Overrides the config's attention strategy.
+    pub attention: Option<vitdet_models::AttentionStrategy>,
     pub target: Target,
 }
 
 /// Which graph to build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Target {
     /// Backbone and feature pyramid: outputs `p2`..`p6`.
     Backbone,
     /// The whole Mask R-CNN at test time; `image_hw` is the resized image inside the padded
     /// square input (detections are clipped to it), `None` for the full square.
     Detector { image_hw: Option<[usize; 2]> },
-    /// One training step: the training forward graph (targets and losses, room for
-    /// `max_instances` ground-truth instances) and its gradients by autodiff.
-    Train { max_instances: usize },
+    /// One training step: the training forward graph (targets and losses), attention fusion,
+    /// mixed precision, its gradients by autodiff, activation checkpointing (see [`train`]).
+    Train(TrainOptions),
 }
 
 /// A compiled inference graph with its execution order.
@@ -46,37 +51,62 @@ pub fn load_config(opts: &CompileOptions) -> Result<ModelConfig> {
         config.image_size = size;
         config.validate().with_context(|| format!("--image-size {size}"))?;
     }
+    if let Some(a) = opts.attention {
+        config.attention = a;
+        config.validate().context("--attention")?;
+    }
     Ok(config)
 }
 
 pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
-    compile_config(&opts.model, load_config(opts)?, opts.target)
+    compile_config(&opts.model, load_config(opts)?, opts.target.clone())
 }
 
 /// Compiles an already loaded config (`name` labels the report).
 pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result<Compiled> {
     let start = Instant::now();
+    if let Target::Train(opts) = &target {
+        let step = compile_train(config, opts)?;
+        step.graph.verify().context("verifying the compiled training graph")?;
+        let live = liveness(&step.graph, &step.order)?;
+        let mut report = CompileReport::new(
+            name,
+            "train",
+            &step.config,
+            &step.graph,
+            &live,
+            &step.plan,
+            start.elapsed().as_secs_f64(),
+        );
+        report.peak_memory_bytes = step.peak_memory_bytes as usize;
+        report.train = Some(TrainReport::new(&step));
+        return Ok(Compiled {
+            config: step.config,
+            graph: step.graph,
+            order: step.order,
+            report,
+        });
+    }
     let graph = match target {
         Target::Backbone => build_backbone(&config)?,
         Target::Detector { image_hw } => {
             build_detector_for_image(&config, image_hw.unwrap_or([config.image_size, config.image_size]))?
         }
-        Target::Train { max_instances } => {
-            let s = config.image_size;
-            let forward = vitdet_models::build_detector_training(&config, [s, s], max_instances)?;
-            vitdet_passes::differentiate(&forward, "loss")?.graph
-        }
+        Target::Train(_) => unreachable!("handled above"),
     };
     graph.verify().context("verifying the built graph")?;
     let order = schedule(&graph)?;
     let live = liveness(&graph, &order)?;
     let plan = vitdet_passes::plan_memory(&graph, &order)?;
-    let mode = if matches!(target, Target::Train { .. }) {
-        "train"
-    } else {
-        "infer"
-    };
-    let report = CompileReport::new(name, mode, &config, &graph, &live, &plan, start.elapsed().as_secs_f64());
+    let report = CompileReport::new(
+        name,
+        "infer",
+        &config,
+        &graph,
+        &live,
+        &plan,
+        start.elapsed().as_secs_f64(),
+    );
     Ok(Compiled {
         config,
         graph,

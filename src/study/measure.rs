@@ -1,0 +1,153 @@
+//! Measuring a compiled training step on the CPU, and the CPU's own device profile.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use vitdet_passes::timing::{predict_step_time, DeviceProfile};
+use vitdet_passes::Precision;
+use vitdet_runtime::{run_with_order, CandleDType, Device, ParamStore, Tensor};
+
+use crate::compile::TrainStep;
+
+/// What running a configuration measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measured {
+    /// Median wall time of a step (`batch` per-image passes).
+    pub step_seconds: f64,
+    /// The CPU profile's prediction for the same step.
+    pub predicted_cpu_seconds: f64,
+    /// Heap high-water mark of a pass above its start (the counting allocator), `None` when the
+    /// allocator is not installed in this binary.
+    pub measured_arena_bytes: Option<u64>,
+    pub planned_arena_bytes: u64,
+    /// `measured / planned - 1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arena_error: Option<f64>,
+}
+
+/// Runs `step` once to warm up and `steps` more times on synthetic inputs (random image, two
+/// ground-truth boxes with their masks).
+pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Measured> {
+    if step.precision != Precision::F32 {
+        bail!(
+            "--measure: the CPU runtime runs f32 graphs; this configuration is {} (measure with --dtype f32)",
+            step.precision.name()
+        );
+    }
+    let device = Device::Cpu;
+    let params = ParamStore::init_random(&step.graph, 0, &device)?;
+    let inputs = synthetic_inputs(step)?;
+    let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let mut times = Vec::new();
+    let mut peak = None;
+    for i in 0..=steps.max(1) {
+        let start = Instant::now();
+        for _ in 0..step.batch {
+            let out = run_with_order(&step.graph, &params, &named, &device, &step.order)
+                .context("running the training step")?;
+            if let Some(p) = out.measured_peak_bytes {
+                peak = Some(peak.unwrap_or(0).max(p as u64));
+            }
+        }
+        if i > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let planned = step.plan.arena_bytes as u64;
+    let predicted = predict_step_time(&step.graph, &step.order, cpu).map_err(anyhow::Error::msg)?;
+    Ok(Measured {
+        step_seconds: times[times.len() / 2],
+        predicted_cpu_seconds: predicted.seconds * step.batch as f64,
+        measured_arena_bytes: peak,
+        planned_arena_bytes: planned,
+        arena_error: peak.map(|p| p as f64 / planned as f64 - 1.0),
+    })
+}
+
+/// Inputs for every graph input of the training step, by name.
+fn synthetic_inputs(step: &TrainStep) -> Result<Vec<(String, Tensor)>> {
+    let dev = Device::Cpu;
+    let s = step.config.image_size;
+    let mut out = Vec::new();
+    for (_, name, ty) in step.graph.inputs() {
+        let shape = ty.shape.as_slice();
+        let t = match name {
+            "image" => Tensor::randn(0f32, 1f32, shape, &dev)?,
+            "gt_boxes" => {
+                let g = shape[0];
+                let mut v = vec![0f32; g * 4];
+                for (i, b) in v.chunks_mut(4).enumerate().take(2) {
+                    let o = (i * s / 4) as f32;
+                    b.copy_from_slice(&[o + 4.0, o + 8.0, o + s as f32 / 2.0, o + s as f32 / 2.5]);
+                }
+                Tensor::from_vec(v, shape, &dev)?
+            }
+            "gt_classes" => Tensor::from_vec((0..shape[0]).map(|i| (i % 2) as i64).collect::<Vec<_>>(), shape, &dev)?,
+            "gt_masks" => {
+                let (g, h, w) = (shape[0], shape[1], shape[2]);
+                let mut v = vec![0u8; g * h * w];
+                for i in 0..g.min(2) {
+                    let o = i * s / 4;
+                    for y in (o + 8)..(o + s / 3).min(h) {
+                        for x in (o + 4)..(o + s / 2).min(w) {
+                            v[(i * h + y) * w + x] = 1;
+                        }
+                    }
+                }
+                Tensor::from_vec(v, shape, &dev)?
+            }
+            "gt_valid" => Tensor::from_vec((0..shape[0]).map(|i| u8::from(i < 2)).collect::<Vec<_>>(), shape, &dev)?,
+            "seed" => Tensor::from_vec(vec![7i64], shape, &dev)?,
+            other => bail!("--measure: no synthetic value for the training graph's input `{other}`"),
+        };
+        out.push((name.to_string(), t));
+    }
+    Ok(out)
+}
+
+/// The CPU's profile, measured: f32 matmul rate (1024^3), copy bandwidth (64 MiB) and per-op
+/// overhead (a tiny op), on the threads this process uses.
+pub fn calibrate_cpu() -> Result<DeviceProfile> {
+    let dev = Device::Cpu;
+    let best = |f: &dyn Fn() -> Result<()>, reps: usize| -> Result<f64> {
+        f()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1f32, (n, n), &dev)?;
+    let matmul = best(&|| a.matmul(&a).map(drop).map_err(Into::into), 3)?;
+    let big = Tensor::zeros(16 << 20, CandleDType::F32, &dev)?;
+    // y = x * 1 + 1: reads and writes 64 MiB each.
+    let copy = best(&|| big.affine(1.0, 1.0).map(drop).map_err(Into::into), 3)?;
+    let small = Tensor::zeros(16, CandleDType::F32, &dev)?;
+    let launch = best(&|| small.affine(1.0, 1.0).map(drop).map_err(Into::into), 50)?;
+    let matmul_rate = 2.0 * (n * n * n) as f64 / matmul;
+    Ok(DeviceProfile {
+        name: format!("cpu ({} threads, measured)", rayon_threads()),
+        matmul_f32: matmul_rate,
+        matmul_low: matmul_rate,
+        bf16: false,
+        // Element-wise work on a CPU is bound by memory traffic long before arithmetic.
+        vector: matmul_rate / 4.0,
+        bandwidth: 2.0 * (64u64 << 20) as f64 / copy,
+        memory_bytes: None,
+        compute_efficiency: 1.0,
+        memory_efficiency: 1.0,
+        launch_seconds: launch,
+    })
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
