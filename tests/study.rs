@@ -196,3 +196,34 @@ fn study_measures_tiny_models_within_the_plan() {
     ]);
     assert!(err.contains("svg"), "{err}");
 }
+
+#[test]
+fn budget_sweep_walks_the_frontier_within_each_budget() {
+    let s = json(&[
+        "study",
+        "--model",
+        "vitdet-tiny",
+        "--sweep",
+        "budget",
+        "--fuse",
+        "--dtype",
+        "f32",
+        "--format",
+        "json",
+    ]);
+    let rows = s["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7);
+    let mut last: Option<(f64, f64)> = None;
+    for r in rows {
+        let p = &r["predicted"];
+        let (peak, budget) = (p["peak_bytes"].as_f64().unwrap(), r["budget_bytes"].as_f64().unwrap());
+        assert!(peak <= budget, "{r}");
+        let recompute = p["recompute_percent"].as_f64().unwrap();
+        if let Some((prev_peak, prev_recompute)) = last {
+            // Less memory never costs less recomputation (budgets fall row by row).
+            assert!(peak <= prev_peak && recompute >= prev_recompute, "{rows:?}");
+        }
+        last = Some((peak, recompute));
+    }
+    assert!(last.unwrap().1 > 0.0, "the smallest budget recomputes something");
+}

@@ -98,6 +98,8 @@ pub struct TrainStep {
     /// Scopes with recomputed activations.
     pub checkpointed: Vec<String>,
     pub recompute_flops: u64,
+    /// Forward values still live when the backward starts (what the forward keeps for it).
+    pub saved_activation_bytes: u64,
     /// Attention regions replaced by the fused op.
     pub fused_attention: usize,
     /// Training activation memory the fusion saves, summed over the fused blocks.
@@ -188,6 +190,7 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
         checkpoint: choice,
         checkpointed: ck.checkpointed,
         recompute_flops: ck.recompute_flops,
+        saved_activation_bytes: ck.saved_activation_bytes,
         fused_attention,
         fusion_saved_bytes,
         precision: opts.precision,

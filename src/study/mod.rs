@@ -113,6 +113,8 @@ pub struct Predicted {
     pub peak_bytes: u64,
     pub arena_bytes: u64,
     pub lower_bound_bytes: u64,
+    /// Forward values kept for the backward (what checkpointing reduces).
+    pub saved_activation_bytes: u64,
     /// Whether the peak exceeds the device profile's memory.
     pub out_of_memory: bool,
     pub step_seconds: f64,
@@ -307,6 +309,7 @@ pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> 
             peak_bytes: step.peak_memory_bytes,
             arena_bytes: step.plan.arena_bytes as u64,
             lower_bound_bytes: step.plan.lower_bound_bytes as u64,
+            saved_activation_bytes: step.saved_activation_bytes,
             out_of_memory: profile.memory_bytes.is_some_and(|m| step.peak_memory_bytes > m),
             step_seconds: time.seconds * o.batch as f64,
             time,

@@ -14,6 +14,7 @@ fn header(study: &Study) -> Vec<String> {
         "dtype",
         "fused",
         "peak GiB",
+        "saved GiB",
         "arena/bound",
         "recompute %",
         "s/iter",
@@ -52,6 +53,7 @@ fn cells(study: &Study, r: &Row) -> Vec<String> {
                 p.peak_bytes as f64 / GIB,
                 if p.out_of_memory { " (OOM)" } else { "" }
             ),
+            format!("{:.2}", p.saved_activation_bytes as f64 / GIB),
             format!("{:.3}", p.arena_bytes as f64 / p.lower_bound_bytes.max(1) as f64),
             format!("{:.1}", p.recompute_percent),
             format!("{:.3}", p.step_seconds),
@@ -62,7 +64,7 @@ fn cells(study: &Study, r: &Row) -> Vec<String> {
             String::new(),
             String::new(),
         ]),
-        (None, None) => c.extend(std::iter::repeat_n(String::new(), 4)),
+        (None, None) => c.extend(std::iter::repeat_n(String::new(), 5)),
     }
     if study.cpu_profile.is_some() {
         match &r.measured {
