@@ -17,28 +17,11 @@ use vitdet_ir::{DType, Graph, TensorType, Value};
 use vitdet_passes::differentiate;
 use vitdet_runtime::{run, ParamStore};
 
+mod common;
+use common::Rng;
+
 const H: f64 = 1e-5;
 const TOL: f64 = 1e-6;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self, n: usize) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2) = (1.0 - self.next(), self.next());
-                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect()
-    }
-}
 
 fn tensor(data: Vec<f64>, shape: &[usize]) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()

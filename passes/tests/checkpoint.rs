@@ -10,21 +10,8 @@ use vitdet_passes::checkpoint::{
 };
 use vitdet_passes::{differentiate, fuse_attention, RECOMPUTE_SCOPE};
 
-/// xorshift64*: deterministic across platforms and needs no crate.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 /// Up to 6 stages of 1 to 4 options from narrow ranges, so equal costs, sizes and transients
 /// (the tie cases) come up often; option 0 stores the most and is free, as in real chains, but

@@ -16,25 +16,8 @@ use vitdet_models::{build_backbone, build_detector, build_detector_training, Mod
 use vitdet_passes::{differentiate, fuse_attention};
 use vitdet_runtime::{run, ParamStore};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self, n: usize) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let (u1, u2) = (1.0 - self.next(), self.next());
-                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-            })
-            .collect()
-    }
-}
+mod common;
+use common::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Rel {
