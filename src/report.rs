@@ -204,7 +204,7 @@ impl TrainReport {
         );
         let _ = writeln!(
             s,
-            "memory       {} planned peak; arena {} (max-live bound {})",
+            "memory       {} planned peak; arena {} (lower bound {})",
             bytes(r.peak_memory_bytes),
             bytes(r.arena_bytes),
             bytes(r.lower_bound_bytes)
