@@ -170,6 +170,9 @@ pub struct TrainReport {
     pub fused_attention: usize,
     /// Training activation memory the fusion saved, over all fused blocks.
     pub fusion_saved_bytes: u64,
+    /// Per fused block (scope, window, windows, saved bytes) and the attention left unfused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<vitdet_passes::FusionReport>,
 }
 
 impl TrainReport {
@@ -184,6 +187,7 @@ impl TrainReport {
             step_flops: step.graph.cost().flops * step.batch as u64,
             fused_attention: step.fused_attention,
             fusion_saved_bytes: step.fusion_saved_bytes,
+            fusion: step.fusion.clone(),
         }
     }
 
@@ -209,23 +213,54 @@ impl TrainReport {
             bytes(r.arena_bytes),
             bytes(r.lower_bound_bytes)
         );
+        // Outside the arena, then the arena split at its peak step.
         for (what, v) in [
             ("parameters", b.parameters),
-            ("gradients", b.gradients),
             ("optimizer state", b.optimizer_state),
-            ("saved activations", b.saved_activations),
-            ("transient", b.transient_activations),
-            ("workspace", b.workspace),
             ("accumulator", m.accumulation),
+            ("arena at its peak:", b.arena),
+            ("  saved activations", b.saved_activations),
+            ("  transient", b.transient_activations),
+            ("  gradients", b.gradients_at_peak),
+            ("  workspace", b.workspace),
+            ("  fragmentation", b.fragmentation),
         ] {
-            let _ = writeln!(s, "  {what:<19}{:>12}", bytes(v as usize));
+            let _ = writeln!(s, "  {what:<21}{:>12}", bytes(v as usize));
         }
+        let _ = writeln!(
+            s,
+            "  (all gradients: {}, live in the arena to the end of the step)",
+            bytes(b.gradients as usize)
+        );
         let _ = writeln!(
             s,
             "attention    {} regions fused (saving {} of training activations)",
             self.fused_attention,
             bytes(self.fusion_saved_bytes as usize)
         );
+        if let Some(f) = &self.fusion {
+            // Blocks of one kind save the same: one line per (window, windows, bytes).
+            let mut kinds: Vec<(usize, usize, u64, usize)> = Vec::new();
+            for b in &f.blocks {
+                match kinds
+                    .iter_mut()
+                    .find(|k| (k.0, k.1, k.2) == (b.window, b.windows, b.saved_activation_bytes))
+                {
+                    Some(k) => k.3 += 1,
+                    None => kinds.push((b.window, b.windows, b.saved_activation_bytes, 1)),
+                }
+            }
+            for (window, windows, saved, n) in kinds {
+                let _ = writeln!(
+                    s,
+                    "  {n} x {windows} window(s) of {window}: {} saved per block",
+                    bytes(saved as usize)
+                );
+            }
+            for u in &f.unmatched {
+                let _ = writeln!(s, "  not fused: {} ({})", u.scope, u.reason);
+            }
+        }
         let pct = 100.0 * self.recompute_flops as f64 * self.batch as f64 / self.step_flops.max(1) as f64;
         let _ = writeln!(
             s,

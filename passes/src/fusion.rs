@@ -63,7 +63,7 @@ pub struct Fused {
 }
 
 /// What the pass fused and what it left alone.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct FusionReport {
     /// Number of fused attention regions (`blocks.len()`).
     pub fused: usize,
@@ -73,7 +73,7 @@ pub struct FusionReport {
 }
 
 /// One fused region.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct FusedBlock {
     /// Scope of the attention module (`backbone.net.blocks.3.attn`).
     pub scope: String,
@@ -86,7 +86,7 @@ pub struct FusedBlock {
 }
 
 /// An attention candidate the pass did not fuse.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct UnmatchedAttention {
     pub scope: String,
     pub reason: String,

@@ -16,7 +16,7 @@ use vitdet_ir::{Graph, NodeIndex};
 use vitdet_models::{build_detector_training, AttentionStrategy, ModelConfig};
 use vitdet_passes::checkpoint::{apply_checkpointing, CheckpointPolicy};
 use vitdet_passes::memory::MemoryBreakdown;
-use vitdet_passes::{autocast, differentiate, fuse_attention, MemoryPlan, Precision};
+use vitdet_passes::{autocast, differentiate, fuse_attention, FusionReport, MemoryPlan, Precision};
 
 /// How to compile a training step.
 #[derive(Clone, Debug)]
@@ -104,6 +104,8 @@ pub struct TrainStep {
     pub fused_attention: usize,
     /// Training activation memory the fusion saves, summed over the fused blocks.
     pub fusion_saved_bytes: u64,
+    /// What the fusion pass fused (per block) and left alone; `None` with `--no-fuse`.
+    pub fusion: Option<FusionReport>,
     pub precision: Precision,
     pub batch: usize,
 }
@@ -118,11 +120,12 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
     }
     let s = config.image_size;
     let mut forward = build_detector_training(&config, [s, s], opts.max_instances)?;
-    let (mut fused_attention, mut fusion_saved_bytes) = (0, 0);
+    let (mut fused_attention, mut fusion_saved_bytes, mut fusion) = (0, 0, None);
     if opts.fuse_attention {
         let fused = fuse_attention(&forward).context("attention fusion")?;
         fused_attention = fused.report.fused;
         fusion_saved_bytes = fused.report.blocks.iter().map(|b| b.saved_activation_bytes).sum();
+        fusion = Some(fused.report);
         forward = fused.graph;
     }
     let forward = autocast(&forward, opts.precision)?;
@@ -193,6 +196,7 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
         saved_activation_bytes: ck.saved_activation_bytes,
         fused_attention,
         fusion_saved_bytes,
+        fusion,
         precision: opts.precision,
         batch: opts.batch,
     })
