@@ -94,9 +94,9 @@ pub struct Row {
     pub batch: usize,
     pub dtype: &'static str,
     pub fused_attention: bool,
-    /// The matching row of the paper's Table 3 (ViT-L, 1024, V100-32GB, AMP), if any.
+    /// A measured reference for this configuration, if one exists (see [`reference`]).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub paper: Option<PaperRow>,
+    pub reference: Option<Reference>,
     /// Why this configuration could not be compiled (e.g. an unreachable budget).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -124,30 +124,63 @@ pub struct Predicted {
     pub checkpointed: Vec<String>,
 }
 
-/// A row of the paper's Table 3.
+/// A measured reference row.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct PaperRow {
+pub struct Reference {
+    /// Where it was measured.
+    pub source: &'static str,
     pub row: &'static str,
-    /// Peak training memory in GB, `None` for OOM.
-    pub memory_gb: Option<f64>,
+    /// Peak training memory (GB as the source reports it), `None` for out of memory.
+    pub memory: Option<f64>,
     pub train_seconds: Option<f64>,
 }
 
-/// The paper's Table 3 (ViT-L Mask R-CNN, 1024x1024, batch 1 per V100-32GB, AMP).
-fn paper_row(attention: AttentionStrategy, checkpoint: CheckpointChoice) -> Option<PaperRow> {
+/// The measured references for a configuration, in the setting they were measured in
+/// (1024x1024, batch 1, automatic mixed precision f16, attention as PyTorch's eager code runs
+/// it): the paper's Table 3 for `vit-l` (V100-32GB), and detectron2's ViTDet measured on one
+/// H100 for `vitdet-b` / `vitdet-l` (numbers in DESIGN.md; GiB).
+pub fn reference(model: &str, row: &Row) -> Option<Reference> {
     use AttentionStrategy as A;
     use CheckpointChoice as C;
-    let (row, memory_gb, train_seconds) = match (attention, checkpoint) {
-        (A::Window, C::None) => ("(1) windowed", Some(16.0), Some(0.67)),
-        (A::Hybrid, C::None) => ("(2) windowed, 4 global", Some(27.0), Some(0.93)),
-        (A::Global, C::Blocks) => ("(3) global + checkpointing", Some(14.0), Some(2.26)),
-        (A::Global, C::None) => ("(4) global", None, None),
+    if row.image_size != 1024 || row.batch != 1 || row.dtype != "f16" || row.fused_attention {
+        return None;
+    }
+    let i = match (row.attention, row.checkpoint) {
+        (A::Window, C::None) => 0,
+        (A::Hybrid, C::None) => 1,
+        (A::Global, C::Blocks) => 2,
+        (A::Global, C::None) => 3,
         _ => return None,
     };
-    Some(PaperRow {
-        row,
-        memory_gb,
-        train_seconds,
+    let rows = [
+        "(1) windowed",
+        "(2) windowed, 4 global",
+        "(3) global + checkpointing",
+        "(4) global",
+    ];
+    let (source, memory, seconds): (&str, [Option<f64>; 4], [Option<f64>; 4]) = match model {
+        "vit-l" => (
+            "paper, V100-32GB (GB)",
+            [Some(16.0), Some(27.0), Some(14.0), None],
+            [Some(0.67), Some(0.93), Some(2.26), None],
+        ),
+        "vitdet-l" => (
+            "detectron2, H100 (GiB)",
+            [Some(13.2), Some(18.8), Some(8.64), Some(47.1)],
+            [Some(0.211), Some(0.220), Some(0.444), Some(0.334)],
+        ),
+        "vitdet-b" => (
+            "detectron2, H100 (GiB)",
+            [Some(5.65), Some(9.85), Some(4.46), Some(18.3)],
+            [Some(0.111), Some(0.131), Some(0.215), Some(0.169)],
+        ),
+        _ => return None,
+    };
+    Some(Reference {
+        source,
+        row: rows[i],
+        memory: memory[i],
+        train_seconds: seconds[i],
     })
 }
 
@@ -261,7 +294,6 @@ pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> 
         None
     };
     let cpu_profile = opts.measure.then(calibrate_cpu).transpose()?;
-    let paper_setting = opts.model == "vit-l" && config.image_size == 1024;
 
     let mut rows = Vec::new();
     for (o, size) in configurations(opts, &config, budget_range) {
@@ -277,15 +309,12 @@ pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> 
             batch: o.batch,
             dtype: o.precision.name(),
             fused_attention: o.fuse_attention,
-            paper: if paper_setting {
-                paper_row(attention, checkpoint)
-            } else {
-                None
-            },
+            reference: None,
             error: None,
             predicted: None,
             measured: None,
         };
+        row.reference = reference(&opts.model, &row);
         progress(&format!(
             "{} {:?} checkpoint {} {} batch {} {}px",
             opts.model,

@@ -29,8 +29,8 @@ fn header(study: &Study) -> Vec<String> {
             "arena measured/planned".into(),
         ]);
     }
-    if study.rows.iter().any(|r| r.paper.is_some()) {
-        h.extend(["paper row".into(), "paper mem".into(), "paper s/iter".into()]);
+    if let Some(source) = study.rows.iter().find_map(|r| r.reference.map(|x| x.source)) {
+        h.extend([format!("reference: {source}"), "mem".into(), "s/iter".into()]);
     }
     h
 }
@@ -77,11 +77,11 @@ fn cells(study: &Study, r: &Row) -> Vec<String> {
             None => c.extend(std::iter::repeat_n(String::new(), 3)),
         }
     }
-    if study.rows.iter().any(|r| r.paper.is_some()) {
-        match &r.paper {
+    if study.rows.iter().any(|r| r.reference.is_some()) {
+        match &r.reference {
             Some(p) => c.extend([
                 p.row.to_string(),
-                p.memory_gb.map_or("OOM".into(), |m| format!("{m} GB")),
+                p.memory.map_or("OOM".into(), |m| format!("{m}")),
                 p.train_seconds.map_or("-".into(), |s| format!("{s}")),
             ]),
             None => c.extend(std::iter::repeat_n(String::new(), 3)),
