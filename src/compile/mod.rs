@@ -65,34 +65,12 @@ pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
 /// Compiles an already loaded config (`name` labels the report).
 pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result<Compiled> {
     let start = Instant::now();
-    if let Target::Train(opts) = &target {
-        let step = compile_train(config, opts)?;
-        step.graph.verify().context("verifying the compiled training graph")?;
-        let live = liveness(&step.graph, &step.order)?;
-        let mut report = CompileReport::new(
-            name,
-            "train",
-            &step.config,
-            &step.graph,
-            &live,
-            &step.plan,
-            start.elapsed().as_secs_f64(),
-        );
-        report.peak_memory_bytes = step.peak_memory_bytes as usize;
-        report.train = Some(TrainReport::new(&step));
-        return Ok(Compiled {
-            config: step.config,
-            graph: step.graph,
-            order: step.order,
-            report,
-        });
-    }
     let graph = match target {
         Target::Backbone => build_backbone(&config)?,
         Target::Detector { image_hw } => {
             build_detector_for_image(&config, image_hw.unwrap_or([config.image_size, config.image_size]))?
         }
-        Target::Train(_) => unreachable!("handled above"),
+        Target::Train(opts) => return compile_train_step(name, config, &opts, start),
     };
     graph.verify().context("verifying the built graph")?;
     let order = schedule(&graph)?;
@@ -111,6 +89,30 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
         config,
         graph,
         order,
+        report,
+    })
+}
+
+/// [`Target::Train`]: the training step and its report.
+fn compile_train_step(name: &str, config: ModelConfig, opts: &TrainOptions, start: Instant) -> Result<Compiled> {
+    let step = compile_train(config, opts)?;
+    step.graph.verify().context("verifying the compiled training graph")?;
+    let live = liveness(&step.graph, &step.order)?;
+    let mut report = CompileReport::new(
+        name,
+        "train",
+        &step.config,
+        &step.graph,
+        &live,
+        &step.plan,
+        start.elapsed().as_secs_f64(),
+    );
+    report.peak_memory_bytes = step.peak_memory_bytes as usize;
+    report.train = Some(TrainReport::new(&step));
+    Ok(Compiled {
+        config: step.config,
+        graph: step.graph,
+        order: step.order,
         report,
     })
 }
