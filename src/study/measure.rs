@@ -24,6 +24,8 @@ pub struct Measured {
     /// `measured / planned - 1`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arena_error: Option<f64>,
+    /// The ops with the most kernel time per step, seconds.
+    pub top_ops: Vec<(String, f64)>,
 }
 
 /// Runs `step` once to warm up and `steps` more times on synthetic inputs (random image, two
@@ -41,11 +43,17 @@ pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Me
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut times = Vec::new();
     let mut peak = None;
+    let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
     for i in 0..=steps.max(1) {
         let start = Instant::now();
         for _ in 0..step.batch {
             let out = run_with_order(&step.graph, &params, &named, &device, &step.order)
                 .context("running the training step")?;
+            if i > 0 {
+                for (op, t) in &out.op_seconds {
+                    *op_seconds.entry(op.clone()).or_default() += t / steps.max(1) as f64;
+                }
+            }
             if let Some(p) = out.measured_peak_bytes {
                 peak = Some(peak.unwrap_or(0).max(p as u64));
             }
@@ -55,6 +63,9 @@ pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Me
         }
     }
     times.sort_by(f64::total_cmp);
+    let mut top_ops: Vec<(String, f64)> = op_seconds.into_iter().collect();
+    top_ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    top_ops.truncate(6);
     let planned = step.plan.arena_bytes as u64;
     let predicted = predict_step_time(&step.graph, &step.order, cpu).map_err(anyhow::Error::msg)?;
     Ok(Measured {
@@ -63,6 +74,7 @@ pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Me
         measured_arena_bytes: peak,
         planned_arena_bytes: planned,
         arena_error: peak.map(|p| p as f64 / planned as f64 - 1.0),
+        top_ops,
     })
 }
 
