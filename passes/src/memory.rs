@@ -26,20 +26,25 @@
 //!
 //! # Placement
 //!
-//! Offsets come from greedy-by-size best fit, the strategy of TFLite's arena planner and
-//! XLA's heap simulator: buffers in decreasing size order, each put in the smallest gap left
-//! between already placed buffers whose lifetimes overlap its own, or above all of them when
-//! no gap fits.
+//! Offsets come from several greedy heuristics, keeping the smallest arena, as XLA's heap
+//! simulator does ([`placement`] has them and why one is not enough): the skyline (lowest
+//! offset first, long-lived buffers settling at the bottom), greedy-by-size best fit (TFLite's
+//! arena planner and XLA's default: each buffer in the smallest gap left between placed buffers
+//! whose lifetimes overlap its own) and first fit by size class. Best fit alone is within 1% of
+//! the bound on inference and plain training graphs, but up to 40% above it on checkpointed
+//! ones; the portfolio is within 3% on every preset's training graph.
 //!
 //! [`MemoryPlan::breakdown`] splits the arena at its peak step into saved activations,
 //! transient activations, workspace and fragmentation, beside parameters, gradients and
 //! optimizer state ([`breakdown`]).
 
 mod breakdown;
+mod placement;
 mod storage;
 mod workspace;
 
 pub use breakdown::MemoryBreakdown;
+pub use placement::Placement;
 
 use std::collections::{HashMap, HashSet};
 
@@ -66,6 +71,8 @@ pub enum PlanError {
     OutputNotComputed(String),
     #[error("memory plan is invalid: {0}")]
     Invalid(String),
+    #[error("no placement strategy given")]
+    NoPlacement,
 }
 
 /// What a buffer holds.
@@ -147,6 +154,8 @@ pub struct MemoryPlan {
     pub step_live_bytes: Vec<usize>,
     /// Number of steps of the order that was planned.
     pub steps: usize,
+    /// The heuristic whose arena was kept.
+    pub placement: Placement,
 }
 
 fn align(bytes: usize) -> usize {
@@ -260,44 +269,6 @@ fn runtime_buffers(graph: &Graph, order: &[NodeIndex]) -> (Vec<Buffer>, HashMap<
     (buffers, aliases)
 }
 
-/// Greedy-by-size best fit: sets every buffer's offset; returns the arena size.
-fn place(buffers: &mut [Buffer]) -> usize {
-    // Placement order: largest first; ties by position so the plan is deterministic.
-    let mut by_size: Vec<usize> = (0..buffers.len()).collect();
-    by_size.sort_by(|&a, &b| buffers[b].size.cmp(&buffers[a].size).then(a.cmp(&b)));
-
-    // Placed buffers kept sorted by offset, so the gaps between the ones that live alongside a
-    // new buffer come out of one ascending scan.
-    let mut placed: Vec<usize> = Vec::with_capacity(buffers.len());
-    let mut arena_bytes = 0;
-    for i in by_size {
-        let b = buffers[i];
-        let mut best: Option<(usize, usize)> = None; // (gap size, offset)
-        let mut cursor = 0; // end of the highest overlapping buffer below the scan position
-        if b.size > 0 {
-            for &j in &placed {
-                let p = &buffers[j];
-                if p.size == 0 || !p.lives_with(&b) {
-                    continue;
-                }
-                if p.offset > cursor {
-                    let gap = p.offset - cursor;
-                    if gap >= b.size && best.is_none_or(|(g, _)| gap < g) {
-                        best = Some((gap, cursor));
-                    }
-                }
-                cursor = cursor.max(p.offset + p.size);
-            }
-        }
-        let offset = best.map_or(cursor, |(_, o)| o);
-        buffers[i].offset = offset;
-        arena_bytes = arena_bytes.max(offset + b.size);
-        let at = placed.partition_point(|&j| buffers[j].offset <= offset);
-        placed.insert(at, i);
-    }
-    arena_bytes
-}
-
 /// Live bytes per step over `steps` steps, from a difference array over the lifetimes.
 fn live_per_step(buffers: &[Buffer], steps: usize, size: impl Fn(&Buffer) -> usize) -> Vec<usize> {
     let mut delta = vec![0isize; steps + 1];
@@ -316,14 +287,24 @@ fn live_per_step(buffers: &[Buffer], steps: usize, size: impl Fn(&Buffer) -> usi
 }
 
 /// Plans one arena for the activations of `graph` run in `order` (normally
-/// [`crate::schedule`]'s). Errors name the offending node when `order` is not a valid
-/// execution order of `graph`.
+/// [`crate::schedule`]'s), with every [`Placement`] heuristic. Errors name the offending node
+/// when `order` is not a valid execution order of `graph`.
 pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, PlanError> {
+    plan_memory_with(graph, order, &Placement::ALL)
+}
+
+/// [`plan_memory`] with only the given placement heuristics (the smallest arena wins, the
+/// earlier heuristic on a tie).
+pub fn plan_memory_with(graph: &Graph, order: &[NodeIndex], strategies: &[Placement]) -> Result<MemoryPlan, PlanError> {
     validate_order(graph, order)?;
+    if strategies.is_empty() {
+        return Err(PlanError::NoPlacement);
+    }
     let (mut buffers, aliases) = runtime_buffers(graph, order);
-    let arena_bytes = place(&mut buffers);
     let step_live_bytes = live_per_step(&buffers, order.len(), |b| b.bytes);
     let aligned = live_per_step(&buffers, order.len(), |b| b.size);
+    let aligned_lower_bound_bytes = aligned.iter().copied().max().unwrap_or(0);
+    let (arena_bytes, placement) = placement::place(&mut buffers, strategies, aligned_lower_bound_bytes);
 
     let mut offsets: HashMap<Value, (usize, usize)> = buffers
         .iter()
@@ -341,9 +322,10 @@ pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, Pla
         buffers,
         arena_bytes,
         lower_bound_bytes: step_live_bytes.iter().copied().max().unwrap_or(0),
-        aligned_lower_bound_bytes: aligned.iter().copied().max().unwrap_or(0),
+        aligned_lower_bound_bytes,
         step_live_bytes,
         steps: order.len(),
+        placement,
     })
 }
 
