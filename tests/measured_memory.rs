@@ -1,6 +1,6 @@
 //! The runtime's measured heap peak beside the memory planner's arena, on CPU runs of the tiny
 //! presets at 128 and 256 px, in inference (the whole detector) and training (the training
-//! graph and its gradients) mode.
+//! graph and its gradients, with the attention unfused and fused) mode.
 //!
 //! The counting allocator is this test binary's global allocator; the executor resets its
 //! high-water mark before every node and reads it back after, so each step's measured figure
@@ -26,7 +26,7 @@ use vitdet::data::synthetic::{generate, SynthOptions};
 use vitdet::data::{collate, CocoDataset, LsjConfig, TrainLoader};
 use vitdet::ir::Graph;
 use vitdet::models::{build_detector_for_image, build_detector_training, ModelConfig};
-use vitdet::passes::{differentiate, plan_memory, schedule};
+use vitdet::passes::{differentiate, fuse_attention, plan_memory, schedule};
 use vitdet::runtime::{run_with_order, ParamStore};
 
 #[global_allocator]
@@ -71,8 +71,9 @@ fn train_inputs(cfg: &ModelConfig, s: usize, max_gt: usize) -> (ModelConfig, Vec
 /// Measurements read process-wide counters: tests in this binary run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Measured peak over planned arena for `graph` run in its schedule on `inputs`.
-fn measure(name: &str, graph: &Graph, inputs: &[(&str, Tensor)]) -> f64 {
+/// Measured peak over planned arena for `graph` run in its schedule on `inputs`, and the
+/// worst measured over planned live bytes at a fused window-attention step (1.0 if none).
+fn measure(name: &str, graph: &Graph, inputs: &[(&str, Tensor)]) -> (f64, f64) {
     let order = schedule(graph).unwrap();
     let plan = plan_memory(graph, &order).unwrap();
     plan.check(graph, &order).unwrap();
@@ -101,15 +102,31 @@ fn measure(name: &str, graph: &Graph, inputs: &[(&str, Tensor)]) -> f64 {
         .map(|(i, (&m, &p))| (m as i64 - p as i64, i))
         .collect();
     gaps.sort_by_key(|&(d, _)| -d.abs());
-    for &(d, i) in gaps.iter().take(3) {
-        let n = graph.node(order[i]);
-        println!("  step {i} {} `{}`: measured - planned = {d} B", n.op.name(), n.scope);
+    // The fused attention's steps: measured over planned (its workspace rule), the worst.
+    let mut attention = 1.0f64;
+    for (i, &n) in order.iter().enumerate() {
+        if graph.node(n).op.name().starts_with("window_attention") {
+            let r = steps[i] as f64 / plan.step_live_bytes[i] as f64;
+            if (r - 1.0).abs() > (attention - 1.0).abs() {
+                attention = r;
+            }
+        }
     }
-    ratio
+    if attention != 1.0 {
+        println!("  window attention steps: worst measured / planned {attention:.4}");
+    }
+    (ratio, attention)
 }
 
 /// The tolerance (see the module doc).
 const TOLERANCE: f64 = 0.03;
+
+/// Measured over planned live bytes at each fused window-attention step: the workspace rule
+/// (`vitdet_passes::memory::workspace`'s window attention phases) against the kernel. The
+/// steps are small on the tiny presets (1-12 MB), so the gemm packing buffers and the kernel's
+/// small per-chunk tensors the rule leaves out weigh a few percent; the largest gap measured is
+/// the global-attention backward of vitdet-tiny at 256 px (decomposed term), 10% above plan.
+const ATTENTION_STEP_TOLERANCE: f64 = 0.12;
 
 #[test]
 fn measured_peak_is_within_3_percent_of_the_planned_arena() {
@@ -125,16 +142,26 @@ fn measured_peak_is_within_3_percent_of_the_planned_arena() {
             let infer = build_detector_for_image(&cfg, [s, s]).unwrap();
             let image = vec![("image", train[0].1.to_dtype(DType::F32).unwrap())];
             if !warmed_up {
-                measure("warm-up", &infer, &image);
+                let _ = measure("warm-up", &infer, &image);
                 warmed_up = true;
             }
             let forward = build_detector_training(&cfg, [s, s], 8).unwrap();
             let train_graph = differentiate(&forward, "loss").unwrap().graph;
-            for (mode, graph, inputs) in [("infer", &infer, &image), ("train", &train_graph, &train)] {
+            // The fused window attention, whose kernel's scratch the plan models phase by phase.
+            let fused = fuse_attention(&forward).unwrap().graph;
+            let fused_graph = differentiate(&fused, "loss").unwrap().graph;
+            for (mode, graph, inputs) in [
+                ("infer", &infer, &image),
+                ("train", &train_graph, &train),
+                ("train fused", &fused_graph, &train),
+            ] {
                 let name = format!("{preset} {s}px {mode}");
-                let ratio = measure(&name, graph, inputs);
+                let (ratio, attention) = measure(&name, graph, inputs);
                 if (ratio - 1.0).abs() > TOLERANCE {
                     failures.push(format!("{name}: measured / planned = {ratio:.4}"));
+                }
+                if (attention - 1.0).abs() > ATTENTION_STEP_TOLERANCE {
+                    failures.push(format!("{name}: at a window attention step {attention:.4}"));
                 }
             }
         }

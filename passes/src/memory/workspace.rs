@@ -9,6 +9,8 @@
 //! exists); the workspace is the largest phase minus the outputs. The rules were checked against
 //! the runtime's measured heap node by node (tests/measured_memory.rs).
 //!
+//! The fused window attention's rules, phase by phase, are in [`window_attention`].
+//!
 //! Not modelled (these nodes get no workspace, so the plan is below the measurement there):
 //! * the `gemm` crate's packing buffers: allocated per matrix product, sized by the machine's
 //!   cache sizes, tens of KiB;
@@ -17,17 +19,15 @@
 //!   matching lists). Measured on vitdet-tiny training at 256 px: `roi_align_grad` up to 7.4 MB
 //!   over the plan, `mask_targets` 1.0 MB, `anchor_targets` and `nms` 0.7 MB, `roi_align`
 //!   0.5 MB, the rest under 0.3 MB; none of them runs at the peak step of these models;
-//! * the fused window attention (`WindowAttention` / `WindowAttentionGrad`): padded token copies,
-//!   per-class q/k/v copies and per-chunk logits and probabilities (bounded by the kernel's
-//!   chunk budget). Measured on the tiny presets at 256 px: 0.3-2.3 MB forward and 0.5-2.9 MB
-//!   backward per node, 18% of the vitdet-tiny backbone's arena.
 
 use std::collections::HashMap;
 
 use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d, Op, ResizeMode, UnaryKind};
-use vitdet_ir::{Graph, NodeIndex, Value};
+use vitdet_ir::{Graph, NodeIndex, TensorType, Value};
 
 use super::storage::{is_patchify, Layout};
+
+mod window_attention;
 
 /// Bytes of the column buffer the CPU im2col kernels build at a time (`IM2COL_TILE_BYTES` in
 /// the runtime's `kernels/conv.rs`).
@@ -44,6 +44,10 @@ struct Node<'a> {
 impl Node<'_> {
     fn bytes(&self, i: usize) -> usize {
         self.graph.value_type(self.inputs[i]).size_in_bytes()
+    }
+
+    fn input_types(&self) -> Vec<&TensorType> {
+        self.inputs.iter().map(|&v| self.graph.value_type(v)).collect()
     }
 
     fn dims(&self, i: usize) -> &[usize] {
@@ -128,8 +132,8 @@ pub(crate) fn workspace_bytes(graph: &Graph, n: NodeIndex, layouts: &HashMap<Val
         Op::GatherRowsGrad(_) => out + cx.copy_if_strided(1),
         Op::SigmoidBceLoss(_) | Op::SmoothL1Loss(_) => loss(&cx, false),
         Op::SigmoidBceLossGrad(_) | Op::SmoothL1LossGrad(_) => loss(&cx, true),
-        // Not modelled (see the module doc).
-        Op::WindowAttention(_) | Op::WindowAttentionGrad(_) => 0,
+        Op::WindowAttention(a) => window_attention::forward(a, &cx.input_types(), out),
+        Op::WindowAttentionGrad(a) => window_attention::backward(&a.forward(), &cx.input_types(), out),
         // Every other kernel is one candle op (or a view) writing its output directly, or a
         // detection host loop (see the module doc).
         _ => 0,
