@@ -122,11 +122,11 @@ fn measure(name: &str, graph: &Graph, inputs: &[(&str, Tensor)]) -> (f64, f64) {
 const TOLERANCE: f64 = 0.03;
 
 /// Measured over planned live bytes at each fused window-attention step: the workspace rule
-/// (`vitdet_passes::memory::workspace`'s window attention phases) against the kernel. The
-/// steps are small on the tiny presets (1-12 MB), so the gemm packing buffers and the kernel's
-/// small per-chunk tensors the rule leaves out weigh a few percent; the largest gap measured is
-/// the global-attention backward of vitdet-tiny at 256 px (decomposed term), 10% above plan.
-const ATTENTION_STEP_TOLERANCE: f64 = 0.12;
+/// (`vitdet_passes::memory::workspace`'s window attention phases) against the kernel. Measured
+/// today: within 2% at 256 px; at 128 px the steps are only 0.6-2.5 MB and 20-90 KB the rule
+/// does not count (the gemm crate's packing buffers, the small per-chunk tensors) leave them up
+/// to 7.7% above the plan.
+const ATTENTION_STEP_TOLERANCE: f64 = 0.09;
 
 #[test]
 fn measured_peak_is_within_3_percent_of_the_planned_arena() {

@@ -231,13 +231,15 @@ pub(super) fn backward(op: &WindowAttention, inputs: &[&TensorType], out_bytes: 
             WindowRelPos::Bias if c.valid < s.tokens => s.heads * c.valid * s.tokens * s.acc,
             _ => 0,
         };
-        // The class's bias-gradient sums, per block of chunk heads.
+        // The class's bias-gradient sums, per block of chunk heads, held across chunks (made
+        // after a chunk's peak, so a class of one chunk never holds them beside it).
         let bias_sums = match op.rel_pos {
-            WindowRelPos::Bias => s.heads.min(gc) * c.valid * s.tokens * s.acc,
+            WindowRelPos::Bias if rows > gc => s.heads.min(gc) * c.valid * s.tokens * s.acc,
             _ => 0,
         };
-        // A chunk: scale q, scores, P, dP, dS and the query/key/value gradients; the earlier
-        // chunks' gradients (at most the class's q, k, v).
+        // A chunk: scale q, scores, P, dP, dS and a copy of dS^T (the key gradient's product
+        // reshapes the transposed view), the query/key/value gradients; the earlier chunks'
+        // gradients (at most the class's q, k, v).
         let q_chunk = gc * c.valid * s.head_dim * s.acc;
         let kv_chunk = gc * s.tokens * s.head_dim * s.acc;
         // The decomposed term's gradient: q copied by query row and column, and the two query
@@ -246,7 +248,7 @@ pub(super) fn backward(op: &WindowAttention, inputs: &[&TensorType], out_bytes: 
             WindowRelPos::Decomposed => 4 * q_chunk,
             _ => 0,
         };
-        let chunk = 4 * logits + bias_rows + 3 * q_chunk + 2 * kv_chunk + decomposed;
+        let chunk = 5 * logits + bias_rows + 3 * q_chunk + 2 * kv_chunk + decomposed;
         let base = resident + blocks + qkv + 2 * o + lse + bias_sums;
         peak = peak.max(base + qkv + chunk);
         // The class's end: the chunk gradients, their concatenations, the stacked block and
