@@ -1,8 +1,11 @@
 //! `vitdet-passes`: analyses and rewrites over `vitdet-ir` graphs.
 //!
-//! Today: the execution schedule, liveness (peak live bytes over that schedule), the static
-//! memory plan (arena offsets) and the cost summary behind `vitdet compile`'s report. Later
-//! passes (fusion, checkpointing, in-place reuse) are graph-in, graph-out functions living beside these.
+//! Rewrites, each graph in, graph out, in the order `vitdet compile --mode train` runs them:
+//! windowed-attention fusion ([`fusion`]), mixed precision ([`amp`]), autodiff ([`autodiff`]),
+//! activation checkpointing ([`checkpoint`]); then the analyses: the execution schedule
+//! ([`schedule`]), liveness, the static memory plan ([`memory`]: arena offsets, workspace,
+//! breakdown), the cost summary ([`cost`]) and the predicted step time ([`timing`]).
+//! [`dce`] removes what a rewrite leaves unused.
 
 pub mod amp;
 pub mod autodiff;
