@@ -60,3 +60,47 @@ pub fn fails(args: &[&str]) -> String {
     assert!(!out.status.success(), "vitdet {args:?} should fail");
     String::from_utf8(out.stderr).unwrap()
 }
+
+/// One synthetic training image (seed 9, no scale jitter or flip) as the inputs of a training
+/// graph of side `s` with room for `max_gt` instances, and `cfg` with the dataset's classes.
+pub fn train_inputs(
+    cfg: &vitdet::models::ModelConfig,
+    s: usize,
+    max_gt: usize,
+) -> (vitdet::models::ModelConfig, Vec<(&'static str, Tensor)>) {
+    use vitdet::data::synthetic::{generate, SynthOptions};
+    use vitdet::data::{collate, CocoDataset, LsjConfig, TrainLoader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    generate(&SynthOptions {
+        out: data.clone(),
+        train: 1,
+        val: 0,
+        size: s,
+        seed: 9,
+    })
+    .unwrap();
+    let dataset = CocoDataset::load(data.join("annotations/instances_train.json"), data.join("train")).unwrap();
+    let mut cfg = cfg.clone();
+    cfg.detector.num_classes = dataset.num_classes();
+    let lsj = LsjConfig {
+        min_scale: 1.0,
+        max_scale: 1.0,
+        flip_prob: 0.0,
+        ..LsjConfig::vitdet(s)
+    };
+    let loader = TrainLoader::new(dataset, lsj, 1, 0).unwrap();
+    let batch = collate(&loader.samples(0).unwrap(), max_gt).unwrap();
+    let inputs = vec![
+        ("image", batch.images.clone()),
+        ("gt_boxes", batch.gt_boxes.get(0).unwrap()),
+        ("gt_classes", batch.gt_classes.get(0).unwrap()),
+        ("gt_masks", batch.gt_masks.get(0).unwrap()),
+        ("gt_valid", batch.gt_valid.get(0).unwrap()),
+        (
+            "seed",
+            Tensor::new(&[17i64], &Device::Cpu).unwrap().reshape(()).unwrap(),
+        ),
+    ];
+    (cfg, inputs)
+}

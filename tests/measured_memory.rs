@@ -19,11 +19,11 @@
 //! thread-local cache-sized slabs (about 1.5 MB on the 2-core development machine), which then
 //! live as long as the process, like the rayon pool itself; they are not memory of a run.
 
+mod common;
+
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use vitdet::data::synthetic::{generate, SynthOptions};
-use vitdet::data::{collate, CocoDataset, LsjConfig, TrainLoader};
 use vitdet::ir::Graph;
 use vitdet::models::{build_detector_for_image, build_detector_training, ModelConfig};
 use vitdet::passes::{differentiate, fuse_attention, plan_memory, schedule};
@@ -31,42 +31,6 @@ use vitdet::runtime::{run_with_order, ParamStore};
 
 #[global_allocator]
 static ALLOC: vitdet::runtime::alloc::CountingAllocator = vitdet::runtime::alloc::CountingAllocator;
-
-fn train_inputs(cfg: &ModelConfig, s: usize, max_gt: usize) -> (ModelConfig, Vec<(&'static str, Tensor)>) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    generate(&SynthOptions {
-        out: data.clone(),
-        train: 1,
-        val: 0,
-        size: s,
-        seed: 9,
-    })
-    .unwrap();
-    let dataset = CocoDataset::load(data.join("annotations/instances_train.json"), data.join("train")).unwrap();
-    let mut cfg = cfg.clone();
-    cfg.detector.num_classes = dataset.num_classes();
-    let lsj = LsjConfig {
-        min_scale: 1.0,
-        max_scale: 1.0,
-        flip_prob: 0.0,
-        ..LsjConfig::vitdet(s)
-    };
-    let loader = TrainLoader::new(dataset, lsj, 1, 0).unwrap();
-    let batch = collate(&loader.samples(0).unwrap(), max_gt).unwrap();
-    let inputs = vec![
-        ("image", batch.images.clone()),
-        ("gt_boxes", batch.gt_boxes.get(0).unwrap()),
-        ("gt_classes", batch.gt_classes.get(0).unwrap()),
-        ("gt_masks", batch.gt_masks.get(0).unwrap()),
-        ("gt_valid", batch.gt_valid.get(0).unwrap()),
-        (
-            "seed",
-            Tensor::new(&[17i64], &Device::Cpu).unwrap().reshape(()).unwrap(),
-        ),
-    ];
-    (cfg, inputs)
-}
 
 /// Measurements read process-wide counters: tests in this binary run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -138,7 +102,7 @@ fn measured_peak_is_within_3_percent_of_the_planned_arena() {
         for s in [128usize, 256] {
             let mut cfg = ModelConfig::preset(preset).unwrap();
             cfg.image_size = s;
-            let (cfg, train) = train_inputs(&cfg, s, 8);
+            let (cfg, train) = common::train_inputs(&cfg, s, 8);
             let infer = build_detector_for_image(&cfg, [s, s]).unwrap();
             let image = vec![("image", train[0].1.to_dtype(DType::F32).unwrap())];
             if !warmed_up {

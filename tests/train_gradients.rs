@@ -19,7 +19,6 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use vitdet::data::{collate, CocoDataset, LsjConfig, TrainLoader};
 use vitdet::models::{build_detector_training, ModelConfig};
 use vitdet::passes::differentiate;
 use vitdet::runtime::{run, ParamStore};
@@ -27,43 +26,9 @@ use vitdet::runtime::{run, ParamStore};
 const TOL: f64 = 2e-3;
 
 fn check(preset: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    common::ok(&[
-        "data",
-        "synth",
-        "--out",
-        data.to_str().unwrap(),
-        "--train",
-        "2",
-        "--val",
-        "1",
-        "--seed",
-        "9",
-    ]);
-    let dataset = CocoDataset::load(data.join("annotations/instances_train.json"), data.join("train")).unwrap();
-    let mut cfg = ModelConfig::preset(preset).unwrap();
-    cfg.detector.num_classes = dataset.num_classes();
-    let s = cfg.image_size;
-    let lsj = LsjConfig {
-        min_scale: 1.0,
-        max_scale: 1.0,
-        flip_prob: 0.0,
-        ..LsjConfig::vitdet(s)
-    };
-    let loader = TrainLoader::new(dataset, lsj, 1, 0).unwrap();
-    let batch = collate(&loader.samples(0).unwrap(), 8).unwrap();
-    let inputs = vec![
-        ("image", batch.images.clone()),
-        ("gt_boxes", batch.gt_boxes.get(0).unwrap()),
-        ("gt_classes", batch.gt_classes.get(0).unwrap()),
-        ("gt_masks", batch.gt_masks.get(0).unwrap()),
-        ("gt_valid", batch.gt_valid.get(0).unwrap()),
-        (
-            "seed",
-            Tensor::new(&[17i64], &Device::Cpu).unwrap().reshape(()).unwrap(),
-        ),
-    ];
+    let preset_cfg = ModelConfig::preset(preset).unwrap();
+    let s = preset_cfg.image_size;
+    let (cfg, inputs) = common::train_inputs(&preset_cfg, s, 8);
     let forward = to_f64(&build_detector_training(&cfg, [s, s], 8).unwrap());
     let seed_shape = forward.inputs().find(|(_, n, _)| *n == "seed").unwrap().2.shape.clone();
     let inputs: Vec<(&str, Tensor)> = inputs
