@@ -115,8 +115,8 @@ fn class_color(class: usize) -> [u8; 3] {
 }
 
 fn blend(p: &mut Rgb<u8>, color: [u8; 3], alpha: f32) {
-    for k in 0..3 {
-        p.0[k] = (p.0[k] as f32 * (1.0 - alpha) + color[k] as f32 * alpha).round() as u8;
+    for (channel, &c) in p.0.iter_mut().zip(&color) {
+        *channel = (*channel as f32 * (1.0 - alpha) + c as f32 * alpha).round() as u8;
     }
 }
 

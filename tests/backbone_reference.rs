@@ -23,8 +23,7 @@ fn block_output(graph: &Graph, i: usize) -> Value {
     let order = graph.topo_order().unwrap();
     let idx = order
         .into_iter()
-        .filter(|&n| graph.node(n).scope == scope)
-        .last()
+        .rfind(|&n| graph.node(n).scope == scope)
         .expect("block scope present");
     Value::from(idx)
 }

@@ -101,7 +101,7 @@ impl OpRule for GroupNorm {
             return Err(format!("input must be [N, C, ...], found {x}"));
         }
         let c = x.shape[1];
-        if self.groups == 0 || c % self.groups != 0 {
+        if self.groups == 0 || !c.is_multiple_of(self.groups) {
             return Err(format!("{} groups do not divide {c} channels", self.groups));
         }
         expect_vector("weight", i[1], c, x)?;

@@ -11,13 +11,13 @@ pub(super) fn loss(ctx: &mut Ctx, op: &Op, dy: Value) -> Grads {
     inputs.push(dy);
     inputs.extend((3..ctx.num_inputs()).map(|i| ctx.input(i)));
     let grad: Op = match op {
-        Op::SigmoidBceLoss(o) => SigmoidBceLossGrad { norm: o.norm.clone() }.into(),
+        Op::SigmoidBceLoss(o) => SigmoidBceLossGrad { norm: o.norm }.into(),
         Op::SmoothL1Loss(o) => SmoothL1LossGrad {
             beta: o.beta,
-            norm: o.norm.clone(),
+            norm: o.norm,
         }
         .into(),
-        Op::SoftmaxCrossEntropyLoss(o) => SoftmaxCrossEntropyLossGrad { norm: o.norm.clone() }.into(),
+        Op::SoftmaxCrossEntropyLoss(o) => SoftmaxCrossEntropyLossGrad { norm: o.norm }.into(),
         other => return Err(format!("`{}` is not a loss", other.name())),
     };
     let mut grads = vec![Some(ctx.emit(grad, &inputs)?)];
