@@ -23,6 +23,14 @@ pub struct Benchmark {
     pub measured_heap_peak_bytes: Option<usize>,
 }
 
+/// Threads the CPU kernels run on: `RAYON_NUM_THREADS`, else every core.
+pub fn kernel_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
     let params = ParamStore::init_random(&compiled.graph, 0, device)?;
     let mut inputs = Vec::new();
@@ -36,10 +44,7 @@ pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
     let seconds = start.elapsed().as_secs_f64();
     Ok(Benchmark {
         device: format!("{device:?}"),
-        threads: std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: kernel_threads(),
         seconds,
         fps: 1.0 / seconds,
         measured_peak_activation_bytes: out.peak_live_bytes,

@@ -89,8 +89,8 @@ impl TrainArgs {
 
     fn options(&self) -> Result<vitdet::compile::TrainOptions> {
         use vitdet::compile::CheckpointChoice as C;
+        // `--attention` reaches the config through `CompileOptions::attention`.
         Ok(vitdet::compile::TrainOptions {
-            attention: self.attention(),
             fuse_attention: !self.no_fuse,
             checkpoint: self.checkpoint.map(|c| match c {
                 CheckpointArg::None => C::None,

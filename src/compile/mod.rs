@@ -45,13 +45,18 @@ pub struct Compiled {
     pub report: CompileReport,
 }
 
-pub fn load_config(opts: &CompileOptions) -> Result<ModelConfig> {
-    let mut config = ModelConfig::load(&opts.model)?;
-    if let Some(size) = opts.image_size {
+/// A preset or config file with the command line's `--image-size` and `--attention` applied.
+pub fn load_config(
+    model: &str,
+    image_size: Option<usize>,
+    attention: Option<vitdet_models::AttentionStrategy>,
+) -> Result<ModelConfig> {
+    let mut config = ModelConfig::load(model)?;
+    if let Some(size) = image_size {
         config.image_size = size;
         config.validate().with_context(|| format!("--image-size {size}"))?;
     }
-    if let Some(a) = opts.attention {
+    if let Some(a) = attention {
         config.attention = a;
         config.validate().context("--attention")?;
     }
@@ -59,7 +64,8 @@ pub fn load_config(opts: &CompileOptions) -> Result<ModelConfig> {
 }
 
 pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
-    compile_config(&opts.model, load_config(opts)?, opts.target.clone())
+    let config = load_config(&opts.model, opts.image_size, opts.attention)?;
+    compile_config(&opts.model, config, opts.target.clone())
 }
 
 /// Compiles an already loaded config (`name` labels the report).

@@ -143,7 +143,7 @@ pub fn calibrate_cpu() -> Result<DeviceProfile> {
     let launch = best(&|| small.affine(1.0, 1.0).map(drop).map_err(Into::into), 50)?;
     let matmul_rate = 2.0 * (n * n * n) as f64 / matmul;
     Ok(DeviceProfile {
-        name: format!("cpu ({} threads, measured)", rayon_threads()),
+        name: format!("cpu ({} threads, measured)", crate::bench::kernel_threads()),
         matmul_f32: matmul_rate,
         matmul_low: matmul_rate,
         bf16: false,
@@ -155,11 +155,4 @@ pub fn calibrate_cpu() -> Result<DeviceProfile> {
         memory_efficiency: 1.0,
         launch_seconds: launch,
     })
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }

@@ -11,7 +11,7 @@ mod measure;
 mod plot;
 mod table;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use vitdet_models::{AttentionStrategy, ModelConfig};
 use vitdet_passes::timing::{predict_step_time, DeviceProfile, TimeEstimate};
@@ -270,16 +270,7 @@ fn configurations(
 
 /// Runs a study: compiles every configuration, predicts, and measures if asked.
 pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> {
-    let config = ModelConfig::load(&opts.model)?;
-    let config = match opts.image_size {
-        Some(s) => {
-            let mut c = config;
-            c.image_size = s;
-            c.validate().with_context(|| format!("--image-size {s}"))?;
-            c
-        }
-        None => config,
-    };
+    let config = crate::compile::load_config(&opts.model, opts.image_size, None)?;
     let profile = DeviceProfile::named(&opts.profile).map_err(anyhow::Error::msg)?;
     let budget_range = if opts.sweep.contains(&Dim::Budget) {
         let peak = |c| -> Result<u64> {
