@@ -11,6 +11,8 @@
 //!   half-cosine schedule; errors are [`optim::OptimError`].
 //! * [`checkpoint`] saves and loads training checkpoints (parameters, optimizer state, iteration)
 //!   as one safetensors file, atomically; errors are [`checkpoint::CheckpointError`].
+//! * [`cuda`]: the runtime's own CUDA C kernels (fused attention, ...), compiled by NVRTC
+//!   with the `cuda` feature and launched in place of candle ops on CUDA tensors.
 //! * [`preprocess`] reads images and applies detectron2's ViTDet test-time preprocessing.
 //! * [`alloc::retain_freed_memory`] (opt-in, for applications) stops glibc from returning large
 //!   freed blocks to the kernel, which otherwise costs a page fault per 4 KiB of every large
@@ -27,6 +29,7 @@
 
 pub mod alloc;
 pub mod checkpoint;
+pub mod cuda;
 pub mod dtype;
 mod error;
 pub mod executor;

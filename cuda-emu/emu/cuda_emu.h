@@ -1,0 +1,90 @@
+// A host emulation of the small part of CUDA C the runtime's kernels use, so the very sources
+// NVRTC compiles for the GPU also run (slowly) on the CPU: every block of a launch runs in
+// turn, its threads as OS threads meeting at `__syncthreads()` on a barrier. `__shared__`
+// variables become statics (blocks run one at a time), dynamic shared memory is one buffer
+// filled with NaN bytes so reading it before writing shows. Warp intrinsics are not provided:
+// kernels that need them do not build here, which keeps them out of the tested set.
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
+};
+
+namespace emu {
+inline thread_local dim3 thread_idx;
+inline thread_local dim3 block_idx;
+inline dim3 block_dim;
+inline dim3 grid_dim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<unsigned char> dynamic_shared;
+
+inline std::mutex launch_lock;
+
+// Runs one launch; launches are serialized (the emulated device state above is global).
+template <class F>
+void launch(dim3 grid, dim3 block, size_t shared_bytes, F&& body) {
+    std::lock_guard<std::mutex> serial(launch_lock);
+    block_dim = block;
+    grid_dim = grid;
+    dynamic_shared.assign(shared_bytes, 0xFF);
+    const unsigned threads = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                std::barrier<> barrier(threads);
+                block_barrier = &barrier;
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (unsigned t = 0; t < threads; ++t) {
+                    pool.emplace_back([&, t] {
+                        thread_idx = dim3(t % block.x, t / block.x % block.y, t / block.x / block.y);
+                        block_idx = dim3(bx, by, bz);
+                        body();
+                        // A thread that returns leaves the barrier's later phases, as an exited
+                        // GPU thread no longer counts at __syncthreads.
+                        barrier.arrive_and_drop();
+                    });
+                }
+                for (auto& th : pool) th.join();
+            }
+}
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+#define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dynamic_shared.data())

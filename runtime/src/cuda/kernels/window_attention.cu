@@ -1,0 +1,402 @@
+// Fused windowed attention (vitdet_ir::ops::WindowAttention), flash-attention style: one
+// thread owns one query row (forward, dq pass) or one key row (dk/dv pass) and streams the
+// other side through shared-memory tiles, so neither the [heads, N, N] logits nor the
+// probabilities are ever stored. The window partition, the padding (padded tokens' q, k, v
+// are the qkv bias, or zero) and the unpartition + crop are folded into the indexing: every
+// kernel reads `qkv [B, H, W, 3C]` and writes `[B, H, W, C]` directly.
+//
+// The decomposed relative-position term (detectron2) enters as per-row tables
+// relh [rows, wh] = q . rh and relw [rows, ww] = q . rw, rows = (window, head, query), built
+// by `window_attention_rel_tables`: the logit of (i, j) adds relh[i, y_j] + relw[i, x_j].
+// The BEiT bias is read from its [heads, N, N] input.
+//
+// Compile-time constants: HD (head dim, so per-thread rows stay in registers); WIN_MAX
+// (largest window side the decomposed-gradient rows hold).
+
+#ifndef WIN_MAX
+#define WIN_MAX 64
+#endif
+#define BQ 128  // threads (rows) per block
+#define BK 32   // keys per shared tile in the forward and dq passes
+#define QT 16   // queries per shared tile in the dk/dv pass
+
+struct WinGeom {
+    int batch, h, w;         // unpadded token grid
+    int wh, ww;              // window
+    int gh, gw;              // windows along each axis
+    int heads, hd, channels; // channels = heads * hd
+    float scale;
+    int rel;                 // 0 none, 1 decomposed, 2 BEiT bias
+    int has_bias;
+};
+
+struct Tok {
+    int b, y, x, ly, lx;
+    bool valid;  // an unpadded token
+};
+
+// Token `t` of window `w` (windows numbered batch-major, then row-major within the image).
+__device__ __forceinline__ Tok token(const WinGeom& g, int w, int t) {
+    const int nw = g.gh * g.gw;
+    const int b = w / nw, wi = w % nw;
+    Tok k;
+    k.b = b;
+    k.ly = t / g.ww;
+    k.lx = t % g.ww;
+    k.y = (wi / g.gw) * g.wh + k.ly;
+    k.x = (wi % g.gw) * g.ww + k.lx;
+    k.valid = k.y < g.h && k.x < g.w;
+    return k;
+}
+
+// Index of the first element of a valid token's row in a [B, H, W, stride] tensor.
+__device__ __forceinline__ long token_row(const WinGeom& g, const Tok& k, int stride) {
+    return ((long)(k.b * g.h + k.y) * g.w + k.x) * stride;
+}
+
+// Element d of part (0 q, 1 k, 2 v) of head h for a token, padded tokens reading the bias.
+template <class T>
+__device__ __forceinline__ float head_elem(const T* qkv, const T* bias, const WinGeom& g, const Tok& k,
+                                           int part, int h, int d) {
+    const int c = part * g.channels + h * HD + d;
+    if (k.valid) return to_f32(qkv[token_row(g, k, 3 * g.channels) + c]);
+    return g.has_bias ? to_f32(bias[c]) : 0.0f;
+}
+
+// The relative-position term of logit (query i, key j) for (window, head) row `row`.
+template <class T>
+__device__ __forceinline__ float rel_logit(const WinGeom& g, const float* relh, const float* relw,
+                                           const T* relbias, long row, int h, int i, int j) {
+    if (g.rel == 1) return relh[row * g.wh + j / g.ww] + relw[row * g.ww + j % g.ww];
+    if (g.rel == 2) {
+        const long n = (long)g.wh * g.ww;
+        return to_f32(relbias[((long)h * n + i) * n + j]);
+    }
+    return 0.0f;
+}
+
+// Forward. Grid (ceil(N / BQ), heads, windows), BQ threads. Writes `out` for unpadded queries
+// and `lse [windows, heads, N]` (padded query rows untouched: the caller zero-fills).
+template <class T>
+__device__ void wa_fwd(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                       T* out, float* lse, WinGeom g) {
+    __shared__ float ks[BK][HD];
+    __shared__ float vs[BK][HD];
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int i = blockIdx.x * BQ + threadIdx.x;
+    const Tok qt = token(g, w, i < n ? i : 0);
+    const bool active = i < n && qt.valid;
+    const long row = ((long)w * g.heads + h) * n + i;
+    float q[HD], acc[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        q[d] = active ? head_elem(qkv, bias, g, qt, 0, h, d) : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = VITDET_NEG_INF, l = 0.0f;
+    for (int j0 = 0; j0 < n; j0 += BK) {
+        const int nk = imin(BK, n - j0);
+        for (int e = threadIdx.x; e < nk * HD; e += blockDim.x) {
+            const int jj = e / HD, d = e % HD;
+            const Tok kt = token(g, w, j0 + jj);
+            ks[jj][d] = head_elem(qkv, bias, g, kt, 1, h, d);
+            vs[jj][d] = head_elem(qkv, bias, g, kt, 2, h, d);
+        }
+        __syncthreads();
+        if (active) {
+            float s[BK];
+            float mt = VITDET_NEG_INF;
+#pragma unroll
+            for (int jj = 0; jj < BK; ++jj) {
+                if (jj < nk) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int d = 0; d < HD; ++d) dot += q[d] * ks[jj][d];
+                    s[jj] = g.scale * dot + rel_logit(g, relh, relw, relbias, row, h, i, j0 + jj);
+                    mt = fmaxf(mt, s[jj]);
+                }
+            }
+            const float mn = fmaxf(m, mt);
+            const float corr = expf(m - mn);
+            l *= corr;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) acc[d] *= corr;
+#pragma unroll
+            for (int jj = 0; jj < BK; ++jj) {
+                if (jj < nk) {
+                    const float p = expf(s[jj] - mn);
+                    l += p;
+#pragma unroll
+                    for (int d = 0; d < HD; ++d) acc[d] += p * vs[jj][d];
+                }
+            }
+            m = mn;
+        }
+        __syncthreads();
+    }
+    if (active) {
+        T* o = out + token_row(g, qt, g.channels) + h * HD;
+        const float inv = 1.0f / l;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) o[d] = from_f32<T>(acc[d] * inv);
+        lse[row] = m + logf(l);
+    }
+}
+
+// Backward, query side. Same grid as the forward. For each unpadded query i it recomputes
+// P = exp(logit - lse), with D_i = dout_i . out_i (stored in `dsum` for the key side):
+// dS = P (dout_i . v_j - D_i), dq_i = scale sum_j dS k_j plus the decomposed term's
+// sum_j dS (rh[y_i, y_j] + rw[x_i, x_j]); the decomposed rows' gradients go to drelh / drelw,
+// the BEiT bias gradient is accumulated into drelbias [heads, N, N] (f32, zero-filled).
+template <class T>
+__device__ void wa_bwd_q(const T* qkv, const T* bias, const float* relh, const float* relw, const T* rh,
+                         const T* rw, const T* relbias, const T* out, const T* dout, const float* lse,
+                         float* dsum, float* drelh, float* drelw, float* drelbias, T* dqkv, WinGeom g) {
+    __shared__ float ks[BK][HD];
+    __shared__ float vs[BK][HD];
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int i = blockIdx.x * BQ + threadIdx.x;
+    const Tok qt = token(g, w, i < n ? i : 0);
+    const bool active = i < n && qt.valid;
+    const long row = ((long)w * g.heads + h) * n + i;
+    float q[HD], dout_i[HD], dq[HD];
+    float dlse = 0.0f, row_lse = 0.0f;
+    if (active) {
+        const long o = token_row(g, qt, g.channels) + h * HD;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) {
+            q[d] = head_elem(qkv, bias, g, qt, 0, h, d);
+            dout_i[d] = to_f32(dout[o + d]);
+            dlse += dout_i[d] * to_f32(out[o + d]);
+            dq[d] = 0.0f;
+        }
+        dsum[row] = dlse;
+        row_lse = lse[row];
+    }
+    float gh[WIN_MAX], gw[WIN_MAX];
+    for (int a = 0; a < WIN_MAX; ++a) {
+        gh[a] = 0.0f;
+        gw[a] = 0.0f;
+    }
+    for (int j0 = 0; j0 < n; j0 += BK) {
+        const int nk = imin(BK, n - j0);
+        for (int e = threadIdx.x; e < nk * HD; e += blockDim.x) {
+            const int jj = e / HD, d = e % HD;
+            const Tok kt = token(g, w, j0 + jj);
+            ks[jj][d] = head_elem(qkv, bias, g, kt, 1, h, d);
+            vs[jj][d] = head_elem(qkv, bias, g, kt, 2, h, d);
+        }
+        __syncthreads();
+        if (active) {
+            for (int jj = 0; jj < nk; ++jj) {
+                const int j = j0 + jj;
+                float dot = 0.0f, dp = 0.0f;
+#pragma unroll
+                for (int d = 0; d < HD; ++d) {
+                    dot += q[d] * ks[jj][d];
+                    dp += dout_i[d] * vs[jj][d];
+                }
+                const float s = g.scale * dot + rel_logit(g, relh, relw, relbias, row, h, i, j);
+                const float ds = expf(s - row_lse) * (dp - dlse);
+                const float sds = g.scale * ds;
+#pragma unroll
+                for (int d = 0; d < HD; ++d) dq[d] += sds * ks[jj][d];
+                if (g.rel == 1) {
+                    gh[j / g.ww] += ds;
+                    gw[j % g.ww] += ds;
+                } else if (g.rel == 2) {
+                    atomicAdd(&drelbias[((long)h * n + i) * n + j], ds);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    if (g.rel == 1) {
+        for (int a = 0; a < g.wh; ++a) {
+            drelh[row * g.wh + a] = gh[a];
+            const T* r = rh + ((long)qt.ly * g.wh + a) * HD;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) dq[d] += gh[a] * to_f32(r[d]);
+        }
+        for (int a = 0; a < g.ww; ++a) {
+            drelw[row * g.ww + a] = gw[a];
+            const T* r = rw + ((long)qt.lx * g.ww + a) * HD;
+#pragma unroll
+            for (int d = 0; d < HD; ++d) dq[d] += gw[a] * to_f32(r[d]);
+        }
+    }
+    T* o = dqkv + token_row(g, qt, 3 * g.channels) + h * HD;
+#pragma unroll
+    for (int d = 0; d < HD; ++d) o[d] = from_f32<T>(dq[d]);
+}
+
+// Backward, key side. Grid (ceil(N / BQ), heads, windows); one thread per key j (padded keys
+// included: their gradient is the qkv bias's, accumulated into dbias [3C] f32, zero-filled).
+// dv_j = sum_i P dout_i, dk_j = scale sum_i dS q_i over the unpadded queries.
+template <class T>
+__device__ void wa_bwd_kv(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                          const T* dout, const float* lse, const float* dsum, float* dbias, T* dqkv, WinGeom g) {
+    __shared__ float qs[QT][HD];
+    __shared__ float dos[QT][HD];
+    __shared__ float lses[QT], dsums[QT];
+    __shared__ int valid[QT];
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int j = blockIdx.x * BQ + threadIdx.x;
+    const Tok kt = token(g, w, j < n ? j : 0);
+    const bool active = j < n;
+    const long rows = ((long)w * g.heads + h) * n;  // row of query 0
+    float k[HD], v[HD], dk[HD], dv[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) {
+        k[d] = active ? head_elem(qkv, bias, g, kt, 1, h, d) : 0.0f;
+        v[d] = active ? head_elem(qkv, bias, g, kt, 2, h, d) : 0.0f;
+        dk[d] = 0.0f;
+        dv[d] = 0.0f;
+    }
+    for (int i0 = 0; i0 < n; i0 += QT) {
+        const int nq = imin(QT, n - i0);
+        for (int e = threadIdx.x; e < nq * HD; e += blockDim.x) {
+            const int ii = e / HD, d = e % HD;
+            const Tok qt = token(g, w, i0 + ii);
+            qs[ii][d] = qt.valid ? head_elem(qkv, bias, g, qt, 0, h, d) : 0.0f;
+            dos[ii][d] = qt.valid ? to_f32(dout[token_row(g, qt, g.channels) + h * HD + d]) : 0.0f;
+        }
+        for (int ii = threadIdx.x; ii < nq; ii += blockDim.x) {
+            const Tok qt = token(g, w, i0 + ii);
+            valid[ii] = qt.valid;
+            lses[ii] = qt.valid ? lse[rows + i0 + ii] : 0.0f;
+            dsums[ii] = qt.valid ? dsum[rows + i0 + ii] : 0.0f;
+        }
+        __syncthreads();
+        if (active) {
+            for (int ii = 0; ii < nq; ++ii) {
+                if (!valid[ii]) continue;
+                const int i = i0 + ii;
+                float dot = 0.0f, dp = 0.0f;
+#pragma unroll
+                for (int d = 0; d < HD; ++d) {
+                    dot += qs[ii][d] * k[d];
+                    dp += dos[ii][d] * v[d];
+                }
+                const float s = g.scale * dot + rel_logit(g, relh, relw, relbias, rows + i, h, i, j);
+                const float p = expf(s - lses[ii]);
+                const float sds = g.scale * p * (dp - dsums[ii]);
+#pragma unroll
+                for (int d = 0; d < HD; ++d) {
+                    dv[d] += p * dos[ii][d];
+                    dk[d] += sds * qs[ii][d];
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!active) return;
+    if (kt.valid) {
+        T* o = dqkv + token_row(g, kt, 3 * g.channels) + h * HD;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) {
+            o[g.channels + d] = from_f32<T>(dk[d]);
+            o[2 * g.channels + d] = from_f32<T>(dv[d]);
+        }
+    } else if (g.has_bias) {
+#pragma unroll
+        for (int d = 0; d < HD; ++d) {
+            atomicAdd(&dbias[g.channels + h * HD + d], dk[d]);
+            atomicAdd(&dbias[2 * g.channels + h * HD + d], dv[d]);
+        }
+    }
+}
+
+// The decomposed term's tables: relh [rows, wh] = q_i . rh[y_i, :], relw [rows, ww] =
+// q_i . rw[x_i, :], rows = (window, head, query). One thread per row; padded queries' rows
+// are zero. Grid ceil(rows / BQ), BQ threads.
+template <class T>
+__device__ void wa_rel_tables(const T* qkv, const T* bias, const T* rh, const T* rw, float* relh, float* relw,
+                              WinGeom g) {
+    const int n = g.wh * g.ww;
+    const long total = (long)g.batch * g.gh * g.gw * g.heads * n;
+    const long row = (long)blockIdx.x * BQ + threadIdx.x;
+    if (row >= total) return;
+    const int i = (int)(row % n), h = (int)(row / n % g.heads), w = (int)(row / n / g.heads);
+    const Tok qt = token(g, w, i);
+    float q[HD];
+#pragma unroll
+    for (int d = 0; d < HD; ++d) q[d] = qt.valid ? head_elem(qkv, bias, g, qt, 0, h, d) : 0.0f;
+    for (int a = 0; a < g.wh; ++a) {
+        const T* r = rh + ((long)qt.ly * g.wh + a) * HD;
+        float dot = 0.0f;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) dot += q[d] * to_f32(r[d]);
+        relh[row * g.wh + a] = dot;
+    }
+    for (int a = 0; a < g.ww; ++a) {
+        const T* r = rw + ((long)qt.lx * g.ww + a) * HD;
+        float dot = 0.0f;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) dot += q[d] * to_f32(r[d]);
+        relw[row * g.ww + a] = dot;
+    }
+}
+
+// Gradient of one decomposed table with respect to its input: axis 0 gives
+// drh [wh, wh, HD] (drh[a, b, d] = sum over windows, heads and query columns of the query row
+// a of drelh[row, b] q[d]), axis 1 drw [ww, ww, HD] likewise over query rows. One thread per
+// output element, f32 output. Grid ceil(side * side * HD / BQ), BQ threads.
+template <class T>
+__device__ void wa_rel_tables_grad(const T* qkv, const T* bias, const float* drel, float* dr, WinGeom g, int axis) {
+    const int side = axis == 0 ? g.wh : g.ww;
+    const int other = axis == 0 ? g.ww : g.wh;
+    const int e = blockIdx.x * BQ + threadIdx.x;
+    if (e >= side * side * HD) return;
+    const int d = e % HD, b = e / HD % side, a = e / HD / side;
+    const int n = g.wh * g.ww;
+    const int windows = g.batch * g.gh * g.gw;
+    float acc = 0.0f;
+    for (int w = 0; w < windows; ++w) {
+        for (int o = 0; o < other; ++o) {
+            const int i = axis == 0 ? a * g.ww + o : o * g.ww + a;
+            const Tok qt = token(g, w, i);
+            if (!qt.valid) continue;
+            for (int h = 0; h < g.heads; ++h) {
+                const long row = ((long)w * g.heads + h) * n + i;
+                acc += drel[row * side + b] * head_elem(qkv, bias, g, qt, 0, h, d);
+            }
+        }
+    }
+    dr[e] = acc;
+}
+
+#define WA_ENTRY(T, S)                                                                                          \
+    extern "C" __global__ void window_attention_fwd_##S(const T* qkv, const T* bias, const float* relh,         \
+                                                        const float* relw, const T* relbias, T* out,            \
+                                                        float* lse, WinGeom g) {                                \
+        wa_fwd<T>(qkv, bias, relh, relw, relbias, out, lse, g);                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void window_attention_bwd_q_##S(                                                      \
+        const T* qkv, const T* bias, const float* relh, const float* relw, const T* rh, const T* rw,            \
+        const T* relbias, const T* out, const T* dout, const float* lse, float* dsum, float* drelh,             \
+        float* drelw, float* drelbias, T* dqkv, WinGeom g) {                                                    \
+        wa_bwd_q<T>(qkv, bias, relh, relw, rh, rw, relbias, out, dout, lse, dsum, drelh, drelw, drelbias, dqkv, \
+                    g);                                                                                         \
+    }                                                                                                           \
+    extern "C" __global__ void window_attention_bwd_kv_##S(const T* qkv, const T* bias, const float* relh,      \
+                                                           const float* relw, const T* relbias, const T* dout,  \
+                                                           const float* lse, const float* dsum, float* dbias,   \
+                                                           T* dqkv, WinGeom g) {                                \
+        wa_bwd_kv<T>(qkv, bias, relh, relw, relbias, dout, lse, dsum, dbias, dqkv, g);                          \
+    }                                                                                                           \
+    extern "C" __global__ void window_attention_rel_tables_##S(const T* qkv, const T* bias, const T* rh,        \
+                                                               const T* rw, float* relh, float* relw,           \
+                                                               WinGeom g) {                                     \
+        wa_rel_tables<T>(qkv, bias, rh, rw, relh, relw, g);                                                     \
+    }                                                                                                           \
+    extern "C" __global__ void window_attention_rel_tables_grad_##S(const T* qkv, const T* bias,               \
+                                                                    const float* drel, float* dr, WinGeom g,   \
+                                                                    int axis) {                                \
+        wa_rel_tables_grad<T>(qkv, bias, drel, dr, g, axis);                                                    \
+    }
+VITDET_FOR_EACH_FLOAT(WA_ENTRY)

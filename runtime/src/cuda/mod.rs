@@ -1,0 +1,38 @@
+//! The runtime's own CUDA kernels, for the ops where candle's CUDA backend is slow or missing.
+//!
+//! The kernels are CUDA C ([`sources`]) compiled at run time by NVRTC, so building the
+//! `cuda` feature needs no kernel compiler beyond candle's own. Their parameter blocks and
+//! launch geometry live here and are always compiled: the host emulator (the
+//! `vitdet-cuda-emu` crate) runs the very same sources with the same launches on the CPU, which
+//! is how the kernels are tested on machines without a GPU. With the `cuda` feature, [`device`]
+//! compiles, caches and launches them on candle CUDA tensors.
+
+#[cfg(feature = "cuda")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod pool;
+pub mod sources;
+pub mod window_attention;
+
+/// Grid and block of one kernel launch (`#[repr(C)]`: the emulator takes it by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+impl Launch {
+    /// A one-dimensional launch of `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: usize, threads: u32) -> Launch {
+        Launch {
+            grid: [blocks as u32, 1, 1],
+            block: [threads, 1, 1],
+        }
+    }
+
+    /// Enough blocks of `threads` threads to cover `items`.
+    pub fn covering(items: usize, threads: u32) -> Launch {
+        Launch::linear(items.div_ceil(threads as usize).max(1), threads)
+    }
+}
