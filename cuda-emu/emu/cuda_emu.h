@@ -88,3 +88,18 @@ inline unsigned __float_as_uint(float f) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 #define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dynamic_shared.data())
+
+// The launch geometry the Rust side passes by value (vitdet_runtime::cuda::Launch).
+struct Launch {
+    unsigned grid[3];
+    unsigned block[3];
+};
+
+// `extern "C" void emu_<name>(Launch l, params...)`: launches kernel `name` with `smem` bytes
+// of dynamic shared memory (an expression of the parameters).
+#define EMU_LAUNCHER_SMEM(name, smem, params, args)                                                       \
+    extern "C" void emu_##name params {                                                                  \
+        emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), smem, \
+                    [&] { name args; });                                                                 \
+    }
+#define EMU_LAUNCHER(name, params, args) EMU_LAUNCHER_SMEM(name, 0, params, args)

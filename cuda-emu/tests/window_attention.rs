@@ -7,7 +7,7 @@
 //! rows), which over rows of at most 35 tokens and head dim 8 stays near 1e-7.
 
 use candle_core::{Device, Tensor};
-use vitdet_cuda_emu::{window_attention, window_attention_grad, HEAD_DIM};
+use vitdet_cuda_emu::window_attention::{window_attention, window_attention_grad, HEAD_DIM};
 use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad, WindowRelPos};
 use vitdet_runtime::kernels::window_attention as cpu;
 

@@ -14,6 +14,16 @@ pub mod pool;
 pub mod sources;
 pub mod window_attention;
 
+/// Every kernel module, with representative compile-time constants: what the NVRTC
+/// compile test builds.
+pub fn modules() -> Vec<sources::Module> {
+    vec![
+        // The attention kernels at ViTDet-B/L (64) and ViT-H (80) head dims.
+        window_attention::module_for_head_dim(64),
+        window_attention::module_for_head_dim(80),
+    ]
+}
+
 /// Grid and block of one kernel launch (`#[repr(C)]`: the emulator takes it by value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,24 +1,32 @@
-//! The CUDA C sources of the runtime's kernels and the program text NVRTC compiles.
+//! The program text NVRTC compiles: compile-time constants, the common header, one kernel
+//! source. Each kernel family keeps its source next to its launch code (`include_str!` of
+//! `kernels/<family>.cu`).
 
 /// Storage types, conversions and helpers every kernel source starts with.
 pub const COMMON: &str = include_str!("kernels/common.cuh");
-/// Fused windowed attention, forward and backward ([`super::window_attention`]).
-pub const WINDOW_ATTENTION: &str = include_str!("kernels/window_attention.cu");
 
-/// One kernel module: its source and the compile-time constants it is specialized on.
+/// One kernel module: a family's source and the compile-time constants it is specialized on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Module {
+    /// The family's name (`window_attention`, ...).
+    pub family: &'static str,
     pub source: &'static str,
     pub defines: Vec<(&'static str, String)>,
 }
 
 impl Module {
-    /// A name unique to the source and its constants (the cache key of the compiled module).
+    /// A module without compile-time constants.
+    pub fn plain(family: &'static str, source: &'static str) -> Module {
+        Module {
+            family,
+            source,
+            defines: Vec::new(),
+        }
+    }
+
+    /// A name unique to the family and its constants (the cache key of the compiled module).
     pub fn name(&self) -> String {
-        let mut name = match self.source {
-            s if std::ptr::eq(s, WINDOW_ATTENTION) => "window_attention".to_string(),
-            _ => format!("module{:x}", self.source.as_ptr() as usize),
-        };
+        let mut name = self.family.to_string();
         for (k, v) in &self.defines {
             name.push_str(&format!("_{k}{v}"));
         }

@@ -9,7 +9,10 @@
 
 use vitdet_ir::ops::{WindowAttention, WindowGeometry, WindowRelPos};
 
-use super::sources::{Module, WINDOW_ATTENTION};
+use super::sources::Module;
+
+/// The kernels' CUDA C source.
+pub const SOURCE: &str = include_str!("kernels/window_attention.cu");
 use super::Launch;
 
 /// Threads per block of every window-attention kernel (`BQ` in the source).
@@ -18,6 +21,15 @@ pub const THREADS: u32 = 128;
 pub const WIN_MAX: usize = 64;
 /// Largest head dimension the kernels are compiled for (per-thread rows live in registers).
 pub const HEAD_DIM_MAX: usize = 128;
+
+/// The kernels compiled for head dimension `hd`.
+pub fn module_for_head_dim(hd: usize) -> Module {
+    Module {
+        family: "window_attention",
+        source: SOURCE,
+        defines: vec![("HD", hd.to_string())],
+    }
+}
 
 /// The kernels' parameter block (`struct WinGeom` in the source).
 #[repr(C)]
@@ -131,9 +143,233 @@ impl WinGeom {
 
     /// The module these parameters need (specialized on the head dimension).
     pub fn module(&self) -> Module {
-        Module {
-            source: WINDOW_ATTENTION,
-            defines: vec![("HD", self.hd.to_string())],
+        module_for_head_dim(self.hd as usize)
+    }
+}
+
+/// The kernels on candle CUDA tensors, in the order the module doc gives.
+#[cfg(feature = "cuda")]
+pub mod run {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::{DType, Tensor};
+    use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad};
+    use vitdet_ir::TensorType;
+
+    use super::WinGeom;
+    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros};
+    use crate::kernels::{KernelError, KernelResult};
+
+    /// Whether the kernels take this application (dtype and geometry); the caller runs the
+    /// candle-op kernel otherwise.
+    pub fn supports(op: &WindowAttention, qkv: &Tensor) -> bool {
+        geometry(op, qkv).is_ok()
+    }
+
+    fn geometry(op: &WindowAttention, qkv: &Tensor) -> KernelResult<WinGeom> {
+        suffix(qkv.dtype())?;
+        let dt = crate::dtype::from_candle(qkv.dtype())
+            .ok_or_else(|| KernelError::Unsupported(format!("qkv dtype {:?}", qkv.dtype())))?;
+        let g = op
+            .geometry(&TensorType::new(dt, qkv.dims().to_vec()))
+            .map_err(|m| KernelError::Unsupported(format!("window_attention: {m}")))?;
+        WinGeom::new(op, &g).map_err(|m| KernelError::Unsupported(format!("window_attention on CUDA: {m}")))
+    }
+
+    /// The forward inputs, contiguous, in the op's order.
+    struct Operands {
+        g: WinGeom,
+        dev: CudaDevice,
+        dtype: DType,
+        qkv: Tensor,
+        bias: Option<Tensor>,
+        rh: Option<Tensor>,
+        rw: Option<Tensor>,
+        relbias: Option<Tensor>,
+    }
+
+    impl Operands {
+        fn new(op: &WindowAttention, x: &[Tensor]) -> KernelResult<Operands> {
+            let g = geometry(op, &x[0])?;
+            let c = |t: &Tensor| -> KernelResult<Tensor> {
+                if t.dtype() != x[0].dtype() {
+                    return Err(KernelError::Unsupported(format!(
+                        "window_attention: input dtypes differ ({:?} and {:?})",
+                        x[0].dtype(),
+                        t.dtype()
+                    )));
+                }
+                Ok(t.contiguous()?)
+            };
+            let mut next = 1;
+            let bias = if op.qkv_bias {
+                next += 1;
+                Some(c(&x[1])?)
+            } else {
+                None
+            };
+            let (mut rh, mut rw, mut relbias) = (None, None, None);
+            match g.rel {
+                1 => {
+                    rh = Some(c(&x[next])?);
+                    rw = Some(c(&x[next + 1])?);
+                }
+                2 => relbias = Some(c(&x[next])?),
+                _ => {}
+            }
+            Ok(Operands {
+                g,
+                dev: cuda_device(&x[0])?,
+                dtype: x[0].dtype(),
+                qkv: c(&x[0])?,
+                bias,
+                rh,
+                rw,
+                relbias,
+            })
         }
+
+        /// An absent optional input: the kernels never read it, any buffer of the type will do.
+        fn or_qkv<'a>(&'a self, t: &'a Option<Tensor>) -> &'a Tensor {
+            t.as_ref().unwrap_or(&self.qkv)
+        }
+
+        fn name(&self, kernel: &str) -> KernelResult<String> {
+            Ok(format!("window_attention_{kernel}_{}", suffix(self.dtype)?))
+        }
+
+        /// relh, relw (one-element placeholders without the decomposed term).
+        fn rel_tables<T: CudaDType>(&self) -> KernelResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+            let g = self.g;
+            if g.rel != 1 {
+                return Ok((zeros(&self.dev, 1)?, zeros(&self.dev, 1)?));
+            }
+            let mut relh = zeros::<f32>(&self.dev, g.rows() * g.wh as usize)?;
+            let mut relw = zeros::<f32>(&self.dev, g.rows() * g.ww as usize)?;
+            let f = function(&self.dev, &g.module(), &self.name("rel_tables")?)?;
+            let (qs, ql) = self.qkv.storage_and_layout();
+            let bias = self.or_qkv(&self.bias);
+            let (bs, bl) = bias.storage_and_layout();
+            let (hs, hl) = self.rh.as_ref().expect("decomposed").storage_and_layout();
+            let (ws, wl) = self.rw.as_ref().expect("decomposed").storage_and_layout();
+            let (q, b, rh, rw) = (view::<T>(&qs, ql)?, view::<T>(&bs, bl)?, view::<T>(&hs, hl)?, view::<T>(&ws, wl)?);
+            let mut l = f.builder();
+            l.arg(&q).arg(&b).arg(&rh).arg(&rw).arg(&mut relh).arg(&mut relw).arg(&g);
+            unsafe { l.launch(config(g.rel_tables(), 0)) }.map_err(candle_core::Error::wrap)?;
+            Ok((relh, relw))
+        }
+    }
+
+    /// Forward: `[out, lse]`.
+    pub fn forward(op: &WindowAttention, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
+        let o = Operands::new(op, x)?;
+        match o.dtype {
+            DType::F32 => forward_t::<f32>(&o),
+            DType::F16 => forward_t::<half::f16>(&o),
+            DType::BF16 => forward_t::<half::bf16>(&o),
+            d => Err(KernelError::Unsupported(format!("window_attention on CUDA: dtype {d:?}"))),
+        }
+    }
+
+    fn forward_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+        o: &Operands,
+    ) -> KernelResult<Vec<Tensor>> {
+        let g = o.g;
+        let (relh, relw) = o.rel_tables::<T>()?;
+        let mut out = zeros::<T>(&o.dev, g.out_elems())?;
+        let mut lse = zeros::<f32>(&o.dev, g.rows())?;
+        let f = function(&o.dev, &g.module(), &o.name("fwd")?)?;
+        {
+            let (qs, ql) = o.qkv.storage_and_layout();
+            let bias = o.or_qkv(&o.bias);
+            let (bs, bl) = bias.storage_and_layout();
+            let relbias = o.or_qkv(&o.relbias);
+            let (rs, rl) = relbias.storage_and_layout();
+            let (q, b, rb) = (view::<T>(&qs, ql)?, view::<T>(&bs, bl)?, view::<T>(&rs, rl)?);
+            let mut l = f.builder();
+            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&mut out).arg(&mut lse).arg(&g);
+            unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
+        let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
+        Ok(vec![
+            tensor(out, (b, h, w, c), &o.dev),
+            tensor(lse, (g.windows(), g.heads as usize, g.tokens()), &o.dev),
+        ])
+    }
+
+    /// Backward: one gradient per forward input.
+    pub fn backward(op: &WindowAttentionGrad, x: &[Tensor]) -> KernelResult<Vec<Tensor>> {
+        let fwd = op.forward();
+        let nf = fwd.num_inputs();
+        let o = Operands::new(&fwd, &x[..nf])?;
+        let rest = [x[nf].contiguous()?, x[nf + 1].contiguous()?, x[nf + 2].contiguous()?];
+        let grads = match o.dtype {
+            DType::F32 => backward_t::<f32>(&o, &rest),
+            DType::F16 => backward_t::<half::f16>(&o, &rest),
+            DType::BF16 => backward_t::<half::bf16>(&o, &rest),
+            d => Err(KernelError::Unsupported(format!("window_attention_grad on CUDA: dtype {d:?}"))),
+        }?;
+        // The f32 accumulators of the small inputs, back to the inputs' dtype and shapes.
+        grads
+            .into_iter()
+            .zip(x)
+            .map(|(g, input)| Ok(g.to_dtype(o.dtype)?.reshape(input.dims())?))
+            .collect()
+    }
+
+    fn backward_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+        o: &Operands,
+        [out, lse, dout]: &[Tensor; 3],
+    ) -> KernelResult<Vec<Tensor>> {
+        let g = o.g;
+        let n = g.tokens();
+        let (relh, relw) = o.rel_tables::<T>()?;
+        let mut dsum = zeros::<f32>(&o.dev, g.rows())?;
+        let mut drelh = zeros::<f32>(&o.dev, if g.rel == 1 { g.rows() * g.wh as usize } else { 1 })?;
+        let mut drelw = zeros::<f32>(&o.dev, if g.rel == 1 { g.rows() * g.ww as usize } else { 1 })?;
+        let mut drelbias = zeros::<f32>(&o.dev, if g.rel == 2 { g.heads as usize * n * n } else { 1 })?;
+        let mut dqkv = zeros::<T>(&o.dev, o.qkv.elem_count())?;
+        let mut dbias = zeros::<f32>(&o.dev, 3 * g.channels as usize)?;
+        let fq = function(&o.dev, &g.module(), &o.name("bwd_q")?)?;
+        let fkv = function(&o.dev, &g.module(), &o.name("bwd_kv")?)?;
+        let (qs, ql) = o.qkv.storage_and_layout();
+        let bias = o.or_qkv(&o.bias);
+        let (bs, bl) = bias.storage_and_layout();
+        let (rh_t, rw_t, rb_t) = (o.or_qkv(&o.rh), o.or_qkv(&o.rw), o.or_qkv(&o.relbias));
+        let ((hs, hl), (ws, wl), (rs, rl)) = (rh_t.storage_and_layout(), rw_t.storage_and_layout(), rb_t.storage_and_layout());
+        let ((os, ol), (ls, ll), (ds, dl)) = (out.storage_and_layout(), lse.storage_and_layout(), dout.storage_and_layout());
+        let q = view::<T>(&qs, ql)?;
+        let b = view::<T>(&bs, bl)?;
+        let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
+        let (outv, lsev, doutv) = (view::<T>(&os, ol)?, view::<f32>(&ls, ll)?, view::<T>(&ds, dl)?);
+        let mut l = fq.builder();
+        l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rh).arg(&rw).arg(&rb).arg(&outv).arg(&doutv).arg(&lsev);
+        l.arg(&mut dsum).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dqkv).arg(&g);
+        unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+        let mut l = fkv.builder();
+        l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum);
+        l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
+        unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+
+        let mut grads = vec![tensor(dqkv, o.qkv.dims(), &o.dev)];
+        if o.bias.is_some() {
+            grads.push(tensor(dbias, 3 * g.channels as usize, &o.dev));
+        }
+        match g.rel {
+            1 => {
+                let fg = function(&o.dev, &g.module(), &o.name("rel_tables_grad")?)?;
+                for (axis, drel) in [(0usize, &drelh), (1, &drelw)] {
+                    let mut dr = zeros::<f32>(&o.dev, g.rel_table_elems(axis))?;
+                    let axis_arg = axis as i32;
+                    let mut l = fg.builder();
+                    l.arg(&q).arg(&b).arg(drel).arg(&mut dr).arg(&g).arg(&axis_arg);
+                    unsafe { l.launch(config(g.rel_tables_grad(axis), 0)) }.map_err(candle_core::Error::wrap)?;
+                    grads.push(tensor(dr, g.rel_table_elems(axis), &o.dev));
+                }
+            }
+            2 => grads.push(tensor(drelbias, g.heads as usize * n * n, &o.dev)),
+            _ => {}
+        }
+        Ok(grads)
     }
 }

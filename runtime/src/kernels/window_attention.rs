@@ -13,6 +13,10 @@
 //! `[windows * heads, vh * vw, hd]` tensor, while its keys and values keep all `wh * ww`
 //! tokens: padded keys (q, k, v = the qkv bias) take part in the softmax as in detectron2.
 //!
+//! On CUDA devices the runtime's own kernels ([`crate::cuda::window_attention`]) run instead
+//! for f32 / f16 / bf16 inputs whose geometry they take (head dim <= 128, decomposed windows
+//! <= 64 a side); `KernelOptions::portable` forces this candle-op path.
+//!
 //! The contractions go through the runtime's `matmul` kernel (candle's gemm / cuBLAS); half
 //! types are computed in f32 (the IR's `lse_dtype`), f64 stays f64.
 
@@ -406,6 +410,10 @@ pub fn window_attention_with(op: &WindowAttention, x: &[Tensor], options: Kernel
             x.len()
         )));
     }
+    #[cfg(feature = "cuda")]
+    if x[0].device().is_cuda() && !options.portable && crate::cuda::window_attention::run::supports(op, &x[0]) {
+        return crate::cuda::window_attention::run::forward(op, x);
+    }
     let s = Setup::new(op, x, options)?;
     let g = s.g;
     let [wh, ww] = g.window;
@@ -462,6 +470,10 @@ pub fn window_attention_grad_with(
             nf + 3,
             x.len()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if x[0].device().is_cuda() && !options.portable && crate::cuda::window_attention::run::supports(&fwd, &x[0]) {
+        return crate::cuda::window_attention::run::backward(op, x);
     }
     let s = Setup::new(&fwd, &x[..nf], options)?;
     let g = s.g;

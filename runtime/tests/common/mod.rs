@@ -165,3 +165,24 @@ pub fn max_abs_diff(got: &Nd, want: &Nd) -> f64 {
 pub fn fixtures_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
+
+/// The first CUDA device, or `None` after printing why the calling test is skipped (a build
+/// without the `cuda` feature, or a machine without a GPU and its driver).
+pub fn cuda_device() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Relative L2 error of `got` against `want` (any devices and float dtypes), in f64.
+pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shapes differ");
+    let (g, w) = (Nd::from_tensor(got), Nd::from_tensor(want));
+    let diff: f64 = g.data.iter().zip(&w.data).map(|(a, b)| (a - b) * (a - b)).sum();
+    let norm: f64 = w.data.iter().map(|b| b * b).sum();
+    (diff / norm.max(1e-300)).sqrt()
+}

@@ -60,6 +60,13 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
 #define VITDET_NEG_INF (-__int_as_float(0x7f800000))
 #endif
 
+#ifndef VITDET_EMU
+// Dynamic shared memory as a typed pointer (the emulator defines its own).
+#define DYNAMIC_SHARED(T, name)                           \
+    extern __shared__ __align__(16) unsigned char name##_raw[]; \
+    T* name = reinterpret_cast<T*>(name##_raw)
+#endif
+
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // Instantiates `name<T>` as extern "C" entry points `name_f32`, `name_f16`, `name_bf16`.

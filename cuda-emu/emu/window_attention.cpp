@@ -1,20 +1,9 @@
-// Host entry points of the emulated kernels: each launches one kernel of the runtime's CUDA
-// sources over the given grid and block (see cuda_emu.h). Built with HD = 8 (head dim of the
+// Host entry points of the emulated window-attention kernels: each launches one kernel
+// over the given grid and block (see cuda_emu.h). Built with HD = 8 (head dim of the
 // attention kernels under test).
 #include "cuda_emu.h"
 #include "common.cuh"
 #include "window_attention.cu"
-
-struct Launch {
-    unsigned grid[3];
-    unsigned block[3];
-};
-
-#define EMU_LAUNCHER(name, params, args)                                                       \
-    extern "C" void emu_##name params {                                                         \
-        emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0, \
-                    [&] { name args; });                                                        \
-    }
 
 #define WA_LAUNCHERS(T, S)                                                                                        \
     EMU_LAUNCHER(window_attention_fwd_##S,                                                                        \

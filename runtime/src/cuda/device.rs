@@ -1,0 +1,141 @@
+//! Compiling, caching and launching the kernels on candle CUDA tensors (feature `cuda`).
+//!
+//! A module is compiled by NVRTC once per process for the device's compute capability (the
+//! PTX is cached by module name and architecture; candle then loads it once per device), so the
+//! first call of a kernel costs tens of milliseconds and later ones nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Shape, Storage, Tensor};
+
+use super::sources::Module;
+use super::Launch;
+use crate::kernels::{KernelError, KernelResult};
+
+fn unsupported(m: impl std::fmt::Display) -> KernelError {
+    KernelError::Unsupported(m.to_string())
+}
+
+/// The CUDA device of a tensor, or an error naming what is not on one.
+pub fn cuda_device(t: &Tensor) -> KernelResult<CudaDevice> {
+    Ok(t.device().as_cuda_device()?.clone())
+}
+
+/// `compute_XY` for the device (static: NVRTC's options take `&'static str`).
+fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
+    static ARCHS: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
+    let (major, minor) = dev.cuda_stream().context().compute_capability().map_err(|e| unsupported(e))?;
+    let mut archs = ARCHS.get_or_init(Default::default).lock().expect("arch cache");
+    Ok(*archs
+        .entry((major, minor))
+        .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str())))
+}
+
+/// PTX of `module` for `arch`, compiled on first use.
+pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
+    static CACHE: OnceLock<Mutex<HashMap<(String, &'static str), Arc<String>>>> = OnceLock::new();
+    let key = (module.name(), arch);
+    if let Some(p) = CACHE.get_or_init(Default::default).lock().expect("ptx cache").get(&key) {
+        return Ok(p.clone());
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(module.program(), opts)
+        .map_err(|e| unsupported(format!("NVRTC could not compile kernel module `{}`: {e}", key.0)))?;
+    let ptx = Arc::new(ptx.to_src());
+    CACHE.get_or_init(Default::default).lock().expect("ptx cache").insert(key, ptx.clone());
+    Ok(ptx)
+}
+
+/// Compiles `module` for compute capability `major.minor` without a device (for tests).
+pub fn compile_for(module: &Module, major: i32, minor: i32) -> KernelResult<Arc<String>> {
+    ptx(module, Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
+}
+
+/// A loaded kernel entry point and the stream it launches on (the device's).
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch of this kernel: push the arguments, then `launch`.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// The function `name` of `module` on `dev` (the module is loaded once per device).
+pub fn function(dev: &CudaDevice, module: &Module, name: &str) -> KernelResult<Kernel> {
+    static LOADED: OnceLock<Mutex<HashMap<(String, String), Arc<CudaModule>>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = (format!("{:?}", dev.id()), module.name());
+    let loaded = LOADED.get_or_init(Default::default).lock().expect("module cache").get(&key).cloned();
+    let loaded = match loaded {
+        Some(m) => m,
+        None => {
+            let ptx = ptx(module, arch(dev)?)?;
+            let m = stream.context().load_module(Ptx::from_src(ptx.as_str())).map_err(candle_core::Error::wrap)?;
+            LOADED.get_or_init(Default::default).lock().expect("module cache").insert(key, m.clone());
+            m
+        }
+    };
+    let func = loaded
+        .load_function(name)
+        .map_err(|e| unsupported(format!("kernel `{name}` of module `{}`: {e}", module.name())))?;
+    Ok(Kernel { func, stream })
+}
+
+/// candle's launch configuration for a [`Launch`].
+pub fn config(l: Launch, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l.grid[0], l.grid[1], l.grid[2]),
+        block_dim: (l.block[0], l.block[1], l.block[2]),
+        shared_mem_bytes,
+    }
+}
+
+/// The suffix of a kernel's entry point for `dtype` (`_f32`, `_f16`, `_bf16`).
+pub fn suffix(dtype: DType) -> KernelResult<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        d => Err(unsupported(format!("the CUDA kernels take f32, f16 or bf16, not {d:?}"))),
+    }
+}
+
+/// The device buffer behind a contiguous tensor's storage, from its first element.
+pub fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> KernelResult<CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        return Err(unsupported("CUDA kernel operand is not contiguous"));
+    }
+    match storage {
+        Storage::Cuda(s) => {
+            let start = layout.start_offset();
+            Ok(s.as_cuda_slice::<T>()?.slice(start..start + layout.shape().elem_count()))
+        }
+        _ => Err(unsupported("CUDA kernel operand is not on a CUDA device")),
+    }
+}
+
+/// A zero-filled device buffer of `len` elements.
+pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, len: usize) -> KernelResult<CudaSlice<T>> {
+    Ok(dev.alloc_zeros::<T>(len.max(1))?)
+}
+
+/// A tensor owning `slice`, of `shape`.
+pub fn tensor<T: CudaDType>(slice: CudaSlice<T>, shape: impl Into<Shape>, dev: &CudaDevice) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(slice, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
