@@ -137,6 +137,10 @@ pub enum RuntimeError {
     #[error("preprocess: {0}")]
     Preprocess(String),
 
+    /// The device's memory pool could not be configured or read.
+    #[error("device memory pool: {0}")]
+    DeviceMemory(String),
+
     /// A tensor operation outside any node failed (loading, preprocessing, initialization).
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -32,6 +32,10 @@
 //! memory plan places them in its arena while they are live, so the measurement counts them the
 //! same way. [`RunOutput::measured_peak_bytes`] is the maximum over the steps and compares
 //! directly with the planner's arena (`vitdet_passes::memory`).
+//!
+//! On a CUDA device the run also reads the device memory pool: [`RunOutput::device_peak_bytes`]
+//! is its high-water mark above the level at the start (the pool is set to keep freed memory,
+//! as PyTorch's caching allocator does, so steps after the first reuse it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -60,6 +64,10 @@ pub struct RunOutput {
     /// The measured figure of each step of the order (same condition), for comparing a run
     /// with its memory plan node by node.
     pub measured_step_bytes: Option<Vec<usize>>,
+    /// On a CUDA device: the high-water mark of device memory allocated from the pool during
+    /// the run, above the level at its start (the device counterpart of
+    /// `measured_peak_bytes`; see [`crate::cuda::pool`]). `None` on other devices.
+    pub device_peak_bytes: Option<usize>,
 }
 
 impl RunOutput {
@@ -127,6 +135,7 @@ pub fn run_with_order(
     // Bytes of graph inputs the executor holds (caller-owned storage, see the module doc).
     let mut held_input_bytes = 0usize;
     let heap_base = crate::alloc::current_bytes();
+    let device_base = device_memory::start(device)?;
 
     for &n in order {
         let node = graph.node(n);
@@ -226,7 +235,46 @@ pub fn run_with_order(
         op_seconds,
         measured_peak_bytes: measuring.then(|| measured_steps.iter().copied().max().unwrap_or(0)),
         measured_step_bytes: measuring.then_some(measured_steps),
+        device_peak_bytes: device_memory::peak_since(device, device_base)?,
     })
+}
+
+/// Device memory measurement around a run (CUDA's pool; nothing elsewhere).
+mod device_memory {
+    use candle_core::Device;
+
+    use crate::error::RuntimeError;
+
+    /// Keeps freed memory in the pool, restarts its high-water mark and returns the bytes in
+    /// use, on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn start(device: &Device) -> Result<Option<u64>, RuntimeError> {
+        use crate::cuda::pool;
+        let Ok(dev) = device.as_cuda_device() else { return Ok(None) };
+        let fail = |e: crate::kernels::KernelError| RuntimeError::DeviceMemory(e.to_string());
+        device.synchronize()?;
+        pool::keep_freed_memory(dev).map_err(fail)?;
+        pool::reset_peak(dev).map_err(fail)?;
+        Ok(Some(pool::used_bytes(dev).map_err(fail)?))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn peak_since(device: &Device, base: Option<u64>) -> Result<Option<usize>, RuntimeError> {
+        let (Some(base), Ok(dev)) = (base, device.as_cuda_device()) else { return Ok(None) };
+        device.synchronize()?;
+        let peak = crate::cuda::pool::peak_bytes(dev).map_err(|e| RuntimeError::DeviceMemory(e.to_string()))?;
+        Ok(Some(peak.saturating_sub(base) as usize))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn start(_: &Device) -> Result<Option<u64>, RuntimeError> {
+        Ok(None)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn peak_since(_: &Device, _: Option<u64>) -> Result<Option<usize>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 fn kernel_error(graph: &Graph, n: NodeIndex, message: String) -> RuntimeError {

@@ -1,8 +1,8 @@
 //! Compiling, caching and launching the kernels on candle CUDA tensors (feature `cuda`).
 //!
-//! A module is compiled by NVRTC once per process for the device's compute capability (the
-//! PTX is cached by module name and architecture; candle then loads it once per device), so the
-//! first call of a kernel costs tens of milliseconds and later ones nothing.
+//! A module is compiled by NVRTC for the device's compute capability on first use (a few
+//! seconds per module), kept for the process and on disk ([`kernel_cache_dir`]), and loaded
+//! once per device.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -38,23 +38,59 @@ fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
         .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str())))
 }
 
-/// PTX of `module` for `arch`, compiled on first use.
+/// PTX of `module` for `arch`: from this process's cache, else from the disk cache
+/// ([`kernel_cache_dir`]), else compiled by NVRTC and stored in both.
 pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
     static CACHE: OnceLock<Mutex<HashMap<(String, &'static str), Arc<String>>>> = OnceLock::new();
     let key = (module.name(), arch);
     if let Some(p) = CACHE.get_or_init(Default::default).lock().expect("ptx cache").get(&key) {
         return Ok(p.clone());
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
+    let program = module.program();
+    // The file name carries a hash of the program text, so an edited kernel never reads a stale
+    // file; an unreadable or unwritable cache only costs a compile.
+    let file = kernel_cache_dir().map(|d| d.join(format!("{}_{arch}_{:016x}.ptx", key.0, fnv1a(&program))));
+    let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|p| p.contains(".entry"));
+    let ptx = match cached {
+        Some(p) => p,
+        None => {
+            let opts = CompileOptions {
+                arch: Some(arch),
+                options: vec!["--std=c++17".into()],
+                ..Default::default()
+            };
+            let ptx = compile_ptx_with_opts(&program, opts)
+                .map_err(|e| unsupported(format!("NVRTC could not compile kernel module `{}`: {e}", key.0)))?
+                .to_src();
+            if let Some(f) = &file {
+                let _ = f.parent().map(std::fs::create_dir_all);
+                let _ = crate::write_atomic(f, ptx.as_bytes());
+            }
+            ptx
+        }
     };
-    let ptx = compile_ptx_with_opts(module.program(), opts)
-        .map_err(|e| unsupported(format!("NVRTC could not compile kernel module `{}`: {e}", key.0)))?;
-    let ptx = Arc::new(ptx.to_src());
+    let ptx = Arc::new(ptx);
     CACHE.get_or_init(Default::default).lock().expect("ptx cache").insert(key, ptx.clone());
     Ok(ptx)
+}
+
+/// Where compiled kernels are kept between runs: `VITDET_KERNEL_CACHE` (empty: no disk
+/// cache), else `$XDG_CACHE_HOME/vitdet/kernels`, else `~/.cache/vitdet/kernels`.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    match std::env::var_os("VITDET_KERNEL_CACHE") {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("vitdet").join("kernels")),
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across builds and Rust versions.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Compiles `module` for compute capability `major.minor` without a device (for tests).

@@ -141,9 +141,9 @@ impl WinGeom {
         side * side * self.hd as usize
     }
 
-    /// The module these parameters need (specialized on the head dimension).
-    pub fn module(&self) -> Module {
-        module_for_head_dim(self.hd as usize)
+    /// The module these parameters need for `dtype` (specialized on the head dimension).
+    pub fn module(&self, dtype: candle_core::DType) -> Module {
+        module_for_head_dim(self.hd as usize).for_dtype(dtype)
     }
 }
 
@@ -246,7 +246,7 @@ pub mod run {
             }
             let mut relh = zeros::<f32>(&self.dev, g.rows() * g.wh as usize)?;
             let mut relw = zeros::<f32>(&self.dev, g.rows() * g.ww as usize)?;
-            let f = function(&self.dev, &g.module(), &self.name("rel_tables")?)?;
+            let f = function(&self.dev, &g.module(self.dtype), &self.name("rel_tables")?)?;
             let (qs, ql) = self.qkv.storage_and_layout();
             let bias = self.or_qkv(&self.bias);
             let (bs, bl) = bias.storage_and_layout();
@@ -278,7 +278,7 @@ pub mod run {
         let (relh, relw) = o.rel_tables::<T>()?;
         let mut out = zeros::<T>(&o.dev, g.out_elems())?;
         let mut lse = zeros::<f32>(&o.dev, g.rows())?;
-        let f = function(&o.dev, &g.module(), &o.name("fwd")?)?;
+        let f = function(&o.dev, &g.module(o.dtype), &o.name("fwd")?)?;
         {
             let (qs, ql) = o.qkv.storage_and_layout();
             let bias = o.or_qkv(&o.bias);
@@ -330,8 +330,8 @@ pub mod run {
         let mut drelbias = zeros::<f32>(&o.dev, if g.rel == 2 { g.heads as usize * n * n } else { 1 })?;
         let mut dqkv = zeros::<T>(&o.dev, o.qkv.elem_count())?;
         let mut dbias = zeros::<f32>(&o.dev, 3 * g.channels as usize)?;
-        let fq = function(&o.dev, &g.module(), &o.name("bwd_q")?)?;
-        let fkv = function(&o.dev, &g.module(), &o.name("bwd_kv")?)?;
+        let fq = function(&o.dev, &g.module(o.dtype), &o.name("bwd_q")?)?;
+        let fkv = function(&o.dev, &g.module(o.dtype), &o.name("bwd_kv")?)?;
         let (qs, ql) = o.qkv.storage_and_layout();
         let bias = o.or_qkv(&o.bias);
         let (bs, bl) = bias.storage_and_layout();
@@ -357,7 +357,7 @@ pub mod run {
         }
         match g.rel {
             1 => {
-                let fg = function(&o.dev, &g.module(), &o.name("rel_tables_grad")?)?;
+                let fg = function(&o.dev, &g.module(o.dtype), &o.name("rel_tables_grad")?)?;
                 for (axis, drel) in [(0usize, &drelh), (1, &drelw)] {
                     let mut dr = zeros::<f32>(&o.dev, g.rel_table_elems(axis))?;
                     let axis_arg = axis as i32;

@@ -69,5 +69,11 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-// Instantiates `name<T>` as extern "C" entry points `name_f32`, `name_f16`, `name_bf16`.
+// Instantiates `name<T>` as extern "C" entry points `name_f32`, `name_f16`, `name_bf16`, or
+// only the one a module is compiled for (VITDET_T / VITDET_S defined: NVRTC's compile time
+// grows with every instantiation).
+#ifdef VITDET_T
+#define VITDET_FOR_EACH_FLOAT(M) M(VITDET_T, VITDET_S)
+#else
 #define VITDET_FOR_EACH_FLOAT(M) M(float, f32) M(f16_t, f16) M(bf16_t, bf16)
+#endif

@@ -105,33 +105,25 @@ __device__ void wa_fwd(const T* qkv, const T* bias, const float* relh, const flo
         }
         __syncthreads();
         if (active) {
-            float s[BK];
-            float mt = VITDET_NEG_INF;
+            // Online softmax, one key at a time: the running maximum rarely changes after the
+            // first keys, so the rescale is rare and no per-tile score array is kept.
+            for (int jj = 0; jj < nk; ++jj) {
+                float dot = 0.0f;
 #pragma unroll
-            for (int jj = 0; jj < BK; ++jj) {
-                if (jj < nk) {
-                    float dot = 0.0f;
+                for (int d = 0; d < HD; ++d) dot += q[d] * ks[jj][d];
+                const float s = g.scale * dot + rel_logit(g, relh, relw, relbias, row, h, i, j0 + jj);
+                if (s > m) {
+                    const float corr = expf(m - s);
+                    l *= corr;
 #pragma unroll
-                    for (int d = 0; d < HD; ++d) dot += q[d] * ks[jj][d];
-                    s[jj] = g.scale * dot + rel_logit(g, relh, relw, relbias, row, h, i, j0 + jj);
-                    mt = fmaxf(mt, s[jj]);
+                    for (int d = 0; d < HD; ++d) acc[d] *= corr;
+                    m = s;
                 }
+                const float p = expf(s - m);
+                l += p;
+#pragma unroll
+                for (int d = 0; d < HD; ++d) acc[d] += p * vs[jj][d];
             }
-            const float mn = fmaxf(m, mt);
-            const float corr = expf(m - mn);
-            l *= corr;
-#pragma unroll
-            for (int d = 0; d < HD; ++d) acc[d] *= corr;
-#pragma unroll
-            for (int jj = 0; jj < BK; ++jj) {
-                if (jj < nk) {
-                    const float p = expf(s[jj] - mn);
-                    l += p;
-#pragma unroll
-                    for (int d = 0; d < HD; ++d) acc[d] += p * vs[jj][d];
-                }
-            }
-            m = mn;
         }
         __syncthreads();
     }

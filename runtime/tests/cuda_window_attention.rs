@@ -1,0 +1,128 @@
+//! The fused window-attention CUDA kernels against the CPU kernel on the same random inputs
+//! (runs where a GPU exists; skipped, saying so, elsewhere).
+//!
+//! Tolerances: f32 relative L2 1e-5 (both sides f32, different summation order over rows of
+//! up to 4096 keys); bf16 / f16 1e-2 (inputs rounded once to the half type on both sides, the
+//! CUDA kernels accumulate in f32 and round outputs once, the CPU kernel likewise: the residual
+//! is a few half-precision ulps of the output).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{rel_l2, Nd, TestRng};
+use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad, WindowRelPos};
+use vitdet_runtime::kernels::window_attention as wa;
+
+struct Case {
+    batch: usize,
+    hw: [usize; 2],
+    window: [usize; 2],
+    heads: usize,
+    head_dim: usize,
+    rel_pos: WindowRelPos,
+    qkv_bias: bool,
+}
+
+fn inputs(c: &Case, rng: &mut TestRng, dtype: DType) -> Vec<Tensor> {
+    let ch = c.heads * c.head_dim;
+    let mut x = vec![Nd::randn(&[c.batch, c.hw[0], c.hw[1], 3 * ch], rng, 1.0, 0.0).tensor_as(dtype)];
+    if c.qkv_bias {
+        x.push(Nd::randn(&[3 * ch], rng, 0.5, 0.0).tensor_as(dtype));
+    }
+    let [wh, ww] = c.window;
+    match c.rel_pos {
+        WindowRelPos::None => {}
+        WindowRelPos::Decomposed => {
+            x.push(Nd::randn(&[wh, wh, c.head_dim], rng, 0.2, 0.0).tensor_as(dtype));
+            x.push(Nd::randn(&[ww, ww, c.head_dim], rng, 0.2, 0.0).tensor_as(dtype));
+        }
+        WindowRelPos::Bias => x.push(Nd::randn(&[c.heads, wh * ww, wh * ww], rng, 1.0, 0.0).tensor_as(dtype)),
+    }
+    x
+}
+
+fn to(xs: &[Tensor], dev: &Device) -> Vec<Tensor> {
+    xs.iter().map(|t| t.to_device(dev).unwrap()).collect()
+}
+
+fn check(c: Case, dtype: DType, tol: f64, dev: &Device) {
+    let op = WindowAttention {
+        heads: c.heads,
+        window: c.window,
+        scale: (c.head_dim as f64).powf(-0.5),
+        rel_pos: c.rel_pos,
+        qkv_bias: c.qkv_bias,
+    };
+    let grad_op = WindowAttentionGrad {
+        heads: c.heads,
+        window: c.window,
+        scale: op.scale,
+        rel_pos: c.rel_pos,
+        qkv_bias: c.qkv_bias,
+    };
+    let what = format!("{:?} grid {:?} window {:?} hd {} {dtype:?}", c.rel_pos, c.hw, c.window, c.head_dim);
+    let mut rng = TestRng::new(7);
+    let x = inputs(&c, &mut rng, dtype);
+    let want = wa::window_attention(&op, &x).unwrap();
+    let got = wa::window_attention(&op, &to(&x, dev)).unwrap();
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g.device().is_cuda(), "{what}: output {k} left the GPU");
+        let e = rel_l2(g, w);
+        assert!(e <= tol, "{what}: forward output {k} rel L2 {e:e}");
+    }
+    let dout = Nd::randn(want[0].dims(), &mut rng, 1.0, 0.0).tensor_as(dtype);
+    let mut gx = x.clone();
+    gx.extend([want[0].clone(), want[1].clone(), dout]);
+    let want = wa::window_attention_grad(&grad_op, &gx).unwrap();
+    let got = wa::window_attention_grad(&grad_op, &to(&gx, dev)).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let e = rel_l2(g, w);
+        assert!(e <= tol, "{what}: gradient {k} rel L2 {e:e}");
+    }
+}
+
+fn vitdet_b_window(rel_pos: WindowRelPos) -> Case {
+    // ViTDet-B's windowed block at 1024 / 4 (a 16x16 grid: two 14-token windows a side,
+    // padded), head dim 64.
+    Case {
+        batch: 1,
+        hw: [16, 16],
+        window: [14, 14],
+        heads: 4,
+        head_dim: 64,
+        rel_pos,
+        qkv_bias: true,
+    }
+}
+
+#[test]
+fn windowed_decomposed_f32_bf16_f16() {
+    let Some(dev) = common::cuda_device() else { return };
+    check(vitdet_b_window(WindowRelPos::Decomposed), DType::F32, 1e-5, &dev);
+    check(vitdet_b_window(WindowRelPos::Decomposed), DType::BF16, 1e-2, &dev);
+    check(vitdet_b_window(WindowRelPos::Decomposed), DType::F16, 1e-2, &dev);
+}
+
+#[test]
+fn windowed_beit_bias_and_none() {
+    let Some(dev) = common::cuda_device() else { return };
+    check(vitdet_b_window(WindowRelPos::Bias), DType::F32, 1e-5, &dev);
+    check(vitdet_b_window(WindowRelPos::None), DType::F32, 1e-5, &dev);
+}
+
+#[test]
+fn global_decomposed_head_dim_80() {
+    let Some(dev) = common::cuda_device() else { return };
+    let c = Case {
+        batch: 1,
+        hw: [32, 32],
+        window: [32, 32],
+        heads: 2,
+        head_dim: 80,
+        rel_pos: WindowRelPos::Decomposed,
+        qkv_bias: true,
+    };
+    check(c, DType::F32, 1e-5, &dev);
+}
