@@ -1,4 +1,5 @@
-//! Measuring a compiled training step on the CPU, and the CPU's own device profile.
+//! Measuring a compiled training step on a device (the CPU, or a GPU with the `cuda` build),
+//! and the CPU's own device profile.
 
 use std::time::Instant;
 
@@ -15,10 +16,12 @@ use crate::compile::TrainStep;
 pub struct Measured {
     /// Median wall time of a step (`batch` per-image passes).
     pub step_seconds: f64,
-    /// The CPU profile's prediction for the same step.
-    pub predicted_cpu_seconds: f64,
-    /// Heap high-water mark of a pass above its start (the counting allocator), `None` when the
-    /// allocator is not installed in this binary.
+    /// The prediction for the same step on the measured device's profile (the calibrated CPU
+    /// profile, or the study's `--profile` on a GPU).
+    pub predicted_seconds: f64,
+    /// On the CPU, the heap high-water mark of a pass above its start (the counting allocator;
+    /// `None` when the allocator is not installed in this binary); on a GPU, the device memory
+    /// pool's high-water mark above its start.
     pub measured_arena_bytes: Option<u64>,
     pub planned_arena_bytes: u64,
     /// `measured / planned - 1`.
@@ -28,18 +31,20 @@ pub struct Measured {
     pub top_ops: Vec<(String, f64)>,
 }
 
-/// Runs `step` once to warm up and `steps` more times on synthetic inputs (random image, two
-/// ground-truth boxes with their masks).
-pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Measured> {
-    if step.precision != Precision::F32 {
+/// Runs `step` on `device` once to warm up and `steps` more times on synthetic inputs (random
+/// image, two ground-truth boxes with their masks); `profile` predicts the same step there.
+pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: &Device) -> Result<Measured> {
+    if device.is_cpu() && step.precision != Precision::F32 {
         bail!(
             "--measure: the CPU runtime runs f32 graphs; this configuration is {} (measure with --dtype f32)",
             step.precision.name()
         );
     }
-    let device = Device::Cpu;
-    let params = ParamStore::init_random(&step.graph, 0, &device)?;
-    let inputs = synthetic_inputs(step)?;
+    let params = ParamStore::init_random(&step.graph, 0, device)?;
+    let inputs = synthetic_inputs(step)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(device)?)))
+        .collect::<Result<Vec<_>>>()?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut times = Vec::new();
     let mut peak = None;
@@ -47,17 +52,19 @@ pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Me
     for i in 0..=steps.max(1) {
         let start = Instant::now();
         for _ in 0..step.batch {
-            let out = run_with_order(&step.graph, &params, &named, &device, &step.order)
+            let out = run_with_order(&step.graph, &params, &named, device, &step.order)
                 .context("running the training step")?;
             if i > 0 {
                 for (op, t) in &out.op_seconds {
                     *op_seconds.entry(op.clone()).or_default() += t / steps.max(1) as f64;
                 }
             }
-            if let Some(p) = out.measured_peak_bytes {
+            if let Some(p) = out.device_peak_bytes.or(out.measured_peak_bytes) {
                 peak = Some(peak.unwrap_or(0).max(p as u64));
             }
         }
+        // Kernels on a GPU run asynchronously: the step ends when the device is idle.
+        device.synchronize()?;
         if i > 0 {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -67,10 +74,10 @@ pub fn measure(step: &TrainStep, cpu: &DeviceProfile, steps: usize) -> Result<Me
     top_ops.sort_by(|a, b| b.1.total_cmp(&a.1));
     top_ops.truncate(6);
     let planned = step.plan.arena_bytes as u64;
-    let predicted = predict_step_time(&step.graph, &step.order, cpu).map_err(anyhow::Error::msg)?;
+    let predicted = predict_step_time(&step.graph, &step.order, profile).map_err(anyhow::Error::msg)?;
     Ok(Measured {
         step_seconds: times[times.len() / 2],
-        predicted_cpu_seconds: predicted.seconds * step.batch as f64,
+        predicted_seconds: predicted.seconds * step.batch as f64,
         measured_arena_bytes: peak,
         planned_arena_bytes: planned,
         arena_error: peak.map(|p| p as f64 / planned as f64 - 1.0),

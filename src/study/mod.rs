@@ -16,6 +16,7 @@ use serde::Serialize;
 use vitdet_models::{AttentionStrategy, ModelConfig};
 use vitdet_passes::timing::{predict_step_time, DeviceProfile, TimeEstimate};
 use vitdet_passes::Precision;
+use vitdet_runtime::Device;
 
 use crate::compile::{compile_train, CheckpointChoice, TrainOptions};
 
@@ -77,8 +78,10 @@ pub struct StudyOptions {
     pub base: TrainOptions,
     /// Device profile for predicted times (`v100-32gb`, `a100-80gb`, `h100-80gb`).
     pub profile: String,
-    /// Also run each configuration on the CPU.
+    /// Also run each configuration on `device`.
     pub measure: bool,
+    /// Where `measure` runs (the CPU, or a GPU in a `cuda` build).
+    pub device: Device,
     /// Timed steps per measured row (after one warm-up step).
     pub steps: usize,
 }
@@ -189,9 +192,10 @@ pub fn reference(model: &str, row: &Row) -> Option<Reference> {
 pub struct Study {
     pub model: String,
     pub profile: DeviceProfile,
-    /// The CPU profile measured for `--measure` (predictions for the CPU beside measurements).
+    /// With `--measure`: the profile of the measured device, whose predictions sit beside the
+    /// measurements (the CPU's, calibrated; a GPU's is the study's `--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu_profile: Option<DeviceProfile>,
+    pub measured_on: Option<DeviceProfile>,
     pub rows: Vec<Row>,
 }
 
@@ -284,7 +288,14 @@ pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> 
     } else {
         None
     };
-    let cpu_profile = opts.measure.then(calibrate_cpu).transpose()?;
+    let measured_on = match (opts.measure, opts.device.is_cpu()) {
+        (false, _) => None,
+        (true, true) => Some(calibrate_cpu()?),
+        (true, false) => Some(DeviceProfile {
+            name: format!("{:?} ({} profile)", opts.device.location(), profile.name),
+            ..profile.clone()
+        }),
+    };
 
     let mut rows = Vec::new();
     for (o, size) in configurations(opts, &config, budget_range) {
@@ -337,15 +348,15 @@ pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> 
             recompute_percent: 100.0 * step.recompute_flops as f64 / step_flops.max(1) as f64,
             checkpointed: step.checkpointed.clone(),
         });
-        if let Some(cpu) = &cpu_profile {
-            row.measured = Some(measure::measure(&step, cpu, opts.steps)?);
+        if let Some(on) = &measured_on {
+            row.measured = Some(measure::measure(&step, on, opts.steps, &opts.device)?);
         }
         rows.push(row);
     }
     Ok(Study {
         model: opts.model.clone(),
         profile,
-        cpu_profile,
+        measured_on,
         rows,
     })
 }

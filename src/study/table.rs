@@ -22,10 +22,10 @@ fn header(study: &Study) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if study.cpu_profile.is_some() {
+    if study.measured_on.is_some() {
         h.extend([
-            "cpu s/iter".into(),
-            "cpu predicted".into(),
+            "measured s/iter".into(),
+            "predicted there".into(),
             "arena measured/planned".into(),
         ]);
     }
@@ -66,11 +66,11 @@ fn cells(study: &Study, r: &Row) -> Vec<String> {
         ]),
         (None, None) => c.extend(std::iter::repeat_n(String::new(), 5)),
     }
-    if study.cpu_profile.is_some() {
+    if study.measured_on.is_some() {
         match &r.measured {
             Some(m) => c.extend([
                 format!("{:.3}", m.step_seconds),
-                format!("{:.3}", m.predicted_cpu_seconds),
+                format!("{:.3}", m.predicted_seconds),
                 m.arena_error
                     .map_or("not measured".into(), |e| format!("{:+.1}%", 100.0 * e)),
             ]),
@@ -96,7 +96,7 @@ fn title(study: &Study) -> String {
         study.model,
         study.profile.name,
         study
-            .cpu_profile
+            .measured_on
             .as_ref()
             .map_or(String::new(), |p| format!("; measured on {}", p.name))
     )
