@@ -1,7 +1,7 @@
 //! Convolutions on NCHW maps.
 //!
-//! candle's `conv2d` / `conv_transpose2d` take one padding, stride and dilation for both spatial
-//! axes. Symmetric attributes go straight to them; asymmetric ones are lowered with candle ops
+//! candle's `conv2d` takes one padding, stride and dilation for both spatial axes. Symmetric
+//! attributes go straight to it; asymmetric ones are lowered with candle ops
 //! (explicit zero padding, zero-inserted ("dilated") kernels or inputs, stride-1 convolution then
 //! subsampling), so every attribute combination the IR accepts runs on every device.
 //!
@@ -13,7 +13,8 @@
 //! convolutions (the input gradients of every `conv2d` in training) never use candle's CPU
 //! kernel, a direct loop 10-25x slower (`deconv_cpu`): stride 1 runs as the flipped-kernel
 //! convolution on the im2col path, every other attribute set as `w^T @ x` per tile plus a
-//! col2im scatter-add.
+//! col2im scatter-add. Other devices never use candle's `conv_transpose2d` either (on CUDA it is
+//! a direct loop kernel): they lower it to a convolution (`conv_transpose2d_portable`).
 //!
 //! Two fast paths turn "patchify" layers into a single gemm:
 //! * `conv2d` with kernel == stride, no padding, no dilation, one group (ViT patch embedding):
@@ -468,12 +469,30 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
             dt => Ok(deconv_cpu::<f32>(op, &x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dt)?),
         };
     }
-    if ph == pw && sh == sw && oph == opw && dh == dw {
-        return Ok(x.conv_transpose2d(w, ph, oph, sh, dh)?);
-    }
-    // General lowering: insert (s - 1) zeros between input pixels, pad by d (k - 1) - p on each
-    // side (plus the output padding at the end; negative amounts crop), and correlate with the
-    // spatially flipped kernel, transposed to [C_out, C_in, kh, kw].
+    // Other devices: candle's CUDA conv_transpose2d is a direct loop kernel, 10-90x slower than
+    // cuDNN on the pyramid's and heads' shapes, so the transposed convolution (every 3x3 conv's
+    // input gradient among them) is lowered to a convolution, which candle runs as im2col + GEMM.
+    deconv_as_conv(op, x, w)
+}
+
+/// [`conv_transpose2d`] as other devices than the CPU run it ([`deconv_as_conv`]), callable on
+/// the CPU to test that path.
+pub fn conv_transpose2d_portable(op: &ConvTranspose2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor> {
+    let mut ops = vec![x, w];
+    ops.extend(b);
+    with_contraction_dtype(&ops, |t| add_channel_bias(deconv_as_conv(op, &t[0], &t[1])?, t.get(2)))
+}
+
+/// A transposed convolution as a stride-1 convolution: insert (s - 1) zeros between input
+/// pixels, pad by d (k - 1) - p on each side (plus the output padding at the end; negative
+/// amounts crop), and correlate with the spatially flipped kernel, transposed to
+/// [C_out, C_in, kh, kw].
+fn deconv_as_conv(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let [ph, pw] = op.padding;
+    let [sh, sw] = op.stride;
+    let [oph, opw] = op.output_padding;
+    let [dh, dw] = op.dilation;
     let xd = insert_zeros(&insert_zeros(x, 2, sh)?, 3, sw)?;
     let before_h = (dh * (kh - 1)) as isize - ph as isize;
     let before_w = (dw * (kw - 1)) as isize - pw as isize;
