@@ -486,3 +486,114 @@ fn convolution_at_box_head_scale() {
     let y = c.op(op, &[x, w]);
     c.check(&[y]);
 }
+
+/// A graph input as the loss seed (the loss scale of mixed-precision training): every gradient
+/// is the plain one times the scale. For powers of two the products are exact in float64 (no
+/// value of this small graph comes near overflow or the subnormals), so the comparison is exact;
+/// for 3 they agree to float64 rounding (each backward op rounds once more, relative 1e-12).
+#[test]
+fn loss_seed_input_scales_every_gradient() {
+    use vitdet_passes::autodiff::{differentiate_with, DifferentiateOptions, LossSeed};
+    let mut c = Case::new(77);
+    let x = c.param(&[2, 3, 5], 1.0, 0.0);
+    let w = c.param(&[4, 5], 0.5, 0.0);
+    let b = c.param(&[4], 1.0, 0.0);
+    let g = c.param(&[4], 0.5, 1.0);
+    let h = c.op(Linear {}, &[x, w, b]);
+    let h = c.op(LayerNorm { axis: 2, eps: 1e-6 }, &[h, g, b]);
+    let h = c.op(Unary { kind: UnaryKind::Gelu }, &[h]);
+    let loss = c.op(
+        ReduceSum {
+            axes: vec![0, 1, 2],
+            keepdim: false,
+        },
+        &[h],
+    );
+    c.graph.set_output("loss", loss);
+    let store = ParamStore::from_tensors(
+        c.params
+            .iter()
+            .map(|(name, shape, vals)| (name.clone(), tensor(vals.clone(), shape))),
+    );
+    let plain = differentiate(&c.graph, "loss").unwrap();
+    let seeded = |graph: &Graph| {
+        differentiate_with(
+            graph,
+            "loss",
+            &DifferentiateOptions {
+                seed: LossSeed::Input("loss_scale".into()),
+            },
+        )
+        .unwrap()
+    };
+    // Added when missing: f32, the loss's shape.
+    let scaled = seeded(&c.graph);
+    let (_, _, ty) = scaled.graph.inputs().find(|(_, n, _)| *n == "loss_scale").unwrap();
+    assert_eq!((ty.dtype, ty.shape.clone()), (DType::F32, vec![]));
+    assert_eq!(scaled.gradients, plain.gradients);
+    let grads = |graph: &Graph, scale: Option<Tensor>| -> Vec<Vec<f64>> {
+        let mut inputs: Vec<(&str, Tensor)> = Vec::new();
+        if let Some(s) = scale {
+            inputs.push(("loss_scale", s));
+        }
+        let out = run(graph, &store, &inputs, &Device::Cpu).unwrap();
+        plain
+            .gradients
+            .iter()
+            .map(|(_, o)| out.get(o).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    };
+    let reference = grads(&plain.graph, None);
+    let scalar = |s: f32| Tensor::new(s, &Device::Cpu).unwrap();
+    for s in [65536.0f32, 0.125, 1.0] {
+        let got = grads(&scaled.graph, Some(scalar(s)));
+        for (a, r) in got.iter().flatten().zip(reference.iter().flatten()) {
+            assert_eq!(*a, s as f64 * r, "seed {s}");
+        }
+    }
+    let got = grads(&scaled.graph, Some(scalar(3.0)));
+    for (a, r) in got.iter().flatten().zip(reference.iter().flatten()) {
+        assert!((a - 3.0 * r).abs() <= 1e-12 * r.abs().max(1e-300), "seed 3: {a} vs {}", 3.0 * r);
+    }
+
+    // An existing f32 [1] input is used as it is (reshaped and cast to the loss's [] f64).
+    let mut with_input = c.graph.clone();
+    with_input
+        .add(
+            Input {
+                name: "loss_scale".into(),
+                ty: TensorType::new(DType::F32, vec![1]),
+            },
+            "case",
+            &[],
+        )
+        .unwrap();
+    let scaled = seeded(&with_input);
+    assert_eq!(scaled.graph.inputs().filter(|(_, n, _)| *n == "loss_scale").count(), 1);
+    let got = grads(&scaled.graph, Some(Tensor::new(&[1024f32], &Device::Cpu).unwrap()));
+    for (a, r) in got.iter().flatten().zip(reference.iter().flatten()) {
+        assert_eq!(*a, 1024.0 * r);
+    }
+
+    // A seed input that is not a float scalar is refused by name.
+    let mut bad = c.graph.clone();
+    bad.add(
+        Input {
+            name: "loss_scale".into(),
+            ty: TensorType::new(DType::F32, vec![2]),
+        },
+        "case",
+        &[],
+    )
+    .unwrap();
+    let err = differentiate_with(
+        &bad,
+        "loss",
+        &DifferentiateOptions {
+            seed: LossSeed::Input("loss_scale".into()),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("loss seed input `loss_scale`"), "{err}");
+}

@@ -12,14 +12,19 @@
 //! do not depend on a trainable parameter (the image, targets, indices) get no gradient and no
 //! nodes are emitted for them. Ops that are not differentiable (anchor generation, top-k
 //! selection, NMS, target assignment) stop the gradient, as detectron2 detaches proposals.
+//!
+//! The backward starts from `d loss / d loss = 1`. [`differentiate_with`] can start it from a
+//! graph input instead ([`LossSeed::Input`]): with the loss scale of mixed-precision training
+//! there, every backward value is the plain gradient times the scale, as
+//! `GradScaler.scale(loss).backward()` computes it.
 
 mod ctx;
 mod rules;
 
 use std::collections::{HashMap, HashSet};
 
-use vitdet_ir::ops::{Affine, Binary, BinaryKind};
-use vitdet_ir::{Graph, IrError, NodeIndex, Op, Value};
+use vitdet_ir::ops::{Affine, Binary, BinaryKind, Cast, Input, Reshape};
+use vitdet_ir::{DType, Graph, IrError, NodeIndex, Op, TensorType, Value};
 
 pub use ctx::Ctx;
 
@@ -36,6 +41,8 @@ pub enum AutodiffError {
     UnknownLoss(String),
     #[error("loss `{name}` must be a floating-point scalar, found {ty}")]
     NotScalar { name: String, ty: String },
+    #[error("loss seed input `{name}` must be a floating-point scalar ([] or [1]), found {ty}")]
+    BadSeed { name: String, ty: String },
     #[error("node %{node} ({op}) in `{scope}`: {message}")]
     Rule {
         node: usize,
@@ -64,8 +71,36 @@ pub struct Differentiated {
     pub forward_nodes: usize,
 }
 
+/// Where the backward starts: the gradient fed to the loss.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LossSeed {
+    /// The constant 1: plain gradients.
+    #[default]
+    One,
+    /// The graph input of this name, a floating-point scalar (shape `[]`, `[1]` or the loss's),
+    /// cast to the loss's dtype and reshaped to its shape: every gradient is the plain one times
+    /// its value (the loss scale). When the forward graph has no input of that name, one is
+    /// added: f32, the loss's shape.
+    Input(String),
+}
+
+/// Options of [`differentiate_with`].
+#[derive(Clone, Debug, Default)]
+pub struct DifferentiateOptions {
+    pub seed: LossSeed,
+}
+
 /// Differentiates `forward`'s output `loss` with respect to every trainable parameter.
 pub fn differentiate(forward: &Graph, loss: &str) -> Result<Differentiated, AutodiffError> {
+    differentiate_with(forward, loss, &DifferentiateOptions::default())
+}
+
+/// [`differentiate`] with the backward seeded as `options` say.
+pub fn differentiate_with(
+    forward: &Graph,
+    loss: &str,
+    options: &DifferentiateOptions,
+) -> Result<Differentiated, AutodiffError> {
     forward.verify()?;
     let loss_value = forward
         .outputs
@@ -88,12 +123,12 @@ pub fn differentiate(forward: &Graph, loss: &str) -> Result<Differentiated, Auto
     let forward_nodes = graph.graph.node_count();
     // Gradient contributions per forward value, summed when the value's node is visited.
     let mut pending: HashMap<Value, Vec<Value>> = HashMap::new();
-    // d loss / d loss = 1, built from the loss itself so it needs no constant op.
-    let seed = graph.add(
-        Affine { mul: 0.0, add: 1.0 },
-        &format!("{BACKWARD_SCOPE}{}", forward.node(loss_value.node).scope),
-        &[loss_value],
-    )?;
+    let seed_scope = format!("{BACKWARD_SCOPE}{}", forward.node(loss_value.node).scope);
+    let seed = match &options.seed {
+        // d loss / d loss = 1, built from the loss itself so it needs no constant op.
+        LossSeed::One => graph.add(Affine { mul: 0.0, add: 1.0 }, &seed_scope, &[loss_value])?,
+        LossSeed::Input(name) => seed_input(&mut graph, name, loss_ty, &seed_scope)?,
+    };
     pending.entry(loss_value).or_default().push(seed);
 
     let mut param_grads: HashMap<NodeIndex, Value> = HashMap::new();
@@ -157,6 +192,46 @@ pub fn differentiate(forward: &Graph, loss: &str) -> Result<Differentiated, Auto
         unreached,
         forward_nodes,
     })
+}
+
+/// The input `name` (added when missing) as a value of the loss's type.
+fn seed_input(g: &mut Graph, name: &str, loss_ty: &TensorType, scope: &str) -> Result<Value, AutodiffError> {
+    let existing = g
+        .inputs()
+        .find(|(_, n, _)| *n == name)
+        .map(|(idx, _, ty)| (Value::from(idx), ty.clone()));
+    let (mut v, ty) = match existing {
+        Some((v, ty)) => {
+            if !ty.dtype.is_float() || ty.numel() != 1 {
+                return Err(AutodiffError::BadSeed {
+                    name: name.to_string(),
+                    ty: ty.to_string(),
+                });
+            }
+            (v, ty)
+        }
+        None => {
+            let ty = TensorType::new(DType::F32, loss_ty.shape.clone());
+            let input = Input {
+                name: name.to_string(),
+                ty: ty.clone(),
+            };
+            (g.add(input, scope, &[])?, ty)
+        }
+    };
+    if ty.dtype != loss_ty.dtype {
+        v = g.add(Cast { dtype: loss_ty.dtype }, scope, &[v])?;
+    }
+    if ty.shape != loss_ty.shape {
+        v = g.add(
+            Reshape {
+                shape: loss_ty.shape.clone(),
+            },
+            scope,
+            &[v],
+        )?;
+    }
+    Ok(v)
 }
 
 /// Nodes that depend on a trainable parameter and that the loss depends on: exactly the nodes
