@@ -9,6 +9,7 @@
 
 use candle_core::{Device, Tensor};
 
+pub mod norm;
 pub mod window_attention;
 
 pub type Result<T> = std::result::Result<T, String>;

@@ -9,6 +9,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod norm;
 #[cfg(feature = "cuda")]
 pub mod pool;
 pub mod sources;
@@ -21,6 +22,7 @@ pub fn modules() -> Vec<sources::Module> {
         // The attention kernels at ViTDet-B/L (64) and ViT-H (80) head dims.
         window_attention::module_for_head_dim(64),
         window_attention::module_for_head_dim(80),
+        norm::module(),
     ]
 }
 

@@ -8,6 +8,10 @@
 //! the CPU they run as one fused f64 loop (`cpu_grad::norm_grad`, f32 for half inputs, rounded
 //! back); elsewhere they are composed from candle ops (`norm_grad_portable`). Training batch
 //! norm is composed from candle ops on every device, its statistics in f64 on the CPU.
+//!
+//! With the `cuda` feature, every op here runs on CUDA tensors as the runtime's own kernels
+//! (`crate::cuda::norm`: one block per statistics group, f32 accumulation) when all its operands
+//! share an f32, f16 or bf16 dtype; the candle-op paths above remain for the other cases.
 
 use candle_core::{DType, Tensor};
 use vitdet_ir::ops::{
@@ -25,6 +29,10 @@ pub fn layer_norm(op: &LayerNorm, x: &Tensor, w: &Tensor, b: &Tensor) -> KernelR
     let c = *dims
         .get(op.axis)
         .ok_or_else(|| KernelError::Unsupported(format!("axis {} out of range for {dims:?}", op.axis)))?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, b]) {
+        return crate::cuda::norm::run::layer_norm(op, x, w, b);
+    }
     if !x.device().is_cpu() {
         return layer_norm_portable(op, x, w, b);
     }
@@ -61,6 +69,10 @@ pub fn group_norm(op: &GroupNorm, x: &Tensor, w: &Tensor, b: &Tensor) -> KernelR
             "{} groups on input {dims:?}",
             op.groups
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, b]) {
+        return crate::cuda::norm::run::group_norm(op, x, w, b);
     }
     if !x.device().is_cpu() {
         return group_norm_portable(op, x, w, b);
@@ -114,6 +126,10 @@ pub fn batch_norm(
             x.dims()
         )));
     }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, b, mean, var]) {
+        return crate::cuda::norm::run::batch_norm(op, x, w, b, mean, var);
+    }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let alpha = w.to_dtype(acc)?.div(&(var.to_dtype(acc)? + op.eps)?.sqrt()?)?;
     let beta = b.to_dtype(acc)?.sub(&mean.to_dtype(acc)?.mul(&alpha)?)?;
@@ -160,6 +176,10 @@ fn fused_grad(x: &Tensor, w: &Tensor, dy: &Tensor, kind: NormGradKind, eps: f64)
 /// Backward of [`layer_norm`]: `(dx, dweight, dbias)`.
 pub fn layer_norm_grad(op: &LayerNormGrad, x: &Tensor, w: &Tensor, dy: &Tensor) -> KernelResult<Vec<Tensor>> {
     let c = check_grad_inputs("layer_norm_grad", x, w, dy, op.axis)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, dy]) {
+        return crate::cuda::norm::run::layer_norm_grad(op, x, w, dy);
+    }
     if !x.device().is_cpu() {
         return layer_norm_grad_portable(op, x, w, dy);
     }
@@ -181,6 +201,10 @@ pub fn layer_norm_grad_portable(op: &LayerNormGrad, x: &Tensor, w: &Tensor, dy: 
 /// Backward of [`group_norm`]: `(dx, dweight, dbias)`.
 pub fn group_norm_grad(op: &GroupNormGrad, x: &Tensor, w: &Tensor, dy: &Tensor) -> KernelResult<Vec<Tensor>> {
     let c = check_group_grad(op, x, w, dy)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, dy]) {
+        return crate::cuda::norm::run::group_norm_grad(op, x, w, dy);
+    }
     if !x.device().is_cpu() {
         return group_norm_grad_portable(op, x, w, dy);
     }
@@ -228,6 +252,10 @@ pub fn batch_norm_train_grad(
     dy: &Tensor,
 ) -> KernelResult<Vec<Tensor>> {
     check_grad_inputs("batch_norm_train_grad", x, w, dy, 1)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, dy]) {
+        return crate::cuda::norm::run::batch_norm_train_grad(op, x, w, dy);
+    }
     if !x.device().is_cpu() {
         return batch_norm_train_grad_portable(op, x, w, dy);
     }
@@ -330,6 +358,10 @@ pub fn batch_norm_train(
             "batch_norm_train momentum must be in [0, 1], found {}",
             op.momentum
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::norm::run::supports(&[x, w, b, rm, rv]) {
+        return crate::cuda::norm::run::batch_norm_train(op, x, w, b, rm, rv);
     }
     let dtype = x.dtype();
     let acc = if x.device().is_cpu() {
