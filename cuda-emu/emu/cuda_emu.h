@@ -27,6 +27,13 @@ inline dim3 grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<unsigned char> dynamic_shared;
 
+// One warp's fragments, exchanged for an emulated mma.
+struct WarpFragments {
+    unsigned a[32][4];
+    unsigned b[32][2];
+};
+inline std::vector<WarpFragments> warp_fragments;
+
 inline std::mutex launch_lock;
 
 // Runs one launch; launches are serialized (the emulated device state above is global).
@@ -37,6 +44,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, F&& body) {
     grid_dim = grid;
     dynamic_shared.assign(shared_bytes, 0xFF);
     const unsigned threads = block.x * block.y * block.z;
+    warp_fragments.assign((threads + 31) / 32, WarpFragments{});
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -70,6 +78,33 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, F&& body) {
 #define __restrict__ __restrict
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+namespace emu {
+// mma.m16n8k16 (see common.cuh for the fragment layout): every lane posts its fragments, the
+// block meets, each lane computes its four outputs from its warp's fragments, the block meets
+// again before the fragments can be overwritten.
+inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], float (*decode)(unsigned short)) {
+    const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+    WarpFragments& w = warp_fragments[tid / 32];
+    const unsigned lane = tid % 32;
+    for (int r = 0; r < 4; ++r) w.a[lane][r] = a[r];
+    for (int r = 0; r < 2; ++r) w.b[lane][r] = b[r];
+    __syncthreads();
+    auto half = [&](unsigned reg, unsigned k) { return decode((unsigned short)(k % 2 ? reg >> 16 : reg & 0xFFFF)); };
+    auto A = [&](unsigned r, unsigned k) {
+        return half(w.a[(r % 8) * 4 + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k);
+    };
+    auto B = [&](unsigned k, unsigned c) { return half(w.b[c * 4 + (k % 8) / 2][k >= 8], k); };
+    const unsigned g = lane / 4, t = lane % 4;
+    for (int o = 0; o < 4; ++o) {
+        const unsigned r = g + (o >= 2 ? 8 : 0), c = 2 * t + o % 2;
+        float acc = d[o];
+        for (unsigned k = 0; k < 16; ++k) acc += A(r, k) * B(k, c);
+        d[o] = acc;
+    }
+    __syncthreads();
+}
+}  // namespace emu
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline float __int_as_float(int i) {
     float f;

@@ -10,6 +10,8 @@ use crate::{host, tensor, Result};
 
 /// The head dimension the emulated attention kernels are compiled for (`HD` in `build.rs`).
 pub const HEAD_DIM: usize = 8;
+/// The head dimension of the emulated tensor-core forward (`emu/window_attention_tc.cpp`).
+pub const TC_HEAD_DIM: usize = 16;
 
 mod ffi {
     use super::{Launch, WinGeom};
@@ -64,6 +66,28 @@ mod ffi {
             bias: *const f32,
             rh: *const f32,
             rw: *const f32,
+            relh: *mut f32,
+            relw: *mut f32,
+            g: WinGeom,
+        );
+        pub fn emu_window_attention_fwd_tc_f16(
+            l: Launch,
+            smem: u32,
+            qkv: *const u16,
+            bias: *const u16,
+            relh: *const f32,
+            relw: *const f32,
+            relbias: *const u16,
+            out: *mut u16,
+            lse: *mut f32,
+            g: WinGeom,
+        );
+        pub fn emu_window_attention_rel_tables_tc_f16(
+            l: Launch,
+            qkv: *const u16,
+            bias: *const u16,
+            rh: *const u16,
+            rw: *const u16,
             relh: *mut f32,
             relw: *mut f32,
             g: WinGeom,
@@ -256,4 +280,77 @@ pub fn window_attention_grad(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<V
         WindowRelPos::Bias => grads.push(tensor(drelbias, x[grads.len()].dims())?),
     }
     Ok(grads)
+}
+
+/// f16 elements of a CPU tensor, as bits.
+fn host_f16(t: &Tensor) -> Result<Vec<u16>> {
+    let v = t
+        .to_dtype(candle_core::DType::F16)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<half::f16>())
+        .map_err(|e| e.to_string())?;
+    Ok(v.into_iter().map(|x| x.to_bits()).collect())
+}
+
+/// The tensor-core forward on f16 inputs (head dim [`TC_HEAD_DIM`]): `[out (f16), lse (f32)]`.
+pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
+    let qkv = &x[0];
+    let geometry = op.geometry(&TensorType::new(IrDType::F16, qkv.dims().to_vec()))?;
+    let g = WinGeom::new(op, &geometry)?;
+    if geometry.head_dim != TC_HEAD_DIM {
+        return Err(format!("the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}", geometry.head_dim));
+    }
+    let inputs: Vec<Vec<u16>> = x.iter().map(host_f16).collect::<Result<_>>()?;
+    let opt = |k: usize| inputs.get(k).map_or(std::ptr::null(), |v| v.as_ptr());
+    let mut next = 1;
+    let bias = if op.qkv_bias {
+        next += 1;
+        opt(1)
+    } else {
+        std::ptr::null()
+    };
+    let (mut relh, mut relw) = (vec![0f32; 1], vec![0f32; 1]);
+    let mut relbias = std::ptr::null();
+    match op.rel_pos {
+        WindowRelPos::None => {}
+        WindowRelPos::Decomposed => {
+            relh = vec![0.0; g.rows() * g.wh as usize];
+            relw = vec![0.0; g.rows() * g.ww as usize];
+            unsafe {
+                ffi::emu_window_attention_rel_tables_tc_f16(
+                    g.rel_tables(),
+                    inputs[0].as_ptr(),
+                    bias,
+                    opt(next),
+                    opt(next + 1),
+                    relh.as_mut_ptr(),
+                    relw.as_mut_ptr(),
+                    g,
+                )
+            };
+        }
+        WindowRelPos::Bias => relbias = opt(next),
+    }
+    let mut out = vec![0u16; g.out_elems()];
+    let mut lse = vec![0f32; g.rows()];
+    unsafe {
+        ffi::emu_window_attention_fwd_tc_f16(
+            g.attention_tc(),
+            g.tc_shared_bytes() as u32,
+            inputs[0].as_ptr(),
+            bias,
+            relh.as_ptr(),
+            relw.as_ptr(),
+            relbias,
+            out.as_mut_ptr(),
+            lse.as_mut_ptr(),
+            g,
+        )
+    };
+    let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
+    let out: Vec<half::f16> = out.into_iter().map(half::f16::from_bits).collect();
+    Ok(vec![
+        Tensor::from_vec(out, &[b, h, w, c][..], &candle_core::Device::Cpu).map_err(|e| e.to_string())?,
+        tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
+    ])
 }

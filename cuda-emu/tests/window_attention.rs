@@ -117,3 +117,56 @@ fn global_block_decomposed() {
 fn global_block_beit_bias() {
     check(1, [6, 6], [6, 6], WindowRelPos::Bias, true);
 }
+
+/// The tensor-core forward (f16, head dim 16) against the CPU kernel on the same f16 inputs.
+///
+/// Tolerance: out 2e-3 relative L2 (the kernel rounds the probabilities to f16 before the
+/// P V product, ~2^-11 relative per term, and the output once; the CPU kernel keeps them in
+/// f32), lse 1e-5 (both accumulate the f16 products in f32).
+fn check_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::{window_attention_tc_f16, TC_HEAD_DIM};
+    let hd = TC_HEAD_DIM;
+    let c = HEADS * hd;
+    let op = WindowAttention {
+        heads: HEADS,
+        window,
+        scale: (hd as f64).powf(-0.5),
+        rel_pos,
+        qkv_bias,
+    };
+    let mut rng = Rng(hw[0] as u64 * 31 + window[1] as u64);
+    let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
+    let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
+    if qkv_bias {
+        x.push(f16(rng.tensor(&[3 * c], 0.5)));
+    }
+    let [wh, ww] = window;
+    match rel_pos {
+        WindowRelPos::None => {}
+        WindowRelPos::Decomposed => {
+            x.push(f16(rng.tensor(&[wh, wh, hd], 0.3)));
+            x.push(f16(rng.tensor(&[ww, ww, hd], 0.3)));
+        }
+        WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
+    }
+    let what = format!("tensor cores: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let want = cpu::window_attention(&op, &x).unwrap();
+    let got = window_attention_tc_f16(&op, &x).unwrap();
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let e = rel_l2(&f32(&got[0]), &f32(&want[0]));
+    assert!(e <= 2e-3, "{what}: out rel L2 {e:e}");
+    let e = rel_l2(&got[1], &want[1]);
+    assert!(e <= 1e-5, "{what}: lse rel L2 {e:e}");
+}
+
+#[test]
+fn tensor_cores_decomposed_padded_multi_tile() {
+    // 9x10 tokens, one 9x10 window: 90 queries (two 64-row blocks) and 90 keys (two tiles).
+    check_tc([9, 10], [9, 10], WindowRelPos::Decomposed, true);
+}
+
+#[test]
+fn tensor_cores_windows_bias_and_none() {
+    check_tc([5, 7], [3, 4], WindowRelPos::Bias, true);
+    check_tc([5, 7], [3, 4], WindowRelPos::None, false);
+}

@@ -1,6 +1,8 @@
 //! The fused window-attention CUDA kernels against the CPU kernel on the same random inputs
 //! (runs where a GPU exists; skipped, saying so, elsewhere).
 //!
+//! The f16 / bf16 forward runs on the tensor cores (`fwd_tc`), the rest on the f32 kernels.
+//!
 //! Tolerances: f32 relative L2 1e-5 (both sides f32, different summation order over rows of
 //! up to 4096 keys); bf16 / f16 1e-2 (inputs rounded once to the half type on both sides, the
 //! CUDA kernels accumulate in f32 and round outputs once, the CPU kernel likewise: the residual
@@ -125,4 +127,21 @@ fn global_decomposed_head_dim_80() {
         qkv_bias: true,
     };
     check(c, DType::F32, 1e-5, &dev);
+}
+
+#[test]
+fn global_beit_bias_tensor_cores_head_dim_80() {
+    // The f16 / bf16 forward runs on the tensor cores (head dim a multiple of 16).
+    let Some(dev) = common::cuda_device() else { return };
+    let case = |dtype| Case {
+        batch: 1,
+        hw: [20, 20],
+        window: [20, 20],
+        heads: 2,
+        head_dim: 80,
+        rel_pos: if dtype == DType::F16 { WindowRelPos::Bias } else { WindowRelPos::Decomposed },
+        qkv_bias: true,
+    };
+    check(case(DType::F16), DType::F16, 1e-2, &dev);
+    check(case(DType::BF16), DType::BF16, 1e-2, &dev);
 }

@@ -105,6 +105,15 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// Lets launches use `bytes` of dynamic shared memory (above 48 KiB needs the opt-in).
+    pub fn allow_shared_bytes(&self, bytes: usize) -> KernelResult<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
+        let bytes = i32::try_from(bytes).map_err(|_| unsupported(format!("{bytes} bytes of shared memory")))?;
+        self.func
+            .set_attribute(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+            .map_err(|e| unsupported(format!("{bytes} bytes of shared memory: {e}")))
+    }
+
     /// A launch of this kernel: push the arguments, then `launch`.
     pub fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)

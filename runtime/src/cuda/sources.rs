@@ -35,6 +35,9 @@ impl Module {
         };
         self.defines.push(("VITDET_T", t.to_string()));
         self.defines.push(("VITDET_S", s.to_string()));
+        if dtype != candle_core::DType::F32 {
+            self.defines.push(("VITDET_HALF", "1".to_string()));
+        }
         self
     }
 

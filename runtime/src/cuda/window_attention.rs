@@ -2,7 +2,9 @@
 //! (`kernels/window_attention.cu`), shared by the CUDA path and the host emulator.
 //!
 //! Forward: for the decomposed relative-position term, `rel_tables` first builds the per-row
-//! tables `relh = q . rh` and `relw = q . rw`; then `fwd` writes `out` and `lse`. Backward:
+//! tables `relh = q . rh` and `relw = q . rw`; then `fwd` (f32, one thread per query row) or
+//! `fwd_tc` (f16 / bf16 with head dims that are multiples of 16, on the tensor cores) writes
+//! `out` and `lse`. Backward:
 //! the tables again, `bwd_q` (dq, D = rowsum(dout * out), the tables' and the BEiT bias's
 //! gradients), then `bwd_kv` (dk, dv, the qkv bias's padded-token share), then
 //! `rel_tables_grad` on each axis for `drh` and `drw`.
@@ -17,6 +19,10 @@ use super::Launch;
 
 /// Threads per block of every window-attention kernel (`BQ` in the source).
 pub const THREADS: u32 = 128;
+/// Query rows, keys per tile and threads of a tensor-core forward block (`TC_BQ`, `TC_BK`).
+pub const TC_ROWS: usize = 64;
+pub const TC_KEYS: usize = 64;
+pub const TC_THREADS: u32 = 128;
 /// Largest window side the decomposed term supports (`WIN_MAX` in the source).
 pub const WIN_MAX: usize = 64;
 /// Largest head dimension the kernels are compiled for (per-thread rows live in registers).
@@ -123,6 +129,28 @@ impl WinGeom {
             grid: [self.tokens().div_ceil(THREADS as usize) as u32, self.heads as u32, self.windows() as u32],
             block: [THREADS, 1, 1],
         }
+    }
+
+    /// Whether the tensor-core forward takes this head dim (for f16 / bf16 inputs).
+    pub fn tensor_cores(&self) -> bool {
+        self.hd % 16 == 0
+    }
+
+    /// `fwd_tc`: four warps per 64 query rows of a (window, head).
+    pub fn attention_tc(&self) -> Launch {
+        Launch {
+            grid: [self.tokens().div_ceil(TC_ROWS) as u32, self.heads as u32, self.windows() as u32],
+            block: [TC_THREADS, 1, 1],
+        }
+    }
+
+    /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q, K and
+    /// V tiles and the probabilities in the input type, the scores, the output accumulator and
+    /// three row statistics in f32.
+    pub fn tc_shared_bytes(&self) -> usize {
+        let hd = self.hd as usize;
+        let (ldt, lds, ldp, ldo) = (hd + 8, TC_KEYS + 4, TC_KEYS + 8, hd + 4);
+        2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt) + 4 * TC_ROWS * lds + 2 * TC_ROWS * ldp + 4 * TC_ROWS * ldo + 4 * 3 * TC_ROWS
     }
 
     /// `rel_tables`: one thread per row.
@@ -278,7 +306,16 @@ pub mod run {
         let (relh, relw) = o.rel_tables::<T>()?;
         let mut out = zeros::<T>(&o.dev, g.out_elems())?;
         let mut lse = zeros::<f32>(&o.dev, g.rows())?;
-        let f = function(&o.dev, &g.module(o.dtype), &o.name("fwd")?)?;
+        // Half types run on the tensor cores where the head dim allows.
+        let tc = o.dtype != DType::F32 && g.tensor_cores();
+        let f = function(&o.dev, &g.module(o.dtype), &o.name(if tc { "fwd_tc" } else { "fwd" })?)?;
+        let (launch, shared) = if tc {
+            let bytes = g.tc_shared_bytes();
+            f.allow_shared_bytes(bytes)?;
+            (g.attention_tc(), bytes as u32)
+        } else {
+            (g.attention(), 0)
+        };
         {
             let (qs, ql) = o.qkv.storage_and_layout();
             let bias = o.or_qkv(&o.bias);
@@ -288,7 +325,7 @@ pub mod run {
             let (q, b, rb) = (view::<T>(&qs, ql)?, view::<T>(&bs, bl)?, view::<T>(&rs, rl)?);
             let mut l = f.builder();
             l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&mut out).arg(&mut lse).arg(&g);
-            unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+            unsafe { l.launch(config(launch, shared)) }.map_err(candle_core::Error::wrap)?;
         }
         let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
         Ok(vec![

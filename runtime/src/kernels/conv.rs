@@ -444,11 +444,7 @@ pub fn conv_transpose2d(op: &ConvTranspose2d, x: &Tensor, w: &Tensor, b: Option<
 }
 
 fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
-    let (_, _, kh, kw) = w.dims4()?;
-    let [ph, pw] = op.padding;
-    let [sh, sw] = op.stride;
-    let [oph, opw] = op.output_padding;
-    let [dh, dw] = op.dilation;
+    let ([sh, sw], [dh, dw]) = (op.stride, op.dilation);
     if sh == 0 || sw == 0 || dh == 0 || dw == 0 {
         return Err(KernelError::Unsupported(format!(
             "invalid conv_transpose2d attributes {op:?}"

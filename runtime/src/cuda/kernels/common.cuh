@@ -77,3 +77,51 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 #else
 #define VITDET_FOR_EACH_FLOAT(M) M(float, f32) M(f16_t, f16) M(bf16_t, bf16)
 #endif
+
+// The same for the half types only (tensor-core kernels): none in an f32 module.
+#if defined(VITDET_T) && defined(VITDET_HALF)
+#define VITDET_FOR_EACH_HALF(M) M(VITDET_T, VITDET_S)
+#elif defined(VITDET_T)
+#define VITDET_FOR_EACH_HALF(M)
+#else
+#define VITDET_FOR_EACH_HALF(M) M(f16_t, f16) M(bf16_t, bf16)
+#endif
+
+// One warp's tensor-core product D += A B (PTX mma.m16n8k16: A 16x16 row-major, B 16x8
+// column-major, f32 accumulators), fragments laid out as the PTX ISA specifies: with
+// g = lane / 4 and t = lane % 4, a[0] holds A(g, 2t..2t+1), a[1] A(g+8, 2t..), a[2]
+// A(g, 2t+8..), a[3] A(g+8, 2t+8..); b[0] B(2t..2t+1, g), b[1] B(2t+8.., g); d[0..1]
+// D(g, 2t..2t+1), d[2..3] D(g+8, 2t..). Each 32-bit register packs two 16-bit values, the
+// lower-indexed one in the low half. Every thread of the block must call it together (the
+// emulator exchanges fragments through a block barrier).
+#ifdef VITDET_EMU
+__device__ __forceinline__ float emu_decode_f16(unsigned short b) { f16_t x; x.bits = b; return to_f32(x); }
+__device__ __forceinline__ float emu_decode_bf16(unsigned short b) { bf16_t x; x.bits = b; return to_f32(x); }
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], f16_t) {
+    emu::mma_16816(d, a, b, emu_decode_f16);
+}
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], bf16_t) {
+    emu::mma_16816(d, a, b, emu_decode_bf16);
+}
+#else
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], f16_t) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], bf16_t) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Two 16-bit values packed into one mma register, `lo` in the low half.
+template <class T>
+__device__ __forceinline__ unsigned pack2(T lo, T hi) {
+    return (unsigned)lo.bits | ((unsigned)hi.bits << 16);
+}

@@ -391,4 +391,157 @@ __device__ void wa_rel_tables_grad(const T* qkv, const T* bias, const float* dre
                                                                     int axis) {                                \
         wa_rel_tables_grad<T>(qkv, bias, drel, dr, g, axis);                                                    \
     }
+#ifndef WA_NO_FMA_ENTRIES
 VITDET_FOR_EACH_FLOAT(WA_ENTRY)
+#endif
+
+#if HD % 16 == 0
+// Tensor-core forward for f16 / bf16 (head dims that are multiples of 16). A block of four
+// warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in tiles of TC_BK = 64:
+// S = Q K^T and O += P V run on mma.m16n8k16 with f32 accumulators; the online softmax runs one
+// thread per row over the scores in shared memory, and each warp rescales its rows of O as it
+// loads them into its accumulators. Dynamic shared memory: see `tc_shared_bytes` (Rust).
+#define TC_BQ 64
+#define TC_BK 64
+#define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
+#define TC_LDS (TC_BK + 4)   // of the scores (f32)
+#define TC_LDP (TC_BK + 8)   // of the probabilities (elements)
+#define TC_LDO (HD + 4)      // of the output accumulator (f32)
+
+template <class T>
+__device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                          T* out, float* lse, WinGeom g) {
+    DYNAMIC_SHARED(unsigned char, smem);
+    T* qs = reinterpret_cast<T*>(smem);
+    T* ks = qs + TC_BQ * TC_LDT;
+    T* vs = ks + TC_BK * TC_LDT;
+    float* sc = reinterpret_cast<float*>(vs + TC_BK * TC_LDT);
+    T* ps = reinterpret_cast<T*>(sc + TC_BQ * TC_LDS);
+    float* os = reinterpret_cast<float*>(ps + TC_BQ * TC_LDP);
+    float* row_m = os + TC_BQ * TC_LDO;
+    float* row_l = row_m + TC_BQ;
+    float* row_c = row_l + TC_BQ;
+
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int i0 = blockIdx.x * TC_BQ;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+
+    // The query tile, the accumulator and the row statistics.
+    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
+        const int r = e / HD, d = e % HD, i = i0 + r;
+        float v = 0.0f;
+        if (i < n) v = head_elem(qkv, bias, g, token(g, w, i), 0, h, d);
+        qs[r * TC_LDT + d] = from_f32<T>(v);
+        os[r * TC_LDO + d] = 0.0f;
+    }
+    for (int r = tid; r < TC_BQ; r += blockDim.x) {
+        row_m[r] = VITDET_NEG_INF;
+        row_l[r] = 0.0f;
+    }
+    for (int j0 = 0; j0 < n; j0 += TC_BK) {
+        for (int e = tid; e < TC_BK * HD; e += blockDim.x) {
+            const int jj = e / HD, d = e % HD, j = j0 + jj;
+            float kv = 0.0f, vv = 0.0f;
+            if (j < n) {
+                const Tok kt = token(g, w, j);
+                kv = head_elem(qkv, bias, g, kt, 1, h, d);
+                vv = head_elem(qkv, bias, g, kt, 2, h, d);
+            }
+            ks[jj * TC_LDT + d] = from_f32<T>(kv);
+            vs[jj * TC_LDT + d] = from_f32<T>(vv);
+        }
+        __syncthreads();
+        // S = Q K^T for this warp's 16 rows.
+        const int r0 = warp * 16;
+        for (int nt = 0; nt < TC_BK / 8; ++nt) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int kt = 0; kt < HD / 16; ++kt) {
+                const int k = kt * 16 + 2 * tq;
+                unsigned a[4], b[2];
+                a[0] = pack2(qs[(r0 + gq) * TC_LDT + k], qs[(r0 + gq) * TC_LDT + k + 1]);
+                a[1] = pack2(qs[(r0 + gq + 8) * TC_LDT + k], qs[(r0 + gq + 8) * TC_LDT + k + 1]);
+                a[2] = pack2(qs[(r0 + gq) * TC_LDT + k + 8], qs[(r0 + gq) * TC_LDT + k + 9]);
+                a[3] = pack2(qs[(r0 + gq + 8) * TC_LDT + k + 8], qs[(r0 + gq + 8) * TC_LDT + k + 9]);
+                const int key = nt * 8 + gq;
+                b[0] = pack2(ks[key * TC_LDT + k], ks[key * TC_LDT + k + 1]);
+                b[1] = pack2(ks[key * TC_LDT + k + 8], ks[key * TC_LDT + k + 9]);
+                mma_16816(c, a, b, T());
+            }
+            const int col = nt * 8 + 2 * tq;
+            sc[(r0 + gq) * TC_LDS + col] = c[0];
+            sc[(r0 + gq) * TC_LDS + col + 1] = c[1];
+            sc[(r0 + gq + 8) * TC_LDS + col] = c[2];
+            sc[(r0 + gq + 8) * TC_LDS + col + 1] = c[3];
+        }
+        __syncthreads();
+        // Online softmax, one thread per row: P = exp(s - m_new), the rescale of the old rows.
+        for (int r = tid; r < TC_BQ; r += blockDim.x) {
+            const int i = i0 + r;
+            const bool query = i < n && token(g, w, i).valid;
+            const long row = ((long)w * g.heads + h) * n + i;
+            float m = row_m[r];
+            for (int c = 0; c < TC_BK; ++c) {
+                const int j = j0 + c;
+                float s = VITDET_NEG_INF;
+                if (j < n) s = g.scale * sc[r * TC_LDS + c] + (query ? rel_logit(g, relh, relw, relbias, row, h, i, j) : 0.0f);
+                sc[r * TC_LDS + c] = s;
+                m = fmaxf(m, s);
+            }
+            const float corr = expf(row_m[r] - m);
+            float l = row_l[r] * corr;
+            for (int c = 0; c < TC_BK; ++c) {
+                const float p = expf(sc[r * TC_LDS + c] - m);
+                l += p;
+                ps[r * TC_LDP + c] = from_f32<T>(p);
+            }
+            row_m[r] = m;
+            row_l[r] = l;
+            row_c[r] = corr;
+        }
+        __syncthreads();
+        // O = O * corr + P V for this warp's rows.
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            const int col = nt * 8 + 2 * tq;
+            const float c_lo = row_c[r0 + gq], c_hi = row_c[r0 + gq + 8];
+            float c[4] = {os[(r0 + gq) * TC_LDO + col] * c_lo, os[(r0 + gq) * TC_LDO + col + 1] * c_lo,
+                          os[(r0 + gq + 8) * TC_LDO + col] * c_hi, os[(r0 + gq + 8) * TC_LDO + col + 1] * c_hi};
+            for (int kt = 0; kt < TC_BK / 16; ++kt) {
+                const int k = kt * 16 + 2 * tq;
+                unsigned a[4], b[2];
+                a[0] = pack2(ps[(r0 + gq) * TC_LDP + k], ps[(r0 + gq) * TC_LDP + k + 1]);
+                a[1] = pack2(ps[(r0 + gq + 8) * TC_LDP + k], ps[(r0 + gq + 8) * TC_LDP + k + 1]);
+                a[2] = pack2(ps[(r0 + gq) * TC_LDP + k + 8], ps[(r0 + gq) * TC_LDP + k + 9]);
+                a[3] = pack2(ps[(r0 + gq + 8) * TC_LDP + k + 8], ps[(r0 + gq + 8) * TC_LDP + k + 9]);
+                const int dcol = nt * 8 + gq;
+                b[0] = pack2(vs[k * TC_LDT + dcol], vs[(k + 1) * TC_LDT + dcol]);
+                b[1] = pack2(vs[(k + 8) * TC_LDT + dcol], vs[(k + 9) * TC_LDT + dcol]);
+                mma_16816(c, a, b, T());
+            }
+            os[(r0 + gq) * TC_LDO + col] = c[0];
+            os[(r0 + gq) * TC_LDO + col + 1] = c[1];
+            os[(r0 + gq + 8) * TC_LDO + col] = c[2];
+            os[(r0 + gq + 8) * TC_LDO + col + 1] = c[3];
+        }
+        __syncthreads();
+    }
+    // Unpadded queries: out = O / l, lse = m + log l.
+    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
+        const int r = e / HD, d = e % HD, i = i0 + r;
+        if (i >= n) continue;
+        const Tok qt = token(g, w, i);
+        if (!qt.valid) continue;
+        out[token_row(g, qt, g.channels) + h * HD + d] = from_f32<T>(os[r * TC_LDO + d] / row_l[r]);
+        if (d == 0) lse[((long)w * g.heads + h) * n + i] = row_m[r] + logf(row_l[r]);
+    }
+}
+
+#define WA_TC_ENTRY(T, S)                                                                                      \
+    extern "C" __global__ void window_attention_fwd_tc_##S(const T* qkv, const T* bias, const float* relh,    \
+                                                           const float* relw, const T* relbias, T* out,       \
+                                                           float* lse, WinGeom g) {                           \
+        wa_fwd_tc<T>(qkv, bias, relh, relw, relbias, out, lse, g);                                             \
+    }
+VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
+#endif
