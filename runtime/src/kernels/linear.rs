@@ -1,5 +1,6 @@
 //! Contractions: `linear` and batched `matmul`, on candle's matmul (the `gemm` crate on the CPU,
-//! cuBLAS on CUDA).
+//! cuBLAS on CUDA). On CUDA, f16 / bf16 `linear` with a bias runs on cuBLASLt with the bias in
+//! the GEMM epilogue ([`crate::cuda::linear`]).
 //!
 //! Both backends need each operand's two innermost dims to be "tight": row-major (strides
 //! `[cols, 1]`) or column-major (strides `[1, rows]`), and the batch dims to collapse to one
@@ -52,6 +53,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
             w.dims(),
             dims
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(b) = b.filter(|b| crate::cuda::linear::supports(x, w, b)) {
+        return crate::cuda::linear::linear_bias(x, w, b);
     }
     let mut ops = vec![x, w];
     ops.extend(b);
