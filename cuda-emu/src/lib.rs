@@ -10,6 +10,8 @@
 use candle_core::{Device, Tensor};
 
 pub mod norm;
+pub mod adamw;
+pub mod softmax;
 pub mod window_attention;
 
 pub type Result<T> = std::result::Result<T, String>;

@@ -12,6 +12,8 @@ pub mod device;
 pub mod norm;
 #[cfg(feature = "cuda")]
 pub mod pool;
+pub mod adamw;
+pub mod softmax;
 pub mod sources;
 pub mod window_attention;
 
@@ -22,6 +24,8 @@ pub fn modules() -> Vec<sources::Module> {
         // The attention kernels at ViTDet-B/L (64) and ViT-H (80) head dims.
         window_attention::module_for_head_dim(64),
         window_attention::module_for_head_dim(80),
+        softmax::module(),
+        adamw::module(),
         norm::module(),
     ]
 }

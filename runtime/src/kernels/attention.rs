@@ -11,8 +11,9 @@ use vitdet_ir::ops::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad,
 use super::{accum_dtype, cpu, cpu_attention_grad, expect_float, KernelError, KernelResult};
 
 /// Softmax along `op.axis`, stably (`exp(x - max) / sum`). On the CPU the last axis runs as one
-/// fused custom op (`cpu::SoftmaxLastDim`); other axes and other devices use candle's
-/// reductions ([`softmax_portable`]). Half types are computed in f32.
+/// fused custom op (`cpu::SoftmaxLastDim`); on a CUDA device (feature `cuda`) any axis of an
+/// f32/f16/bf16 tensor runs the runtime's CUDA kernels (`crate::cuda::softmax`); anything else
+/// uses candle's reductions ([`softmax_portable`]). Half types are computed in f32.
 pub fn softmax(op: &Softmax, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if op.axis >= x.rank() {
@@ -21,6 +22,10 @@ pub fn softmax(op: &Softmax, x: &Tensor) -> KernelResult<Tensor> {
             op.axis,
             x.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::softmax::run::supports(x, op.axis) {
+        return crate::cuda::softmax::run::softmax(op.axis, x);
     }
     if op.axis + 1 == x.rank() && x.device().is_cpu() {
         let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
@@ -137,7 +142,9 @@ fn rel_pos_bias_rows(h: usize, w: usize) -> Vec<u32> {
 /// Softmax backward `dx = y * (dy - sum(dy * y, axis))` from the softmax output `y` and its
 /// gradient `dy`. On the CPU the last axis runs as one fused custom op
 /// (`cpu_attention_grad::SoftmaxGradLastDim`, one pass per row for the dot product and one for
-/// the result); other axes and devices use candle ops. Half types are computed in f32.
+/// the result); on a CUDA device (feature `cuda`) any axis of an f32/f16/bf16 tensor runs the
+/// runtime's CUDA kernels (`crate::cuda::softmax`); anything else uses candle ops. Half types
+/// are computed in f32.
 pub fn softmax_grad(op: &SoftmaxGrad, y: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("softmax output", y)?;
     if y.dims() != dy.dims() || y.dtype() != dy.dtype() {
@@ -153,6 +160,10 @@ pub fn softmax_grad(op: &SoftmaxGrad, y: &Tensor, dy: &Tensor) -> KernelResult<T
             op.axis,
             y.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() && crate::cuda::softmax::run::supports(y, op.axis) {
+        return crate::cuda::softmax::run::softmax_grad(op.axis, y, dy);
     }
     let (dtype, acc) = (y.dtype(), accum_dtype(y.dtype()));
     let (yf, dyf) = (y.to_dtype(acc)?, dy.to_dtype(acc)?);

@@ -18,6 +18,10 @@
 //!
 //! Parameters without a gradient in a step are left alone, their state too (PyTorch skips
 //! parameters whose `.grad` is None).
+//!
+//! With the `cuda` feature, a step whose gradients live on a CUDA device runs as one fused
+//! launch over every parameter (`crate::cuda::adamw`) with the same f32 operations in the same
+//! order, so its results are bit-identical to the op-by-op update.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -193,6 +197,10 @@ impl AdamW {
             plan.push((name, g, lr, wd));
         }
 
+        #[cfg(feature = "cuda")]
+        if plan.first().is_some_and(|(_, g, ..)| g.device().is_cuda()) {
+            return self.step_fused(params, &plan);
+        }
         for (name, g, lr, wd) in plan {
             let p = params.get(name).expect("checked above");
             let (step, m, v) = match self.state.get(name.as_str()) {
@@ -213,6 +221,42 @@ impl AdamW {
                     })?;
             params.insert(name.clone(), new_p);
             self.state.insert(name.clone(), new_state);
+        }
+        Ok(())
+    }
+
+    /// The checked `plan` of [`AdamW::step`] as one fused CUDA launch over every parameter
+    /// (`crate::cuda::adamw`), bit-identical to the op-by-op update. All or nothing: the new
+    /// values and moments are written to fresh buffers and stored only once the launch is queued.
+    #[cfg(feature = "cuda")]
+    fn step_fused(&mut self, params: &mut ParamStore, plan: &[(&String, &Tensor, f64, f64)]) -> Result<(), OptimError> {
+        use crate::cuda::adamw::run::{step, FusedUpdate};
+        let updates: Vec<FusedUpdate> = plan
+            .iter()
+            .map(|&(name, g, lr, wd)| {
+                let state = self.state.get(name.as_str());
+                FusedUpdate {
+                    param: params.get(name).expect("checked above"),
+                    grad: g,
+                    moments: state.map(|s| (&s.exp_avg, &s.exp_avg_sq)),
+                    t: state.map_or(0, |s| s.step) + 1,
+                    lr,
+                    weight_decay: wd,
+                }
+            })
+            .collect();
+        let steps: Vec<u64> = updates.iter().map(|u| u.t).collect();
+        let updated = step(&self.config, &updates).map_err(OptimError::Fused)?;
+        for ((&(name, ..), (p, exp_avg, exp_avg_sq)), t) in plan.iter().zip(updated).zip(steps) {
+            params.insert(name.clone(), p);
+            self.state.insert(
+                name.clone(),
+                AdamWState {
+                    step: t,
+                    exp_avg,
+                    exp_avg_sq,
+                },
+            );
         }
         Ok(())
     }

@@ -79,6 +79,10 @@ pub enum OptimError {
         source: candle_core::Error,
     },
 
+    /// The fused CUDA update (one launch over every parameter) failed; no parameter changed.
+    #[error("fused AdamW step: {0}")]
+    Fused(crate::kernels::KernelError),
+
     /// A tensor operation outside any one parameter failed.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
