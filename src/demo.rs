@@ -91,8 +91,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             roi_batch_size_per_image: args.roi_batch,
             ..TrainingConfig::default()
         },
+        step: Default::default(),
     };
-    let summary = train::train(options, &run_dir, None, &mut Bar::new())?;
+    let summary = train::train(options, &run_dir, None, &vitdet_runtime::Device::Cpu, &mut Bar::new())?;
     println!(
         "    {} iterations in {:.0} s ({:.1} it/s)",
         summary.iterations,

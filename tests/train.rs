@@ -272,4 +272,72 @@ fn bad_options_are_reported() {
     assert!(err.contains("--iters"), "{err}");
     let err = fails(&["train", "--data", &data, "--out", o, "--iters", "5", "--warmup", "9"]);
     assert!(err.contains("--warmup"), "{err}");
+    let err = fails(&["train", "--data", &data, "--out", o, "--dtype", "f8"]);
+    assert!(err.contains("--dtype") && err.contains("f8"), "{err}");
+    let err = fails(&["train", "--data", &data, "--out", o, "--device", "tpu"]);
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+    let err = fails(&["train", "--data", &data, "--out", o, "--checkpoint", "auto"]);
+    assert!(err.contains("--checkpoint auto needs --budget"), "{err}");
+    assert!(!out.join("train.json").exists(), "a refused run left a train.json");
+}
+
+/// `--dtype f16` trains with torch's GradScaler: the scale starts at 65536, every metrics line
+/// carries the scale its gradients were computed with, a skipped step halves the next one and a
+/// good one keeps it (growth needs 2000 good steps), the checkpoint carries the scaler, and a
+/// stopped and resumed run repeats the uninterrupted one bit for bit. `--dtype bf16` trains
+/// without scaling.
+#[test]
+fn f16_run_scales_its_loss_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path(), 4);
+    let common = [
+        "--dtype",
+        "f16",
+        "--lr",
+        "2e-4",
+        "--warmup",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "5",
+    ];
+    let whole = dir.path().join("whole");
+    let text = train(&data, &whole, &[&["--iters", "4"], &common[..]].concat());
+    assert!(text.contains("f16 loss scale"), "{text}");
+    let split = dir.path().join("split");
+    train(
+        &data,
+        &split,
+        &[&["--iters", "4", "--stop-at", "2"], &common[..]].concat(),
+    );
+    let text = ok(&["--threads", "2", "train", "--out", split.to_str().unwrap(), "--resume"]);
+    assert!(text.contains("trained iterations 3..4"), "{text}");
+    let (a, b) = (losses(&whole), losses(&split));
+    assert_eq!((a.len(), b.len()), (4, 4));
+    let key = |l: &MetricsLine| (l.iteration, l.losses.clone(), l.lr, l.loss_scale, l.skipped);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(key(x), key(y), "iteration {}: differs after resuming", x.iteration);
+    }
+    assert_eq!(a[0].loss_scale, Some(65536.0));
+    for w in a.windows(2) {
+        let expected = w[0].loss_scale.unwrap() * if w[0].skipped { 0.5 } else { 1.0 };
+        assert_eq!(w[1].loss_scale, Some(expected), "iteration {}", w[1].iteration);
+    }
+    assert!(a.iter().all(|l| l.losses["loss"].is_finite()));
+    let last = a.last().unwrap();
+    let ck = vitdet::runtime::checkpoint::load(whole.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    let state = ck.meta.grad_scaler.expect("the f16 checkpoint carries the scaler");
+    let after_last = last.loss_scale.unwrap() * if last.skipped { 0.5 } else { 1.0 };
+    assert_eq!(state.scale as f64, after_last);
+    let good_since_change = a.iter().rev().take_while(|l| !l.skipped).count();
+    assert_eq!(state.growth_tracker as usize, good_since_change);
+
+    let bf16 = dir.path().join("bf16");
+    train(&data, &bf16, &["--iters", "1", "--dtype", "bf16"]);
+    let m = losses(&bf16);
+    assert!(m[0].loss_scale.is_none() && !m[0].skipped);
+    assert!(m[0].losses["loss"].is_finite());
+    let ck = vitdet::runtime::checkpoint::load(bf16.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    assert!(ck.meta.grad_scaler.is_none());
 }

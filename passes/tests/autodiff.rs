@@ -553,7 +553,11 @@ fn loss_seed_input_scales_every_gradient() {
     }
     let got = grads(&scaled.graph, Some(scalar(3.0)));
     for (a, r) in got.iter().flatten().zip(reference.iter().flatten()) {
-        assert!((a - 3.0 * r).abs() <= 1e-12 * r.abs().max(1e-300), "seed 3: {a} vs {}", 3.0 * r);
+        assert!(
+            (a - 3.0 * r).abs() <= 1e-12 * r.abs().max(1e-300),
+            "seed 3: {a} vs {}",
+            3.0 * r
+        );
     }
 
     // An existing f32 [1] input is used as it is (reshaped and cast to the loss's [] f64).

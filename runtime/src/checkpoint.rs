@@ -9,9 +9,11 @@
 //!   (f32, the parameter's shape) and `optimizer.step.<name>` (an i64 scalar);
 //! * `__metadata__`: `format` (`vitdet-checkpoint`), `format_version`, `iteration` (iterations
 //!   completed: a resumed run continues at this iteration), `seed`, `model_config` (JSON),
-//!   `optimizer` (JSON: `{"type": "adamw", "beta1", "beta2", "eps"}`) and `checksum`, 16 hex
-//!   digits of a 64-bit hash of every tensor, so a file damaged after its header is refused
-//!   instead of resuming from corrupt weights.
+//!   `optimizer` (JSON: `{"type": "adamw", "beta1", "beta2", "eps"}`), for a float16 run with
+//!   loss scaling `grad_scaler` (JSON: torch's `GradScaler.state_dict()` keys, see
+//!   [`GradScalerState`]; absent otherwise) and `checksum`, 16 hex digits of a 64-bit hash of
+//!   every tensor, so a file damaged after its header is refused instead of resuming from
+//!   corrupt weights.
 //!
 //! The checksum: state `h = 0x243f6a8885a308d3`; absorbing a word `w` (u64) sets
 //! `x = (h ^ w) * 0x9e3779b97f4a7c15` (wrapping) and `h = x ^ (x >> 29)`; absorbing bytes absorbs
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::dtype::to_candle;
+use crate::optim::grad_scaler::GradScalerState;
 use crate::optim::{AdamW, AdamWConfig, AdamWState};
 use crate::params::{st_to_ir, RawView};
 use crate::{ParamStore, RuntimeError};
@@ -66,6 +69,8 @@ pub struct CheckpointMeta {
     pub seed: u64,
     /// The model configuration the parameters belong to.
     pub model_config: serde_json::Value,
+    /// The loss scaler's state, for a run that scales its loss (float16).
+    pub grad_scaler: Option<GradScalerState>,
 }
 
 /// A loaded checkpoint.
@@ -159,6 +164,12 @@ pub fn save(
         "optimizer".to_string(),
         serde_json::to_string(&optimizer_meta).map_err(|e| err(e.to_string()))?,
     );
+    if let Some(state) = &meta.grad_scaler {
+        metadata.insert(
+            "grad_scaler".to_string(),
+            serde_json::to_string(state).map_err(|e| err(e.to_string()))?,
+        );
+    }
     let checksum = checksum(views.iter().map(|(k, v)| (k.as_str(), v.dtype(), v.shape(), v.data())));
     metadata.insert("checksum".to_string(), format!("{checksum:016x}"));
 
@@ -211,6 +222,11 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
         .map_err(|e| err(format!("metadata `model_config` is not JSON: {e}")))?;
     let optimizer_meta: OptimizerMeta = serde_json::from_str(entry("optimizer")?)
         .map_err(|e| err(format!("metadata `optimizer` is not valid: {e}")))?;
+    let grad_scaler: Option<GradScalerState> = metadata
+        .get("grad_scaler")
+        .map(|text| serde_json::from_str(text))
+        .transpose()
+        .map_err(|e| err(format!("metadata `grad_scaler` is not valid: {e}")))?;
     if optimizer_meta.kind != "adamw" {
         return Err(err(format!(
             "optimizer type `{}` is not supported (only `adamw`)",
@@ -314,6 +330,7 @@ pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint, Check
             iteration,
             seed,
             model_config,
+            grad_scaler,
         },
     })
 }

@@ -89,6 +89,7 @@ fn meta(iteration: u64) -> CheckpointMeta {
         iteration,
         seed: 0xdead_beef_0123,
         model_config: serde_json::json!({"family": "vitdet", "depth": 2, "drop_path": 0.1}),
+        grad_scaler: None,
     }
 }
 
@@ -169,6 +170,42 @@ fn save_load_round_trip() {
         opt_meta,
         serde_json::json!({"type": "adamw", "beta1": 0.85, "beta2": 0.995, "eps": 1e-7})
     );
+}
+
+/// A float16 run's loss scaler travels in the metadata (torch's state_dict keys) and comes back
+/// exactly; runs without one have no `grad_scaler` entry.
+#[test]
+fn grad_scaler_state_round_trips() {
+    use vitdet_runtime::optim::grad_scaler::{GradScaler, GradScalerConfig};
+    let dir = TempDir::new("scaler");
+    let path = dir.path().join("ckpt.safetensors");
+    let params = start();
+    let opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let mut scaler = GradScaler::new(GradScalerConfig::default()).unwrap();
+    scaler.update(true);
+    scaler.update(false);
+    let with = CheckpointMeta {
+        grad_scaler: Some(scaler.state()),
+        ..meta(2)
+    };
+    checkpoint::save(&path, &params, &opt, &with).unwrap();
+    let loaded = checkpoint::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.meta, with);
+    assert_eq!(
+        GradScaler::from_state(loaded.meta.grad_scaler.unwrap()).unwrap(),
+        scaler
+    );
+    let raw = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(&header.metadata().clone().unwrap()["grad_scaler"]).unwrap();
+    assert_eq!(entry["scale"], 32768.0);
+    assert_eq!(entry["_growth_tracker"], 1);
+
+    checkpoint::save(&path, &params, &opt, &meta(2)).unwrap();
+    let raw = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
+    assert!(!header.metadata().clone().unwrap().contains_key("grad_scaler"));
+    assert_eq!(checkpoint::load(&path, &Device::Cpu).unwrap().meta.grad_scaler, None);
 }
 
 #[test]

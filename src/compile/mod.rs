@@ -10,7 +10,9 @@ use vitdet_passes::{liveness, schedule};
 use crate::report::{CompileReport, TrainReport};
 
 mod train;
-pub use train::{compile_train, parse_bytes, CheckpointChoice, StepMemory, TrainOptions, TrainStep};
+pub use train::{
+    compile_train, parse_bytes, CheckpointChoice, StepMemory, TrainOptions, TrainStep, LOSS, LOSS_SCALE_INPUT,
+};
 
 /// What to compile.
 #[derive(Clone, Debug)]

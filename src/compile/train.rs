@@ -1,5 +1,10 @@
 //! The training-step pipeline: build the training forward graph, fuse attention, autocast,
-//! differentiate, checkpoint under a budget, schedule and plan memory.
+//! differentiate, checkpoint under a budget, schedule and plan memory. `vitdet compile --mode
+//! train`, `vitdet study` and `vitdet train` (which runs the result) all build their step here.
+//!
+//! With [`TrainOptions::loss_scale_input`] the backward is seeded from an f32 scalar graph input
+//! [`LOSS_SCALE_INPUT`] instead of 1, so every gradient comes out multiplied by it: dynamic loss
+//! scaling for float16 (`vitdet train` feeds its `GradScaler`'s scale there every step).
 //!
 //! The memory of a step is everything resident while it runs:
 //! * parameters and buffers (f32 master weights);
@@ -11,12 +16,18 @@
 //!   gradients themselves (graph outputs, live until the optimizer reads them).
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vitdet_ir::{Graph, NodeIndex};
-use vitdet_models::{build_detector_training, AttentionStrategy, ModelConfig};
+use vitdet_models::{build_detector_training_with, AttentionStrategy, ModelConfig, TrainingConfig};
+use vitdet_passes::autodiff::{differentiate_with, DifferentiateOptions, LossSeed};
 use vitdet_passes::checkpoint::{apply_checkpointing, CheckpointPolicy};
 use vitdet_passes::memory::MemoryBreakdown;
-use vitdet_passes::{autocast, differentiate, fuse_attention, FusionReport, MemoryPlan, Precision};
+use vitdet_passes::{autocast, fuse_attention, FusionReport, MemoryPlan, Precision};
+
+/// The differentiated output: the sum of the loss terms.
+pub const LOSS: &str = "loss";
+/// The graph input seeding the backward with [`TrainOptions::loss_scale_input`].
+pub const LOSS_SCALE_INPUT: &str = "loss_scale";
 
 /// How to compile a training step.
 #[derive(Clone, Debug)]
@@ -34,6 +45,10 @@ pub struct TrainOptions {
     /// Images per optimizer step (gradient accumulation over per-image passes).
     pub batch: usize,
     pub precision: Precision,
+    /// Training settings of the RPN and RoI heads.
+    pub heads: TrainingConfig,
+    /// Seed the backward from the f32 scalar input [`LOSS_SCALE_INPUT`] (loss scaling).
+    pub loss_scale_input: bool,
 }
 
 impl Default for TrainOptions {
@@ -46,12 +61,14 @@ impl Default for TrainOptions {
             budget_bytes: None,
             batch: 1,
             precision: Precision::F32,
+            heads: TrainingConfig::default(),
+            loss_scale_input: false,
         }
     }
 }
 
 /// `--checkpoint`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckpointChoice {
     /// Keep every activation.
@@ -108,6 +125,12 @@ pub struct TrainStep {
     pub fusion: Option<FusionReport>,
     pub precision: Precision,
     pub batch: usize,
+    /// `(parameter, gradient output)` for every trainable parameter the loss depends on.
+    pub gradients: Vec<(String, String)>,
+    /// Trainable parameters the loss does not depend on.
+    pub unreached: Vec<String>,
+    /// Whether the graph takes [`LOSS_SCALE_INPUT`].
+    pub loss_scale_input: bool,
 }
 
 pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<TrainStep> {
@@ -119,7 +142,8 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
         config.validate().context("--attention")?;
     }
     let s = config.image_size;
-    let mut forward = build_detector_training(&config, [s, s], opts.max_instances)?;
+    let mut forward = build_detector_training_with(&config, [s, s], opts.max_instances, &opts.heads)
+        .context("building the training graph")?;
     let (mut fused_attention, mut fusion_saved_bytes, mut fusion) = (0, 0, None);
     if opts.fuse_attention {
         let fused = fuse_attention(&forward).context("attention fusion")?;
@@ -129,7 +153,13 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
         forward = fused.graph;
     }
     let forward = autocast(&forward, opts.precision)?;
-    let graph = differentiate(&forward, "loss")?.graph;
+    let seed = match opts.loss_scale_input {
+        true => LossSeed::Input(LOSS_SCALE_INPUT.to_string()),
+        false => LossSeed::One,
+    };
+    let diff = differentiate_with(&forward, LOSS, &DifferentiateOptions { seed })
+        .context("differentiating the training graph")?;
+    let graph = diff.graph;
 
     let trainable: u64 = graph
         .parameters()
@@ -199,6 +229,9 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
         fusion,
         precision: opts.precision,
         batch: opts.batch,
+        gradients: diff.gradients,
+        unreached: diff.unreached,
+        loss_scale_input: opts.loss_scale_input,
     })
 }
 

@@ -3,10 +3,11 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{MetricsLine, Progress, TrainOptions};
+use super::{MetricsLine, Progress, StepOptions, TrainOptions};
+use crate::compile::{parse_bytes, CheckpointChoice};
 use vitdet_models::{ModelConfig, TrainingConfig};
 
 /// `vitdet train`.
@@ -63,6 +64,23 @@ pub struct TrainArgs {
     /// RoIs sampled per image for the box and mask heads (detectron2: 512).
     #[arg(long, default_value_t = 512)]
     pub roi_batch: usize,
+    /// Precision: f32, or autocast to bf16 / f16 (f16 with dynamic loss scaling).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Activation checkpointing: none, blocks (every block), global (the global blocks) or auto
+    /// (the cheapest recomputation that fits --budget). Default: auto with --budget, else none.
+    #[arg(long, value_enum)]
+    pub checkpoint: Option<CheckpointChoice>,
+    /// Memory budget of the training step, e.g. 16GiB or 800MB.
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// Keep the unfused attention subgraph.
+    #[arg(long)]
+    pub no_fuse: bool,
+    /// Where parameters, optimizer state and the step run: cpu, cuda or cuda:N (also with
+    /// --resume; the other options above come from the run's train.json then).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl TrainArgs {
@@ -91,6 +109,17 @@ impl TrainArgs {
                 roi_batch_size_per_image: self.roi_batch,
                 ..TrainingConfig::default()
             },
+            step: StepOptions {
+                dtype: self.dtype.clone(),
+                fuse_attention: !self.no_fuse,
+                checkpoint: self.checkpoint,
+                budget_bytes: self
+                    .budget
+                    .as_deref()
+                    .map(parse_bytes)
+                    .transpose()
+                    .context("--budget")?,
+            },
         })
     }
 }
@@ -111,7 +140,7 @@ impl Default for Bar {
     }
 }
 
-/// `loss 1.234 (rpn_cls 0.1, ...)`.
+/// `loss 1.234 (rpn_cls 0.1, ...)`, then the loss scale of a float16 run (and a skipped step).
 pub fn describe_losses(line: &MetricsLine) -> String {
     let total = line.losses.get("loss").copied().unwrap_or(f64::NAN);
     let terms: Vec<String> = line
@@ -120,7 +149,14 @@ pub fn describe_losses(line: &MetricsLine) -> String {
         .filter(|(k, _)| k.as_str() != "loss")
         .map(|(k, v)| format!("{} {v:.3}", k.trim_start_matches("loss_")))
         .collect();
-    format!("loss {total:.3} ({})", terms.join(", "))
+    let mut text = format!("loss {total:.3} ({})", terms.join(", "));
+    if let Some(scale) = line.loss_scale {
+        text.push_str(&format!(", scale {scale}"));
+    }
+    if line.skipped {
+        text.push_str(" (step skipped: inf/NaN gradients)");
+    }
+    text
 }
 
 impl Progress for Bar {
@@ -158,10 +194,11 @@ impl Progress for Bar {
 /// Runs `vitdet train`.
 pub fn run(args: TrainArgs) -> Result<()> {
     let mut bar = Bar::new();
+    let device = crate::infer::parse_device(&args.device)?;
     let summary = if args.resume {
-        super::resume(&args.out, args.iters, args.stop_at, &mut bar)?
+        super::resume(&args.out, args.iters, args.stop_at, &device, &mut bar)?
     } else {
-        super::train(args.options()?, &args.out, args.stop_at, &mut bar)?
+        super::train(args.options()?, &args.out, args.stop_at, &device, &mut bar)?
     };
     let done = summary.iterations - summary.start_iteration;
     println!(
@@ -174,6 +211,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     if let Some(last) = &summary.last {
         println!("last iteration: {}", describe_losses(last));
+    }
+    if let Some(scale) = summary.loss_scale {
+        println!(
+            "f16 loss scale {scale} at the end, {} optimizer steps skipped for inf/NaN gradients",
+            summary.skipped_steps
+        );
     }
     let kernels: f64 = summary.op_seconds.iter().map(|(_, t)| t).sum();
     let top: Vec<String> = summary

@@ -21,6 +21,12 @@ pub struct MetricsLine {
     pub seconds: f64,
     /// Ground-truth instances left out for lack of room in the graph.
     pub truncated_instances: usize,
+    /// Float16: the loss scale this iteration's gradients were computed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Float16: the optimizer step was skipped (inf/NaN gradients; the scale backed off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// Appends lines, flushing each so a killed run keeps every completed iteration's record.

@@ -1,19 +1,27 @@
-//! `vitdet train`: compiles the training step once (training forward graph, autodiff, schedule)
-//! and runs it over augmented batches with AdamW, the warmup + cosine schedule, metrics and
-//! atomic checkpoints.
+//! `vitdet train`: compiles the training step once with [`crate::compile::compile_train`]
+//! (training forward graph, attention fusion, autocast to `--dtype`, autodiff, activation
+//! checkpointing under `--budget`, schedule) and runs it on `--device` over augmented batches
+//! with AdamW, the warmup + cosine schedule, metrics and atomic checkpoints.
+//!
+//! Float16 trains as detectron2's AMPTrainer with `torch.cuda.amp.GradScaler`: the scaler's
+//! scale is the graph's loss seed, the gradients are unscaled in f32 before AdamW, and a step
+//! whose gradients hold an inf or NaN is skipped (the scale backs off; the learning-rate
+//! schedule still advances). bfloat16 needs no scaling. A non-finite *loss* stops any run: the
+//! forward does not depend on the scale, so backing off cannot cure it.
 //!
 //! A run directory holds:
 //! * `train.json`: the options the run was started with (a resumed run reads them back, so a
 //!   resume cannot silently change the experiment);
 //! * `metrics.jsonl`: one JSON object per iteration (loss terms, learning rate, timing);
-//! * `checkpoint.safetensors`: parameters, optimizer state and the iteration reached, replaced
-//!   atomically every `checkpoint_period` iterations and at the end. It is also a weights file
-//!   for `vitdet infer --weights`.
+//! * `checkpoint.safetensors`: parameters, optimizer state (and the loss scaler's, for float16)
+//!   and the iteration reached, replaced atomically every `checkpoint_period` iterations and at
+//!   the end. It is also a weights file for `vitdet infer --weights`.
 //!
 //! Determinism: iteration `i` draws its images, its augmentation and the graph's `seed` input
 //! (drop path, anchor and RoI sampling) from counter-based streams keyed by `(seed, i, slot)`,
-//! and every kernel is deterministic, so a resumed run reproduces the uninterrupted run's
-//! losses bit for bit.
+//! and every kernel is deterministic, so a resumed run (on the same device) reproduces the
+//! uninterrupted run's losses bit for bit. The device is not part of the run's options: a run
+//! may be resumed on another one.
 
 pub mod cli;
 pub mod metrics;
@@ -26,14 +34,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use vitdet_models::{ModelConfig, TrainingConfig};
+use vitdet_passes::Precision;
 use vitdet_runtime::checkpoint::{self, CheckpointMeta};
+use vitdet_runtime::optim::grad_scaler::{GradScaler, GradScalerConfig};
 use vitdet_runtime::optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, ParamInfo, WarmupCosine};
 use vitdet_runtime::Device;
 use vitdet_runtime::ParamStore;
 
+use crate::compile::CheckpointChoice;
 use crate::data::{CocoDataset, LsjConfig, TrainLoader};
 pub use metrics::MetricsLine;
-pub use step::TrainStep;
+pub use step::{StepResult, TrainStep};
 
 /// File names inside a run directory.
 pub const OPTIONS_FILE: &str = "train.json";
@@ -65,6 +76,40 @@ pub struct TrainOptions {
     pub scale_range: [f64; 2],
     /// Training settings of the RPN and RoI heads (detectron2's by default).
     pub heads: TrainingConfig,
+    /// How the step is compiled (runs written before these options existed: the defaults).
+    #[serde(default)]
+    pub step: StepOptions,
+}
+
+/// How the training step is compiled: `--dtype`, `--no-fuse`, `--checkpoint`, `--budget`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StepOptions {
+    /// `f32`, or autocast to `bf16` or `f16` (f16 trains with dynamic loss scaling).
+    pub dtype: String,
+    /// Replace each windowed-attention subgraph with the fused op.
+    pub fuse_attention: bool,
+    /// Activation checkpointing (`None`: `auto` with a budget, else none).
+    pub checkpoint: Option<CheckpointChoice>,
+    /// Memory budget of the step in bytes (`--checkpoint auto` fits it).
+    pub budget_bytes: Option<u64>,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            dtype: Precision::F32.name().to_string(),
+            fuse_attention: true,
+            checkpoint: None,
+            budget_bytes: None,
+        }
+    }
+}
+
+impl StepOptions {
+    pub fn precision(&self) -> Result<Precision> {
+        Precision::parse(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))
+    }
 }
 
 impl TrainOptions {
@@ -92,6 +137,7 @@ impl TrainOptions {
         if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
             bail!("--scale-range {lo},{hi}: need 0 < min <= max");
         }
+        self.step.precision()?;
         self.model.validate().context("model configuration")?;
         Ok(())
     }
@@ -127,6 +173,9 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     /// Kernel time per op name over the whole run, slowest first.
     pub op_seconds: Vec<(String, f64)>,
+    /// Float16: the loss scale at the end and the optimizer steps this invocation skipped.
+    pub loss_scale: Option<f32>,
+    pub skipped_steps: u64,
 }
 
 /// How [`train`] reports progress.
@@ -145,11 +194,13 @@ impl Progress for Quiet {}
 /// dataset, the model and the starting weights have been checked.
 ///
 /// `stop_at` ends this invocation after that many iterations (with a checkpoint), leaving a run
-/// that `--resume` continues exactly as if it had not stopped.
+/// that `--resume` continues exactly as if it had not stopped. Parameters, optimizer state and
+/// the step's inputs live on `device`.
 pub fn train(
     options: TrainOptions,
     out: &Path,
     stop_at: Option<u64>,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary> {
     options.validate()?;
@@ -159,7 +210,7 @@ pub fn train(
             out.display()
         );
     }
-    run(options, out, false, stop_at, progress)
+    run(options, out, false, stop_at, device, progress)
 }
 
 /// Continues the run in `out` from its checkpoint, with the options it was started with;
@@ -168,6 +219,7 @@ pub fn resume(
     out: &Path,
     iterations: Option<u64>,
     stop_at: Option<u64>,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary> {
     let path = out.join(OPTIONS_FILE);
@@ -189,7 +241,7 @@ pub fn resume(
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
     }
-    run(options, out, true, stop_at, progress)
+    run(options, out, true, stop_at, device, progress)
 }
 
 fn run(
@@ -197,9 +249,9 @@ fn run(
     out: &Path,
     resuming: bool,
     stop_at: Option<u64>,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary> {
-    let device = Device::Cpu;
     let (annotations, images) = options.train_split();
     let dataset = CocoDataset::load(&annotations, &images)?;
     options.model.detector.num_classes = dataset.num_classes();
@@ -218,22 +270,27 @@ fn run(
     }
 
     let compile_start = Instant::now();
-    let step = TrainStep::compile(&options.model, options.max_instances, &options.heads)?;
-    progress.message(&format!(
-        "compiled the training step: {} forward + {} backward nodes, {} trainable tensors, {:.1} ms",
-        step.forward_nodes(),
-        step.backward_nodes(),
-        step.gradients().len(),
-        compile_start.elapsed().as_secs_f64() * 1e3
-    ));
+    let step = TrainStep::compile(
+        &options.model,
+        options.max_instances,
+        &options.heads,
+        options.batch_size,
+        &options.step,
+    )?;
+    progress.message(&describe_step(&step, device, compile_start.elapsed().as_secs_f64()));
 
     let groups = ParamGroups::new(&ParamInfo::from_graph(step.graph()), options.group_config())?;
     let schedule = WarmupCosine::new(options.iterations, options.warmup_iters)?;
     let checkpoint_path = out.join(CHECKPOINT_FILE);
     let metrics_path = out.join(METRICS_FILE);
 
+    // Float16: detectron2's AMPTrainer scaler (torch's defaults).
+    let mut scaler = match step.takes_loss_scale() {
+        true => Some(GradScaler::new(GradScalerConfig::default())?),
+        false => None,
+    };
     let (mut params, mut optimizer, start) = if resuming {
-        let ck = checkpoint::load(&checkpoint_path, &device)
+        let ck = checkpoint::load(&checkpoint_path, device)
             .with_context(|| format!("cannot resume {}: no usable checkpoint", out.display()))?;
         ck.check(step.graph())
             .with_context(|| format!("{} does not fit the model of this run", checkpoint_path.display()))?;
@@ -253,13 +310,29 @@ fn run(
                 options.iterations
             );
         }
+        match (&mut scaler, ck.meta.grad_scaler) {
+            (Some(s), Some(state)) => {
+                *s = GradScaler::from_state(state)
+                    .with_context(|| format!("{}: loss-scaler state", checkpoint_path.display()))?
+            }
+            (None, None) => {}
+            (Some(_), None) => bail!(
+                "{} has no loss-scaler state, but the run trains in f16",
+                checkpoint_path.display()
+            ),
+            (None, Some(_)) => bail!(
+                "{} holds loss-scaler state, but the run trains in {}",
+                checkpoint_path.display(),
+                options.step.dtype
+            ),
+        }
         metrics::truncate_after(&metrics_path, ck.meta.iteration)?;
         (ck.params, ck.optimizer, ck.meta.iteration)
     } else {
         let params = match &options.weights {
-            Some(w) => ParamStore::load_safetensors(w, step.graph(), &device)
+            Some(w) => ParamStore::load_safetensors(w, step.graph(), device)
                 .with_context(|| format!("cannot load --weights {}", w.display()))?,
-            None => ParamStore::init_random(step.graph(), options.seed, &device)?,
+            None => ParamStore::init_random(step.graph(), options.seed, device)?,
         };
         (params, AdamW::new(AdamWConfig::default())?, 0)
     };
@@ -275,6 +348,7 @@ fn run(
     let started = Instant::now();
     progress.start(start, options.iterations);
     let mut last = None;
+    let mut skipped_steps = 0;
     let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
     let end = stop_at.map_or(options.iterations, |n| n.min(options.iterations));
     if end <= start {
@@ -283,21 +357,49 @@ fn run(
     for iteration in start..end {
         let t0 = Instant::now();
         let batch = loader.samples(iteration)?;
-        let result = step.run_batch(&params, &batch, options.seed, iteration, options.max_instances)?;
-        if let Some(bad) = result.non_finite() {
+        let result = step.run_batch(
+            &params,
+            &batch,
+            options.seed,
+            iteration,
+            options.max_instances,
+            scaler.as_ref().map(GradScaler::scale),
+            device,
+        )?;
+        let stop = |progress: &mut dyn Progress, bad: String| {
             progress.finish();
             let kept = if checkpoint_path.exists() {
                 format!("the last good checkpoint is {}", checkpoint_path.display())
             } else {
                 "no checkpoint was written yet".to_string()
             };
-            bail!("iteration {}: {bad}; stopping ({kept})", iteration + 1);
+            anyhow::anyhow!("iteration {}: {bad}; stopping ({kept})", iteration + 1)
+        };
+        if let Some(bad) = result.non_finite_loss() {
+            return Err(stop(progress, bad));
         }
         for (op, t) in &result.op_seconds {
             *op_seconds.entry(op.clone()).or_default() += t;
         }
         let multiplier = schedule.multiplier(iteration)?;
-        optimizer.step_groups(&mut params, &result.gradients, &groups, multiplier)?;
+        let (loss_scale, skipped) = match &mut scaler {
+            None => {
+                if let Some(bad) = result.non_finite_gradients()? {
+                    return Err(stop(progress, bad));
+                }
+                optimizer.step_groups(&mut params, &result.gradients, &groups, multiplier)?;
+                (None, false)
+            }
+            Some(s) => {
+                let done = s.step(&result.gradients, |g| {
+                    optimizer.step_groups(&mut params, g, &groups, multiplier)
+                })?;
+                (Some(done.scale as f64), done.skipped)
+            }
+        };
+        skipped_steps += u64::from(skipped);
+        // Running statistics come from the forward, which the loss scale does not touch: kept
+        // on a skipped step too, as in PyTorch.
         for (name, value) in &result.buffer_updates {
             params.insert(name.clone(), value.clone());
         }
@@ -307,6 +409,8 @@ fn run(
             lr: options.base_lr * multiplier,
             seconds: t0.elapsed().as_secs_f64(),
             truncated_instances: result.truncated,
+            loss_scale,
+            skipped,
         };
         metrics.write(&line)?;
         progress.iteration(&line);
@@ -324,6 +428,7 @@ fn run(
                 iteration: iteration + 1,
                 seed: options.seed,
                 model_config: model_config.clone(),
+                grad_scaler: scaler.as_ref().map(GradScaler::state),
             };
             checkpoint::save(&checkpoint_path, &params, &optimizer, &meta)?;
         }
@@ -339,7 +444,35 @@ fn run(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: checkpoint_path,
         op_seconds,
+        loss_scale: scaler.as_ref().map(GradScaler::scale),
+        skipped_steps,
     })
+}
+
+/// `compiled the training step (f16 on cuda:0, ...): N forward + M backward nodes, ...`.
+fn describe_step(step: &TrainStep, device: &Device, seconds: f64) -> String {
+    let c = step.compiled();
+    let nodes = step.node_counts();
+    let recompute = match nodes.recompute {
+        0 => String::new(),
+        n => format!(" + {n} recompute"),
+    };
+    let device = match device {
+        Device::Cpu => "cpu".to_string(),
+        d => format!("{:?}", d.location()),
+    };
+    format!(
+        "compiled the training step ({} on {device}, {} fused attention blocks, checkpoint {}): \
+         {} forward + {} backward{recompute} nodes, {} trainable tensors, planned peak {}, {:.1} ms",
+        c.precision.name(),
+        c.fused_attention,
+        c.checkpoint.name(),
+        nodes.forward,
+        nodes.backward,
+        step.gradients().len(),
+        crate::report::bytes(c.peak_memory_bytes as usize),
+        seconds * 1e3
+    )
 }
 
 /// The first parameter holding a NaN or infinity, if any.

@@ -1,38 +1,35 @@
-//! The compiled training step: the training forward graph, its gradient graph and schedule,
-//! and running it over a batch (one graph run per image, gradients averaged).
+//! Running the compiled training step ([`crate::compile::compile_train`]: fusion, autocast,
+//! autodiff, checkpointing, schedule) over a batch on a device: one graph run per image,
+//! gradients averaged.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use vitdet_ir::{Graph, NodeIndex};
 use vitdet_models::{ModelConfig, TrainingConfig};
-use vitdet_passes::autodiff::GRAD_PREFIX;
+use vitdet_passes::autodiff::{BACKWARD_SCOPE, GRAD_PREFIX};
+use vitdet_passes::{Precision, RECOMPUTE_SCOPE};
 use vitdet_runtime::{run_with_order, ParamStore};
 use vitdet_runtime::{CandleDType as DType, Device, Tensor};
 
+use super::StepOptions;
+use crate::compile::{self, compile_train, LOSS, LOSS_SCALE_INPUT};
 use crate::data::rng::{Domain, Stream};
 use crate::data::{collate, TrainSample};
 
-/// Name of the differentiated output (the sum of the loss terms).
-pub const LOSS: &str = "loss";
 /// Prefix of the outputs carrying new values of buffers (BatchNorm running statistics).
 pub const UPDATE_PREFIX: &str = "update/";
 
 /// A training step compiled once and run every iteration.
 pub struct TrainStep {
-    graph: Graph,
-    order: Vec<NodeIndex>,
-    forward_nodes: usize,
-    /// `(parameter, gradient output)`.
-    gradients: Vec<(String, String)>,
+    compiled: compile::TrainStep,
     /// Loss outputs (`loss` and its terms), in graph order.
     losses: Vec<String>,
-    image_size: usize,
 }
 
 /// One iteration's losses (averaged over the batch), gradients and buffer updates.
 pub struct StepResult {
     pub losses: BTreeMap<String, f64>,
+    /// Averaged over the batch; with a loss scale, still multiplied by it.
     pub gradients: Vec<(String, Tensor)>,
     pub buffer_updates: Vec<(String, Tensor)>,
     /// Ground-truth instances beyond the graph's capacity, left out.
@@ -42,84 +39,132 @@ pub struct StepResult {
 }
 
 impl StepResult {
-    /// Describes the first non-finite loss or gradient, if any.
-    pub fn non_finite(&self) -> Option<String> {
-        if let Some((name, v)) = self.losses.iter().find(|(_, v)| !v.is_finite()) {
-            return Some(format!("loss `{name}` is {v}"));
-        }
-        match vitdet_runtime::optim::non_finite_gradients(&self.gradients) {
-            Ok(bad) if bad.is_empty() => None,
-            Ok(bad) => Some(format!(
-                "non-finite gradients in {} tensors (first: `{}`)",
-                bad.len(),
-                bad[0]
-            )),
-            Err(e) => Some(format!("cannot check gradients: {e}")),
-        }
+    /// Describes the first non-finite loss, if any.
+    pub fn non_finite_loss(&self) -> Option<String> {
+        let (name, v) = self.losses.iter().find(|(_, v)| !v.is_finite())?;
+        Some(format!("loss `{name}` is {v}"))
+    }
+
+    /// Describes the non-finite gradients, if any.
+    pub fn non_finite_gradients(&self) -> Result<Option<String>> {
+        let bad = vitdet_runtime::optim::non_finite_gradients(&self.gradients)?;
+        Ok(bad
+            .first()
+            .map(|first| format!("non-finite gradients in {} tensors (first: `{first}`)", bad.len())))
     }
 }
 
+/// Node counts of the compiled graph, by role.
+pub struct NodeCounts {
+    pub forward: usize,
+    pub backward: usize,
+    pub recompute: usize,
+}
+
 impl TrainStep {
-    /// Builds the training forward graph of `model` (heads trained with `heads`) for its square
-    /// input size with room for `max_instances` ground-truth instances, differentiates its
-    /// `loss` and schedules it.
-    pub fn compile(model: &ModelConfig, max_instances: usize, heads: &TrainingConfig) -> Result<Self> {
-        let s = model.image_size;
-        let forward = vitdet_models::build_detector_training_with(model, [s, s], max_instances, heads)
-            .context("building the training graph")?;
-        let diff = vitdet_passes::differentiate(&forward, LOSS).context("differentiating the training graph")?;
-        if !diff.unreached.is_empty() {
+    /// Compiles the step of `model` (heads trained with `heads`) for its square input size with
+    /// room for `max_instances` ground-truth instances and `batch` images per optimizer step.
+    /// Float16 steps take a loss scale (see [`TrainStep::run_batch`]).
+    pub fn compile(
+        model: &ModelConfig,
+        max_instances: usize,
+        heads: &TrainingConfig,
+        batch: usize,
+        options: &StepOptions,
+    ) -> Result<Self> {
+        let precision = options.precision()?;
+        let compiled = compile_train(
+            model.clone(),
+            &compile::TrainOptions {
+                max_instances,
+                attention: None,
+                fuse_attention: options.fuse_attention,
+                checkpoint: options.checkpoint,
+                budget_bytes: options.budget_bytes,
+                batch,
+                precision,
+                heads: heads.clone(),
+                loss_scale_input: precision == Precision::F16,
+            },
+        )?;
+        if !compiled.unreached.is_empty() {
             bail!(
                 "the loss does not depend on {} trainable parameters (first: `{}`)",
-                diff.unreached.len(),
-                diff.unreached[0]
+                compiled.unreached.len(),
+                compiled.unreached[0]
             );
         }
-        let order = vitdet_passes::schedule(&diff.graph)?;
-        let losses = forward
+        debug_assert!(compiled.gradients.iter().all(|(_, o)| o.starts_with(GRAD_PREFIX)));
+        let losses = compiled
+            .graph
             .outputs
             .iter()
-            .filter(|o| o.name.starts_with("loss"))
+            .filter(|o| o.name.starts_with(LOSS))
             .map(|o| o.name.clone())
             .collect();
-        Ok(TrainStep {
-            graph: diff.graph,
-            order,
-            forward_nodes: diff.forward_nodes,
-            gradients: diff.gradients,
-            losses,
-            image_size: s,
-        })
+        Ok(TrainStep { compiled, losses })
     }
 
-    pub fn graph(&self) -> &Graph {
-        &self.graph
+    /// The compiled step: graph, order, memory plan and the compiler's decisions.
+    pub fn compiled(&self) -> &compile::TrainStep {
+        &self.compiled
     }
 
-    pub fn forward_nodes(&self) -> usize {
-        self.forward_nodes
+    pub fn graph(&self) -> &vitdet_ir::Graph {
+        &self.compiled.graph
     }
 
-    pub fn backward_nodes(&self) -> usize {
-        self.graph.graph.node_count() - self.forward_nodes
+    pub fn node_counts(&self) -> NodeCounts {
+        let g = &self.compiled.graph;
+        let mut c = NodeCounts {
+            forward: 0,
+            backward: 0,
+            recompute: 0,
+        };
+        for n in g.graph.node_indices() {
+            let scope = &g.node(n).scope;
+            if scope.starts_with(BACKWARD_SCOPE) {
+                c.backward += 1;
+            } else if scope.starts_with(RECOMPUTE_SCOPE) {
+                c.recompute += 1;
+            } else {
+                c.forward += 1;
+            }
+        }
+        c
     }
 
     pub fn gradients(&self) -> &[(String, String)] {
-        &self.gradients
+        &self.compiled.gradients
+    }
+
+    /// Whether [`TrainStep::run_batch`] needs a loss scale (float16).
+    pub fn takes_loss_scale(&self) -> bool {
+        self.compiled.loss_scale_input
+    }
+
+    /// The one-element `value` shaped as the graph's input `name` declares (host memory; the
+    /// executor places it on the run's device).
+    fn scalar_input(&self, name: &str, value: Tensor) -> Result<Tensor> {
+        let (_, _, ty) = self
+            .compiled
+            .graph
+            .inputs()
+            .find(|(_, n, _)| *n == name)
+            .with_context(|| format!("the training graph has no `{name}` input"))?;
+        Ok(value.reshape(ty.shape.as_slice())?)
     }
 
     /// The graph's `seed` input for image `slot` of `iteration`.
     fn seed_tensor(&self, seed: u64, iteration: u64, slot: usize) -> Result<Tensor> {
         let value = Stream::new(seed, Domain::Model, iteration, slot as u64).next_u64() as i64;
-        let (_, _, ty) = self
-            .graph
-            .inputs()
-            .find(|(_, name, _)| *name == "seed")
-            .context("the training graph has no `seed` input")?;
-        Ok(Tensor::from_vec(vec![value], ty.shape.as_slice(), &Device::Cpu)?)
+        self.scalar_input("seed", Tensor::new(value, &Device::Cpu)?)
     }
 
-    /// Runs the step on every sample and averages losses and gradients over them.
+    /// Runs the step on every sample on `device` (where `params` live) and averages losses and
+    /// gradients over them. A step compiled for float16 takes the `loss_scale` its gradients
+    /// come out multiplied by; others take `None`.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_batch(
         &self,
         params: &ParamStore,
@@ -127,23 +172,33 @@ impl TrainStep {
         seed: u64,
         iteration: u64,
         max_instances: usize,
+        loss_scale: Option<f32>,
+        device: &Device,
     ) -> Result<StepResult> {
+        let scale = match (loss_scale, self.takes_loss_scale()) {
+            (Some(s), true) => Some(self.scalar_input(LOSS_SCALE_INPUT, Tensor::new(s, &Device::Cpu)?)?),
+            (None, false) => None,
+            (Some(_), false) => bail!("this training step was compiled without a loss-scale input"),
+            (None, true) => bail!("this training step takes a loss scale (float16) and none was given"),
+        };
         let batch = collate(samples, max_instances)?;
-        if batch.images.dims()[2] != self.image_size {
+        let image_size = self.compiled.config.image_size;
+        if batch.images.dims()[2] != image_size {
             bail!(
                 "samples are {}x{}, the model takes {}",
                 batch.images.dims()[2],
                 batch.images.dims()[3],
-                self.image_size
+                image_size
             );
         }
+        let gradients = &self.compiled.gradients;
         let n = samples.len();
         let mut losses: BTreeMap<String, f64> = BTreeMap::new();
-        let mut grads: Vec<Option<Tensor>> = vec![None; self.gradients.len()];
+        let mut grads: Vec<Option<Tensor>> = vec![None; gradients.len()];
         let mut updates: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
         for b in 0..n {
-            let inputs = [
+            let mut inputs = vec![
                 ("image", batch.images.narrow(0, b, 1)?),
                 ("gt_boxes", batch.gt_boxes.get(b)?),
                 ("gt_classes", batch.gt_classes.get(b)?),
@@ -151,7 +206,10 @@ impl TrainStep {
                 ("gt_valid", batch.gt_valid.get(b)?),
                 ("seed", self.seed_tensor(seed, iteration, b)?),
             ];
-            let out = run_with_order(&self.graph, params, &inputs, &Device::Cpu, &self.order)
+            if let Some(s) = &scale {
+                inputs.push((LOSS_SCALE_INPUT, s.clone()));
+            }
+            let out = run_with_order(&self.compiled.graph, params, &inputs, device, &self.compiled.order)
                 .with_context(|| format!("iteration {}, image {b}", iteration + 1))?;
             for (op, t) in &out.op_seconds {
                 *op_seconds.entry(op.clone()).or_default() += t;
@@ -160,7 +218,7 @@ impl TrainStep {
                 let v = out.get(name).expect("loss outputs exist").to_dtype(DType::F64)?;
                 *losses.entry(name.clone()).or_default() += v.flatten_all()?.to_vec1::<f64>()?[0] / n as f64;
             }
-            for (slot, (_, output)) in grads.iter_mut().zip(&self.gradients) {
+            for (slot, (_, output)) in grads.iter_mut().zip(gradients) {
                 let g = out.get(output).expect("gradient outputs exist");
                 *slot = Some(match slot.take() {
                     None => g.clone(),
@@ -178,16 +236,15 @@ impl TrainStep {
                 }
             }
         }
-        let mut gradients = Vec::with_capacity(grads.len());
-        for (g, (param, _)) in grads.into_iter().zip(&self.gradients) {
+        let mut averaged = Vec::with_capacity(grads.len());
+        for (g, (param, _)) in grads.into_iter().zip(gradients) {
             let g = g.expect("at least one sample");
             let g = if n > 1 { (g / n as f64)? } else { g };
-            gradients.push((param.clone(), g));
+            averaged.push((param.clone(), g));
         }
-        debug_assert!(self.gradients.iter().all(|(_, o)| o.starts_with(GRAD_PREFIX)));
         Ok(StepResult {
             losses,
-            gradients,
+            gradients: averaged,
             buffer_updates: updates.into_iter().collect(),
             truncated: batch.truncated,
             op_seconds,

@@ -21,6 +21,7 @@
 mod adamw;
 mod groups;
 mod schedule;
+pub mod grad_scaler;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWState};
 pub use groups::{
