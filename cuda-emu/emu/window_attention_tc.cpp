@@ -1,4 +1,4 @@
-// Host entry point of the emulated tensor-core window-attention forward, built with HD = 16
+// Host entry points of the emulated tensor-core window-attention kernels (forward and backward), built with HD = 16
 // (the mma tiles need head dims that are multiples of 16) in its own namespace, so its
 // templates do not collide with the HD = 8 build of the same source.
 #include "cuda_emu.h"
@@ -26,4 +26,22 @@ extern "C" void emu_window_attention_rel_tables_tc_f16(Launch l, const f16_t* qk
                                                        WinGeom g) {
     emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,
                 [&] { wa_rel_tables<f16_t>(qkv, bias, rh, rw, relh, relw, g); });
+}
+
+// The tensor-core backward's kernels (f16) and the decomposed tables' gradient for this head dim.
+EMU_LAUNCHER(window_attention_bwd_dsum_tc_f16, (Launch l, const f16_t* out, const f16_t* dout, float* dsum, WinGeom g),
+             (out, dout, dsum, g))
+EMU_LAUNCHER_SMEM(window_attention_bwd_tc_f16, smem,
+                  (Launch l, unsigned smem, const f16_t* qkv, const f16_t* bias, const float* relh, const float* relw,
+                   const f16_t* relbias, const f16_t* dout, const float* lse, const float* dsum, float* dq,
+                   float* drelh, float* drelw, float* drelbias, float* dbias, f16_t* dqkv, WinGeom g),
+                  (qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, g))
+EMU_LAUNCHER(window_attention_bwd_dq_tc_f16,
+             (Launch l, const float* dq, const float* drelh, const float* drelw, const f16_t* rh, const f16_t* rw,
+              f16_t* dqkv, WinGeom g),
+             (dq, drelh, drelw, rh, rw, dqkv, g))
+extern "C" void emu_window_attention_rel_tables_grad_tc_f16(Launch l, const f16_t* qkv, const f16_t* bias,
+                                                            const float* drel, float* dr, WinGeom g, int axis) {
+    emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,
+                [&] { wa_rel_tables_grad<f16_t>(qkv, bias, drel, dr, g, axis); });
 }

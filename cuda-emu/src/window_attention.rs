@@ -10,7 +10,7 @@ use crate::{host, tensor, Result};
 
 /// The head dimension the emulated attention kernels are compiled for (`HD` in `build.rs`).
 pub const HEAD_DIM: usize = 8;
-/// The head dimension of the emulated tensor-core forward (`emu/window_attention_tc.cpp`).
+/// The head dimension of the emulated tensor-core kernels (`emu/window_attention_tc.cpp`).
 pub const TC_HEAD_DIM: usize = 16;
 
 mod ffi {
@@ -91,6 +91,45 @@ mod ffi {
             relh: *mut f32,
             relw: *mut f32,
             g: WinGeom,
+        );
+        pub fn emu_window_attention_bwd_dsum_tc_f16(l: Launch, out: *const u16, dout: *const u16, dsum: *mut f32, g: WinGeom);
+        pub fn emu_window_attention_bwd_tc_f16(
+            l: Launch,
+            smem: u32,
+            qkv: *const u16,
+            bias: *const u16,
+            relh: *const f32,
+            relw: *const f32,
+            relbias: *const u16,
+            dout: *const u16,
+            lse: *const f32,
+            dsum: *const f32,
+            dq: *mut f32,
+            drelh: *mut f32,
+            drelw: *mut f32,
+            drelbias: *mut f32,
+            dbias: *mut f32,
+            dqkv: *mut u16,
+            g: WinGeom,
+        );
+        pub fn emu_window_attention_bwd_dq_tc_f16(
+            l: Launch,
+            dq: *const f32,
+            drelh: *const f32,
+            drelw: *const f32,
+            rh: *const u16,
+            rw: *const u16,
+            dqkv: *mut u16,
+            g: WinGeom,
+        );
+        pub fn emu_window_attention_rel_tables_grad_tc_f16(
+            l: Launch,
+            qkv: *const u16,
+            bias: *const u16,
+            drel: *const f32,
+            dr: *mut f32,
+            g: WinGeom,
+            axis: i32,
         );
         pub fn emu_window_attention_rel_tables_grad_f32(
             l: Launch,
@@ -292,65 +331,174 @@ fn host_f16(t: &Tensor) -> Result<Vec<u16>> {
     Ok(v.into_iter().map(|x| x.to_bits()).collect())
 }
 
-/// The tensor-core forward on f16 inputs (head dim [`TC_HEAD_DIM`]): `[out (f16), lse (f32)]`.
-pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
-    let qkv = &x[0];
-    let geometry = op.geometry(&TensorType::new(IrDType::F16, qkv.dims().to_vec()))?;
-    let g = WinGeom::new(op, &geometry)?;
-    if geometry.head_dim != TC_HEAD_DIM {
-        return Err(format!("the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}", geometry.head_dim));
-    }
-    let inputs: Vec<Vec<u16>> = x.iter().map(host_f16).collect::<Result<_>>()?;
-    let opt = |k: usize| inputs.get(k).map_or(std::ptr::null(), |v| v.as_ptr());
-    let mut next = 1;
-    let bias = if op.qkv_bias {
-        next += 1;
-        opt(1)
-    } else {
-        std::ptr::null()
-    };
-    let (mut relh, mut relw) = (vec![0f32; 1], vec![0f32; 1]);
-    let mut relbias = std::ptr::null();
-    match op.rel_pos {
-        WindowRelPos::None => {}
-        WindowRelPos::Decomposed => {
-            relh = vec![0.0; g.rows() * g.wh as usize];
-            relw = vec![0.0; g.rows() * g.ww as usize];
+/// The f16 inputs of one tensor-core application (head dim [`TC_HEAD_DIM`]), with the
+/// decomposed term's tables built by the emulated `rel_tables` kernel.
+struct TcInputs {
+    g: WinGeom,
+    inputs: Vec<Vec<u16>>,
+    bias: Option<usize>,
+    rh: Option<usize>,
+    relbias: Option<usize>,
+    relh: Vec<f32>,
+    relw: Vec<f32>,
+}
+
+impl TcInputs {
+    fn new(op: &WindowAttention, x: &[Tensor]) -> Result<TcInputs> {
+        let geometry = op.geometry(&TensorType::new(IrDType::F16, x[0].dims().to_vec()))?;
+        let g = WinGeom::new(op, &geometry)?;
+        if geometry.head_dim != TC_HEAD_DIM {
+            return Err(format!("the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}", geometry.head_dim));
+        }
+        let inputs: Vec<Vec<u16>> = x.iter().map(host_f16).collect::<Result<_>>()?;
+        let bias = op.qkv_bias.then_some(1);
+        let next = 1 + op.qkv_bias as usize;
+        let (rh, relbias) = match op.rel_pos {
+            WindowRelPos::None => (None, None),
+            WindowRelPos::Decomposed => (Some(next), None),
+            WindowRelPos::Bias => (None, Some(next)),
+        };
+        let mut t = TcInputs {
+            g,
+            inputs,
+            bias,
+            rh,
+            relbias,
+            relh: vec![0.0; 1],
+            relw: vec![0.0; 1],
+        };
+        if let Some(k) = rh {
+            t.relh = vec![0.0; g.rows() * g.wh as usize];
+            t.relw = vec![0.0; g.rows() * g.ww as usize];
             unsafe {
                 ffi::emu_window_attention_rel_tables_tc_f16(
                     g.rel_tables(),
-                    inputs[0].as_ptr(),
-                    bias,
-                    opt(next),
-                    opt(next + 1),
-                    relh.as_mut_ptr(),
-                    relw.as_mut_ptr(),
+                    t.inputs[0].as_ptr(),
+                    t.ptr(bias),
+                    t.ptr(Some(k)),
+                    t.ptr(Some(k + 1)),
+                    t.relh.as_mut_ptr(),
+                    t.relw.as_mut_ptr(),
                     g,
                 )
             };
         }
-        WindowRelPos::Bias => relbias = opt(next),
+        Ok(t)
     }
+
+    /// Input `k` (null when absent: the kernels never read it).
+    fn ptr(&self, k: Option<usize>) -> *const u16 {
+        k.map_or(std::ptr::null(), |k| self.inputs[k].as_ptr())
+    }
+}
+
+fn tensor_f16(v: Vec<u16>, shape: &[usize]) -> Result<Tensor> {
+    let v: Vec<half::f16> = v.into_iter().map(half::f16::from_bits).collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// The tensor-core forward on f16 inputs (head dim [`TC_HEAD_DIM`]): `[out (f16), lse (f32)]`.
+pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
+    let t = TcInputs::new(op, x)?;
+    let g = t.g;
     let mut out = vec![0u16; g.out_elems()];
     let mut lse = vec![0f32; g.rows()];
     unsafe {
         ffi::emu_window_attention_fwd_tc_f16(
             g.attention_tc(),
             g.tc_shared_bytes() as u32,
-            inputs[0].as_ptr(),
-            bias,
-            relh.as_ptr(),
-            relw.as_ptr(),
-            relbias,
+            t.inputs[0].as_ptr(),
+            t.ptr(t.bias),
+            t.relh.as_ptr(),
+            t.relw.as_ptr(),
+            t.ptr(t.relbias),
             out.as_mut_ptr(),
             lse.as_mut_ptr(),
             g,
         )
     };
     let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
-    let out: Vec<half::f16> = out.into_iter().map(half::f16::from_bits).collect();
-    Ok(vec![
-        Tensor::from_vec(out, &[b, h, w, c][..], &candle_core::Device::Cpu).map_err(|e| e.to_string())?,
-        tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
-    ])
+    Ok(vec![tensor_f16(out, &[b, h, w, c])?, tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?])
+}
+
+/// The tensor-core backward on f16 inputs (head dim [`TC_HEAD_DIM`]), in the order
+/// `run::backward` launches it: one f16 gradient per forward input (the f32 accumulators of
+/// the small inputs rounded to f16, as there).
+pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<Vec<Tensor>> {
+    let fwd = op.forward();
+    let nf = fwd.num_inputs();
+    let t = TcInputs::new(&fwd, &x[..nf])?;
+    let g = t.g;
+    let n = g.tokens();
+    let lse = x[nf + 1].to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
+    let (out, lse, dout) = (host_f16(&x[nf])?, host(&lse)?, host_f16(&x[nf + 2])?);
+    let decomposed = t.rh.is_some();
+    let mut dsum = vec![0f32; g.rows()];
+    let mut dq = vec![0f32; g.rows() * g.hd as usize];
+    let mut drelh = vec![0f32; if decomposed { g.rows() * g.wh as usize } else { 1 }];
+    let mut drelw = vec![0f32; if decomposed { g.rows() * g.ww as usize } else { 1 }];
+    let mut drelbias = vec![0f32; if t.relbias.is_some() { g.heads as usize * n * n } else { 1 }];
+    let mut dbias = vec![0f32; 3 * g.channels as usize];
+    let mut dqkv = vec![0u16; t.inputs[0].len()];
+    unsafe {
+        ffi::emu_window_attention_bwd_dsum_tc_f16(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
+        ffi::emu_window_attention_bwd_tc_f16(
+            g.attention_bwd_tc(),
+            g.tc_bwd_shared_bytes() as u32,
+            t.inputs[0].as_ptr(),
+            t.ptr(t.bias),
+            t.relh.as_ptr(),
+            t.relw.as_ptr(),
+            t.ptr(t.relbias),
+            dout.as_ptr(),
+            lse.as_ptr(),
+            dsum.as_ptr(),
+            dq.as_mut_ptr(),
+            drelh.as_mut_ptr(),
+            drelw.as_mut_ptr(),
+            drelbias.as_mut_ptr(),
+            dbias.as_mut_ptr(),
+            dqkv.as_mut_ptr(),
+            g,
+        );
+        ffi::emu_window_attention_bwd_dq_tc_f16(
+            g.bwd_dq_tc(),
+            dq.as_ptr(),
+            drelh.as_ptr(),
+            drelw.as_ptr(),
+            t.ptr(t.rh),
+            t.ptr(t.rh.map(|k| k + 1)),
+            dqkv.as_mut_ptr(),
+            g,
+        );
+    }
+    let half = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
+        tensor(v, shape)?.to_dtype(candle_core::DType::F16).map_err(|e| e.to_string())
+    };
+    let mut grads = vec![tensor_f16(dqkv, x[0].dims())?];
+    if fwd.qkv_bias {
+        grads.push(half(dbias, &[3 * g.channels as usize])?);
+    }
+    match fwd.rel_pos {
+        WindowRelPos::None => {}
+        WindowRelPos::Decomposed => {
+            for (axis, drel) in [(0, &drelh), (1, &drelw)] {
+                let mut dr = vec![0.0; g.rel_table_elems(axis)];
+                unsafe {
+                    ffi::emu_window_attention_rel_tables_grad_tc_f16(
+                        g.rel_tables_grad(axis),
+                        t.inputs[0].as_ptr(),
+                        t.ptr(t.bias),
+                        drel.as_ptr(),
+                        dr.as_mut_ptr(),
+                        g,
+                        axis as i32,
+                    )
+                };
+                grads.push(half(dr, x[grads.len()].dims())?);
+            }
+        }
+        WindowRelPos::Bias => grads.push(half(drelbias, x[grads.len()].dims())?),
+    }
+    Ok(grads)
 }

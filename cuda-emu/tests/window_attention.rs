@@ -170,3 +170,79 @@ fn tensor_cores_windows_bias_and_none() {
     check_tc([5, 7], [3, 4], WindowRelPos::Bias, true);
     check_tc([5, 7], [3, 4], WindowRelPos::None, false);
 }
+
+/// The tensor-core backward (f16, head dim 16) against the CPU kernel's gradients on the same
+/// f16 inputs, `out` and `lse` (the CPU forward's) and a random `dout`.
+///
+/// Tolerance: 2e-3 relative L2 per gradient. The kernel rounds P and dS to f16 before the
+/// dV, dK and dQ products (up to 2^-11 relative per term, independent across terms, so the
+/// sums keep a relative error of a few 1e-4: 3e-4 observed); the CPU kernel keeps them in f32.
+/// Both round each gradient to f16 once (another 2^-12 relative). The rel-pos and bias
+/// gradients come from dS in f32 and agree to ~1e-5. A wrong index or a missing term gives
+/// errors of order 1e-2 and up (a 1% error on the BEiT bias gradient alone gives 1e-2).
+fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::{window_attention_grad_tc_f16, TC_HEAD_DIM};
+    let hd = TC_HEAD_DIM;
+    let c = HEADS * hd;
+    let op = WindowAttention {
+        heads: HEADS,
+        window,
+        scale: (hd as f64).powf(-0.5),
+        rel_pos,
+        qkv_bias,
+    };
+    let mut rng = Rng(hw[1] as u64 * 77 + window[0] as u64 * 5 + qkv_bias as u64);
+    let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
+    let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
+    if qkv_bias {
+        x.push(f16(rng.tensor(&[3 * c], 0.5)));
+    }
+    let [wh, ww] = window;
+    match rel_pos {
+        WindowRelPos::None => {}
+        WindowRelPos::Decomposed => {
+            x.push(f16(rng.tensor(&[wh, wh, hd], 0.3)));
+            x.push(f16(rng.tensor(&[ww, ww, hd], 0.3)));
+        }
+        WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
+    }
+    let what = format!("tensor-core backward: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let fwd = cpu::window_attention(&op, &x).unwrap();
+    let grad_op = WindowAttentionGrad {
+        heads: HEADS,
+        window,
+        scale: op.scale,
+        rel_pos,
+        qkv_bias,
+    };
+    let dout = f16(rng.tensor(fwd[0].dims(), 1.0));
+    let mut gx = x.clone();
+    gx.extend([fwd[0].clone(), fwd[1].clone(), dout]);
+    let want = cpu::window_attention_grad(&grad_op, &gx).unwrap();
+    let got = window_attention_grad_tc_f16(&grad_op, &gx).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: gradient count");
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let e = rel_l2(&f32(g), &f32(w));
+        assert!(e <= 2e-3, "{what}: gradient of input {k} rel L2 {e:e}");
+    }
+}
+
+#[test]
+fn tensor_core_backward_decomposed_padded_multi_tile() {
+    // Windows of 9x10 = 90 tokens (two query tiles, two key blocks) over an 11x12 grid: a 2x2
+    // grid of windows padded by 7 rows and 8 columns.
+    check_grad_tc([11, 12], [9, 10], WindowRelPos::Decomposed, true);
+}
+
+#[test]
+fn tensor_core_backward_decomposed_global_without_bias() {
+    check_grad_tc([9, 10], [9, 10], WindowRelPos::Decomposed, false);
+}
+
+#[test]
+fn tensor_core_backward_beit_bias_and_none() {
+    check_grad_tc([5, 7], [3, 4], WindowRelPos::Bias, true);
+    check_grad_tc([5, 7], [3, 4], WindowRelPos::None, false);
+    check_grad_tc([9, 10], [9, 10], WindowRelPos::None, true);
+}

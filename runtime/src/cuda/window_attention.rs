@@ -7,7 +7,10 @@
 //! `out` and `lse`. Backward:
 //! the tables again, `bwd_q` (dq, D = rowsum(dout * out), the tables' and the BEiT bias's
 //! gradients), then `bwd_kv` (dk, dv, the qkv bias's padded-token share), then
-//! `rel_tables_grad` on each axis for `drh` and `drw`.
+//! `rel_tables_grad` on each axis for `drh` and `drw`. For f16 / bf16 on the tensor cores
+//! (`tensor_cores()`), `bwd_q` and `bwd_kv` give way to `bwd_dsum_tc` (D per row),
+//! `bwd_tc` (one block per 64 keys: dk, dv, dq accumulated in f32, the rel-pos and bias
+//! gradients) and `bwd_dq_tc` (dq plus the decomposed term's share, into dqkv).
 
 use vitdet_ir::ops::{WindowAttention, WindowGeometry, WindowRelPos};
 
@@ -131,7 +134,7 @@ impl WinGeom {
         }
     }
 
-    /// Whether the tensor-core forward takes this head dim (for f16 / bf16 inputs).
+    /// Whether the tensor-core forward and backward take this head dim (for f16 / bf16 inputs).
     pub fn tensor_cores(&self) -> bool {
         self.hd % 16 == 0
     }
@@ -151,6 +154,32 @@ impl WinGeom {
         let hd = self.hd as usize;
         let (ldt, lds, ldp, ldo) = (hd + 8, TC_KEYS + 4, TC_KEYS + 8, hd + 4);
         2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt) + 4 * TC_ROWS * lds + 2 * TC_ROWS * ldp + 4 * TC_ROWS * ldo + 4 * 3 * TC_ROWS
+    }
+
+    /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q
+    /// and dO tiles and dS in the input type, dS in f32, and three per-query values.
+    pub fn tc_bwd_shared_bytes(&self) -> usize {
+        let hd = self.hd as usize;
+        let (ldt, ldp, ldb) = (hd + 8, TC_KEYS + 8, TC_KEYS + 1);
+        2 * (2 * TC_KEYS * ldt + 2 * TC_ROWS * ldt + TC_ROWS * ldp) + 4 * TC_ROWS * ldb + 4 * 3 * TC_ROWS
+    }
+
+    /// `bwd_tc`: four warps per 64 keys of a (window, head).
+    pub fn attention_bwd_tc(&self) -> Launch {
+        Launch {
+            grid: [self.tokens().div_ceil(TC_KEYS) as u32, self.heads as u32, self.windows() as u32],
+            block: [TC_THREADS, 1, 1],
+        }
+    }
+
+    /// `bwd_dsum_tc`: one thread per row.
+    pub fn bwd_dsum_tc(&self) -> Launch {
+        Launch::covering(self.rows(), THREADS)
+    }
+
+    /// `bwd_dq_tc`: one thread per element of the `[rows, hd]` f32 dq accumulator.
+    pub fn bwd_dq_tc(&self) -> Launch {
+        Launch::covering(self.rows() * self.hd as usize, THREADS)
     }
 
     /// `rel_tables`: one thread per row.
@@ -367,8 +396,6 @@ pub mod run {
         let mut drelbias = zeros::<f32>(&o.dev, if g.rel == 2 { g.heads as usize * n * n } else { 1 })?;
         let mut dqkv = zeros::<T>(&o.dev, o.qkv.elem_count())?;
         let mut dbias = zeros::<f32>(&o.dev, 3 * g.channels as usize)?;
-        let fq = function(&o.dev, &g.module(o.dtype), &o.name("bwd_q")?)?;
-        let fkv = function(&o.dev, &g.module(o.dtype), &o.name("bwd_kv")?)?;
         let (qs, ql) = o.qkv.storage_and_layout();
         let bias = o.or_qkv(&o.bias);
         let (bs, bl) = bias.storage_and_layout();
@@ -379,14 +406,37 @@ pub mod run {
         let b = view::<T>(&bs, bl)?;
         let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
         let (outv, lsev, doutv) = (view::<T>(&os, ol)?, view::<f32>(&ls, ll)?, view::<T>(&ds, dl)?);
-        let mut l = fq.builder();
-        l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rh).arg(&rw).arg(&rb).arg(&outv).arg(&doutv).arg(&lsev);
-        l.arg(&mut dsum).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dqkv).arg(&g);
-        unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
-        let mut l = fkv.builder();
-        l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum);
-        l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
-        unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+        if o.dtype != DType::F32 && g.tensor_cores() {
+            // Half types on the tensor cores: D per row, the key-block kernel, then dq.
+            let module = g.module(o.dtype);
+            let fd = function(&o.dev, &module, &o.name("bwd_dsum_tc")?)?;
+            let mut l = fd.builder();
+            l.arg(&outv).arg(&doutv).arg(&mut dsum).arg(&g);
+            unsafe { l.launch(config(g.bwd_dsum_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
+            let mut dq = zeros::<f32>(&o.dev, g.rows() * g.hd as usize)?;
+            let ft = function(&o.dev, &module, &o.name("bwd_tc")?)?;
+            let bytes = g.tc_bwd_shared_bytes();
+            ft.allow_shared_bytes(bytes)?;
+            let mut l = ft.builder();
+            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum).arg(&mut dq);
+            l.arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dbias).arg(&mut dqkv).arg(&g);
+            unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+            let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;
+            let mut l = fq.builder();
+            l.arg(&dq).arg(&drelh).arg(&drelw).arg(&rh).arg(&rw).arg(&mut dqkv).arg(&g);
+            unsafe { l.launch(config(g.bwd_dq_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
+        } else {
+            let fq = function(&o.dev, &g.module(o.dtype), &o.name("bwd_q")?)?;
+            let fkv = function(&o.dev, &g.module(o.dtype), &o.name("bwd_kv")?)?;
+            let mut l = fq.builder();
+            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rh).arg(&rw).arg(&rb).arg(&outv).arg(&doutv).arg(&lsev);
+            l.arg(&mut dsum).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dqkv).arg(&g);
+            unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+            let mut l = fkv.builder();
+            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum);
+            l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
+            unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
 
         let mut grads = vec![tensor(dqkv, o.qkv.dims(), &o.dev)];
         if o.bias.is_some() {

@@ -544,4 +544,306 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         wa_fwd_tc<T>(qkv, bias, relh, relw, relbias, out, lse, g);                                             \
     }
 VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
+
+// Tensor-core backward for f16 / bf16, flash-attention-2 style. Three kernels:
+// `wa_bwd_dsum_tc` stores D = rowsum(dout * out) per row; `wa_bwd_tc` gives a block of four
+// warps TC_BK = 64 keys of a (window, head) (16 per warp) and streams the queries in tiles of
+// TC_BQ = 64: each warp recomputes S^T = K Q^T and dP^T = V dO^T for its keys on the mma, turns
+// them in registers into P^T = exp(scale s + rel - lse) and dS^T = P^T (dP^T - D), and feeds
+// those accumulator fragments straight back as A operands of dV += P^T dO and dK += dS^T Q
+// (the m16n8 accumulator layout of two adjacent column tiles is the m16k16 A layout). dS also
+// goes to shared memory (as T for dQ += scale dS K, accumulated across key blocks into a
+// global f32 buffer with atomicAdd; as f32 for the decomposed term's row sums). Then
+// `wa_bwd_dq_tc` adds the decomposed term's q-gradient and writes dq into dqkv. The results
+// are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`): drelh / drelw rows, the BEiT drelbias and the
+// padded keys' share of dbias through atomicAdd. Dynamic shared memory: see
+// `tc_bwd_shared_bytes` (Rust).
+#define TC_LDB (TC_BK + 1)  // row stride of the f32 dS tile: one thread per query row reads columns
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
+template <class T>
+__device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int gq, int tq) {
+    const int k = k0 + 2 * tq;
+    a[0] = pack2(m[(r0 + gq) * ld + k], m[(r0 + gq) * ld + k + 1]);
+    a[1] = pack2(m[(r0 + gq + 8) * ld + k], m[(r0 + gq + 8) * ld + k + 1]);
+    a[2] = pack2(m[(r0 + gq) * ld + k + 8], m[(r0 + gq) * ld + k + 9]);
+    a[3] = pack2(m[(r0 + gq + 8) * ld + k + 8], m[(r0 + gq + 8) * ld + k + 9]);
+}
+
+// B fragment with B(k, c) = m[c * ld + k] (a row-major tile used transposed, as K in Q K^T):
+// rows k0..k0+15, column c0 + gq.
+template <class T>
+__device__ __forceinline__ void wa_tc_frag_bt(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
+    const int k = k0 + 2 * tq, c = c0 + gq;
+    b[0] = pack2(m[c * ld + k], m[c * ld + k + 1]);
+    b[1] = pack2(m[c * ld + k + 8], m[c * ld + k + 9]);
+}
+
+// B fragment with B(k, c) = m[k * ld + c] (a row-major tile used as is, as V in P V).
+template <class T>
+__device__ __forceinline__ void wa_tc_frag_b(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
+    const int k = k0 + 2 * tq, c = c0 + gq;
+    b[0] = pack2(m[k * ld + c], m[(k + 1) * ld + c]);
+    b[1] = pack2(m[(k + 8) * ld + c], m[(k + 9) * ld + c]);
+}
+
+// The A fragment of columns 16 kt..16 kt+15 of a warp's 16-row accumulator `acc[tile][4]`
+// (8-column tiles), rounded to T.
+template <class T>
+__device__ __forceinline__ void wa_tc_acc_as_a(unsigned a[4], const float acc[][4], int kt) {
+    const float* lo = acc[2 * kt];
+    const float* hi = acc[2 * kt + 1];
+    a[0] = pack2(from_f32<T>(lo[0]), from_f32<T>(lo[1]));
+    a[1] = pack2(from_f32<T>(lo[2]), from_f32<T>(lo[3]));
+    a[2] = pack2(from_f32<T>(hi[0]), from_f32<T>(hi[1]));
+    a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
+}
+
+// D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
+// grid ceil(rows / BQ), BQ threads.
+template <class T>
+__device__ void wa_bwd_dsum_tc(const T* out, const T* dout, float* dsum, WinGeom g) {
+    const int n = g.wh * g.ww;
+    const long total = (long)g.batch * g.gh * g.gw * g.heads * n;
+    const long row = (long)blockIdx.x * BQ + threadIdx.x;
+    if (row >= total) return;
+    const int i = (int)(row % n), h = (int)(row / n % g.heads), w = (int)(row / n / g.heads);
+    const Tok qt = token(g, w, i);
+    float acc = 0.0f;
+    if (qt.valid) {
+        const long o = token_row(g, qt, g.channels) + h * HD;
+#pragma unroll
+        for (int d = 0; d < HD; ++d) acc += to_f32(dout[o + d]) * to_f32(out[o + d]);
+    }
+    dsum[row] = acc;
+}
+
+// The key-block kernel. Grid (ceil(N / TC_BK), heads, windows), 2 * TC_BQ = 128 threads (the
+// decomposed row sums split the threads in two halves of one query row each). `dq` is
+// [rows, HD] f32, zero-filled; drelh, drelw, drelbias, dbias zero-filled as for the f32 kernels.
+template <class T>
+__device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                          const T* dout, const float* lse, const float* dsum, float* dq, float* drelh, float* drelw,
+                          float* drelbias, float* dbias, T* dqkv, WinGeom g) {
+    DYNAMIC_SHARED(unsigned char, smem);
+    T* ks = reinterpret_cast<T*>(smem);
+    T* vs = ks + TC_BK * TC_LDT;
+    T* qs = vs + TC_BK * TC_LDT;
+    T* dos = qs + TC_BQ * TC_LDT;
+    T* dss = dos + TC_BQ * TC_LDT;                                // dS [query][key], stride TC_LDP
+    float* dsf = reinterpret_cast<float*>(dss + TC_BQ * TC_LDP);  // dS [query][key] f32, stride TC_LDB
+    float* q_lse = dsf + TC_BQ * TC_LDB;
+    float* q_d = q_lse + TC_BQ;
+    int* q_valid = reinterpret_cast<int*>(q_d + TC_BQ);
+
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int j0 = blockIdx.x * TC_BK;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int r0 = warp * 16;  // this warp's keys (rows of S^T, dK, dV) and queries (rows of dQ)
+    const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
+
+    // This block's keys and values; keys past N are zero (and masked out of P below).
+    for (int e = tid; e < TC_BK * HD; e += blockDim.x) {
+        const int jj = e / HD, d = e % HD, j = j0 + jj;
+        float kv = 0.0f, vv = 0.0f;
+        if (j < n) {
+            const Tok kt = token(g, w, j);
+            kv = head_elem(qkv, bias, g, kt, 1, h, d);
+            vv = head_elem(qkv, bias, g, kt, 2, h, d);
+        }
+        ks[jj * TC_LDT + d] = from_f32<T>(kv);
+        vs[jj * TC_LDT + d] = from_f32<T>(vv);
+    }
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt)
+#pragma unroll
+        for (int o = 0; o < 4; ++o) {
+            dk[nt][o] = 0.0f;
+            dv[nt][o] = 0.0f;
+        }
+
+    for (int i0 = 0; i0 < n; i0 += TC_BQ) {
+        // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero).
+        for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
+            const int r = e / HD, d = e % HD, i = i0 + r;
+            float qv = 0.0f, dov = 0.0f;
+            if (i < n) {
+                const Tok qt = token(g, w, i);
+                if (qt.valid) {
+                    qv = head_elem(qkv, bias, g, qt, 0, h, d);
+                    dov = to_f32(dout[token_row(g, qt, g.channels) + h * HD + d]);
+                }
+            }
+            qs[r * TC_LDT + d] = from_f32<T>(qv);
+            dos[r * TC_LDT + d] = from_f32<T>(dov);
+        }
+        for (int r = tid; r < TC_BQ; r += blockDim.x) {
+            const int i = i0 + r;
+            const bool valid = i < n && token(g, w, i).valid;
+            q_valid[r] = valid;
+            q_lse[r] = valid ? lse[rows0 + i] : 0.0f;
+            q_d[r] = valid ? dsum[rows0 + i] : 0.0f;
+        }
+        __syncthreads();
+
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries.
+        float s[TC_BQ / 8][4], dp[TC_BQ / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_BQ / 8; ++nt) {
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                s[nt][o] = 0.0f;
+                dp[nt][o] = 0.0f;
+            }
+#pragma unroll
+            for (int kt = 0; kt < HD / 16; ++kt) {
+                unsigned a[4], b[2];
+                wa_tc_frag_a(a, ks, TC_LDT, r0, kt * 16, gq, tq);
+                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(s[nt], a, b, T());
+                wa_tc_frag_a(a, vs, TC_LDT, r0, kt * 16, gq, tq);
+                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(dp[nt], a, b, T());
+            }
+        }
+        // In place: s becomes P^T, dp becomes dS^T. dS is also published for dQ and the
+        // decomposed row sums; the BEiT bias gradient is dS itself.
+#pragma unroll
+        for (int nt = 0; nt < TC_BQ / 8; ++nt)
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                const int key = r0 + gq + (o >= 2 ? 8 : 0), r = nt * 8 + 2 * tq + (o & 1);
+                const int j = j0 + key, i = i0 + r;
+                const bool live = q_valid[r] && j < n;
+                float p = 0.0f;
+                if (live) p = expf(g.scale * s[nt][o] + rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j) - q_lse[r]);
+                const float ds = p * (dp[nt][o] - q_d[r]);
+                s[nt][o] = p;
+                dp[nt][o] = ds;
+                dss[r * TC_LDP + key] = from_f32<T>(ds);
+                if (g.rel == 1) dsf[r * TC_LDB + key] = ds;
+                else if (g.rel == 2 && live) atomicAdd(&drelbias[((long)h * n + i) * n + j], ds);
+            }
+        // dV += P^T dO, dK += dS^T Q (scale applied once at the end).
+#pragma unroll
+        for (int kt = 0; kt < TC_BQ / 16; ++kt) {
+            unsigned ap[4], ad[4];
+            wa_tc_acc_as_a<T>(ap, s, kt);
+            wa_tc_acc_as_a<T>(ad, dp, kt);
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                unsigned b[2];
+                wa_tc_frag_b(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(dv[nt], ap, b, T());
+                wa_tc_frag_b(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(dk[nt], ad, b, T());
+            }
+        }
+        __syncthreads();
+
+        // dQ += scale dS K for this warp's 16 queries, summed over the key blocks in global f32.
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int kt = 0; kt < TC_BK / 16; ++kt) {
+                unsigned a[4], b[2];
+                wa_tc_frag_a(a, dss, TC_LDP, r0, kt * 16, gq, tq);
+                wa_tc_frag_b(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(c, a, b, T());
+            }
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                const int r = r0 + gq + (o >= 2 ? 8 : 0), d = nt * 8 + 2 * tq + (o & 1);
+                if (q_valid[r]) atomicAdd(&dq[(rows0 + i0 + r) * HD + d], g.scale * c[o]);
+            }
+        }
+        // Decomposed term: sums of dS over this block's keys by key row (threads 0..63, drelh)
+        // and by key column (threads 64..127, drelw), one query row per thread.
+        if (g.rel == 1) {
+            const int r = tid % TC_BQ, i = i0 + r;
+            const int jend = imin(j0 + TC_BK, n);
+            const float* dsr = dsf + r * TC_LDB - j0;  // indexed by key
+            if (q_valid[r] && tid < TC_BQ) {
+                for (int a = j0 / g.ww; a * g.ww < jend; ++a) {
+                    float sum = 0.0f;
+                    const int start = a * g.ww > j0 ? a * g.ww : j0;
+                    for (int j = start; j < imin((a + 1) * g.ww, jend); ++j) sum += dsr[j];
+                    atomicAdd(&drelh[(rows0 + i) * g.wh + a], sum);
+                }
+            } else if (q_valid[r]) {
+                for (int b = 0; b < g.ww; ++b) {
+                    float sum = 0.0f;
+                    for (int j = j0 + (b - j0 % g.ww + g.ww) % g.ww; j < jend; j += g.ww) sum += dsr[j];
+                    atomicAdd(&drelw[(rows0 + i) * g.ww + b], sum);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // dk, dv of this warp's keys: into dqkv for unpadded keys, the qkv bias for padded ones.
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt)
+#pragma unroll
+        for (int o = 0; o < 4; ++o) {
+            const int j = j0 + r0 + gq + (o >= 2 ? 8 : 0), d = nt * 8 + 2 * tq + (o & 1);
+            if (j >= n) continue;
+            const Tok kt = token(g, w, j);
+            const float dkv = g.scale * dk[nt][o];
+            if (kt.valid) {
+                T* o_row = dqkv + token_row(g, kt, 3 * g.channels) + h * HD;
+                o_row[g.channels + d] = from_f32<T>(dkv);
+                o_row[2 * g.channels + d] = from_f32<T>(dv[nt][o]);
+            } else if (g.has_bias) {
+                atomicAdd(&dbias[g.channels + h * HD + d], dkv);
+                atomicAdd(&dbias[2 * g.channels + h * HD + d], dv[nt][o]);
+            }
+        }
+}
+
+// dq of unpadded queries into dqkv's q part: the accumulated scale dS K plus, for the
+// decomposed term, sum_a drelh[row, a] rh[y_i, a] + sum_b drelw[row, b] rw[x_i, b]. One thread
+// per (row, d): grid ceil(rows * HD / BQ), BQ threads.
+template <class T>
+__device__ void wa_bwd_dq_tc(const float* dq, const float* drelh, const float* drelw, const T* rh, const T* rw,
+                             T* dqkv, WinGeom g) {
+    const int n = g.wh * g.ww;
+    const long total = (long)g.batch * g.gh * g.gw * g.heads * n * HD;
+    const long e = (long)blockIdx.x * BQ + threadIdx.x;
+    if (e >= total) return;
+    const long row = e / HD;
+    const int d = (int)(e % HD);
+    const int i = (int)(row % n), h = (int)(row / n % g.heads), w = (int)(row / n / g.heads);
+    const Tok qt = token(g, w, i);
+    if (!qt.valid) return;
+    float acc = dq[e];
+    if (g.rel == 1) {
+        for (int a = 0; a < g.wh; ++a) acc += drelh[row * g.wh + a] * to_f32(rh[((long)qt.ly * g.wh + a) * HD + d]);
+        for (int b = 0; b < g.ww; ++b) acc += drelw[row * g.ww + b] * to_f32(rw[((long)qt.lx * g.ww + b) * HD + d]);
+    }
+    dqkv[token_row(g, qt, 3 * g.channels) + h * HD + d] = from_f32<T>(acc);
+}
+
+#define WA_TC_BWD_ENTRY(T, S)                                                                                  \
+    extern "C" __global__ void window_attention_bwd_dsum_tc_##S(const T* out, const T* dout, float* dsum,     \
+                                                                WinGeom g) {                                  \
+        wa_bwd_dsum_tc<T>(out, dout, dsum, g);                                                                 \
+    }                                                                                                          \
+    extern "C" __global__ void window_attention_bwd_tc_##S(                                                    \
+        const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias, const T* dout,    \
+        const float* lse, const float* dsum, float* dq, float* drelh, float* drelw, float* drelbias,           \
+        float* dbias, T* dqkv, WinGeom g) {                                                                    \
+        wa_bwd_tc<T>(qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, \
+                     g);                                                                                       \
+    }                                                                                                          \
+    extern "C" __global__ void window_attention_bwd_dq_tc_##S(const float* dq, const float* drelh,            \
+                                                              const float* drelw, const T* rh, const T* rw,   \
+                                                              T* dqkv, WinGeom g) {                           \
+        wa_bwd_dq_tc<T>(dq, drelh, drelw, rh, rw, dqkv, g);                                                    \
+    }
+VITDET_FOR_EACH_HALF(WA_TC_BWD_ENTRY)
 #endif
