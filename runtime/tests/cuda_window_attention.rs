@@ -1,7 +1,7 @@
 //! The fused window-attention CUDA kernels against the CPU kernel on the same random inputs
 //! (runs where a GPU exists; skipped, saying so, elsewhere).
 //!
-//! The f16 / bf16 forward runs on the tensor cores (`fwd_tc`), the rest on the f32 kernels.
+//! f16 / bf16 run on the tensor-core kernels (`fwd_tc`, `bwd_tc`), f32 on the f32 kernels.
 //!
 //! Tolerances: f32 relative L2 1e-5 (both sides f32, different summation order over rows of
 //! up to 4096 keys); bf16 / f16 1e-2 (inputs rounded once to the half type on both sides, the
