@@ -277,6 +277,9 @@ enum Command {
     /// The whole pipeline on a CPU in minutes: synthetic dataset, training, COCO evaluation and
     /// a picture of the detections.
     Demo(vitdet::demo::DemoArgs),
+    /// Time the runtime's kernels on the CPU or a GPU: ViTDet-B's hot ops one by one (`--ops`)
+    /// or one end-to-end inference or training step (`--model`).
+    Bench(vitdet::bench::cli::BenchArgs),
     /// Datasets: `synth` writes a synthetic instance-segmentation dataset in COCO layout.
     Data {
         #[command(subcommand)]
@@ -304,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data { command } => vitdet::data::run_cli(command)?,
         Command::Train(args) => vitdet::train::cli::run(args)?,
         Command::Demo(args) => vitdet::demo::run(args)?,
+        Command::Bench(args) => vitdet::bench::cli::run(args)?,
         Command::Compile {
             model,
             image_size,

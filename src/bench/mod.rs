@@ -1,5 +1,10 @@
-//! `vitdet compile --bench`: run a compiled graph once on random weights and a random input to
-//! measure its speed (frames per second) and peak live memory on a device.
+//! Benchmarks.
+//!
+//! * `vitdet compile --bench` ([`benchmark`]): run a compiled graph once on random weights and a
+//!   random input to measure its speed (frames per second) and peak live memory on a device.
+//! * `vitdet bench` ([`cli`]): the per-op table of ViTDet-B's hot ops ([`ops`]) and the
+//!   end-to-end inference or training step ([`step`]), timed with device synchronization
+//!   ([`timer`]) on the CPU or a CUDA device.
 
 use std::time::Instant;
 
@@ -8,6 +13,11 @@ use serde::Serialize;
 use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
 
 use crate::compile::Compiled;
+
+pub mod cli;
+pub mod ops;
+pub mod step;
+pub mod timer;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Benchmark {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds, here, what scripts/gpu/run.sh carries to the lent GPU machine (no Rust there), into
+# carry/ (git-ignored):
+#   carry/vitdet.xz         the CLI: release, --features cuda, stripped, xz-compressed
+#   carry/tests/NAME.xz     the runtime's CUDA test binaries (runtime/tests/cuda_*.rs), likewise
+# Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
+# candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
+#
+#   bash scripts/gpu/build.sh            # then carry `carry` to the GPU machine
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+export CUDA_HOME=${CUDA_HOME:-$HOME/.cache/cuda13-pypi/cuda13}
+export PATH=$CUDA_HOME/bin:$PATH
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}   # H100 / H200
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+    echo "no nvcc in $CUDA_HOME/bin: run ../shared/cuda/setup-cuda13-from-pypi.sh first" >&2
+    exit 1
+fi
+# The carried tree is limited to 64 MiB in all.
+LIMIT_BYTES=$((60 << 20))
+
+cargo build --release --offline --features cuda --bin vitdet
+# The test executables cargo reports, kept to the CUDA ones (target names cuda_*).
+tests=$(cargo test --release --offline --features cuda -p vitdet-runtime --tests --no-run --message-format=json |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+        print(m["target"]["name"], m["executable"])
+')
+if [ -z "$tests" ]; then
+    echo "cargo reported no cuda_* test binaries" >&2
+    exit 1
+fi
+
+rm -rf carry
+mkdir -p carry/tests
+pack() { # pack SRC DEST: strip and xz SRC into DEST.xz
+    strip -o "$2" "$1"
+    xz -T2 -6 -f "$2"
+}
+pack "$CARGO_TARGET_DIR/release/vitdet" carry/vitdet
+while read -r name exe; do
+    pack "$exe" "carry/tests/$name"
+done <<<"$tests"
+
+ls -l carry carry/tests
+total=$(du -sb carry | cut -f1)
+echo "carry/: $((total >> 20)) MiB"
+if [ "$total" -gt "$LIMIT_BYTES" ]; then
+    echo "carry/ is over $((LIMIT_BYTES >> 20)) MiB: too big to carry" >&2
+    exit 1
+fi

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The one script a short session on the lent GPU machine runs (one H100, CUDA 13.0 libraries in
+# /usr/local/cuda/lib64, torch there, no Rust, no network; see ../shared/cuda/README.md). It
+# builds nothing: scripts/gpu/build.sh made carry/ here. From the repository root:
+#
+#   OUT=/some/folder bash scripts/gpu/run.sh
+#
+# In order, each step under `timeout` (cut to what is left of BUDGET_S, default 480 s) so one
+# failure or hang does not eat the session, each step's output in $OUT/logs/STEP.log:
+#   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU;
+#   2. `vitdet bench --ops` in f32 and bf16 ($OUT/ops_f32.json, ops_bf16.json);
+#   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
+#   4. end-to-end vitdet-b at 1024: inference in bf16, a training step in bf16, then in f32
+#      ($OUT/e2e_*.json);
+#   5. when the binary's `vitdet study` takes --device: vitdet-l's measured training steps with
+#      and without block checkpointing ($OUT/study_vitdet_l.txt).
+# Last, a short summary table ($OUT/summary.txt too).
+set -uo pipefail
+: "${OUT:?set OUT to the folder for the results}"
+BUDGET_S=${BUDGET_S:-480}
+cd "$(dirname "$0")/../.."
+START=$(date +%s)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+mkdir -p "$OUT/logs"
+STATUS=$OUT/status.tsv
+: >"$STATUS"
+
+# step NAME LIMIT_S CMD...: CMD under timeout, at most LIMIT_S and what is left of the budget;
+# records NAME, exit status (124: timed out) and seconds in status.tsv.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if ((left < 20)); then
+        printf '%s\tskipped\t0\n' "$name" >>"$STATUS"
+        echo "== $name: skipped, budget spent"
+        return
+    fi
+    ((limit > left - 10)) && limit=$((left - 10))
+    echo "== $name (limit ${limit}s)"
+    local t0
+    t0=$(date +%s)
+    timeout -k 5 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    local rc=$?
+    local took=$(($(date +%s) - t0))
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >>"$STATUS"
+    echo "   exit $rc after ${took}s"
+    tail -n 4 "$OUT/logs/$name.log" | sed 's/^/   | /'
+}
+
+# The carried binaries, decompressed outside the repository.
+BIN=$(mktemp -d)
+if ! xz -dc carry/vitdet.xz >"$BIN/vitdet"; then
+    echo "no carry/vitdet.xz: run scripts/gpu/build.sh here and carry \`carry\`" >&2
+    exit 1
+fi
+chmod +x "$BIN/vitdet"
+V=$BIN/vitdet
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+# 1. Tests, from the runtime's folder as cargo runs them.
+for t in carry/tests/*.xz; do
+    [ -e "$t" ] || continue
+    name=$(basename "$t" .xz)
+    xz -dc "$t" >"$BIN/$name" && chmod +x "$BIN/$name"
+    step "test_$name" 90 bash -c 'cd runtime && exec "$0" --test-threads=1' "$BIN/$name"
+done
+
+# 2. The op table.
+for dtype in f32 bf16; do
+    step "ops_$dtype" 120 "$V" bench --device cuda --ops --dtype "$dtype" --iters 10 --warmup 2 \
+        --format json --out "$OUT/ops_$dtype.json"
+done
+
+# 3. PyTorch on the same shapes.
+"$V" bench --ops --list --format json >"$OUT/ops_list.json"
+step torch_ops 150 python3 scripts/gpu/torch_ops.py --list "$OUT/ops_list.json" --dtypes f32,bf16 \
+    --iters 10 --warmup 2 --out "$OUT/torch_ops.json"
+
+# 4. End-to-end steps.
+e2e() { # e2e MODE DTYPE ITERS LIMIT_S
+    step "e2e_$1_$2" "$4" "$V" bench --device cuda --model vitdet-b --image-size 1024 --mode "$1" \
+        --dtype "$2" --iters "$3" --warmup 1 --format json --out "$OUT/e2e_$1_$2.json"
+}
+e2e infer bf16 5 120
+e2e train bf16 3 150
+e2e train f32 3 120
+
+# 5. The study, measured on the GPU, where this build's study can measure there.
+if "$V" study --help 2>/dev/null | grep -q -- '--device'; then
+    step study_vitdet_l 150 bash -c '"$0" study --model vitdet-l --measure --device cuda --sweep checkpoint \
+        --dtype bf16 --fuse --steps 1 --plot "$1/study_vitdet_l.svg" >"$1/study_vitdet_l.txt"' "$V" "$OUT"
+else
+    printf 'study_vitdet_l\tskipped\t0\n' >>"$STATUS"
+    echo "== study_vitdet_l: skipped, this binary's study measures on the CPU only"
+fi
+
+python3 scripts/gpu/summary.py "$OUT" | tee "$OUT/summary.txt"

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""The short table scripts/gpu/run.sh prints last, from the results in its $OUT folder:
+step exit statuses, vitdet's op times beside PyTorch's, and the end-to-end steps.
+
+    python3 scripts/gpu/summary.py OUT
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_ops import compare_table  # noqa: E402  (imports torch only to time)
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def main():
+    out = sys.argv[1]
+    print("== steps (exit 124: timed out)")
+    try:
+        with open(os.path.join(out, "status.tsv")) as f:
+            for line in f:
+                name, rc, seconds = line.rstrip("\n").split("\t")
+                print(f"{name:<40} {'ok' if rc == '0' else 'exit ' + rc:>8} {seconds:>5} s")
+    except OSError:
+        print("no status.tsv")
+
+    ours = [r for r in (load(os.path.join(out, f"ops_{d}.json")) for d in ("f32", "bf16")) if r]
+    theirs = load(os.path.join(out, "torch_ops.json")) or {"ops": []}
+    if ours:
+        scale = ours[0].get("scale", 1)
+        at = "1024" if scale == 1 else f"1024 / {scale}"
+        print(f"\n== ops, ViTDet-B at {at} (ratio = vitdet / torch {theirs.get('torch', '?')}, median ms)")
+        print(compare_table(ours, theirs))
+        for report in ours:
+            for r in report["ops"]:
+                if "error" in r:
+                    print(f"vitdet {r['name']} {r['dtype']}: {r['error'][:200]}")
+        for r in theirs["ops"]:
+            if "error" in r:
+                print(f"torch {r['name']} {r['dtype']}: {r['error'][:200]}")
+
+    print("\n== end to end, vitdet-b at 1024")
+    for mode, dtype in (("infer", "bf16"), ("train", "bf16"), ("train", "f32")):
+        r = load(os.path.join(out, f"e2e_{mode}_{dtype}.json"))
+        if r is None:
+            print(f"{mode} {dtype}: no result (see logs/e2e_{mode}_{dtype}.log)")
+            continue
+        gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
+        print(
+            f"{mode} {dtype}: median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), "
+            f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
+        )
+
+    study = os.path.join(out, "study_vitdet_l.txt")
+    if os.path.exists(study):
+        print("\n== vitdet study --model vitdet-l --measure --device cuda")
+        with open(study) as f:
+            print(f.read().rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+//! `vitdet bench --model M`: one end-to-end step on a device, timed with synchronization.
+//!
+//! * `infer`: the whole Mask R-CNN at test time on a random square image (the graph of
+//!   `vitdet compile`), with the attention fused and autocast to `--dtype` as a training step
+//!   would be, so both modes run the same kernels.
+//! * `train`: the training step of `vitdet compile --mode train` (forward to the losses and
+//!   every parameter gradient, no optimizer update) on a synthetic image with two instances.
+//!
+//! Weights are a seeded random init. The step time is the median over `iters` runs after the
+//! warm-up ones; memory is the device's peak allocation during the runs above the resident
+//! weights and inputs, beside the memory planner's arena for the same graph.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use vitdet_ir::{Graph, NodeIndex};
+use vitdet_passes::Precision;
+use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
+
+use super::timer::{time_calls, Timing};
+use crate::compile::{compile_train, load_config, TrainOptions};
+
+/// Which step to time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StepMode {
+    Infer,
+    Train,
+}
+
+impl StepMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepMode::Infer => "infer",
+            StepMode::Train => "train",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StepOptions {
+    pub model: String,
+    pub image_size: Option<usize>,
+    pub mode: StepMode,
+    pub precision: Precision,
+    /// Run the windowed-attention fusion pass.
+    pub fuse_attention: bool,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+/// What timing a step measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepResult {
+    pub model: String,
+    pub image_size: usize,
+    pub mode: StepMode,
+    pub dtype: &'static str,
+    /// Attention regions replaced by the fused op.
+    pub fused_attention: usize,
+    pub compile_seconds: f64,
+    #[serde(flatten)]
+    pub timing: Timing,
+    /// The memory planner's arena for the graph (the activations a run holds at its peak).
+    pub planned_arena_bytes: u64,
+    pub param_bytes: u64,
+}
+
+impl StepResult {
+    pub fn to_text(&self) -> String {
+        let t = &self.timing;
+        let bytes = |b: u64| crate::report::bytes(b as usize);
+        format!(
+            "{model} {mode} at {size}px, {dtype}, {fused} fused attention blocks, compiled in {compile:.1} s\n\
+             step: median {median:.1} ms, min {min:.1} ms ({iters} timed runs)\n\
+             memory: peak {peak} besides the weights ({weights}), planned arena {arena}\n",
+            model = self.model,
+            mode = self.mode.name(),
+            size = self.image_size,
+            dtype = self.dtype,
+            fused = self.fused_attention,
+            compile = self.compile_seconds,
+            median = t.median_ms,
+            min = t.min_ms,
+            iters = t.iters,
+            peak = t.peak_bytes.map_or("-".to_string(), bytes),
+            weights = bytes(self.param_bytes),
+            arena = bytes(self.planned_arena_bytes),
+        )
+    }
+}
+
+/// A compiled step: the graph, its order, its planned arena and its attention fusions.
+struct Step {
+    graph: Graph,
+    order: Vec<NodeIndex>,
+    arena_bytes: u64,
+    fused_attention: usize,
+    image_size: usize,
+}
+
+fn compile_step(opts: &StepOptions) -> Result<Step> {
+    let config = load_config(&opts.model, opts.image_size, None)?;
+    let s = config.image_size;
+    match opts.mode {
+        StepMode::Train => {
+            let step = compile_train(
+                config,
+                &TrainOptions {
+                    fuse_attention: opts.fuse_attention,
+                    precision: opts.precision,
+                    ..Default::default()
+                },
+            )?;
+            Ok(Step {
+                graph: step.graph,
+                order: step.order,
+                arena_bytes: step.plan.arena_bytes as u64,
+                fused_attention: step.fused_attention,
+                image_size: s,
+            })
+        }
+        StepMode::Infer => {
+            let mut graph = vitdet_models::build_detector_for_image(&config, [s, s])?;
+            let mut fused_attention = 0;
+            if opts.fuse_attention {
+                let fused = vitdet_passes::fuse_attention(&graph).context("attention fusion")?;
+                fused_attention = fused.report.fused;
+                graph = fused.graph;
+            }
+            let graph = vitdet_passes::autocast(&graph, opts.precision)?;
+            graph.verify().context("verifying the inference graph")?;
+            let order = vitdet_passes::schedule(&graph)?;
+            let plan = vitdet_passes::plan_memory(&graph, &order)?;
+            Ok(Step {
+                graph,
+                order,
+                arena_bytes: plan.arena_bytes as u64,
+                fused_attention,
+                image_size: s,
+            })
+        }
+    }
+}
+
+/// Compiles and times the step of `opts` on `device`.
+pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
+    let start = Instant::now();
+    let step = compile_step(opts)?;
+    let compile_seconds = start.elapsed().as_secs_f64();
+    let params = ParamStore::init_random(&step.graph, 0, device)?;
+    let inputs = step_inputs(&step.graph, step.image_size, device)?;
+    let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let mut heap_peak: Option<usize> = None;
+    let mut timing = time_calls(device, opts.warmup, opts.iters, || {
+        let out = run_with_order(&step.graph, &params, &named, device, &step.order).context("running the step")?;
+        heap_peak = heap_peak.max(out.measured_peak_bytes);
+        Ok(out)
+    })?;
+    if device.is_cpu() {
+        // The executor restarts the counting allocator's high-water mark at every node, so on
+        // the CPU its own measured peak (of a run above its start) is the step's.
+        timing.peak_bytes = heap_peak.map(|b| b as u64);
+    }
+    Ok(StepResult {
+        model: opts.model.clone(),
+        image_size: step.image_size,
+        mode: opts.mode,
+        dtype: opts.precision.name(),
+        fused_attention: step.fused_attention,
+        compile_seconds,
+        timing,
+        planned_arena_bytes: step.arena_bytes,
+        param_bytes: params.total_bytes() as u64,
+    })
+}
+
+/// A value for every input of an inference or training graph of side `s`, on `device`: a
+/// random image and, for training, two ground-truth instances (boxes, classes, masks).
+pub fn step_inputs(graph: &Graph, s: usize, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for (_, name, ty) in graph.inputs() {
+        let shape = ty.shape.as_slice();
+        let t = match name {
+            "image" => Tensor::randn(0f32, 1f32, shape, device)?,
+            "gt_boxes" => {
+                let mut v = vec![0f32; shape[0] * 4];
+                for (i, b) in v.chunks_mut(4).enumerate().take(2) {
+                    let o = (i * s / 4) as f32;
+                    b.copy_from_slice(&[o + 4.0, o + 8.0, o + s as f32 / 2.0, o + s as f32 / 2.5]);
+                }
+                Tensor::from_vec(v, shape, device)?
+            }
+            "gt_classes" => Tensor::from_vec((0..shape[0]).map(|i| (i % 2) as i64).collect::<Vec<_>>(), shape, device)?,
+            "gt_masks" => {
+                let (g, h, w) = (shape[0], shape[1], shape[2]);
+                let mut v = vec![0u8; g * h * w];
+                for i in 0..g.min(2) {
+                    let o = i * s / 4;
+                    for y in (o + 8)..(o + s / 3).min(h) {
+                        for x in (o + 4)..(o + s / 2).min(w) {
+                            v[(i * h + y) * w + x] = 1;
+                        }
+                    }
+                }
+                Tensor::from_vec(v, shape, device)?
+            }
+            "gt_valid" => Tensor::from_vec(
+                (0..shape[0]).map(|i| u8::from(i < 2)).collect::<Vec<_>>(),
+                shape,
+                device,
+            )?,
+            "seed" => Tensor::from_vec(vec![7i64], shape, device)?,
+            other => bail!("no synthetic value for the graph input `{other}`"),
+        };
+        let t = if ty.dtype.is_float() {
+            t.to_dtype(vitdet_runtime::dtype::to_candle(ty.dtype))?
+        } else {
+            t
+        };
+        out.push((name.to_string(), t));
+    }
+    Ok(out)
+}
