@@ -189,9 +189,12 @@ enum Command {
         /// dtype, fusion.
         #[arg(long, default_value = "attention,checkpoint")]
         sweep: String,
-        /// Also run every configuration on the CPU: measured step time and memory.
+        /// Also run every configuration on --device: measured step time and memory.
         #[arg(long)]
         measure: bool,
+        /// Where --measure runs: cpu, or cuda / cuda:N (a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Timed steps per measured configuration (after a warm-up step).
         #[arg(long, default_value_t = 2)]
         steps: usize,
@@ -199,7 +202,7 @@ enum Command {
         #[arg(long, default_value = "v100-32gb")]
         profile: String,
         /// Precision of every row unless swept: f32, bf16 or f16. Default f16 (the paper's
-        /// automatic mixed precision), f32 with --measure (the CPU runtime runs f32).
+        /// automatic mixed precision), f32 with --measure on the CPU (which runs f32 graphs).
         #[arg(long)]
         dtype: Option<String>,
         /// Compile the fused attention (the default study runs attention as the paper's eager
@@ -369,6 +372,7 @@ fn run(cli: Cli) -> Result<()> {
             image_size,
             sweep,
             measure,
+            device,
             steps,
             profile,
             dtype,
@@ -378,7 +382,8 @@ fn run(cli: Cli) -> Result<()> {
             plot,
         } => {
             use vitdet::study;
-            let dtype = dtype.unwrap_or_else(|| if measure { "f32" } else { "f16" }.to_string());
+            let device = vitdet::infer::parse_device(&device)?;
+            let dtype = dtype.unwrap_or_else(|| if measure && device.is_cpu() { "f32" } else { "f16" }.to_string());
             let base = vitdet::compile::TrainOptions {
                 fuse_attention: fuse,
                 batch,
@@ -392,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
                 base,
                 profile,
                 measure,
+                device,
                 steps,
             };
             let result = study::run_study(&opts, &|what| eprintln!("compiling {what}"))?;
