@@ -64,8 +64,7 @@ fn backbone_f32_and_bf16_match_the_cpu() {
         .unwrap();
         let mut compiled = compiled;
         if precision != Precision::F32 {
-            let fused = vitdet::passes::fuse_attention(&compiled.graph).unwrap().graph;
-            compiled.graph = vitdet::passes::autocast(&fused, precision).unwrap();
+            compiled.graph = vitdet::compile::lower_inference(&compiled.graph, precision, true).unwrap().0;
             compiled.order = vitdet::passes::schedule(&compiled.graph).unwrap();
         }
         for (name, got, want) in both(&compiled, &gpu) {

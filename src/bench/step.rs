@@ -19,7 +19,7 @@ use vitdet_passes::Precision;
 use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
 
 use super::timer::{time_calls, Timing};
-use crate::compile::{compile_train, load_config, TrainOptions};
+use crate::compile::{compile_train, load_config, lower_inference, TrainOptions};
 
 /// Which step to time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -122,15 +122,8 @@ fn compile_step(opts: &StepOptions) -> Result<Step> {
             })
         }
         StepMode::Infer => {
-            let mut graph = vitdet_models::build_detector_for_image(&config, [s, s])?;
-            let mut fused_attention = 0;
-            if opts.fuse_attention {
-                let fused = vitdet_passes::fuse_attention(&graph).context("attention fusion")?;
-                fused_attention = fused.report.fused;
-                graph = fused.graph;
-            }
-            let graph = vitdet_passes::autocast(&graph, opts.precision)?;
-            graph.verify().context("verifying the inference graph")?;
+            let graph = vitdet_models::build_detector_for_image(&config, [s, s])?;
+            let (graph, fused_attention) = lower_inference(&graph, opts.precision, opts.fuse_attention)?;
             let order = vitdet_passes::schedule(&graph)?;
             let plan = vitdet_passes::plan_memory(&graph, &order)?;
             Ok(Step {

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use vitdet_ir::{Artifact, Graph, NodeIndex};
 use vitdet_models::{build_backbone, build_detector_for_image, ModelConfig};
-use vitdet_passes::{liveness, schedule};
+use vitdet_passes::{liveness, schedule, Precision};
 
 use crate::report::{CompileReport, TrainReport};
 
@@ -99,6 +99,20 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
         order,
         report,
     })
+}
+
+/// An inference graph as it runs in mixed precision: the attention regions fused (when `fuse`)
+/// and the graph autocast to `precision`. Returns the graph and the number of fused regions.
+pub fn lower_inference(graph: &Graph, precision: Precision, fuse: bool) -> Result<(Graph, usize)> {
+    let (graph, fused) = if fuse {
+        let f = vitdet_passes::fuse_attention(graph).context("attention fusion")?;
+        (f.graph, f.report.fused)
+    } else {
+        (graph.clone(), 0)
+    };
+    let graph = vitdet_passes::autocast(&graph, precision)?;
+    graph.verify().context("verifying the lowered inference graph")?;
+    Ok((graph, fused))
 }
 
 /// [`Target::Train`]: the training step and its report.

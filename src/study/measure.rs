@@ -41,10 +41,7 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
         );
     }
     let params = ParamStore::init_random(&step.graph, 0, device)?;
-    let inputs = synthetic_inputs(step)?
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_device(device)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let inputs = crate::bench::step::step_inputs(&step.graph, step.config.image_size, device)?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut times = Vec::new();
     let mut peak = None;
@@ -83,47 +80,6 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
         arena_error: peak.map(|p| p as f64 / planned as f64 - 1.0),
         top_ops,
     })
-}
-
-/// Inputs for every graph input of the training step, by name.
-fn synthetic_inputs(step: &TrainStep) -> Result<Vec<(String, Tensor)>> {
-    let dev = Device::Cpu;
-    let s = step.config.image_size;
-    let mut out = Vec::new();
-    for (_, name, ty) in step.graph.inputs() {
-        let shape = ty.shape.as_slice();
-        let t = match name {
-            "image" => Tensor::randn(0f32, 1f32, shape, &dev)?,
-            "gt_boxes" => {
-                let g = shape[0];
-                let mut v = vec![0f32; g * 4];
-                for (i, b) in v.chunks_mut(4).enumerate().take(2) {
-                    let o = (i * s / 4) as f32;
-                    b.copy_from_slice(&[o + 4.0, o + 8.0, o + s as f32 / 2.0, o + s as f32 / 2.5]);
-                }
-                Tensor::from_vec(v, shape, &dev)?
-            }
-            "gt_classes" => Tensor::from_vec((0..shape[0]).map(|i| (i % 2) as i64).collect::<Vec<_>>(), shape, &dev)?,
-            "gt_masks" => {
-                let (g, h, w) = (shape[0], shape[1], shape[2]);
-                let mut v = vec![0u8; g * h * w];
-                for i in 0..g.min(2) {
-                    let o = i * s / 4;
-                    for y in (o + 8)..(o + s / 3).min(h) {
-                        for x in (o + 4)..(o + s / 2).min(w) {
-                            v[(i * h + y) * w + x] = 1;
-                        }
-                    }
-                }
-                Tensor::from_vec(v, shape, &dev)?
-            }
-            "gt_valid" => Tensor::from_vec((0..shape[0]).map(|i| u8::from(i < 2)).collect::<Vec<_>>(), shape, &dev)?,
-            "seed" => Tensor::from_vec(vec![7i64], shape, &dev)?,
-            other => bail!("--measure: no synthetic value for the training graph's input `{other}`"),
-        };
-        out.push((name.to_string(), t));
-    }
-    Ok(out)
 }
 
 /// The CPU's profile, measured: f32 matmul rate (1024^3), copy bandwidth (64 MiB) and per-op
