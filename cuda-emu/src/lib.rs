@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 
 pub mod norm;
 pub mod adamw;
+pub mod detection;
 pub mod softmax;
 pub mod window_attention;
 

@@ -7,6 +7,7 @@
 //! is how the kernels are tested on machines without a GPU. With the `cuda` feature, [`device`]
 //! compiles, caches and launches them on candle CUDA tensors.
 
+pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
 pub mod norm;
@@ -24,6 +25,7 @@ pub fn modules() -> Vec<sources::Module> {
         // The attention kernels at ViTDet-B/L (64) and ViT-H (80) head dims.
         window_attention::module_for_head_dim(64),
         window_attention::module_for_head_dim(80),
+        detection::module(),
         softmax::module(),
         adamw::module(),
         norm::module(),

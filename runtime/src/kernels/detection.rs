@@ -7,7 +7,11 @@
 //! computed there and the result copied back** to the input's device (simple and exact; these
 //! ops are a small part of a detector's time). `index_select`, `gather_rows` and their backward
 //! ops are the exceptions: they check their indices on the host and then gather (scatter-add)
-//! with candle's device-generic `index_select` (`index_add`).
+//! with candle's device-generic `index_select` (`index_add`). With the `cuda` feature, `top_k`,
+//! `nms`, `roi_align` and `roi_align_grad` on CUDA tensors the runtime's kernels take
+//! ([`crate::cuda::detection`]: f32/f16/bf16, `k <= 4096`, at most 393,216 NMS boxes, at most
+//! 8 RoIAlign levels) run on the device instead: top-k and NMS with identical results,
+//! RoIAlign accumulating in f32 (relative differences near 1e-7).
 //!
 //! Arithmetic: box math, RoIAlign and mask pasting are computed in f64 from the stored values
 //! and rounded to the output dtype once (detectron2 computes them in the input dtype, f32;
@@ -228,6 +232,10 @@ fn topk_row(row: &[f64], k: usize) -> Vec<u32> {
 /// copied exactly) and `indices` (i64). `select_nth_unstable` then a sort of the top `k`:
 /// O(n + k log k) per row, rows in parallel.
 pub fn top_k(op: &TopK, x: &Tensor) -> KernelResult<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::cuda::detection::run::top_k_supported(op, x) {
+        return crate::cuda::detection::run::top_k(op, x);
+    }
     expect_float("input", x)?;
     let n = match x.dims().last() {
         Some(&n) => n,
@@ -475,6 +483,10 @@ pub fn nms(
     groups: Option<&Tensor>,
     valid: Option<&Tensor>,
 ) -> KernelResult<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if boxes.device().is_cuda() && crate::cuda::detection::run::nms_supported(op, boxes, scores, groups, valid) {
+        return crate::cuda::detection::run::nms(op, boxes, scores, groups, valid);
+    }
     expect_float("boxes", boxes)?;
     expect_float("scores", scores)?;
     let (n, four) = boxes.dims2()?;
@@ -731,6 +743,12 @@ fn roi_align_box<T: Real>(
 /// forced `>= 1` when not `aligned`). Features are read as f32 (f64 for f64 inputs), samples
 /// accumulated in f64; boxes in parallel.
 pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if inputs.first().is_some_and(|t| t.device().is_cuda())
+        && crate::cuda::detection::run::roi_align_supported(op, inputs)
+    {
+        return crate::cuda::detection::run::roi_align(op, inputs);
+    }
     let (feats, boxes) = inputs.split_at(inputs.len() - 1);
     let boxes = &boxes[0];
     if feats.is_empty() || feats.len() != op.scales.len() {
@@ -809,6 +827,10 @@ pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
 /// planes are written by one task), boxes in order within a channel, so the result does not
 /// depend on the thread count.
 pub fn roi_align_grad(op: &RoiAlignGrad, boxes: &Tensor, dy: &Tensor) -> KernelResult<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if dy.device().is_cuda() && crate::cuda::detection::run::roi_align_grad_supported(op, boxes, dy) {
+        return crate::cuda::detection::run::roi_align_grad(op, boxes, dy);
+    }
     expect_float("gradient", dy)?;
     let roi = &op.roi;
     let shapes = &op.feature_shapes;
