@@ -10,6 +10,8 @@
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod linear;
 pub mod norm;
 #[cfg(feature = "cuda")]
 pub mod pool;
@@ -23,8 +25,9 @@ pub mod window_attention;
 pub fn modules() -> Vec<sources::Module> {
     vec![
         // The attention kernels at ViTDet-B/L (64) and ViT-H (80) head dims.
-        window_attention::module_for_head_dim(64),
-        window_attention::module_for_head_dim(80),
+        window_attention::module_for_head_dim(64).for_dtype(candle_core::DType::F32),
+        window_attention::module_for_head_dim(64).for_dtype(candle_core::DType::BF16),
+        window_attention::module_for_head_dim(80).for_dtype(candle_core::DType::F16),
         detection::module(),
         softmax::module(),
         adamw::module(),

@@ -72,15 +72,18 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 // Instantiates `name<T>` as extern "C" entry points `name_f32`, `name_f16`, `name_bf16`, or
 // only the one a module is compiled for (VITDET_T / VITDET_S defined: NVRTC's compile time
 // grows with every instantiation).
+// Expands VITDET_T / VITDET_S before M sees them (M pastes its arguments with ##, which would
+// otherwise paste the macro names themselves).
+#define VITDET_APPLY(M, T, S) M(T, S)
 #ifdef VITDET_T
-#define VITDET_FOR_EACH_FLOAT(M) M(VITDET_T, VITDET_S)
+#define VITDET_FOR_EACH_FLOAT(M) VITDET_APPLY(M, VITDET_T, VITDET_S)
 #else
 #define VITDET_FOR_EACH_FLOAT(M) M(float, f32) M(f16_t, f16) M(bf16_t, bf16)
 #endif
 
 // The same for the half types only (tensor-core kernels): none in an f32 module.
 #if defined(VITDET_T) && defined(VITDET_HALF)
-#define VITDET_FOR_EACH_HALF(M) M(VITDET_T, VITDET_S)
+#define VITDET_FOR_EACH_HALF(M) VITDET_APPLY(M, VITDET_T, VITDET_S)
 #elif defined(VITDET_T)
 #define VITDET_FOR_EACH_HALF(M)
 #else
