@@ -12,29 +12,14 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use common::Rng;
+
+mod common;
 use vitdet_cuda_emu::adamw::{step, HostUpdate};
 use vitdet_runtime::cuda::adamw::{CHUNK_ELEMS, MAX_BLOCKS};
 use vitdet_runtime::optim::{AdamW, AdamWConfig};
 use vitdet_runtime::ParamStore;
-
-struct Rng(u64);
-
-impl Rng {
-    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()

@@ -12,6 +12,9 @@
 //!   yet fails on any wrong tap, weight, level or bin (errors of order 1e-1).
 
 use candle_core::{DType, Device, Tensor};
+use common::rel_l2;
+
+mod common;
 use vitdet_cuda_emu::detection;
 use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
 use vitdet_runtime::kernels::detection as cpu;
@@ -45,14 +48,6 @@ fn i64s(t: &Tensor) -> Vec<i64> {
 
 fn u8s(t: &Tensor) -> Vec<u8> {
     t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
-}
-
-fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (f32s(got), f32s(want));
-    let d: f64 = g.iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let n: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum();
-    (d / n.max(1e-30)).sqrt()
 }
 
 // ------------------------------------------------------------------------------- top-k

@@ -11,49 +11,18 @@
 //! ulps (around 1e-7 relative), while any wrong term (a mean off by one value, a biased for an
 //! unbiased variance, a missing chunk of rows) moves the outputs by 1e-3 or more.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use common::{rel_l2, Rng};
+
+mod common;
 use vitdet_cuda_emu::norm as emu;
 use vitdet_ir::ops::{
     BatchNorm, BatchNormTrain, BatchNormTrainGrad, GroupNorm, GroupNormGrad, LayerNorm, LayerNormGrad,
 };
 use vitdet_runtime::kernels::norm as cpu;
 
-const TOLERANCE: f32 = 1e-5;
+const TOLERANCE: f64 = 1e-5;
 const EPS: f64 = 1e-5;
-
-struct Rng(u64);
-
-impl Rng {
-    /// Uniform values in `[offset - scale, offset + scale)`.
-    fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Tensor {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale + offset
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    d / n.max(1e-30)
-}
 
 /// Asserts each emulated output is within [`TOLERANCE`] of the CPU kernel's.
 fn compare(what: &str, names: &[&str], got: &[Tensor], want: &[Tensor]) {
@@ -69,10 +38,10 @@ fn compare(what: &str, names: &[&str], got: &[Tensor], want: &[Tensor]) {
 fn inputs(dims: &[usize], c: usize, seed: u64) -> [Tensor; 4] {
     let mut rng = Rng(seed);
     [
-        rng.tensor(dims, 2.0, 0.5),
-        rng.tensor(&[c], 0.5, 1.0),
-        rng.tensor(&[c], 0.5, 0.0),
-        rng.tensor(dims, 1.0, 0.0),
+        rng.tensor_around(dims, 2.0, 0.5),
+        rng.tensor_around(&[c], 0.5, 1.0),
+        rng.tensor_around(&[c], 0.5, 0.0),
+        rng.tensor_around(dims, 1.0, 0.0),
     ]
 }
 
@@ -109,7 +78,7 @@ fn check_batch_norm(dims: &[usize]) {
     let c = dims[1];
     let [x, w, b, dy] = inputs(dims, c, dims.iter().product::<usize>() as u64);
     let mut rng = Rng(c as u64);
-    let (rm, rv) = (rng.tensor(&[c], 0.5, 0.2), rng.tensor(&[c], 0.5, 1.0));
+    let (rm, rv) = (rng.tensor_around(&[c], 0.5, 0.2), rng.tensor_around(&[c], 0.5, 1.0));
 
     let op = BatchNorm { eps: EPS };
     let want = cpu::batch_norm(&op, &x, &w, &b, &rm, &rv).unwrap();

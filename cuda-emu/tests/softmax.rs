@@ -13,48 +13,14 @@
 //! kernel gives (wrong max or sum: O(1)).
 
 use candle_core::{DType, Device, Tensor};
+use common::{rel_l2, Rng};
+
+mod common;
 use vitdet_cuda_emu::softmax::{softmax, softmax_grad};
 use vitdet_ir::ops::{Softmax, SoftmaxGrad};
 use vitdet_runtime::kernels::attention as cpu;
 
-struct Rng(u64);
-
-impl Rng {
-    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
-
-    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(self.values(n, scale), shape, &Device::Cpu).unwrap()
-    }
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
-    let d = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .sqrt();
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    d / n.max(1e-30)
-}
-
-fn tolerance(dtype: DType) -> f32 {
+fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-6,
         DType::F16 => 2e-3,

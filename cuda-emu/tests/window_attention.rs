@@ -6,35 +6,16 @@
 //! order (the kernels stream keys in tiles with an online softmax; the CPU kernel takes whole
 //! rows), which over rows of at most 35 tokens and head dim 8 stays near 1e-7.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use common::{rel_l2, Rng};
+mod common;
+
 use vitdet_cuda_emu::window_attention::{window_attention, window_attention_grad, HEAD_DIM};
 use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad, WindowRelPos};
 use vitdet_runtime::kernels::window_attention as cpu;
 
 const HEADS: usize = 2;
 const C: usize = HEADS * HEAD_DIM;
-
-struct Rng(u64);
-
-impl Rng {
-    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
-
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    d / n.max(1e-30)
-}
 
 /// Forward and backward of one configuration on both sides.
 fn check(batch: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
