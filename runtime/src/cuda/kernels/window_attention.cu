@@ -75,6 +75,18 @@ __device__ __forceinline__ float rel_logit(const WinGeom& g, const float* relh, 
     return 0.0f;
 }
 
+// Keys j0 .. j0 + nk of (window w, head h) into the shared K and V tiles, as f32.
+template <class T>
+__device__ __forceinline__ void load_kv_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
+                                             int nk, float (*ks)[HD], float (*vs)[HD]) {
+    for (int e = threadIdx.x; e < nk * HD; e += blockDim.x) {
+        const int jj = e / HD, d = e % HD;
+        const Tok kt = token(g, w, j0 + jj);
+        ks[jj][d] = head_elem(qkv, bias, g, kt, 1, h, d);
+        vs[jj][d] = head_elem(qkv, bias, g, kt, 2, h, d);
+    }
+}
+
 // Forward. Grid (ceil(N / BQ), heads, windows), BQ threads. Writes `out` for unpadded queries
 // and `lse [windows, heads, N]` (padded query rows untouched: the caller zero-fills).
 template <class T>
@@ -97,12 +109,7 @@ __device__ void wa_fwd(const T* qkv, const T* bias, const float* relh, const flo
     float m = VITDET_NEG_INF, l = 0.0f;
     for (int j0 = 0; j0 < n; j0 += BK) {
         const int nk = imin(BK, n - j0);
-        for (int e = threadIdx.x; e < nk * HD; e += blockDim.x) {
-            const int jj = e / HD, d = e % HD;
-            const Tok kt = token(g, w, j0 + jj);
-            ks[jj][d] = head_elem(qkv, bias, g, kt, 1, h, d);
-            vs[jj][d] = head_elem(qkv, bias, g, kt, 2, h, d);
-        }
+        load_kv_tile(qkv, bias, g, w, h, j0, nk, ks, vs);
         __syncthreads();
         if (active) {
             // Online softmax, one key at a time: the running maximum rarely changes after the
@@ -174,12 +181,7 @@ __device__ void wa_bwd_q(const T* qkv, const T* bias, const float* relh, const f
     }
     for (int j0 = 0; j0 < n; j0 += BK) {
         const int nk = imin(BK, n - j0);
-        for (int e = threadIdx.x; e < nk * HD; e += blockDim.x) {
-            const int jj = e / HD, d = e % HD;
-            const Tok kt = token(g, w, j0 + jj);
-            ks[jj][d] = head_elem(qkv, bias, g, kt, 1, h, d);
-            vs[jj][d] = head_elem(qkv, bias, g, kt, 2, h, d);
-        }
+        load_kv_tile(qkv, bias, g, w, h, j0, nk, ks, vs);
         __syncthreads();
         if (active) {
             for (int jj = 0; jj < nk; ++jj) {
