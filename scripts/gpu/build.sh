@@ -2,7 +2,7 @@
 # Builds, here, what scripts/gpu/run.sh carries to the lent GPU machine (no Rust there), into
 # carry/ (git-ignored):
 #   carry/vitdet.xz         the CLI: release, --features cuda, stripped, xz-compressed
-#   carry/tests/NAME.xz     the runtime's CUDA test binaries (runtime/tests/cuda_*.rs), likewise
+#   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda_*.rs, tests/cuda_end_to_end.rs), likewise
 # Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
 # candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
 #
@@ -23,7 +23,8 @@ LIMIT_BYTES=$((60 << 20))
 
 cargo build --release --offline --features cuda --bin vitdet
 # The test executables cargo reports, kept to the CUDA ones (target names cuda_*).
-tests=$(cargo test --release --offline --features cuda -p vitdet-runtime --tests --no-run --message-format=json |
+tests=$({ cargo test --release --offline --features cuda -p vitdet-runtime --tests --no-run --message-format=json
+          cargo test --release --offline --features cuda -p vitdet --test cuda_end_to_end --no-run --message-format=json; } |
     python3 -c '
 import json, sys
 for line in sys.stdin:
