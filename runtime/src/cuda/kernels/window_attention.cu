@@ -410,6 +410,25 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define TC_LDP (TC_BK + 8)   // of the probabilities (elements)
 #define TC_LDO (HD + 4)      // of the output accumulator (f32)
 
+// Keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles in T, rows past
+// the window's N zero.
+template <class T>
+__device__ __forceinline__ void tc_load_kv_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
+                                                T* ks, T* vs) {
+    const int n = g.wh * g.ww;
+    for (int e = threadIdx.x; e < TC_BK * HD; e += blockDim.x) {
+        const int jj = e / HD, d = e % HD, j = j0 + jj;
+        float kv = 0.0f, vv = 0.0f;
+        if (j < n) {
+            const Tok kt = token(g, w, j);
+            kv = head_elem(qkv, bias, g, kt, 1, h, d);
+            vv = head_elem(qkv, bias, g, kt, 2, h, d);
+        }
+        ks[jj * TC_LDT + d] = from_f32<T>(kv);
+        vs[jj * TC_LDT + d] = from_f32<T>(vv);
+    }
+}
+
 template <class T>
 __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
                           T* out, float* lse, WinGeom g) {
@@ -443,17 +462,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         row_l[r] = 0.0f;
     }
     for (int j0 = 0; j0 < n; j0 += TC_BK) {
-        for (int e = tid; e < TC_BK * HD; e += blockDim.x) {
-            const int jj = e / HD, d = e % HD, j = j0 + jj;
-            float kv = 0.0f, vv = 0.0f;
-            if (j < n) {
-                const Tok kt = token(g, w, j);
-                kv = head_elem(qkv, bias, g, kt, 1, h, d);
-                vv = head_elem(qkv, bias, g, kt, 2, h, d);
-            }
-            ks[jj * TC_LDT + d] = from_f32<T>(kv);
-            vs[jj * TC_LDT + d] = from_f32<T>(vv);
-        }
+        tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
         __syncthreads();
         // S = Q K^T for this warp's 16 rows.
         const int r0 = warp * 16;
@@ -647,17 +656,7 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
 
     // This block's keys and values; keys past N are zero (and masked out of P below).
-    for (int e = tid; e < TC_BK * HD; e += blockDim.x) {
-        const int jj = e / HD, d = e % HD, j = j0 + jj;
-        float kv = 0.0f, vv = 0.0f;
-        if (j < n) {
-            const Tok kt = token(g, w, j);
-            kv = head_elem(qkv, bias, g, kt, 1, h, d);
-            vv = head_elem(qkv, bias, g, kt, 2, h, d);
-        }
-        ks[jj * TC_LDT + d] = from_f32<T>(kv);
-        vs[jj * TC_LDT + d] = from_f32<T>(vv);
-    }
+    tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
