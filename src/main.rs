@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use vitdet::compile::{compile, CompileOptions, Target};
+use vitdet::compile::{CompileOptions, Target};
 
 /// Counts heap bytes, so runs report their measured peak beside the planned arena.
 #[global_allocator]
@@ -54,10 +54,10 @@ struct TrainArgs {
     /// Images per optimizer step, run as per-image passes with gradients accumulated (train mode).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Precision: f32, or autocast to bf16 / f16 (train mode).
+    /// Precision: f32, or autocast to bf16 / f16 (in infer mode also fusing the attention).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Keep the unfused attention subgraph (train mode).
+    /// Keep the unfused attention subgraph (train mode, or infer mode with --dtype bf16/f16).
     #[arg(long)]
     no_fuse: bool,
 }
@@ -121,12 +121,6 @@ impl TrainArgs {
         }
         if self.batch != 1 {
             v.push("--batch");
-        }
-        if self.dtype != "f32" {
-            v.push("--dtype");
-        }
-        if self.no_fuse {
-            v.push("--no-fuse");
         }
         v
     }
@@ -324,10 +318,21 @@ fn run(cli: Cli) -> Result<()> {
             device,
             train,
         } => {
+            // Inference in mixed precision: fused attention and autocast (`--dtype bf16|f16`).
+            let mut lowering = None;
             if mode == Mode::Infer {
                 let flags = train.train_only_flags();
                 if !flags.is_empty() {
                     anyhow::bail!("{} apply to --mode train", flags.join(", "));
+                }
+                let precision =
+                    vitdet::passes::Precision::parse(&train.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+                match precision {
+                    vitdet::passes::Precision::F32 if train.no_fuse => {
+                        anyhow::bail!("--no-fuse applies to --mode train, or to inference with --dtype bf16 / f16")
+                    }
+                    vitdet::passes::Precision::F32 => {}
+                    p => lowering = Some((p, !train.no_fuse)),
                 }
             }
             let target = match (mode, backbone_only) {
@@ -341,12 +346,15 @@ fn run(cli: Cli) -> Result<()> {
                 (Mode::Infer, true) => Target::Backbone,
                 (Mode::Infer, false) => Target::Detector { image_hw: None },
             };
-            let mut compiled = compile(&CompileOptions {
-                model,
-                image_size,
-                attention: train.attention(),
-                target,
-            })?;
+            let mut compiled = vitdet::compile::compile_with(
+                &CompileOptions {
+                    model,
+                    image_size,
+                    attention: train.attention(),
+                    target,
+                },
+                lowering,
+            )?;
             if bench {
                 let device = vitdet::infer::parse_device(&device)?;
                 compiled.report.benchmark = Some(vitdet::bench::benchmark(&compiled, &device)?);

@@ -36,9 +36,19 @@ pub struct CompileReport {
     /// whole step: parameters + optimizer state + gradient accumulator + `arena_bytes`.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub train: Option<TrainReport>,
+    /// An inference graph compiled in mixed precision (`--dtype bf16|f16`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub lowering: Option<InferenceLowering>,
     /// Measured with `--bench`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub benchmark: Option<crate::bench::Benchmark>,
+}
+
+/// How an inference graph was lowered: autocast precision and fused attention regions.
+#[derive(Clone, Debug, Serialize)]
+pub struct InferenceLowering {
+    pub dtype: &'static str,
+    pub fused_attention: usize,
 }
 
 impl CompileReport {
@@ -65,6 +75,7 @@ impl CompileReport {
             lower_bound_bytes: plan.lower_bound_bytes,
             compile_seconds: seconds,
             train: None,
+            lowering: None,
             benchmark: None,
         }
     }
@@ -77,6 +88,13 @@ impl CompileReport {
             self.model, self.mode, self.image_size, self.image_size
         );
         let _ = writeln!(s, "nodes        {}", self.nodes);
+        if let Some(l) = &self.lowering {
+            let _ = writeln!(
+                s,
+                "precision    {} (autocast), {} attention regions fused",
+                l.dtype, l.fused_attention
+            );
+        }
         let _ = writeln!(
             s,
             "params       {} ({})",

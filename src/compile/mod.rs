@@ -7,7 +7,7 @@ use vitdet_ir::{Artifact, Graph, NodeIndex};
 use vitdet_models::{build_backbone, build_detector_for_image, ModelConfig};
 use vitdet_passes::{liveness, schedule, Precision};
 
-use crate::report::{CompileReport, TrainReport};
+use crate::report::{CompileReport, InferenceLowering, TrainReport};
 
 mod train;
 pub use train::{
@@ -66,13 +66,31 @@ pub fn load_config(
 }
 
 pub fn compile(opts: &CompileOptions) -> Result<Compiled> {
+    compile_with(opts, None)
+}
+
+/// [`compile`], with an inference graph lowered to `(precision, fuse attention)` by
+/// [`lower_inference`] (training steps take theirs from [`TrainOptions`]).
+pub fn compile_with(opts: &CompileOptions, lowering: Option<(Precision, bool)>) -> Result<Compiled> {
     let config = load_config(&opts.model, opts.image_size, opts.attention)?;
-    compile_config(&opts.model, config, opts.target.clone())
+    compile_config_with(&opts.model, config, opts.target.clone(), lowering)
 }
 
 /// Compiles an already loaded config (`name` labels the report).
 pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result<Compiled> {
+    compile_config_with(name, config, target, None)
+}
+
+fn compile_config_with(
+    name: &str,
+    config: ModelConfig,
+    target: Target,
+    lowering: Option<(Precision, bool)>,
+) -> Result<Compiled> {
     let start = Instant::now();
+    if lowering.is_some() && matches!(target, Target::Train(_)) {
+        anyhow::bail!("a training step takes its precision and fusion from its TrainOptions");
+    }
     let graph = match target {
         Target::Backbone => build_backbone(&config)?,
         Target::Detector { image_hw } => {
@@ -81,10 +99,21 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
         Target::Train(opts) => return compile_train_step(name, config, &opts, start),
     };
     graph.verify().context("verifying the built graph")?;
+    let (graph, lowered) = match lowering {
+        Some((precision, fuse)) => {
+            let (graph, fused_attention) = lower_inference(&graph, precision, fuse)?;
+            let lowered = InferenceLowering {
+                dtype: precision.name(),
+                fused_attention,
+            };
+            (graph, Some(lowered))
+        }
+        None => (graph, None),
+    };
     let order = schedule(&graph)?;
     let live = liveness(&graph, &order)?;
     let plan = vitdet_passes::plan_memory(&graph, &order)?;
-    let report = CompileReport::new(
+    let mut report = CompileReport::new(
         name,
         "infer",
         &config,
@@ -93,6 +122,7 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
         &plan,
         start.elapsed().as_secs_f64(),
     );
+    report.lowering = lowered;
     Ok(Compiled {
         config,
         graph,
