@@ -211,7 +211,6 @@ pub mod run {
     use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{DType, Tensor};
     use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad};
-    use vitdet_ir::TensorType;
 
     use super::WinGeom;
     use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros};
@@ -225,11 +224,7 @@ pub mod run {
 
     fn geometry(op: &WindowAttention, qkv: &Tensor) -> KernelResult<WinGeom> {
         suffix(qkv.dtype())?;
-        let dt = crate::dtype::from_candle(qkv.dtype())
-            .ok_or_else(|| KernelError::Unsupported(format!("qkv dtype {:?}", qkv.dtype())))?;
-        let g = op
-            .geometry(&TensorType::new(dt, qkv.dims().to_vec()))
-            .map_err(|m| KernelError::Unsupported(format!("window_attention: {m}")))?;
+        let g = crate::kernels::window_attention::geometry(op, qkv)?;
         WinGeom::new(op, &g).map_err(|m| KernelError::Unsupported(format!("window_attention on CUDA: {m}")))
     }
 

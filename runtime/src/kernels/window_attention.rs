@@ -93,6 +93,14 @@ enum Rel {
     Bias(Tensor),
 }
 
+/// The geometry `op` has on `qkv` (its shape rule), as a kernel error when it does not apply.
+pub(crate) fn geometry(op: &WindowAttention, qkv: &Tensor) -> KernelResult<WindowGeometry> {
+    let ir_dtype = crate::dtype::from_candle(qkv.dtype())
+        .ok_or_else(|| KernelError::Unsupported(format!("qkv dtype {:?}", qkv.dtype())))?;
+    op.geometry(&TensorType::new(ir_dtype, qkv.dims().to_vec()))
+        .map_err(|m| KernelError::Unsupported(format!("window_attention: {m}")))
+}
+
 /// What both directions derive from the inputs.
 struct Setup {
     g: WindowGeometry,
@@ -109,11 +117,7 @@ impl Setup {
     fn new(op: &WindowAttention, x: &[Tensor], options: KernelOptions) -> KernelResult<Setup> {
         let qkv = &x[0];
         expect_float("qkv", qkv)?;
-        let ir_dtype = crate::dtype::from_candle(qkv.dtype())
-            .ok_or_else(|| KernelError::Unsupported(format!("qkv dtype {:?}", qkv.dtype())))?;
-        let g = op
-            .geometry(&TensorType::new(ir_dtype, qkv.dims().to_vec()))
-            .map_err(|m| KernelError::Unsupported(format!("window_attention: {m}")))?;
+        let g = geometry(op, qkv)?;
         let (dtype, acc) = (qkv.dtype(), accum_dtype(qkv.dtype()));
         let mut next = 1;
         let bias = if op.qkv_bias {
