@@ -4,11 +4,11 @@
 
 use std::ffi::c_void;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use vitdet_runtime::cuda::softmax::SoftmaxDims;
 use vitdet_runtime::cuda::Launch;
 
-use crate::Result;
+use crate::{Elems, Result};
 
 type Forward = unsafe extern "C" fn(Launch, *const c_void, *mut c_void, SoftmaxDims);
 type Backward = unsafe extern "C" fn(Launch, *const c_void, *const c_void, *mut c_void, SoftmaxDims);
@@ -92,60 +92,6 @@ fn backward_kernel(d: &SoftmaxDims, dtype: DType) -> Result<Backward> {
         (false, DType::BF16) => ffi::emu_softmax_grad_cols_bf16,
         (_, t) => return Err(format!("softmax kernels take f32, f16 or bf16, not {t:?}")),
     })
-}
-
-/// A CPU tensor's elements in its storage type: f32 values, or the bits of f16 / bf16 ones.
-enum Elems {
-    F32(Vec<f32>),
-    Bits16(Vec<u16>),
-}
-
-impl Elems {
-    fn of(t: &Tensor) -> Result<Elems> {
-        let t = t
-            .flatten_all()
-            .and_then(|t| t.contiguous())
-            .map_err(|e| e.to_string())?;
-        let (storage, layout) = t.storage_and_layout();
-        let (a, b) = layout.contiguous_offsets().ok_or("tensor is not contiguous")?;
-        Ok(match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Elems::F32(v[a..b].to_vec()),
-            Storage::Cpu(CpuStorage::F16(v)) => Elems::Bits16(v[a..b].iter().map(|x| x.to_bits()).collect()),
-            Storage::Cpu(CpuStorage::BF16(v)) => Elems::Bits16(v[a..b].iter().map(|x| x.to_bits()).collect()),
-            _ => return Err(format!("expected an f32/f16/bf16 CPU tensor, found {:?}", t.dtype())),
-        })
-    }
-
-    /// A buffer of as many elements, every byte 0xFF (a NaN in each storage type), so an
-    /// element the kernel fails to write shows.
-    fn unwritten_like(&self) -> Elems {
-        match self {
-            Elems::F32(v) => Elems::F32(vec![f32::from_bits(u32::MAX); v.len()]),
-            Elems::Bits16(v) => Elems::Bits16(vec![u16::MAX; v.len()]),
-        }
-    }
-
-    fn ptr(&self) -> *const c_void {
-        match self {
-            Elems::F32(v) => v.as_ptr().cast(),
-            Elems::Bits16(v) => v.as_ptr().cast(),
-        }
-    }
-
-    fn mut_ptr(&mut self) -> *mut c_void {
-        match self {
-            Elems::F32(v) => v.as_mut_ptr().cast(),
-            Elems::Bits16(v) => v.as_mut_ptr().cast(),
-        }
-    }
-
-    fn into_tensor(self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        let bytes: Vec<u8> = match self {
-            Elems::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Elems::Bits16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        };
-        Tensor::from_raw_buffer(&bytes, dtype, shape, &Device::Cpu).map_err(|e| e.to_string())
-    }
 }
 
 /// Softmax of `x` along `axis`, in `x`'s dtype.

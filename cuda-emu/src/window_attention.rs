@@ -92,7 +92,13 @@ mod ffi {
             relw: *mut f32,
             g: WinGeom,
         );
-        pub fn emu_window_attention_bwd_dsum_tc_f16(l: Launch, out: *const u16, dout: *const u16, dsum: *mut f32, g: WinGeom);
+        pub fn emu_window_attention_bwd_dsum_tc_f16(
+            l: Launch,
+            out: *const u16,
+            dout: *const u16,
+            dsum: *mut f32,
+            g: WinGeom,
+        );
         pub fn emu_window_attention_bwd_tc_f16(
             l: Launch,
             smem: u32,
@@ -143,7 +149,6 @@ mod ffi {
     }
 }
 
-
 /// The inputs of one application, on the host.
 struct Inputs {
     g: WinGeom,
@@ -164,7 +169,10 @@ impl Inputs {
         let geometry = op.geometry(&TensorType::new(IrDType::F32, qkv.dims().to_vec()))?;
         let g = WinGeom::new(op, &geometry)?;
         if geometry.head_dim != HEAD_DIM {
-            return Err(format!("the emulator is built for head dim {HEAD_DIM}, not {}", geometry.head_dim));
+            return Err(format!(
+                "the emulator is built for head dim {HEAD_DIM}, not {}",
+                geometry.head_dim
+            ));
         }
         let mut next = 1;
         let bias = if op.qkv_bias {
@@ -348,7 +356,10 @@ impl TcInputs {
         let geometry = op.geometry(&TensorType::new(IrDType::F16, x[0].dims().to_vec()))?;
         let g = WinGeom::new(op, &geometry)?;
         if geometry.head_dim != TC_HEAD_DIM {
-            return Err(format!("the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}", geometry.head_dim));
+            return Err(format!(
+                "the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}",
+                geometry.head_dim
+            ));
         }
         let inputs: Vec<Vec<u16>> = x.iter().map(host_f16).collect::<Result<_>>()?;
         let bias = op.qkv_bias.then_some(1);
@@ -418,7 +429,10 @@ pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec
         )
     };
     let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
-    Ok(vec![tensor_f16(out, &[b, h, w, c])?, tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?])
+    Ok(vec![
+        tensor_f16(out, &[b, h, w, c])?,
+        tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
+    ])
 }
 
 /// The tensor-core backward on f16 inputs (head dim [`TC_HEAD_DIM`]), in the order
@@ -437,7 +451,14 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
     let mut dq = vec![0f32; g.rows() * g.hd as usize];
     let mut drelh = vec![0f32; if decomposed { g.rows() * g.wh as usize } else { 1 }];
     let mut drelw = vec![0f32; if decomposed { g.rows() * g.ww as usize } else { 1 }];
-    let mut drelbias = vec![0f32; if t.relbias.is_some() { g.heads as usize * n * n } else { 1 }];
+    let mut drelbias = vec![
+        0f32;
+        if t.relbias.is_some() {
+            g.heads as usize * n * n
+        } else {
+            1
+        }
+    ];
     let mut dbias = vec![0f32; 3 * g.channels as usize];
     let mut dqkv = vec![0u16; t.inputs[0].len()];
     unsafe {
@@ -473,7 +494,9 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
         );
     }
     let half = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-        tensor(v, shape)?.to_dtype(candle_core::DType::F16).map_err(|e| e.to_string())
+        tensor(v, shape)?
+            .to_dtype(candle_core::DType::F16)
+            .map_err(|e| e.to_string())
     };
     let mut grads = vec![tensor_f16(dqkv, x[0].dims())?];
     if fwd.qkv_bias {

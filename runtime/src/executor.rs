@@ -250,7 +250,9 @@ mod device_memory {
     #[cfg(feature = "cuda")]
     pub fn start(device: &Device) -> Result<Option<u64>, RuntimeError> {
         use crate::cuda::pool;
-        let Ok(dev) = device.as_cuda_device() else { return Ok(None) };
+        let Ok(dev) = device.as_cuda_device() else {
+            return Ok(None);
+        };
         let fail = |e: crate::kernels::KernelError| RuntimeError::DeviceMemory(e.to_string());
         device.synchronize()?;
         pool::keep_freed_memory(dev).map_err(fail)?;
@@ -260,7 +262,9 @@ mod device_memory {
 
     #[cfg(feature = "cuda")]
     pub fn peak_since(device: &Device, base: Option<u64>) -> Result<Option<usize>, RuntimeError> {
-        let (Some(base), Ok(dev)) = (base, device.as_cuda_device()) else { return Ok(None) };
+        let (Some(base), Ok(dev)) = (base, device.as_cuda_device()) else {
+            return Ok(None);
+        };
         device.synchronize()?;
         let peak = crate::cuda::pool::peak_bytes(dev).map_err(|e| RuntimeError::DeviceMemory(e.to_string()))?;
         Ok(Some(peak.saturating_sub(base) as usize))

@@ -142,7 +142,13 @@ fn every_attribute_combination_matches_the_reference() {
                     // The lowering other devices run (a stride-1 convolution).
                     let lowered = kernels::conv::conv_transpose2d_portable(&op, &ins[0], &ins[1], ins.get(2))
                         .unwrap_or_else(|e| panic!("{what}: portable path: {e}"));
-                    assert_close(&Nd::from_tensor(&lowered), &want, tol.0, tol.1, &format!("{what} (portable)"));
+                    assert_close(
+                        &Nd::from_tensor(&lowered),
+                        &want,
+                        tol.0,
+                        tol.1,
+                        &format!("{what} (portable)"),
+                    );
                     checked += 1;
                 }
                 (None, Err(e)) => {

@@ -63,7 +63,10 @@ fn check(c: Case, dtype: DType, tol: f64, dev: &Device) {
         rel_pos: c.rel_pos,
         qkv_bias: c.qkv_bias,
     };
-    let what = format!("{:?} grid {:?} window {:?} hd {} {dtype:?}", c.rel_pos, c.hw, c.window, c.head_dim);
+    let what = format!(
+        "{:?} grid {:?} window {:?} hd {} {dtype:?}",
+        c.rel_pos, c.hw, c.window, c.head_dim
+    );
     let mut rng = TestRng::new(7);
     let x = inputs(&c, &mut rng, dtype);
     let want = wa::window_attention(&op, &x).unwrap();
@@ -139,7 +142,11 @@ fn global_beit_bias_tensor_cores_head_dim_80() {
         window: [20, 20],
         heads: 2,
         head_dim: 80,
-        rel_pos: if dtype == DType::F16 { WindowRelPos::Bias } else { WindowRelPos::Decomposed },
+        rel_pos: if dtype == DType::F16 {
+            WindowRelPos::Bias
+        } else {
+            WindowRelPos::Decomposed
+        },
         qkv_bias: true,
     };
     check(case(DType::F16), DType::F16, 1e-2, &dev);

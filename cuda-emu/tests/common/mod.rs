@@ -9,7 +9,10 @@ pub struct Rng(pub u64);
 impl Rng {
     /// The next state.
     pub fn next_state(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0
     }
 
@@ -35,7 +38,14 @@ impl Rng {
 /// `|got - want| / |want|` over all elements, computed in f64 (any float dtypes).
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let f = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     let (g, w) = (f(got), f(want));
     let d: f64 = g.iter().zip(&w).map(|(a, b)| (a - b) * (a - b)).sum();
     let n: f64 = w.iter().map(|b| b * b).sum();

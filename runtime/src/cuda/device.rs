@@ -31,7 +31,11 @@ pub fn cuda_device(t: &Tensor) -> KernelResult<CudaDevice> {
 /// `compute_XY` for the device (static: NVRTC's options take `&'static str`).
 fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
     static ARCHS: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
-    let (major, minor) = dev.cuda_stream().context().compute_capability().map_err(|e| unsupported(e))?;
+    let (major, minor) = dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| unsupported(e))?;
     let mut archs = ARCHS.get_or_init(Default::default).lock().expect("arch cache");
     Ok(*archs
         .entry((major, minor))
@@ -50,7 +54,10 @@ pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
     // The file name carries a hash of the program text, so an edited kernel never reads a stale
     // file; an unreadable or unwritable cache only costs a compile.
     let file = kernel_cache_dir().map(|d| d.join(format!("{}_{arch}_{:016x}.ptx", key.0, fnv1a(&program))));
-    let cached = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).filter(|p| p.contains(".entry"));
+    let cached = file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .filter(|p| p.contains(".entry"));
     let ptx = match cached {
         Some(p) => p,
         None => {
@@ -70,7 +77,11 @@ pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
         }
     };
     let ptx = Arc::new(ptx);
-    CACHE.get_or_init(Default::default).lock().expect("ptx cache").insert(key, ptx.clone());
+    CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .expect("ptx cache")
+        .insert(key, ptx.clone());
     Ok(ptx)
 }
 
@@ -90,7 +101,9 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
 
 /// 64-bit FNV-1a: a hash that stays the same across builds and Rust versions.
 fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Compiles `module` for compute capability `major.minor` without a device (for tests).
@@ -125,13 +138,25 @@ pub fn function(dev: &CudaDevice, module: &Module, name: &str) -> KernelResult<K
     static LOADED: OnceLock<Mutex<HashMap<(String, String), Arc<CudaModule>>>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = (format!("{:?}", dev.id()), module.name());
-    let loaded = LOADED.get_or_init(Default::default).lock().expect("module cache").get(&key).cloned();
+    let loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .expect("module cache")
+        .get(&key)
+        .cloned();
     let loaded = match loaded {
         Some(m) => m,
         None => {
             let ptx = ptx(module, arch(dev)?)?;
-            let m = stream.context().load_module(Ptx::from_src(ptx.as_str())).map_err(candle_core::Error::wrap)?;
-            LOADED.get_or_init(Default::default).lock().expect("module cache").insert(key, m.clone());
+            let m = stream
+                .context()
+                .load_module(Ptx::from_src(ptx.as_str()))
+                .map_err(candle_core::Error::wrap)?;
+            LOADED
+                .get_or_init(Default::default)
+                .lock()
+                .expect("module cache")
+                .insert(key, m.clone());
             m
         }
     };
@@ -156,7 +181,9 @@ pub fn suffix(dtype: DType) -> KernelResult<&'static str> {
         DType::F32 => Ok("f32"),
         DType::F16 => Ok("f16"),
         DType::BF16 => Ok("bf16"),
-        d => Err(unsupported(format!("the CUDA kernels take f32, f16 or bf16, not {d:?}"))),
+        d => Err(unsupported(format!(
+            "the CUDA kernels take f32, f16 or bf16, not {d:?}"
+        ))),
     }
 }
 
@@ -168,7 +195,8 @@ pub fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> KernelRe
     match storage {
         Storage::Cuda(s) => {
             let start = layout.start_offset();
-            Ok(s.as_cuda_slice::<T>()?.slice(start..start + layout.shape().elem_count()))
+            Ok(s.as_cuda_slice::<T>()?
+                .slice(start..start + layout.shape().elem_count()))
         }
         _ => Err(unsupported("CUDA kernel operand is not on a CUDA device")),
     }

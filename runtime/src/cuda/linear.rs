@@ -25,9 +25,8 @@ fn handle(dev: &candle_core::cuda_backend::CudaDevice) -> KernelResult<Arc<CudaB
     if let Some(h) = handles.get(&key) {
         return Ok(h.clone());
     }
-    let h = Arc::new(
-        CudaBlasLT::new(dev.cuda_stream()).map_err(|e| KernelError::Unsupported(format!("cuBLASLt: {e:?}")))?,
-    );
+    let h =
+        Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(|e| KernelError::Unsupported(format!("cuBLASLt: {e:?}")))?);
     handles.insert(key, h.clone());
     Ok(h)
 }
@@ -47,13 +46,17 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     match x.dtype() {
         DType::F16 => linear_t::<half::f16>(x, w, b),
         DType::BF16 => linear_t::<half::bf16>(x, w, b),
-        d => Err(KernelError::Unsupported(format!("cuBLASLt linear takes f16 or bf16, not {d:?}"))),
+        d => Err(KernelError::Unsupported(format!(
+            "cuBLASLt linear takes f16 or bf16, not {d:?}"
+        ))),
     }
 }
 
 fn linear_t<T>(x: &Tensor, w: &Tensor, b: &Tensor) -> KernelResult<Tensor>
 where
-    T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    T: CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
     CudaBlasLT: Matmul<T>,
 {
     let dev = cuda_device(x)?;

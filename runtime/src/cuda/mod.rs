@@ -7,15 +7,16 @@
 //! is how the kernels are tested on machines without a GPU. With the `cuda` feature, [`device`]
 //! compiles, caches and launches them on candle CUDA tensors.
 
+pub mod adamw;
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod im2col;
 #[cfg(feature = "cuda")]
 pub mod linear;
 pub mod norm;
 #[cfg(feature = "cuda")]
 pub mod pool;
-pub mod adamw;
 pub mod softmax;
 pub mod sources;
 pub mod window_attention;
@@ -29,6 +30,7 @@ pub fn modules() -> Vec<sources::Module> {
         window_attention::module_for_head_dim(64).for_dtype(candle_core::DType::BF16),
         window_attention::module_for_head_dim(80).for_dtype(candle_core::DType::F16),
         detection::module(),
+        im2col::module(),
         softmax::module(),
         adamw::module(),
         norm::module(),

@@ -23,9 +23,12 @@ fn check(what: &str, r: sys::CUresult) -> KernelResult<()> {
 
 fn default_pool(dev: &CudaDevice) -> KernelResult<sys::CUmemoryPool> {
     let ctx = dev.cuda_stream().context().clone();
-    ctx.bind_to_thread().map_err(|e| KernelError::Unsupported(e.to_string()))?;
+    ctx.bind_to_thread()
+        .map_err(|e| KernelError::Unsupported(e.to_string()))?;
     let mut pool = std::ptr::null_mut();
-    check("cuDeviceGetDefaultMemPool", unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) })?;
+    check("cuDeviceGetDefaultMemPool", unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+    })?;
     Ok(pool)
 }
 
@@ -47,7 +50,11 @@ fn get(dev: &CudaDevice, attr: sys::CUmemPool_attribute) -> KernelResult<u64> {
 
 /// Keep freed memory in the pool instead of returning it to the driver at synchronizations.
 pub fn keep_freed_memory(dev: &CudaDevice) -> KernelResult<()> {
-    set(dev, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)
+    set(
+        dev,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        u64::MAX,
+    )
 }
 
 /// Bytes currently allocated from the pool.

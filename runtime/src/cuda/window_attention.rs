@@ -129,7 +129,11 @@ impl WinGeom {
     /// `fwd`, `bwd_q`, `bwd_kv`: one thread per row of a (window, head).
     pub fn attention(&self) -> Launch {
         Launch {
-            grid: [self.tokens().div_ceil(THREADS as usize) as u32, self.heads as u32, self.windows() as u32],
+            grid: [
+                self.tokens().div_ceil(THREADS as usize) as u32,
+                self.heads as u32,
+                self.windows() as u32,
+            ],
             block: [THREADS, 1, 1],
         }
     }
@@ -142,7 +146,11 @@ impl WinGeom {
     /// `fwd_tc`: four warps per 64 query rows of a (window, head).
     pub fn attention_tc(&self) -> Launch {
         Launch {
-            grid: [self.tokens().div_ceil(TC_ROWS) as u32, self.heads as u32, self.windows() as u32],
+            grid: [
+                self.tokens().div_ceil(TC_ROWS) as u32,
+                self.heads as u32,
+                self.windows() as u32,
+            ],
             block: [TC_THREADS, 1, 1],
         }
     }
@@ -153,7 +161,11 @@ impl WinGeom {
     pub fn tc_shared_bytes(&self) -> usize {
         let hd = self.hd as usize;
         let (ldt, lds, ldp, ldo) = (hd + 8, TC_KEYS + 4, TC_KEYS + 8, hd + 4);
-        2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt) + 4 * TC_ROWS * lds + 2 * TC_ROWS * ldp + 4 * TC_ROWS * ldo + 4 * 3 * TC_ROWS
+        2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt)
+            + 4 * TC_ROWS * lds
+            + 2 * TC_ROWS * ldp
+            + 4 * TC_ROWS * ldo
+            + 4 * 3 * TC_ROWS
     }
 
     /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q
@@ -167,7 +179,11 @@ impl WinGeom {
     /// `bwd_tc`: four warps per 64 keys of a (window, head).
     pub fn attention_bwd_tc(&self) -> Launch {
         Launch {
-            grid: [self.tokens().div_ceil(TC_KEYS) as u32, self.heads as u32, self.windows() as u32],
+            grid: [
+                self.tokens().div_ceil(TC_KEYS) as u32,
+                self.heads as u32,
+                self.windows() as u32,
+            ],
             block: [TC_THREADS, 1, 1],
         }
     }
@@ -304,9 +320,20 @@ pub mod run {
             let (bs, bl) = bias.storage_and_layout();
             let (hs, hl) = self.rh.as_ref().expect("decomposed").storage_and_layout();
             let (ws, wl) = self.rw.as_ref().expect("decomposed").storage_and_layout();
-            let (q, b, rh, rw) = (view::<T>(&qs, ql)?, view::<T>(&bs, bl)?, view::<T>(&hs, hl)?, view::<T>(&ws, wl)?);
+            let (q, b, rh, rw) = (
+                view::<T>(&qs, ql)?,
+                view::<T>(&bs, bl)?,
+                view::<T>(&hs, hl)?,
+                view::<T>(&ws, wl)?,
+            );
             let mut l = f.builder();
-            l.arg(&q).arg(&b).arg(&rh).arg(&rw).arg(&mut relh).arg(&mut relw).arg(&g);
+            l.arg(&q)
+                .arg(&b)
+                .arg(&rh)
+                .arg(&rw)
+                .arg(&mut relh)
+                .arg(&mut relw)
+                .arg(&g);
             unsafe { l.launch(config(g.rel_tables(), 0)) }.map_err(candle_core::Error::wrap)?;
             Ok((relh, relw))
         }
@@ -319,13 +346,13 @@ pub mod run {
             DType::F32 => forward_t::<f32>(&o),
             DType::F16 => forward_t::<half::f16>(&o),
             DType::BF16 => forward_t::<half::bf16>(&o),
-            d => Err(KernelError::Unsupported(format!("window_attention on CUDA: dtype {d:?}"))),
+            d => Err(KernelError::Unsupported(format!(
+                "window_attention on CUDA: dtype {d:?}"
+            ))),
         }
     }
 
-    fn forward_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
-        o: &Operands,
-    ) -> KernelResult<Vec<Tensor>> {
+    fn forward_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(o: &Operands) -> KernelResult<Vec<Tensor>> {
         let g = o.g;
         let (relh, relw) = o.rel_tables::<T>()?;
         let mut out = zeros::<T>(&o.dev, g.out_elems())?;
@@ -348,7 +375,14 @@ pub mod run {
             let (rs, rl) = relbias.storage_and_layout();
             let (q, b, rb) = (view::<T>(&qs, ql)?, view::<T>(&bs, bl)?, view::<T>(&rs, rl)?);
             let mut l = f.builder();
-            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&mut out).arg(&mut lse).arg(&g);
+            l.arg(&q)
+                .arg(&b)
+                .arg(&relh)
+                .arg(&relw)
+                .arg(&rb)
+                .arg(&mut out)
+                .arg(&mut lse)
+                .arg(&g);
             unsafe { l.launch(config(launch, shared)) }.map_err(candle_core::Error::wrap)?;
         }
         let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
@@ -368,7 +402,9 @@ pub mod run {
             DType::F32 => backward_t::<f32>(&o, &rest),
             DType::F16 => backward_t::<half::f16>(&o, &rest),
             DType::BF16 => backward_t::<half::bf16>(&o, &rest),
-            d => Err(KernelError::Unsupported(format!("window_attention_grad on CUDA: dtype {d:?}"))),
+            d => Err(KernelError::Unsupported(format!(
+                "window_attention_grad on CUDA: dtype {d:?}"
+            ))),
         }?;
         // The f32 accumulators of the small inputs, back to the inputs' dtype and shapes.
         grads
@@ -395,8 +431,16 @@ pub mod run {
         let bias = o.or_qkv(&o.bias);
         let (bs, bl) = bias.storage_and_layout();
         let (rh_t, rw_t, rb_t) = (o.or_qkv(&o.rh), o.or_qkv(&o.rw), o.or_qkv(&o.relbias));
-        let ((hs, hl), (ws, wl), (rs, rl)) = (rh_t.storage_and_layout(), rw_t.storage_and_layout(), rb_t.storage_and_layout());
-        let ((os, ol), (ls, ll), (ds, dl)) = (out.storage_and_layout(), lse.storage_and_layout(), dout.storage_and_layout());
+        let ((hs, hl), (ws, wl), (rs, rl)) = (
+            rh_t.storage_and_layout(),
+            rw_t.storage_and_layout(),
+            rb_t.storage_and_layout(),
+        );
+        let ((os, ol), (ls, ll), (ds, dl)) = (
+            out.storage_and_layout(),
+            lse.storage_and_layout(),
+            dout.storage_and_layout(),
+        );
         let q = view::<T>(&qs, ql)?;
         let b = view::<T>(&bs, bl)?;
         let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
@@ -413,22 +457,62 @@ pub mod run {
             let bytes = g.tc_bwd_shared_bytes();
             ft.allow_shared_bytes(bytes)?;
             let mut l = ft.builder();
-            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum).arg(&mut dq);
-            l.arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dbias).arg(&mut dqkv).arg(&g);
+            l.arg(&q)
+                .arg(&b)
+                .arg(&relh)
+                .arg(&relw)
+                .arg(&rb)
+                .arg(&doutv)
+                .arg(&lsev)
+                .arg(&dsum)
+                .arg(&mut dq);
+            l.arg(&mut drelh)
+                .arg(&mut drelw)
+                .arg(&mut drelbias)
+                .arg(&mut dbias)
+                .arg(&mut dqkv)
+                .arg(&g);
             unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
             let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;
             let mut l = fq.builder();
-            l.arg(&dq).arg(&drelh).arg(&drelw).arg(&rh).arg(&rw).arg(&mut dqkv).arg(&g);
+            l.arg(&dq)
+                .arg(&drelh)
+                .arg(&drelw)
+                .arg(&rh)
+                .arg(&rw)
+                .arg(&mut dqkv)
+                .arg(&g);
             unsafe { l.launch(config(g.bwd_dq_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
         } else {
             let fq = function(&o.dev, &g.module(o.dtype), &o.name("bwd_q")?)?;
             let fkv = function(&o.dev, &g.module(o.dtype), &o.name("bwd_kv")?)?;
             let mut l = fq.builder();
-            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rh).arg(&rw).arg(&rb).arg(&outv).arg(&doutv).arg(&lsev);
-            l.arg(&mut dsum).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias).arg(&mut dqkv).arg(&g);
+            l.arg(&q)
+                .arg(&b)
+                .arg(&relh)
+                .arg(&relw)
+                .arg(&rh)
+                .arg(&rw)
+                .arg(&rb)
+                .arg(&outv)
+                .arg(&doutv)
+                .arg(&lsev);
+            l.arg(&mut dsum)
+                .arg(&mut drelh)
+                .arg(&mut drelw)
+                .arg(&mut drelbias)
+                .arg(&mut dqkv)
+                .arg(&g);
             unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
             let mut l = fkv.builder();
-            l.arg(&q).arg(&b).arg(&relh).arg(&relw).arg(&rb).arg(&doutv).arg(&lsev).arg(&dsum);
+            l.arg(&q)
+                .arg(&b)
+                .arg(&relh)
+                .arg(&relw)
+                .arg(&rb)
+                .arg(&doutv)
+                .arg(&lsev)
+                .arg(&dsum);
             l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
             unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
         }

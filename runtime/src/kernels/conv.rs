@@ -8,8 +8,11 @@
 //! candle's transposed-convolution weight layout is PyTorch's, `[C_in, C_out, kh, kw]`, so
 //! weights are used as loaded.
 //!
-//! On the CPU, stride-1 ungrouped convolutions with a kernel larger than 1x1 run as tiled
-//! im2col + gemm (`im2col_conv`), about twice as fast as candle's CPU kernel. Transposed
+//! Stride-1 ungrouped convolutions with a kernel larger than 1x1 run as tiled im2col + gemm
+//! (`im2col_conv`): on the CPU about twice as fast as candle's CPU kernel; on CUDA the columns
+//! come from the runtime's im2col kernel (`cuda::im2col`) in `[C*kh*kw, positions]` order, so
+//! one cuBLAS GEMM per tile yields NCHW directly, where candle's CUDA convolution gathers
+//! `[positions, C*kh*kw]` columns with scattered reads and transposes its product. Transposed
 //! convolutions (the input gradients of every `conv2d` in training) never use candle's CPU
 //! kernel, a direct loop 10-25x slower (`deconv_cpu`): stride 1 runs as the flipped-kernel
 //! convolution on the im2col path, every other attribute set as `w^T @ x` per tile plus a
@@ -25,9 +28,9 @@
 //!   stride-2 deconvolutions of the feature pyramids): `w^T @ x` per image, then one pass that
 //!   interleaves the kernel offsets into the output and adds the bias.
 //!
-//! `conv2d_grad_weight` (the weight gradient of `conv2d`) is, on the CPU for f32 / f64, the
-//! (strided) im2col columns of `x` per tile times `dy^T`, summed over tiles; elsewhere it is itself a convolution
-//! (`conv2d_grad_weight_portable`). Input gradients need no kernel of their own: that of
+//! `conv2d_grad_weight` (the weight gradient of `conv2d`) is the (strided) im2col columns of `x`
+//! per tile times `dy^T`, summed over tiles, wherever there is an im2col kernel (CPU f32 / f64,
+//! CUDA); elsewhere it is itself a convolution (`conv2d_grad_weight_portable`). Input gradients need no kernel of their own: that of
 //! `conv2d` is a `conv_transpose2d` of `dy` and that of `conv_transpose2d` a `conv2d` of `dy`.
 
 use candle_core::{DType, Storage, Tensor, WithDType};
@@ -38,6 +41,7 @@ use super::cpu::{Col2Im, Im2Col};
 use super::cpu_grad::{with_slice, StridedIm2Col};
 use super::linear::{gemm_operand, with_contraction_dtype};
 use super::{channel_view, expect_float, KernelError, KernelResult};
+use crate::cuda::im2col::Im2ColTile;
 
 /// PyTorch's `conv2d` (see the module doc for how attributes map to candle).
 pub fn conv2d(op: &Conv2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor> {
@@ -68,7 +72,7 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
         return patchify_conv(x, w);
     }
-    if x.device().is_cpu() && op.stride == [1, 1] && op.groups == 1 && [kh, kw] != [1, 1] {
+    if op.stride == [1, 1] && op.groups == 1 && [kh, kw] != [1, 1] && (x.device().is_cpu() || device_columns(x)) {
         return im2col_conv(x, w, op.padding, op.dilation);
     }
     // Asymmetric padding: pad explicitly.
@@ -115,7 +119,53 @@ fn patchify_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
 /// Bytes of the im2col buffer `im2col_conv` builds at a time.
 const IM2COL_TILE_BYTES: usize = 32 << 20;
 
-/// Stride-1, ungrouped convolution on the CPU as im2col + gemm, over tiles of output rows (or,
+/// Whether the device's own im2col kernel takes `x` (CUDA, f32/f16/bf16).
+fn device_columns(x: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::cuda::im2col::run::supports(x);
+    }
+    let _ = x;
+    false
+}
+
+/// Whether [`columns`] takes `x`: f32 / f64 on the CPU, f32 / f16 / bf16 on CUDA.
+fn columns_supported(x: &Tensor) -> bool {
+    (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) || device_columns(x)
+}
+
+/// The `[C*kh*kw, nb*r*Wo]` im2col columns of `tile` of the contiguous `[N, C, H, W]` input `x`
+/// (see [`Im2ColTile`]): on the CPU from [`Im2Col`] (stride 1) or [`StridedIm2Col`], on CUDA
+/// from the im2col kernel. Callers check [`columns_supported`] first.
+fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return crate::cuda::im2col::run::columns(x, tile);
+    }
+    if tile.stride == [1, 1] {
+        return Ok(x.apply_op1_no_bwd(&Im2Col {
+            kernel: tile.kernel,
+            padding: tile.padding,
+            dilation: tile.dilation,
+            out_w: tile.out_w,
+            images: tile.images,
+            rows: tile.rows,
+        })?);
+    }
+    let strided = StridedIm2Col {
+        kernel: tile.kernel,
+        stride: tile.stride,
+        padding: tile.padding,
+        dilation: tile.dilation,
+        out_w: tile.out_w,
+        images: tile.images,
+        rows: tile.rows,
+    };
+    Ok(strided.apply(x)?)
+}
+
+/// Stride-1, ungrouped convolution as im2col + gemm (on the CPU, and on CUDA with its im2col
+/// kernel), over tiles of output rows (or,
 /// for batches of small maps, of whole images) so the column buffer stays under
 /// `IM2COL_TILE_BYTES`: for each tile, the `kh * kw` shifted windows of the padded input form
 /// `[C * kh * kw, images * rows * Wo]` columns, multiplied by the `[O, C * kh * kw]` weight.
@@ -125,9 +175,9 @@ const IM2COL_TILE_BYTES: usize = 32 << 20;
 /// again than stacking candle views for the Mask R-CNN heads and the stride-4 pyramid level.
 fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
     match x.dtype() {
-        DType::F32 => im2col_conv_host::<f32>(x, w, padding, dilation),
-        DType::F64 => im2col_conv_host::<f64>(x, w, padding, dilation),
-        _ => im2col_conv_candle(x, w, padding, dilation),
+        DType::F32 if x.device().is_cpu() => im2col_conv_host::<f32>(x, w, padding, dilation),
+        DType::F64 if x.device().is_cpu() => im2col_conv_host::<f64>(x, w, padding, dilation),
+        _ => im2col_conv_tiles(x, w, padding, dilation),
     }
 }
 
@@ -149,16 +199,17 @@ fn im2col_conv_host<T: WithDType>(
     let w2 = w.reshape((o, k))?;
     let x = x.contiguous()?;
     let hw = ho * wo;
-    let columns = |b0: usize, nb: usize, r0: usize, r: usize| -> KernelResult<Tensor> {
-        let op = Im2Col {
+    let columns = |b0: usize, nb: usize, r0: usize, r: usize| {
+        let tile = Im2ColTile {
             kernel: [kh, kw],
+            stride: [1, 1],
             padding,
             dilation,
             out_w: wo,
             images: (b0, nb),
             rows: (r0, r),
         };
-        Ok(x.apply_op1_no_bwd(&op)?)
+        columns(&x, &tile)
     };
     // Tiles: (first image, images, first row, rows).
     let size = T::DTYPE.size_in_bytes();
@@ -203,13 +254,21 @@ fn im2col_conv_host<T: WithDType>(
     Ok(Tensor::from_vec(out, (n, o, ho, wo), x.device())?)
 }
 
-/// [`im2col_conv`] with candle ops (dtypes other than f32 / f64).
-fn im2col_conv_candle(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
+/// [`im2col_conv`] with candle ops around the columns: those of the device's im2col kernel
+/// (CUDA), or, where there is none (f16 on the CPU), stacked from shifted views of the padded
+/// input.
+fn im2col_conv_tiles(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
     let [ph, pw] = padding;
     let [dh, dw] = dilation;
-    let xp = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
+    let by_kernel = columns_supported(x);
+    let x = x.contiguous()?;
+    let xp = if by_kernel {
+        x.clone()
+    } else {
+        x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?
+    };
     let (ho, wo) = (h + 2 * ph - dh * (kh - 1), wd + 2 * pw - dw * (kw - 1));
     let k = c * kh * kw;
     let w2 = w.reshape((o, k))?;
@@ -217,6 +276,18 @@ fn im2col_conv_candle(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [us
     // as columns `[C*kh*kw, nb*r*Wo]`: one large GEMM per tile, whatever the batch size (a
     // batch of RoIs is thousands of tiny images).
     let columns = |b0: usize, nb: usize, r0: usize, r: usize| -> KernelResult<Tensor> {
+        if by_kernel {
+            let tile = Im2ColTile {
+                kernel: [kh, kw],
+                stride: [1, 1],
+                padding,
+                dilation,
+                out_w: wo,
+                images: (b0, nb),
+                rows: (r0, r),
+            };
+            return columns(&x, &tile);
+        }
         let mut windows = Vec::with_capacity(kh * kw);
         for a in 0..kh {
             for b in 0..kw {
@@ -271,7 +342,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
     let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
     with_contraction_dtype(&[x, dy], |t| {
         let (x, dy) = (&t[0], &t[1]);
-        if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+        if !columns_supported(x) {
             return conv2d_grad_weight_portable(op, x, dy);
         }
         let [kh, kw] = op.kernel;
@@ -304,27 +375,16 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
         let cols_first = kg >= og;
         let mut acc: Vec<Option<Tensor>> = vec![None; g];
         for (b0, nb, r0, r) in tiles {
-            let cols = if op.stride == [1, 1] {
-                x.apply_op1_no_bwd(&Im2Col {
-                    kernel: op.kernel,
-                    padding: op.padding,
-                    dilation: op.dilation,
-                    out_w: wo,
-                    images: (b0, nb),
-                    rows: (r0, r),
-                })?
-            } else {
-                StridedIm2Col {
-                    kernel: op.kernel,
-                    stride: op.stride,
-                    padding: op.padding,
-                    dilation: op.dilation,
-                    out_w: wo,
-                    images: (b0, nb),
-                    rows: (r0, r),
-                }
-                .apply(&x)?
-            }; // [Cin*kh*kw, nb*r*Wo]
+            let tile = Im2ColTile {
+                kernel: op.kernel,
+                stride: op.stride,
+                padding: op.padding,
+                dilation: op.dilation,
+                out_w: wo,
+                images: (b0, nb),
+                rows: (r0, r),
+            };
+            let cols = columns(&x, &tile)?; // [Cin*kh*kw, nb*r*Wo]
             let dyt = if nb == 1 {
                 dy.get(b0)?.narrow(1, r0, r)?.contiguous()?.reshape((o, r * wo))?
             } else {
@@ -467,13 +527,18 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
     }
     // Other devices: candle's CUDA conv_transpose2d is a direct loop kernel, 10-90x slower than
     // cuDNN on the pyramid's and heads' shapes, so the transposed convolution (every 3x3 conv's
-    // input gradient among them) is lowered to a convolution, which candle runs as im2col + GEMM.
+    // input gradient among them) is lowered to a convolution, which runs as im2col + GEMM.
     deconv_as_conv(op, x, w)
 }
 
 /// [`conv_transpose2d`] as other devices than the CPU run it ([`deconv_as_conv`]), callable on
 /// the CPU to test that path.
-pub fn conv_transpose2d_portable(op: &ConvTranspose2d, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor> {
+pub fn conv_transpose2d_portable(
+    op: &ConvTranspose2d,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> KernelResult<Tensor> {
     let mut ops = vec![x, w];
     ops.extend(b);
     with_contraction_dtype(&ops, |t| add_channel_bias(deconv_as_conv(op, &t[0], &t[1])?, t.get(2)))
@@ -489,19 +554,24 @@ fn deconv_as_conv(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelResult<
     let [sh, sw] = op.stride;
     let [oph, opw] = op.output_padding;
     let [dh, dw] = op.dilation;
-    let xd = insert_zeros(&insert_zeros(x, 2, sh)?, 3, sw)?;
     let before_h = (dh * (kh - 1)) as isize - ph as isize;
     let before_w = (dw * (kw - 1)) as isize - pw as isize;
-    let xd = pad_or_crop(&xd, 2, before_h, before_h + oph as isize)?;
-    let xd = pad_or_crop(&xd, 3, before_w, before_w + opw as isize)?;
     let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-    let conv = Conv2d {
+    let conv = |padding: [usize; 2]| Conv2d {
         stride: [1, 1],
-        padding: [0, 0],
+        padding,
         dilation: [dh, dw],
         groups: 1,
     };
-    conv2d_nobias(&conv, &xd, &wf)
+    // Stride 1 without cropping or output padding (the input gradient of a stride-1 "same"
+    // convolution): the convolution pads, no padded copy of the input is made.
+    if [sh, sw] == [1, 1] && [oph, opw] == [0, 0] && before_h >= 0 && before_w >= 0 {
+        return conv2d_nobias(&conv([before_h as usize, before_w as usize]), x, &wf);
+    }
+    let xd = insert_zeros(&insert_zeros(x, 2, sh)?, 3, sw)?;
+    let xd = pad_or_crop(&xd, 2, before_h, before_h + oph as isize)?;
+    let xd = pad_or_crop(&xd, 3, before_w, before_w + opw as isize)?;
+    conv2d_nobias(&conv([0, 0]), &xd, &wf)
 }
 
 /// Transposed convolution on the CPU (f32 / f64, any stride, padding, output padding and

@@ -19,9 +19,9 @@
 //! Errors are [`OptimError`]s naming the parameter or setting at fault.
 
 mod adamw;
+pub mod grad_scaler;
 mod groups;
 mod schedule;
-pub mod grad_scaler;
 
 pub use adamw::{AdamW, AdamWConfig, AdamWState};
 pub use groups::{

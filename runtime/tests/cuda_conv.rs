@@ -1,0 +1,122 @@
+//! Convolutions on CUDA (im2col kernel + cuBLAS GEMM per tile) against the CPU kernels on the
+//! same random inputs: the 3x3 "same" convolution of the pyramid and heads (one large map, and
+//! a batch of RoI-sized maps), its weight gradient, and its input gradient (a stride-1
+//! transposed convolution), plus strided, dilated and asymmetric attributes. Runs where a GPU
+//! exists; skipped, saying so, elsewhere.
+//!
+//! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
+//! in f32 and differ only in summation order over K = C*kh*kw <= 576 products (a few 1e-7).
+//! f16 2e-3 and bf16 1e-2: the same half inputs, f32 accumulation on both sides, one rounding
+//! of the output (2^-11 and 2^-8 relative per element); the CPU widens the inputs to f32.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{rel_l2, Nd, TestRng};
+use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
+use vitdet_runtime::kernels::conv::{conv2d, conv2d_grad_weight, conv_transpose2d};
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 1e-2,
+    }
+}
+
+fn randn(shape: &[usize], rng: &mut TestRng, scale: f64, dtype: DType) -> Tensor {
+    Nd::randn(shape, rng, scale, 0.0).tensor_as(dtype)
+}
+
+fn on(t: &Tensor, dev: &Device) -> Tensor {
+    t.to_device(dev).unwrap()
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
+    assert!(got.device().is_cuda(), "{what}: output left the GPU");
+    assert_eq!(got.dtype(), dtype, "{what}: dtype");
+    let e = rel_l2(got, want);
+    assert!(e <= tolerance(dtype), "{what}: rel L2 {e:e}");
+}
+
+/// Forward, weight gradient and input gradient of one convolution, CUDA against CPU.
+fn check_conv(x_dims: [usize; 4], out_channels: usize, kernel: [usize; 2], op: &Conv2d, dtype: DType, dev: &Device) {
+    let what = format!("{x_dims:?} -> {out_channels} {kernel:?} {op:?} {dtype:?}");
+    let mut rng = TestRng::new(x_dims.iter().product::<usize>() as u64 + out_channels as u64);
+    let x = randn(&x_dims, &mut rng, 1.0, dtype);
+    let w = randn(&[out_channels, x_dims[1], kernel[0], kernel[1]], &mut rng, 0.2, dtype);
+    let b = randn(&[out_channels], &mut rng, 0.5, dtype);
+
+    let y = conv2d(op, &x, &w, Some(&b)).unwrap();
+    let got = conv2d(op, &on(&x, dev), &on(&w, dev), Some(&on(&b, dev))).unwrap();
+    check(&format!("{what}: forward"), &got, &y, dtype);
+
+    let dy = randn(y.dims(), &mut rng, 1.0, dtype);
+    let gw = Conv2dGradWeight {
+        stride: op.stride,
+        padding: op.padding,
+        dilation: op.dilation,
+        groups: op.groups,
+        kernel,
+    };
+    let want = conv2d_grad_weight(&gw, &x, &dy).unwrap();
+    let got = conv2d_grad_weight(&gw, &on(&x, dev), &on(&dy, dev)).unwrap();
+    check(&format!("{what}: weight gradient"), &got, &want, dtype);
+
+    // The input gradient: the transposed convolution of dy, with the output padding that
+    // restores x's size.
+    let (h, wd) = (x_dims[2], x_dims[3]);
+    let (ho, wo) = (y.dim(2).unwrap(), y.dim(3).unwrap());
+    let restore = |size: usize, out: usize, d: usize| {
+        let k = kernel[d];
+        size + 2 * op.padding[d] - ((out - 1) * op.stride[d] + op.dilation[d] * (k - 1) + 1)
+    };
+    let tr = ConvTranspose2d {
+        stride: op.stride,
+        padding: op.padding,
+        output_padding: [restore(h, ho, 0), restore(wd, wo, 1)],
+        dilation: op.dilation,
+    };
+    let wt = w.clone();
+    let want = conv_transpose2d(&tr, &dy, &wt, None).unwrap();
+    assert_eq!(want.dims(), x_dims, "{what}: input gradient shape");
+    let got = conv_transpose2d(&tr, &on(&dy, dev), &on(&wt, dev), None).unwrap();
+    check(&format!("{what}: input gradient"), &got, &want, dtype);
+}
+
+#[test]
+fn pyramid_and_head_3x3_convolutions() {
+    let Some(dev) = common::cuda_device() else { return };
+    let same = Conv2d {
+        stride: [1, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        // One map large enough to be split into row tiles (32 MiB of columns in f32 at
+        // 64 channels x 9 taps x 160 columns is 2.5 MiB a row: 13 rows a tile).
+        check_conv([1, 64, 120, 160], 64, [3, 3], &same, dtype, &dev);
+        // A batch of RoI maps (the mask head's 14 x 14), several images a tile.
+        check_conv([37, 32, 14, 14], 48, [3, 3], &same, dtype, &dev);
+    }
+}
+
+#[test]
+fn strided_dilated_and_asymmetric_convolutions() {
+    let Some(dev) = common::cuda_device() else { return };
+    for (kernel, stride, padding, dilation) in [
+        ([3, 3], [2, 2], [1, 1], [1, 1]),
+        ([3, 2], [1, 1], [2, 0], [2, 1]),
+        ([5, 3], [2, 1], [1, 2], [1, 2]),
+    ] {
+        let op = Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups: 1,
+        };
+        check_conv([2, 6, 17, 19], 5, kernel, &op, DType::F32, &dev);
+    }
+}
