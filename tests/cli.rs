@@ -377,16 +377,36 @@ fn compile_train_mode_plans_the_training_step() {
 fn compile_infer_in_mixed_precision_fuses_and_halves_the_activations() {
     let json = |args: &[&str]| -> serde_json::Value { serde_json::from_str(&ok(args)).unwrap() };
     let f32 = json(&["compile", "--model", "vitdet-tiny", "--format", "json"]);
-    let bf16 = json(&["compile", "--model", "vitdet-tiny", "--dtype", "bf16", "--format", "json"]);
+    let bf16 = json(&[
+        "compile",
+        "--model",
+        "vitdet-tiny",
+        "--dtype",
+        "bf16",
+        "--format",
+        "json",
+    ]);
     assert!(f32.get("dtype").is_none(), "an f32 inference graph is not lowered");
     assert_eq!(bf16["dtype"], "bf16");
     assert_eq!(bf16["fused_attention"], 4, "every attention block of vitdet-tiny");
     assert_eq!(bf16["params"], f32["params"]);
     // Activations autocast to bf16 (norms and softmax stay f32, inside the fused attention
     // nothing of [N, N] is kept): at most 60% of the f32 peak.
-    let (a, b) = (f32["peak_activation_bytes"].as_u64().unwrap(), bf16["peak_activation_bytes"].as_u64().unwrap());
+    let (a, b) = (
+        f32["peak_activation_bytes"].as_u64().unwrap(),
+        bf16["peak_activation_bytes"].as_u64().unwrap(),
+    );
     assert!(b * 10 <= a * 6, "bf16 peak {b} vs f32 {a}");
-    let unfused = json(&["compile", "--model", "vitdet-tiny", "--dtype", "bf16", "--no-fuse", "--format", "json"]);
+    let unfused = json(&[
+        "compile",
+        "--model",
+        "vitdet-tiny",
+        "--dtype",
+        "bf16",
+        "--no-fuse",
+        "--format",
+        "json",
+    ]);
     assert_eq!(unfused["fused_attention"], 0);
     let err = fails(&["compile", "--model", "vitdet-tiny", "--no-fuse"]);
     assert!(err.contains("--no-fuse applies to --mode train"), "{err}");

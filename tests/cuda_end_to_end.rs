@@ -22,9 +22,21 @@ fn cuda() -> Option<Device> {
 }
 
 fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
-    let f = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap().to_device(&Device::Cpu).unwrap();
+    let f = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
     let (g, w) = (f(got), f(want));
-    let d = (&g - &w).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let d = (&g - &w)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let n = w.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     (d / n.max(1e-300)).sqrt()
 }
@@ -37,11 +49,17 @@ fn both(compiled: &vitdet::compile::Compiled, gpu: &Device) -> Vec<(String, Tens
         .graph
         .inputs()
         .map(|(_, name, ty)| {
-            (name.to_string(), Tensor::randn(0f32, 1.0, ty.shape.as_slice(), &Device::Cpu).unwrap())
+            (
+                name.to_string(),
+                Tensor::randn(0f32, 1.0, ty.shape.as_slice(), &Device::Cpu).unwrap(),
+            )
         })
         .collect();
     let cpu_in: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let gpu_in: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.to_device(gpu).unwrap())).collect();
+    let gpu_in: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.to_device(gpu).unwrap()))
+        .collect();
     let want = run_with_order(&compiled.graph, &params, &cpu_in, &Device::Cpu, &compiled.order).unwrap();
     let got = run_with_order(&compiled.graph, &on_gpu, &gpu_in, gpu, &compiled.order).unwrap();
     want.outputs
@@ -64,7 +82,9 @@ fn backbone_f32_and_bf16_match_the_cpu() {
         .unwrap();
         let mut compiled = compiled;
         if precision != Precision::F32 {
-            compiled.graph = vitdet::compile::lower_inference(&compiled.graph, precision, true).unwrap().0;
+            compiled.graph = vitdet::compile::lower_inference(&compiled.graph, precision, true)
+                .unwrap()
+                .0;
             compiled.order = vitdet::passes::schedule(&compiled.graph).unwrap();
         }
         for (name, got, want) in both(&compiled, &gpu) {

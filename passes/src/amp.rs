@@ -26,13 +26,7 @@ use vitdet_ir::ops::Cast;
 use vitdet_ir::{DType, Graph, IrError, NodeIndex, Value};
 
 /// Ops that run in the low dtype.
-pub const LOW_PRECISION_OPS: &[&str] = &[
-    "linear",
-    "matmul",
-    "conv2d",
-    "conv_transpose2d",
-    "window_attention",
-];
+pub const LOW_PRECISION_OPS: &[&str] = &["linear", "matmul", "conv2d", "conv_transpose2d", "window_attention"];
 
 /// Ops that run in `f32` whatever their inputs.
 pub const F32_OPS: &[&str] = &[

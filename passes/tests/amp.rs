@@ -44,7 +44,13 @@ fn autocast_keeps_losses_and_gradients_f32_and_lowers_activation_memory() {
             for n in g.graph.node_indices() {
                 let node = g.node(n);
                 if matches!(node.op.name(), "linear" | "matmul" | "conv2d" | "conv_transpose2d") {
-                    assert_eq!(node.outputs[0].dtype, low, "{model}: {} in {}", node.op.name(), node.scope);
+                    assert_eq!(
+                        node.outputs[0].dtype,
+                        low,
+                        "{model}: {} in {}",
+                        node.op.name(),
+                        node.scope
+                    );
                 }
             }
             assert!(!low_precision_nodes(g).is_empty());
