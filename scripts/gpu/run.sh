@@ -12,8 +12,8 @@
 #   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
 #   4. end-to-end vitdet-b at 1024: inference in bf16, a training step in bf16, then in f32
 #      ($OUT/e2e_*.json);
-#   5. when the binary's `vitdet study` takes --device: vitdet-l's measured training steps with
-#      and without block checkpointing ($OUT/study_vitdet_l.txt).
+#   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
+#      in f16, with eager then fused attention ($OUT/study_vitdet_l_{eager,fused}.txt).
 # Last, a short summary table ($OUT/summary.txt too).
 set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
@@ -88,10 +88,17 @@ e2e infer bf16 5 120
 e2e train bf16 3 150
 e2e train f32 3 120
 
-# 5. The study, measured on the GPU, where this build's study can measure there.
+# 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured. First as detectron2
+#    runs it (f16 AMP, eager attention; its H100 numbers are printed beside), then with the fused
+#    attention kernels.
 if "$V" study --help 2>/dev/null | grep -q -- '--device'; then
-    step study_vitdet_l 150 bash -c '"$0" study --model vitdet-l --measure --device cuda --sweep checkpoint \
-        --dtype bf16 --fuse --steps 1 --plot "$1/study_vitdet_l.svg" >"$1/study_vitdet_l.txt"' "$V" "$OUT"
+    for variant in eager fused; do
+        fuse=""
+        [ "$variant" = fused ] && fuse=--fuse
+        step "study_vitdet_l_$variant" 150 bash -c '"$0" study --model vitdet-l --measure --device cuda \
+            --sweep attention,checkpoint --dtype f16 $2 --profile h100-80gb --steps 2 \
+            --plot "$1/study_vitdet_l_$3.svg" >"$1/study_vitdet_l_$3.txt"' "$V" "$OUT" "$fuse" "$variant"
+    done
 else
     printf 'study_vitdet_l\tskipped\t0\n' >>"$STATUS"
     echo "== study_vitdet_l: skipped, this binary's study measures on the CPU only"

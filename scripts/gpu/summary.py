@@ -59,12 +59,12 @@ def main():
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
         )
 
-    study = os.path.join(out, "study_vitdet_l.txt")
-    if os.path.exists(study):
-        print("\n== vitdet study --model vitdet-l --measure --device cuda")
-        with open(study) as f:
-            print(f.read().rstrip())
-
+    for variant in ("eager", "fused"):
+        study = os.path.join(out, f"study_vitdet_l_{variant}.txt")
+        if os.path.exists(study):
+            print(f"\n== Table 3: vitdet study --model vitdet-l --measure --device cuda ({variant} attention)")
+            with open(study) as f:
+                print(f.read().rstrip())
 
 if __name__ == "__main__":
     main()
