@@ -2,8 +2,10 @@
 // NVRTC compiles for the GPU also run (slowly) on the CPU: every block of a launch runs in
 // turn, its threads as OS threads meeting at `__syncthreads()` on a barrier. `__shared__`
 // variables become statics (blocks run one at a time), dynamic shared memory is one buffer
-// filled with NaN bytes so reading it before writing shows. Warp intrinsics are not provided:
-// kernels that need them do not build here, which keeps them out of the tested set.
+// filled with NaN bytes so reading it before writing shows. Of the warp-level operations only
+// mma.m16n8k16 and the xor shuffle (common.cuh's `mma_16816`, `shfl_xor`) exist, exchanged
+// through the block barrier, so every thread of the block must call them together; kernels
+// using other warp intrinsics do not build here, which keeps them out of the tested set.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -31,6 +33,7 @@ inline std::vector<unsigned char> dynamic_shared;
 struct WarpFragments {
     unsigned a[32][4];
     unsigned b[32][2];
+    float shuffled[32];
 };
 inline std::vector<WarpFragments> warp_fragments;
 
@@ -103,6 +106,19 @@ inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], floa
         d[o] = acc;
     }
     __syncthreads();
+}
+
+// __shfl_xor_sync over a full warp: every lane posts its value, the block meets, each lane
+// reads its partner's, the block meets again before the slots can be overwritten.
+inline float shfl_xor(float v, int mask) {
+    const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+    WarpFragments& w = warp_fragments[tid / 32];
+    const unsigned lane = tid % 32;
+    w.shuffled[lane] = v;
+    __syncthreads();
+    const float r = w.shuffled[lane ^ (unsigned)mask];
+    __syncthreads();
+    return r;
 }
 }  // namespace emu
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }

@@ -156,16 +156,10 @@ impl WinGeom {
     }
 
     /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q, K and
-    /// V tiles and the probabilities in the input type, the scores, the output accumulator and
-    /// three row statistics in f32.
+    /// V tiles in the input type (scores, probabilities and output stay in registers).
     pub fn tc_shared_bytes(&self) -> usize {
-        let hd = self.hd as usize;
-        let (ldt, lds, ldp, ldo) = (hd + 8, TC_KEYS + 4, TC_KEYS + 8, hd + 4);
+        let ldt = self.hd as usize + 8;
         2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt)
-            + 4 * TC_ROWS * lds
-            + 2 * TC_ROWS * ldp
-            + 4 * TC_ROWS * ldo
-            + 4 * 3 * TC_ROWS
     }
 
     /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q

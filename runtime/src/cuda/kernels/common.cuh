@@ -90,6 +90,14 @@ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 #define VITDET_FOR_EACH_HALF(M) M(f16_t, f16) M(bf16_t, bf16)
 #endif
 
+// The value of lane `lane ^ mask` of the warp (every lane of the warp calls it; in the emulator
+// every thread of the block).
+#ifdef VITDET_EMU
+__device__ __forceinline__ float shfl_xor(float v, int mask) { return emu::shfl_xor(v, mask); }
+#else
+__device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+#endif
+
 // One warp's tensor-core product D += A B (PTX mma.m16n8k16: A 16x16 row-major, B 16x8
 // column-major, f32 accumulators), fragments laid out as the PTX ISA specifies: with
 // g = lane / 4 and t = lane % 4, a[0] holds A(g, 2t..2t+1), a[1] A(g+8, 2t..), a[2]

@@ -398,17 +398,18 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #endif
 
 #if HD % 16 == 0
-// Tensor-core forward for f16 / bf16 (head dims that are multiples of 16). A block of four
-// warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in tiles of TC_BK = 64:
-// S = Q K^T and O += P V run on mma.m16n8k16 with f32 accumulators; the online softmax runs one
-// thread per row over the scores in shared memory, and each warp rescales its rows of O as it
-// loads them into its accumulators. Dynamic shared memory: see `tc_shared_bytes` (Rust).
+// Tensor-core forward for f16 / bf16 (head dims that are multiples of 16), flash-attention-2
+// style. A block of four warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in
+// tiles of TC_BK = 64 through shared memory: S = Q K^T and O += P V run on mma.m16n8k16 with
+// f32 accumulators, and the scores, probabilities, output and row statistics never leave the
+// registers: a thread holds two rows' columns of each accumulator, the online softmax reduces
+// row maxima and sums over the four threads sharing a row (xor shuffles), and P's accumulator
+// fragments are fed back as the A operand of P V. Dynamic shared memory: see
+// `tc_shared_bytes` (Rust).
 #define TC_BQ 64
 #define TC_BK 64
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
-#define TC_LDS (TC_BK + 4)   // of the scores (f32)
-#define TC_LDP (TC_BK + 8)   // of the probabilities (elements)
-#define TC_LDO (HD + 4)      // of the output accumulator (f32)
+#define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
 // Keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles in T, rows past
 // the window's N zero.
@@ -428,148 +429,6 @@ __device__ __forceinline__ void tc_load_kv_tile(const T* qkv, const T* bias, con
         vs[jj * TC_LDT + d] = from_f32<T>(vv);
     }
 }
-
-template <class T>
-__device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
-                          T* out, float* lse, WinGeom g) {
-    DYNAMIC_SHARED(unsigned char, smem);
-    T* qs = reinterpret_cast<T*>(smem);
-    T* ks = qs + TC_BQ * TC_LDT;
-    T* vs = ks + TC_BK * TC_LDT;
-    float* sc = reinterpret_cast<float*>(vs + TC_BK * TC_LDT);
-    T* ps = reinterpret_cast<T*>(sc + TC_BQ * TC_LDS);
-    float* os = reinterpret_cast<float*>(ps + TC_BQ * TC_LDP);
-    float* row_m = os + TC_BQ * TC_LDO;
-    float* row_l = row_m + TC_BQ;
-    float* row_c = row_l + TC_BQ;
-
-    const int n = g.wh * g.ww;
-    const int h = blockIdx.y, w = blockIdx.z;
-    const int i0 = blockIdx.x * TC_BQ;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int gq = lane / 4, tq = lane % 4;
-
-    // The query tile, the accumulator and the row statistics.
-    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
-        const int r = e / HD, d = e % HD, i = i0 + r;
-        float v = 0.0f;
-        if (i < n) v = head_elem(qkv, bias, g, token(g, w, i), 0, h, d);
-        qs[r * TC_LDT + d] = from_f32<T>(v);
-        os[r * TC_LDO + d] = 0.0f;
-    }
-    for (int r = tid; r < TC_BQ; r += blockDim.x) {
-        row_m[r] = VITDET_NEG_INF;
-        row_l[r] = 0.0f;
-    }
-    for (int j0 = 0; j0 < n; j0 += TC_BK) {
-        tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
-        __syncthreads();
-        // S = Q K^T for this warp's 16 rows.
-        const int r0 = warp * 16;
-        for (int nt = 0; nt < TC_BK / 8; ++nt) {
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int kt = 0; kt < HD / 16; ++kt) {
-                const int k = kt * 16 + 2 * tq;
-                unsigned a[4], b[2];
-                a[0] = pack2(qs[(r0 + gq) * TC_LDT + k], qs[(r0 + gq) * TC_LDT + k + 1]);
-                a[1] = pack2(qs[(r0 + gq + 8) * TC_LDT + k], qs[(r0 + gq + 8) * TC_LDT + k + 1]);
-                a[2] = pack2(qs[(r0 + gq) * TC_LDT + k + 8], qs[(r0 + gq) * TC_LDT + k + 9]);
-                a[3] = pack2(qs[(r0 + gq + 8) * TC_LDT + k + 8], qs[(r0 + gq + 8) * TC_LDT + k + 9]);
-                const int key = nt * 8 + gq;
-                b[0] = pack2(ks[key * TC_LDT + k], ks[key * TC_LDT + k + 1]);
-                b[1] = pack2(ks[key * TC_LDT + k + 8], ks[key * TC_LDT + k + 9]);
-                mma_16816(c, a, b, T());
-            }
-            const int col = nt * 8 + 2 * tq;
-            sc[(r0 + gq) * TC_LDS + col] = c[0];
-            sc[(r0 + gq) * TC_LDS + col + 1] = c[1];
-            sc[(r0 + gq + 8) * TC_LDS + col] = c[2];
-            sc[(r0 + gq + 8) * TC_LDS + col + 1] = c[3];
-        }
-        __syncthreads();
-        // Online softmax, one thread per row: P = exp(s - m_new), the rescale of the old rows.
-        for (int r = tid; r < TC_BQ; r += blockDim.x) {
-            const int i = i0 + r;
-            const bool query = i < n && token(g, w, i).valid;
-            const long row = ((long)w * g.heads + h) * n + i;
-            float m = row_m[r];
-            for (int c = 0; c < TC_BK; ++c) {
-                const int j = j0 + c;
-                float s = VITDET_NEG_INF;
-                if (j < n) s = g.scale * sc[r * TC_LDS + c] + (query ? rel_logit(g, relh, relw, relbias, row, h, i, j) : 0.0f);
-                sc[r * TC_LDS + c] = s;
-                m = fmaxf(m, s);
-            }
-            const float corr = expf(row_m[r] - m);
-            float l = row_l[r] * corr;
-            for (int c = 0; c < TC_BK; ++c) {
-                const float p = expf(sc[r * TC_LDS + c] - m);
-                l += p;
-                ps[r * TC_LDP + c] = from_f32<T>(p);
-            }
-            row_m[r] = m;
-            row_l[r] = l;
-            row_c[r] = corr;
-        }
-        __syncthreads();
-        // O = O * corr + P V for this warp's rows.
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            const int col = nt * 8 + 2 * tq;
-            const float c_lo = row_c[r0 + gq], c_hi = row_c[r0 + gq + 8];
-            float c[4] = {os[(r0 + gq) * TC_LDO + col] * c_lo, os[(r0 + gq) * TC_LDO + col + 1] * c_lo,
-                          os[(r0 + gq + 8) * TC_LDO + col] * c_hi, os[(r0 + gq + 8) * TC_LDO + col + 1] * c_hi};
-            for (int kt = 0; kt < TC_BK / 16; ++kt) {
-                const int k = kt * 16 + 2 * tq;
-                unsigned a[4], b[2];
-                a[0] = pack2(ps[(r0 + gq) * TC_LDP + k], ps[(r0 + gq) * TC_LDP + k + 1]);
-                a[1] = pack2(ps[(r0 + gq + 8) * TC_LDP + k], ps[(r0 + gq + 8) * TC_LDP + k + 1]);
-                a[2] = pack2(ps[(r0 + gq) * TC_LDP + k + 8], ps[(r0 + gq) * TC_LDP + k + 9]);
-                a[3] = pack2(ps[(r0 + gq + 8) * TC_LDP + k + 8], ps[(r0 + gq + 8) * TC_LDP + k + 9]);
-                const int dcol = nt * 8 + gq;
-                b[0] = pack2(vs[k * TC_LDT + dcol], vs[(k + 1) * TC_LDT + dcol]);
-                b[1] = pack2(vs[(k + 8) * TC_LDT + dcol], vs[(k + 9) * TC_LDT + dcol]);
-                mma_16816(c, a, b, T());
-            }
-            os[(r0 + gq) * TC_LDO + col] = c[0];
-            os[(r0 + gq) * TC_LDO + col + 1] = c[1];
-            os[(r0 + gq + 8) * TC_LDO + col] = c[2];
-            os[(r0 + gq + 8) * TC_LDO + col + 1] = c[3];
-        }
-        __syncthreads();
-    }
-    // Unpadded queries: out = O / l, lse = m + log l.
-    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
-        const int r = e / HD, d = e % HD, i = i0 + r;
-        if (i >= n) continue;
-        const Tok qt = token(g, w, i);
-        if (!qt.valid) continue;
-        out[token_row(g, qt, g.channels) + h * HD + d] = from_f32<T>(os[r * TC_LDO + d] / row_l[r]);
-        if (d == 0) lse[((long)w * g.heads + h) * n + i] = row_m[r] + logf(row_l[r]);
-    }
-}
-
-#define WA_TC_ENTRY(T, S)                                                                                      \
-    extern "C" __global__ void window_attention_fwd_tc_##S(const T* qkv, const T* bias, const float* relh,    \
-                                                           const float* relw, const T* relbias, T* out,       \
-                                                           float* lse, WinGeom g) {                           \
-        wa_fwd_tc<T>(qkv, bias, relh, relw, relbias, out, lse, g);                                             \
-    }
-VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
-
-// Tensor-core backward for f16 / bf16, flash-attention-2 style. Three kernels:
-// `wa_bwd_dsum_tc` stores D = rowsum(dout * out) per row; `wa_bwd_tc` gives a block of four
-// warps TC_BK = 64 keys of a (window, head) (16 per warp) and streams the queries in tiles of
-// TC_BQ = 64: each warp recomputes S^T = K Q^T and dP^T = V dO^T for its keys on the mma, turns
-// them in registers into P^T = exp(scale s + rel - lse) and dS^T = P^T (dP^T - D), and feeds
-// those accumulator fragments straight back as A operands of dV += P^T dO and dK += dS^T Q
-// (the m16n8 accumulator layout of two adjacent column tiles is the m16k16 A layout). dS also
-// goes to shared memory (as T for dQ += scale dS K, accumulated across key blocks into a
-// global f32 buffer with atomicAdd; as f32 for the decomposed term's row sums). Then
-// `wa_bwd_dq_tc` adds the decomposed term's q-gradient and writes dq into dqkv. The results
-// are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`): drelh / drelw rows, the BEiT drelbias and the
-// padded keys' share of dbias through atomicAdd. Dynamic shared memory: see
-// `tc_bwd_shared_bytes` (Rust).
-#define TC_LDB (TC_BK + 1)  // row stride of the f32 dS tile: one thread per query row reads columns
 
 // A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
 template <class T>
@@ -609,6 +468,147 @@ __device__ __forceinline__ void wa_tc_acc_as_a(unsigned a[4], const float acc[][
     a[2] = pack2(from_f32<T>(hi[0]), from_f32<T>(hi[1]));
     a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
 }
+
+template <class T>
+__device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                          T* out, float* lse, WinGeom g) {
+    DYNAMIC_SHARED(unsigned char, smem);
+    T* qs = reinterpret_cast<T*>(smem);
+    T* ks = qs + TC_BQ * TC_LDT;
+    T* vs = ks + TC_BK * TC_LDT;
+
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int i0 = blockIdx.x * TC_BQ;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int r0 = warp * 16;
+
+    // The query tile, then this warp's Q fragments, kept in registers for the whole key loop.
+    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
+        const int r = e / HD, d = e % HD, i = i0 + r;
+        float v = 0.0f;
+        if (i < n) v = head_elem(qkv, bias, g, token(g, w, i), 0, h, d);
+        qs[r * TC_LDT + d] = from_f32<T>(v);
+    }
+    __syncthreads();
+    unsigned qa[HD / 16][4];
+    for (int kt = 0; kt < HD / 16; ++kt) wa_tc_frag_a(qa[kt], qs, TC_LDT, r0, kt * 16, gq, tq);
+
+    // The thread's two query rows (fragment rows gq and gq + 8), their running max, this
+    // thread's share of their sums (its columns; summed over the quad at the end) and its
+    // columns of O.
+    int qi[2];
+    bool query[2];
+    long qrow[2];
+    float m[2], l[2];
+    for (int r = 0; r < 2; ++r) {
+        qi[r] = i0 + r0 + gq + 8 * r;
+        query[r] = qi[r] < n && token(g, w, qi[r]).valid;
+        qrow[r] = ((long)w * g.heads + h) * n + qi[r];
+        m[r] = VITDET_NEG_INF;
+        l[r] = 0.0f;
+    }
+    float o[HD / 8][4];
+    for (int nt = 0; nt < HD / 8; ++nt)
+        for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
+
+    for (int j0 = 0; j0 < n; j0 += TC_BK) {
+        __syncthreads();  // every warp is done with the previous K and V tiles
+        tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
+        __syncthreads();
+        // S = Q K^T: accumulator element e of tile nt is row gq + 8 (e / 2), key nt * 8 + 2 tq + e % 2.
+        float sc[TC_BK / 8][4];
+        for (int nt = 0; nt < TC_BK / 8; ++nt) {
+            for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
+            for (int kt = 0; kt < HD / 16; ++kt) {
+                unsigned b[2];
+                wa_tc_frag_bt(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(sc[nt], qa[kt], b, T());
+            }
+        }
+        // Logits, and the rows' new maxima over the quad that shares them.
+        float mx[2] = {m[0], m[1]};
+        for (int nt = 0; nt < TC_BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const int r = e / 2, j = j0 + nt * 8 + 2 * tq + e % 2;
+                float s = VITDET_NEG_INF;
+                if (j < n) {
+                    s = g.scale * sc[nt][e] + (query[r] ? rel_logit(g, relh, relw, relbias, qrow[r], h, qi[r], j) : 0.0f);
+                }
+                sc[nt][e] = s;
+                mx[r] = fmaxf(mx[r], s);
+            }
+        float corr[2];
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], shfl_xor(mx[r], 1));
+            mx[r] = fmaxf(mx[r], shfl_xor(mx[r], 2));
+            // Each tile holds key j0 < n, so the max is finite from the first tile on.
+            corr[r] = expf(m[r] - mx[r]);
+            m[r] = mx[r];
+            l[r] *= corr[r];
+        }
+        // P = exp(s - m), in place; O rescaled.
+        for (int nt = 0; nt < TC_BK / 8; ++nt)
+            for (int e = 0; e < 4; ++e) {
+                const float p = expf(sc[nt][e] - m[e / 2]);
+                l[e / 2] += p;
+                sc[nt][e] = p;
+            }
+        for (int nt = 0; nt < HD / 8; ++nt)
+            for (int e = 0; e < 4; ++e) o[nt][e] *= corr[e / 2];
+        // O += P V: two adjacent P accumulator tiles are one A fragment.
+        for (int kt = 0; kt < TC_BK / 16; ++kt) {
+            unsigned a[4];
+            wa_tc_acc_as_a<T>(a, sc, kt);
+            for (int nt = 0; nt < HD / 8; ++nt) {
+                unsigned b[2];
+                wa_tc_frag_b(b, vs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(o[nt], a, b, T());
+            }
+        }
+    }
+    for (int r = 0; r < 2; ++r) {
+        l[r] += shfl_xor(l[r], 1);
+        l[r] += shfl_xor(l[r], 2);
+    }
+    // Unpadded queries: out = O / l, lse = m + log l.
+    for (int r = 0; r < 2; ++r) {
+        if (qi[r] >= n) continue;
+        const Tok qt = token(g, w, qi[r]);
+        if (!qt.valid) continue;
+        const long base = token_row(g, qt, g.channels) + h * HD;
+        for (int nt = 0; nt < HD / 8; ++nt) {
+            const int col = nt * 8 + 2 * tq;
+            out[base + col] = from_f32<T>(o[nt][2 * r] / l[r]);
+            out[base + col + 1] = from_f32<T>(o[nt][2 * r + 1] / l[r]);
+        }
+        if (tq == 0) lse[qrow[r]] = m[r] + logf(l[r]);
+    }
+}
+
+#define WA_TC_ENTRY(T, S)                                                                                      \
+    extern "C" __global__ void window_attention_fwd_tc_##S(const T* qkv, const T* bias, const float* relh,    \
+                                                           const float* relw, const T* relbias, T* out,       \
+                                                           float* lse, WinGeom g) {                           \
+        wa_fwd_tc<T>(qkv, bias, relh, relw, relbias, out, lse, g);                                             \
+    }
+VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
+
+// Tensor-core backward for f16 / bf16, flash-attention-2 style. Three kernels:
+// `wa_bwd_dsum_tc` stores D = rowsum(dout * out) per row; `wa_bwd_tc` gives a block of four
+// warps TC_BK = 64 keys of a (window, head) (16 per warp) and streams the queries in tiles of
+// TC_BQ = 64: each warp recomputes S^T = K Q^T and dP^T = V dO^T for its keys on the mma, turns
+// them in registers into P^T = exp(scale s + rel - lse) and dS^T = P^T (dP^T - D), and feeds
+// those accumulator fragments straight back as A operands of dV += P^T dO and dK += dS^T Q
+// (the m16n8 accumulator layout of two adjacent column tiles is the m16k16 A layout). dS also
+// goes to shared memory (as T for dQ += scale dS K, accumulated across key blocks into a
+// global f32 buffer with atomicAdd; as f32 for the decomposed term's row sums). Then
+// `wa_bwd_dq_tc` adds the decomposed term's q-gradient and writes dq into dqkv. The results
+// are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`): drelh / drelw rows, the BEiT drelbias and the
+// padded keys' share of dbias through atomicAdd. Dynamic shared memory: see
+// `tc_bwd_shared_bytes` (Rust).
+#define TC_LDB (TC_BK + 1)  // row stride of the f32 dS tile: one thread per query row reads columns
 
 // D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
 // grid ceil(rows / BQ), BQ threads.
