@@ -69,6 +69,10 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if op.groups == 0 || sh == 0 || sw == 0 || dh == 0 || dw == 0 {
         return Err(KernelError::Unsupported(format!("invalid conv2d attributes {op:?}")));
     }
+    let pointwise = [kh, kw] == [1, 1] && op.stride == [1, 1] && op.padding == [0, 0] && op.groups == 1;
+    if pointwise && x.dim(0)? <= POINTWISE_MAX_IMAGES {
+        return pointwise_conv(x, w);
+    }
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
         return patchify_conv(x, w);
     }
@@ -96,6 +100,26 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     Ok(subsample(&y, 3, sw)?)
 }
 
+/// Batches up to this size run 1x1 convolutions image by image ([`pointwise_conv`]); larger
+/// ones (RoI batches of small maps) as one GEMM over all positions ([`patchify_conv`]).
+const POINTWISE_MAX_IMAGES: usize = 8;
+
+/// A 1x1, stride-1 convolution as `w [O, C] @ x_i [C, H*W]` per image: the product is the
+/// image's NCHW output, with no copy of the input or the output (for a single image).
+fn pointwise_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let o = w.dim(0)?;
+    let w2 = w.reshape((o, c))?;
+    let x = x.contiguous()?;
+    let image = |i: usize| -> KernelResult<Tensor> { Ok(w2.matmul(&x.get(i)?.reshape((c, h * wd))?)?) };
+    let y = if n == 1 {
+        image(0)?.unsqueeze(0)?
+    } else {
+        Tensor::stack(&(0..n).map(image).collect::<KernelResult<Vec<_>>>()?, 0)?
+    };
+    Ok(y.reshape((n, o, h, wd))?)
+}
+
 /// kernel == stride, no padding: one gemm over non-overlapping patches.
 fn patchify_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
@@ -116,8 +140,42 @@ fn patchify_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     Ok(y.reshape((n, ho, wo, o))?.permute((0, 3, 1, 2))?)
 }
 
-/// Bytes of the im2col buffer `im2col_conv` builds at a time.
+/// Bytes of the im2col buffer `im2col_conv` builds at a time on the CPU (cache-sized tiles).
 const IM2COL_TILE_BYTES: usize = 32 << 20;
+/// The same on other devices, where fewer, larger GEMMs run faster (ViTDet-B's largest 3x3
+/// convolution, 256 channels at 256 x 256, takes three tiles in bf16).
+const DEVICE_IM2COL_TILE_BYTES: usize = 128 << 20;
+
+/// The im2col buffer budget for convolutions of `x`.
+fn tile_budget(x: &Tensor) -> usize {
+    if x.device().is_cpu() {
+        IM2COL_TILE_BYTES
+    } else {
+        DEVICE_IM2COL_TILE_BYTES
+    }
+}
+
+/// Tiles `(b0, nb, r0, r)` of `n` images of `rows` rows each, whose columns (`row_bytes` per
+/// row) stay under `budget`: as many whole images together as fit, or, when one image does
+/// not, runs of rows of one image.
+fn tiles(n: usize, rows: usize, row_bytes: usize, budget: usize) -> Vec<(usize, usize, usize, usize)> {
+    let image_bytes = rows * row_bytes;
+    let mut tiles = Vec::new();
+    if image_bytes <= budget {
+        let per_tile = (budget / image_bytes.max(1)).clamp(1, n.max(1));
+        for b0 in (0..n).step_by(per_tile) {
+            tiles.push((b0, per_tile.min(n - b0), 0, rows));
+        }
+    } else {
+        let per_tile = (budget / row_bytes.max(1)).clamp(1, rows.max(1));
+        for b0 in 0..n {
+            for r0 in (0..rows).step_by(per_tile) {
+                tiles.push((b0, 1, r0, per_tile.min(rows - r0)));
+            }
+        }
+    }
+    tiles
+}
 
 /// Whether the device's own im2col kernel takes `x` (CUDA, f32/f16/bf16).
 fn device_columns(x: &Tensor) -> bool {
@@ -138,6 +196,12 @@ fn columns_supported(x: &Tensor) -> bool {
 /// (see [`Im2ColTile`]): on the CPU from [`Im2Col`] (stride 1) or [`StridedIm2Col`], on CUDA
 /// from the im2col kernel. Callers check [`columns_supported`] first.
 fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
+    // A whole image under a 1x1, stride-1, unpadded kernel is its own columns: a view.
+    let (_, c, h, w) = x.dims4()?;
+    let whole = tile.images.1 == 1 && tile.rows == (0, h) && tile.out_w == w;
+    if whole && tile.kernel == [1, 1] && tile.stride == [1, 1] && tile.padding == [0, 0] {
+        return Ok(x.get(tile.images.0)?.reshape((c, h * w))?);
+    }
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return crate::cuda::im2col::run::columns(x, tile);
@@ -211,23 +275,7 @@ fn im2col_conv_host<T: WithDType>(
         };
         columns(&x, &tile)
     };
-    // Tiles: (first image, images, first row, rows).
-    let size = T::DTYPE.size_in_bytes();
-    let image_bytes = k * hw * size;
-    let mut tiles = Vec::new();
-    if n > 1 && image_bytes <= IM2COL_TILE_BYTES {
-        let per_tile = (IM2COL_TILE_BYTES / image_bytes.max(1)).clamp(1, n);
-        for b0 in (0..n).step_by(per_tile) {
-            tiles.push((b0, per_tile.min(n - b0), 0, ho));
-        }
-    } else {
-        let rows = (IM2COL_TILE_BYTES / (k * wo * size).max(1)).clamp(1, ho.max(1));
-        for b0 in 0..n {
-            for r0 in (0..ho).step_by(rows) {
-                tiles.push((b0, 1, r0, rows.min(ho - r0)));
-            }
-        }
-    }
+    let tiles = tiles(n, ho, k * wo * T::DTYPE.size_in_bytes(), IM2COL_TILE_BYTES);
     if n == 1 && tiles.len() == 1 {
         return Ok(w2.matmul(&columns(0, 1, 0, ho)?)?.reshape((1, o, ho, wo))?);
     }
@@ -303,36 +351,32 @@ fn im2col_conv_tiles(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usi
         };
         Ok(cols.reshape((k, nb * r * wo))?)
     };
-    let image_bytes = k * ho * wo * x.dtype().size_in_bytes();
-    if n > 1 && image_bytes <= IM2COL_TILE_BYTES {
-        let per_tile = (IM2COL_TILE_BYTES / image_bytes.max(1)).clamp(1, n);
-        let mut tiles = Vec::with_capacity(n.div_ceil(per_tile));
-        for b0 in (0..n).step_by(per_tile) {
-            let nb = per_tile.min(n - b0);
-            let y = w2.matmul(&columns(b0, nb, 0, ho)?)?; // [O, nb*Ho*Wo]
-            tiles.push(y.reshape((o, nb, ho, wo))?.permute((1, 0, 2, 3))?);
-        }
-        return Ok(Tensor::cat(&tiles, 0)?.contiguous()?);
-    }
-    let row_bytes = k * wo * x.dtype().size_in_bytes();
-    let rows = (IM2COL_TILE_BYTES / row_bytes.max(1)).clamp(1, ho);
-    let mut images = Vec::with_capacity(n);
-    for b0 in 0..n {
-        let mut tiles = Vec::with_capacity(ho.div_ceil(rows));
-        for r0 in (0..ho).step_by(rows) {
-            let r = rows.min(ho - r0);
-            tiles.push(w2.matmul(&columns(b0, 1, r0, r)?)?.reshape((1, o, r, wo))?);
-        }
-        images.push(if tiles.len() == 1 {
-            tiles.pop().expect("one tile")
+    // Each tile's product `[O, nb*r*Wo]` as its `[nb, O, r, Wo]` block of the output; the
+    // blocks of an image's row tiles are joined along the rows, whole-image blocks along the
+    // batch.
+    let mut images: Vec<Tensor> = Vec::with_capacity(n);
+    let mut rows_of_image: Vec<Tensor> = Vec::new();
+    for (b0, nb, r0, r) in tiles(n, ho, k * wo * x.dtype().size_in_bytes(), tile_budget(&x)) {
+        let y = w2.matmul(&columns(b0, nb, r0, r)?)?;
+        let block = if nb == 1 {
+            y.reshape((1, o, r, wo))?
         } else {
-            Tensor::cat(&tiles, 2)?
-        });
+            y.reshape((o, nb, r, wo))?.permute((1, 0, 2, 3))?
+        };
+        if r == ho {
+            images.push(block);
+            continue;
+        }
+        rows_of_image.push(block);
+        if r0 + r == ho {
+            images.push(Tensor::cat(&rows_of_image, 2)?);
+            rows_of_image.clear();
+        }
     }
-    Ok(if images.len() == 1 {
-        images.pop().expect("one image")
-    } else {
-        Tensor::cat(&images, 0)?
+    Ok(match images.len() {
+        0 => Tensor::zeros((n, o, ho, wo), x.dtype(), x.device())?,
+        1 => images.pop().expect("one block").contiguous()?,
+        _ => Tensor::cat(&images, 0)?,
     })
 }
 
@@ -350,24 +394,15 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
         let (og, kg) = (o / g, cin / g * kh * kw);
         let k = cin * kh * kw;
         let x = x.contiguous()?;
-        // Tiles of whole images, or of output rows of one image, keep the columns under
-        // IM2COL_TILE_BYTES; their products are summed.
-        let size = x.dtype().size_in_bytes();
-        let image_bytes = k * ho * wo * size;
-        let mut tiles = Vec::new();
-        if image_bytes <= IM2COL_TILE_BYTES {
-            let per_tile = (IM2COL_TILE_BYTES / image_bytes.max(1)).clamp(1, n.max(1));
-            for b0 in (0..n).step_by(per_tile) {
-                tiles.push((b0, per_tile.min(n - b0), 0, ho));
-            }
+        // Tiles of whole images, or of output rows of one image, keep the columns under the
+        // budget; their products are summed, in f32 for the half types (each product is rounded
+        // once, as a single GEMM's would be, and the sum is not rounded at every tile).
+        let tiles = tiles(n, ho, k * wo * x.dtype().size_in_bytes(), tile_budget(&x));
+        let sum_dtype = if tiles.len() > 1 && matches!(x.dtype(), DType::F16 | DType::BF16) {
+            DType::F32
         } else {
-            let rows = (IM2COL_TILE_BYTES / (k * wo * size).max(1)).clamp(1, ho.max(1));
-            for b0 in 0..n {
-                for r0 in (0..ho).step_by(rows) {
-                    tiles.push((b0, 1, r0, rows.min(ho - r0)));
-                }
-            }
-        }
+            x.dtype()
+        };
         // Per group, `cols @ dy^T` (`dw^T`) or `dy @ cols^T` (`dw`), summed over tiles: the
         // gemm is fastest with the longer of `Cin/g*kh*kw` and `O/g` as its rows (1.3-2.5x for
         // the tiny model's 16-channel 3x3 and 80-channel 1x1 layers; no difference at ViT-B's
@@ -400,6 +435,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
                 } else {
                     dg.matmul(&gemm_operand(&cg.t()?)?)? // [O/g, Cin/g*kh*kw]
                 };
+                let part = part.to_dtype(sum_dtype)?;
                 *slot = Some(match slot.take() {
                     None => part,
                     Some(sum) => (sum + part)?,
@@ -411,7 +447,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
             .map(|p| match p {
                 Some(p) if cols_first => p.t(),
                 Some(p) => Ok(p),
-                None => Tensor::zeros((og, kg), x.dtype(), x.device()),
+                None => Tensor::zeros((og, kg), sum_dtype, x.device()),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let dw = if g == 1 {
@@ -419,7 +455,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
         } else {
             Tensor::cat(&parts, 0)?
         };
-        Ok(dw.reshape((o, cin / g, kh, kw))?)
+        Ok(dw.to_dtype(x.dtype())?.reshape((o, cin / g, kh, kw))?)
     })
 }
 
@@ -631,24 +667,8 @@ fn deconv_cpu<T: WithDType>(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Ker
     let m = co * kh * kw;
     let wt = gemm_operand(&w.reshape((ci, m))?.t()?)?; // [Co*kh*kw, Ci], column-major view
     let x = x.contiguous()?;
-    // Tiles: (first image, images, first input row, rows).
-    let size = T::DTYPE.size_in_bytes();
-    let image_bytes = m * h * wd * size;
-    let mut tiles = Vec::new();
-    if image_bytes <= IM2COL_TILE_BYTES {
-        let per_tile = (IM2COL_TILE_BYTES / image_bytes).clamp(1, n);
-        for b0 in (0..n).step_by(per_tile) {
-            tiles.push((b0, per_tile.min(n - b0), 0, h));
-        }
-    } else {
-        let rows = (IM2COL_TILE_BYTES / (m * wd * size)).clamp(1, h);
-        for b0 in 0..n {
-            for r0 in (0..h).step_by(rows) {
-                tiles.push((b0, 1, r0, rows.min(h - r0)));
-            }
-        }
-    }
-    for (b0, nb, r0, r) in tiles {
+    // Tiles of images or of input rows.
+    for (b0, nb, r0, r) in tiles(n, h, m * wd * T::DTYPE.size_in_bytes(), IM2COL_TILE_BYTES) {
         let xt = if nb == 1 {
             x.get(b0)?.narrow(1, r0, r)?.contiguous()?.reshape((ci, r * wd))?
         } else {
