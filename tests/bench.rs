@@ -18,6 +18,8 @@ const OPS: &[&str] = &[
     "softmax",
     "layer_norm",
     "conv3x3",
+    "conv3x3_grad_input",
+    "conv3x3_grad_weight",
     "conv1x1",
     "conv_transpose2x2",
     "top_k",
@@ -144,6 +146,10 @@ fn op_list_has_the_vitdet_b_shapes_at_1024() {
     );
     assert_eq!(shapes(row(&list, "softmax")), [vec![12, 4096, 4096]]);
     assert_eq!(shapes(row(&list, "conv3x3"))[0], [1, 256, 256, 256]);
+    assert_eq!(
+        shapes(row(&list, "conv3x3_grad_weight")),
+        [[1, 256, 256, 256], [1, 256, 256, 256]]
+    );
     assert_eq!(shapes(row(&list, "conv1x1"))[1], [256, 768, 1, 1]);
     assert_eq!(shapes(row(&list, "conv_transpose2x2"))[1], [768, 384, 2, 2]);
     let top_k = row(&list, "top_k");

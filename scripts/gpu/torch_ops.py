@@ -3,8 +3,8 @@
 
 The op list (names, IR attributes, input shapes) comes from `vitdet bench --ops --list
 --format json`, so both sides time the same shapes. Every op runs as PyTorch users would write
-it: F.linear, F.conv2d, F.conv_transpose2d, torch.softmax, F.layer_norm, torch.topk, and the
-windowed attention as detectron2 computes it (pad, window partition, the decomposed
+it: F.linear, F.conv2d, F.conv_transpose2d, torch.nn.grad.conv2d_weight, torch.softmax,
+F.layer_norm, torch.topk, and the windowed attention as detectron2 computes it (pad, window partition, the decomposed
 relative-position term) with scaled_dot_product_attention taking that term as a dense bias;
 its backward is autograd through the same function. Timing matches vitdet's: warm-up calls,
 then each call between two synchronizations, median reported. f32 runs with TF32 off (candle's
@@ -135,6 +135,12 @@ def make_call(row, dtype, device):
             op["output_padding"],
             1,
             op["dilation"],
+        )
+    elif kind == "conv2d_grad_weight":
+        x, dy = xs
+        shape = (dy.shape[1], x.shape[1] // op["groups"], *op["kernel"])
+        f = lambda: torch.nn.grad.conv2d_weight(
+            x, shape, dy, op["stride"], op["padding"], op["dilation"], op["groups"]
         )
     elif kind == "top_k":
         f = lambda: torch.topk(xs[0], op["k"], dim=-1)

@@ -14,7 +14,9 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use vitdet_ir::ops::{Conv2d, ConvTranspose2d, LayerNorm, Linear, Softmax, TopK, WindowAttention, WindowRelPos};
+use vitdet_ir::ops::{
+    Conv2d, Conv2dGradWeight, ConvTranspose2d, LayerNorm, Linear, Softmax, TopK, WindowAttention, WindowRelPos,
+};
 use vitdet_ir::{DType, Op, TensorType};
 use vitdet_runtime::{kernels, Device, Tensor};
 
@@ -171,6 +173,33 @@ pub fn cases(scale: usize, dtype: DType) -> Result<Vec<OpCase>> {
         format!("{f}->{f} at {p2}x{p2}, pad 1"),
         Conv2d::same(1).into(),
         vec![(ty(&[1, f, p2, p2]), 1.0), (ty(&[f, f, 3, 3]), 0.02)],
+    )?;
+    // Its backward: the input gradient (a stride-1 transposed convolution of dy) and the weight
+    // gradient.
+    push(
+        "conv3x3_grad_input",
+        format!("{f}->{f} at {p2}x{p2}, pad 1: dy conv_transpose w"),
+        ConvTranspose2d {
+            stride: [1, 1],
+            padding: [1, 1],
+            output_padding: [0, 0],
+            dilation: [1, 1],
+        }
+        .into(),
+        vec![(ty(&[1, f, p2, p2]), 1.0), (ty(&[f, f, 3, 3]), 0.02)],
+    )?;
+    push(
+        "conv3x3_grad_weight",
+        format!("{f}->{f} at {p2}x{p2}, pad 1: x, dy -> dw"),
+        Conv2dGradWeight {
+            stride: [1, 1],
+            padding: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+            kernel: [3, 3],
+        }
+        .into(),
+        vec![(ty(&[1, f, p2, p2]), 1.0), (ty(&[1, f, p2, p2]), 1.0)],
     )?;
     push(
         "conv1x1",
