@@ -16,6 +16,7 @@ pub mod detections;
 pub mod eval;
 pub mod infer;
 pub mod mask;
+pub mod precompile;
 pub mod report;
 pub mod rss;
 pub mod study;

@@ -277,6 +277,8 @@ enum Command {
     /// Time the runtime's kernels on the CPU or a GPU: ViTDet-B's hot ops one by one (`--ops`)
     /// or one end-to-end inference or training step (`--model`).
     Bench(vitdet::bench::cli::BenchArgs),
+    /// Compile the CUDA kernels ahead of time into the kernel cache (NVRTC; no GPU needed).
+    Kernels(vitdet::precompile::KernelsArgs),
     /// Datasets: `synth` writes a synthetic instance-segmentation dataset in COCO layout.
     Data {
         #[command(subcommand)]
@@ -305,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => vitdet::train::cli::run(args)?,
         Command::Demo(args) => vitdet::demo::run(args)?,
         Command::Bench(args) => vitdet::bench::cli::run(args)?,
+        Command::Kernels(args) => vitdet::precompile::run(args)?,
         Command::Compile {
             model,
             image_size,

@@ -413,3 +413,15 @@ fn compile_infer_in_mixed_precision_fuses_and_halves_the_activations() {
     let err = fails(&["compile", "--model", "vitdet-tiny", "--checkpoint", "blocks"]);
     assert!(err.contains("apply to --mode train"), "{err}");
 }
+
+#[test]
+fn kernels_checks_its_arguments_and_needs_a_cuda_build() {
+    let err = fails(&["kernels", "--compute", "sm90"]);
+    assert!(err.contains("--compute `sm90`"), "{err}");
+    let err = fails(&["kernels", "--head-dims", "64,256"]);
+    assert!(err.contains("256 is outside"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let err = fails(&["kernels"]);
+        assert!(err.contains("no CUDA support"), "{err}");
+    }
+}

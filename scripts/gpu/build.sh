@@ -3,6 +3,7 @@
 # carry/ (git-ignored):
 #   carry/vitdet.xz         the CLI: release, --features cuda, stripped, xz-compressed
 #   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda_*.rs, tests/cuda_end_to_end.rs), likewise
+#   carry/kernels/          the CUDA kernels' PTX for CUDA_COMPUTE_CAP (`vitdet kernels`)
 # Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
 # candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
 #
@@ -47,6 +48,15 @@ pack "$CARGO_TARGET_DIR/release/vitdet" carry/vitdet
 while read -r name exe; do
     pack "$exe" "carry/tests/$name"
 done <<<"$tests"
+
+# The CUDA kernels, compiled here (NVRTC needs no GPU, only a libcuda.so.1 to link against: the
+# toolkit's stub) so the GPU session spends no minutes in NVRTC; run.sh points
+# VITDET_KERNEL_CACHE at carry/kernels.
+stub=$(mktemp -d)
+ln -s "$CUDA_HOME/lib64/stubs/libcuda.so" "$stub/libcuda.so.1"
+VITDET_KERNEL_CACHE=$PWD/carry/kernels LD_LIBRARY_PATH=$stub:$CUDA_HOME/lib64 \
+    "$CARGO_TARGET_DIR/release/vitdet" kernels --compute "$CUDA_COMPUTE_CAP"
+rm -rf "$stub"
 
 ls -l carry carry/tests
 total=$(du -sb carry | cut -f1)

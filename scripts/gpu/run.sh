@@ -21,6 +21,8 @@ BUDGET_S=${BUDGET_S:-480}
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The kernels' PTX compiled by build.sh: no NVRTC time here unless a kernel changed since.
+[ -d carry/kernels ] && export VITDET_KERNEL_CACHE=$PWD/carry/kernels
 mkdir -p "$OUT/logs"
 STATUS=$OUT/status.tsv
 : >"$STATUS"

@@ -37,6 +37,22 @@ pub fn modules() -> Vec<sources::Module> {
     ]
 }
 
+/// Every module the runtime loads, in every dtype, with the attention kernels at `head_dims`:
+/// what `vitdet kernels` compiles ahead of time into the kernel cache.
+pub fn runtime_modules(head_dims: &[usize]) -> Vec<sources::Module> {
+    use candle_core::DType;
+    let mut modules = vec![adamw::module(), detection::module()];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        modules.push(im2col::module().for_dtype(dtype));
+        modules.push(norm::module().for_dtype(dtype));
+        modules.push(softmax::module().for_dtype(dtype));
+        for &hd in head_dims {
+            modules.push(window_attention::module_for_head_dim(hd).for_dtype(dtype));
+        }
+    }
+    modules
+}
+
 /// Grid and block of one kernel launch (`#[repr(C)]`: the emulator takes it by value).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
