@@ -3,7 +3,7 @@
 # carry/ (git-ignored):
 #   carry/vitdet.xz         the CLI: release, --features cuda, stripped, xz-compressed
 #   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda_*.rs, tests/cuda_end_to_end.rs), likewise
-#   carry/kernels/          the CUDA kernels' PTX for CUDA_COMPUTE_CAP (`vitdet kernels`)
+#   carry/kernels.tar.xz    the CUDA kernels' PTX for CUDA_COMPUTE_CAP (`vitdet kernels`)
 # Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
 # candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
 #
@@ -30,7 +30,9 @@ tests=$({ cargo test --release --offline --features cuda -p vitdet-runtime --tes
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+    name = m.get("target", {}).get("name", "")
+    # cuda_nvrtc needs no GPU: it runs here (cargo test --features cuda --test cuda_nvrtc).
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and name.startswith("cuda_") and name != "cuda_nvrtc":
         print(m["target"]["name"], m["executable"])
 ')
 if [ -z "$tests" ]; then
@@ -51,11 +53,12 @@ done <<<"$tests"
 
 # The CUDA kernels, compiled here (NVRTC needs no GPU, only a libcuda.so.1 to link against: the
 # toolkit's stub) so the GPU session spends no minutes in NVRTC; run.sh points
-# VITDET_KERNEL_CACHE at carry/kernels.
+# VITDET_KERNEL_CACHE at them, unpacked.
 stub=$(mktemp -d)
 ln -s "$CUDA_HOME/lib64/stubs/libcuda.so" "$stub/libcuda.so.1"
-VITDET_KERNEL_CACHE=$PWD/carry/kernels LD_LIBRARY_PATH=$stub:$CUDA_HOME/lib64 \
+VITDET_KERNEL_CACHE=$stub/kernels LD_LIBRARY_PATH=$stub:$CUDA_HOME/lib64 \
     "$CARGO_TARGET_DIR/release/vitdet" kernels --compute "$CUDA_COMPUTE_CAP"
+tar -C "$stub" -cf - kernels | xz -T2 -6 >carry/kernels.tar.xz
 rm -rf "$stub"
 
 ls -l carry carry/tests

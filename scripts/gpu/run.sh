@@ -21,8 +21,7 @@ BUDGET_S=${BUDGET_S:-480}
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-# The kernels' PTX compiled by build.sh: no NVRTC time here unless a kernel changed since.
-[ -d carry/kernels ] && export VITDET_KERNEL_CACHE=$PWD/carry/kernels
+
 mkdir -p "$OUT/logs"
 STATUS=$OUT/status.tsv
 : >"$STATUS"
@@ -58,6 +57,10 @@ if ! xz -dc carry/vitdet.xz >"$BIN/vitdet"; then
 fi
 chmod +x "$BIN/vitdet"
 V=$BIN/vitdet
+# The kernels' PTX compiled by build.sh: no NVRTC time here unless a kernel changed since.
+if [ -e carry/kernels.tar.xz ] && xz -dc carry/kernels.tar.xz | tar -C "$BIN" -xf -; then
+    export VITDET_KERNEL_CACHE=$BIN/kernels
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
