@@ -41,6 +41,11 @@ pub struct Im2ColTile {
 }
 
 impl Im2ColTile {
+    /// This convolution's tile of images `(b0, nb)` and output rows `(r0, r)`.
+    pub fn tile(&self, images: (usize, usize), rows: (usize, usize)) -> Im2ColTile {
+        Im2ColTile { images, rows, ..*self }
+    }
+
     /// The columns' shape `[C*kh*kw, nb*r*Wo]` for `C` input channels.
     pub fn columns_shape(&self, channels: usize) -> [usize; 2] {
         [

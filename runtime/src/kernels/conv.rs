@@ -207,25 +207,9 @@ fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
         return crate::cuda::im2col::run::columns(x, tile);
     }
     if tile.stride == [1, 1] {
-        return Ok(x.apply_op1_no_bwd(&Im2Col {
-            kernel: tile.kernel,
-            padding: tile.padding,
-            dilation: tile.dilation,
-            out_w: tile.out_w,
-            images: tile.images,
-            rows: tile.rows,
-        })?);
+        return Ok(x.apply_op1_no_bwd(&Im2Col(*tile))?);
     }
-    let strided = StridedIm2Col {
-        kernel: tile.kernel,
-        stride: tile.stride,
-        padding: tile.padding,
-        dilation: tile.dilation,
-        out_w: tile.out_w,
-        images: tile.images,
-        rows: tile.rows,
-    };
-    Ok(strided.apply(x)?)
+    Ok(StridedIm2Col(*tile).apply(x)?)
 }
 
 /// Stride-1, ungrouped convolution as im2col + gemm (on the CPU, and on CUDA with its im2col
@@ -238,43 +222,37 @@ fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
 /// f32 / f64 build the columns on the host in one pass (`im2col_conv_host`), 15-35 % faster
 /// again than stacking candle views for the Mask R-CNN heads and the stride-4 pyramid level.
 fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    // The whole convolution as a tile; each tile narrows its images and rows.
+    let whole = Im2ColTile {
+        kernel: [kh, kw],
+        stride: [1, 1],
+        padding,
+        dilation,
+        out_w: wd + 2 * padding[1] - dilation[1] * (kw - 1),
+        images: (0, x.dim(0)?),
+        rows: (0, h + 2 * padding[0] - dilation[0] * (kh - 1)),
+    };
     match x.dtype() {
-        DType::F32 if x.device().is_cpu() => im2col_conv_host::<f32>(x, w, padding, dilation),
-        DType::F64 if x.device().is_cpu() => im2col_conv_host::<f64>(x, w, padding, dilation),
-        _ => im2col_conv_tiles(x, w, padding, dilation),
+        DType::F32 if x.device().is_cpu() => im2col_conv_host::<f32>(x, w, &whole),
+        DType::F64 if x.device().is_cpu() => im2col_conv_host::<f64>(x, w, &whole),
+        _ => im2col_conv_tiles(x, w, &whole),
     }
 }
 
 /// [`im2col_conv`] for f32 / f64: each tile's column matrix is built in one pass from the
 /// contiguous input ([`Im2Col`], padding applied on the fly), multiplied by the weight, and the
 /// `[O, nb, r, Wo]` product is copied once into its place in the `[N, O, Ho, Wo]` output.
-fn im2col_conv_host<T: WithDType>(
-    x: &Tensor,
-    w: &Tensor,
-    padding: [usize; 2],
-    dilation: [usize; 2],
-) -> KernelResult<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
+fn im2col_conv_host<T: WithDType>(x: &Tensor, w: &Tensor, whole: &Im2ColTile) -> KernelResult<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
-    let [ph, pw] = padding;
-    let [dh, dw] = dilation;
-    let (ho, wo) = (h + 2 * ph - dh * (kh - 1), wd + 2 * pw - dw * (kw - 1));
+    let (ho, wo) = (whole.rows.1, whole.out_w);
     let k = c * kh * kw;
     let w2 = w.reshape((o, k))?;
     let x = x.contiguous()?;
     let hw = ho * wo;
-    let columns = |b0: usize, nb: usize, r0: usize, r: usize| {
-        let tile = Im2ColTile {
-            kernel: [kh, kw],
-            stride: [1, 1],
-            padding,
-            dilation,
-            out_w: wo,
-            images: (b0, nb),
-            rows: (r0, r),
-        };
-        columns(&x, &tile)
-    };
+    let columns = |b0: usize, nb: usize, r0: usize, r: usize| columns(&x, &whole.tile((b0, nb), (r0, r)));
     let tiles = tiles(n, ho, k * wo * T::DTYPE.size_in_bytes(), IM2COL_TILE_BYTES);
     if n == 1 && tiles.len() == 1 {
         return Ok(w2.matmul(&columns(0, 1, 0, ho)?)?.reshape((1, o, ho, wo))?);
@@ -305,11 +283,11 @@ fn im2col_conv_host<T: WithDType>(
 /// [`im2col_conv`] with candle ops around the columns: those of the device's im2col kernel
 /// (CUDA), or, where there is none (f16 on the CPU), stacked from shifted views of the padded
 /// input.
-fn im2col_conv_tiles(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
+fn im2col_conv_tiles(x: &Tensor, w: &Tensor, whole: &Im2ColTile) -> KernelResult<Tensor> {
+    let (n, c, _, _) = x.dims4()?;
     let (o, _, kh, kw) = w.dims4()?;
-    let [ph, pw] = padding;
-    let [dh, dw] = dilation;
+    let ([ph, pw], [dh, dw]) = (whole.padding, whole.dilation);
+    let (ho, wo) = (whole.rows.1, whole.out_w);
     let by_kernel = columns_supported(x);
     let x = x.contiguous()?;
     let xp = if by_kernel {
@@ -317,7 +295,6 @@ fn im2col_conv_tiles(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usi
     } else {
         x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?
     };
-    let (ho, wo) = (h + 2 * ph - dh * (kh - 1), wd + 2 * pw - dw * (kw - 1));
     let k = c * kh * kw;
     let w2 = w.reshape((o, k))?;
     // The `kh * kw` shifted windows of output rows `r0..r0 + r` of images `b0..b0 + nb`,
@@ -325,16 +302,7 @@ fn im2col_conv_tiles(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usi
     // batch of RoIs is thousands of tiny images).
     let columns = |b0: usize, nb: usize, r0: usize, r: usize| -> KernelResult<Tensor> {
         if by_kernel {
-            let tile = Im2ColTile {
-                kernel: [kh, kw],
-                stride: [1, 1],
-                padding,
-                dilation,
-                out_w: wo,
-                images: (b0, nb),
-                rows: (r0, r),
-            };
-            return columns(&x, &tile);
+            return columns(&x, &whole.tile((b0, nb), (r0, r)));
         }
         let mut windows = Vec::with_capacity(kh * kw);
         for a in 0..kh {
@@ -397,6 +365,15 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
         // Tiles of whole images, or of output rows of one image, keep the columns under the
         // budget; their products are summed, in f32 for the half types (each product is rounded
         // once, as a single GEMM's would be, and the sum is not rounded at every tile).
+        let whole = Im2ColTile {
+            kernel: op.kernel,
+            stride: op.stride,
+            padding: op.padding,
+            dilation: op.dilation,
+            out_w: wo,
+            images: (0, n),
+            rows: (0, ho),
+        };
         let tiles = tiles(n, ho, k * wo * x.dtype().size_in_bytes(), tile_budget(&x));
         let sum_dtype = if tiles.len() > 1 && matches!(x.dtype(), DType::F16 | DType::BF16) {
             DType::F32
@@ -410,16 +387,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
         let cols_first = kg >= og;
         let mut acc: Vec<Option<Tensor>> = vec![None; g];
         for (b0, nb, r0, r) in tiles {
-            let tile = Im2ColTile {
-                kernel: op.kernel,
-                stride: op.stride,
-                padding: op.padding,
-                dilation: op.dilation,
-                out_w: wo,
-                images: (b0, nb),
-                rows: (r0, r),
-            };
-            let cols = columns(&x, &tile)?; // [Cin*kh*kw, nb*r*Wo]
+            let cols = columns(&x, &whole.tile((b0, nb), (r0, r)))?; // [Cin*kh*kw, nb*r*Wo]
             let dyt = if nb == 1 {
                 dy.get(b0)?.narrow(1, r0, r)?.contiguous()?.reshape((o, r * wo))?
             } else {
@@ -658,7 +626,7 @@ fn deconv_cpu<T: WithDType>(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Ker
         // and pyramid's 3x3 convolutions.
         let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
         let pad = [reach[0] - op.padding[0], reach[1] - op.padding[1]];
-        return im2col_conv_host::<T>(x, &wf, pad, op.dilation);
+        return im2col_conv(x, &wf, pad, op.dilation);
     }
     let mut out = vec![T::zero(); n * co * plane];
     if n == 0 || ci == 0 || co == 0 {

@@ -6,6 +6,7 @@
 //! They take contiguous f32 or f64 data (callers convert half types to f32 and make inputs
 //! contiguous), parallelize with rayon, and compute statistics with f64 accumulators.
 
+use crate::cuda::im2col::Im2ColTile;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -117,24 +118,18 @@ fn contiguous_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout
 /// `(c, a, b)` holding `x[b0 + i, c, y + a * dh - ph, z + b * dw - pw]` (zero outside the
 /// input) at column `(i, y - r0, z)`, for images `b0..b0 + nb` and output rows `r0..r0 + r`.
 /// Parallel over the rows of the column matrix.
-pub(crate) struct Im2Col {
-    pub kernel: [usize; 2],
-    pub padding: [usize; 2],
-    pub dilation: [usize; 2],
-    pub out_w: usize,
-    pub images: (usize, usize),
-    pub rows: (usize, usize),
-}
+/// The tile's stride must be 1 (callers with other strides use `StridedIm2Col`).
+pub(crate) struct Im2Col(pub Im2ColTile);
 
 impl Im2Col {
     fn build<T: candle_core::WithDType>(&self, src: &[T], dims: &[usize]) -> Vec<T> {
         let (c, h, w) = (dims[1], dims[2], dims[3]);
-        let [kh, kw] = self.kernel;
-        let [ph, pw] = self.padding;
-        let [dh, dw] = self.dilation;
-        let wo = self.out_w;
-        let (b0, nb) = self.images;
-        let (r0, r) = self.rows;
+        let [kh, kw] = self.0.kernel;
+        let [ph, pw] = self.0.padding;
+        let [dh, dw] = self.0.dilation;
+        let wo = self.0.out_w;
+        let (b0, nb) = self.0.images;
+        let (r0, r) = self.0.rows;
         let cols = nb * r * wo;
         let len = c * kh * kw * cols;
         let mut out: Vec<T> = Vec::with_capacity(len);
@@ -196,8 +191,8 @@ impl CustomOp1 for Im2Col {
             bail!("{}: expected a rank-4 input, got {dims:?}", self.name());
         }
         let shape = Shape::from((
-            dims[1] * self.kernel[0] * self.kernel[1],
-            self.images.1 * self.rows.1 * self.out_w,
+            dims[1] * self.0.kernel[0] * self.0.kernel[1],
+            self.0.images.1 * self.0.rows.1 * self.0.out_w,
         ));
         let out = match s {
             CpuStorage::F32(_) => CpuStorage::F32(self.build(contiguous_slice::<f32>(s, l, self.name())?, dims)),

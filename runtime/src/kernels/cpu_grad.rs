@@ -4,6 +4,7 @@
 //! other devices' data to the host, or take a candle-op path), accumulate in f64 and parallelize
 //! with rayon.
 
+use crate::cuda::im2col::Im2ColTile;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -412,25 +413,17 @@ pub(crate) fn resize_grad(
 /// `[N, C, H, W]` input: `[C * kh * kw, nb * r * Wo]`, row `(c, a, b)` holding
 /// `x[b0 + i, c, (r0 + y) sh + a dh - ph, z sw + b dw - pw]` (zero outside the input) at column
 /// `(i, y, z)`, for images `b0..b0 + nb` and output rows `r0..r0 + r`.
-pub(crate) struct StridedIm2Col {
-    pub kernel: [usize; 2],
-    pub stride: [usize; 2],
-    pub padding: [usize; 2],
-    pub dilation: [usize; 2],
-    pub out_w: usize,
-    pub images: (usize, usize),
-    pub rows: (usize, usize),
-}
+pub(crate) struct StridedIm2Col(pub Im2ColTile);
 
 impl StridedIm2Col {
     pub(crate) fn build<T: WithDType>(&self, src: &[T], [c, h, w]: [usize; 3]) -> Vec<T> {
-        let [kh, kw] = self.kernel;
-        let [sh, sw] = self.stride;
-        let [ph, pw] = self.padding;
-        let [dh, dw] = self.dilation;
-        let wo = self.out_w;
-        let (b0, nb) = self.images;
-        let (r0, r) = self.rows;
+        let [kh, kw] = self.0.kernel;
+        let [sh, sw] = self.0.stride;
+        let [ph, pw] = self.0.padding;
+        let [dh, dw] = self.0.dilation;
+        let wo = self.0.out_w;
+        let (b0, nb) = self.0.images;
+        let (r0, r) = self.0.rows;
         let cols = nb * r * wo;
         let mut out = vec![T::zero(); c * kh * kw * cols];
         if cols == 0 {
@@ -478,8 +471,8 @@ impl StridedIm2Col {
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
         let shape = (
-            c * self.kernel[0] * self.kernel[1],
-            self.images.1 * self.rows.1 * self.out_w,
+            c * self.0.kernel[0] * self.0.kernel[1],
+            self.0.images.1 * self.0.rows.1 * self.0.out_w,
         );
         match x.dtype() {
             DType::F32 => Tensor::from_vec(
