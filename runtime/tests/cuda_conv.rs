@@ -6,8 +6,12 @@
 //!
 //! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
 //! in f32 and differ only in summation order over K = C*kh*kw <= 576 products (a few 1e-7).
-//! f16 2e-3 and bf16 1e-2: the same half inputs, f32 accumulation on both sides, one rounding
-//! of the output (2^-11 and 2^-8 relative per element); the CPU widens the inputs to f32.
+//! f16 3e-3 and bf16 1e-2: the same half inputs; the GPU accumulates in f32 and rounds the
+//! output once (2^-11 and 2^-8 relative per element). On the CPU, bf16 is widened to f32, but
+//! f16 runs in f16 kernels whose weight gradient is itself a convolution: measured against
+//! f32 on these shapes, the CPU's f16 is off by 4e-4 (forward, input gradient) and 1e-3
+//! (weight gradient), its bf16 by 2.9e-3, so the GPU-CPU difference of either stays below the
+//! bounds.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -20,7 +24,7 @@ use vitdet_runtime::kernels::conv::{conv2d, conv2d_grad_weight, conv_transpose2d
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 1e-5,
-        DType::F16 => 2e-3,
+        DType::F16 => 3e-3,
         _ => 1e-2,
     }
 }
