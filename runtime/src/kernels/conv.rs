@@ -8,11 +8,13 @@
 //! candle's transposed-convolution weight layout is PyTorch's, `[C_in, C_out, kh, kw]`, so
 //! weights are used as loaded.
 //!
-//! Stride-1 ungrouped convolutions with a kernel larger than 1x1 run as tiled im2col + gemm
-//! (`im2col_conv`): on the CPU about twice as fast as candle's CPU kernel; on CUDA the columns
-//! come from the runtime's im2col kernel (`cuda::im2col`) in `[C*kh*kw, positions]` order, so
-//! one cuBLAS GEMM per tile yields NCHW directly, where candle's CUDA convolution gathers
-//! `[positions, C*kh*kw]` columns with scattered reads and transposes its product. Transposed
+//! Ungrouped convolutions run as tiled im2col + gemm (`im2col_conv`): on the CPU those of stride
+//! 1 with a kernel larger than 1x1, about twice as fast as candle's CPU kernel; on CUDA all of
+//! them, with the columns from the runtime's im2col kernel (`cuda::im2col`) in
+//! `[C*kh*kw, positions]` order, so one cuBLAS GEMM per tile yields NCHW directly, where
+//! candle's CUDA convolution gathers `[positions, C*kh*kw]` columns with scattered reads and
+//! transposes its product. 1x1 stride-1 convolutions of a few images are one GEMM per image
+//! (`pointwise_conv`). Transposed
 //! convolutions (the input gradients of every `conv2d` in training) never use candle's CPU
 //! kernel, a direct loop 10-25x slower (`deconv_cpu`): stride 1 runs as the flipped-kernel
 //! convolution on the im2col path, every other attribute set as `w^T @ x` per tile plus a
@@ -76,8 +78,11 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
         return patchify_conv(x, w);
     }
-    if op.stride == [1, 1] && op.groups == 1 && [kh, kw] != [1, 1] && (x.device().is_cpu() || device_columns(x)) {
-        return im2col_conv(x, w, op.padding, op.dilation);
+    // im2col + GEMM: stride 1 and kernels over 1x1 on the CPU; any ungrouped convolution where
+    // the device has an im2col kernel.
+    let cpu_im2col = x.device().is_cpu() && op.stride == [1, 1] && [kh, kw] != [1, 1];
+    if op.groups == 1 && (cpu_im2col || device_columns(x)) {
+        return im2col_conv(x, w, op);
     }
     // Asymmetric padding: pad explicitly.
     let (x, pad) = if ph == pw {
@@ -212,8 +217,8 @@ fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
     Ok(StridedIm2Col(*tile).apply(x)?)
 }
 
-/// Stride-1, ungrouped convolution as im2col + gemm (on the CPU, and on CUDA with its im2col
-/// kernel), over tiles of output rows (or,
+/// Ungrouped convolution as im2col + gemm (stride 1 on the CPU; any stride on CUDA, with its
+/// im2col kernel), over tiles of output rows (or,
 /// for batches of small maps, of whole images) so the column buffer stays under
 /// `IM2COL_TILE_BYTES`: for each tile, the `kh * kw` shifted windows of the padded input form
 /// `[C * kh * kw, images * rows * Wo]` columns, multiplied by the `[O, C * kh * kw]` weight.
@@ -221,18 +226,29 @@ fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
 /// heads (0.43 s vs 0.80 s for 256 -> 256 channels at 128 x 128 on the 2-core development VM);
 /// f32 / f64 build the columns on the host in one pass (`im2col_conv_host`), 15-35 % faster
 /// again than stacking candle views for the Mask R-CNN heads and the stride-4 pyramid level.
-fn im2col_conv(x: &Tensor, w: &Tensor, padding: [usize; 2], dilation: [usize; 2]) -> KernelResult<Tensor> {
-    let (_, _, h, wd) = x.dims4()?;
+fn im2col_conv(x: &Tensor, w: &Tensor, op: &Conv2d) -> KernelResult<Tensor> {
+    let (n, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
+    // Output size along one axis, or None when the kernel's span exceeds the padded input.
+    let out = |size: usize, d: usize, k: usize| {
+        (size + 2 * op.padding[d])
+            .checked_sub(op.dilation[d] * (k - 1) + 1)
+            .map(|v| v / op.stride[d] + 1)
+    };
+    let (Some(ho), Some(wo)) = (out(h, 0, kh), out(wd, 1, kw)) else {
+        return Err(KernelError::Unsupported(format!(
+            "conv2d {op:?}: kernel {kh}x{kw} larger than the padded {h}x{wd} input"
+        )));
+    };
     // The whole convolution as a tile; each tile narrows its images and rows.
     let whole = Im2ColTile {
         kernel: [kh, kw],
-        stride: [1, 1],
-        padding,
-        dilation,
-        out_w: wd + 2 * padding[1] - dilation[1] * (kw - 1),
-        images: (0, x.dim(0)?),
-        rows: (0, h + 2 * padding[0] - dilation[0] * (kh - 1)),
+        stride: op.stride,
+        padding: op.padding,
+        dilation: op.dilation,
+        out_w: wo,
+        images: (0, n),
+        rows: (0, ho),
     };
     match x.dtype() {
         DType::F32 if x.device().is_cpu() => im2col_conv_host::<f32>(x, w, &whole),
@@ -289,6 +305,14 @@ fn im2col_conv_tiles(x: &Tensor, w: &Tensor, whole: &Im2ColTile) -> KernelResult
     let ([ph, pw], [dh, dw]) = (whole.padding, whole.dilation);
     let (ho, wo) = (whole.rows.1, whole.out_w);
     let by_kernel = columns_supported(x);
+    if !by_kernel && whole.stride != [1, 1] {
+        return Err(KernelError::Unsupported(format!(
+            "im2col convolution of stride {:?} needs an im2col kernel for {:?} on {:?}",
+            whole.stride,
+            x.dtype(),
+            x.device().location()
+        )));
+    }
     let x = x.contiguous()?;
     let xp = if by_kernel {
         x.clone()
@@ -626,7 +650,13 @@ fn deconv_cpu<T: WithDType>(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Ker
         // and pyramid's 3x3 convolutions.
         let wf = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
         let pad = [reach[0] - op.padding[0], reach[1] - op.padding[1]];
-        return im2col_conv(x, &wf, pad, op.dilation);
+        let conv = Conv2d {
+            stride: [1, 1],
+            padding: pad,
+            dilation: op.dilation,
+            groups: 1,
+        };
+        return im2col_conv(x, &wf, &conv);
     }
     let mut out = vec![T::zero(); n * co * plane];
     if n == 0 || ci == 0 || co == 0 {
