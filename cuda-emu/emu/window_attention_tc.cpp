@@ -20,28 +20,32 @@ using namespace tc16;
 WA_TC_LAUNCHER(f16_t, f16)
 WA_TC_LAUNCHER(bf16_t, bf16)
 
-// The decomposed term's tables for the same head dim (the forward's first kernel).
-extern "C" void emu_window_attention_rel_tables_tc_f16(Launch l, const f16_t* qkv, const f16_t* bias,
-                                                       const f16_t* rh, const f16_t* rw, float* relh, float* relw,
-                                                       WinGeom g) {
-    emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,
-                [&] { wa_rel_tables<f16_t>(qkv, bias, rh, rw, relh, relw, g); });
-}
-
-// The tensor-core backward's kernels (f16) and the decomposed tables' gradient for this head dim.
-EMU_LAUNCHER(window_attention_bwd_dsum_tc_f16, (Launch l, const f16_t* out, const f16_t* dout, float* dsum, WinGeom g),
-             (out, dout, dsum, g))
-EMU_LAUNCHER_SMEM(window_attention_bwd_tc_f16, smem,
-                  (Launch l, unsigned smem, const f16_t* qkv, const f16_t* bias, const float* relh, const float* relw,
-                   const f16_t* relbias, const f16_t* dout, const float* lse, const float* dsum, float* dq,
-                   float* drelh, float* drelw, float* drelbias, float* dbias, f16_t* dqkv, WinGeom g),
-                  (qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, g))
-EMU_LAUNCHER(window_attention_bwd_dq_tc_f16,
-             (Launch l, const float* dq, const float* drelh, const float* drelw, const f16_t* rh, const f16_t* rw,
-              f16_t* dqkv, WinGeom g),
-             (dq, drelh, drelw, rh, rw, dqkv, g))
-extern "C" void emu_window_attention_rel_tables_grad_tc_f16(Launch l, const f16_t* qkv, const f16_t* bias,
-                                                            const float* drel, float* dr, WinGeom g, int axis) {
-    emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,
-                [&] { wa_rel_tables_grad<f16_t>(qkv, bias, drel, dr, g, axis); });
-}
+// The decomposed term's tables, the tensor-core backward's kernels and the tables' gradient,
+// for the same head dim.
+#define WA_TC_SIDE_LAUNCHERS(T, S)                                                                         \
+    extern "C" void emu_window_attention_rel_tables_tc_##S(Launch l, const T* qkv, const T* bias,         \
+                                                           const T* rh, const T* rw, float* relh,         \
+                                                           float* relw, WinGeom g) {                      \
+        emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,  \
+                    [&] { wa_rel_tables<T>(qkv, bias, rh, rw, relh, relw, g); });                          \
+    }                                                                                                     \
+    EMU_LAUNCHER(window_attention_bwd_dsum_tc_##S, (Launch l, const T* out, const T* dout, float* dsum, WinGeom g), \
+                 (out, dout, dsum, g))                                                                    \
+    EMU_LAUNCHER_SMEM(window_attention_bwd_tc_##S, smem,                                                  \
+                      (Launch l, unsigned smem, const T* qkv, const T* bias, const float* relh,          \
+                       const float* relw, const T* relbias, const T* dout, const float* lse,             \
+                       const float* dsum, float* dq, float* drelh, float* drelw, float* drelbias,        \
+                       float* dbias, T* dqkv, WinGeom g),                                                 \
+                      (qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, g)) \
+    EMU_LAUNCHER(window_attention_bwd_dq_tc_##S,                                                          \
+                 (Launch l, const float* dq, const float* drelh, const float* drelw, const T* rh, const T* rw, \
+                  T* dqkv, WinGeom g),                                                                    \
+                 (dq, drelh, drelw, rh, rw, dqkv, g))                                                     \
+    extern "C" void emu_window_attention_rel_tables_grad_tc_##S(Launch l, const T* qkv, const T* bias,    \
+                                                                const float* drel, float* dr, WinGeom g,  \
+                                                                int axis) {                               \
+        emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), 0,  \
+                    [&] { wa_rel_tables_grad<T>(qkv, bias, drel, dr, g, axis); });                         \
+    }
+WA_TC_SIDE_LAUNCHERS(f16_t, f16)
+WA_TC_SIDE_LAUNCHERS(bf16_t, bf16)

@@ -1,6 +1,6 @@
 //! The fused window-attention kernels (built with head dim [`HEAD_DIM`]).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad, WindowRelPos};
 use vitdet_ir::{DType as IrDType, TensorType};
 use vitdet_runtime::cuda::window_attention::WinGeom;
@@ -69,73 +69,6 @@ mod ffi {
             relh: *mut f32,
             relw: *mut f32,
             g: WinGeom,
-        );
-        pub fn emu_window_attention_fwd_tc_f16(
-            l: Launch,
-            smem: u32,
-            qkv: *const u16,
-            bias: *const u16,
-            relh: *const f32,
-            relw: *const f32,
-            relbias: *const u16,
-            out: *mut u16,
-            lse: *mut f32,
-            g: WinGeom,
-        );
-        pub fn emu_window_attention_rel_tables_tc_f16(
-            l: Launch,
-            qkv: *const u16,
-            bias: *const u16,
-            rh: *const u16,
-            rw: *const u16,
-            relh: *mut f32,
-            relw: *mut f32,
-            g: WinGeom,
-        );
-        pub fn emu_window_attention_bwd_dsum_tc_f16(
-            l: Launch,
-            out: *const u16,
-            dout: *const u16,
-            dsum: *mut f32,
-            g: WinGeom,
-        );
-        pub fn emu_window_attention_bwd_tc_f16(
-            l: Launch,
-            smem: u32,
-            qkv: *const u16,
-            bias: *const u16,
-            relh: *const f32,
-            relw: *const f32,
-            relbias: *const u16,
-            dout: *const u16,
-            lse: *const f32,
-            dsum: *const f32,
-            dq: *mut f32,
-            drelh: *mut f32,
-            drelw: *mut f32,
-            drelbias: *mut f32,
-            dbias: *mut f32,
-            dqkv: *mut u16,
-            g: WinGeom,
-        );
-        pub fn emu_window_attention_bwd_dq_tc_f16(
-            l: Launch,
-            dq: *const f32,
-            drelh: *const f32,
-            drelw: *const f32,
-            rh: *const u16,
-            rw: *const u16,
-            dqkv: *mut u16,
-            g: WinGeom,
-        );
-        pub fn emu_window_attention_rel_tables_grad_tc_f16(
-            l: Launch,
-            qkv: *const u16,
-            bias: *const u16,
-            drel: *const f32,
-            dr: *mut f32,
-            g: WinGeom,
-            axis: i32,
         );
         pub fn emu_window_attention_rel_tables_grad_f32(
             l: Launch,
@@ -329,19 +262,171 @@ pub fn window_attention_grad(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<V
     Ok(grads)
 }
 
-/// f16 elements of a CPU tensor, as bits.
-fn host_f16(t: &Tensor) -> Result<Vec<u16>> {
-    let v = t
-        .to_dtype(candle_core::DType::F16)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<half::f16>())
-        .map_err(|e| e.to_string())?;
-    Ok(v.into_iter().map(|x| x.to_bits()).collect())
+/// The tensor-core kernels of one half type: element pointers are the 16-bit values' bits.
+struct TcKernels {
+    fwd: unsafe extern "C" fn(
+        Launch,
+        u32,
+        *const u16,
+        *const u16,
+        *const f32,
+        *const f32,
+        *const u16,
+        *mut u16,
+        *mut f32,
+        WinGeom,
+    ),
+    rel_tables:
+        unsafe extern "C" fn(Launch, *const u16, *const u16, *const u16, *const u16, *mut f32, *mut f32, WinGeom),
+    bwd_dsum: unsafe extern "C" fn(Launch, *const u16, *const u16, *mut f32, WinGeom),
+    #[allow(clippy::type_complexity)]
+    bwd: unsafe extern "C" fn(
+        Launch,
+        u32,
+        *const u16,
+        *const u16,
+        *const f32,
+        *const f32,
+        *const u16,
+        *const u16,
+        *const f32,
+        *const f32,
+        *mut f32,
+        *mut f32,
+        *mut f32,
+        *mut f32,
+        *mut f32,
+        *mut u16,
+        WinGeom,
+    ),
+    bwd_dq: unsafe extern "C" fn(Launch, *const f32, *const f32, *const f32, *const u16, *const u16, *mut u16, WinGeom),
+    rel_tables_grad: unsafe extern "C" fn(Launch, *const u16, *const u16, *const f32, *mut f32, WinGeom, i32),
 }
 
-/// The f16 inputs of one tensor-core application (head dim [`TC_HEAD_DIM`]), with the
-/// decomposed term's tables built by the emulated `rel_tables` kernel.
+/// The emulator's entry points for one half type, by name (`emu/window_attention_tc.cpp`).
+macro_rules! tc_kernels {
+    ($fwd:ident, $rel_tables:ident, $bwd_dsum:ident, $bwd:ident, $bwd_dq:ident, $rel_tables_grad:ident) => {{
+        extern "C" {
+            fn $fwd(
+                l: Launch,
+                smem: u32,
+                qkv: *const u16,
+                bias: *const u16,
+                relh: *const f32,
+                relw: *const f32,
+                relbias: *const u16,
+                out: *mut u16,
+                lse: *mut f32,
+                g: WinGeom,
+            );
+            fn $rel_tables(
+                l: Launch,
+                qkv: *const u16,
+                bias: *const u16,
+                rh: *const u16,
+                rw: *const u16,
+                relh: *mut f32,
+                relw: *mut f32,
+                g: WinGeom,
+            );
+            fn $bwd_dsum(l: Launch, out: *const u16, dout: *const u16, dsum: *mut f32, g: WinGeom);
+            fn $bwd(
+                l: Launch,
+                smem: u32,
+                qkv: *const u16,
+                bias: *const u16,
+                relh: *const f32,
+                relw: *const f32,
+                relbias: *const u16,
+                dout: *const u16,
+                lse: *const f32,
+                dsum: *const f32,
+                dq: *mut f32,
+                drelh: *mut f32,
+                drelw: *mut f32,
+                drelbias: *mut f32,
+                dbias: *mut f32,
+                dqkv: *mut u16,
+                g: WinGeom,
+            );
+            fn $bwd_dq(
+                l: Launch,
+                dq: *const f32,
+                drelh: *const f32,
+                drelw: *const f32,
+                rh: *const u16,
+                rw: *const u16,
+                dqkv: *mut u16,
+                g: WinGeom,
+            );
+            fn $rel_tables_grad(
+                l: Launch,
+                qkv: *const u16,
+                bias: *const u16,
+                drel: *const f32,
+                dr: *mut f32,
+                g: WinGeom,
+                axis: i32,
+            );
+        }
+        TcKernels {
+            fwd: $fwd,
+            rel_tables: $rel_tables,
+            bwd_dsum: $bwd_dsum,
+            bwd: $bwd,
+            bwd_dq: $bwd_dq,
+            rel_tables_grad: $rel_tables_grad,
+        }
+    }};
+}
+
+/// The tensor-core kernels for `dtype` (f16 or bf16).
+fn tc_kernels(dtype: DType) -> Result<TcKernels> {
+    Ok(match dtype {
+        DType::F16 => tc_kernels!(
+            emu_window_attention_fwd_tc_f16,
+            emu_window_attention_rel_tables_tc_f16,
+            emu_window_attention_bwd_dsum_tc_f16,
+            emu_window_attention_bwd_tc_f16,
+            emu_window_attention_bwd_dq_tc_f16,
+            emu_window_attention_rel_tables_grad_tc_f16
+        ),
+        DType::BF16 => tc_kernels!(
+            emu_window_attention_fwd_tc_bf16,
+            emu_window_attention_rel_tables_tc_bf16,
+            emu_window_attention_bwd_dsum_tc_bf16,
+            emu_window_attention_bwd_tc_bf16,
+            emu_window_attention_bwd_dq_tc_bf16,
+            emu_window_attention_rel_tables_grad_tc_bf16
+        ),
+        t => return Err(format!("the tensor-core kernels take f16 or bf16, not {t:?}")),
+    })
+}
+
+/// The elements of a CPU tensor rounded to `dtype` (f16 or bf16), as bits.
+fn host_half(t: &Tensor, dtype: DType) -> Result<Vec<u16>> {
+    let t = t
+        .to_dtype(dtype)
+        .and_then(|t| t.flatten_all())
+        .map_err(|e| e.to_string())?;
+    let bits = match dtype {
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .map(|v| v.into_iter().map(|x| x.to_bits()).collect()),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()
+            .map(|v| v.into_iter().map(|x| x.to_bits()).collect()),
+        t => return Err(format!("expected f16 or bf16, not {t:?}")),
+    };
+    bits.map_err(|e| e.to_string())
+}
+
+/// The f16 / bf16 inputs of one tensor-core application (head dim [`TC_HEAD_DIM`], the dtype
+/// of the first input), with the decomposed term's tables built by the emulated `rel_tables`
+/// kernel.
 struct TcInputs {
+    dtype: DType,
+    kernels: TcKernels,
     g: WinGeom,
     inputs: Vec<Vec<u16>>,
     bias: Option<usize>,
@@ -353,6 +438,8 @@ struct TcInputs {
 
 impl TcInputs {
     fn new(op: &WindowAttention, x: &[Tensor]) -> Result<TcInputs> {
+        let dtype = x[0].dtype();
+        let kernels = tc_kernels(dtype)?;
         let geometry = op.geometry(&TensorType::new(IrDType::F16, x[0].dims().to_vec()))?;
         let g = WinGeom::new(op, &geometry)?;
         if geometry.head_dim != TC_HEAD_DIM {
@@ -361,7 +448,7 @@ impl TcInputs {
                 geometry.head_dim
             ));
         }
-        let inputs: Vec<Vec<u16>> = x.iter().map(host_f16).collect::<Result<_>>()?;
+        let inputs: Vec<Vec<u16>> = x.iter().map(|t| host_half(t, dtype)).collect::<Result<_>>()?;
         let bias = op.qkv_bias.then_some(1);
         let next = 1 + op.qkv_bias as usize;
         let (rh, relbias) = match op.rel_pos {
@@ -370,6 +457,8 @@ impl TcInputs {
             WindowRelPos::Bias => (None, Some(next)),
         };
         let mut t = TcInputs {
+            dtype,
+            kernels,
             g,
             inputs,
             bias,
@@ -382,7 +471,7 @@ impl TcInputs {
             t.relh = vec![0.0; g.rows() * g.wh as usize];
             t.relw = vec![0.0; g.rows() * g.ww as usize];
             unsafe {
-                ffi::emu_window_attention_rel_tables_tc_f16(
+                (t.kernels.rel_tables)(
                     g.rel_tables(),
                     t.inputs[0].as_ptr(),
                     t.ptr(bias),
@@ -403,19 +492,33 @@ impl TcInputs {
     }
 }
 
-fn tensor_f16(v: Vec<u16>, shape: &[usize]) -> Result<Tensor> {
-    let v: Vec<half::f16> = v.into_iter().map(half::f16::from_bits).collect();
-    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).map_err(|e| e.to_string())
+/// A CPU tensor of `dtype` (f16 or bf16) from the values' bits.
+fn tensor_half(v: Vec<u16>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let device = &candle_core::Device::Cpu;
+    match dtype {
+        DType::F16 => Tensor::from_vec(
+            v.into_iter().map(half::f16::from_bits).collect::<Vec<_>>(),
+            shape,
+            device,
+        ),
+        _ => Tensor::from_vec(
+            v.into_iter().map(half::bf16::from_bits).collect::<Vec<_>>(),
+            shape,
+            device,
+        ),
+    }
+    .map_err(|e| e.to_string())
 }
 
-/// The tensor-core forward on f16 inputs (head dim [`TC_HEAD_DIM`]): `[out (f16), lse (f32)]`.
-pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
+/// The tensor-core forward on f16 or bf16 inputs (head dim [`TC_HEAD_DIM`]): `[out (the
+/// inputs' dtype), lse (f32)]`.
+pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
     let t = TcInputs::new(op, x)?;
     let g = t.g;
     let mut out = vec![0u16; g.out_elems()];
     let mut lse = vec![0f32; g.rows()];
     unsafe {
-        ffi::emu_window_attention_fwd_tc_f16(
+        (t.kernels.fwd)(
             g.attention_tc(),
             g.tc_shared_bytes() as u32,
             t.inputs[0].as_ptr(),
@@ -430,22 +533,26 @@ pub fn window_attention_tc_f16(op: &WindowAttention, x: &[Tensor]) -> Result<Vec
     };
     let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
     Ok(vec![
-        tensor_f16(out, &[b, h, w, c])?,
+        tensor_half(out, &[b, h, w, c], t.dtype)?,
         tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
     ])
 }
 
-/// The tensor-core backward on f16 inputs (head dim [`TC_HEAD_DIM`]), in the order
-/// `run::backward` launches it: one f16 gradient per forward input (the f32 accumulators of
-/// the small inputs rounded to f16, as there).
-pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<Vec<Tensor>> {
+/// The tensor-core backward on f16 or bf16 inputs (head dim [`TC_HEAD_DIM`]), in the order
+/// `run::backward` launches it: one gradient per forward input, in the inputs' dtype (the f32
+/// accumulators of the small inputs rounded to it, as there).
+pub fn window_attention_grad_tc(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<Vec<Tensor>> {
     let fwd = op.forward();
     let nf = fwd.num_inputs();
     let t = TcInputs::new(&fwd, &x[..nf])?;
     let g = t.g;
     let n = g.tokens();
     let lse = x[nf + 1].to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
-    let (out, lse, dout) = (host_f16(&x[nf])?, host(&lse)?, host_f16(&x[nf + 2])?);
+    let (out, lse, dout) = (
+        host_half(&x[nf], t.dtype)?,
+        host(&lse)?,
+        host_half(&x[nf + 2], t.dtype)?,
+    );
     let decomposed = t.rh.is_some();
     let mut dsum = vec![0f32; g.rows()];
     let mut dq = vec![0f32; g.rows() * g.hd as usize];
@@ -462,8 +569,8 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
     let mut dbias = vec![0f32; 3 * g.channels as usize];
     let mut dqkv = vec![0u16; t.inputs[0].len()];
     unsafe {
-        ffi::emu_window_attention_bwd_dsum_tc_f16(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
-        ffi::emu_window_attention_bwd_tc_f16(
+        (t.kernels.bwd_dsum)(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
+        (t.kernels.bwd)(
             g.attention_bwd_tc(),
             g.tc_bwd_shared_bytes() as u32,
             t.inputs[0].as_ptr(),
@@ -482,7 +589,7 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
             dqkv.as_mut_ptr(),
             g,
         );
-        ffi::emu_window_attention_bwd_dq_tc_f16(
+        (t.kernels.bwd_dq)(
             g.bwd_dq_tc(),
             dq.as_ptr(),
             drelh.as_ptr(),
@@ -494,11 +601,9 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
         );
     }
     let half = |v: Vec<f32>, shape: &[usize]| -> Result<Tensor> {
-        tensor(v, shape)?
-            .to_dtype(candle_core::DType::F16)
-            .map_err(|e| e.to_string())
+        tensor(v, shape)?.to_dtype(t.dtype).map_err(|e| e.to_string())
     };
-    let mut grads = vec![tensor_f16(dqkv, x[0].dims())?];
+    let mut grads = vec![tensor_half(dqkv, x[0].dims(), t.dtype)?];
     if fwd.qkv_bias {
         grads.push(half(dbias, &[3 * g.channels as usize])?);
     }
@@ -508,7 +613,7 @@ pub fn window_attention_grad_tc_f16(op: &WindowAttentionGrad, x: &[Tensor]) -> R
             for (axis, drel) in [(0, &drelh), (1, &drelw)] {
                 let mut dr = vec![0.0; g.rel_table_elems(axis)];
                 unsafe {
-                    ffi::emu_window_attention_rel_tables_grad_tc_f16(
+                    (t.kernels.rel_tables_grad)(
                         g.rel_tables_grad(axis),
                         t.inputs[0].as_ptr(),
                         t.ptr(t.bias),

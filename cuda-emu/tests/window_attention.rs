@@ -6,7 +6,7 @@
 //! order (the kernels stream keys in tiles with an online softmax; the CPU kernel takes whole
 //! rows), which over rows of at most 35 tokens and head dim 8 stays near 1e-7.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use common::{rel_l2, Rng};
 mod common;
 
@@ -99,13 +99,23 @@ fn global_block_beit_bias() {
     check(1, [6, 6], [6, 6], WindowRelPos::Bias, true);
 }
 
-/// The tensor-core forward (f16, head dim 16) against the CPU kernel on the same f16 inputs.
-///
-/// Tolerance: out 2e-3 relative L2 (the kernel rounds the probabilities to f16 before the
-/// P V product, ~2^-11 relative per term, and the output once; the CPU kernel keeps them in
-/// f32), lse 1e-5 (both accumulate the f16 products in f32).
-fn check_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
-    use vitdet_cuda_emu::window_attention::{window_attention_tc_f16, TC_HEAD_DIM};
+/// Relative L2 bound of the tensor-core kernels' outputs and gradients in `dtype`: they round
+/// P (and dS) to the half type before the products that take them (2^-11 relative per term in
+/// f16, 2^-8 in bf16), and each result once; the CPU kernel keeps those in f32. f16 2e-3 (3e-4
+/// observed), bf16 eight times that, as its unit roundoff.
+fn tc_tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F16 {
+        2e-3
+    } else {
+        1.6e-2
+    }
+}
+
+/// The tensor-core forward (f16 or bf16, head dim 16) against the CPU kernel on the same half
+/// inputs. Tolerance: out [`tc_tolerance`]; lse 1e-5 (both accumulate the products of the same
+/// half values in f32).
+fn check_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::{window_attention_tc, TC_HEAD_DIM};
     let hd = TC_HEAD_DIM;
     let c = HEADS * hd;
     let op = WindowAttention {
@@ -116,7 +126,7 @@ fn check_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias:
         qkv_bias,
     };
     let mut rng = Rng(hw[0] as u64 * 31 + window[1] as u64);
-    let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
+    let f16 = |t: Tensor| t.to_dtype(dtype).unwrap();
     let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
     if qkv_bias {
         x.push(f16(rng.tensor(&[3 * c], 0.5)));
@@ -130,12 +140,13 @@ fn check_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias:
         }
         WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
     }
-    let what = format!("tensor cores: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let what = format!("tensor cores {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
     let want = cpu::window_attention(&op, &x).unwrap();
-    let got = window_attention_tc_f16(&op, &x).unwrap();
-    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let got = window_attention_tc(&op, &x).unwrap();
+    assert_eq!(got[0].dtype(), dtype, "{what}: output dtype");
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let e = rel_l2(&f32(&got[0]), &f32(&want[0]));
-    assert!(e <= 2e-3, "{what}: out rel L2 {e:e}");
+    assert!(e <= tc_tolerance(dtype), "{what}: out rel L2 {e:e}");
     let e = rel_l2(&got[1], &want[1]);
     assert!(e <= 1e-5, "{what}: lse rel L2 {e:e}");
 }
@@ -143,26 +154,30 @@ fn check_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias:
 #[test]
 fn tensor_cores_decomposed_padded_multi_tile() {
     // 9x10 tokens, one 9x10 window: 90 queries (two 64-row blocks) and 90 keys (two tiles).
-    check_tc([9, 10], [9, 10], WindowRelPos::Decomposed, true);
+    for dtype in [DType::F16, DType::BF16] {
+        check_tc(dtype, [9, 10], [9, 10], WindowRelPos::Decomposed, true);
+    }
 }
 
 #[test]
 fn tensor_cores_windows_bias_and_none() {
-    check_tc([5, 7], [3, 4], WindowRelPos::Bias, true);
-    check_tc([5, 7], [3, 4], WindowRelPos::None, false);
+    for dtype in [DType::F16, DType::BF16] {
+        check_tc(dtype, [5, 7], [3, 4], WindowRelPos::Bias, true);
+        check_tc(dtype, [5, 7], [3, 4], WindowRelPos::None, false);
+    }
 }
 
-/// The tensor-core backward (f16, head dim 16) against the CPU kernel's gradients on the same
-/// f16 inputs, `out` and `lse` (the CPU forward's) and a random `dout`.
+/// The tensor-core backward (f16 or bf16, head dim 16) against the CPU kernel's gradients on
+/// the same half inputs, `out` and `lse` (the CPU forward's) and a random `dout`.
 ///
-/// Tolerance: 2e-3 relative L2 per gradient. The kernel rounds P and dS to f16 before the
-/// dV, dK and dQ products (up to 2^-11 relative per term, independent across terms, so the
-/// sums keep a relative error of a few 1e-4: 3e-4 observed); the CPU kernel keeps them in f32.
-/// Both round each gradient to f16 once (another 2^-12 relative). The rel-pos and bias
-/// gradients come from dS in f32 and agree to ~1e-5. A wrong index or a missing term gives
-/// errors of order 1e-2 and up (a 1% error on the BEiT bias gradient alone gives 1e-2).
-fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
-    use vitdet_cuda_emu::window_attention::{window_attention_grad_tc_f16, TC_HEAD_DIM};
+/// Tolerance: [`tc_tolerance`] per gradient. The kernel rounds P and dS to the half type before
+/// the dV, dK and dQ products (independent errors across terms, so the sums keep a relative
+/// error of a fraction of the unit roundoff: 3e-4 observed in f16); the CPU kernel keeps them
+/// in f32. Both round each gradient once. The rel-pos and bias gradients come from dS in f32
+/// and agree to ~1e-5. A wrong index or a missing term gives errors of order 1e-2 and up in f16
+/// (a 1% error on the BEiT bias gradient alone gives 1e-2), which the f16 runs catch.
+fn check_grad_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::{window_attention_grad_tc, TC_HEAD_DIM};
     let hd = TC_HEAD_DIM;
     let c = HEADS * hd;
     let op = WindowAttention {
@@ -173,7 +188,7 @@ fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_
         qkv_bias,
     };
     let mut rng = Rng(hw[1] as u64 * 77 + window[0] as u64 * 5 + qkv_bias as u64);
-    let f16 = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
+    let f16 = |t: Tensor| t.to_dtype(dtype).unwrap();
     let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
     if qkv_bias {
         x.push(f16(rng.tensor(&[3 * c], 0.5)));
@@ -187,7 +202,7 @@ fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_
         }
         WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
     }
-    let what = format!("tensor-core backward: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let what = format!("tensor-core backward {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
     let fwd = cpu::window_attention(&op, &x).unwrap();
     let grad_op = WindowAttentionGrad {
         heads: HEADS,
@@ -200,12 +215,13 @@ fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_
     let mut gx = x.clone();
     gx.extend([fwd[0].clone(), fwd[1].clone(), dout]);
     let want = cpu::window_attention_grad(&grad_op, &gx).unwrap();
-    let got = window_attention_grad_tc_f16(&grad_op, &gx).unwrap();
+    let got = window_attention_grad_tc(&grad_op, &gx).unwrap();
     assert_eq!(got.len(), want.len(), "{what}: gradient count");
-    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.dtype(), dtype, "{what}: gradient of input {k} dtype");
         let e = rel_l2(&f32(g), &f32(w));
-        assert!(e <= 2e-3, "{what}: gradient of input {k} rel L2 {e:e}");
+        assert!(e <= tc_tolerance(dtype), "{what}: gradient of input {k} rel L2 {e:e}");
     }
 }
 
@@ -213,17 +229,23 @@ fn check_grad_tc(hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_
 fn tensor_core_backward_decomposed_padded_multi_tile() {
     // Windows of 9x10 = 90 tokens (two query tiles, two key blocks) over an 11x12 grid: a 2x2
     // grid of windows padded by 7 rows and 8 columns.
-    check_grad_tc([11, 12], [9, 10], WindowRelPos::Decomposed, true);
+    for dtype in [DType::F16, DType::BF16] {
+        check_grad_tc(dtype, [11, 12], [9, 10], WindowRelPos::Decomposed, true);
+    }
 }
 
 #[test]
 fn tensor_core_backward_decomposed_global_without_bias() {
-    check_grad_tc([9, 10], [9, 10], WindowRelPos::Decomposed, false);
+    for dtype in [DType::F16, DType::BF16] {
+        check_grad_tc(dtype, [9, 10], [9, 10], WindowRelPos::Decomposed, false);
+    }
 }
 
 #[test]
 fn tensor_core_backward_beit_bias_and_none() {
-    check_grad_tc([5, 7], [3, 4], WindowRelPos::Bias, true);
-    check_grad_tc([5, 7], [3, 4], WindowRelPos::None, false);
-    check_grad_tc([9, 10], [9, 10], WindowRelPos::None, true);
+    for dtype in [DType::F16, DType::BF16] {
+        check_grad_tc(dtype, [5, 7], [3, 4], WindowRelPos::Bias, true);
+        check_grad_tc(dtype, [5, 7], [3, 4], WindowRelPos::None, false);
+        check_grad_tc(dtype, [9, 10], [9, 10], WindowRelPos::None, true);
+    }
 }
