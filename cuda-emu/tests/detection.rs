@@ -99,6 +99,17 @@ fn top_k_20000_scores_with_duplicates() {
 }
 
 #[test]
+fn top_k_long_row_takes_the_1024_thread_path() {
+    // Past TOPK_LONG_ROW (65,536) a row gets 1024 threads: the RPN's P2 level at 1024 px has
+    // 196,608 scores; 70,000 with the RPN's k of 2000 exercise the same path in the emulator.
+    let n = 70_000;
+    assert!(n > vitdet_runtime::cuda::detection::TOPK_LONG_ROW);
+    let mut rng = Rng(13);
+    let x = Tensor::from_vec(duplicated_scores(&mut rng, n), (1, n), &Device::Cpu).unwrap();
+    check_top_k(&x, 2000);
+}
+
+#[test]
 fn top_k_small_rows_and_extreme_k() {
     let mut rng = Rng(11);
     let data = duplicated_scores(&mut rng, 4 * 37);
