@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use vitdet_ir::ops::Cast;
-use vitdet_ir::{DType, Graph, IrError, NodeIndex, Value};
+use vitdet_ir::{DType, Graph, IrError, NodeIndex, Op, Value};
 
 /// Ops that run in the low dtype.
 pub const LOW_PRECISION_OPS: &[&str] = &["linear", "matmul", "conv2d", "conv_transpose2d", "window_attention"];
@@ -191,4 +191,71 @@ pub fn low_precision_nodes(graph: &Graph) -> Vec<NodeIndex> {
             !node.op.is_source() && node.outputs.iter().any(|t| matches!(t.dtype, DType::BF16 | DType::F16))
         })
         .collect()
+}
+
+/// For inference: every parameter whose uses all cast it to one dtype (the weights autocast
+/// feeds the low-precision ops) becomes a parameter of that dtype, and those casts go. The
+/// weights are then converted once, when they are loaded (`ParamStore::cast_to`), instead of
+/// on every run, and only the low-precision copy is kept. Training graphs keep their `f32`
+/// master weights: the optimizer updates those.
+pub fn fold_parameter_casts(graph: &Graph) -> Result<Graph, IrError> {
+    let order = graph.topo_order()?;
+    // Per parameter: `Some(dtype)` while every use seen casts it to `dtype`.
+    let mut casts_to: HashMap<NodeIndex, Option<DType>> = HashMap::new();
+    for &n in &order {
+        for v in graph.inputs_of(n) {
+            if !matches!(graph.node(v.node).op, Op::Parameter(_)) {
+                continue;
+            }
+            let to = match &graph.node(n).op {
+                Op::Cast(c) => Some(c.dtype),
+                _ => None,
+            };
+            let agreed = casts_to.entry(v.node).or_insert(to);
+            if *agreed != to {
+                *agreed = None;
+            }
+        }
+    }
+    for o in &graph.outputs {
+        casts_to.insert(o.value.node, None);
+    }
+    let folded = |n: NodeIndex| casts_to.get(&n).copied().flatten();
+    let mut out = Graph::new();
+    let mut map: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    for &n in &order {
+        let node = graph.node(n);
+        let inputs = graph.inputs_of(n);
+        match &node.op {
+            Op::Parameter(p) => {
+                if let Some(dtype) = folded(n) {
+                    let mut p = p.clone();
+                    p.ty.dtype = dtype;
+                    map.insert(n, out.add_node(Op::Parameter(p), &node.scope, &[])?);
+                    continue;
+                }
+            }
+            Op::Cast(_) if folded(inputs[0].node).is_some() => {
+                map.insert(n, map[&inputs[0].node]);
+                continue;
+            }
+            _ => {}
+        }
+        let inputs: Vec<Value> = inputs
+            .into_iter()
+            .map(|v| Value {
+                node: map[&v.node],
+                output: v.output,
+            })
+            .collect();
+        map.insert(n, out.add_node(node.op.clone(), &node.scope, &inputs)?);
+    }
+    for o in &graph.outputs {
+        let value = Value {
+            node: map[&o.value.node],
+            output: o.value.output,
+        };
+        out.set_output(&o.name, value);
+    }
+    Ok(out)
 }

@@ -18,7 +18,7 @@ pub mod memory;
 pub mod schedule;
 pub mod timing;
 
-pub use amp::{autocast, AmpError, Precision};
+pub use amp::{autocast, fold_parameter_casts, AmpError, Precision};
 pub use autodiff::{differentiate, AutodiffError, Differentiated};
 pub use checkpoint::{
     apply_checkpointing, BudgetError, Chain, CheckpointError, CheckpointPolicy, Checkpointed, FrontierPoint, Policy,

@@ -79,3 +79,48 @@ fn precision_names_parse_and_bad_ones_are_named() {
     let err = Precision::parse("int8").unwrap_err();
     assert!(err.contains("int8") && err.contains("bf16"), "{err}");
 }
+
+#[test]
+fn weight_casts_fold_into_low_precision_parameters_for_inference() {
+    use std::collections::HashMap;
+    use vitdet_passes::fold_parameter_casts;
+    let cfg = ModelConfig::load("vitdet-tiny").unwrap();
+    let forward = vitdet_models::build_backbone(&cfg).unwrap();
+    let amp = autocast(&forward, Precision::Bf16).unwrap();
+    let folded = fold_parameter_casts(&amp).unwrap();
+    folded.verify().unwrap();
+
+    // What each parameter of the autocast graph feeds: casts to bf16 only, or something else.
+    let mut only_cast: HashMap<String, bool> = amp.parameters().map(|(_, p)| (p.name.clone(), true)).collect();
+    let params: HashMap<_, _> = amp.parameters().map(|(n, p)| (n, p.name.clone())).collect();
+    for i in 0..amp.graph.node_count() {
+        let n = vitdet_ir::NodeIndex::new(i);
+        let is_cast = amp.node(n).op.name() == "cast";
+        for v in amp.inputs_of(n) {
+            if let Some(name) = params.get(&v.node) {
+                if !is_cast {
+                    only_cast.insert(name.clone(), false);
+                }
+            }
+        }
+    }
+    let mut lowered = 0;
+    for (_, p) in folded.parameters() {
+        let want = if only_cast[&p.name] { DType::BF16 } else { DType::F32 };
+        assert_eq!(p.ty.dtype, want, "{}", p.name);
+        lowered += (want == DType::BF16) as usize;
+    }
+    // The linear and conv weights at least; the norms' stay f32.
+    assert!(lowered >= 20, "only {lowered} parameters lowered");
+    assert!(folded.param_bytes() < amp.param_bytes());
+    let casts = |g: &Graph| {
+        (0..g.graph.node_count())
+            .filter(|&i| g.node(vitdet_ir::NodeIndex::new(i)).op.name() == "cast")
+            .count()
+    };
+    assert_eq!(casts(&folded), casts(&amp) - lowered);
+    for (o, a) in folded.outputs.iter().zip(&amp.outputs) {
+        assert_eq!(o.name, a.name);
+        assert_eq!(folded.value_type(o.value), amp.value_type(a.value), "{}", o.name);
+    }
+}

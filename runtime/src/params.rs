@@ -96,6 +96,33 @@ impl ParamStore {
         Ok(ParamStore::from_tensors(out))
     }
 
+    /// The store with each of `graph`'s parameters converted to the dtype the graph declares for
+    /// it (e.g. f32 weights for an inference graph whose weight casts were folded into its
+    /// parameters), other entries as they are. Missing parameters and shape mismatches are left
+    /// to [`ParamStore::check`]; a conversion between float and integer dtypes is refused.
+    pub fn cast_to(&self, graph: &Graph) -> Result<Self, RuntimeError> {
+        let mut out = self.tensors.clone();
+        for (_, p) in graph.parameters() {
+            let Some(t) = out.get_mut(&p.name) else { continue };
+            let want = to_candle(p.ty.dtype);
+            if t.dtype() == want {
+                continue;
+            }
+            if !(t.dtype().is_float() && want.is_float()) {
+                return Err(RuntimeError::ParameterDtype {
+                    name: p.name.clone(),
+                    expected: p.ty.dtype.to_string(),
+                    found: describe(t),
+                });
+            }
+            *t = t.to_dtype(want)?;
+        }
+        Ok(ParamStore {
+            tensors: out,
+            skipped: self.skipped.clone(),
+        })
+    }
+
     /// Checks that the store holds every parameter `graph` declares, with its shape and dtype.
     /// Extra entries are allowed (a store may serve several graphs).
     pub fn check(&self, graph: &Graph) -> Result<(), RuntimeError> {

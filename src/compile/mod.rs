@@ -131,8 +131,10 @@ fn compile_config_with(
     })
 }
 
-/// An inference graph as it runs in mixed precision: the attention regions fused (when `fuse`)
-/// and the graph autocast to `precision`. Returns the graph and the number of fused regions.
+/// An inference graph as it runs in mixed precision: the attention regions fused (when `fuse`),
+/// the graph autocast to `precision`, and the weights the low-precision ops take stored in that
+/// precision (their parameters change dtype: convert f32 weights with `ParamStore::cast_to`).
+/// Returns the graph and the number of fused regions.
 pub fn lower_inference(graph: &Graph, precision: Precision, fuse: bool) -> Result<(Graph, usize)> {
     let (graph, fused) = if fuse {
         let f = vitdet_passes::fuse_attention(graph).context("attention fusion")?;
@@ -141,6 +143,8 @@ pub fn lower_inference(graph: &Graph, precision: Precision, fuse: bool) -> Resul
         (graph.clone(), 0)
     };
     let graph = vitdet_passes::autocast(&graph, precision)?;
+    // Inference keeps no f32 master weights: the low-precision ops' weights are stored cast.
+    let graph = vitdet_passes::fold_parameter_casts(&graph).context("folding the weight casts")?;
     graph.verify().context("verifying the lowered inference graph")?;
     Ok((graph, fused))
 }
