@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use vitdet_ir::ops::Cast;
 use vitdet_ir::{DType, Graph, IrError, NodeIndex, Op, Value};
 
+use crate::dce::{copy_node, copy_outputs};
+
 /// Ops that run in the low dtype.
 pub const LOW_PRECISION_OPS: &[&str] = &["linear", "matmul", "conv2d", "conv_transpose2d", "window_attention"];
 
@@ -241,21 +243,8 @@ pub fn fold_parameter_casts(graph: &Graph) -> Result<Graph, IrError> {
             }
             _ => {}
         }
-        let inputs: Vec<Value> = inputs
-            .into_iter()
-            .map(|v| Value {
-                node: map[&v.node],
-                output: v.output,
-            })
-            .collect();
-        map.insert(n, out.add_node(node.op.clone(), &node.scope, &inputs)?);
+        map.insert(n, copy_node(&mut out, graph, n, &map)?);
     }
-    for o in &graph.outputs {
-        let value = Value {
-            node: map[&o.value.node],
-            output: o.value.output,
-        };
-        out.set_output(&o.name, value);
-    }
+    copy_outputs(&mut out, graph, &map);
     Ok(out)
 }

@@ -24,17 +24,34 @@ pub fn eliminate_dead_code(graph: &Graph) -> Result<Graph, IrError> {
         if !live.contains(&n) && !node.op.is_source() {
             continue;
         }
-        let inputs: Vec<Value> = graph
-            .inputs_of(n)
-            .into_iter()
-            .map(|v| Value {
-                node: map[&v.node],
-                output: v.output,
-            })
-            .collect();
-        let m = out.add_node(node.op.clone(), &node.scope, &inputs)?;
-        map.insert(n, m);
+        map.insert(n, copy_node(&mut out, graph, n, &map)?);
     }
+    copy_outputs(&mut out, graph, &map);
+    Ok(out)
+}
+
+/// Adds node `n` of `graph` to `out`, its inputs renamed through `map` (old node -> new node):
+/// the step of every pass that rebuilds a graph.
+pub(crate) fn copy_node(
+    out: &mut Graph,
+    graph: &Graph,
+    n: NodeIndex,
+    map: &HashMap<NodeIndex, NodeIndex>,
+) -> Result<NodeIndex, IrError> {
+    let node = graph.node(n);
+    let inputs: Vec<Value> = graph
+        .inputs_of(n)
+        .into_iter()
+        .map(|v| Value {
+            node: map[&v.node],
+            output: v.output,
+        })
+        .collect();
+    out.add_node(node.op.clone(), &node.scope, &inputs)
+}
+
+/// Sets `graph`'s named outputs on `out`, renamed through `map`.
+pub(crate) fn copy_outputs(out: &mut Graph, graph: &Graph, map: &HashMap<NodeIndex, NodeIndex>) {
     for o in &graph.outputs {
         let value = Value {
             node: map[&o.value.node],
@@ -42,5 +59,4 @@ pub fn eliminate_dead_code(graph: &Graph) -> Result<Graph, IrError> {
         };
         out.set_output(&o.name, value);
     }
-    Ok(out)
 }
