@@ -11,35 +11,53 @@ use common::{rel_l2, Rng};
 mod common;
 
 use vitdet_cuda_emu::window_attention::{window_attention, window_attention_grad, HEAD_DIM};
-use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad, WindowRelPos};
+use vitdet_ir::ops::{WindowAttention, WindowRelPos};
 use vitdet_runtime::kernels::window_attention as cpu;
 
 const HEADS: usize = 2;
-const C: usize = HEADS * HEAD_DIM;
 
-/// Forward and backward of one configuration on both sides.
-fn check(batch: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+/// The op of one configuration at head dim `hd`, and its random inputs in `dtype`: qkv, then
+/// the qkv bias and the relative-position inputs the op takes.
+fn case(
+    rng: &mut Rng,
+    dtype: DType,
+    hd: usize,
+    qkv: [usize; 3],
+    window: [usize; 2],
+    rel_pos: WindowRelPos,
+    qkv_bias: bool,
+) -> (WindowAttention, Vec<Tensor>) {
     let op = WindowAttention {
         heads: HEADS,
         window,
-        scale: (HEAD_DIM as f64).powf(-0.5),
+        scale: (hd as f64).powf(-0.5),
         rel_pos,
         qkv_bias,
     };
-    let mut rng = Rng(batch as u64 * 1000 + hw[0] as u64 * 10 + window[0] as u64);
-    let mut x = vec![rng.tensor(&[batch, hw[0], hw[1], 3 * C], 1.0)];
+    let c = HEADS * hd;
+    let [batch, h, w] = qkv;
+    let mut draw = |shape: &[usize], scale: f32| rng.tensor(shape, scale).to_dtype(dtype).unwrap();
+    let mut x = vec![draw(&[batch, h, w, 3 * c], 1.0)];
     if qkv_bias {
-        x.push(rng.tensor(&[3 * C], 0.5));
+        x.push(draw(&[3 * c], 0.5));
     }
     let [wh, ww] = window;
     match rel_pos {
         WindowRelPos::None => {}
         WindowRelPos::Decomposed => {
-            x.push(rng.tensor(&[wh, wh, HEAD_DIM], 0.3));
-            x.push(rng.tensor(&[ww, ww, HEAD_DIM], 0.3));
+            x.push(draw(&[wh, wh, hd], 0.3));
+            x.push(draw(&[ww, ww, hd], 0.3));
         }
-        WindowRelPos::Bias => x.push(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0)),
+        WindowRelPos::Bias => x.push(draw(&[HEADS, wh * ww, wh * ww], 1.0)),
     }
+    (op, x)
+}
+
+/// Forward and backward of one configuration on both sides.
+fn check(batch: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    let mut rng = Rng(batch as u64 * 1000 + hw[0] as u64 * 10 + window[0] as u64);
+    let qkv = [batch, hw[0], hw[1]];
+    let (op, x) = case(&mut rng, DType::F32, HEAD_DIM, qkv, window, rel_pos, qkv_bias);
     let what = format!("batch {batch} grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
 
     let want = cpu::window_attention(&op, &x).unwrap();
@@ -49,13 +67,7 @@ fn check(batch: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos
         assert!(e <= 1e-5, "{what}: {name} rel L2 {e:e}");
     }
 
-    let grad_op = WindowAttentionGrad {
-        heads: op.heads,
-        window,
-        scale: op.scale,
-        rel_pos,
-        qkv_bias,
-    };
+    let grad_op = op.grad();
     let dout = rng.tensor(want[0].dims(), 1.0);
     let mut gx = x.clone();
     gx.extend([want[0].clone(), want[1].clone(), dout]);
@@ -116,30 +128,9 @@ fn tc_tolerance(dtype: DType) -> f64 {
 /// half values in f32).
 fn check_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
     use vitdet_cuda_emu::window_attention::{window_attention_tc, TC_HEAD_DIM};
-    let hd = TC_HEAD_DIM;
-    let c = HEADS * hd;
-    let op = WindowAttention {
-        heads: HEADS,
-        window,
-        scale: (hd as f64).powf(-0.5),
-        rel_pos,
-        qkv_bias,
-    };
     let mut rng = Rng(hw[0] as u64 * 31 + window[1] as u64);
-    let f16 = |t: Tensor| t.to_dtype(dtype).unwrap();
-    let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
-    if qkv_bias {
-        x.push(f16(rng.tensor(&[3 * c], 0.5)));
-    }
-    let [wh, ww] = window;
-    match rel_pos {
-        WindowRelPos::None => {}
-        WindowRelPos::Decomposed => {
-            x.push(f16(rng.tensor(&[wh, wh, hd], 0.3)));
-            x.push(f16(rng.tensor(&[ww, ww, hd], 0.3)));
-        }
-        WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
-    }
+    let qkv = [1, hw[0], hw[1]];
+    let (op, x) = case(&mut rng, dtype, TC_HEAD_DIM, qkv, window, rel_pos, qkv_bias);
     let what = format!("tensor cores {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
     let want = cpu::window_attention(&op, &x).unwrap();
     let got = window_attention_tc(&op, &x).unwrap();
@@ -178,40 +169,13 @@ fn tensor_cores_windows_bias_and_none() {
 /// (a 1% error on the BEiT bias gradient alone gives 1e-2), which the f16 runs catch.
 fn check_grad_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
     use vitdet_cuda_emu::window_attention::{window_attention_grad_tc, TC_HEAD_DIM};
-    let hd = TC_HEAD_DIM;
-    let c = HEADS * hd;
-    let op = WindowAttention {
-        heads: HEADS,
-        window,
-        scale: (hd as f64).powf(-0.5),
-        rel_pos,
-        qkv_bias,
-    };
     let mut rng = Rng(hw[1] as u64 * 77 + window[0] as u64 * 5 + qkv_bias as u64);
-    let f16 = |t: Tensor| t.to_dtype(dtype).unwrap();
-    let mut x = vec![f16(rng.tensor(&[1, hw[0], hw[1], 3 * c], 1.0))];
-    if qkv_bias {
-        x.push(f16(rng.tensor(&[3 * c], 0.5)));
-    }
-    let [wh, ww] = window;
-    match rel_pos {
-        WindowRelPos::None => {}
-        WindowRelPos::Decomposed => {
-            x.push(f16(rng.tensor(&[wh, wh, hd], 0.3)));
-            x.push(f16(rng.tensor(&[ww, ww, hd], 0.3)));
-        }
-        WindowRelPos::Bias => x.push(f16(rng.tensor(&[HEADS, wh * ww, wh * ww], 1.0))),
-    }
+    let qkv = [1, hw[0], hw[1]];
+    let (op, x) = case(&mut rng, dtype, TC_HEAD_DIM, qkv, window, rel_pos, qkv_bias);
     let what = format!("tensor-core backward {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
     let fwd = cpu::window_attention(&op, &x).unwrap();
-    let grad_op = WindowAttentionGrad {
-        heads: HEADS,
-        window,
-        scale: op.scale,
-        rel_pos,
-        qkv_bias,
-    };
-    let dout = f16(rng.tensor(fwd[0].dims(), 1.0));
+    let grad_op = op.grad();
+    let dout = rng.tensor(fwd[0].dims(), 1.0).to_dtype(dtype).unwrap();
     let mut gx = x.clone();
     gx.extend([fwd[0].clone(), fwd[1].clone(), dout]);
     let want = cpu::window_attention_grad(&grad_op, &gx).unwrap();
