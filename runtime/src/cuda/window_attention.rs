@@ -128,13 +128,18 @@ impl WinGeom {
 
     /// `fwd`, `bwd_q`, `bwd_kv`: one thread per row of a (window, head).
     pub fn attention(&self) -> Launch {
+        self.per_window_head(THREADS as usize, THREADS)
+    }
+
+    /// Grid (token tiles of `tile`, heads, windows) of blocks of `threads`.
+    fn per_window_head(&self, tile: usize, threads: u32) -> Launch {
         Launch {
             grid: [
-                self.tokens().div_ceil(THREADS as usize) as u32,
+                self.tokens().div_ceil(tile) as u32,
                 self.heads as u32,
                 self.windows() as u32,
             ],
-            block: [THREADS, 1, 1],
+            block: [threads, 1, 1],
         }
     }
 
@@ -145,14 +150,7 @@ impl WinGeom {
 
     /// `fwd_tc`: four warps per 64 query rows of a (window, head).
     pub fn attention_tc(&self) -> Launch {
-        Launch {
-            grid: [
-                self.tokens().div_ceil(TC_ROWS) as u32,
-                self.heads as u32,
-                self.windows() as u32,
-            ],
-            block: [TC_THREADS, 1, 1],
-        }
+        self.per_window_head(TC_ROWS, TC_THREADS)
     }
 
     /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q, K and
@@ -172,14 +170,7 @@ impl WinGeom {
 
     /// `bwd_tc`: four warps per 64 keys of a (window, head).
     pub fn attention_bwd_tc(&self) -> Launch {
-        Launch {
-            grid: [
-                self.tokens().div_ceil(TC_KEYS) as u32,
-                self.heads as u32,
-                self.windows() as u32,
-            ],
-            block: [TC_THREADS, 1, 1],
-        }
+        self.per_window_head(TC_KEYS, TC_THREADS)
     }
 
     /// `bwd_dsum_tc`: one thread per row.
