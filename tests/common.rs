@@ -104,3 +104,14 @@ pub fn train_inputs(
     ];
     (cfg, inputs)
 }
+
+/// `vitdet-tiny` compiled for `target` (f32; the config's image size and attention).
+pub fn compile_tiny(target: vitdet::compile::Target) -> vitdet::compile::Compiled {
+    vitdet::compile::compile(&vitdet::compile::CompileOptions {
+        model: "vitdet-tiny".into(),
+        image_size: None,
+        attention: None,
+        target,
+    })
+    .unwrap()
+}

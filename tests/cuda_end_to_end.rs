@@ -13,7 +13,7 @@
 
 mod common;
 
-use vitdet::compile::{compile, compile_train, CompileOptions, Target, TrainOptions, LOSS};
+use vitdet::compile::{compile_train, Target, TrainOptions, LOSS};
 use vitdet::models::ModelConfig;
 use vitdet::passes::Precision;
 use vitdet::runtime::{run_with_order, Device, ParamStore, Tensor};
@@ -80,14 +80,7 @@ fn both(compiled: &vitdet::compile::Compiled, gpu: &Device) -> Vec<(String, Tens
 fn backbone_f32_and_bf16_match_the_cpu() {
     let Some(gpu) = cuda() else { return };
     for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 1e-2)] {
-        let compiled = compile(&CompileOptions {
-            model: "vitdet-tiny".into(),
-            image_size: None,
-            attention: None,
-            target: Target::Backbone,
-        })
-        .unwrap();
-        let mut compiled = compiled;
+        let mut compiled = common::compile_tiny(Target::Backbone);
         if precision != Precision::F32 {
             compiled.graph = vitdet::compile::lower_inference(&compiled.graph, precision, true)
                 .unwrap()
@@ -104,13 +97,7 @@ fn backbone_f32_and_bf16_match_the_cpu() {
 #[test]
 fn detector_f32_matches_the_cpu() {
     let Some(gpu) = cuda() else { return };
-    let compiled = compile(&CompileOptions {
-        model: "vitdet-tiny".into(),
-        image_size: None,
-        attention: None,
-        target: Target::Detector { image_hw: None },
-    })
-    .unwrap();
+    let compiled = common::compile_tiny(Target::Detector { image_hw: None });
     for (name, got, want) in both(&compiled, &gpu) {
         assert_eq!(got.dims(), want.dims(), "{name}");
         if got.dtype().is_float() && want.elem_count() > 0 {

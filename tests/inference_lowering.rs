@@ -3,19 +3,15 @@
 //! the outputs must equal, bit for bit, those of the autocast graph that casts the weights on
 //! every run: the same conversion of the same values, done at load instead of in the graph.
 
-use vitdet::compile::{compile, lower_inference, CompileOptions, Target};
+mod common;
+
+use vitdet::compile::{lower_inference, Target};
 use vitdet::passes::{autocast, schedule, Precision};
 use vitdet::runtime::{run_with_order, Device, ParamStore, Tensor};
 
 #[test]
 fn folded_weight_casts_give_the_autocast_outputs_exactly() {
-    let compiled = compile(&CompileOptions {
-        model: "vitdet-tiny".into(),
-        image_size: None,
-        attention: None,
-        target: Target::Backbone,
-    })
-    .unwrap();
+    let compiled = common::compile_tiny(Target::Backbone);
     let (lowered, fused) = lower_inference(&compiled.graph, Precision::Bf16, true).unwrap();
     assert!(fused > 0);
     // The same fused graph, autocast but with f32 weights cast in the graph.
