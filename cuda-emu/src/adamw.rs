@@ -2,7 +2,7 @@
 //! ([`vitdet_runtime::cuda::adamw`]) with host pointers in the table.
 
 use candle_core::Tensor;
-use vitdet_runtime::cuda::adamw::{layout, AdamWStep, AdamWTensor};
+use vitdet_runtime::cuda::adamw::{layout, AdamWStep, AdamWTensor, FusedUpdate};
 use vitdet_runtime::cuda::Launch;
 use vitdet_runtime::optim::AdamWConfig;
 
@@ -15,24 +15,12 @@ mod ffi {
     }
 }
 
-/// One parameter's update, as the runtime's `FusedUpdate`: its value, gradient, moments
-/// (`None` on its first step), step count `t` (already incremented), learning rate and weight
-/// decay.
-pub struct HostUpdate<'a> {
-    pub param: &'a Tensor,
-    pub grad: &'a Tensor,
-    pub moments: Option<(&'a Tensor, &'a Tensor)>,
-    pub t: u64,
-    pub lr: f64,
-    pub weight_decay: f64,
-}
-
 /// Every update in one launch, chunks of `chunk` elements over at most `max_blocks` blocks
 /// (the runtime uses `CHUNK_ELEMS` and `MAX_BLOCKS`): the new `(param, exp_avg, exp_avg_sq)`
 /// of each, in order.
 pub fn step(
     config: &AdamWConfig,
-    updates: &[HostUpdate],
+    updates: &[FusedUpdate],
     chunk: usize,
     max_blocks: usize,
 ) -> Result<Vec<(Tensor, Tensor, Tensor)>> {

@@ -16,7 +16,8 @@ use candle_core::Tensor;
 use common::Rng;
 
 mod common;
-use vitdet_cuda_emu::adamw::{step, HostUpdate};
+use vitdet_cuda_emu::adamw::step;
+use vitdet_runtime::cuda::adamw::FusedUpdate;
 use vitdet_runtime::cuda::adamw::{CHUNK_ELEMS, MAX_BLOCKS};
 use vitdet_runtime::optim::{AdamW, AdamWConfig};
 use vitdet_runtime::ParamStore;
@@ -57,11 +58,11 @@ fn run(config: AdamWConfig, chunk: usize, max_blocks: usize) {
         let before_opt = opt.clone();
         opt.step(&mut params, &grads, |n| hyper.get(n).copied()).unwrap();
 
-        let updates: Vec<HostUpdate> = grads
+        let updates: Vec<FusedUpdate> = grads
             .iter()
             .map(|(n, g)| {
                 let state = before_opt.state(n);
-                HostUpdate {
+                FusedUpdate {
                     param: before.get(n).unwrap(),
                     grad: g,
                     moments: state.map(|st| (&st.exp_avg, &st.exp_avg_sq)),

@@ -142,27 +142,28 @@ pub fn layout(
     ))
 }
 
+/// One parameter's update: its value, gradient and moments (`None` on its first step), its
+/// step count `t` (already incremented) and this step's learning rate and weight decay. What
+/// the fused step (`run::step`, and the emulator's) takes.
+pub struct FusedUpdate<'a> {
+    pub param: &'a candle_core::Tensor,
+    pub grad: &'a candle_core::Tensor,
+    pub moments: Option<(&'a candle_core::Tensor, &'a candle_core::Tensor)>,
+    pub t: u64,
+    pub lr: f64,
+    pub weight_decay: f64,
+}
+
 /// The fused step on candle CUDA tensors.
 #[cfg(feature = "cuda")]
 pub mod run {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
     use candle_core::{DType, Device, Tensor};
 
-    use super::{layout, module, AdamWTensor, CHUNK_ELEMS, MAX_BLOCKS};
+    use super::{layout, module, AdamWTensor, FusedUpdate, CHUNK_ELEMS, MAX_BLOCKS};
     use crate::cuda::device::{config as launch_config, cuda_device, function, tensor, view};
     use crate::kernels::{KernelError, KernelResult};
     use crate::optim::AdamWConfig;
-
-    /// One parameter's update: its value, gradient and moments (`None` on its first step), its
-    /// step count `t` (already incremented) and this step's learning rate and weight decay.
-    pub struct FusedUpdate<'a> {
-        pub param: &'a Tensor,
-        pub grad: &'a Tensor,
-        pub moments: Option<(&'a Tensor, &'a Tensor)>,
-        pub t: u64,
-        pub lr: f64,
-        pub weight_decay: f64,
-    }
 
     /// Every update of `updates` in one launch: the new `(param, exp_avg, exp_avg_sq)` of each,
     /// in order, in fresh buffers (the inputs are left as they were). All tensors must be f32

@@ -230,7 +230,7 @@ impl AdamW {
     /// values and moments are written to fresh buffers and stored only once the launch is queued.
     #[cfg(feature = "cuda")]
     fn step_fused(&mut self, params: &mut ParamStore, plan: &[(&String, &Tensor, f64, f64)]) -> Result<(), OptimError> {
-        use crate::cuda::adamw::run::{step, FusedUpdate};
+        use crate::cuda::adamw::{run::step, FusedUpdate};
         let updates: Vec<FusedUpdate> = plan
             .iter()
             .map(|&(name, g, lr, wd)| {
