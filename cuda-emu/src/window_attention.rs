@@ -177,11 +177,7 @@ pub fn window_attention(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor
             g,
         )
     };
-    let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
-    Ok(vec![
-        tensor(out, &[b, h, w, c])?,
-        tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
-    ])
+    Ok(vec![tensor(out, &g.out_dims())?, tensor(lse, &g.lse_dims())?])
 }
 
 /// The backward kernels: one gradient per forward input, as `window_attention_grad` returns.
@@ -531,10 +527,9 @@ pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Ten
             g,
         )
     };
-    let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
     Ok(vec![
-        tensor_half(out, &[b, h, w, c], t.dtype)?,
-        tensor(lse, &[g.windows(), g.heads as usize, g.tokens()])?,
+        tensor_half(out, &g.out_dims(), t.dtype)?,
+        tensor(lse, &g.lse_dims())?,
     ])
 }
 

@@ -121,9 +121,19 @@ impl WinGeom {
         self.windows() * self.heads as usize * self.tokens()
     }
 
+    /// The unpadded output's shape, `[B, H, W, C]`.
+    pub fn out_dims(&self) -> [usize; 4] {
+        [self.batch, self.h, self.w, self.channels].map(|d| d as usize)
+    }
+
     /// Elements of the unpadded `[B, H, W, C]` output.
     pub fn out_elems(&self) -> usize {
-        (self.batch * self.h * self.w * self.channels) as usize
+        self.out_dims().iter().product()
+    }
+
+    /// The log-sum-exp output's shape, `[windows, heads, tokens]`.
+    pub fn lse_dims(&self) -> [usize; 3] {
+        [self.windows(), self.heads as usize, self.tokens()]
     }
 
     /// `fwd`, `bwd_q`, `bwd_kv`: one thread per row of a (window, head).
@@ -370,10 +380,9 @@ pub mod run {
                 .arg(&g);
             unsafe { l.launch(config(launch, shared)) }.map_err(candle_core::Error::wrap)?;
         }
-        let (b, h, w, c) = (g.batch as usize, g.h as usize, g.w as usize, g.channels as usize);
         Ok(vec![
-            tensor(out, (b, h, w, c), &o.dev),
-            tensor(lse, (g.windows(), g.heads as usize, g.tokens()), &o.dev),
+            tensor(out, g.out_dims().as_slice(), &o.dev),
+            tensor(lse, g.lse_dims().as_slice(), &o.dev),
         ])
     }
 
