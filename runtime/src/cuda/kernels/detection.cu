@@ -465,18 +465,28 @@ __device__ __forceinline__ double roi_pos(double start, int p, double bin, int i
     return start + det_mul_rn((double)p, bin) + ((double)i + 0.5) * bin / (double)grid;
 }
 
+// Element e of a row-major [R, C, oh, ow] output (or its gradient): box, channel, bin.
+struct RoiElem {
+    int r, c, ph, pw;
+};
+__device__ __forceinline__ RoiElem roi_elem(long long e, const RoiGeom& g) {
+    RoiElem q;
+    q.pw = (int)(e % g.ow);
+    q.ph = (int)(e / g.ow % g.oh);
+    q.c = (int)(e / ((long long)g.ow * g.oh) % g.channels);
+    q.r = (int)(e / ((long long)g.ow * g.oh * g.channels));
+    return q;
+}
+
 // Forward: one thread per output element (r, c, ph, pw) of [R, C, oh, ow].
 template <class T>
 __device__ void roi_align_fwd_impl(const T* __restrict__ boxes, const int* __restrict__ levels, T* __restrict__ out,
                                    RoiGeom g) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)g.boxes * g.channels * g.oh * g.ow;
-    if (e >= total) return;
-    const int pw = (int)(e % g.ow), ph = (int)(e / g.ow % g.oh);
-    const int c = (int)(e / ((long long)g.ow * g.oh) % g.channels);
-    const int r = (int)(e / ((long long)g.ow * g.oh * g.channels));
-    const int level = levels[r];
-    const RoiBox k = roi_box(boxes, r, level, g);
+    if (e >= (long long)g.boxes * g.channels * g.oh * g.ow) return;
+    const RoiElem q = roi_elem(e, g);
+    const int pw = q.pw, ph = q.ph, c = q.c, level = levels[q.r];
+    const RoiBox k = roi_box(boxes, q.r, level, g);
     const T* plane = reinterpret_cast<const T*>(g.maps[level]) + (long long)c * k.h * k.w;
     float acc = 0.0f;
     for (int iy = 0; iy < k.gh; ++iy) {
@@ -502,13 +512,10 @@ template <class T>
 __device__ void roi_align_bwd_impl(const T* __restrict__ boxes, const int* __restrict__ levels,
                                    const T* __restrict__ dy, RoiGeom g) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)g.boxes * g.channels * g.oh * g.ow;
-    if (e >= total) return;
-    const int pw = (int)(e % g.ow), ph = (int)(e / g.ow % g.oh);
-    const int c = (int)(e / ((long long)g.ow * g.oh) % g.channels);
-    const int r = (int)(e / ((long long)g.ow * g.oh * g.channels));
-    const int level = levels[r];
-    const RoiBox k = roi_box(boxes, r, level, g);
+    if (e >= (long long)g.boxes * g.channels * g.oh * g.ow) return;
+    const RoiElem q = roi_elem(e, g);
+    const int pw = q.pw, ph = q.ph, c = q.c, level = levels[q.r];
+    const RoiBox k = roi_box(boxes, q.r, level, g);
     float* plane = reinterpret_cast<float*>(g.maps[level]) + (long long)c * k.h * k.w;
     const double gv = (double)to_f32(dy[e]) / (double)k.count;
     for (int iy = 0; iy < k.gh; ++iy) {
