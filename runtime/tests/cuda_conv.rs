@@ -1,8 +1,9 @@
-//! Convolutions on CUDA (im2col kernel + cuBLAS GEMM per tile) against the CPU kernels on the
-//! same random inputs: the 3x3 "same" convolution of the pyramid and heads (one large map, and
-//! a batch of RoI-sized maps), its weight gradient, and its input gradient (a stride-1
-//! transposed convolution), plus strided, dilated and asymmetric attributes. Runs where a GPU
-//! exists; skipped, saying so, elsewhere.
+//! Convolutions on CUDA, on both engines (the im2col kernel + cuBLAS GEMM per tile, and cuDNN
+//! where it loads), against the CPU kernels on the same random inputs: the 3x3 "same"
+//! convolution of the pyramid and heads (one large map, and a batch of RoI-sized maps), its
+//! weight gradient, and its input gradient (a stride-1 transposed convolution), plus strided,
+//! dilated, asymmetric and grouped attributes. Runs where a GPU exists; skipped, saying so,
+//! elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
 //!
 //! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
 //! in f32 and differ only in summation order over K = C*kh*kw <= 576 products (a few 1e-7).
@@ -19,7 +20,33 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, Nd, TestRng};
 use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
+use vitdet_runtime::cuda::cudnn::{self, ConvEngine};
 use vitdet_runtime::kernels::conv::{conv2d, conv2d_grad_weight, conv_transpose2d};
+
+/// The engines to check: im2col always, cuDNN where it loads (and wherever it is named).
+fn engines() -> Vec<ConvEngine> {
+    match cudnn::status() {
+        Ok(version) => {
+            eprintln!("convolutions checked on im2col and {version}");
+            vec![ConvEngine::Im2Col, ConvEngine::Cudnn]
+        }
+        Err(why) => {
+            assert!(std::env::var_os("VITDET_CUDNN").is_none(), "{why}");
+            eprintln!("cuDNN skipped: {why}");
+            vec![ConvEngine::Im2Col]
+        }
+    }
+}
+
+#[test]
+fn cudnn_loads_where_named() {
+    if std::env::var_os("VITDET_CUDNN").is_none() {
+        eprintln!("skipped: VITDET_CUDNN names no cuDNN library");
+        return;
+    }
+    let version = cudnn::status().unwrap();
+    assert!(version.starts_with("cuDNN 9."), "{version}");
+}
 
 fn tolerance(dtype: DType) -> f64 {
     match dtype {
@@ -52,8 +79,28 @@ fn check_conv(x_dims: [usize; 4], out_channels: usize, kernel: [usize; 2], op: &
     let w = randn(&[out_channels, x_dims[1], kernel[0], kernel[1]], &mut rng, 0.2, dtype);
     let b = randn(&[out_channels], &mut rng, 0.5, dtype);
 
-    let y = conv2d(op, &x, &w, Some(&b)).unwrap();
-    let got = conv2d(op, &on(&x, dev), &on(&w, dev), Some(&on(&b, dev))).unwrap();
+    for engine in engines() {
+        cudnn::with_engine(engine, || {
+            check_engine(&x, &w, &b, kernel, op, dtype, dev, &format!("{what} {engine:?}"))
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_engine(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    kernel: [usize; 2],
+    op: &Conv2d,
+    dtype: DType,
+    dev: &Device,
+    what: &str,
+) {
+    let x_dims = x.dims().to_vec();
+    let mut rng = TestRng::new(x.elem_count() as u64 + 7);
+    let y = conv2d(op, x, w, Some(b)).unwrap();
+    let got = conv2d(op, &on(x, dev), &on(w, dev), Some(&on(b, dev))).unwrap();
     check(&format!("{what}: forward"), &got, &y, dtype);
 
     let dy = randn(y.dims(), &mut rng, 1.0, dtype);
@@ -64,8 +111,8 @@ fn check_conv(x_dims: [usize; 4], out_channels: usize, kernel: [usize; 2], op: &
         groups: op.groups,
         kernel,
     };
-    let want = conv2d_grad_weight(&gw, &x, &dy).unwrap();
-    let got = conv2d_grad_weight(&gw, &on(&x, dev), &on(&dy, dev)).unwrap();
+    let want = conv2d_grad_weight(&gw, x, &dy).unwrap();
+    let got = conv2d_grad_weight(&gw, &on(x, dev), &on(&dy, dev)).unwrap();
     check(&format!("{what}: weight gradient"), &got, &want, dtype);
 
     // The input gradient: the transposed convolution of dy, with the output padding that

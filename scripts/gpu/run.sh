@@ -8,7 +8,8 @@
 # In order, each step under `timeout` (cut to what is left of BUDGET_S, default 480 s) so one
 # failure or hang does not eat the session, each step's output in $OUT/logs/STEP.log:
 #   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU;
-#   2. `vitdet bench --ops` in f32 and bf16 ($OUT/ops_f32.json, ops_bf16.json);
+#   2. `vitdet bench --ops` in f32 and bf16 ($OUT/ops_f32.json, ops_bf16.json), convolutions on
+#      cuDNN (PyTorch's library) and, in bf16, once more on the im2col kernel;
 #   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
 #   4. end-to-end vitdet-b at 1024: inference in bf16, a training step in bf16, then in f32
 #      ($OUT/e2e_*.json);
@@ -21,6 +22,16 @@ BUDGET_S=${BUDGET_S:-480}
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# cuDNN, which the runtime loads at run time for convolutions: PyTorch's own (the library its
+# process maps), so both sides of every comparison convolve with the same cuDNN.
+CUDNN=$(python3 -c 'import torch; torch.backends.cudnn.version()
+print(next(l.split()[-1] for l in open("/proc/self/maps") if "/libcudnn.so" in l))' 2>/dev/null)
+if [ -n "$CUDNN" ] && [ -e "$CUDNN" ]; then
+    export VITDET_CUDNN=$CUDNN LD_LIBRARY_PATH=$(dirname "$CUDNN"):$LD_LIBRARY_PATH
+    echo "cuDNN: $CUDNN"
+else
+    echo "cuDNN: not found beside PyTorch; convolutions run on the im2col kernel"
+fi
 
 mkdir -p "$OUT/logs"
 STATUS=$OUT/status.tsv
@@ -78,6 +89,10 @@ for dtype in f32 bf16; do
     step "ops_$dtype" 120 "$V" bench --device cuda --ops --dtype "$dtype" --iters 10 --warmup 2 \
         --format json --out "$OUT/ops_$dtype.json"
 done
+
+# The convolutions again on the runtime's own im2col kernel + cuBLAS, beside cuDNN's.
+[ -n "${VITDET_CUDNN:-}" ] && step ops_bf16_im2col 60 "$V" bench --device cuda --ops --only conv --dtype bf16 \
+    --conv-engine im2col --iters 10 --warmup 2 --format json --out "$OUT/ops_bf16_im2col.json"
 
 # 3. PyTorch on the same shapes.
 "$V" bench --ops --list --format json >"$OUT/ops_list.json"

@@ -37,8 +37,14 @@ def main():
     if ours:
         scale = ours[0].get("scale", 1)
         at = "1024" if scale == 1 else f"1024 / {scale}"
+        engines = sorted({r.get("conv_engine", "?") for r in ours})
         print(f"\n== ops, ViTDet-B at {at} (ratio = vitdet / torch {theirs.get('torch', '?')}, median ms)")
+        print(f"convolutions on {', '.join(engines)}")
         print(compare_table(ours, theirs))
+        im2col = load(os.path.join(out, "ops_bf16_im2col.json"))
+        if im2col:
+            print("\nthe convolutions on the im2col kernel + cuBLAS instead:")
+            print(compare_table([im2col], theirs))
         for report in ours:
             for r in report["ops"]:
                 if "error" in r:
@@ -55,7 +61,7 @@ def main():
             continue
         gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
         print(
-            f"{mode} {dtype}: median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), "
+            f"{mode} {dtype} (convolutions: {r.get('conv_engine', '?')}): median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), "
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
         )
 

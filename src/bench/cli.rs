@@ -9,6 +9,7 @@ use vitdet_passes::Precision;
 
 use super::ops::{self, OpCase, OpResult};
 use super::step::{self, StepMode, StepOptions, StepResult};
+use super::{with_conv_engine, ConvEngine};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum BenchFormat {
@@ -31,6 +32,9 @@ pub struct BenchArgs {
     /// With --ops: print the op list (shapes, attributes, inputs) and run nothing.
     #[arg(long, conflicts_with = "model")]
     pub list: bool,
+    /// With --ops: only the ops whose names contain one of these (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "model")]
+    pub only: Vec<String>,
     /// Divide every size of the op table by this (1: the real shapes).
     #[arg(long, default_value_t = 1, conflicts_with = "model")]
     pub scale: usize,
@@ -58,6 +62,10 @@ pub struct BenchArgs {
     /// Untimed runs before them.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// What runs convolutions on CUDA: cuDNN where it loads (auto), cuDNN, or the runtime's
+    /// im2col kernel + cuBLAS.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub conv_engine: ConvEngine,
     #[arg(long, value_enum, default_value = "text")]
     pub format: BenchFormat,
     /// Write the report (in --format) to this file, atomically; the text table still goes to
@@ -74,6 +82,8 @@ struct OpsReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
     dtype: DType,
+    /// What ran the convolutions (`--conv-engine`).
+    conv_engine: String,
     scale: usize,
     warmup: usize,
     iters: usize,
@@ -94,6 +104,8 @@ struct StepReport {
     device: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
+    /// What ran the convolutions (`--conv-engine`).
+    conv_engine: String,
     #[serde(flatten)]
     step: StepResult,
 }
@@ -105,7 +117,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.ops {
         let scale = if args.small { 8 } else { args.scale };
-        let cases = ops::cases(scale, op_dtype(precision))?;
+        let mut cases = ops::cases(scale, op_dtype(precision))?;
+        if !args.only.is_empty() {
+            cases.retain(|c| args.only.iter().any(|o| c.name.contains(o.as_str())));
+            if cases.is_empty() {
+                bail!("--only {}: no op of the table matches", args.only.join(","));
+            }
+        }
         if args.list {
             let text = ops::list_text(&cases);
             let list = OpList {
@@ -116,9 +134,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             return emit(&args, &text, &list);
         }
         let device = open_device(&args.device)?;
-        let results = ops::run(cases, &device, args.warmup, args.iters, &|name| {
-            eprintln!("timing {name}")
-        });
+        let (results, conv_engine) = with_conv_engine(args.conv_engine, &device, || {
+            Ok(ops::run(cases, &device, args.warmup, args.iters, &|name| {
+                eprintln!("timing {name}")
+            }))
+        })?;
+        eprintln!("convolutions: {conv_engine}");
         let failed: Vec<&str> = results
             .iter()
             .filter(|r| r.error.is_some())
@@ -128,6 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             device: args.device.clone(),
             threads: device.is_cpu().then(super::kernel_threads),
             dtype: op_dtype(precision),
+            conv_engine,
             scale,
             warmup: args.warmup,
             iters: args.iters,
@@ -158,11 +180,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         iters: args.iters,
     };
     eprintln!("compiling and timing {} {}", opts.model, opts.mode.name());
-    let step = step::run(&opts, &device)?;
+    let (step, conv_engine) = with_conv_engine(args.conv_engine, &device, || step::run(&opts, &device))?;
+    eprintln!("convolutions: {conv_engine}");
     let text = step.to_text();
     let report = StepReport {
         device: args.device.clone(),
         threads: device.is_cpu().then(super::kernel_threads),
+        conv_engine,
         step,
     };
     emit(&args, &text, &report)

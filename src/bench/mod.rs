@@ -33,6 +33,47 @@ pub struct Benchmark {
     pub measured_heap_peak_bytes: Option<usize>,
 }
 
+/// Which implementation runs convolutions on CUDA (`--conv-engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvEngine {
+    /// cuDNN where it loads, else the im2col kernel + cuBLAS.
+    #[default]
+    Auto,
+    /// cuDNN (an error where it does not load).
+    Cudnn,
+    /// The runtime's im2col kernel + cuBLAS GEMM.
+    Im2col,
+}
+
+/// Runs `f` with convolutions on `engine`, and says which implementation they ran on.
+pub fn with_conv_engine<R>(engine: ConvEngine, device: &Device, f: impl FnOnce() -> Result<R>) -> Result<(R, String)> {
+    if device.is_cpu() {
+        if engine != ConvEngine::Auto {
+            anyhow::bail!(
+                "--conv-engine {} picks a CUDA implementation; this run is on the CPU",
+                format!("{engine:?}").to_lowercase()
+            );
+        }
+        return Ok((f()?, "cpu".to_string()));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use vitdet_runtime::cuda::cudnn;
+        let (engine, name) = match (engine, cudnn::status()) {
+            (ConvEngine::Im2col, _) => (cudnn::ConvEngine::Im2Col, "im2col + cuBLAS".to_string()),
+            (_, Ok(version)) => (cudnn::ConvEngine::Cudnn, version),
+            (ConvEngine::Cudnn, Err(why)) => anyhow::bail!("--conv-engine cudnn: {why}"),
+            (ConvEngine::Auto, Err(why)) => (cudnn::ConvEngine::Im2Col, format!("im2col + cuBLAS ({why})")),
+        };
+        Ok((cudnn::with_engine(engine, f)?, name))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = engine;
+        anyhow::bail!("this build has no CUDA runtime (build with --features cuda)")
+    }
+}
+
 /// Threads the CPU kernels run on: `RAYON_NUM_THREADS`, else every core.
 pub fn kernel_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")

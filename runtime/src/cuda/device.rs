@@ -24,18 +24,25 @@ fn unsupported(m: impl std::fmt::Display) -> KernelError {
 }
 
 /// The CUDA device of a tensor, or an error naming what is not on one.
+/// A process-wide map filled on first use (compiled modules, library handles, chosen algorithms).
+pub type Cache<K, V> = OnceLock<Mutex<HashMap<K, V>>>;
+
 pub fn cuda_device(t: &Tensor) -> KernelResult<CudaDevice> {
     Ok(t.device().as_cuda_device()?.clone())
 }
 
+/// Makes `dev`'s context current on this thread (for libraries called outside candle).
+pub fn bind(dev: &CudaDevice) -> KernelResult<()> {
+    dev.cuda_stream()
+        .context()
+        .bind_to_thread()
+        .map_err(|e| unsupported(format!("binding the CUDA context: {e}")))
+}
+
 /// `compute_XY` for the device (static: NVRTC's options take `&'static str`).
 fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
-    static ARCHS: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
-    let (major, minor) = dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(|e| unsupported(e))?;
+    static ARCHS: Cache<(i32, i32), &'static str> = OnceLock::new();
+    let (major, minor) = dev.cuda_stream().context().compute_capability().map_err(unsupported)?;
     let mut archs = ARCHS.get_or_init(Default::default).lock().expect("arch cache");
     Ok(*archs
         .entry((major, minor))
@@ -45,7 +52,7 @@ fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
 /// PTX of `module` for `arch`: from this process's cache, else from the disk cache
 /// ([`kernel_cache_dir`]), else compiled by NVRTC and stored in both.
 pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
-    static CACHE: OnceLock<Mutex<HashMap<(String, &'static str), Arc<String>>>> = OnceLock::new();
+    static CACHE: Cache<(String, &'static str), Arc<String>> = OnceLock::new();
     let key = (module.name(), arch);
     if let Some(p) = CACHE.get_or_init(Default::default).lock().expect("ptx cache").get(&key) {
         return Ok(p.clone());
@@ -135,7 +142,7 @@ impl Kernel {
 
 /// The function `name` of `module` on `dev` (the module is loaded once per device).
 pub fn function(dev: &CudaDevice, module: &Module, name: &str) -> KernelResult<Kernel> {
-    static LOADED: OnceLock<Mutex<HashMap<(String, String), Arc<CudaModule>>>> = OnceLock::new();
+    static LOADED: Cache<(String, String), Arc<CudaModule>> = OnceLock::new();
     let stream = dev.cuda_stream();
     let key = (format!("{:?}", dev.id()), module.name());
     let loaded = LOADED

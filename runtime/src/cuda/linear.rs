@@ -7,19 +7,18 @@
 //! `Y' [N, M] = W'^T X'` with `W' = w` viewed `[K, N]` and `X' = x` viewed `[K, M]`: A = W'
 //! transposed, B = X', the bias a per-row vector of Y' (one per output feature).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Tensor};
 
-use super::device::{cuda_device, tensor, view, zeros};
+use super::device::{cuda_device, tensor, view, zeros, Cache};
 use crate::kernels::{KernelError, KernelResult};
 
 /// One cuBLASLt handle (and its workspace) per device.
 fn handle(dev: &candle_core::cuda_backend::CudaDevice) -> KernelResult<Arc<CudaBlasLT>> {
-    static HANDLES: OnceLock<Mutex<HashMap<String, Arc<CudaBlasLT>>>> = OnceLock::new();
+    static HANDLES: Cache<String, Arc<CudaBlasLT>> = OnceLock::new();
     let key = format!("{:?}", dev.id());
     let mut handles = HANDLES.get_or_init(Default::default).lock().expect("cuBLASLt handles");
     if let Some(h) = handles.get(&key) {

@@ -8,6 +8,8 @@
 //! compiles, caches and launches them on candle CUDA tensors.
 
 pub mod adamw;
+#[cfg(feature = "cuda")]
+pub mod cudnn;
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;

@@ -22,9 +22,8 @@ fn check(what: &str, r: sys::CUresult) -> KernelResult<()> {
 }
 
 fn default_pool(dev: &CudaDevice) -> KernelResult<sys::CUmemoryPool> {
+    super::device::bind(dev)?;
     let ctx = dev.cuda_stream().context().clone();
-    ctx.bind_to_thread()
-        .map_err(|e| KernelError::Unsupported(e.to_string()))?;
     let mut pool = std::ptr::null_mut();
     check("cuDeviceGetDefaultMemPool", unsafe {
         sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())

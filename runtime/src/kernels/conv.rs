@@ -21,6 +21,10 @@
 //! col2im scatter-add. Other devices never use candle's `conv_transpose2d` either (on CUDA it is
 //! a direct loop kernel): they lower it to a convolution (`conv_transpose2d_portable`).
 //!
+//! On CUDA, where cuDNN loads (`cuda::cudnn`), it runs every weight gradient and every
+//! convolution and transposed convolution but the GEMM-shaped ones below (1x1, patchify and
+//! unpatchify); the im2col paths serve CUDA machines without cuDNN.
+//!
 //! Two fast paths turn "patchify" layers into a single gemm:
 //! * `conv2d` with kernel == stride, no padding, no dilation, one group (ViT patch embedding):
 //!   the input is rearranged into `[N*Ho*Wo, C*kh*kw]` patches and multiplied by `w^T`; the
@@ -78,6 +82,10 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
         return patchify_conv(x, w);
     }
+    if cudnn_takes(x)? {
+        #[cfg(feature = "cuda")]
+        return crate::cuda::cudnn::conv2d(op, x, w);
+    }
     // im2col + GEMM: stride 1 and kernels over 1x1 on the CPU; any ungrouped convolution where
     // the device has an im2col kernel.
     let cpu_im2col = x.device().is_cpu() && op.stride == [1, 1] && [kh, kw] != [1, 1];
@@ -103,6 +111,17 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     let y = x.conv2d(&w, pad, 1, dil, op.groups)?;
     let y = subsample(&y, 2, sh)?;
     Ok(subsample(&y, 3, sw)?)
+}
+
+/// Whether cuDNN runs this convolution (CUDA, where it loads; see `cuda::cudnn`).
+fn cudnn_takes(x: &Tensor) -> KernelResult<bool> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::cudnn::takes(x);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = x;
+        Ok(false)
+    }
 }
 
 /// Batches up to this size run 1x1 convolutions image by image ([`pointwise_conv`]); larger
@@ -378,6 +397,10 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
     let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
     with_contraction_dtype(&[x, dy], |t| {
         let (x, dy) = (&t[0], &t[1]);
+        if cudnn_takes(x)? {
+            #[cfg(feature = "cuda")]
+            return crate::cuda::cudnn::conv2d_grad_weight(op, x, dy);
+        }
         if !columns_supported(x) {
             return conv2d_grad_weight_portable(op, x, dy);
         }
@@ -552,6 +575,10 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
             // Half types are widened (f32 accumulation, one rounding back).
             dt => Ok(deconv_cpu::<f32>(op, &x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dt)?),
         };
+    }
+    if cudnn_takes(x)? {
+        #[cfg(feature = "cuda")]
+        return crate::cuda::cudnn::conv_transpose2d(op, x, w);
     }
     // Other devices: candle's CUDA conv_transpose2d is a direct loop kernel, 10-90x slower than
     // cuDNN on the pyramid's and heads' shapes, so the transposed convolution (every 3x3 conv's
