@@ -148,9 +148,11 @@ struct Launch {
 
 // `extern "C" void emu_<name>(Launch l, params...)`: launches kernel `name` with `smem` bytes
 // of dynamic shared memory (an expression of the parameters).
-#define EMU_LAUNCHER_SMEM(name, smem, params, args)                                                       \
-    extern "C" void emu_##name params {                                                                  \
+#define EMU_LAUNCHER_SMEM(name, smem, params, args) EMU_LAUNCHER_NAMED(emu_##name, name, smem, params, args)
+// The same under another entry name (builds of one kernel at several compile-time constants).
+#define EMU_LAUNCHER_NAMED(entry, kernel, smem, params, args)                                             \
+    extern "C" void entry params {                                                                       \
         emu::launch(dim3(l.grid[0], l.grid[1], l.grid[2]), dim3(l.block[0], l.block[1], l.block[2]), smem, \
-                    [&] { name args; });                                                                 \
+                    [&] { kernel args; });                                                               \
     }
 #define EMU_LAUNCHER(name, params, args) EMU_LAUNCHER_SMEM(name, 0, params, args)

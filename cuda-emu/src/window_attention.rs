@@ -10,8 +10,9 @@ use crate::{host, tensor, Result};
 
 /// The head dimension the emulated attention kernels are compiled for (`HD` in `build.rs`).
 pub const HEAD_DIM: usize = 8;
-/// The head dimension of the emulated tensor-core kernels (`emu/window_attention_tc.cpp`).
-pub const TC_HEAD_DIM: usize = 16;
+/// The head dimensions of the emulated tensor-core kernels (`emu/window_attention_tc.cpp`,
+/// `emu/window_attention_tc64.cpp`): the smallest the mma tiles take, and ViTDet-B/L's.
+pub const TC_HEAD_DIMS: [usize; 2] = [16, 64];
 
 mod ffi {
     use super::{Launch, WinGeom};
@@ -376,10 +377,10 @@ macro_rules! tc_kernels {
     }};
 }
 
-/// The tensor-core kernels for `dtype` (f16 or bf16).
-fn tc_kernels(dtype: DType) -> Result<TcKernels> {
-    Ok(match dtype {
-        DType::F16 => tc_kernels!(
+/// The tensor-core kernels for `dtype` (f16 or bf16) at head dim `hd` (one of [`TC_HEAD_DIMS`]).
+fn tc_kernels(dtype: DType, hd: usize) -> Result<TcKernels> {
+    Ok(match (dtype, hd) {
+        (DType::F16, 16) => tc_kernels!(
             emu_window_attention_fwd_tc_f16,
             emu_window_attention_rel_tables_tc_f16,
             emu_window_attention_bwd_dsum_tc_f16,
@@ -387,7 +388,7 @@ fn tc_kernels(dtype: DType) -> Result<TcKernels> {
             emu_window_attention_bwd_dq_tc_f16,
             emu_window_attention_rel_tables_grad_tc_f16
         ),
-        DType::BF16 => tc_kernels!(
+        (DType::BF16, 16) => tc_kernels!(
             emu_window_attention_fwd_tc_bf16,
             emu_window_attention_rel_tables_tc_bf16,
             emu_window_attention_bwd_dsum_tc_bf16,
@@ -395,7 +396,28 @@ fn tc_kernels(dtype: DType) -> Result<TcKernels> {
             emu_window_attention_bwd_dq_tc_bf16,
             emu_window_attention_rel_tables_grad_tc_bf16
         ),
-        t => return Err(format!("the tensor-core kernels take f16 or bf16, not {t:?}")),
+        (DType::F16, 64) => tc_kernels!(
+            emu_window_attention_fwd_tc_f16_hd64,
+            emu_window_attention_rel_tables_tc_f16_hd64,
+            emu_window_attention_bwd_dsum_tc_f16_hd64,
+            emu_window_attention_bwd_tc_f16_hd64,
+            emu_window_attention_bwd_dq_tc_f16_hd64,
+            emu_window_attention_rel_tables_grad_tc_f16_hd64
+        ),
+        (DType::BF16, 64) => tc_kernels!(
+            emu_window_attention_fwd_tc_bf16_hd64,
+            emu_window_attention_rel_tables_tc_bf16_hd64,
+            emu_window_attention_bwd_dsum_tc_bf16_hd64,
+            emu_window_attention_bwd_tc_bf16_hd64,
+            emu_window_attention_bwd_dq_tc_bf16_hd64,
+            emu_window_attention_rel_tables_grad_tc_bf16_hd64
+        ),
+        (DType::F16 | DType::BF16, hd) => {
+            return Err(format!(
+                "the tensor-core emulation is built for head dims {TC_HEAD_DIMS:?}, not {hd}"
+            ))
+        }
+        (t, _) => return Err(format!("the tensor-core kernels take f16 or bf16, not {t:?}")),
     })
 }
 
@@ -417,7 +439,7 @@ fn host_half(t: &Tensor, dtype: DType) -> Result<Vec<u16>> {
     bits.map_err(|e| e.to_string())
 }
 
-/// The f16 / bf16 inputs of one tensor-core application (head dim [`TC_HEAD_DIM`], the dtype
+/// The f16 / bf16 inputs of one tensor-core application (head dims [`TC_HEAD_DIMS`], the dtype
 /// of the first input), with the decomposed term's tables built by the emulated `rel_tables`
 /// kernel.
 struct TcInputs {
@@ -435,15 +457,9 @@ struct TcInputs {
 impl TcInputs {
     fn new(op: &WindowAttention, x: &[Tensor]) -> Result<TcInputs> {
         let dtype = x[0].dtype();
-        let kernels = tc_kernels(dtype)?;
         let geometry = op.geometry(&TensorType::new(IrDType::F16, x[0].dims().to_vec()))?;
+        let kernels = tc_kernels(dtype, geometry.head_dim)?;
         let g = WinGeom::new(op, &geometry)?;
-        if geometry.head_dim != TC_HEAD_DIM {
-            return Err(format!(
-                "the tensor-core emulation is built for head dim {TC_HEAD_DIM}, not {}",
-                geometry.head_dim
-            ));
-        }
         let inputs: Vec<Vec<u16>> = x.iter().map(|t| host_half(t, dtype)).collect::<Result<_>>()?;
         let bias = op.qkv_bias.then_some(1);
         let next = 1 + op.qkv_bias as usize;
@@ -506,7 +522,7 @@ fn tensor_half(v: Vec<u16>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     .map_err(|e| e.to_string())
 }
 
-/// The tensor-core forward on f16 or bf16 inputs (head dim [`TC_HEAD_DIM`]): `[out (the
+/// The tensor-core forward on f16 or bf16 inputs (head dims [`TC_HEAD_DIMS`]): `[out (the
 /// inputs' dtype), lse (f32)]`.
 pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
     let t = TcInputs::new(op, x)?;
@@ -533,7 +549,7 @@ pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Ten
     ])
 }
 
-/// The tensor-core backward on f16 or bf16 inputs (head dim [`TC_HEAD_DIM`]), in the order
+/// The tensor-core backward on f16 or bf16 inputs (head dims [`TC_HEAD_DIMS`]), in the order
 /// `run::backward` launches it: one gradient per forward input, in the inputs' dtype (the f32
 /// accumulators of the small inputs rounded to it, as there).
 pub fn window_attention_grad_tc(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<Vec<Tensor>> {

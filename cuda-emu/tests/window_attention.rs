@@ -123,15 +123,16 @@ fn tc_tolerance(dtype: DType) -> f64 {
     }
 }
 
-/// The tensor-core forward (f16 or bf16, head dim 16) against the CPU kernel on the same half
+/// The tensor-core forward (f16 or bf16, head dim 16 or 64) against the CPU kernel on the same half
 /// inputs. Tolerance: out [`tc_tolerance`]; lse 1e-5 (both accumulate the products of the same
 /// half values in f32).
-fn check_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
-    use vitdet_cuda_emu::window_attention::{window_attention_tc, TC_HEAD_DIM};
+fn check_tc(dtype: DType, hd: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::window_attention_tc;
     let mut rng = Rng(hw[0] as u64 * 31 + window[1] as u64);
     let qkv = [1, hw[0], hw[1]];
-    let (op, x) = case(&mut rng, dtype, TC_HEAD_DIM, qkv, window, rel_pos, qkv_bias);
-    let what = format!("tensor cores {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let (op, x) = case(&mut rng, dtype, hd, qkv, window, rel_pos, qkv_bias);
+    let what =
+        format!("tensor cores {dtype:?} head dim {hd}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
     let want = cpu::window_attention(&op, &x).unwrap();
     let got = window_attention_tc(&op, &x).unwrap();
     assert_eq!(got[0].dtype(), dtype, "{what}: output dtype");
@@ -146,19 +147,19 @@ fn check_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRel
 fn tensor_cores_decomposed_padded_multi_tile() {
     // 9x10 tokens, one 9x10 window: 90 queries (two 64-row blocks) and 90 keys (two tiles).
     for dtype in [DType::F16, DType::BF16] {
-        check_tc(dtype, [9, 10], [9, 10], WindowRelPos::Decomposed, true);
+        check_tc(dtype, 16, [9, 10], [9, 10], WindowRelPos::Decomposed, true);
     }
 }
 
 #[test]
 fn tensor_cores_windows_bias_and_none() {
     for dtype in [DType::F16, DType::BF16] {
-        check_tc(dtype, [5, 7], [3, 4], WindowRelPos::Bias, true);
-        check_tc(dtype, [5, 7], [3, 4], WindowRelPos::None, false);
+        check_tc(dtype, 16, [5, 7], [3, 4], WindowRelPos::Bias, true);
+        check_tc(dtype, 16, [5, 7], [3, 4], WindowRelPos::None, false);
     }
 }
 
-/// The tensor-core backward (f16 or bf16, head dim 16) against the CPU kernel's gradients on
+/// The tensor-core backward (f16 or bf16, head dim 16 or 64) against the CPU kernel's gradients on
 /// the same half inputs, `out` and `lse` (the CPU forward's) and a random `dout`.
 ///
 /// Tolerance: [`tc_tolerance`] per gradient. The kernel rounds P and dS to the half type before
@@ -167,12 +168,14 @@ fn tensor_cores_windows_bias_and_none() {
 /// in f32. Both round each gradient once. The rel-pos and bias gradients come from dS in f32
 /// and agree to ~1e-5. A wrong index or a missing term gives errors of order 1e-2 and up in f16
 /// (a 1% error on the BEiT bias gradient alone gives 1e-2), which the f16 runs catch.
-fn check_grad_tc(dtype: DType, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
-    use vitdet_cuda_emu::window_attention::{window_attention_grad_tc, TC_HEAD_DIM};
+fn check_grad_tc(dtype: DType, hd: usize, hw: [usize; 2], window: [usize; 2], rel_pos: WindowRelPos, qkv_bias: bool) {
+    use vitdet_cuda_emu::window_attention::window_attention_grad_tc;
     let mut rng = Rng(hw[1] as u64 * 77 + window[0] as u64 * 5 + qkv_bias as u64);
     let qkv = [1, hw[0], hw[1]];
-    let (op, x) = case(&mut rng, dtype, TC_HEAD_DIM, qkv, window, rel_pos, qkv_bias);
-    let what = format!("tensor-core backward {dtype:?}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}");
+    let (op, x) = case(&mut rng, dtype, hd, qkv, window, rel_pos, qkv_bias);
+    let what = format!(
+        "tensor-core backward {dtype:?} head dim {hd}: grid {hw:?} window {window:?} {rel_pos:?} bias {qkv_bias}"
+    );
     let fwd = cpu::window_attention(&op, &x).unwrap();
     let grad_op = op.grad();
     let dout = rng.tensor(fwd[0].dims(), 1.0).to_dtype(dtype).unwrap();
@@ -194,22 +197,39 @@ fn tensor_core_backward_decomposed_padded_multi_tile() {
     // Windows of 9x10 = 90 tokens (two query tiles, two key blocks) over an 11x12 grid: a 2x2
     // grid of windows padded by 7 rows and 8 columns.
     for dtype in [DType::F16, DType::BF16] {
-        check_grad_tc(dtype, [11, 12], [9, 10], WindowRelPos::Decomposed, true);
+        check_grad_tc(dtype, 16, [11, 12], [9, 10], WindowRelPos::Decomposed, true);
     }
 }
 
 #[test]
 fn tensor_core_backward_decomposed_global_without_bias() {
     for dtype in [DType::F16, DType::BF16] {
-        check_grad_tc(dtype, [9, 10], [9, 10], WindowRelPos::Decomposed, false);
+        check_grad_tc(dtype, 16, [9, 10], [9, 10], WindowRelPos::Decomposed, false);
     }
 }
 
 #[test]
 fn tensor_core_backward_beit_bias_and_none() {
     for dtype in [DType::F16, DType::BF16] {
-        check_grad_tc(dtype, [5, 7], [3, 4], WindowRelPos::Bias, true);
-        check_grad_tc(dtype, [5, 7], [3, 4], WindowRelPos::None, false);
-        check_grad_tc(dtype, [9, 10], [9, 10], WindowRelPos::None, true);
+        check_grad_tc(dtype, 16, [5, 7], [3, 4], WindowRelPos::Bias, true);
+        check_grad_tc(dtype, 16, [5, 7], [3, 4], WindowRelPos::None, false);
+        check_grad_tc(dtype, 16, [9, 10], [9, 10], WindowRelPos::None, true);
+    }
+}
+
+/// ViTDet-B/L's head dim, where the products' loops over 16-wide head-dim slices (Q K^T's
+/// k-steps, P V's and the backward's output tiles) run four times.
+#[test]
+fn tensor_cores_head_dim_64() {
+    for dtype in [DType::F16, DType::BF16] {
+        check_tc(dtype, 64, [9, 10], [9, 10], WindowRelPos::Decomposed, true);
+        check_tc(dtype, 64, [5, 7], [3, 4], WindowRelPos::Bias, false);
+    }
+}
+
+#[test]
+fn tensor_core_backward_head_dim_64() {
+    for dtype in [DType::F16, DType::BF16] {
+        check_grad_tc(dtype, 64, [9, 10], [9, 10], WindowRelPos::Decomposed, true);
     }
 }

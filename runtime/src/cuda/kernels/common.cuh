@@ -32,7 +32,10 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     unsigned u;
     memcpy(&u, &x, 4);
     bf16_t r;
-    r.bits = (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+    // Round to nearest even, as cvt.rn.bf16.f32; a NaN stays a (quiet) NaN, as it does there,
+    // where the rounding carry would turn it into an infinity or zero.
+    r.bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                              : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
     return r;
 }
 #else
