@@ -63,6 +63,31 @@ pub fn takes(x: &Tensor) -> KernelResult<bool> {
     }
 }
 
+/// Runs one convolution on cuDNN, once [`takes`] said it goes there. Under
+/// [`ConvEngine::Auto`], a problem cuDNN refuses (no algorithm for the shape or dtype) returns
+/// `None`, so the caller runs it on the im2col path, and says so on stderr once per refusal;
+/// under [`ConvEngine::Cudnn`] the refusal is the error.
+pub fn or_im2col(f: impl FnOnce() -> KernelResult<Tensor>) -> KernelResult<Option<Tensor>> {
+    match f() {
+        Ok(y) => Ok(Some(y)),
+        Err(e) if ENGINE.with(Cell::get) == ConvEngine::Auto => {
+            static SAID: Cache<String, ()> = OnceLock::new();
+            let text = e.to_string();
+            if SAID
+                .get_or_init(Default::default)
+                .lock()
+                .expect("cuDNN refusals")
+                .insert(text.clone(), ())
+                .is_none()
+            {
+                eprintln!("warning: {text}; this convolution runs on the im2col kernel instead");
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// cuDNN's version when it is loaded, else why not (for reports).
 pub fn status() -> Result<String, String> {
     let lib = library()?;

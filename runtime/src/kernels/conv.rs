@@ -82,9 +82,9 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
         return patchify_conv(x, w);
     }
-    if cudnn_takes(x)? {
-        #[cfg(feature = "cuda")]
-        return crate::cuda::cudnn::conv2d(op, x, w);
+    #[cfg(feature = "cuda")]
+    if let Some(y) = on_cudnn(x, || crate::cuda::cudnn::conv2d(op, x, w))? {
+        return Ok(y);
     }
     // im2col + GEMM: stride 1 and kernels over 1x1 on the CPU; any ungrouped convolution where
     // the device has an im2col kernel.
@@ -113,15 +113,14 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     Ok(subsample(&y, 3, sw)?)
 }
 
-/// Whether cuDNN runs this convolution (CUDA, where it loads; see `cuda::cudnn`).
-fn cudnn_takes(x: &Tensor) -> KernelResult<bool> {
-    #[cfg(feature = "cuda")]
-    return crate::cuda::cudnn::takes(x);
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = x;
-        Ok(false)
+/// `f` (a cuDNN convolution of `x`) where cuDNN takes it; `None` sends the convolution down the
+/// other paths (see `cuda::cudnn`).
+#[cfg(feature = "cuda")]
+fn on_cudnn(x: &Tensor, f: impl FnOnce() -> KernelResult<Tensor>) -> KernelResult<Option<Tensor>> {
+    if crate::cuda::cudnn::takes(x)? {
+        return crate::cuda::cudnn::or_im2col(f);
     }
+    Ok(None)
 }
 
 /// Batches up to this size run 1x1 convolutions image by image ([`pointwise_conv`]); larger
@@ -397,9 +396,9 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
     let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
     with_contraction_dtype(&[x, dy], |t| {
         let (x, dy) = (&t[0], &t[1]);
-        if cudnn_takes(x)? {
-            #[cfg(feature = "cuda")]
-            return crate::cuda::cudnn::conv2d_grad_weight(op, x, dy);
+        #[cfg(feature = "cuda")]
+        if let Some(y) = on_cudnn(x, || crate::cuda::cudnn::conv2d_grad_weight(op, x, dy))? {
+            return Ok(y);
         }
         if !columns_supported(x) {
             return conv2d_grad_weight_portable(op, x, dy);
@@ -576,9 +575,9 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
             dt => Ok(deconv_cpu::<f32>(op, &x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dt)?),
         };
     }
-    if cudnn_takes(x)? {
-        #[cfg(feature = "cuda")]
-        return crate::cuda::cudnn::conv_transpose2d(op, x, w);
+    #[cfg(feature = "cuda")]
+    if let Some(y) = on_cudnn(x, || crate::cuda::cudnn::conv_transpose2d(op, x, w))? {
+        return Ok(y);
     }
     // Other devices: candle's CUDA conv_transpose2d is a direct loop kernel, 10-90x slower than
     // cuDNN on the pyramid's and heads' shapes, so the transposed convolution (every 3x3 conv's
