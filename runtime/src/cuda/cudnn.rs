@@ -355,8 +355,10 @@ struct AlgoPerf {
     reserved: [c_int; 3],
 }
 
-/// The most workspace one convolution may take.
-const WORKSPACE_LIMIT: usize = 1 << 30;
+/// The most workspace one convolution may take: the heuristics' first choices on the pyramid's
+/// and heads' shapes are implicit GEMMs needing far less; the bound keeps a rarer pick from
+/// raising a training step's peak by gigabytes (the im2col path's tiles are 128 MiB).
+const WORKSPACE_LIMIT: usize = 256 << 20;
 
 /// Algorithms whose transforms round differently from a direct sum, kept off f32 (cuDNN's
 /// numbering: forward FFT 4, FFT_TILING 5, WINOGRAD 6, WINOGRAD_NONFUSED 7; backward data FFT 2,
