@@ -30,3 +30,30 @@ fn bias_epilogue_matches_the_cpu() {
         assert!(e <= tol, "{dtype:?}: rel L2 {e:e}");
     }
 }
+
+/// Operands that are views into larger buffers (a row range starting off cuBLASLt's 256-byte
+/// alignment, a bias narrowed from a packed vector), and an input with no rows.
+#[test]
+fn offset_views_and_empty_inputs() {
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(5);
+    let x = Nd::randn(&[41, 96], &mut rng, 1.0, 0.0);
+    let w = Nd::randn(&[80, 96], &mut rng, 0.1, 0.0);
+    let packed = Nd::randn(&[3 * 80], &mut rng, 0.5, 0.0);
+    for (dtype, tol) in [(DType::F16, 2e-3), (DType::BF16, 1e-2)] {
+        let on = |t: &candle_core::Tensor| t.to_device(&dev).unwrap();
+        let (xc, wc, pc) = (x.tensor_as(dtype), w.tensor_as(dtype), packed.tensor_as(dtype));
+        // Rows 3.. start 3 * 96 * 2 = 576 bytes in (not a multiple of 256); bias elements 7..87.
+        let (xv, bv) = (xc.narrow(0, 3, 37).unwrap(), pc.narrow(0, 7, 80).unwrap());
+        let want = linear(&xv, &wc, Some(&bv)).unwrap();
+        let (xg, bg) = (on(&xc).narrow(0, 3, 37).unwrap(), on(&pc).narrow(0, 7, 80).unwrap());
+        let got = linear(&xg, &on(&wc), Some(&bg)).unwrap();
+        assert_eq!(got.dims(), [37, 80]);
+        let e = rel_l2(&got, &want);
+        assert!(e <= tol, "{dtype:?} offset views: rel L2 {e:e}");
+
+        let empty = on(&xc).narrow(0, 0, 0).unwrap();
+        let got = linear(&empty, &on(&wc), Some(&bg)).unwrap();
+        assert_eq!(got.dims(), [0, 80], "{dtype:?}: no rows");
+    }
+}

@@ -112,8 +112,12 @@ impl TopKGeom {
 pub const NMS_THREADS: u32 = 256;
 /// Mask columns per word, and threads of an `nms_mask` block (`NMS_COLS`).
 pub const NMS_COLS: usize = 64;
-/// Largest box count: `nms_scan` holds one removed bit per box in 48 KiB of shared memory.
-pub const NMS_MAX_BOXES: usize = 48 * 1024 * 8;
+/// Largest box count: `nms_scan` holds one removed bit per box in dynamic shared memory, which
+/// with its 768 bytes of static tiles (64 diagonal words, 64 kept rows) must stay within the
+/// 48 KiB a launch gets without opting in.
+pub const NMS_MAX_BOXES: usize = (48 * 1024 - NMS_SCAN_STATIC_BYTES) * 8;
+/// `nms_scan`'s static shared memory: `diag[NMS_COLS]` (u64) and `kept_rows[NMS_COLS]` (int).
+const NMS_SCAN_STATIC_BYTES: usize = NMS_COLS * (8 + 4);
 /// Default bound on the IoU mask of one round (the rows of a round shrink to fit it).
 pub const NMS_MASK_BUDGET: usize = 64 << 20;
 

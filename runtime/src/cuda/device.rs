@@ -60,28 +60,14 @@ pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
     let program = module.program();
     // The file name carries a hash of the program text, so an edited kernel never reads a stale
     // file; an unreadable or unwritable cache only costs a compile.
-    let file = kernel_cache_dir().map(|d| d.join(format!("{}_{arch}_{:016x}.ptx", key.0, fnv1a(&program))));
+    let file = cache_file(module, arch, &program);
     let cached = file
         .as_ref()
         .and_then(|f| std::fs::read_to_string(f).ok())
         .filter(|p| p.contains(".entry"));
     let ptx = match cached {
         Some(p) => p,
-        None => {
-            let opts = CompileOptions {
-                arch: Some(arch),
-                options: vec!["--std=c++17".into()],
-                ..Default::default()
-            };
-            let ptx = compile_ptx_with_opts(&program, opts)
-                .map_err(|e| unsupported(format!("NVRTC could not compile kernel module `{}`: {e}", key.0)))?
-                .to_src();
-            if let Some(f) = &file {
-                let _ = f.parent().map(std::fs::create_dir_all);
-                let _ = crate::write_atomic(f, ptx.as_bytes());
-            }
-            ptx
-        }
+        None => compile(module, arch, &program, file.as_deref())?,
     };
     let ptx = Arc::new(ptx);
     CACHE
@@ -89,6 +75,33 @@ pub fn ptx(module: &Module, arch: &'static str) -> KernelResult<Arc<String>> {
         .lock()
         .expect("ptx cache")
         .insert(key, ptx.clone());
+    Ok(ptx)
+}
+
+/// The disk cache's file for `module` compiled for `arch`.
+fn cache_file(module: &Module, arch: &str, program: &str) -> Option<std::path::PathBuf> {
+    kernel_cache_dir().map(|d| d.join(format!("{}_{arch}_{:016x}.ptx", module.name(), fnv1a(program))))
+}
+
+/// NVRTC's PTX of `program`, stored in `file` when there is one.
+fn compile(module: &Module, arch: &'static str, program: &str, file: Option<&std::path::Path>) -> KernelResult<String> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(program, opts)
+        .map_err(|e| {
+            unsupported(format!(
+                "NVRTC could not compile kernel module `{}`: {e}",
+                module.name()
+            ))
+        })?
+        .to_src();
+    if let Some(f) = file {
+        let _ = f.parent().map(std::fs::create_dir_all);
+        let _ = crate::write_atomic(f, ptx.as_bytes());
+    }
     Ok(ptx)
 }
 
@@ -154,11 +167,28 @@ pub fn function(dev: &CudaDevice, module: &Module, name: &str) -> KernelResult<K
     let loaded = match loaded {
         Some(m) => m,
         None => {
-            let ptx = ptx(module, arch(dev)?)?;
-            let m = stream
-                .context()
-                .load_module(Ptx::from_src(ptx.as_str()))
-                .map_err(candle_core::Error::wrap)?;
+            let arch = arch(dev)?;
+            let ptx = ptx(module, arch)?;
+            let m = match stream.context().load_module(Ptx::from_src(ptx.as_str())) {
+                Ok(m) => m,
+                // PTX from the disk cache that this driver does not take (written by a newer
+                // NVRTC elsewhere): compile it here, replacing the file, and load that.
+                Err(first) => {
+                    let program = module.program();
+                    let file = cache_file(module, arch, &program);
+                    let fresh = compile(module, arch, &program, file.as_deref())?;
+                    if *fresh == *ptx {
+                        return Err(unsupported(format!(
+                            "loading kernel module `{}`: {first}",
+                            module.name()
+                        )));
+                    }
+                    stream
+                        .context()
+                        .load_module(Ptx::from_src(fresh.as_str()))
+                        .map_err(candle_core::Error::wrap)?
+                }
+            };
             LOADED
                 .get_or_init(Default::default)
                 .lock()

@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConf
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Tensor};
 
-use super::device::{cuda_device, tensor, view, zeros, Cache};
+use super::device::{cuda_device, tensor, view, Cache};
 use crate::kernels::{KernelError, KernelResult};
 
 /// One cuBLASLt handle (and its workspace) per device.
@@ -61,8 +61,15 @@ where
     let dev = cuda_device(x)?;
     let (n, k) = w.dims2()?;
     let m = x.elem_count() / k.max(1);
-    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-    let mut y = zeros::<T>(&dev, m * n)?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    if m == 0 || k == 0 {
+        // No rows, or an empty contraction (y = b): nothing for cuBLASLt.
+        return Ok(b.broadcast_as(dims)?.contiguous()?);
+    }
+    let (x, w, b) = (aligned(x)?, aligned(w)?, aligned(b)?);
+    // beta = 0: cuBLASLt writes every element without reading it.
+    let mut y = unsafe { dev.alloc::<T>(m * n) }?;
     {
         let ((xs, xl), (ws, wl), (bs, bl)) = (x.storage_and_layout(), w.storage_and_layout(), b.storage_and_layout());
         let (xv, wv, bv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?, view::<T>(&bs, bl)?);
@@ -87,7 +94,16 @@ where
         unsafe { handle(&dev)?.matmul(cfg, &wv, &xv, &mut y, Some(&bv), None) }
             .map_err(|e| KernelError::Unsupported(format!("cuBLASLt linear [{m}, {k}] x [{n}, {k}]^T: {e:?}")))?;
     }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = n;
     Ok(tensor(y, dims, &dev))
+}
+
+/// `t` contiguous and starting on a 256-byte boundary: cuBLASLt's heuristics assume the
+/// default minimum alignment of its operands, which a view into a larger buffer need not have.
+fn aligned(t: &Tensor) -> KernelResult<Tensor> {
+    let offset_bytes = t.layout().start_offset() * t.dtype().size_in_bytes();
+    if t.is_contiguous() && offset_bytes.is_multiple_of(256) {
+        Ok(t.clone())
+    } else {
+        Ok(t.force_contiguous()?)
+    }
 }
