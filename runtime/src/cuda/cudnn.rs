@@ -423,18 +423,76 @@ fn algorithm(
         }
     };
     check(status, &format!("{direction:?} algorithm for {p:?}"))?;
-    let pick = perf[..(count.max(0) as usize).min(perf.len())]
-        .iter()
-        .find(|a| {
-            a.status == 0
-                && a.memory <= WORKSPACE_LIMIT
-                && !(p.dtype == DType::F32 && transform_algorithm(direction, a.algo))
-        })
-        .map(|a| (a.algo, a.memory))
-        .ok_or_else(|| KernelError::Unsupported(format!("cuDNN has no {direction:?} algorithm for {p:?}")))?;
+    let mut pick = None;
+    for a in &perf[..(count.max(0) as usize).min(perf.len())] {
+        if a.status != 0 || (p.dtype == DType::F32 && transform_algorithm(direction, a.algo)) {
+            continue;
+        }
+        // The heuristics' memory column is an estimate: the workspace is what cuDNN asks for.
+        let bytes = workspace_bytes(h, d, direction, a.algo)?;
+        if bytes <= WORKSPACE_LIMIT {
+            pick = Some((a.algo, bytes));
+            break;
+        }
+    }
+    let pick =
+        pick.ok_or_else(|| KernelError::Unsupported(format!("cuDNN has no {direction:?} algorithm for {p:?}")))?;
     chosen.lock().expect("cuDNN algorithms").insert((*p, direction), pick);
     Ok(pick)
 }
+
+/// The workspace `algo` needs for the descriptors' problem in `direction`.
+fn workspace_bytes(h: sys::cudnnHandle_t, d: &Descriptors, direction: Direction, algo: c_int) -> KernelResult<usize> {
+    let mut bytes = 0usize;
+    let lib = d.lib;
+    let status = unsafe {
+        match direction {
+            Direction::Forward => {
+                (lib.cudnnGetConvolutionForwardWorkspaceSize)(h, d.x, d.w, d.conv, d.y, fwd_algo(algo)?, &mut bytes)
+            }
+            Direction::BackwardData => (lib.cudnnGetConvolutionBackwardDataWorkspaceSize)(
+                h,
+                d.w,
+                d.y,
+                d.conv,
+                d.x,
+                bwd_data_algo(algo)?,
+                &mut bytes,
+            ),
+            Direction::BackwardFilter => (lib.cudnnGetConvolutionBackwardFilterWorkspaceSize)(
+                h,
+                d.x,
+                d.y,
+                d.conv,
+                d.w,
+                bwd_filter_algo(algo)?,
+                &mut bytes,
+            ),
+        }
+    };
+    check(status, &format!("{direction:?} workspace of algorithm {algo}"))?;
+    Ok(bytes)
+}
+
+/// cuDNN's algorithm numbers as the bindings' enums, for the numbers cuDNN defines.
+macro_rules! algo_enum {
+    ($name:ident, $ty:ty, $count:expr) => {
+        fn $name(algo: c_int) -> KernelResult<$ty> {
+            if (0..$count).contains(&algo) {
+                // The enum is repr(u32) with every value in 0..count.
+                Ok(unsafe { std::mem::transmute::<u32, $ty>(algo as u32) })
+            } else {
+                Err(KernelError::Unsupported(format!(
+                    "cuDNN algorithm number {algo} is not one of {}",
+                    stringify!($ty)
+                )))
+            }
+        }
+    };
+}
+algo_enum!(fwd_algo, sys::cudnnConvolutionFwdAlgo_t, 8);
+algo_enum!(bwd_data_algo, sys::cudnnConvolutionBwdDataAlgo_t, 6);
+algo_enum!(bwd_filter_algo, sys::cudnnConvolutionBwdFilterAlgo_t, 7);
 
 /// Runs one direction of `p`: `a` and `b` are its two operands in cuDNN's argument order
 /// (forward x, w; backward data w, dy; backward filter x, dy); the result has `out_dims`.
@@ -485,7 +543,7 @@ fn run<T: CudaDType + DeviceRepr>(
                     d.w,
                     pb,
                     d.conv,
-                    std::mem::transmute::<u32, sys::cudnnConvolutionFwdAlgo_t>(algo as u32),
+                    fwd_algo(algo)?,
                     pw,
                     ws_bytes,
                     beta,
@@ -500,7 +558,7 @@ fn run<T: CudaDType + DeviceRepr>(
                     d.y,
                     pb,
                     d.conv,
-                    std::mem::transmute::<u32, sys::cudnnConvolutionBwdDataAlgo_t>(algo as u32),
+                    bwd_data_algo(algo)?,
                     pw,
                     ws_bytes,
                     beta,
@@ -515,7 +573,7 @@ fn run<T: CudaDType + DeviceRepr>(
                     d.y,
                     pb,
                     d.conv,
-                    std::mem::transmute::<u32, sys::cudnnConvolutionBwdFilterAlgo_t>(algo as u32),
+                    bwd_filter_algo(algo)?,
                     pw,
                     ws_bytes,
                     beta,
