@@ -118,6 +118,30 @@ pub fn run_with_order(
     device: &Device,
     order: &[NodeIndex],
 ) -> Result<RunOutput, RuntimeError> {
+    execute(graph, params, inputs, device, order, false)
+}
+
+/// [`run_with_order`], waiting for the device after every op, so that
+/// [`RunOutput::op_seconds`] is each op's device time rather than the time to issue it (on a
+/// GPU, kernels run asynchronously; on the CPU the two are the same). Slower: for profiles.
+pub fn run_profiled(
+    graph: &Graph,
+    params: &ParamStore,
+    inputs: &[(&str, Tensor)],
+    device: &Device,
+    order: &[NodeIndex],
+) -> Result<RunOutput, RuntimeError> {
+    execute(graph, params, inputs, device, order, true)
+}
+
+fn execute(
+    graph: &Graph,
+    params: &ParamStore,
+    inputs: &[(&str, Tensor)],
+    device: &Device,
+    order: &[NodeIndex],
+    sync_each_op: bool,
+) -> Result<RunOutput, RuntimeError> {
     graph.verify()?;
     check_order(graph, order)?;
     let mut fed = feed_inputs(graph, inputs, device)?;
@@ -174,6 +198,9 @@ pub fn run_with_order(
                     KernelError::Candle(e) => kernel_error(graph, n, e.to_string()),
                 })?;
                 drop(args);
+                if sync_each_op {
+                    device.synchronize()?;
+                }
                 *op_seconds.entry(op.name().to_string()).or_insert(0.0) += start.elapsed().as_secs_f64();
                 check_outputs(graph, n, &outs)?;
                 // Ops without inputs (anchors, ...) have no device to follow: place them.

@@ -40,7 +40,7 @@ pub mod params;
 pub mod preprocess;
 
 pub use error::RuntimeError;
-pub use executor::{peak_live_bytes, run, run_with_order, RunOutput};
+pub use executor::{peak_live_bytes, run, run_profiled, run_with_order, RunOutput};
 pub use fsio::write_atomic;
 pub use optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, WarmupCosine};
 pub use params::ParamStore;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use vitdet_ir::ops::*;
 use vitdet_ir::{Graph, NodeIndex, TensorType, Value};
-use vitdet_runtime::{peak_live_bytes, run, run_with_order, ParamStore, RuntimeError};
+use vitdet_runtime::{peak_live_bytes, run, run_profiled, run_with_order, ParamStore, RuntimeError};
 
 fn input(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
     g.add(
@@ -92,6 +92,27 @@ fn peak_live_bytes_known_answer() {
         out.outputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         ["e", "b"]
     );
+}
+
+/// A profiled run waits after every op but is otherwise the same run: same outputs, same
+/// accounting, a time for every op kind the graph runs.
+#[test]
+fn profiled_run_matches_and_times_every_op_kind() {
+    let g = chain_graph();
+    let mut params = ParamStore::new();
+    params.insert("w", Tensor::new(&[10f32, 20., 30., 40.], &cpu()).unwrap());
+    let x = Tensor::new(&[-1f32, 2., -3., 4.], &cpu()).unwrap();
+    let order = g.topo_order().unwrap();
+    let plain = run_with_order(&g, &params, &[("x", x.clone())], &cpu(), &order).unwrap();
+    let profiled = run_profiled(&g, &params, &[("x", x)], &cpu(), &order).unwrap();
+    for ((n1, t1), (n2, t2)) in plain.outputs.iter().zip(&profiled.outputs) {
+        assert_eq!(n1, n2);
+        assert_eq!(t1.to_vec1::<f32>().unwrap(), t2.to_vec1::<f32>().unwrap(), "{n1}");
+    }
+    assert_eq!(profiled.peak_live_bytes, plain.peak_live_bytes);
+    let kinds: Vec<&str> = profiled.op_seconds.keys().map(String::as_str).collect();
+    assert_eq!(kinds, ["binary", "concat", "pad", "slice", "unary"]);
+    assert!(profiled.op_seconds.values().all(|s| *s >= 0.0));
 }
 
 /// Two branches whose big intermediates overlap or not depending on the order.

@@ -12,7 +12,7 @@
 #      cuDNN (PyTorch's library) and, in bf16, once more on the im2col kernel;
 #   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
 #   4. end-to-end vitdet-b at 1024: inference in bf16, a training step in bf16, then in f32
-#      ($OUT/e2e_*.json);
+#      ($OUT/e2e_*.json), each with a profiled run (device and dispatch time per op kind);
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
 #      in f16, with eager then fused attention ($OUT/study_vitdet_l_{eager,fused}.txt).
 # Last, a short summary table ($OUT/summary.txt too).
@@ -102,7 +102,7 @@ step torch_ops 150 python3 scripts/gpu/torch_ops.py --list "$OUT/ops_list.json" 
 # 4. End-to-end steps.
 e2e() { # e2e MODE DTYPE ITERS LIMIT_S
     step "e2e_$1_$2" "$4" "$V" bench --device cuda --model vitdet-b --image-size 1024 --mode "$1" \
-        --dtype "$2" --iters "$3" --warmup 1 --format json --out "$OUT/e2e_$1_$2.json"
+        --dtype "$2" --iters "$3" --warmup 1 --profile --format json --out "$OUT/e2e_$1_$2.json"
 }
 e2e infer bf16 5 120
 e2e train bf16 3 150

@@ -64,6 +64,17 @@ def main():
             f"{mode} {dtype} (convolutions: {r.get('conv_engine', '?')}): median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), "
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
         )
+        ops = r.get("ops", [])
+        if ops:
+            host = sum(o["host_ms"] for o in ops)
+            synced = sum(o.get("synced_ms") or 0.0 for o in ops)
+            print(f"  issuing all ops: {host:.1f} ms on the host; profiled, device waited after each: {synced:.1f} ms")
+            for o in ops[:8]:
+                s = o.get("synced_ms")
+                print(
+                    f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced "
+                    + ("-" if s is None else f"{s:8.2f} ms")
+                )
 
     for variant in ("eager", "fused"):
         study = os.path.join(out, f"study_vitdet_l_{variant}.txt")

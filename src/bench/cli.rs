@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// End-to-end step: inference, or a training step (forward, losses and gradients).
     #[arg(long, value_enum, default_value = "infer", conflicts_with = "ops")]
     pub mode: StepMode,
+    /// End-to-end step: after the timed runs, one more waiting for the device after every op,
+    /// to report each op kind's device time beside its host (dispatch) time.
+    #[arg(long, conflicts_with = "ops")]
+    pub profile: bool,
     /// Keep the unfused attention subgraph in the end-to-end step.
     #[arg(long, conflicts_with = "ops")]
     pub no_fuse: bool,
@@ -178,6 +182,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         fuse_attention: !args.no_fuse,
         warmup: args.warmup,
         iters: args.iters,
+        profile: args.profile,
     };
     eprintln!("compiling and timing {} {}", opts.model, opts.mode.name());
     let (step, conv_engine) = with_conv_engine(args.conv_engine, &device, || step::run(&opts, &device))?;

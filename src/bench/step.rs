@@ -10,13 +10,14 @@
 //! warm-up ones; memory is the device's peak allocation during the runs above the resident
 //! weights and inputs, beside the memory planner's arena for the same graph.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_ir::{Graph, NodeIndex};
 use vitdet_passes::Precision;
-use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
+use vitdet_runtime::{run_profiled, run_with_order, Device, ParamStore, Tensor};
 
 use super::timer::{time_calls, Timing};
 use crate::compile::{compile_train, load_config, lower_inference, TrainOptions};
@@ -48,6 +49,24 @@ pub struct StepOptions {
     pub fuse_attention: bool,
     pub warmup: usize,
     pub iters: usize,
+    /// After the timed runs, one more that waits for the device after every op, to time each
+    /// op kind on the device ([`OpTime::synced_ms`]).
+    pub profile: bool,
+}
+
+/// One op kind's share of a step.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpTime {
+    pub op: String,
+    /// Nodes of this kind in the step's graph.
+    pub count: usize,
+    /// Host time issuing them in the last timed run: on a GPU, where kernels run
+    /// asynchronously, the dispatch cost (the kernels' own time where an op waits for the
+    /// device, e.g. to read a count back).
+    pub host_ms: f64,
+    /// Their time with the device waited for after each op (`--profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synced_ms: Option<f64>,
 }
 
 /// What timing a step measured.
@@ -65,6 +84,8 @@ pub struct StepResult {
     /// The memory planner's arena for the graph (the activations a run holds at its peak).
     pub planned_arena_bytes: u64,
     pub param_bytes: u64,
+    /// Per op kind, the slowest first (by device time when profiled, else host time).
+    pub ops: Vec<OpTime>,
 }
 
 impl StepResult {
@@ -87,8 +108,41 @@ impl StepResult {
             peak = t.peak_bytes.map_or("-".to_string(), bytes),
             weights = bytes(self.param_bytes),
             arena = bytes(self.planned_arena_bytes),
-        )
+        ) + &self.ops_text()
     }
+
+    /// The slowest op kinds, as text.
+    fn ops_text(&self) -> String {
+        let mut text = format!("{:<28} {:>6} {:>10} {:>10}\n", "op", "count", "host ms", "synced ms");
+        for o in self.ops.iter().take(OPS_SHOWN) {
+            let synced = o.synced_ms.map_or("-".to_string(), |v| format!("{v:.2}"));
+            text += &format!("{:<28} {:>6} {:>10.2} {:>10}\n", o.op, o.count, o.host_ms, synced);
+        }
+        text
+    }
+}
+
+/// Op kinds the text report lists.
+const OPS_SHOWN: usize = 12;
+
+/// Per op kind of `graph`: node count, host seconds and synced seconds, slowest first.
+fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for n in graph.topo_order().unwrap_or_default() {
+        *counts.entry(graph.node(n).op.name().to_string()).or_default() += 1;
+    }
+    let mut ops: Vec<OpTime> = host
+        .iter()
+        .map(|(op, &secs)| OpTime {
+            op: op.clone(),
+            count: counts.get(op).copied().unwrap_or(0),
+            host_ms: secs * 1e3,
+            synced_ms: synced.map(|s| s.get(op).copied().unwrap_or(0.0) * 1e3),
+        })
+        .collect();
+    let key = |o: &OpTime| o.synced_ms.unwrap_or(o.host_ms);
+    ops.sort_by(|a, b| key(b).total_cmp(&key(a)));
+    ops
 }
 
 /// A compiled step: the graph, its order, its planned arena and its attention fusions.
@@ -146,11 +200,19 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     let inputs = step_inputs(&step.graph, step.image_size, device)?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut heap_peak: Option<usize> = None;
+    let mut host_op_seconds = BTreeMap::new();
     let mut timing = time_calls(device, opts.warmup, opts.iters, || {
         let out = run_with_order(&step.graph, &params, &named, device, &step.order).context("running the step")?;
         heap_peak = heap_peak.max(out.measured_peak_bytes);
+        host_op_seconds = out.op_seconds.clone();
         Ok(out)
     })?;
+    let synced = if opts.profile {
+        let out = run_profiled(&step.graph, &params, &named, device, &step.order).context("profiling the step")?;
+        Some(out.op_seconds)
+    } else {
+        None
+    };
     if device.is_cpu() {
         // The executor restarts the counting allocator's high-water mark at every node, so on
         // the CPU its own measured peak (of a run above its start) is the step's.
@@ -166,6 +228,7 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
         timing,
         planned_arena_bytes: step.arena_bytes,
         param_bytes: params.total_bytes() as u64,
+        ops: op_times(&step.graph, &host_op_seconds, synced.as_ref()),
     })
 }
 
