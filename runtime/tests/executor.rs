@@ -71,12 +71,17 @@ fn chain_graph() -> Graph {
     g
 }
 
-#[test]
-fn peak_live_bytes_known_answer() {
-    let g = chain_graph();
+/// [`chain_graph`] with its parameter and an input.
+fn chain_case() -> (Graph, ParamStore, Tensor) {
     let mut params = ParamStore::new();
     params.insert("w", Tensor::new(&[10f32, 20., 30., 40.], &cpu()).unwrap());
     let x = Tensor::new(&[-1f32, 2., -3., 4.], &cpu()).unwrap();
+    (chain_graph(), params, x)
+}
+
+#[test]
+fn peak_live_bytes_known_answer() {
+    let (g, params, x) = chain_case();
     let out = run(&g, &params, &[("x", x)], &cpu()).unwrap();
     // x 16 | +a 32, x freed -> 16 | +b 48, a freed (both uses) -> 32 | +c 96 (b kept: output)
     // | +d 112, c freed -> 48 | +e 64, d freed -> 48. Peak 112; the parameter w is excluded.
@@ -98,10 +103,7 @@ fn peak_live_bytes_known_answer() {
 /// accounting, a time for every op kind the graph runs.
 #[test]
 fn profiled_run_matches_and_times_every_op_kind() {
-    let g = chain_graph();
-    let mut params = ParamStore::new();
-    params.insert("w", Tensor::new(&[10f32, 20., 30., 40.], &cpu()).unwrap());
-    let x = Tensor::new(&[-1f32, 2., -3., 4.], &cpu()).unwrap();
+    let (g, params, x) = chain_case();
     let order = g.topo_order().unwrap();
     let plain = run_with_order(&g, &params, &[("x", x.clone())], &cpu(), &order).unwrap();
     let profiled = run_profiled(&g, &params, &[("x", x)], &cpu(), &order).unwrap();
