@@ -127,10 +127,7 @@ const OPS_SHOWN: usize = 12;
 
 /// Per op kind of `graph`: node count, host seconds and synced seconds, slowest first.
 fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for n in graph.topo_order().unwrap_or_default() {
-        *counts.entry(graph.node(n).op.name().to_string()).or_default() += 1;
-    }
+    let counts = vitdet_passes::CostSummary::of(graph).ops;
     let mut ops: Vec<OpTime> = host
         .iter()
         .map(|(op, &secs)| OpTime {

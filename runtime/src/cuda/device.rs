@@ -23,10 +23,10 @@ fn unsupported(m: impl std::fmt::Display) -> KernelError {
     KernelError::Unsupported(m.to_string())
 }
 
-/// The CUDA device of a tensor, or an error naming what is not on one.
 /// A process-wide map filled on first use (compiled modules, library handles, chosen algorithms).
 pub type Cache<K, V> = OnceLock<Mutex<HashMap<K, V>>>;
 
+/// The CUDA device of a tensor, or an error naming what is not on one.
 pub fn cuda_device(t: &Tensor) -> KernelResult<CudaDevice> {
     Ok(t.device().as_cuda_device()?.clone())
 }
