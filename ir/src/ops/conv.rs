@@ -25,6 +25,17 @@ impl Conv2d {
             groups: 1,
         }
     }
+
+    /// Output height and width on an `input` map (`[H, W]`) with a `kernel` (`[kh, kw]`), or
+    /// `None` when a stride is 0 or the dilated kernel is larger than the padded input.
+    pub fn output_size(&self, input: [usize; 2], kernel: [usize; 2]) -> Option<[usize; 2]> {
+        let axis = |d: usize| {
+            let span = self.dilation[d] * kernel[d].checked_sub(1)? + 1;
+            let padded = input[d] + 2 * self.padding[d];
+            (self.stride[d] > 0 && padded >= span).then(|| (padded - span) / self.stride[d] + 1)
+        };
+        Some([axis(0)?, axis(1)?])
+    }
 }
 
 impl OpRule for Conv2d {
@@ -52,19 +63,13 @@ impl OpRule for Conv2d {
         if let Some(b) = i.get(2) {
             super::expect_vector("bias", b, w.shape[0], x)?;
         }
-        let mut out = vec![x.shape[0], w.shape[0]];
-        for d in 0..2 {
-            let span = self.dilation[d] * (w.shape[2 + d] - 1) + 1;
-            let padded = x.shape[2 + d] + 2 * self.padding[d];
-            if self.stride[d] == 0 || padded < span {
-                return Err(format!(
-                    "kernel {w} does not fit input {x} with padding {:?}",
-                    self.padding
-                ));
-            }
-            out.push((padded - span) / self.stride[d] + 1);
-        }
-        Ok(vec![x.with_shape(out)])
+        let Some([ho, wo]) = self.output_size([x.shape[2], x.shape[3]], [w.shape[2], w.shape[3]]) else {
+            return Err(format!(
+                "kernel {w} does not fit input {x} with padding {:?}",
+                self.padding
+            ));
+        };
+        Ok(vec![x.with_shape([x.shape[0], w.shape[0], ho, wo])])
     }
     fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
         // fvcore: batch * prod(w.shape) * prod(out spatial)
@@ -97,6 +102,18 @@ pub struct Conv2dGradWeight {
     pub kernel: [usize; 2],
 }
 
+impl Conv2dGradWeight {
+    /// The convolution whose weight gradient this is.
+    pub fn conv(&self) -> Conv2d {
+        Conv2d {
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        }
+    }
+}
+
 impl OpRule for Conv2dGradWeight {
     fn name(&self) -> &'static str {
         "conv2d_grad_weight"
@@ -123,16 +140,13 @@ impl OpRule for Conv2dGradWeight {
                 self.kernel, self.stride, self.dilation
             ));
         }
-        for d in 0..2 {
-            let span = self.dilation[d] * (self.kernel[d] - 1) + 1;
-            let padded = x.shape[2 + d] + 2 * self.padding[d];
-            if padded < span {
-                return Err(format!(
-                    "kernel {:?} does not fit input {x} with padding {:?}",
-                    self.kernel, self.padding
-                ));
-            }
-            let expected = (padded - span) / self.stride[d] + 1;
+        let Some(out) = self.conv().output_size([x.shape[2], x.shape[3]], self.kernel) else {
+            return Err(format!(
+                "kernel {:?} does not fit input {x} with padding {:?}",
+                self.kernel, self.padding
+            ));
+        };
+        for (d, &expected) in out.iter().enumerate() {
             if dy.shape[2 + d] != expected {
                 return Err(format!(
                     "gradient {dy} must have the conv output size {expected} on axis {}",

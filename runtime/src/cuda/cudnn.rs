@@ -198,33 +198,20 @@ struct Problem {
 }
 
 impl Problem {
-    fn new(
-        x: [usize; 4],
-        w: [usize; 4],
-        op: (&[usize; 2], &[usize; 2], &[usize; 2], usize),
-        dtype: DType,
-    ) -> KernelResult<Self> {
-        let (padding, stride, dilation, groups) = op;
-        let out = |i: usize, a: usize| {
-            (x[i] + 2 * padding[a])
-                .checked_sub(dilation[a] * (w[i].max(1) - 1) + 1)
-                .filter(|_| stride[a] > 0 && groups > 0)
-                .map(|v| v / stride[a] + 1)
-                .ok_or_else(|| {
-                    KernelError::Unsupported(format!(
-                        "convolution of {x:?} by {w:?} with padding {padding:?}, stride {stride:?}, dilation \
-                         {dilation:?}, groups {groups} has no output"
-                    ))
-                })
-        };
+    /// The convolution `op` of an `x` map by a `w` filter.
+    fn new(x: [usize; 4], w: [usize; 4], op: &Conv2d, dtype: DType) -> KernelResult<Self> {
+        let [ho, wo] = op
+            .output_size([x[2], x[3]], [w[2], w[3]])
+            .filter(|_| op.groups > 0)
+            .ok_or_else(|| KernelError::Unsupported(format!("convolution {op:?} of {x:?} by {w:?} has no output")))?;
         Ok(Problem {
             x,
             w,
-            y: [x[0], w[0], out(2, 0)?, out(3, 1)?],
-            padding: *padding,
-            stride: *stride,
-            dilation: *dilation,
-            groups,
+            y: [x[0], w[0], ho, wo],
+            padding: op.padding,
+            stride: op.stride,
+            dilation: op.dilation,
+            groups: op.groups,
             dtype,
         })
     }
@@ -610,12 +597,7 @@ fn four(t: &Tensor) -> KernelResult<[usize; 4]> {
 
 /// `conv2d` without bias: x [N, C, H, W], w [O, C / groups, kh, kw].
 pub fn conv2d(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
-    let p = Problem::new(
-        four(x)?,
-        four(w)?,
-        (&op.padding, &op.stride, &op.dilation, op.groups),
-        x.dtype(),
-    )?;
+    let p = Problem::new(four(x)?, four(w)?, op, x.dtype())?;
     dispatch(&p, Direction::Forward, x, w, p.y)
 }
 
@@ -632,7 +614,13 @@ pub fn conv_transpose2d(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelR
             .ok_or_else(|| KernelError::Unsupported(format!("conv_transpose2d {op:?} leaves no output for {i}")))
     };
     let y_dims = [n, wdims[1], out(h, 0)?, out(wd, 1)?];
-    let p = Problem::new(y_dims, wdims, (&op.padding, &op.stride, &op.dilation, 1), x.dtype())?;
+    let conv = Conv2d {
+        stride: op.stride,
+        padding: op.padding,
+        dilation: op.dilation,
+        groups: 1,
+    };
+    let p = Problem::new(y_dims, wdims, &conv, x.dtype())?;
     if p.y != four(x)? {
         return Err(KernelError::Unsupported(format!(
             "conv_transpose2d {op:?}: input {:?} is not what a convolution of {y_dims:?} yields",
@@ -646,7 +634,7 @@ pub fn conv_transpose2d(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelR
 pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     let xd = four(x)?;
     let w = [dy.dim(1)?, xd[1] / op.groups, op.kernel[0], op.kernel[1]];
-    let p = Problem::new(xd, w, (&op.padding, &op.stride, &op.dilation, op.groups), x.dtype())?;
+    let p = Problem::new(xd, w, &op.conv(), x.dtype())?;
     if p.y != four(dy)? {
         return Err(KernelError::Unsupported(format!(
             "conv2d_grad_weight {op:?}: output gradient {:?} does not fit input {:?}",
@@ -670,23 +658,29 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        let same = (&[1, 1], &[1, 1], &[1, 1], 1);
+        let conv = |padding, stride, dilation, groups| Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+        };
+        let same = Conv2d::same(1);
         for (x, w, op) in [
-            ([1, 256, 256, 256], [256, 256, 3, 3], same),
-            ([512, 256, 14, 14], [256, 256, 3, 3], same),
-            ([2, 6, 17, 19], [5, 6, 5, 3], (&[1, 2], &[2, 1], &[1, 2], 1)),
-            ([2, 8, 9, 9], [4, 4, 3, 3], (&[0, 0], &[2, 2], &[1, 1], 2)),
+            ([1, 256, 256, 256], [256, 256, 3, 3], same.clone()),
+            ([512, 256, 14, 14], [256, 256, 3, 3], same.clone()),
+            ([2, 6, 17, 19], [5, 6, 5, 3], conv([1, 2], [2, 1], [1, 2], 1)),
+            ([2, 8, 9, 9], [4, 4, 3, 3], conv([0, 0], [2, 2], [1, 1], 2)),
         ] {
             for dtype in [DType::F32, DType::F16, DType::BF16] {
-                let p = Problem::new(x, w, op, dtype).unwrap();
+                let p = Problem::new(x, w, &op, dtype).unwrap();
                 Descriptors::new(&p).unwrap();
             }
         }
         // An output that is not the convolution's is refused.
-        let mut wrong = Problem::new([1, 4, 8, 8], [4, 4, 3, 3], same, DType::F32).unwrap();
+        let mut wrong = Problem::new([1, 4, 8, 8], [4, 4, 3, 3], &same, DType::F32).unwrap();
         wrong.y[3] += 1;
         assert!(Descriptors::new(&wrong).is_err());
         // A convolution with no output is refused before cuDNN sees it.
-        assert!(Problem::new([1, 1, 2, 2], [1, 1, 3, 3], (&[0, 0], &[1, 1], &[1, 1], 1), DType::F32).is_err());
+        assert!(Problem::new([1, 1, 2, 2], [1, 1, 3, 3], &Conv2d::same(0), DType::F32).is_err());
     }
 }

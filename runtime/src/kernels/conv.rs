@@ -247,13 +247,7 @@ fn columns(x: &Tensor, tile: &Im2ColTile) -> KernelResult<Tensor> {
 fn im2col_conv(x: &Tensor, w: &Tensor, op: &Conv2d) -> KernelResult<Tensor> {
     let (n, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
-    // Output size along one axis, or None when the kernel's span exceeds the padded input.
-    let out = |size: usize, d: usize, k: usize| {
-        (size + 2 * op.padding[d])
-            .checked_sub(op.dilation[d] * (k - 1) + 1)
-            .map(|v| v / op.stride[d] + 1)
-    };
-    let (Some(ho), Some(wo)) = (out(h, 0, kh), out(wd, 1, kw)) else {
+    let Some([ho, wo]) = op.output_size([h, wd], [kh, kw]) else {
         return Err(KernelError::Unsupported(format!(
             "conv2d {op:?}: kernel {kh}x{kw} larger than the padded {h}x{wd} input"
         )));
