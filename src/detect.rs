@@ -13,7 +13,9 @@ use vitdet_models::ModelConfig;
 use vitdet_runtime::preprocess::{load_rgb, preprocess_rgb, Preprocessed};
 use vitdet_runtime::{kernels, run_with_order, CandleDType, Device, ParamStore, Tensor};
 
-use crate::compile::{compile_config, Target};
+use vitdet_passes::Precision;
+
+use crate::compile::{compile_config_with, inference_lowering, Target};
 use crate::detections::{coco_results, draw, Categories, CocoResult, Detection};
 use crate::infer::load_params;
 
@@ -29,6 +31,8 @@ pub struct DetectOptions {
     pub score_thresh: Option<f64>,
     pub seed: u64,
     pub device: Device,
+    /// f32, or autocast to bf16 / f16 with the attention fused (weights converted on load).
+    pub precision: Precision,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +48,8 @@ pub struct ImageReport {
 #[derive(Debug, Serialize)]
 pub struct DetectSummary {
     pub model: String,
+    /// The precision it ran in (f32, bf16, f16).
+    pub dtype: &'static str,
     pub weights: String,
     pub images: Vec<ImageReport>,
     /// Images that could not be processed, with the reason.
@@ -86,7 +92,13 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         config.validate().with_context(|| format!("--score-thresh {t}"))?;
     }
     let images = list_images(&opts.image)?;
-    let square = compile_config(&opts.model, config.clone(), Target::Detector { image_hw: None })?;
+    let lowering = inference_lowering(opts.precision);
+    let square = compile_config_with(
+        &opts.model,
+        config.clone(),
+        Target::Detector { image_hw: None },
+        lowering,
+    )?;
     let (params, weights) = load_params(opts.weights.as_deref(), &square.graph, opts.seed, &opts.device)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
 
@@ -110,7 +122,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         );
         let id = image_id(path, index);
         let start = Instant::now();
-        match detect_one(&config, &params, path, &opts.device) {
+        match detect_one(&config, &params, path, &opts.device, opts.precision) {
             Ok((rgb, dets, op_seconds)) => {
                 let (h, w) = (rgb.height() as usize, rgb.width() as usize);
                 results.extend(coco_results(&dets, id, h, w, &categories));
@@ -147,6 +159,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     Ok(DetectSummary {
         model: opts.model.clone(),
+        dtype: opts.precision.name(),
         weights,
         images: reports,
         failed,
@@ -170,16 +183,18 @@ pub(crate) fn detect_one(
     params: &ParamStore,
     path: &Path,
     device: &Device,
+    precision: Precision,
 ) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
     let rgb = load_rgb(path)?;
     let pre: Preprocessed = preprocess_rgb(&rgb, config.image_size, device)?;
     let (rh, rw) = pre.resized_hw;
-    let compiled = compile_config(
+    let compiled = compile_config_with(
         "",
         config.clone(),
         Target::Detector {
             image_hw: Some([rh, rw]),
         },
+        inference_lowering(precision),
     )?;
     let out = run_with_order(
         &compiled.graph,
@@ -250,7 +265,7 @@ pub(crate) fn detect_one(
 
 impl DetectSummary {
     pub fn to_text(&self) -> String {
-        let mut s = format!("model    {}  weights: {}\n", self.model, self.weights);
+        let mut s = format!("model    {} ({})  weights: {}\n", self.model, self.dtype, self.weights);
         for r in &self.images {
             s.push_str(&format!(
                 "{}  id {}: {} detections in {:.2} s\n",

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vitdet_runtime::{preprocess_image, run_with_order, Device, ParamStore, Tensor};
+use vitdet_passes::Precision;
+use vitdet_runtime::{preprocess_image, run_with_order, CandleDType, Device, ParamStore, Tensor};
 
-use crate::compile::{compile, CompileOptions, Target};
+use crate::compile::{compile_with, inference_lowering, CompileOptions, Target};
 use crate::report::bytes;
 use crate::rss::RssProbe;
 
@@ -22,6 +23,8 @@ pub struct InferOptions {
     /// Runs to time; the summary reports the median.
     pub repeat: usize,
     pub device: Device,
+    /// f32, or autocast to bf16 / f16 with the attention fused (weights converted on load).
+    pub precision: Precision,
 }
 
 /// `cpu`, `cuda` or `cuda:N`.
@@ -54,6 +57,8 @@ pub struct OutputSummary {
 #[derive(Clone, Debug, Serialize)]
 pub struct InferSummary {
     pub model: String,
+    /// The precision it ran in (f32, bf16, f16).
+    pub dtype: &'static str,
     pub image: String,
     pub original_hw: (usize, usize),
     pub resized_hw: (usize, usize),
@@ -78,12 +83,15 @@ pub struct InferResult {
 }
 
 pub fn infer(opts: &InferOptions) -> Result<InferResult> {
-    let compiled = compile(&CompileOptions {
-        model: opts.model.clone(),
-        image_size: None,
-        attention: None,
-        target: Target::Backbone,
-    })?;
+    let compiled = compile_with(
+        &CompileOptions {
+            model: opts.model.clone(),
+            image_size: None,
+            attention: None,
+            target: Target::Backbone,
+        },
+        inference_lowering(opts.precision),
+    )?;
     let device = opts.device.clone();
     let (params, weights) = load_params(opts.weights.as_deref(), &compiled.graph, opts.seed, &device)?;
     let pre = preprocess_image(&opts.image, compiled.config.image_size, &device)?;
@@ -108,7 +116,7 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     let run_seconds = times[times.len() / 2];
     let mut outputs = Vec::new();
     for (name, t) in &out.outputs {
-        let flat = t.flatten_all()?.to_dtype(vitdet_runtime::CandleDType::F64)?;
+        let flat = t.flatten_all()?.to_dtype(CandleDType::F64)?;
         outputs.push(OutputSummary {
             name: name.clone(),
             shape: t.dims().to_vec(),
@@ -117,12 +125,19 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
         });
     }
     if let Some(path) = &opts.dump {
-        ParamStore::from_tensors(out.outputs.iter().map(|(n, t)| (n.clone(), t.clone())))
+        // f32 whatever the precision it ran in, so that dumps compare directly.
+        let f32_outputs = out
+            .outputs
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(CandleDType::F32)?)))
+            .collect::<Result<Vec<_>>>()?;
+        ParamStore::from_tensors(f32_outputs)
             .save_safetensors(path)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let summary = InferSummary {
         model: opts.model.clone(),
+        dtype: opts.precision.name(),
         image: opts.image.display().to_string(),
         original_hw: pre.original_hw,
         resized_hw: pre.resized_hw,
@@ -183,7 +198,7 @@ pub fn load_params(
 impl InferSummary {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "model    {}  weights: {}", self.model, self.weights);
+        let _ = writeln!(s, "model    {} ({})  weights: {}", self.model, self.dtype, self.weights);
         let _ = writeln!(
             s,
             "image    {} ({}x{} -> {}x{})",

@@ -241,6 +241,10 @@ enum Command {
         /// Forward passes to time (the median is reported).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Precision: f32, or autocast to bf16 / f16 with the attention fused (f32 weights are
+        /// converted on load; --dump still writes f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
@@ -477,9 +481,11 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             device,
             repeat,
+            dtype,
             format,
         } => {
             let device = vitdet::infer::parse_device(&device)?;
+            let precision = vitdet::passes::Precision::parse(&dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
             if let Some(out) = out {
                 if dump.is_some() {
                     anyhow::bail!("--dump writes backbone features and --out detections: run them separately");
@@ -492,6 +498,7 @@ fn run(cli: Cli) -> Result<()> {
                     score_thresh,
                     seed,
                     device,
+                    precision,
                 })?;
                 match format {
                     Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
@@ -510,6 +517,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 repeat,
                 device,
+                precision,
             };
             let result = vitdet::infer::infer(&opts)?;
             match format {

@@ -114,6 +114,101 @@ fn infer_dumps_pyramid_outputs() {
     );
 }
 
+/// `infer --dtype bf16|f16`: the backbone autocast with its attention fused, weights converted
+/// on load, the dump still f32. Against the f32 run with the same weights and image: bf16 keeps
+/// 8 significant bits (unit roundoff 2^-9 = 2e-3) and f16 11 (2^-12 = 2.4e-4); a few such
+/// roundings per block through the tiny model's blocks and the pyramid measure 9e-3 and 1.2e-3
+/// relative L2 here, so the bounds are twice to three times that.
+#[test]
+fn infer_in_mixed_precision_tracks_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = fixture("vitdet_tiny.safetensors");
+    let image = fixture("preprocess_large.png");
+    let dump = |dtype: &str| {
+        let path = dir.path().join(format!("{dtype}.safetensors"));
+        let text = ok(&[
+            "infer",
+            "--model",
+            "vitdet-tiny",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--dump",
+            path.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]);
+        assert!(text.contains(&format!("vitdet-tiny ({dtype})")), "{text}");
+        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
+    };
+    let reference = dump("f32");
+    for (dtype, bound) in [("bf16", 2e-2), ("f16", 4e-3)] {
+        let got = dump(dtype);
+        for name in ["p2", "p3", "p4", "p5", "p6"] {
+            assert_eq!(got[name].dtype(), candle_core::DType::F32, "{dtype} {name}");
+            let (rel, _) = common::compare(&got[name], &reference[name]);
+            assert!(rel <= bound, "{dtype} {name}: relative L2 {rel:.2e} > {bound:.0e}");
+            assert!(
+                rel > 0.0,
+                "{dtype} {name}: identical to f32, so it did not run in {dtype}"
+            );
+        }
+    }
+
+    // The whole detector in bf16: the same detections as in f32 (category, box IoU >= 0.99),
+    // but for a few near the top-k cut, where this random init's scores (all near 0.014)
+    // differ by less than bf16's rounding and so may trade places.
+    let detections = |dtype: &str| {
+        let out = dir.path().join(format!("det_{dtype}"));
+        let mut args = detect_args(image.to_str().unwrap(), out.to_str().unwrap(), "0");
+        args.extend(["--dtype", dtype]);
+        let text = ok(&args);
+        assert!(text.contains(&format!("vitdet-tiny ({dtype})")), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("detections.json")).unwrap()).unwrap();
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let b: Vec<f64> = r["bbox"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                (
+                    r["category_id"].as_u64().unwrap(),
+                    [b[0], b[1], b[0] + b[2], b[1] + b[3]],
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let iou = |a: [f64; 4], b: [f64; 4]| {
+        let inter = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0) * (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    };
+    let (want, got) = (detections("f32"), detections("bf16"));
+    assert!(
+        !got.is_empty() && got.len() == want.len(),
+        "{} vs {}",
+        got.len(),
+        want.len()
+    );
+    let matched = got
+        .iter()
+        .filter(|(c, b)| want.iter().any(|(wc, wb)| wc == c && iou(*b, *wb) >= 0.99))
+        .count();
+    assert!(
+        4 * matched >= 3 * want.len(),
+        "{matched} of {} detections match f32's",
+        want.len()
+    );
+
+    let err = fails(&["infer", "--image", image.to_str().unwrap(), "--dtype", "fp8"]);
+    assert!(err.contains("--dtype") && err.contains("fp8"), "{err}");
+}
+
 #[test]
 fn infer_without_weights_says_so() {
     let image = fixture("preprocess.png");

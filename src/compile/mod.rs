@@ -81,7 +81,14 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
     compile_config_with(name, config, target, None)
 }
 
-fn compile_config_with(
+/// How inference runs at `precision`: as built in f32, else autocast with the attention fused
+/// (the `lowering` argument of [`compile_with`]).
+pub fn inference_lowering(precision: Precision) -> Option<(Precision, bool)> {
+    (precision != Precision::F32).then_some((precision, true))
+}
+
+/// [`compile_config`] with an inference graph lowered as [`compile_with`] does.
+pub fn compile_config_with(
     name: &str,
     config: ModelConfig,
     target: Target,

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use vitdet_models::ModelConfig;
+use vitdet_passes::Precision;
 use vitdet_runtime::{Device, ParamStore};
 
 use crate::data::CocoDataset;
@@ -61,7 +62,7 @@ pub fn evaluate_split(
     let mut detections = Vec::new();
     for (i, image) in dataset.images.iter().enumerate() {
         let path = dataset.image_path(i);
-        let (rgb, dets, _) = detect_one(&model, &params, &path, &Device::Cpu)
+        let (rgb, dets, _) = detect_one(&model, &params, &path, &Device::Cpu, Precision::F32)
             .with_context(|| format!("detecting on {}", path.display()))?;
         let (h, w) = (rgb.height() as usize, rgb.width() as usize);
         results.extend(crate::detections::coco_results(&dets, image.id, h, w, &categories));
