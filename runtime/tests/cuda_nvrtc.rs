@@ -44,3 +44,19 @@ fn every_kernel_module_compiles_for_compute_90() {
         m.name()
     );
 }
+
+/// The oldest GPUs CUDA 13 builds for (compute 7.5, Turing) lack bf16 conversions and the
+/// m16n8k16 mma: every module must still assemble there, the tensor-core attention and the
+/// bf16 conversion instruction left out. Compiling for the real architecture `sm_75` makes NVRTC
+/// assemble the PTX too, which is where an instruction the architecture lacks is refused.
+#[test]
+fn every_kernel_module_assembles_for_compute_75() {
+    for m in vitdet_runtime::cuda::modules() {
+        let ptx = vitdet_runtime::cuda::device::ptx(&m, "sm_75").unwrap_or_else(|e| panic!("module {}: {e}", m.name()));
+        assert!(
+            ptx.contains(".entry"),
+            "module {} produced no kernel entry points",
+            m.name()
+        );
+    }
+}

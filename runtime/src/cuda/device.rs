@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Shape, Storage, Tensor};
@@ -39,10 +39,15 @@ pub fn bind(dev: &CudaDevice) -> KernelResult<()> {
         .map_err(|e| unsupported(format!("binding the CUDA context: {e}")))
 }
 
+/// The device's compute capability, (major, minor).
+pub fn compute_capability(dev: &CudaDevice) -> KernelResult<(i32, i32)> {
+    dev.cuda_stream().context().compute_capability().map_err(unsupported)
+}
+
 /// `compute_XY` for the device (static: NVRTC's options take `&'static str`).
 fn arch(dev: &CudaDevice) -> KernelResult<&'static str> {
     static ARCHS: Cache<(i32, i32), &'static str> = OnceLock::new();
-    let (major, minor) = dev.cuda_stream().context().compute_capability().map_err(unsupported)?;
+    let (major, minor) = compute_capability(dev)?;
     let mut archs = ARCHS.get_or_init(Default::default).lock().expect("arch cache");
     Ok(*archs
         .entry((major, minor))
@@ -93,8 +98,9 @@ fn compile(module: &Module, arch: &'static str, program: &str, file: Option<&std
     let ptx = compile_ptx_with_opts(program, opts)
         .map_err(|e| {
             unsupported(format!(
-                "NVRTC could not compile kernel module `{}`: {e}",
-                module.name()
+                "NVRTC could not compile kernel module `{}` for {arch}: {}",
+                module.name(),
+                compile_error_text(&e)
             ))
         })?
         .to_src();
@@ -103,6 +109,22 @@ fn compile(module: &Module, arch: &'static str, program: &str, file: Option<&std
         let _ = crate::write_atomic(f, ptx.as_bytes());
     }
     Ok(ptx)
+}
+
+/// NVRTC's error with the head of its log: a refused instruction repeats on every line that
+/// uses it, thousands of lines that would bury the first one.
+fn compile_error_text(e: &CompileError) -> String {
+    const LINES: usize = 12;
+    let CompileError::CompileError { nvrtc, log, .. } = e else {
+        return e.to_string();
+    };
+    let log = log.to_string_lossy();
+    let lines: Vec<&str> = log.lines().collect();
+    let mut text = format!("{nvrtc:?}\n{}", lines[..lines.len().min(LINES)].join("\n"));
+    if lines.len() > LINES {
+        text.push_str(&format!("\n... ({} more lines)", lines.len() - LINES));
+    }
+    text
 }
 
 /// Where compiled kernels are kept between runs: `VITDET_KERNEL_CACHE` (empty: no disk
@@ -248,4 +270,26 @@ pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, len: usize) -> K
 pub fn tensor<T: CudaDType>(slice: CudaSlice<T>, shape: impl Into<Shape>, dev: &CudaDevice) -> Tensor {
     let storage = CudaStorage::wrap_cuda_slice(slice, dev.clone());
     Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::cuda_backend::cudarc::nvrtc::result::NvrtcError;
+    use candle_core::cuda_backend::cudarc::nvrtc::sys::nvrtcResult;
+
+    use super::*;
+
+    #[test]
+    fn compile_errors_keep_the_head_of_the_log() {
+        let log: String = (1..=40).map(|i| format!("line {i}: error\n")).collect();
+        let e = CompileError::CompileError {
+            nvrtc: NvrtcError(nvrtcResult::NVRTC_ERROR_COMPILATION),
+            options: vec![],
+            log: std::ffi::CString::new(log).unwrap(),
+        };
+        let text = compile_error_text(&e);
+        assert!(text.contains("line 1: error") && text.contains("line 12: error"), "{text}");
+        assert!(!text.contains("line 13: error"), "{text}");
+        assert!(text.ends_with("... (28 more lines)"), "{text}");
+    }
 }

@@ -224,7 +224,7 @@ pub mod run {
     use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad};
 
     use super::WinGeom;
-    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros};
+    use crate::cuda::device::{compute_capability, config, cuda_device, function, suffix, tensor, view, zeros};
     use crate::kernels::{KernelError, KernelResult};
 
     /// Whether the kernels take this application (dtype and geometry); the caller runs the
@@ -292,6 +292,12 @@ pub mod run {
             })
         }
 
+        /// Whether the tensor-core kernels run: half types, a head dim they take, and a GPU
+        /// with the f16 / bf16 mma (compute 8.0 and later; the module leaves them out before).
+        fn tensor_cores(&self) -> KernelResult<bool> {
+            Ok(self.dtype != DType::F32 && self.g.tensor_cores() && compute_capability(&self.dev)?.0 >= 8)
+        }
+
         /// An absent optional input: the kernels never read it, any buffer of the type will do.
         fn or_qkv<'a>(&'a self, t: &'a Option<Tensor>) -> &'a Tensor {
             t.as_ref().unwrap_or(&self.qkv)
@@ -353,7 +359,7 @@ pub mod run {
         let mut out = zeros::<T>(&o.dev, g.out_elems())?;
         let mut lse = zeros::<f32>(&o.dev, g.rows())?;
         // Half types run on the tensor cores where the head dim allows.
-        let tc = o.dtype != DType::F32 && g.tensor_cores();
+        let tc = o.tensor_cores()?;
         let f = function(&o.dev, &g.module(o.dtype), &o.name(if tc { "fwd_tc" } else { "fwd" })?)?;
         let (launch, shared) = if tc {
             let bytes = g.tc_shared_bytes();
@@ -439,7 +445,7 @@ pub mod run {
         let b = view::<T>(&bs, bl)?;
         let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
         let (outv, lsev, doutv) = (view::<T>(&os, ol)?, view::<f32>(&ls, ll)?, view::<T>(&ds, dl)?);
-        if o.dtype != DType::F32 && g.tensor_cores() {
+        if o.tensor_cores()? {
             // Half types on the tensor cores: D per row, the key-block kernel, then dq.
             let module = g.module(o.dtype);
             let fd = function(&o.dev, &module, &o.name("bwd_dsum_tc")?)?;

@@ -10,6 +10,16 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 template <class T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 
+// f32 bits to bf16, rounded to nearest even as cvt.rn.bf16.f32 does; a NaN stays a (quiet) NaN,
+// as it does there, where the rounding carry would turn it into an infinity or zero. (The
+// emulator's conversion, and the GPU's before compute 8.0.)
+__device__ __forceinline__ bf16_t bf16_round(unsigned u) {
+    bf16_t r;
+    r.bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                              : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return r;
+}
+
 #ifdef VITDET_EMU
 __device__ __forceinline__ float to_f32(f16_t x) {
     _Float16 h;
@@ -31,12 +41,7 @@ template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     unsigned u;
     memcpy(&u, &x, 4);
-    bf16_t r;
-    // Round to nearest even, as cvt.rn.bf16.f32; a NaN stays a (quiet) NaN, as it does there,
-    // where the rounding carry would turn it into an infinity or zero.
-    r.bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? (unsigned short)((u >> 16) | 0x40u)
-                                              : (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return r;
+    return bf16_round(u);
 }
 #else
 __device__ __forceinline__ float to_f32(f16_t x) {
@@ -50,11 +55,16 @@ template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
     return r;
 }
+#if __CUDA_ARCH__ >= 800
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     bf16_t r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
     return r;
 }
+#else
+// Before compute 8.0 there is no bf16 conversion instruction.
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) { return bf16_round(__float_as_uint(x)); }
+#endif
 #endif
 
 #ifdef VITDET_EMU

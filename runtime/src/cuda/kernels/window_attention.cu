@@ -397,7 +397,9 @@ __device__ void wa_rel_tables_grad(const T* qkv, const T* bias, const float* dre
 VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #endif
 
-#if HD % 16 == 0
+// The tensor-core kernels need mma.m16n8k16 in f16 / bf16: compute 8.0 and later
+// (`tensor_cores_on` in Rust picks the FMA kernels before that).
+#if HD % 16 == 0 && (defined(VITDET_EMU) || __CUDA_ARCH__ >= 800)
 // Tensor-core forward for f16 / bf16 (head dims that are multiples of 16), flash-attention-2
 // style. A block of four warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in
 // tiles of TC_BK = 64 through shared memory: S = Q K^T and O += P V run on mma.m16n8k16 with
