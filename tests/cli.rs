@@ -79,13 +79,15 @@ fn compile_takes_config_files_and_rejects_bad_ones() {
     assert!(err.contains("1000"), "{err}");
 }
 
-#[test]
-fn infer_dumps_pyramid_outputs() {
-    let dir = tempfile::tempdir().unwrap();
-    let dump = dir.path().join("f.safetensors");
+/// `infer --model vitdet-tiny` on the fixture weights and image, `--dump path` and `extra`
+/// flags: the printed summary and the dumped tensors.
+fn infer_dump(
+    path: &std::path::Path,
+    extra: &[&str],
+) -> (String, std::collections::HashMap<String, candle_core::Tensor>) {
     let weights = fixture("vitdet_tiny.safetensors");
     let image = fixture("preprocess_large.png");
-    let text = ok(&[
+    let mut args = vec![
         "infer",
         "--model",
         "vitdet-tiny",
@@ -94,10 +96,21 @@ fn infer_dumps_pyramid_outputs() {
         "--image",
         image.to_str().unwrap(),
         "--dump",
-        dump.to_str().unwrap(),
-    ]);
+        path.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let text = ok(&args);
+    (
+        text,
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn infer_dumps_pyramid_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, t) = infer_dump(&dir.path().join("f.safetensors"), &[]);
     assert!(text.contains("p2") && text.contains("measured peak"), "{text}");
-    let t = candle_core::safetensors::load(&dump, &candle_core::Device::Cpu).unwrap();
     let shapes: Vec<(String, Vec<usize>)> = ["p2", "p3", "p4", "p5", "p6"]
         .iter()
         .map(|n| (n.to_string(), t[*n].dims().to_vec()))
@@ -122,25 +135,11 @@ fn infer_dumps_pyramid_outputs() {
 #[test]
 fn infer_in_mixed_precision_tracks_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = fixture("vitdet_tiny.safetensors");
     let image = fixture("preprocess_large.png");
     let dump = |dtype: &str| {
-        let path = dir.path().join(format!("{dtype}.safetensors"));
-        let text = ok(&[
-            "infer",
-            "--model",
-            "vitdet-tiny",
-            "--weights",
-            weights.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--dump",
-            path.to_str().unwrap(),
-            "--dtype",
-            dtype,
-        ]);
+        let (text, t) = infer_dump(&dir.path().join(format!("{dtype}.safetensors")), &["--dtype", dtype]);
         assert!(text.contains(&format!("vitdet-tiny ({dtype})")), "{text}");
-        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
+        t
     };
     let reference = dump("f32");
     for (dtype, bound) in [("bf16", 2e-2), ("f16", 4e-3)] {
@@ -171,12 +170,7 @@ fn infer_in_mixed_precision_tracks_f32() {
             .unwrap()
             .iter()
             .map(|r| {
-                let b: Vec<f64> = r["bbox"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap())
-                    .collect();
+                let b = bbox(r);
                 (
                     r["category_id"].as_u64().unwrap(),
                     [b[0], b[1], b[0] + b[2], b[1] + b[3]],
@@ -334,6 +328,16 @@ fn table5_model_complexity() {
     }
 }
 
+/// A COCO result's `bbox` (x, y, w, h).
+fn bbox(result: &serde_json::Value) -> Vec<f64> {
+    result["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 /// `infer --model vitdet-tiny --image IMAGE --out OUT --score-thresh T`.
 fn detect_args<'a>(image: &'a str, out: &'a str, thresh: &'a str) -> Vec<&'a str> {
     vec![
@@ -362,12 +366,7 @@ fn infer_out_writes_coco_results_and_pictures() {
     assert!(!results.is_empty(), "score threshold 0 keeps detections");
     for r in results {
         assert!(vitdet::coco::CATEGORY_IDS.contains(&(r["category_id"].as_u64().unwrap() as u32)));
-        let b: Vec<f64> = r["bbox"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let b = bbox(r);
         assert!(
             b[0] >= 0.0 && b[1] >= 0.0 && b[2] > 0.0 && b[3] > 0.0 && b[0] + b[2] <= 100.001 && b[1] + b[3] <= 60.001,
             "{b:?}"
