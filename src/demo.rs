@@ -11,7 +11,7 @@ use crate::data::synthetic::{generate, SynthOptions};
 use crate::detect::write_png;
 use crate::detections::{draw, Detection};
 use crate::train::cli::{describe_losses, Bar};
-use crate::train::validate::evaluate_split;
+use crate::train::validate::{evaluate_split, Runner};
 use crate::train::{self, TrainOptions};
 use image::RgbImage;
 
@@ -105,7 +105,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
 
     println!("3/4 evaluating on the held-out split");
-    let eval = evaluate_split(&model, &summary.checkpoint, &data, "val", &mut |_, _| {})?;
+    let eval = evaluate_split(
+        &model,
+        &summary.checkpoint,
+        &data,
+        "val",
+        &Runner::cpu(),
+        &mut |_, _| {},
+    )?;
     print!("{}", indent(&eval.report.to_text()));
     let eval_path = args.out.join("eval.json");
     write_json(&eval_path, &serde_json::to_value(&eval.report)?)?;

@@ -269,6 +269,12 @@ enum Command {
         /// Dataset split evaluated with --data.
         #[arg(long, default_value = "val")]
         split: String,
+        /// Where --model runs: cpu (default), or cuda / cuda:N.
+        #[arg(long)]
+        device: Option<String>,
+        /// Precision of --model: f32 (default), or autocast to bf16 / f16 with the attention fused.
+        #[arg(long)]
+        dtype: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
@@ -433,6 +439,8 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             data,
             split,
+            device,
+            dtype,
             format,
         } => {
             if model.is_some() || weights.is_some() || data.is_some() {
@@ -442,17 +450,28 @@ fn run(cli: Cli) -> Result<()> {
                 let (Some(model), Some(weights), Some(data)) = (model, weights, data) else {
                     anyhow::bail!("evaluating a model needs --model, --weights and --data");
                 };
+                let runner = vitdet::train::validate::Runner {
+                    device: vitdet::infer::parse_device(device.as_deref().unwrap_or("cpu"))?,
+                    precision: vitdet::passes::Precision::parse(dtype.as_deref().unwrap_or("f32"))
+                        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+                };
                 let config = vitdet::models::ModelConfig::load(&model)?;
                 let bar = indicatif::ProgressBar::new(0);
                 bar.set_style(
                     indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images, {per_sec}, eta {eta}")
                         .expect("valid progress template"),
                 );
-                let eval =
-                    vitdet::train::validate::evaluate_split(&config, &weights, &data, &split, &mut |done, total| {
+                let eval = vitdet::train::validate::evaluate_split(
+                    &config,
+                    &weights,
+                    &data,
+                    &split,
+                    &runner,
+                    &mut |done, total| {
                         bar.set_length(total as u64);
                         bar.set_position(done as u64);
-                    })?;
+                    },
+                )?;
                 bar.finish_and_clear();
                 match format {
                     Format::Json => println!("{}", serde_json::to_string_pretty(&eval.report)?),
@@ -463,6 +482,9 @@ fn run(cli: Cli) -> Result<()> {
             let (Some(gt), Some(dets)) = (gt, dets) else {
                 anyhow::bail!("vitdet eval needs --gt GT.json and --dets DETS.json");
             };
+            if device.is_some() || dtype.is_some() {
+                anyhow::bail!("--device and --dtype apply to evaluating a model (--model, --weights, --data)");
+            }
             let gt = vitdet::eval::GroundTruth::load(&gt)?;
             let dets = vitdet::eval::Detections::load(&dets, &gt)?;
             let report = vitdet::eval::evaluate(&gt, &dets)?;

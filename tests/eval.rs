@@ -384,7 +384,23 @@ fn cli_eval_refuses_what_it_cannot_do() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dets"));
 
-    let out = vitdet(&["eval", "--gt", gt.to_str().unwrap(), "--dets", gt.to_str().unwrap()]);
+    let gt = gt.to_str().unwrap();
+    let out = vitdet(&["eval", "--gt", gt, "--dets", gt, "--dtype", "bf16"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device and --dtype apply to evaluating a model"));
+    let out = vitdet(&[
+        "eval",
+        "--model",
+        "vitdet-tiny",
+        "--weights",
+        gt,
+        "--data",
+        "coco",
+        "--device",
+        "tpu",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `tpu`"));
+
+    let out = vitdet(&["eval", "--gt", gt, "--dets", gt]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be a JSON list of detections"));
 }

@@ -9,6 +9,7 @@ use vitdet_models::ModelConfig;
 use vitdet_passes::Precision;
 use vitdet_runtime::{Device, ParamStore};
 
+use crate::compile::{compile_config_with, inference_lowering, Target};
 use crate::data::CocoDataset;
 use crate::detect::detect_one;
 use crate::detections::{Categories, CocoResult, Detection};
@@ -34,6 +35,24 @@ pub struct SplitEval {
     pub seconds: f64,
 }
 
+/// Where and in what precision [`evaluate_split`] runs the detector.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    pub device: Device,
+    /// f32, or autocast to bf16 / f16 with the attention fused (as `vitdet infer --dtype`).
+    pub precision: Precision,
+}
+
+impl Runner {
+    /// f32 on the CPU.
+    pub fn cpu() -> Runner {
+        Runner {
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
+    }
+}
+
 /// Runs the detector `model` (its class count set from the dataset) with the weights in
 /// `weights` (a weights file or a training checkpoint) on every image of `split` and evaluates
 /// the detections. `on_image(done, total)` reports progress.
@@ -42,6 +61,7 @@ pub fn evaluate_split(
     weights: &Path,
     data: &Path,
     split: &str,
+    runner: &Runner,
     on_image: &mut dyn FnMut(usize, usize),
 ) -> Result<SplitEval> {
     let (annotations, images) = split_paths(data, split);
@@ -49,8 +69,14 @@ pub fn evaluate_split(
     let mut model = model.clone();
     model.detector.num_classes = dataset.num_classes();
     let categories = Categories::from_dataset(&dataset);
-    let graph = vitdet_models::build_detector(&model)?;
-    let params = ParamStore::load_safetensors(weights, &graph, &Device::Cpu).with_context(|| {
+    // The weights as the lowered graph stores them (converted to its dtypes on load).
+    let square = compile_config_with(
+        "",
+        model.clone(),
+        Target::Detector { image_hw: None },
+        inference_lowering(runner.precision),
+    )?;
+    let params = ParamStore::load_safetensors(weights, &square.graph, &runner.device).with_context(|| {
         format!(
             "loading {} for {} classes",
             weights.display(),
@@ -62,7 +88,7 @@ pub fn evaluate_split(
     let mut detections = Vec::new();
     for (i, image) in dataset.images.iter().enumerate() {
         let path = dataset.image_path(i);
-        let (rgb, dets, _) = detect_one(&model, &params, &path, &Device::Cpu, Precision::F32)
+        let (rgb, dets, _) = detect_one(&model, &params, &path, &runner.device, runner.precision)
             .with_context(|| format!("detecting on {}", path.display()))?;
         let (h, w) = (rgb.height() as usize, rgb.width() as usize);
         results.extend(crate::detections::coco_results(&dets, image.id, h, w, &categories));
