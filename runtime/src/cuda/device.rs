@@ -288,7 +288,10 @@ mod tests {
             log: std::ffi::CString::new(log).unwrap(),
         };
         let text = compile_error_text(&e);
-        assert!(text.contains("line 1: error") && text.contains("line 12: error"), "{text}");
+        assert!(
+            text.contains("line 1: error") && text.contains("line 12: error"),
+            "{text}"
+        );
         assert!(!text.contains("line 13: error"), "{text}");
         assert!(text.ends_with("... (28 more lines)"), "{text}");
     }
