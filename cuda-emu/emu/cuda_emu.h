@@ -11,6 +11,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -119,6 +121,16 @@ inline float shfl_xor(float v, int mask) {
     const float r = w.shuffled[lane ^ (unsigned)mask];
     __syncthreads();
     return r;
+}
+}  // namespace emu
+namespace emu {
+// A vector move's address must be aligned to its size on the GPU (else a misaligned-address
+// fault): the emulator stops at the first that is not.
+inline void check_aligned(const void* p, std::size_t bytes) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "emulated kernel: %zu-byte access at %p is misaligned\n", bytes, p);
+        std::abort();
+    }
 }
 }  // namespace emu
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }

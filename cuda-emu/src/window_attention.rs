@@ -447,6 +447,8 @@ struct TcInputs {
     kernels: TcKernels,
     g: WinGeom,
     inputs: Vec<Vec<u16>>,
+    /// Where qkv (`inputs[0]`) starts in its buffer (see [`place_qkv`]).
+    qkv_offset: usize,
     bias: Option<usize>,
     rh: Option<usize>,
     relbias: Option<usize>,
@@ -454,13 +456,28 @@ struct TcInputs {
     relw: Vec<f32>,
 }
 
+/// qkv's values in a buffer with room to place them: at a 16-byte aligned address (the
+/// kernels' vector tile loads), or 2 bytes past one (`misaligned`: their element-wise path).
+/// Returns the buffer and the offset of the first value.
+fn place_qkv(values: &[u16], misaligned: bool) -> (Vec<u16>, usize) {
+    let mut buffer = vec![0u16; values.len() + 8];
+    let want = if misaligned { 2 } else { 0 };
+    let offset = (0..8)
+        .find(|o| (buffer.as_ptr() as usize + 2 * o) % 16 == want)
+        .expect("a u16 buffer is 2-byte aligned");
+    buffer[offset..offset + values.len()].copy_from_slice(values);
+    (buffer, offset)
+}
+
 impl TcInputs {
-    fn new(op: &WindowAttention, x: &[Tensor]) -> Result<TcInputs> {
+    fn new(op: &WindowAttention, x: &[Tensor], misaligned: bool) -> Result<TcInputs> {
         let dtype = x[0].dtype();
         let geometry = op.geometry(&TensorType::new(IrDType::F16, x[0].dims().to_vec()))?;
         let kernels = tc_kernels(dtype, geometry.head_dim)?;
         let g = WinGeom::new(op, &geometry)?;
-        let inputs: Vec<Vec<u16>> = x.iter().map(|t| host_half(t, dtype)).collect::<Result<_>>()?;
+        let mut inputs: Vec<Vec<u16>> = x.iter().map(|t| host_half(t, dtype)).collect::<Result<_>>()?;
+        let (qkv, qkv_offset) = place_qkv(&inputs[0], misaligned);
+        inputs[0] = qkv;
         let bias = op.qkv_bias.then_some(1);
         let next = 1 + op.qkv_bias as usize;
         let (rh, relbias) = match op.rel_pos {
@@ -473,6 +490,7 @@ impl TcInputs {
             kernels,
             g,
             inputs,
+            qkv_offset,
             bias,
             rh,
             relbias,
@@ -485,7 +503,7 @@ impl TcInputs {
             unsafe {
                 (t.kernels.rel_tables)(
                     g.rel_tables(),
-                    t.inputs[0].as_ptr(),
+                    t.qkv(),
                     t.ptr(bias),
                     t.ptr(Some(k)),
                     t.ptr(Some(k + 1)),
@@ -496,6 +514,11 @@ impl TcInputs {
             };
         }
         Ok(t)
+    }
+
+    /// The qkv input.
+    fn qkv(&self) -> *const u16 {
+        self.inputs[0][self.qkv_offset..].as_ptr()
     }
 
     /// Input `k` (null when absent: the kernels never read it).
@@ -525,7 +548,12 @@ fn tensor_half(v: Vec<u16>, shape: &[usize], dtype: DType) -> Result<Tensor> {
 /// The tensor-core forward on f16 or bf16 inputs (head dims [`TC_HEAD_DIMS`]): `[out (the
 /// inputs' dtype), lse (f32)]`.
 pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Tensor>> {
-    let t = TcInputs::new(op, x)?;
+    window_attention_tc_placed(op, x, false)
+}
+
+/// [`window_attention_tc`] with qkv 16-byte aligned, or (`misaligned`) not.
+pub fn window_attention_tc_placed(op: &WindowAttention, x: &[Tensor], misaligned: bool) -> Result<Vec<Tensor>> {
+    let t = TcInputs::new(op, x, misaligned)?;
     let g = t.g;
     let mut out = vec![0u16; g.out_elems()];
     let mut lse = vec![0f32; g.rows()];
@@ -533,7 +561,7 @@ pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Ten
         (t.kernels.fwd)(
             g.attention_tc(),
             g.tc_shared_bytes() as u32,
-            t.inputs[0].as_ptr(),
+            t.qkv(),
             t.ptr(t.bias),
             t.relh.as_ptr(),
             t.relw.as_ptr(),
@@ -553,9 +581,18 @@ pub fn window_attention_tc(op: &WindowAttention, x: &[Tensor]) -> Result<Vec<Ten
 /// `run::backward` launches it: one gradient per forward input, in the inputs' dtype (the f32
 /// accumulators of the small inputs rounded to it, as there).
 pub fn window_attention_grad_tc(op: &WindowAttentionGrad, x: &[Tensor]) -> Result<Vec<Tensor>> {
+    window_attention_grad_tc_placed(op, x, false)
+}
+
+/// [`window_attention_grad_tc`] with qkv 16-byte aligned, or (`misaligned`) not.
+pub fn window_attention_grad_tc_placed(
+    op: &WindowAttentionGrad,
+    x: &[Tensor],
+    misaligned: bool,
+) -> Result<Vec<Tensor>> {
     let fwd = op.forward();
     let nf = fwd.num_inputs();
-    let t = TcInputs::new(&fwd, &x[..nf])?;
+    let t = TcInputs::new(&fwd, &x[..nf], misaligned)?;
     let g = t.g;
     let n = g.tokens();
     let lse = x[nf + 1].to_dtype(candle_core::DType::F32).map_err(|e| e.to_string())?;
@@ -578,13 +615,13 @@ pub fn window_attention_grad_tc(op: &WindowAttentionGrad, x: &[Tensor]) -> Resul
         }
     ];
     let mut dbias = vec![0f32; 3 * g.channels as usize];
-    let mut dqkv = vec![0u16; t.inputs[0].len()];
+    let mut dqkv = vec![0u16; x[0].elem_count()];
     unsafe {
         (t.kernels.bwd_dsum)(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
         (t.kernels.bwd)(
             g.attention_bwd_tc(),
             g.tc_bwd_shared_bytes() as u32,
-            t.inputs[0].as_ptr(),
+            t.qkv(),
             t.ptr(t.bias),
             t.relh.as_ptr(),
             t.relw.as_ptr(),
@@ -626,7 +663,7 @@ pub fn window_attention_grad_tc(op: &WindowAttentionGrad, x: &[Tensor]) -> Resul
                 unsafe {
                     (t.kernels.rel_tables_grad)(
                         g.rel_tables_grad(axis),
-                        t.inputs[0].as_ptr(),
+                        t.qkv(),
                         t.ptr(t.bias),
                         drel.as_ptr(),
                         dr.as_mut_ptr(),

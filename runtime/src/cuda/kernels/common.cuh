@@ -144,6 +144,35 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
 }
 #endif
 
+// 16-byte and 4-byte moves (one ld/st.v4.u32 or ld/st.u32 instruction on the GPU): `p` must be
+// aligned to the size, which the emulator checks.
+struct alignas(16) vec16 {
+    unsigned x, y, z, w;
+};
+#ifdef VITDET_EMU
+__device__ __forceinline__ vec16 load16(const void* p) {
+    emu::check_aligned(p, 16);
+    vec16 v;
+    memcpy(&v, p, 16);
+    return v;
+}
+__device__ __forceinline__ void store16(void* p, vec16 v) {
+    emu::check_aligned(p, 16);
+    memcpy(p, &v, 16);
+}
+__device__ __forceinline__ unsigned load32(const void* p) {
+    emu::check_aligned(p, 4);
+    unsigned v;
+    memcpy(&v, p, 4);
+    return v;
+}
+#else
+__device__ __forceinline__ vec16 load16(const void* p) { return *reinterpret_cast<const vec16*>(p); }
+__device__ __forceinline__ void store16(void* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
+__device__ __forceinline__ unsigned load32(const void* p) { return *reinterpret_cast<const unsigned*>(p); }
+#endif
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
+
 // Two 16-bit values packed into one mma register, `lo` in the low half.
 template <class T>
 __device__ __forceinline__ unsigned pack2(T lo, T hi) {

@@ -63,16 +63,23 @@ __device__ __forceinline__ float head_elem(const T* qkv, const T* bias, const Wi
     return g.has_bias ? to_f32(bias[c]) : 0.0f;
 }
 
-// The relative-position term of logit (query i, key j) for (window, head) row `row`.
+// The relative-position term of logit (query i, key j) for (window, head) row `row`, key j at
+// (ky, kx) = (j / ww, j % ww) in its window (callers that stream keys compute those once).
 template <class T>
-__device__ __forceinline__ float rel_logit(const WinGeom& g, const float* relh, const float* relw,
-                                           const T* relbias, long row, int h, int i, int j) {
-    if (g.rel == 1) return relh[row * g.wh + j / g.ww] + relw[row * g.ww + j % g.ww];
+__device__ __forceinline__ float rel_logit_at(const WinGeom& g, const float* relh, const float* relw,
+                                              const T* relbias, long row, int h, int i, int j, int ky, int kx) {
+    if (g.rel == 1) return relh[row * g.wh + ky] + relw[row * g.ww + kx];
     if (g.rel == 2) {
         const long n = (long)g.wh * g.ww;
         return to_f32(relbias[((long)h * n + i) * n + j]);
     }
     return 0.0f;
+}
+
+template <class T>
+__device__ __forceinline__ float rel_logit(const WinGeom& g, const float* relh, const float* relw,
+                                           const T* relbias, long row, int h, int i, int j) {
+    return rel_logit_at(g, relh, relw, relbias, row, h, i, j, j / g.ww, j % g.ww);
 }
 
 // Keys j0 .. j0 + nk of (window w, head h) into the shared K and V tiles, as f32.
@@ -413,33 +420,58 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
 #define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
-// Keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles in T, rows past
-// the window's N zero.
+// Element 0 of head h's part (0 q, 1 k, 2 v) for token `k`: its slice of the token's qkv row,
+// the qkv bias for a padded token, or null (zeros) for a padded token without a bias.
+template <class T>
+__device__ __forceinline__ const T* head_slice(const T* qkv, const T* bias, const WinGeom& g, const Tok& k, int part,
+                                               int h) {
+    const int c = part * g.channels + h * HD;
+    if (k.valid) return qkv + token_row(g, k, 3 * g.channels) + c;
+    return g.has_bias ? bias + c : nullptr;
+}
+
+// Elements d0 .. d0 + 7 of a tile row: from `src` (zeros where null) into shared `dst`. One
+// 16-byte move where `vec`: the inputs' base addresses are 16-byte aligned (so is every slice,
+// HD and the channel counts being multiples of 8 here, and every shared row, TC_LDT being one).
+template <class T>
+__device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec) {
+    if (src == nullptr) {
+        store16(dst + d0, vec16{0u, 0u, 0u, 0u});
+    } else if (vec) {
+        store16(dst + d0, load16(src + d0));
+    } else {
+        for (int k = 0; k < 8; ++k) dst[d0 + k] = src[d0 + k];
+    }
+}
+
+// Keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles, rows past the
+// window's N zero: one thread per 8 elements of a row.
 template <class T>
 __device__ __forceinline__ void tc_load_kv_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
-                                                T* ks, T* vs) {
+                                                bool vec, T* ks, T* vs) {
     const int n = g.wh * g.ww;
-    for (int e = threadIdx.x; e < TC_BK * HD; e += blockDim.x) {
-        const int jj = e / HD, d = e % HD, j = j0 + jj;
-        float kv = 0.0f, vv = 0.0f;
+    for (int e = threadIdx.x; e < TC_BK * (HD / 8); e += blockDim.x) {
+        const int jj = e / (HD / 8), d0 = e % (HD / 8) * 8, j = j0 + jj;
+        const T *k = nullptr, *v = nullptr;
         if (j < n) {
             const Tok kt = token(g, w, j);
-            kv = head_elem(qkv, bias, g, kt, 1, h, d);
-            vv = head_elem(qkv, bias, g, kt, 2, h, d);
+            k = head_slice(qkv, bias, g, kt, 1, h);
+            v = head_slice(qkv, bias, g, kt, 2, h);
         }
-        ks[jj * TC_LDT + d] = from_f32<T>(kv);
-        vs[jj * TC_LDT + d] = from_f32<T>(vv);
+        tc_copy8(ks + jj * TC_LDT, k, d0, vec);
+        tc_copy8(vs + jj * TC_LDT, v, d0, vec);
     }
 }
 
 // A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
 template <class T>
 __device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int gq, int tq) {
+    // Each pair is adjacent and starts at an even element (k and ld even): one 4-byte load.
     const int k = k0 + 2 * tq;
-    a[0] = pack2(m[(r0 + gq) * ld + k], m[(r0 + gq) * ld + k + 1]);
-    a[1] = pack2(m[(r0 + gq + 8) * ld + k], m[(r0 + gq + 8) * ld + k + 1]);
-    a[2] = pack2(m[(r0 + gq) * ld + k + 8], m[(r0 + gq) * ld + k + 9]);
-    a[3] = pack2(m[(r0 + gq + 8) * ld + k + 8], m[(r0 + gq + 8) * ld + k + 9]);
+    a[0] = load32(m + (r0 + gq) * ld + k);
+    a[1] = load32(m + (r0 + gq + 8) * ld + k);
+    a[2] = load32(m + (r0 + gq) * ld + k + 8);
+    a[3] = load32(m + (r0 + gq + 8) * ld + k + 8);
 }
 
 // B fragment with B(k, c) = m[c * ld + k] (a row-major tile used transposed, as K in Q K^T):
@@ -447,8 +479,8 @@ __device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, 
 template <class T>
 __device__ __forceinline__ void wa_tc_frag_bt(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
     const int k = k0 + 2 * tq, c = c0 + gq;
-    b[0] = pack2(m[c * ld + k], m[c * ld + k + 1]);
-    b[1] = pack2(m[c * ld + k + 8], m[c * ld + k + 9]);
+    b[0] = load32(m + c * ld + k);
+    b[1] = load32(m + c * ld + k + 8);
 }
 
 // B fragment with B(k, c) = m[k * ld + c] (a row-major tile used as is, as V in P V).
@@ -486,12 +518,11 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const int gq = lane / 4, tq = lane % 4;
     const int r0 = warp * 16;
 
+    const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias));
     // The query tile, then this warp's Q fragments, kept in registers for the whole key loop.
-    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
-        const int r = e / HD, d = e % HD, i = i0 + r;
-        float v = 0.0f;
-        if (i < n) v = head_elem(qkv, bias, g, token(g, w, i), 0, h, d);
-        qs[r * TC_LDT + d] = from_f32<T>(v);
+    for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
+        const int r = e / (HD / 8), d0 = e % (HD / 8) * 8, i = i0 + r;
+        tc_copy8(qs + r * TC_LDT, i < n ? head_slice(qkv, bias, g, token(g, w, i), 0, h) : nullptr, d0, vec);
     }
     __syncthreads();
     unsigned qa[HD / 16][4];
@@ -515,9 +546,16 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     for (int nt = 0; nt < HD / 8; ++nt)
         for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
 
+    // The tile's keys' positions in the window, for the decomposed term (one division each per
+    // tile rather than per logit).
+    __shared__ int key_y[TC_BK], key_x[TC_BK];
     for (int j0 = 0; j0 < n; j0 += TC_BK) {
         __syncthreads();  // every warp is done with the previous K and V tiles
-        tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
+        tc_load_kv_tile(qkv, bias, g, w, h, j0, vec, ks, vs);
+        for (int jj = tid; jj < TC_BK; jj += blockDim.x) {
+            key_y[jj] = (j0 + jj) / g.ww;
+            key_x[jj] = (j0 + jj) % g.ww;
+        }
         __syncthreads();
         // S = Q K^T: accumulator element e of tile nt is row gq + 8 (e / 2), key nt * 8 + 2 tq + e % 2.
         float sc[TC_BK / 8][4];
@@ -533,10 +571,13 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         float mx[2] = {m[0], m[1]};
         for (int nt = 0; nt < TC_BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
-                const int r = e / 2, j = j0 + nt * 8 + 2 * tq + e % 2;
+                const int r = e / 2, jj = nt * 8 + 2 * tq + e % 2, j = j0 + jj;
                 float s = VITDET_NEG_INF;
                 if (j < n) {
-                    s = g.scale * sc[nt][e] + (query[r] ? rel_logit(g, relh, relw, relbias, qrow[r], h, qi[r], j) : 0.0f);
+                    const float rel =
+                        query[r] ? rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j, key_y[jj], key_x[jj])
+                                 : 0.0f;
+                    s = g.scale * sc[nt][e] + rel;
                 }
                 sc[nt][e] = s;
                 mx[r] = fmaxf(mx[r], s);
@@ -658,7 +699,8 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
 
     // This block's keys and values; keys past N are zero (and masked out of P below).
-    tc_load_kv_tile(qkv, bias, g, w, h, j0, ks, vs);
+    const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
+    tc_load_kv_tile(qkv, bias, g, w, h, j0, vec, ks, vs);
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
@@ -670,18 +712,18 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
 
     for (int i0 = 0; i0 < n; i0 += TC_BQ) {
         // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero).
-        for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
-            const int r = e / HD, d = e % HD, i = i0 + r;
-            float qv = 0.0f, dov = 0.0f;
+        for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
+            const int r = e / (HD / 8), d0 = e % (HD / 8) * 8, i = i0 + r;
+            const T *q = nullptr, *d = nullptr;
             if (i < n) {
                 const Tok qt = token(g, w, i);
                 if (qt.valid) {
-                    qv = head_elem(qkv, bias, g, qt, 0, h, d);
-                    dov = to_f32(dout[token_row(g, qt, g.channels) + h * HD + d]);
+                    q = qkv + token_row(g, qt, 3 * g.channels) + h * HD;
+                    d = dout + token_row(g, qt, g.channels) + h * HD;
                 }
             }
-            qs[r * TC_LDT + d] = from_f32<T>(qv);
-            dos[r * TC_LDT + d] = from_f32<T>(dov);
+            tc_copy8(qs + r * TC_LDT, q, d0, vec);
+            tc_copy8(dos + r * TC_LDT, d, d0, vec);
         }
         for (int r = tid; r < TC_BQ; r += blockDim.x) {
             const int i = i0 + r;
