@@ -417,6 +417,10 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 // `tc_shared_bytes` (Rust).
 #define TC_BQ 64
 #define TC_BK 64
+// The tensor-core kernels exponentiate in base 2 (exp2f is the hardware's ex2; expf adds a
+// range reduction): logits are carried times log2 e, and the stored lse converted back.
+#define WA_LOG2E 1.4426950408889634f
+#define WA_LN2 0.6931471805599453f
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
 #define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
@@ -528,9 +532,9 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     unsigned qa[HD / 16][4];
     for (int kt = 0; kt < HD / 16; ++kt) wa_tc_frag_a(qa[kt], qs, TC_LDT, r0, kt * 16, gq, tq);
 
-    // The thread's two query rows (fragment rows gq and gq + 8), their running max, this
-    // thread's share of their sums (its columns; summed over the quad at the end) and its
-    // columns of O.
+    // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
+    // logits in log2 units), this thread's share of their sums (its columns; summed over the
+    // quad at the end) and its columns of O.
     int qi[2];
     bool query[2];
     long qrow[2];
@@ -577,7 +581,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
                     const float rel =
                         query[r] ? rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j, key_y[jj], key_x[jj])
                                  : 0.0f;
-                    s = g.scale * sc[nt][e] + rel;
+                    s = (g.scale * sc[nt][e] + rel) * WA_LOG2E;
                 }
                 sc[nt][e] = s;
                 mx[r] = fmaxf(mx[r], s);
@@ -587,14 +591,14 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
             mx[r] = fmaxf(mx[r], shfl_xor(mx[r], 1));
             mx[r] = fmaxf(mx[r], shfl_xor(mx[r], 2));
             // Each tile holds key j0 < n, so the max is finite from the first tile on.
-            corr[r] = expf(m[r] - mx[r]);
+            corr[r] = exp2f(m[r] - mx[r]);
             m[r] = mx[r];
             l[r] *= corr[r];
         }
-        // P = exp(s - m), in place; O rescaled.
+        // P = exp(s - m) (= 2^(s - m) in log2 units), in place; O rescaled.
         for (int nt = 0; nt < TC_BK / 8; ++nt)
             for (int e = 0; e < 4; ++e) {
-                const float p = expf(sc[nt][e] - m[e / 2]);
+                const float p = exp2f(sc[nt][e] - m[e / 2]);
                 l[e / 2] += p;
                 sc[nt][e] = p;
             }
@@ -626,7 +630,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
             out[base + col] = from_f32<T>(o[nt][2 * r] / l[r]);
             out[base + col + 1] = from_f32<T>(o[nt][2 * r + 1] / l[r]);
         }
-        if (tq == 0) lse[qrow[r]] = m[r] + logf(l[r]);
+        if (tq == 0) lse[qrow[r]] = m[r] * WA_LN2 + logf(l[r]);
     }
 }
 
@@ -764,7 +768,10 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 const int j = j0 + key, i = i0 + r;
                 const bool live = q_valid[r] && j < n;
                 float p = 0.0f;
-                if (live) p = expf(g.scale * s[nt][o] + rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j) - q_lse[r]);
+                if (live) {
+                    const float x = g.scale * s[nt][o] + rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j) - q_lse[r];
+                    p = exp2f(x * WA_LOG2E);
+                }
                 const float ds = p * (dp[nt][o] - q_d[r]);
                 s[nt][o] = p;
                 dp[nt][o] = ds;
