@@ -163,11 +163,13 @@ impl WinGeom {
         self.per_window_head(TC_ROWS, TC_THREADS)
     }
 
-    /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q, K and
-    /// V tiles in the input type (scores, probabilities and output stay in registers).
+    /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q and K
+    /// tiles and V transposed, in the input type (scores, probabilities and output stay in
+    /// registers).
     pub fn tc_shared_bytes(&self) -> usize {
-        let ldt = self.hd as usize + 8;
-        2 * (TC_ROWS * ldt + 2 * TC_KEYS * ldt)
+        let hd = self.hd as usize;
+        let (ldt, ldv) = (hd + 8, TC_KEYS + 8);
+        2 * (TC_ROWS * ldt + TC_KEYS * ldt + hd * ldv)
     }
 
     /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q

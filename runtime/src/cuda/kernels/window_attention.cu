@@ -422,6 +422,7 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define WA_LOG2E 1.4426950408889634f
 #define WA_LN2 0.6931471805599453f
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
+#define TC_LDV (TC_BK + 8)   // of the forward's transposed V tile [d][key] (elements)
 #define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
 // Element 0 of head h's part (0 q, 1 k, 2 v) for token `k`: its slice of the token's qkv row,
@@ -448,8 +449,44 @@ __device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec)
     }
 }
 
-// Keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles, rows past the
-// window's N zero: one thread per 8 elements of a row.
+// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null) into registers, with one
+// 16-byte load where `vec` (as `tc_copy8`).
+template <class T>
+__device__ __forceinline__ void tc_read8(T out[8], const T* src, int d0, bool vec) {
+    if (src != nullptr && !vec) {
+        for (int k = 0; k < 8; ++k) out[k] = src[d0 + k];
+        return;
+    }
+    const vec16 x = src == nullptr ? vec16{0u, 0u, 0u, 0u} : load16(src + d0);
+    const unsigned words[4] = {x.x, x.y, x.z, x.w};
+    for (int k = 0; k < 8; ++k) out[k].bits = (unsigned short)(words[k / 2] >> (16 * (k % 2)));
+}
+
+// The forward's keys j0 .. j0 + TC_BK of (window w, head h), rows past the window's N zero: K
+// as rows into `ks`, V transposed into `vt` [d][key], so that P V's B fragments are adjacent
+// pairs as Q K^T's are (one 4-byte read each). Consecutive threads take consecutive keys, so a
+// warp's transposed stores fill whole shared-memory words, free of bank conflicts.
+template <class T>
+__device__ __forceinline__ void tc_load_k_vt_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h,
+                                                  int j0, bool vec, T* ks, T* vt) {
+    const int n = g.wh * g.ww;
+    for (int e = threadIdx.x; e < TC_BK * (HD / 8); e += blockDim.x) {
+        const int jj = e % TC_BK, d0 = e / TC_BK * 8, j = j0 + jj;
+        const T *k = nullptr, *v = nullptr;
+        if (j < n) {
+            const Tok kt = token(g, w, j);
+            k = head_slice(qkv, bias, g, kt, 1, h);
+            v = head_slice(qkv, bias, g, kt, 2, h);
+        }
+        tc_copy8(ks + jj * TC_LDT, k, d0, vec);
+        T vals[8];
+        tc_read8(vals, v, d0, vec);
+        for (int t = 0; t < 8; ++t) vt[(d0 + t) * TC_LDV + jj] = vals[t];
+    }
+}
+
+// The backward's keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles (both
+// as rows), rows past the window's N zero: one thread per 8 elements of a row.
 template <class T>
 __device__ __forceinline__ void tc_load_kv_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
                                                 bool vec, T* ks, T* vs) {
@@ -513,7 +550,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     DYNAMIC_SHARED(unsigned char, smem);
     T* qs = reinterpret_cast<T*>(smem);
     T* ks = qs + TC_BQ * TC_LDT;
-    T* vs = ks + TC_BK * TC_LDT;
+    T* vt = ks + TC_BK * TC_LDT;  // V transposed: [HD][TC_LDV]
 
     const int n = g.wh * g.ww;
     const int h = blockIdx.y, w = blockIdx.z;
@@ -555,7 +592,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     __shared__ int key_y[TC_BK], key_x[TC_BK];
     for (int j0 = 0; j0 < n; j0 += TC_BK) {
         __syncthreads();  // every warp is done with the previous K and V tiles
-        tc_load_kv_tile(qkv, bias, g, w, h, j0, vec, ks, vs);
+        tc_load_k_vt_tile(qkv, bias, g, w, h, j0, vec, ks, vt);
         for (int jj = tid; jj < TC_BK; jj += blockDim.x) {
             key_y[jj] = (j0 + jj) / g.ww;
             key_x[jj] = (j0 + jj) % g.ww;
@@ -610,7 +647,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
             wa_tc_acc_as_a<T>(a, sc, kt);
             for (int nt = 0; nt < HD / 8; ++nt) {
                 unsigned b[2];
-                wa_tc_frag_b(b, vs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                wa_tc_frag_bt(b, vt, TC_LDV, kt * 16, nt * 8, gq, tq);
                 mma_16816(o[nt], a, b, T());
             }
         }
