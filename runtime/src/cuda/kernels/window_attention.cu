@@ -405,7 +405,7 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #endif
 
 // The tensor-core kernels need mma.m16n8k16 in f16 / bf16: compute 8.0 and later
-// (`tensor_cores_on` in Rust picks the FMA kernels before that).
+// (the Rust side, `Operands::tensor_cores`, picks the FMA kernels before that).
 #if HD % 16 == 0 && (defined(VITDET_EMU) || __CUDA_ARCH__ >= 800)
 // Tensor-core forward for f16 / bf16 (head dims that are multiples of 16), flash-attention-2
 // style. A block of four warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in
@@ -656,7 +656,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         l[r] += shfl_xor(l[r], 1);
         l[r] += shfl_xor(l[r], 2);
     }
-    // Unpadded queries: out = O / l, lse = m + log l.
+    // Unpadded queries: out = O / l, lse = m ln 2 + ln l (m in log2 units).
     for (int r = 0; r < 2; ++r) {
         if (qi[r] >= n) continue;
         const Tok qt = token(g, w, qi[r]);
