@@ -422,7 +422,8 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define WA_LOG2E 1.4426950408889634f
 #define WA_LN2 0.6931471805599453f
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
-#define TC_LDV (TC_BK + 8)   // of the forward's transposed V tile [d][key] (elements)
+#define TC_LDV (TC_BK + 8)   // of the transposed key tiles [d][key] (elements)
+#define TC_LDQ (TC_BQ + 8)   // of the backward's transposed query tiles [d][query] (elements)
 #define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
 // Element 0 of head h's part (0 q, 1 k, 2 v) for token `k`: its slice of the token's qkv row,
@@ -435,72 +436,48 @@ __device__ __forceinline__ const T* head_slice(const T* qkv, const T* bias, cons
     return g.has_bias ? bias + c : nullptr;
 }
 
-// Elements d0 .. d0 + 7 of a tile row: from `src` (zeros where null) into shared `dst`. One
-// 16-byte move where `vec`: the inputs' base addresses are 16-byte aligned (so is every slice,
-// HD and the channel counts being multiples of 8 here, and every shared row, TC_LDT being one).
+// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null), packed as they lie in
+// memory: one 16-byte load where `vec` (the inputs' base addresses are 16-byte aligned, and so
+// is every slice, HD and the channel counts being multiples of 8 here), else element by element.
 template <class T>
-__device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec) {
-    if (src == nullptr) {
-        store16(dst + d0, vec16{0u, 0u, 0u, 0u});
-    } else if (vec) {
-        store16(dst + d0, load16(src + d0));
-    } else {
-        for (int k = 0; k < 8; ++k) dst[d0 + k] = src[d0 + k];
-    }
+__device__ __forceinline__ vec16 tc_load8(const T* src, int d0, bool vec) {
+    if (src == nullptr) return vec16{0u, 0u, 0u, 0u};
+    if (vec) return load16(src + d0);
+    unsigned words[4];
+    for (int k = 0; k < 4; ++k) words[k] = pack2(src[d0 + 2 * k], src[d0 + 2 * k + 1]);
+    return vec16{words[0], words[1], words[2], words[3]};
 }
 
-// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null) into registers, with one
-// 16-byte load where `vec` (as `tc_copy8`).
+// Those 8 elements as column `c`, rows d0 .. d0 + 7, of a transposed shared tile (row stride
+// `ld`): tiles read as mma B operands along their rows, so that each fragment is adjacent pairs.
 template <class T>
-__device__ __forceinline__ void tc_read8(T out[8], const T* src, int d0, bool vec) {
-    if (src != nullptr && !vec) {
-        for (int k = 0; k < 8; ++k) out[k] = src[d0 + k];
-        return;
-    }
-    const vec16 x = src == nullptr ? vec16{0u, 0u, 0u, 0u} : load16(src + d0);
+__device__ __forceinline__ void tc_store8_t(T* tile, int ld, int c, int d0, vec16 x) {
     const unsigned words[4] = {x.x, x.y, x.z, x.w};
-    for (int k = 0; k < 8; ++k) out[k].bits = (unsigned short)(words[k / 2] >> (16 * (k % 2)));
+    for (int k = 0; k < 8; ++k) tile[(d0 + k) * ld + c].bits = (unsigned short)(words[k / 2] >> (16 * (k % 2)));
 }
 
-// The forward's keys j0 .. j0 + TC_BK of (window w, head h), rows past the window's N zero: K
-// as rows into `ks`, V transposed into `vt` [d][key], so that P V's B fragments are adjacent
-// pairs as Q K^T's are (one 4-byte read each). Consecutive threads take consecutive keys, so a
-// warp's transposed stores fill whole shared-memory words, free of bank conflicts.
+// Keys j0 .. j0 + TC_BK of (window w, head h), rows past the window's N zero: K as rows into
+// `ks` (when given) and transposed into `kt` (when given), V as rows into `vs` (when given) and
+// transposed into `vt` (when given). Consecutive threads take consecutive keys, so a warp's
+// transposed stores fill whole shared-memory words, free of bank conflicts (and its 16-byte row
+// stores land in distinct banks, TC_LDT * 2 bytes being an odd multiple of 16).
 template <class T>
-__device__ __forceinline__ void tc_load_k_vt_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h,
-                                                  int j0, bool vec, T* ks, T* vt) {
+__device__ __forceinline__ void tc_load_key_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
+                                                 bool vec, T* ks, T* kt, T* vs, T* vt) {
     const int n = g.wh * g.ww;
     for (int e = threadIdx.x; e < TC_BK * (HD / 8); e += blockDim.x) {
         const int jj = e % TC_BK, d0 = e / TC_BK * 8, j = j0 + jj;
         const T *k = nullptr, *v = nullptr;
         if (j < n) {
-            const Tok kt = token(g, w, j);
-            k = head_slice(qkv, bias, g, kt, 1, h);
-            v = head_slice(qkv, bias, g, kt, 2, h);
+            const Tok tok = token(g, w, j);
+            k = head_slice(qkv, bias, g, tok, 1, h);
+            v = head_slice(qkv, bias, g, tok, 2, h);
         }
-        tc_copy8(ks + jj * TC_LDT, k, d0, vec);
-        T vals[8];
-        tc_read8(vals, v, d0, vec);
-        for (int t = 0; t < 8; ++t) vt[(d0 + t) * TC_LDV + jj] = vals[t];
-    }
-}
-
-// The backward's keys j0 .. j0 + TC_BK of (window w, head h) into the shared K and V tiles (both
-// as rows), rows past the window's N zero: one thread per 8 elements of a row.
-template <class T>
-__device__ __forceinline__ void tc_load_kv_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
-                                                bool vec, T* ks, T* vs) {
-    const int n = g.wh * g.ww;
-    for (int e = threadIdx.x; e < TC_BK * (HD / 8); e += blockDim.x) {
-        const int jj = e / (HD / 8), d0 = e % (HD / 8) * 8, j = j0 + jj;
-        const T *k = nullptr, *v = nullptr;
-        if (j < n) {
-            const Tok kt = token(g, w, j);
-            k = head_slice(qkv, bias, g, kt, 1, h);
-            v = head_slice(qkv, bias, g, kt, 2, h);
-        }
-        tc_copy8(ks + jj * TC_LDT, k, d0, vec);
-        tc_copy8(vs + jj * TC_LDT, v, d0, vec);
+        const vec16 kx = tc_load8(k, d0, vec), vx = tc_load8(v, d0, vec);
+        if (ks) store16(ks + jj * TC_LDT + d0, kx);
+        if (kt) tc_store8_t(kt, TC_LDV, jj, d0, kx);
+        if (vs) store16(vs + jj * TC_LDT + d0, vx);
+        if (vt) tc_store8_t(vt, TC_LDV, jj, d0, vx);
     }
 }
 
@@ -515,21 +492,14 @@ __device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, 
     a[3] = load32(m + (r0 + gq + 8) * ld + k + 8);
 }
 
-// B fragment with B(k, c) = m[c * ld + k] (a row-major tile used transposed, as K in Q K^T):
-// rows k0..k0+15, column c0 + gq.
+// B fragment with B(k, c) = m[c * ld + k]: rows k0..k0+15, column c0 + gq. Every B operand is
+// read this way, its pairs adjacent: row-major tiles used transposed (K in Q K^T) and the tiles
+// kept transposed for the products that use them as they are (V in P V, ...).
 template <class T>
 __device__ __forceinline__ void wa_tc_frag_bt(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
     const int k = k0 + 2 * tq, c = c0 + gq;
     b[0] = load32(m + c * ld + k);
     b[1] = load32(m + c * ld + k + 8);
-}
-
-// B fragment with B(k, c) = m[k * ld + c] (a row-major tile used as is, as V in P V).
-template <class T>
-__device__ __forceinline__ void wa_tc_frag_b(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
-    const int k = k0 + 2 * tq, c = c0 + gq;
-    b[0] = pack2(m[k * ld + c], m[(k + 1) * ld + c]);
-    b[1] = pack2(m[(k + 8) * ld + c], m[(k + 9) * ld + c]);
 }
 
 // The A fragment of columns 16 kt..16 kt+15 of a warp's 16-row accumulator `acc[tile][4]`
@@ -563,7 +533,8 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     // The query tile, then this warp's Q fragments, kept in registers for the whole key loop.
     for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
         const int r = e / (HD / 8), d0 = e % (HD / 8) * 8, i = i0 + r;
-        tc_copy8(qs + r * TC_LDT, i < n ? head_slice(qkv, bias, g, token(g, w, i), 0, h) : nullptr, d0, vec);
+        const T* q = i < n ? head_slice(qkv, bias, g, token(g, w, i), 0, h) : nullptr;
+        store16(qs + r * TC_LDT + d0, tc_load8(q, d0, vec));
     }
     __syncthreads();
     unsigned qa[HD / 16][4];
@@ -592,7 +563,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     __shared__ int key_y[TC_BK], key_x[TC_BK];
     for (int j0 = 0; j0 < n; j0 += TC_BK) {
         __syncthreads();  // every warp is done with the previous K and V tiles
-        tc_load_k_vt_tile(qkv, bias, g, w, h, j0, vec, ks, vt);
+        tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, (T*)nullptr, (T*)nullptr, vt);
         for (int jj = tid; jj < TC_BK; jj += blockDim.x) {
             key_y[jj] = (j0 + jj) / g.ww;
             key_x[jj] = (j0 + jj) % g.ww;
@@ -721,11 +692,17 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                           const T* dout, const float* lse, const float* dsum, float* dq, float* drelh, float* drelw,
                           float* drelbias, float* dbias, T* dqkv, WinGeom g) {
     DYNAMIC_SHARED(unsigned char, smem);
+    // K, V, Q and dO as rows; K, Q and dO also transposed ([d][key or query]), for the
+    // products that take them as B operands along their rows (dQ += dS K, dK += dS^T Q,
+    // dV += P^T dO), so that every fragment is adjacent pairs.
     T* ks = reinterpret_cast<T*>(smem);
     T* vs = ks + TC_BK * TC_LDT;
-    T* qs = vs + TC_BK * TC_LDT;
+    T* kts = vs + TC_BK * TC_LDT;                                 // stride TC_LDV
+    T* qs = kts + HD * TC_LDV;
     T* dos = qs + TC_BQ * TC_LDT;
-    T* dss = dos + TC_BQ * TC_LDT;                                // dS [query][key], stride TC_LDP
+    T* qts = dos + TC_BQ * TC_LDT;                                // stride TC_LDQ
+    T* dots = qts + HD * TC_LDQ;                                  // stride TC_LDQ
+    T* dss = dots + HD * TC_LDQ;                                  // dS [query][key], stride TC_LDP
     float* dsf = reinterpret_cast<float*>(dss + TC_BQ * TC_LDP);  // dS [query][key] f32, stride TC_LDB
     float* q_lse = dsf + TC_BQ * TC_LDB;
     float* q_d = q_lse + TC_BQ;
@@ -741,7 +718,7 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
 
     // This block's keys and values; keys past N are zero (and masked out of P below).
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
-    tc_load_kv_tile(qkv, bias, g, w, h, j0, vec, ks, vs);
+    tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, kts, vs, (T*)nullptr);
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
@@ -752,9 +729,11 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
         }
 
     for (int i0 = 0; i0 < n; i0 += TC_BQ) {
-        // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero).
+        // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero), as
+        // rows and transposed; consecutive threads take consecutive queries (see
+        // `tc_load_key_tile`).
         for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
-            const int r = e / (HD / 8), d0 = e % (HD / 8) * 8, i = i0 + r;
+            const int r = e % TC_BQ, d0 = e / TC_BQ * 8, i = i0 + r;
             const T *q = nullptr, *d = nullptr;
             if (i < n) {
                 const Tok qt = token(g, w, i);
@@ -763,8 +742,11 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                     d = dout + token_row(g, qt, g.channels) + h * HD;
                 }
             }
-            tc_copy8(qs + r * TC_LDT, q, d0, vec);
-            tc_copy8(dos + r * TC_LDT, d, d0, vec);
+            const vec16 qx = tc_load8(q, d0, vec), dx = tc_load8(d, d0, vec);
+            store16(qs + r * TC_LDT + d0, qx);
+            store16(dos + r * TC_LDT + d0, dx);
+            tc_store8_t(qts, TC_LDQ, r, d0, qx);
+            tc_store8_t(dots, TC_LDQ, r, d0, dx);
         }
         for (int r = tid; r < TC_BQ; r += blockDim.x) {
             const int i = i0 + r;
@@ -825,9 +807,9 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
 #pragma unroll
             for (int nt = 0; nt < HD / 8; ++nt) {
                 unsigned b[2];
-                wa_tc_frag_b(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
+                wa_tc_frag_bt(b, dots, TC_LDQ, kt * 16, nt * 8, gq, tq);
                 mma_16816(dv[nt], ap, b, T());
-                wa_tc_frag_b(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                wa_tc_frag_bt(b, qts, TC_LDQ, kt * 16, nt * 8, gq, tq);
                 mma_16816(dk[nt], ad, b, T());
             }
         }
@@ -841,7 +823,7 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
             for (int kt = 0; kt < TC_BK / 16; ++kt) {
                 unsigned a[4], b[2];
                 wa_tc_frag_a(a, dss, TC_LDP, r0, kt * 16, gq, tq);
-                wa_tc_frag_b(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
+                wa_tc_frag_bt(b, kts, TC_LDV, kt * 16, nt * 8, gq, tq);
                 mma_16816(c, a, b, T());
             }
 #pragma unroll
