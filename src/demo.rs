@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use vitdet_models::{ModelConfig, TrainingConfig};
 
 use crate::data::synthetic::{generate, SynthOptions};
-use crate::detect::write_png;
+use crate::detect::{write_png, Runner};
 use crate::detections::{draw, Detection};
 use crate::train::cli::{describe_losses, Bar};
-use crate::train::validate::{evaluate_split, Runner};
+use crate::train::validate::evaluate_split;
 use crate::train::{self, TrainOptions};
 use image::RgbImage;
 

@@ -10,10 +10,9 @@ use serde::Serialize;
 use vitdet_ir::ops::PasteMasks;
 use vitdet_ir::Op;
 use vitdet_models::ModelConfig;
+use vitdet_passes::Precision;
 use vitdet_runtime::preprocess::{load_rgb, preprocess_rgb, Preprocessed};
 use vitdet_runtime::{kernels, run_with_order, CandleDType, Device, ParamStore, Tensor};
-
-use vitdet_passes::Precision;
 
 use crate::compile::{compile_config_with, inference_lowering, Target};
 use crate::detections::{coco_results, draw, Categories, CocoResult, Detection};
@@ -30,9 +29,25 @@ pub struct DetectOptions {
     pub out: PathBuf,
     pub score_thresh: Option<f64>,
     pub seed: u64,
+    pub runner: Runner,
+}
+
+/// Where and in what precision the detector runs.
+#[derive(Clone, Debug)]
+pub struct Runner {
     pub device: Device,
     /// f32, or autocast to bf16 / f16 with the attention fused (weights converted on load).
     pub precision: Precision,
+}
+
+impl Runner {
+    /// f32 on the CPU.
+    pub fn cpu() -> Runner {
+        Runner {
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -92,14 +107,13 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         config.validate().with_context(|| format!("--score-thresh {t}"))?;
     }
     let images = list_images(&opts.image)?;
-    let lowering = inference_lowering(opts.precision);
     let square = compile_config_with(
         &opts.model,
         config.clone(),
         Target::Detector { image_hw: None },
-        lowering,
+        inference_lowering(opts.runner.precision),
     )?;
-    let (params, weights) = load_params(opts.weights.as_deref(), &square.graph, opts.seed, &opts.device)?;
+    let (params, weights) = load_params(opts.weights.as_deref(), &square.graph, opts.seed, &opts.runner.device)?;
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
 
     let progress = indicatif::ProgressBar::new(images.len() as u64);
@@ -122,7 +136,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         );
         let id = image_id(path, index);
         let start = Instant::now();
-        match detect_one(&config, &params, path, &opts.device, opts.precision) {
+        match detect_one(&config, &params, path, &opts.runner) {
             Ok((rgb, dets, op_seconds)) => {
                 let (h, w) = (rgb.height() as usize, rgb.width() as usize);
                 results.extend(coco_results(&dets, id, h, w, &categories));
@@ -159,7 +173,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     Ok(DetectSummary {
         model: opts.model.clone(),
-        dtype: opts.precision.name(),
+        dtype: opts.runner.precision.name(),
         weights,
         images: reports,
         failed,
@@ -182,9 +196,9 @@ pub(crate) fn detect_one(
     config: &ModelConfig,
     params: &ParamStore,
     path: &Path,
-    device: &Device,
-    precision: Precision,
+    runner: &Runner,
 ) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
+    let device = &runner.device;
     let rgb = load_rgb(path)?;
     let pre: Preprocessed = preprocess_rgb(&rgb, config.image_size, device)?;
     let (rh, rw) = pre.resized_hw;
@@ -194,7 +208,7 @@ pub(crate) fn detect_one(
         Target::Detector {
             image_hw: Some([rh, rw]),
         },
-        inference_lowering(precision),
+        inference_lowering(runner.precision),
     )?;
     let out = run_with_order(
         &compiled.graph,

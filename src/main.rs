@@ -105,7 +105,7 @@ impl TrainArgs {
                 .transpose()
                 .context("--budget")?,
             batch: self.batch,
-            precision: vitdet::passes::Precision::parse(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+            precision: vitdet::compile::parse_dtype_flag(&self.dtype)?,
             ..Default::default()
         })
     }
@@ -338,8 +338,7 @@ fn run(cli: Cli) -> Result<()> {
                 if !flags.is_empty() {
                     anyhow::bail!("{} apply to --mode train", flags.join(", "));
                 }
-                let precision =
-                    vitdet::passes::Precision::parse(&train.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+                let precision = vitdet::compile::parse_dtype_flag(&train.dtype)?;
                 match precision {
                     vitdet::passes::Precision::F32 if train.no_fuse => {
                         anyhow::bail!("--no-fuse applies to --mode train, or to inference with --dtype bf16 / f16")
@@ -408,7 +407,7 @@ fn run(cli: Cli) -> Result<()> {
             let base = vitdet::compile::TrainOptions {
                 fuse_attention: fuse,
                 batch,
-                precision: vitdet::passes::Precision::parse(&dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+                precision: vitdet::compile::parse_dtype_flag(&dtype)?,
                 ..Default::default()
             };
             let opts = study::StudyOptions {
@@ -450,10 +449,9 @@ fn run(cli: Cli) -> Result<()> {
                 let (Some(model), Some(weights), Some(data)) = (model, weights, data) else {
                     anyhow::bail!("evaluating a model needs --model, --weights and --data");
                 };
-                let runner = vitdet::train::validate::Runner {
+                let runner = vitdet::detect::Runner {
                     device: vitdet::infer::parse_device(device.as_deref().unwrap_or("cpu"))?,
-                    precision: vitdet::passes::Precision::parse(dtype.as_deref().unwrap_or("f32"))
-                        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+                    precision: vitdet::compile::parse_dtype_flag(dtype.as_deref().unwrap_or("f32"))?,
                 };
                 let config = vitdet::models::ModelConfig::load(&model)?;
                 let bar = indicatif::ProgressBar::new(0);
@@ -507,7 +505,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
         } => {
             let device = vitdet::infer::parse_device(&device)?;
-            let precision = vitdet::passes::Precision::parse(&dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+            let precision = vitdet::compile::parse_dtype_flag(&dtype)?;
             if let Some(out) = out {
                 if dump.is_some() {
                     anyhow::bail!("--dump writes backbone features and --out detections: run them separately");
@@ -519,8 +517,7 @@ fn run(cli: Cli) -> Result<()> {
                     out,
                     score_thresh,
                     seed,
-                    device,
-                    precision,
+                    runner: vitdet::detect::Runner { device, precision },
                 })?;
                 match format {
                     Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),

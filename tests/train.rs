@@ -158,7 +158,7 @@ fn loss_falls() {
     let mut model = vitdet::models::ModelConfig::load("vitdet-tiny").unwrap();
     model.detector.score_thresh = 0.0;
     let eval = |precision| {
-        let runner = vitdet::train::validate::Runner {
+        let runner = vitdet::detect::Runner {
             device: vitdet::runtime::Device::Cpu,
             precision,
         };

@@ -115,7 +115,7 @@ struct StepReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let precision = Precision::parse(&args.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+    let precision = crate::compile::parse_dtype_flag(&args.dtype)?;
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }

@@ -81,6 +81,11 @@ pub fn compile_config(name: &str, config: ModelConfig, target: Target) -> Result
     compile_config_with(name, config, target, None)
 }
 
+/// The precision a `--dtype` flag names (f32, bf16, f16), or an error naming the flag.
+pub fn parse_dtype_flag(text: &str) -> Result<Precision> {
+    Precision::parse(text).map_err(|e| anyhow::anyhow!("--dtype: {e}"))
+}
+
 /// How inference runs at `precision`: as built in f32, else autocast with the attention fused
 /// (the `lowering` argument of [`compile_with`]).
 pub fn inference_lowering(precision: Precision) -> Option<(Precision, bool)> {

@@ -108,7 +108,7 @@ impl Default for StepOptions {
 
 impl StepOptions {
     pub fn precision(&self) -> Result<Precision> {
-        Precision::parse(&self.dtype).map_err(|e| anyhow::anyhow!("--dtype: {e}"))
+        crate::compile::parse_dtype_flag(&self.dtype)
     }
 }
 

@@ -6,12 +6,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use vitdet_models::ModelConfig;
-use vitdet_passes::Precision;
-use vitdet_runtime::{Device, ParamStore};
+use vitdet_runtime::ParamStore;
 
 use crate::compile::{compile_config_with, inference_lowering, Target};
 use crate::data::CocoDataset;
-use crate::detect::detect_one;
+use crate::detect::{detect_one, Runner};
 use crate::detections::{Categories, CocoResult, Detection};
 use crate::eval::{evaluate, Detections, EvalReport, GroundTruth};
 
@@ -33,24 +32,6 @@ pub struct SplitEval {
     pub categories: Categories,
     pub dataset: CocoDataset,
     pub seconds: f64,
-}
-
-/// Where and in what precision [`evaluate_split`] runs the detector.
-#[derive(Clone, Debug)]
-pub struct Runner {
-    pub device: Device,
-    /// f32, or autocast to bf16 / f16 with the attention fused (as `vitdet infer --dtype`).
-    pub precision: Precision,
-}
-
-impl Runner {
-    /// f32 on the CPU.
-    pub fn cpu() -> Runner {
-        Runner {
-            device: Device::Cpu,
-            precision: Precision::F32,
-        }
-    }
 }
 
 /// Runs the detector `model` (its class count set from the dataset) with the weights in
@@ -88,8 +69,8 @@ pub fn evaluate_split(
     let mut detections = Vec::new();
     for (i, image) in dataset.images.iter().enumerate() {
         let path = dataset.image_path(i);
-        let (rgb, dets, _) = detect_one(&model, &params, &path, &runner.device, runner.precision)
-            .with_context(|| format!("detecting on {}", path.display()))?;
+        let (rgb, dets, _) =
+            detect_one(&model, &params, &path, runner).with_context(|| format!("detecting on {}", path.display()))?;
         let (h, w) = (rgb.height() as usize, rgb.width() as usize);
         results.extend(crate::detections::coco_results(&dets, image.id, h, w, &categories));
         detections.push(dets);
