@@ -738,7 +738,7 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
             if (i < n) {
                 const Tok qt = token(g, w, i);
                 if (qt.valid) {
-                    q = qkv + token_row(g, qt, 3 * g.channels) + h * HD;
+                    q = head_slice(qkv, bias, g, qt, 0, h);
                     d = dout + token_row(g, qt, g.channels) + h * HD;
                 }
             }
