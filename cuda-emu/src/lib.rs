@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 pub mod adamw;
 pub mod detection;
+pub mod gelu;
 pub mod im2col;
 pub mod norm;
 pub mod softmax;

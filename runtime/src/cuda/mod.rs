@@ -13,6 +13,7 @@ pub mod cudnn;
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
+pub mod gelu;
 pub mod im2col;
 #[cfg(feature = "cuda")]
 pub mod linear;
@@ -32,6 +33,7 @@ pub fn modules() -> Vec<sources::Module> {
         window_attention::module_for_head_dim(64).for_dtype(candle_core::DType::BF16),
         window_attention::module_for_head_dim(80).for_dtype(candle_core::DType::F16),
         detection::module(),
+        gelu::module(),
         im2col::module(),
         softmax::module(),
         adamw::module(),
@@ -45,6 +47,7 @@ pub fn runtime_modules(head_dims: &[usize]) -> Vec<sources::Module> {
     use candle_core::DType;
     let mut modules = vec![adamw::module(), detection::module()];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
+        modules.push(gelu::module().for_dtype(dtype));
         modules.push(im2col::module().for_dtype(dtype));
         modules.push(norm::module().for_dtype(dtype));
         modules.push(softmax::module().for_dtype(dtype));

@@ -7,8 +7,8 @@ use super::{accum_dtype, expect_float, KernelError, KernelResult};
 use crate::dtype::to_candle;
 
 /// `f(x)` elementwise. GELU is the exact erf form (PyTorch's default): on the CPU, f32 (and f16 /
-/// bf16 through f32) runs the vectorized `cpu::gelu_f32`; f64 and other devices use
-/// candle's `gelu_erf`. Sigmoid is `1 / (1 + exp(-x))`, which saturates to exactly 0 and 1.
+/// bf16 through f32) runs the vectorized `cpu::gelu_f32`; on CUDA, f32/f16/bf16 run the
+/// runtime's kernel (`crate::cuda::gelu`); anything else uses candle's `gelu_erf`. Sigmoid is `1 / (1 + exp(-x))`, which saturates to exactly 0 and 1.
 pub fn unary(op: &Unary, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     Ok(match op.kind {
@@ -24,18 +24,21 @@ pub fn unary(op: &Unary, x: &Tensor) -> KernelResult<Tensor> {
     })
 }
 
-fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+fn gelu(x: &Tensor) -> KernelResult<Tensor> {
     match x.dtype() {
         DType::F32 | DType::F16 | DType::BF16 if x.device().is_cpu() => {
             let y = super::cpu::gelu(&x.to_dtype(DType::F32)?)?;
-            y.to_dtype(x.dtype())
+            Ok(y.to_dtype(x.dtype())?)
         }
-        _ => x.gelu_erf(),
+        #[cfg(feature = "cuda")]
+        _ if x.device().is_cuda() && crate::cuda::gelu::run::supports(x) => crate::cuda::gelu::run::gelu(x),
+        _ => Ok(x.gelu_erf()?),
     }
 }
 
 /// `dx = dy * f'(x)` (see [`UnaryGrad`] for each derivative), from candle ops in f32 for half
-/// types (f64 for f64) and rounded back.
+/// types (f64 for f64) and rounded back. GELU's on CUDA runs the runtime's one-pass kernel
+/// (`crate::cuda::gelu`) instead, with the same f32 arithmetic.
 pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
@@ -46,6 +49,10 @@ pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tenso
             x.dtype(),
             x.dims()
         )));
+    }
+    #[cfg(feature = "cuda")]
+    if op.kind == UnaryKind::Gelu && x.device().is_cuda() && crate::cuda::gelu::run::supports(x) {
+        return crate::cuda::gelu::run::gelu_grad(x, dy);
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let (x, dy) = (x.to_dtype(acc)?, dy.to_dtype(acc)?);

@@ -1,0 +1,95 @@
+//! Exact GELU forward and backward (`kernels/gelu.cu`): one pass over the tensor each, computed
+//! in f32 and rounded once. Launch geometry lives here for both the CUDA path and the host
+//! emulator.
+
+use super::sources::Module;
+use super::Launch;
+
+/// The kernels' CUDA C source.
+pub const SOURCE: &str = include_str!("kernels/gelu.cu");
+
+/// Threads per block.
+pub const THREADS: u32 = 256;
+/// Most blocks of a launch (about 16 per SM on an H100); they stride over the rest.
+pub const MAX_BLOCKS: usize = 2048;
+
+/// The GELU module with every dtype's entry points (`.for_dtype` narrows it to one).
+pub fn module() -> Module {
+    Module::plain("gelu", SOURCE)
+}
+
+/// The launch over `n` elements: a thread per element, up to [`MAX_BLOCKS`] blocks.
+pub fn launch(n: usize) -> Launch {
+    Launch::linear(n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS), THREADS)
+}
+
+/// The kernels on candle CUDA tensors.
+#[cfg(feature = "cuda")]
+pub mod run {
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{DType, Tensor};
+
+    use super::{launch, module};
+    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view};
+    use crate::kernels::{KernelError, KernelResult};
+
+    /// Whether the kernels take `x` (f32, f16 or bf16); the caller runs candle ops otherwise.
+    pub fn supports(x: &Tensor) -> bool {
+        suffix(x.dtype()).is_ok()
+    }
+
+    /// `gelu(x)`, in `x`'s dtype.
+    pub fn gelu(x: &Tensor) -> KernelResult<Tensor> {
+        let x = x.contiguous()?;
+        match x.dtype() {
+            DType::F32 => apply::<f32>("gelu", &[&x]),
+            DType::F16 => apply::<half::f16>("gelu", &[&x]),
+            DType::BF16 => apply::<half::bf16>("gelu", &[&x]),
+            t => Err(KernelError::Unsupported(format!("gelu on CUDA: dtype {t:?}"))),
+        }
+    }
+
+    /// `dy * gelu'(x)`, for `x` and `dy` of one shape and dtype (checked by the caller).
+    pub fn gelu_grad(x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        match x.dtype() {
+            DType::F32 => apply::<f32>("gelu_grad", &[&x, &dy]),
+            DType::F16 => apply::<half::f16>("gelu_grad", &[&x, &dy]),
+            DType::BF16 => apply::<half::bf16>("gelu_grad", &[&x, &dy]),
+            t => Err(KernelError::Unsupported(format!("gelu_grad on CUDA: dtype {t:?}"))),
+        }
+    }
+
+    /// Launches `kernel` over contiguous `inputs` of one shape, into a new tensor of it.
+    fn apply<T: CudaDType + DeviceRepr>(kernel: &str, inputs: &[&Tensor]) -> KernelResult<Tensor> {
+        let x = inputs[0];
+        let n = x.elem_count();
+        if n == 0 {
+            return Ok(x.clone());
+        }
+        let dev = cuda_device(x)?;
+        let f = function(
+            &dev,
+            &module().for_dtype(x.dtype()),
+            &format!("{kernel}_{}", suffix(x.dtype())?),
+        )?;
+        // Every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        {
+            let storages: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+            let views = storages
+                .iter()
+                .map(|(s, l)| view::<T>(s, l))
+                .collect::<KernelResult<Vec<_>>>()?;
+            let len = n as i64;
+            let mut l = f.builder();
+            for v in &views {
+                l.arg(v);
+            }
+            l.arg(&mut out).arg(&len);
+            unsafe { l.launch(config(launch(n), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(tensor(out, x.dims(), &dev))
+    }
+}

@@ -1,0 +1,56 @@
+//! The GELU CUDA kernels (reached through the runtime's `unary` / `unary_grad`, which dispatch
+//! to them on a CUDA device) against the CPU kernels in f64 on the same inputs: ViT-B's MLP
+//! activation at 1024 px ([4096, 3072]) and a small odd size. Runs where a GPU exists;
+//! skipped, saying so, elsewhere.
+//!
+//! Tolerances (relative L2 against the f64 result): f32 1e-6, the kernel's erfcf / expf within
+//! a few ulps and one or two roundings per element. f16 1e-3 and bf16 8e-3: the f32 result
+//! rounded once to the half type (relative error at most 2^-11 and 2^-8 per element, about
+//! half that in RMS): the bounds are about twice the worst case.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{rel_l2, Nd, TestRng};
+use vitdet_ir::ops::{Unary, UnaryGrad, UnaryKind};
+use vitdet_runtime::cuda::gelu::run::supports;
+use vitdet_runtime::kernels::elementwise::{unary, unary_grad};
+
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-6,
+        DType::F16 => 1e-3,
+        _ => 8e-3,
+    }
+}
+
+fn check(shape: &[usize], dtype: DType, dev: &Device) {
+    let what = format!("{shape:?} {dtype:?}");
+    let mut rng = TestRng::new(shape.iter().product::<usize>() as u64);
+    let x = Nd::randn(shape, &mut rng, 3.0, 0.0).tensor_as(dtype);
+    let dy = Nd::randn(shape, &mut rng, 1.0, 0.0).tensor_as(dtype);
+    let (xd, dyd) = (x.to_device(dev).unwrap(), dy.to_device(dev).unwrap());
+    assert!(supports(&xd), "{what}: the CUDA kernels decline it");
+    let (x64, dy64) = (x.to_dtype(DType::F64).unwrap(), dy.to_dtype(DType::F64).unwrap());
+
+    let (fwd, bwd) = (Unary { kind: UnaryKind::Gelu }, UnaryGrad { kind: UnaryKind::Gelu });
+    let got = unary(&fwd, &xd).unwrap();
+    assert!(got.device().is_cuda() && got.dtype() == dtype, "{what}: output {got:?}");
+    let e = rel_l2(&got, &unary(&fwd, &x64).unwrap());
+    assert!(e <= tolerance(dtype), "{what}: gelu rel L2 {e:e}");
+
+    let got = unary_grad(&bwd, &xd, &dyd).unwrap();
+    assert!(got.device().is_cuda() && got.dtype() == dtype, "{what}: output {got:?}");
+    let e = rel_l2(&got, &unary_grad(&bwd, &x64, &dy64).unwrap());
+    assert!(e <= tolerance(dtype), "{what}: gelu_grad rel L2 {e:e}");
+}
+
+#[test]
+fn mlp_activation_f32_f16_bf16() {
+    let Some(dev) = common::cuda_device() else { return };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        check(&[4096, 3072], dtype, &dev);
+        check(&[7, 33], dtype, &dev);
+    }
+}
