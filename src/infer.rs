@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use vitdet_passes::Precision;
-use vitdet_runtime::{preprocess_image, run_with_order, CandleDType, Device, ParamStore, Tensor};
+use vitdet_runtime::{preprocess_image, CandleDType, Device, ParamStore, Program, Tensor};
 
 use crate::compile::{compile_with, inference_lowering, CompileOptions, Target};
 use crate::report::bytes;
@@ -98,16 +98,11 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
     let probe = RssProbe::start();
     let mut times = Vec::new();
     let mut out = None;
+    let program = Program::new(&compiled.graph, &compiled.order)?;
     for _ in 0..opts.repeat.max(1) {
         drop(out.take());
         let start = Instant::now();
-        out = Some(run_with_order(
-            &compiled.graph,
-            &params,
-            &[("image", pre.image.clone())],
-            &device,
-            &compiled.order,
-        )?);
+        out = Some(program.run(&params, &[("image", pre.image.clone())], &device)?);
         times.push(start.elapsed().as_secs_f64());
     }
     let peak_rss_growth_bytes = probe.peak_growth();

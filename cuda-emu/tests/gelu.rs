@@ -12,7 +12,7 @@
 //!   A wrong formula or a skipped element (the output starts as NaN) fails by far more.
 
 use candle_core::{DType, Tensor};
-use common::Rng;
+use common::{values, Rng};
 
 mod common;
 use vitdet_cuda_emu::gelu::{gelu, gelu_grad};
@@ -20,15 +20,6 @@ use vitdet_ir::ops::{Unary, UnaryGrad, UnaryKind};
 use vitdet_runtime::cuda::gelu::launch;
 use vitdet_runtime::cuda::Launch;
 use vitdet_runtime::kernels::elementwise as cpu;
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 /// Every element of `got` within the module doc's bound of the f64 `want`.
 fn assert_close(got: &Tensor, want: &Tensor, what: &str) {

@@ -13,6 +13,7 @@ use crate::ops::Op;
 use crate::NodeIndex;
 
 /// The live-bytes accounting of one walk over an execution order .
+#[derive(Clone, Debug)]
 pub struct Liveness<'g> {
     graph: &'g Graph,
     remaining: HashMap<Value, usize>,

@@ -99,18 +99,9 @@ pub fn run(
     run_with_order(graph, params, inputs, device, &order)
 }
 
-/// Runs `graph` on `device`, executing the nodes in `order`.
-///
-/// * The graph is verified first.
-/// * `inputs` must feed every graph input exactly once, by name, with the declared shape and
-///   dtype; tensors on another device are copied to `device`.
-/// * `params` must hold every parameter the graph declares, with its declared shape and dtype;
-///   parameters on another device are copied for this run (keep the store on `device` to avoid
-///   that: [`ParamStore::to_device`]).
-/// * `order` lists nodes at most once each; every node's inputs must be produced earlier in it
-///   (parameters are always available) and every graph output must be produced. Nodes it omits
-///   are not run (e.g. dead code).
-/// * Every kernel's outputs are checked against the types the graph declares.
+/// Runs `graph` on `device`, executing the nodes in `order`: [`Program::new`] then
+/// [`Program::run`], so the graph and the order are checked on every call (build the
+/// [`Program`] once to run them repeatedly).
 pub fn run_with_order(
     graph: &Graph,
     params: &ParamStore,
@@ -118,36 +109,101 @@ pub fn run_with_order(
     device: &Device,
     order: &[NodeIndex],
 ) -> Result<RunOutput, RuntimeError> {
-    execute(graph, params, inputs, device, order, false)
+    Program::new(graph, order)?.run(params, inputs, device)
 }
 
-/// [`run_with_order`], waiting for the device after every op, so that
-/// [`RunOutput::op_seconds`] is each op's device time rather than the time to issue it (on a
-/// GPU, kernels run asynchronously; on the CPU the two are the same). Slower: for profiles.
-pub fn run_profiled(
-    graph: &Graph,
-    params: &ParamStore,
-    inputs: &[(&str, Tensor)],
-    device: &Device,
-    order: &[NodeIndex],
-) -> Result<RunOutput, RuntimeError> {
-    execute(graph, params, inputs, device, order, true)
+/// A graph and the order to execute it in, checked once: what repeated runs (training
+/// steps, benchmark iterations, `infer --repeat`) execute without repeating the
+/// checks, about 1 ms for vitdet-b's training step (`examples/host_overhead.rs`), all of it
+/// time the device idles between steps.
+pub struct Program<'g> {
+    graph: &'g Graph,
+    order: &'g [NodeIndex],
+    /// The use counts of the order's values, before the first node (cloned by each run).
+    liveness: Liveness<'g>,
+}
+
+impl<'g> Program<'g> {
+    /// Checks `graph` ([`Graph::verify`]) and `order`:
+    /// * `order` lists nodes at most once each; every node's inputs must be produced earlier
+    ///   in it (parameters are always available) and every graph output must be produced.
+    ///   Nodes it omits are not run (e.g. dead code).
+    pub fn new(graph: &'g Graph, order: &'g [NodeIndex]) -> Result<Program<'g>, RuntimeError> {
+        graph.verify()?;
+        check_order(graph, order)?;
+        Ok(Program {
+            graph,
+            order,
+            liveness: Liveness::new(graph, order),
+        })
+    }
+
+    /// The graph the program runs.
+    pub fn graph(&self) -> &'g Graph {
+        self.graph
+    }
+
+    /// Runs the program on `device`.
+    ///
+    /// * `inputs` must feed every graph input exactly once, by name, with the declared shape
+    ///   and dtype; tensors on another device are copied to `device`.
+    /// * `params` must hold every parameter the graph declares, with its declared shape and
+    ///   dtype; parameters on another device are copied for this run (keep the store on
+    ///   `device` to avoid that: [`ParamStore::to_device`]).
+    /// * Every kernel's outputs are checked against the types the graph declares.
+    pub fn run(
+        &self,
+        params: &ParamStore,
+        inputs: &[(&str, Tensor)],
+        device: &Device,
+    ) -> Result<RunOutput, RuntimeError> {
+        self.execute(params, inputs, device, false)
+    }
+
+    /// [`Program::run`], waiting for the device after every op, so that
+    /// [`RunOutput::op_seconds`] is each op's device time rather than the time to issue it (on
+    /// a GPU, kernels run asynchronously; on the CPU the two are the same). Slower: for
+    /// profiles.
+    pub fn run_profiled(
+        &self,
+        params: &ParamStore,
+        inputs: &[(&str, Tensor)],
+        device: &Device,
+    ) -> Result<RunOutput, RuntimeError> {
+        self.execute(params, inputs, device, true)
+    }
+
+    fn execute(
+        &self,
+        params: &ParamStore,
+        inputs: &[(&str, Tensor)],
+        device: &Device,
+        sync_each_op: bool,
+    ) -> Result<RunOutput, RuntimeError> {
+        execute(
+            self.graph,
+            self.order,
+            self.liveness.clone(),
+            params,
+            inputs,
+            device,
+            sync_each_op,
+        )
+    }
 }
 
 fn execute(
     graph: &Graph,
+    order: &[NodeIndex],
+    mut liveness: Liveness,
     params: &ParamStore,
     inputs: &[(&str, Tensor)],
     device: &Device,
-    order: &[NodeIndex],
     sync_each_op: bool,
 ) -> Result<RunOutput, RuntimeError> {
-    graph.verify()?;
-    check_order(graph, order)?;
     let mut fed = feed_inputs(graph, inputs, device)?;
     let param_values = gather_params(graph, params, device)?;
 
-    let mut liveness = Liveness::new(graph, order);
     // The values the executor holds, and their measured size.
     let mut held: HashMap<Value, Tensor> = HashMap::new();
     let mut held_bytes = 0usize;

@@ -2,7 +2,8 @@
 //! the `cuda` cargo feature).
 //!
 //! * [`run`] / [`run_with_order`] execute a verified [`vitdet_ir::Graph`] op by op, free every
-//!   value after its last use and report the peak of live bytes ([`executor`] defines it).
+//!   value after its last use and report the peak of live bytes ([`executor`] defines it);
+//!   a [`Program`] is a graph and order checked once, for repeated runs.
 //! * [`kernels`] hold one module per op family; [`kernels::execute`] runs a single op.
 //! * [`ParamStore`] loads weights from safetensors (keys = the graph's parameter names),
 //!   initializes them from a seed, and saves them atomically.
@@ -40,7 +41,7 @@ pub mod params;
 pub mod preprocess;
 
 pub use error::RuntimeError;
-pub use executor::{peak_live_bytes, run, run_profiled, run_with_order, RunOutput};
+pub use executor::{peak_live_bytes, run, run_with_order, Program, RunOutput};
 pub use fsio::write_atomic;
 pub use optim::{AdamW, AdamWConfig, GroupConfig, ParamGroups, WarmupCosine};
 pub use params::ParamStore;

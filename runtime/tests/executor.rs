@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use vitdet_ir::ops::*;
 use vitdet_ir::{Graph, NodeIndex, TensorType, Value};
-use vitdet_runtime::{peak_live_bytes, run, run_profiled, run_with_order, ParamStore, RuntimeError};
+use vitdet_runtime::{peak_live_bytes, run, run_with_order, ParamStore, Program, RuntimeError};
 
 fn input(g: &mut Graph, name: &str, shape: &[usize]) -> Value {
     g.add(
@@ -106,7 +106,10 @@ fn profiled_run_matches_and_times_every_op_kind() {
     let (g, params, x) = chain_case();
     let order = g.topo_order().unwrap();
     let plain = run_with_order(&g, &params, &[("x", x.clone())], &cpu(), &order).unwrap();
-    let profiled = run_profiled(&g, &params, &[("x", x)], &cpu(), &order).unwrap();
+    let profiled = Program::new(&g, &order)
+        .unwrap()
+        .run_profiled(&params, &[("x", x)], &cpu())
+        .unwrap();
     for ((n1, t1), (n2, t2)) in plain.outputs.iter().zip(&profiled.outputs) {
         assert_eq!(n1, n2);
         assert_eq!(t1.to_vec1::<f32>().unwrap(), t2.to_vec1::<f32>().unwrap(), "{n1}");

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-use vitdet_runtime::{run_with_order, Device, ParamStore, Tensor};
+use vitdet_runtime::{Device, ParamStore, Program, Tensor};
 
 use crate::compile::Compiled;
 
@@ -89,9 +89,10 @@ pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
         inputs.push((name, Tensor::randn(0f32, 1.0, ty.shape.as_slice(), device)?));
     }
     let inputs: Vec<(&str, Tensor)> = inputs.into_iter().collect();
-    run_with_order(&compiled.graph, &params, &inputs, device, &compiled.order)?;
+    let program = Program::new(&compiled.graph, &compiled.order)?;
+    program.run(&params, &inputs, device)?;
     let start = Instant::now();
-    let out = run_with_order(&compiled.graph, &params, &inputs, device, &compiled.order)?;
+    let out = program.run(&params, &inputs, device)?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(Benchmark {
         device: format!("{device:?}"),

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_ir::{Graph, NodeIndex};
 use vitdet_passes::Precision;
-use vitdet_runtime::{run_profiled, run_with_order, Device, ParamStore, Tensor};
+use vitdet_runtime::{Device, ParamStore, Program, Tensor};
 
 use super::timer::{time_calls, Timing};
 use crate::compile::{compile_train, load_config, lower_inference, TrainOptions};
@@ -198,14 +198,17 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut heap_peak: Option<usize> = None;
     let mut host_op_seconds = BTreeMap::new();
+    let program = Program::new(&step.graph, &step.order)?;
     let mut timing = time_calls(device, opts.warmup, opts.iters, || {
-        let out = run_with_order(&step.graph, &params, &named, device, &step.order).context("running the step")?;
+        let out = program.run(&params, &named, device).context("running the step")?;
         heap_peak = heap_peak.max(out.measured_peak_bytes);
         host_op_seconds = out.op_seconds.clone();
         Ok(out)
     })?;
     let synced = if opts.profile {
-        let out = run_profiled(&step.graph, &params, &named, device, &step.order).context("profiling the step")?;
+        let out = program
+            .run_profiled(&params, &named, device)
+            .context("profiling the step")?;
         Some(out.op_seconds)
     } else {
         None

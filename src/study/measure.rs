@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_passes::timing::{predict_step_time, DeviceProfile};
 use vitdet_passes::Precision;
-use vitdet_runtime::{run_with_order, CandleDType, Device, ParamStore, Tensor};
+use vitdet_runtime::{CandleDType, Device, ParamStore, Program, Tensor};
 
 use crate::compile::TrainStep;
 
@@ -46,10 +46,12 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
     let mut times = Vec::new();
     let mut peak = None;
     let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
+    let program = Program::new(&step.graph, &step.order)?;
     for i in 0..=steps.max(1) {
         let start = Instant::now();
         for _ in 0..step.batch {
-            let out = run_with_order(&step.graph, &params, &named, device, &step.order)
+            let out = program
+                .run(&params, &named, device)
                 .context("running the training step")?;
             if i > 0 {
                 for (op, t) in &out.op_seconds {

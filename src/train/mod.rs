@@ -354,10 +354,12 @@ fn run(
     if end <= start {
         bail!("--stop-at {end} is not after the checkpoint's iteration {start}");
     }
+    let program = step.program()?;
     for iteration in start..end {
         let t0 = Instant::now();
         let batch = loader.samples(iteration)?;
         let result = step.run_batch(
+            &program,
             &params,
             &batch,
             options.seed,

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use vitdet_models::{ModelConfig, TrainingConfig};
 use vitdet_passes::autodiff::{BACKWARD_SCOPE, GRAD_PREFIX};
 use vitdet_passes::{Precision, RECOMPUTE_SCOPE};
-use vitdet_runtime::{run_with_order, ParamStore};
 use vitdet_runtime::{CandleDType as DType, Device, Tensor};
+use vitdet_runtime::{ParamStore, Program};
 
 use super::StepOptions;
 use crate::compile::{self, compile_train, LOSS, LOSS_SCALE_INPUT};
@@ -105,6 +105,11 @@ impl TrainStep {
         Ok(TrainStep { compiled, losses })
     }
 
+    /// The step's graph and order, checked once for the steps [`TrainStep::run_batch`] runs.
+    pub fn program(&self) -> Result<Program<'_>> {
+        Program::new(&self.compiled.graph, &self.compiled.order).context("checking the training step")
+    }
+
     /// The compiled step: graph, order, memory plan and the compiler's decisions.
     pub fn compiled(&self) -> &compile::TrainStep {
         &self.compiled
@@ -162,11 +167,13 @@ impl TrainStep {
     }
 
     /// Runs the step on every sample on `device` (where `params` live) and averages losses and
-    /// gradients over them. A step compiled for float16 takes the `loss_scale` its gradients
-    /// come out multiplied by; others take `None`.
+    /// gradients over them. `program` is this step's ([`TrainStep::program`]). A step compiled
+    /// for float16 takes the `loss_scale` its gradients come out multiplied by; others take
+    /// `None`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_batch(
         &self,
+        program: &Program,
         params: &ParamStore,
         samples: &[TrainSample],
         seed: u64,
@@ -175,6 +182,9 @@ impl TrainStep {
         loss_scale: Option<f32>,
         device: &Device,
     ) -> Result<StepResult> {
+        if !std::ptr::eq(program.graph(), &self.compiled.graph) {
+            bail!("run_batch was given the program of another graph");
+        }
         let scale = match (loss_scale, self.takes_loss_scale()) {
             (Some(s), true) => Some(self.scalar_input(LOSS_SCALE_INPUT, Tensor::new(s, &Device::Cpu)?)?),
             (None, false) => None,
@@ -209,7 +219,8 @@ impl TrainStep {
             if let Some(s) = &scale {
                 inputs.push((LOSS_SCALE_INPUT, s.clone()));
             }
-            let out = run_with_order(&self.compiled.graph, params, &inputs, device, &self.compiled.order)
+            let out = program
+                .run(params, &inputs, device)
                 .with_context(|| format!("iteration {}, image {b}", iteration + 1))?;
             for (op, t) in &out.op_seconds {
                 *op_seconds.entry(op.clone()).or_default() += t;

@@ -35,18 +35,20 @@ impl Rng {
     }
 }
 
+/// A tensor's elements as f64, in row-major order (any float dtype).
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 /// `|got - want| / |want|` over all elements, computed in f64 (any float dtypes).
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let f = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let (g, w) = (f(got), f(want));
+    let (g, w) = (values(got), values(want));
     let d: f64 = g.iter().zip(&w).map(|(a, b)| (a - b) * (a - b)).sum();
     let n: f64 = w.iter().map(|b| b * b).sum();
     (d / n.max(1e-300)).sqrt()
