@@ -1,12 +1,14 @@
 //! Convolutions on CUDA, on both engines (the im2col kernel + cuBLAS GEMM per tile, and cuDNN
 //! where it loads), against the CPU kernels on the same random inputs: the 3x3 "same"
 //! convolution of the pyramid and heads (one large map, and a batch of RoI-sized maps), its
-//! weight gradient, and its input gradient (a stride-1 transposed convolution), plus strided,
-//! dilated, asymmetric and grouped attributes. Runs where a GPU exists; skipped, saying so,
+//! weight gradient, and its input gradient (a transposed convolution), plus strided, dilated
+//! and asymmetric attributes, and a strided one whose input gradient needs an output padding. Runs where a GPU exists; skipped, saying so,
 //! elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
 //!
 //! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
-//! in f32 and differ only in summation order over K = C*kh*kw <= 576 products (a few 1e-7).
+//! in f32 and differ only in summation order: over K = C*kh*kw <= 576 products in the forward
+//! and input gradient (a few 1e-7), over N*Ho*Wo <= 19,200 in the weight gradient (about 3e-6
+//! estimated for plain f32 accumulation). TF32 would give about 1e-3.
 //! f16 3e-3 and bf16 1e-2: the same half inputs; the GPU accumulates in f32 and rounds the
 //! output once (2^-11 and 2^-8 relative per element). On the CPU, bf16 is widened to f32, but
 //! f16 runs in f16 kernels whose weight gradient is itself a convolution: measured against
@@ -170,4 +172,44 @@ fn strided_dilated_and_asymmetric_convolutions() {
         };
         check_conv([2, 6, 17, 19], 5, kernel, &op, DType::F32, &dev);
     }
+    // Stride 2 over an even map: the input gradient is a transposed convolution with output
+    // padding [1, 1] (16 -> 8 -> 16), in every dtype.
+    let op = Conv2d {
+        stride: [2, 2],
+        padding: [1, 1],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        check_conv([2, 6, 16, 18], 5, [3, 3], &op, dtype, &dev);
+    }
+}
+
+/// cuDNN refuses tensors with a zero extent; the runtime answers an empty batch (of RoIs, say)
+/// without calling it.
+#[test]
+fn an_empty_batch_on_cudnn_gives_an_empty_output_and_a_zero_weight_gradient() {
+    let Some(dev) = common::cuda_device() else { return };
+    if !engines().contains(&ConvEngine::Cudnn) {
+        return;
+    }
+    let same = Conv2d::same(1);
+    let x = Tensor::zeros((0, 4, 8, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::ones((3, 4, 3, 3), DType::F32, &dev).unwrap();
+    let dy = Tensor::zeros((0, 3, 8, 8), DType::F32, &dev).unwrap();
+    let gw = Conv2dGradWeight {
+        stride: same.stride,
+        padding: same.padding,
+        dilation: same.dilation,
+        groups: 1,
+        kernel: [3, 3],
+    };
+    cudnn::with_engine(ConvEngine::Cudnn, || {
+        let y = conv2d(&same, &x, &w, None).unwrap();
+        assert_eq!(y.dims(), [0, 3, 8, 8]);
+        let g = conv2d_grad_weight(&gw, &x, &dy).unwrap();
+        assert_eq!(g.dims(), [3, 4, 3, 3]);
+        let total: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(total, 0.0, "weight gradient over no images");
+    });
 }

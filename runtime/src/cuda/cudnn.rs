@@ -372,9 +372,19 @@ fn algorithm(
     if let Some(&c) = chosen.lock().expect("cuDNN algorithms").get(&(*p, direction)) {
         return Ok(c);
     }
-    let mut perf = [AlgoPerf::default(); 8];
-    let mut count: c_int = 0;
     let lib = d.lib;
+    // As many entries as cuDNN may return: it can list an algorithm once per math type.
+    let mut most: c_int = 0;
+    let status = unsafe {
+        match direction {
+            Direction::Forward => (lib.cudnnGetConvolutionForwardAlgorithmMaxCount)(h, &mut most),
+            Direction::BackwardData => (lib.cudnnGetConvolutionBackwardDataAlgorithmMaxCount)(h, &mut most),
+            Direction::BackwardFilter => (lib.cudnnGetConvolutionBackwardFilterAlgorithmMaxCount)(h, &mut most),
+        }
+    };
+    check(status, &format!("{direction:?} algorithm count"))?;
+    let mut perf = vec![AlgoPerf::default(); most.max(1) as usize];
+    let mut count: c_int = 0;
     let status = unsafe {
         match direction {
             Direction::Forward => (lib.cudnnGetConvolutionForwardAlgorithm_v7)(
@@ -416,7 +426,10 @@ fn algorithm(
             continue;
         }
         // The heuristics' memory column is an estimate: the workspace is what cuDNN asks for.
-        let bytes = workspace_bytes(h, d, direction, a.algo)?;
+        // An algorithm whose workspace query fails is passed over like a refused one.
+        let Ok(bytes) = workspace_bytes(h, d, direction, a.algo) else {
+            continue;
+        };
         if bytes <= WORKSPACE_LIMIT {
             pick = Some((a.algo, bytes));
             break;
@@ -582,6 +595,11 @@ fn dispatch(p: &Problem, direction: Direction, a: &Tensor, b: &Tensor, out: [usi
             b.dtype()
         )));
     }
+    // cuDNN refuses empty tensors (a batch of 0 RoIs): an empty output, or a weight gradient
+    // summed over no terms, is zeros.
+    if a.elem_count() == 0 || b.elem_count() == 0 {
+        return Ok(Tensor::zeros(out.to_vec(), a.dtype(), a.device())?);
+    }
     match p.dtype {
         DType::F32 => run::<f32>(p, direction, a, b, out),
         DType::F16 => run::<half::f16>(p, direction, a, b, out),
@@ -608,8 +626,11 @@ pub fn conv_transpose2d(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> KernelR
     let [n, _, h, wd] = four(x)?;
     let wdims = four(w)?;
     let out = |i: usize, a: usize| {
-        ((i - 1) * op.stride[a] + op.dilation[a] * (wdims[2 + a] - 1) + op.output_padding[a] + 1)
-            .checked_sub(2 * op.padding[a])
+        let (i1, k1) = (i.checked_sub(1), wdims[2 + a].checked_sub(1));
+        i1.zip(k1)
+            .and_then(|(i1, k1)| {
+                (i1 * op.stride[a] + op.dilation[a] * k1 + op.output_padding[a] + 1).checked_sub(2 * op.padding[a])
+            })
             .filter(|&v| v > 0)
             .ok_or_else(|| KernelError::Unsupported(format!("conv_transpose2d {op:?} leaves no output for {i}")))
     };
