@@ -155,6 +155,107 @@ fn reduce_sum_hand_values() {
     assert_eq!(rule.infer(&[&t]).unwrap()[0].shape, [2]);
 }
 
+/// The CPU kernel's two forms (and shapes that fall back to candle) against a sum in f64 of
+/// the same f32 values, per element within 1e-6 of the sum of magnitudes: f32 accumulation
+/// over up to 6,000 terms of one sign or the other, in eight partial sums, stays within a few
+/// 1e-7 of that; a wrong index or a dropped term is off by O(1).
+#[test]
+fn reduce_sum_matches_an_f64_sum_on_every_form() {
+    use vitdet_runtime::kernels::reduce::SumForm;
+    let mut rng = TestRng::new(11);
+    let cases: [(&[usize], &[usize], Option<SumForm>); 9] = [
+        // A conv bias gradient: [N, C, H, W] over N, H, W.
+        (
+            &[3, 5, 40, 50],
+            &[0, 2, 3],
+            Some(SumForm::Inner {
+                outer: 3,
+                kept: 5,
+                inner: 2000,
+            }),
+        ),
+        // A linear bias gradient: [B, M, N] over B, M (130 columns: two full blocks of 64 and a tail).
+        (&[2, 47, 130], &[0, 1], Some(SumForm::Leading { rows: 94, kept: 130 })),
+        // Trailing axes, with a size-1 axis between them.
+        (
+            &[6, 1, 33],
+            &[1, 2],
+            Some(SumForm::Inner {
+                outer: 1,
+                kept: 6,
+                inner: 33,
+            }),
+        ),
+        // Everything; and only size-1 axes (the input itself).
+        (
+            &[7, 9],
+            &[0, 1],
+            Some(SumForm::Inner {
+                outer: 1,
+                kept: 1,
+                inner: 63,
+            }),
+        ),
+        (
+            &[4, 1, 3],
+            &[1],
+            Some(SumForm::Inner {
+                outer: 1,
+                kept: 12,
+                inner: 1,
+            }),
+        ),
+        // Runs that are short of eight, and an empty axis.
+        (
+            &[5, 3],
+            &[1],
+            Some(SumForm::Inner {
+                outer: 1,
+                kept: 5,
+                inner: 3,
+            }),
+        ),
+        (
+            &[4, 6, 0],
+            &[2],
+            Some(SumForm::Inner {
+                outer: 1,
+                kept: 24,
+                inner: 0,
+            }),
+        ),
+        // Kept, summed, kept, summed: candle's path.
+        (&[3, 4, 5, 6], &[1, 3], None),
+        (&[3, 4, 5], &[1], None),
+    ];
+    for (dims, axes, form) in cases {
+        let what = format!("{dims:?} over {axes:?}");
+        assert_eq!(SumForm::of(dims, axes), form, "{what}: form");
+        let x = Nd::randn(dims, &mut rng, 1.0, 0.0).tensor_as(DType::F32);
+        for keepdim in [false, true] {
+            let op = ReduceSum {
+                axes: axes.to_vec(),
+                keepdim,
+            };
+            let got = run1(op.clone(), std::slice::from_ref(&x));
+            assert_eq!(got.dtype(), DType::F32, "{what}");
+            let x64 = x.to_dtype(DType::F64).unwrap();
+            let want = x64.sum_keepdim(axes.to_vec()).unwrap();
+            let scale = x64.abs().unwrap().sum_keepdim(axes.to_vec()).unwrap();
+            let shape = op
+                .infer(&[&vitdet_ir::TensorType::new(vitdet_ir::DType::F32, dims.to_vec())])
+                .unwrap();
+            assert_eq!(got.dims(), shape[0].shape.as_slice(), "{what} keepdim {keepdim}: shape");
+            for ((g, w), m) in vals(&got).iter().zip(vals(&want)).zip(vals(&scale)) {
+                assert!(
+                    (g - w).abs() <= 1e-6 * m.max(1.0),
+                    "{what}: {g} vs {w} (magnitudes {m})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn reduce_sum_half_types_accumulate_in_f32() {
     // 4096 ones: an f16 running sum would stop at 2048 (2049 is not representable); f32
