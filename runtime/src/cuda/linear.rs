@@ -63,8 +63,8 @@ where
     let m = x.elem_count() / k.max(1);
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 1") = n;
-    if m == 0 || k == 0 {
-        // No rows, or an empty contraction (y = b): nothing for cuBLASLt.
+    if m == 0 || n == 0 || k == 0 {
+        // No rows, no output features, or an empty contraction (y = b): nothing for cuBLASLt.
         return Ok(b.broadcast_as(dims)?.contiguous()?);
     }
     let (x, w, b) = (aligned(x)?, aligned(w)?, aligned(b)?);
