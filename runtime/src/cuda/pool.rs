@@ -66,7 +66,9 @@ pub fn peak_bytes(dev: &CudaDevice) -> KernelResult<u64> {
     get(dev, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
 }
 
-/// Restarts the high-water mark (the driver accepts only 0: it restarts from current use).
+/// Restarts the high-water mark. The driver accepts only 0; the mark then follows the use at
+/// each later allocation, so it reads 0 until one happens (callers subtract the use at the
+/// reset with `saturating_sub`, which gives 0 growth then).
 pub fn reset_peak(dev: &CudaDevice) -> KernelResult<()> {
     set(dev, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
 }
