@@ -1,5 +1,6 @@
 //! The GELU kernels on CPU tensors of f32, f16 or bf16 (computed in the tensor's own storage
-//! type, as on the GPU), launched with a given geometry (the runtime's is [`vitdet_runtime::cuda::gelu::launch`]).
+//! type, as on the GPU), launched with a given geometry (the runtime's is
+//! [`vitdet_runtime::cuda::gelu::launch`]).
 
 use std::ffi::c_void;
 

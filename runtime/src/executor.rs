@@ -157,7 +157,7 @@ impl<'g> Program<'g> {
         inputs: &[(&str, Tensor)],
         device: &Device,
     ) -> Result<RunOutput, RuntimeError> {
-        self.execute(params, inputs, device, false)
+        execute(self, params, inputs, device, false)
     }
 
     /// [`Program::run`], waiting for the device after every op, so that
@@ -170,37 +170,19 @@ impl<'g> Program<'g> {
         inputs: &[(&str, Tensor)],
         device: &Device,
     ) -> Result<RunOutput, RuntimeError> {
-        self.execute(params, inputs, device, true)
-    }
-
-    fn execute(
-        &self,
-        params: &ParamStore,
-        inputs: &[(&str, Tensor)],
-        device: &Device,
-        sync_each_op: bool,
-    ) -> Result<RunOutput, RuntimeError> {
-        execute(
-            self.graph,
-            self.order,
-            self.liveness.clone(),
-            params,
-            inputs,
-            device,
-            sync_each_op,
-        )
+        execute(self, params, inputs, device, true)
     }
 }
 
 fn execute(
-    graph: &Graph,
-    order: &[NodeIndex],
-    mut liveness: Liveness,
+    program: &Program,
     params: &ParamStore,
     inputs: &[(&str, Tensor)],
     device: &Device,
     sync_each_op: bool,
 ) -> Result<RunOutput, RuntimeError> {
+    let (graph, order) = (program.graph, program.order);
+    let mut liveness = program.liveness.clone();
     let mut fed = feed_inputs(graph, inputs, device)?;
     let param_values = gather_params(graph, params, device)?;
 

@@ -41,28 +41,26 @@ pub mod run {
 
     /// `gelu(x)`, in `x`'s dtype.
     pub fn gelu(x: &Tensor) -> KernelResult<Tensor> {
-        let x = x.contiguous()?;
-        match x.dtype() {
-            DType::F32 => apply::<f32>("gelu", &[&x]),
-            DType::F16 => apply::<half::f16>("gelu", &[&x]),
-            DType::BF16 => apply::<half::bf16>("gelu", &[&x]),
-            t => Err(KernelError::Unsupported(format!("gelu on CUDA: dtype {t:?}"))),
-        }
+        apply("gelu", &[&x.contiguous()?])
     }
 
     /// `dy * gelu'(x)`, for `x` and `dy` of one shape and dtype (checked by the caller).
     pub fn gelu_grad(x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
-        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-        match x.dtype() {
-            DType::F32 => apply::<f32>("gelu_grad", &[&x, &dy]),
-            DType::F16 => apply::<half::f16>("gelu_grad", &[&x, &dy]),
-            DType::BF16 => apply::<half::bf16>("gelu_grad", &[&x, &dy]),
-            t => Err(KernelError::Unsupported(format!("gelu_grad on CUDA: dtype {t:?}"))),
+        apply("gelu_grad", &[&x.contiguous()?, &dy.contiguous()?])
+    }
+
+    /// [`apply_t`] for the inputs' storage type.
+    fn apply(kernel: &str, inputs: &[&Tensor]) -> KernelResult<Tensor> {
+        match inputs[0].dtype() {
+            DType::F32 => apply_t::<f32>(kernel, inputs),
+            DType::F16 => apply_t::<half::f16>(kernel, inputs),
+            DType::BF16 => apply_t::<half::bf16>(kernel, inputs),
+            t => Err(KernelError::Unsupported(format!("{kernel} on CUDA: dtype {t:?}"))),
         }
     }
 
     /// Launches `kernel` over contiguous `inputs` of one shape, into a new tensor of it.
-    fn apply<T: CudaDType + DeviceRepr>(kernel: &str, inputs: &[&Tensor]) -> KernelResult<Tensor> {
+    fn apply_t<T: CudaDType + DeviceRepr>(kernel: &str, inputs: &[&Tensor]) -> KernelResult<Tensor> {
         let x = inputs[0];
         let n = x.elem_count();
         if n == 0 {

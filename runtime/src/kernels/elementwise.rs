@@ -8,7 +8,8 @@ use crate::dtype::to_candle;
 
 /// `f(x)` elementwise. GELU is the exact erf form (PyTorch's default): on the CPU, f32 (and f16 /
 /// bf16 through f32) runs the vectorized `cpu::gelu_f32`; on CUDA, f32/f16/bf16 run the
-/// runtime's kernel (`crate::cuda::gelu`); anything else uses candle's `gelu_erf`. Sigmoid is `1 / (1 + exp(-x))`, which saturates to exactly 0 and 1.
+/// runtime's kernel (`crate::cuda::gelu`); anything else uses candle's `gelu_erf`. Sigmoid is
+/// `1 / (1 + exp(-x))`, which saturates to exactly 0 and 1.
 pub fn unary(op: &Unary, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     Ok(match op.kind {

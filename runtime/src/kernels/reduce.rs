@@ -1,10 +1,13 @@
 //! Reductions.
 
+use std::ops::AddAssign;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use vitdet_ir::ops::ReduceSum;
 
+use super::cpu::Real;
 use super::{accum_dtype, expect_float, KernelError, KernelResult};
 
 /// Sum over `op.axes`, accumulated in f32 for half types and rounded back; the summed axes are
@@ -99,7 +102,7 @@ impl SumForm {
         }
     }
 
-    fn sum<T: Summand>(&self, x: &[T]) -> Vec<T> {
+    fn sum<T: Real + AddAssign>(&self, x: &[T]) -> Vec<T> {
         let mut out = vec![T::ZERO; self.kept()];
         match *self {
             SumForm::Inner { outer, kept, inner } => out.par_iter_mut().enumerate().for_each(|(k, o)| {
@@ -125,23 +128,10 @@ impl SumForm {
     }
 }
 
-/// The element types the CPU sum takes (the accumulation types).
-trait Summand: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::AddAssign + candle_core::WithDType {
-    const ZERO: Self;
-}
-
-impl Summand for f32 {
-    const ZERO: Self = 0.0;
-}
-
-impl Summand for f64 {
-    const ZERO: Self = 0.0;
-}
-
 /// The sum of a contiguous run: eight interleaved partial sums (vectorizable, and about three
 /// bits more accurate than one running sum on long runs), combined pairwise, then the tail.
 #[inline]
-fn sum_run<T: Summand>(v: &[T]) -> T {
+fn sum_run<T: Real + AddAssign>(v: &[T]) -> T {
     let mut lanes = [T::ZERO; 8];
     let chunks = v.chunks_exact(8);
     let tail = chunks.remainder();
