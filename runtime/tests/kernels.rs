@@ -299,6 +299,68 @@ fn matmul_batched_broadcast_transposed() {
     }
 }
 
+/// `a` (logical shape `[..., m, k]`) as the transposed view of a contiguous `[..., k, m]` tensor.
+fn transposed_view(a: &Nd) -> Tensor {
+    let r = a.shape.len();
+    let (m, k) = (a.shape[r - 2], a.shape[r - 1]);
+    let batch: usize = a.shape[..r - 2].iter().product();
+    let stored = transpose_last2(&Nd::new(&[batch, m, k], a.data.clone()));
+    let mut dims = a.shape.clone();
+    dims.swap(r - 2, r - 1);
+    let t = Tensor::from_vec(stored, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .transpose(r - 2, r - 1)
+        .unwrap();
+    assert!(!t.is_contiguous() || m == 1 || k == 1);
+    t
+}
+
+#[test]
+fn matmul_of_transposed_views() {
+    // Column-major operands (what `p.t()` and `ds.t()` are in the attention backward) in every
+    // batch arrangement the kernel reshapes: single matrices, a batch of one, batches folded
+    // into rows, merged batch dims, and a broadcast lhs.
+    let mut r = rng();
+    let cases: [(&[usize], &[usize], bool); 7] = [
+        (&[4, 5], &[5, 6], false),
+        (&[1, 4, 5], &[1, 5, 6], false),
+        (&[1, 4, 5], &[6, 5], true),
+        (&[3, 4, 5], &[5, 6], false),
+        (&[3, 4, 5], &[3, 6, 5], true),
+        (&[2, 3, 4, 5], &[2, 3, 5, 6], false),
+        (&[1, 4, 5], &[3, 5, 6], false),
+    ];
+    for (sa, sb, t) in cases {
+        let a = Nd::randn(sa, &mut r, 1.0, 0.0);
+        let b = Nd::randn(sb, &mut r, 1.0, 0.0);
+        let want = matmul_ref(&a, &b, t);
+        for (lhs, rhs, what) in [
+            (transposed_view(&a), b.tensor(), "lhs"),
+            (a.tensor(), transposed_view(&b), "rhs"),
+            (transposed_view(&a), transposed_view(&b), "both"),
+        ] {
+            let got = exec(MatMul { transpose_rhs: t }, &[lhs, rhs]);
+            check(
+                &got,
+                &want,
+                DOT,
+                &format!("matmul {sa:?} @ {sb:?} t={t}, transposed {what}"),
+            );
+        }
+    }
+    // `linear` with a transposed rank-2 input.
+    let x = Nd::randn(&[4, 5], &mut r, 1.0, 0.0);
+    let w = Nd::randn(&[3, 5], &mut r, 1.0, 0.0);
+    check(
+        &exec(Linear {}, &[transposed_view(&x), w.tensor()]),
+        &matmul_ref(&x, &w, true),
+        DOT,
+        "linear, transposed rank-2 input",
+    );
+}
+
 #[test]
 fn bf16_contractions_on_cpu() {
     // candle's CPU gemm has no bf16 kernel; the runtime computes in f32 and rounds to bf16.

@@ -26,6 +26,27 @@ pub(crate) fn gemm_operand(t: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `t [..., r, c]` reshaped to `shape` (`[lead..., r, c]`: the batch dims merged or split, the
+/// last two kept): candle's `reshape` copies every non-contiguous tensor, so a batch of
+/// column-major matrices (the transposed view `x.t()` of a contiguous `x`) is reshaped through
+/// its transpose instead and stays a view; `gemm_operand` takes it as it is.
+fn batched(t: &Tensor, shape: &[usize]) -> candle_core::Result<Tensor> {
+    let (r, q) = (t.rank(), shape.len());
+    if t.dims() == shape {
+        return Ok(t.clone());
+    }
+    if t.is_contiguous() || r < 2 || q < 2 || t.dims()[r - 2..] != shape[q - 2..] {
+        return t.reshape(shape);
+    }
+    let tt = t.transpose(r - 2, r - 1)?;
+    if !tt.is_contiguous() {
+        return t.reshape(shape);
+    }
+    let mut swapped = shape.to_vec();
+    swapped.swap(q - 2, q - 1);
+    tt.reshape(swapped)?.transpose(q - 2, q - 1)
+}
+
 /// Runs `f` on the operands converted to f32 when the contraction cannot run in their dtype
 /// (bf16 on the CPU), and rounds the result back.
 pub(crate) fn with_contraction_dtype(
@@ -62,7 +83,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
     ops.extend(b);
     with_contraction_dtype(&ops, |t| {
         let rows = t[0].elem_count() / inp.max(1);
-        let x2 = t[0].reshape((rows, inp))?;
+        let x2 = batched(&t[0], &[rows, inp])?;
         let x2 = gemm_operand(&x2)?;
         let wt = gemm_operand(&t[1].t()?)?;
         let mut y = x2.matmul(&wt)?;
@@ -113,10 +134,10 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
         let mut s = lead.to_vec();
         if op.transpose_rhs {
             s.extend([n, k]);
-            t.reshape(s)?.transpose(lead.len(), lead.len() + 1)
+            batched(t, &s)?.transpose(lead.len(), lead.len() + 1)
         } else {
             s.extend([k, n]);
-            t.reshape(s)
+            batched(t, &s)
         }
     };
     let mut out_dims = batch.clone();
@@ -125,14 +146,19 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
         let (a, b) = (&t[0], &t[1]);
         let y = if nb_b == 1 {
             // One rhs matrix for every batch element: fold the lhs batch into its rows.
-            let a2 = gemm_operand(&a.reshape((nb_a * m, k))?)?;
+            let a2 = if nb_a == 1 {
+                batched(a, &[m, k])?
+            } else {
+                a.reshape((nb_a * m, k))?
+            };
+            let a2 = gemm_operand(&a2)?;
             let b2 = gemm_operand(&rhs_mat(b, &[])?)?;
             a2.matmul(&b2)?
         } else {
             let lhs = if nb_a == nb {
-                a.reshape((nb, m, k))?
+                batched(a, &[nb, m, k])?
             } else if nb_a == 1 {
-                a.reshape((1, m, k))?.broadcast_as((nb, m, k))?
+                batched(a, &[1, m, k])?.broadcast_as((nb, m, k))?
             } else {
                 let mut full = batch.clone();
                 full.extend([m, k]);
