@@ -8,7 +8,7 @@
 
 use crate::cuda::im2col::Im2ColTile;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// The float types the CPU kernels are written for.
@@ -419,7 +419,7 @@ impl CustomOp1 for SoftmaxLastDim {
 /// digits there, e.g. it returns -0 at x = -6).
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
-pub(crate) fn gelu_f32(x: f32) -> f32 {
+fn normal_cdf_f32(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.5 * z);
     let p = 0.170_872_77f32;
@@ -433,8 +433,27 @@ pub(crate) fn gelu_f32(x: f32) -> f32 {
     let p = p * t + 1.000_023_68;
     let p = p * t - 1.265_512_23;
     let half_erfc = 0.5 * t * exp_f32(p - 0.5 * x * x); // z^2 = x^2 / 2 with one rounding
-    let phi = if x < 0.0 { half_erfc } else { 1.0 - half_erfc };
-    x * phi
+    if x < 0.0 {
+        half_erfc
+    } else {
+        1.0 - half_erfc
+    }
+}
+
+/// `x * Phi(x)`, see [`normal_cdf_f32`].
+#[inline(always)]
+pub(crate) fn gelu_f32(x: f32) -> f32 {
+    x * normal_cdf_f32(x)
+}
+
+/// GELU's backward `dy * (Phi(x) + x phi(x))`, `phi(x) = exp(-x^2 / 2) / sqrt(2 pi)`: the same
+/// `Phi` as the forward, so the derivative and the value come from one approximation.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub(crate) fn gelu_grad_f32(x: f32, dy: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_280_401_432_7;
+    let pdf = INV_SQRT_2PI * exp_f32(-0.5 * x * x);
+    dy * (normal_cdf_f32(x) + x * pdf)
 }
 
 #[inline(always)]
@@ -474,6 +493,56 @@ impl CustomOp1 for GeluF32 {
 /// Applies [`GeluF32`] to an f32 tensor on the CPU.
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&GeluF32)
+}
+
+#[inline(always)]
+fn gelu_grad_block(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    for ((d, &a), &g) in dx.iter_mut().zip(x).zip(dy) {
+        *d = gelu_grad_f32(a, g);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_grad_block_avx2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    gelu_grad_block(x, dy, dx)
+}
+
+/// [`gelu_grad_f32`] over contiguous f32 `x` and `dy` of one shape, in parallel blocks: one
+/// pass reading both and writing `dx`, where the candle expression makes a dozen passes over
+/// f32 temporaries.
+pub(crate) struct GeluGradF32;
+
+impl CustomOp2 for GeluGradF32 {
+    fn name(&self) -> &'static str {
+        "vitdet-gelu-grad-f32-cpu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.dims() != l2.dims() {
+            bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
+        }
+        let x = contiguous_slice::<f32>(s1, l1, self.name())?;
+        let dy = contiguous_slice::<f32>(s2, l2, self.name())?;
+        let run = |f: fn(&[f32], &[f32], &mut [f32])| {
+            let mut dx = vec![0f32; x.len()];
+            let block = 16384;
+            dx.par_chunks_mut(block)
+                .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+                .for_each(|(d, (a, g))| f(a, g, d));
+            Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return run(|a, g, d| unsafe { gelu_grad_block_avx2(a, g, d) });
+        }
+        run(gelu_grad_block)
+    }
+}
+
+/// Applies [`GeluGradF32`] to f32 tensors on the CPU.
+pub(crate) fn gelu_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluGradF32)
 }
 
 // ----- separable resize -----
@@ -757,20 +826,25 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
     }
 
+    fn pdf(t: f64) -> f64 {
+        (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt()
+    }
+
+    /// The normal CDF in f64: 1/2 + the integral of the pdf from 0 to x (Simpson, 20000
+    /// intervals).
+    fn phi(x: f64) -> f64 {
+        let n = 20_000;
+        let h = x / n as f64;
+        let mut s = pdf(0.0) + pdf(x);
+        for i in 1..n {
+            s += pdf(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
+        }
+        0.5 + s * h / 3.0
+    }
+
     #[test]
     fn gelu_f32_is_accurate() {
-        // Reference: x * Phi(x) with Phi from an f64 erfc by Simpson integration of the tail.
-        fn phi(x: f64) -> f64 {
-            // Phi(x) = 1/2 + integral_0^x pdf (Simpson, 20000 intervals)
-            let n = 20_000;
-            let h = x / n as f64;
-            let pdf = |t: f64| (-0.5 * t * t).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            let mut s = pdf(0.0) + pdf(x);
-            for i in 1..n {
-                s += pdf(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
-            }
-            0.5 + s * h / 3.0
-        }
+        // Reference: x * Phi(x) with Phi from an f64 Simpson integration.
         let (mut worst, mut worst_tail) = (0f64, 0f64);
         let mut x = -6.0f32;
         while x <= 6.0 {
@@ -792,6 +866,44 @@ mod tests {
         assert_eq!(gelu_f32(-30.0), 0.0);
         assert_eq!(gelu_f32(30.0), 30.0);
         assert!(gelu_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_grad_f32_is_accurate() {
+        // Reference: Phi(x) + x pdf(x) in f64. The two terms cancel for negative x (the
+        // derivative is zero near x = -0.752), so the error is bounded relative to the terms'
+        // magnitudes, as the f32 rounding of each term bounds it.
+        let (mut worst, mut worst_tail) = (0f64, 0f64);
+        let mut x = -6.0f32;
+        while x <= 6.0 {
+            let xd = x as f64;
+            let (cdf, slope) = (phi(xd), xd * pdf(xd));
+            let got = gelu_grad_f32(x, 1.0) as f64;
+            let err = (got - (cdf + slope)).abs() / (cdf.abs() + slope.abs() + 1e-30);
+            if x >= -3.0 {
+                worst = worst.max(err);
+            } else {
+                worst_tail = worst_tail.max(err);
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 1e-6, "max relative error {worst:e} for x >= -3");
+        assert!(worst_tail < 1e-5, "max relative error {worst_tail:e} for x < -3");
+        // GELU'(0) = 1/2, dy scales, saturation to 0 and to dy, NaN passes through.
+        assert_eq!(gelu_grad_f32(0.0, 3.0), 1.5);
+        assert_eq!(gelu_grad_f32(-30.0, 1.0), 0.0);
+        assert_eq!(gelu_grad_f32(30.0, 2.0), 2.0);
+        assert!(gelu_grad_f32(f32::NAN, 1.0).is_nan());
+        // Blocks in parallel and a tail shorter than a block: the op equals the scalar function.
+        let n = 16384 * 2 + 5;
+        let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+        let dys: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let x = Tensor::from_vec(xs.clone(), n, &candle_core::Device::Cpu).unwrap();
+        let dy = Tensor::from_vec(dys.clone(), n, &candle_core::Device::Cpu).unwrap();
+        let got = gelu_grad(&x, &dy).unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..n {
+            assert_eq!(got[i], gelu_grad_f32(xs[i], dys[i]), "element {i}");
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ fn gelu(x: &Tensor) -> KernelResult<Tensor> {
 }
 
 /// `dx = dy * f'(x)` (see [`UnaryGrad`] for each derivative), from candle ops in f32 for half
-/// types (f64 for f64) and rounded back. GELU's on CUDA runs the runtime's one-pass kernel
-/// (`crate::cuda::gelu`) instead, with the same f32 arithmetic.
+/// types (f64 for f64) and rounded back. GELU's runs a one-pass kernel with the forward's f32
+/// arithmetic instead: on the CPU `cpu::gelu_grad_f32` (f32, and f16 / bf16 through f32), on
+/// CUDA the runtime's kernel (`crate::cuda::gelu`).
 pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
@@ -57,6 +58,9 @@ pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tenso
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let (x, dy) = (x.to_dtype(acc)?, dy.to_dtype(acc)?);
+    if op.kind == UnaryKind::Gelu && acc == DType::F32 && x.device().is_cpu() {
+        return Ok(super::cpu::gelu_grad(&x, &dy)?.to_dtype(dtype)?);
+    }
     let dx = match op.kind {
         UnaryKind::Gelu => {
             // Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
