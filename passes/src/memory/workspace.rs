@@ -156,18 +156,15 @@ fn unary(cx: &Node, kind: UnaryKind) -> usize {
 /// of its statement, one moved into an operator dies inside it).
 fn unary_grad(cx: &Node, kind: UnaryKind) -> usize {
     let n = cx.bytes(0);
-    let count = cx.count(0);
     match kind {
-        UnaryKind::Gelu => match cx.elem(0) {
-            // The one-pass f32 kernel reads contiguous x and dy and writes the output.
-            4 => cx.copy_if_strided(0) + cx.copy_if_strided(1),
-            // f16 / bf16 through it: x, dy and dx in f32 alive while dx is rounded.
-            2 => 6 * n,
-            // f64, candle ops: cdf, pdf, x * pdf and cdf + x * pdf, before the output.
-            _ => cx.peak_of_phases(&[4 * n]),
-        },
-        // A u8 mask and a zero tensor for `where_cond`.
-        UnaryKind::Relu => count + n,
+        // The one-pass kernels (GELU in f32, ReLU in f32 / f64) read contiguous x and dy and
+        // write the output; f16 / bf16 go through them with x, dy and dx in f32 alive while dx
+        // is rounded.
+        UnaryKind::Gelu | UnaryKind::Relu if cx.elem(0) == 2 => 6 * n,
+        UnaryKind::Relu => cx.copy_if_strided(0) + cx.copy_if_strided(1),
+        UnaryKind::Gelu if cx.elem(0) == 4 => cx.copy_if_strided(0) + cx.copy_if_strided(1),
+        // f64, candle ops: cdf, pdf, x * pdf and cdf + x * pdf, before the output.
+        UnaryKind::Gelu => cx.peak_of_phases(&[4 * n]),
         // s, 1 - s and s (1 - s) beside the output.
         UnaryKind::Sigmoid => 3 * n,
         UnaryKind::Tanh => 3 * n,

@@ -10,6 +10,7 @@ use crate::cuda::im2col::Im2ColTile;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use vitdet_ir::ops::UnaryKind;
 
 /// The float types the CPU kernels are written for.
 pub(crate) trait Real:
@@ -508,41 +509,81 @@ unsafe fn gelu_grad_block_avx2(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     gelu_grad_block(x, dy, dx)
 }
 
-/// [`gelu_grad_f32`] over contiguous f32 `x` and `dy` of one shape, in parallel blocks: one
-/// pass reading both and writing `dx`, where the candle expression makes a dozen passes over
-/// f32 temporaries.
-pub(crate) struct GeluGradF32;
-
-impl CustomOp2 for GeluGradF32 {
-    fn name(&self) -> &'static str {
-        "vitdet-gelu-grad-f32-cpu"
-    }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        if l1.dims() != l2.dims() {
-            bail!("{}: shapes {:?} and {:?} differ", self.name(), l1.dims(), l2.dims());
-        }
-        let x = contiguous_slice::<f32>(s1, l1, self.name())?;
-        let dy = contiguous_slice::<f32>(s2, l2, self.name())?;
-        let run = |f: fn(&[f32], &[f32], &mut [f32])| {
-            let mut dx = vec![0f32; x.len()];
-            let block = 16384;
-            dx.par_chunks_mut(block)
-                .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
-                .for_each(|(d, (a, g))| f(a, g, d));
-            Ok((CpuStorage::F32(dx), l1.shape().clone()))
-        };
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return run(|a, g, d| unsafe { gelu_grad_block_avx2(a, g, d) });
-        }
-        run(gelu_grad_block)
+/// ReLU's backward as PyTorch's `threshold_backward`: 0 where `x <= 0`, else `dy` (so a NaN
+/// input passes `dy` through).
+#[inline(always)]
+fn relu_grad_block<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
+    for ((d, &a), &g) in dx.iter_mut().zip(x).zip(dy) {
+        *d = if a <= T::ZERO { T::ZERO } else { g };
     }
 }
 
-/// Applies [`GeluGradF32`] to f32 tensors on the CPU.
-pub(crate) fn gelu_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluGradF32)
+/// `f(x, dy, dx)` over contiguous `x` and `dy` in parallel blocks of 16K elements.
+fn zip_blocks<T: Real>(x: &[T], dy: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync + Send) -> Vec<T> {
+    let mut dx = vec![T::ZERO; x.len()];
+    let block = 16384;
+    dx.par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
+        .for_each(|(d, (a, g))| f(a, g, d));
+    dx
+}
+
+/// The backward of a unary function in one pass over contiguous `x` and `dy` of one shape,
+/// where the candle expression makes several passes over temporaries: GELU ([`gelu_grad_f32`])
+/// in f32, ReLU in f32 and f64.
+pub(crate) struct UnaryGradCpu(pub UnaryKind);
+
+impl UnaryGradCpu {
+    /// Whether the op has a kernel for `kind` in `dtype`.
+    pub(crate) fn takes(kind: UnaryKind, dtype: candle_core::DType) -> bool {
+        use candle_core::DType::{F32, F64};
+        matches!((kind, dtype), (UnaryKind::Gelu, F32) | (UnaryKind::Relu, F32 | F64))
+    }
+}
+
+impl CustomOp2 for UnaryGradCpu {
+    fn name(&self) -> &'static str {
+        "vitdet-unary-grad-cpu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        if l1.dims() != l2.dims() {
+            bail!("{name}: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = match (self.0, s1, s2) {
+            (UnaryKind::Gelu, CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (x, dy) = (contiguous_slice(s1, l1, name)?, contiguous_slice(s2, l2, name)?);
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    let dx = zip_blocks(x, dy, |a, g, d| unsafe { gelu_grad_block_avx2(a, g, d) });
+                    return Ok((CpuStorage::F32(dx), l1.shape().clone()));
+                }
+                CpuStorage::F32(zip_blocks(x, dy, gelu_grad_block))
+            }
+            (UnaryKind::Relu, CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(zip_blocks(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                relu_grad_block,
+            )),
+            (UnaryKind::Relu, CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(zip_blocks(
+                contiguous_slice(s1, l1, name)?,
+                contiguous_slice(s2, l2, name)?,
+                relu_grad_block,
+            )),
+            (kind, _, _) => bail!(
+                "{name}: no kernel for {kind:?} on {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Applies [`UnaryGradCpu`] (see [`UnaryGradCpu::takes`]) to CPU tensors.
+pub(crate) fn unary_grad(kind: UnaryKind, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &UnaryGradCpu(kind))
 }
 
 // ----- separable resize -----
@@ -900,7 +941,7 @@ mod tests {
         let dys: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let x = Tensor::from_vec(xs.clone(), n, &candle_core::Device::Cpu).unwrap();
         let dy = Tensor::from_vec(dys.clone(), n, &candle_core::Device::Cpu).unwrap();
-        let got = gelu_grad(&x, &dy).unwrap().to_vec1::<f32>().unwrap();
+        let got = unary_grad(UnaryKind::Gelu, &x, &dy).unwrap().to_vec1::<f32>().unwrap();
         for i in 0..n {
             assert_eq!(got[i], gelu_grad_f32(xs[i], dys[i]), "element {i}");
         }

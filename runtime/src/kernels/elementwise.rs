@@ -38,9 +38,9 @@ fn gelu(x: &Tensor) -> KernelResult<Tensor> {
 }
 
 /// `dx = dy * f'(x)` (see [`UnaryGrad`] for each derivative), from candle ops in f32 for half
-/// types (f64 for f64) and rounded back. GELU's runs a one-pass kernel with the forward's f32
-/// arithmetic instead: on the CPU `cpu::gelu_grad_f32` (f32, and f16 / bf16 through f32), on
-/// CUDA the runtime's kernel (`crate::cuda::gelu`).
+/// types (f64 for f64) and rounded back. One-pass kernels run instead where they exist: on the
+/// CPU `cpu::UnaryGradCpu` (GELU with the forward's f32 arithmetic, ReLU), on CUDA the
+/// runtime's GELU kernel (`crate::cuda::gelu`).
 pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
@@ -58,8 +58,8 @@ pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tenso
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let (x, dy) = (x.to_dtype(acc)?, dy.to_dtype(acc)?);
-    if op.kind == UnaryKind::Gelu && acc == DType::F32 && x.device().is_cpu() {
-        return Ok(super::cpu::gelu_grad(&x, &dy)?.to_dtype(dtype)?);
+    if x.device().is_cpu() && super::cpu::UnaryGradCpu::takes(op.kind, acc) {
+        return Ok(super::cpu::unary_grad(op.kind, &x, &dy)?.to_dtype(dtype)?);
     }
     let dx = match op.kind {
         UnaryKind::Gelu => {
