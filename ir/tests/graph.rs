@@ -2,7 +2,7 @@
 
 use petgraph::visit::EdgeRef;
 use vitdet_ir::ops::{
-    Binary, BinaryKind, Conv2d, Init, Input, LayerNorm, Linear, Parameter, Reshape, Unary, UnaryKind,
+    Binary, BinaryKind, Conv2d, Init, Input, LayerNorm, Linear, MatMul, Parameter, Reshape, Unary, UnaryKind,
 };
 use vitdet_ir::{Graph, IrError, NodeIndex, Op, TensorType, Value};
 
@@ -226,4 +226,32 @@ fn artifact_round_trip_and_schedule_checks() {
         .unwrap_err()
         .to_string()
         .contains("vitdet-artifact/9"));
+}
+
+#[test]
+fn matmul_transpose_flags_shape_cost_and_serialization() {
+    let mut g = Graph::new();
+    let a = param(&mut g, "a", &[2, 4, 3]); // used as [2, 3, 4]
+    let b = param(&mut g, "b", &[5, 4]); // used as [4, 5]
+    let op = MatMul {
+        transpose_lhs: true,
+        transpose_rhs: true,
+    };
+    let y = g.add(op.clone(), "mm", &[a, b]).unwrap();
+    assert_eq!(g.value_type(y).shape, [2, 3, 5]);
+    // fvcore: one multiply-add per output element and inner index.
+    assert_eq!(g.cost().macs, 2 * 3 * 5 * 4);
+    // Untransposed, the same operands do not contract (3 vs 5), and the error says which flags.
+    let err = g.add(MatMul::new(false), "bad", &[a, b]).unwrap_err().to_string();
+    assert!(err.contains("inner dimensions differ"), "{err}");
+    let err = g.add(MatMul::new(true), "bad", &[a, b]).unwrap_err().to_string();
+    assert!(err.contains("(3 vs 4)"), "{err}");
+    // `transpose_lhs` is written only when set: graphs written before it existed read back.
+    let json = |op: &MatMul| serde_json::to_string(op).unwrap();
+    assert_eq!(json(&MatMul::new(true)), r#"{"transpose_rhs":true}"#);
+    assert_eq!(json(&op), r#"{"transpose_lhs":true,"transpose_rhs":true}"#);
+    let old: MatMul = serde_json::from_str(r#"{"transpose_rhs":false}"#).unwrap();
+    assert_eq!(old, MatMul::new(false));
+    let back: MatMul = serde_json::from_str(&json(&op)).unwrap();
+    assert_eq!(back, op);
 }

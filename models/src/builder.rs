@@ -352,7 +352,7 @@ impl Builder {
     }
 
     pub fn matmul(&mut self, a: Value, b: Value, transpose_rhs: bool) -> Result<Value> {
-        self.op(MatMul { transpose_rhs }, &[a, b])
+        self.op(MatMul::new(transpose_rhs), &[a, b])
     }
 
     pub fn max_pool(&mut self, x: Value, kernel: usize, stride: usize) -> Result<Value> {

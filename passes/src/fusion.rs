@@ -43,7 +43,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use vitdet_ir::ops::{Linear, WindowAttention, WindowRelPos};
+use vitdet_ir::ops::{Linear, MatMul, WindowAttention, WindowRelPos};
 use vitdet_ir::{Graph, IrError, NodeIndex, Op, Value};
 
 use crate::dce::eliminate_dead_code;
@@ -266,11 +266,12 @@ impl<'g> Matcher<'g> {
         }
     }
 
-    /// `(lhs, rhs)` of the `matmul` producing `v`, with the given transpose flag.
+    /// `(lhs, rhs)` of the `matmul` producing `v`, with the given rhs transpose flag and the lhs
+    /// as stored.
     fn matmul_of(&mut self, v: Value, transpose_rhs: bool) -> Check<(Value, Value)> {
         let (op, ins) = self.producer(v, "matmul")?;
         match op {
-            Op::MatMul(m) if m.transpose_rhs == transpose_rhs => Ok((ins[0], ins[1])),
+            Op::MatMul(m) if m == &MatMul::new(transpose_rhs) => Ok((ins[0], ins[1])),
             _ => Err(format!(
                 "expected matmul (transpose_rhs {transpose_rhs}) producing {}",
                 self.describe(v)

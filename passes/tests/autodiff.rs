@@ -237,16 +237,24 @@ fn linear_and_matmul() {
         let y = c.op(Linear {}, &ins);
         c.check(&[y]);
     }
-    for t in [false, true] {
-        let mut c = Case::new(3);
-        let a = c.param(&[2, 3, 4], 1.0, 0.0);
-        let b = if t {
-            c.param(&[5, 4], 1.0, 0.0)
-        } else {
-            c.param(&[1, 4, 5], 1.0, 0.0)
-        };
-        let y = c.op(MatMul { transpose_rhs: t }, &[a, b]);
-        c.check(&[y]);
+    // Every transpose combination, with the rhs broadcast over the batch ([1, k, n]) and without
+    // batch dims (the lhs batch folded into rows); m = 3, k = 4, n = 5.
+    for (i, (tl, tr)) in [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        for rhs_batch in [vec![1], vec![]] {
+            let mut c = Case::new(3 + i as u64);
+            let a = c.param(if tl { &[2, 4, 3] } else { &[2, 3, 4] }, 1.0, 0.0);
+            let b_dims = [rhs_batch.clone(), if tr { vec![5, 4] } else { vec![4, 5] }].concat();
+            let b = c.param(&b_dims, 1.0, 0.0);
+            let op = MatMul {
+                transpose_lhs: tl,
+                transpose_rhs: tr,
+            };
+            let y = c.op(op, &[a, b]);
+            c.check(&[y]);
+        }
     }
 }
 

@@ -66,7 +66,7 @@ impl Builder {
         self.op(scope, Permute { perm: perm.to_vec() }, &[x])
     }
     fn matmul(&mut self, scope: &str, a: Value, b: Value, transpose_rhs: bool) -> Value {
-        self.op(scope, MatMul { transpose_rhs }, &[a, b])
+        self.op(scope, MatMul::new(transpose_rhs), &[a, b])
     }
     fn add(&mut self, scope: &str, a: Value, b: Value) -> Value {
         self.op(scope, Binary { kind: BinaryKind::Add }, &[a, b])

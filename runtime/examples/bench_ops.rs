@@ -49,7 +49,7 @@ fn main() {
     let q = r(&[12, 4096, 64]);
     let k = r(&[12, 4096, 64]);
     time("matmul q@k^T global [12,4096,64]", &filter, 2, || {
-        exec(MatMul { transpose_rhs: true }, &[&q, &k])
+        exec(MatMul::new(true), &[&q, &k])
     });
     let s = r(&[12, 4096, 4096]);
     time("softmax last [12,4096,4096] fused", &filter, 2, || {
@@ -59,12 +59,12 @@ fn main() {
         kernels::attention::softmax_portable(&Softmax { axis: 2 }, &s).unwrap()
     });
     time("matmul attn@v global [12,4096,4096]x[12,4096,64]", &filter, 2, || {
-        exec(MatMul { transpose_rhs: false }, &[&s, &q])
+        exec(MatMul::new(false), &[&s, &q])
     });
     drop(s);
     let qw = r(&[300, 196, 64]);
     time("matmul q@k^T window [300,196,64]", &filter, 3, || {
-        exec(MatMul { transpose_rhs: true }, &[&qw, &qw])
+        exec(MatMul::new(true), &[&qw, &qw])
     });
     let sw = r(&[300, 196, 196]);
     time("softmax window [300,196,196]", &filter, 3, || {

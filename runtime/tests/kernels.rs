@@ -289,7 +289,7 @@ fn matmul_batched_broadcast_transposed() {
     for (sa, sb, t) in cases {
         let a = Nd::randn(sa, &mut r, 1.0, 0.0);
         let b = Nd::randn(sb, &mut r, 1.0, 0.0);
-        let got = exec(MatMul { transpose_rhs: t }, &[a.tensor(), b.tensor()]);
+        let got = exec(MatMul::new(t), &[a.tensor(), b.tensor()]);
         check(
             &got,
             &matmul_ref(&a, &b, t),
@@ -299,21 +299,25 @@ fn matmul_batched_broadcast_transposed() {
     }
 }
 
-/// `a` (logical shape `[..., m, k]`) as the transposed view of a contiguous `[..., k, m]` tensor.
-fn transposed_view(a: &Nd) -> Tensor {
+/// `a^T`: the contiguous `[..., k, m]` tensor of `a` (logical shape `[..., m, k]`) transposed.
+fn transposed_copy(a: &Nd) -> Tensor {
     let r = a.shape.len();
     let (m, k) = (a.shape[r - 2], a.shape[r - 1]);
     let batch: usize = a.shape[..r - 2].iter().product();
     let stored = transpose_last2(&Nd::new(&[batch, m, k], a.data.clone()));
     let mut dims = a.shape.clone();
     dims.swap(r - 2, r - 1);
-    let t = Tensor::from_vec(stored, dims, &Device::Cpu)
+    Tensor::from_vec(stored, dims, &Device::Cpu)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
-        .transpose(r - 2, r - 1)
-        .unwrap();
-    assert!(!t.is_contiguous() || m == 1 || k == 1);
+}
+
+/// `a` as the transposed view of [`transposed_copy`].
+fn transposed_view(a: &Nd) -> Tensor {
+    let r = a.shape.len();
+    let t = transposed_copy(a).transpose(r - 2, r - 1).unwrap();
+    assert!(!t.is_contiguous() || a.shape[r - 2] == 1 || a.shape[r - 1] == 1);
     t
 }
 
@@ -341,13 +345,29 @@ fn matmul_of_transposed_views() {
             (a.tensor(), transposed_view(&b), "rhs"),
             (transposed_view(&a), transposed_view(&b), "both"),
         ] {
-            let got = exec(MatMul { transpose_rhs: t }, &[lhs, rhs]);
+            let got = exec(MatMul::new(t), &[lhs, rhs]);
             check(
                 &got,
                 &want,
                 DOT,
                 &format!("matmul {sa:?} @ {sb:?} t={t}, transposed {what}"),
             );
+        }
+    }
+    // `transpose_lhs`: the lhs stored as `a^T`, contiguous or itself a transposed view.
+    for (sa, sb, t) in cases {
+        let a = Nd::randn(sa, &mut r, 1.0, 0.0);
+        let b = Nd::randn(sb, &mut r, 1.0, 0.0);
+        let want = matmul_ref(&a, &b, t);
+        let op = MatMul {
+            transpose_lhs: true,
+            transpose_rhs: t,
+        };
+        let rank = sa.len();
+        let a_t_view = a.tensor().transpose(rank - 2, rank - 1).unwrap();
+        for (lhs, what) in [(transposed_copy(&a), "contiguous"), (a_t_view, "a view")] {
+            let got = exec(op.clone(), &[lhs, b.tensor()]);
+            check(&got, &want, DOT, &format!("matmul {sa:?}^T @ {sb:?} t={t}, lhs {what}"));
         }
     }
     // `linear` with a transposed rank-2 input.
@@ -368,7 +388,7 @@ fn bf16_contractions_on_cpu() {
     let a = Nd::randn(&[2, 4, 8], &mut r, 1.0, 0.0);
     let b = Nd::randn(&[2, 8, 3], &mut r, 1.0, 0.0);
     let out = kernels::execute(
-        &MatMul { transpose_rhs: false }.into(),
+        &MatMul::new(false).into(),
         &[a.tensor_as(DType::BF16), b.tensor_as(DType::BF16)],
     )
     .unwrap();

@@ -49,10 +49,45 @@ impl OpRule for Linear {
 }
 
 /// Batched matrix product `a [..., m, k] @ b [..., k, n] -> [..., m, n]`, batch dims broadcast.
-/// With `transpose_rhs`, `b` is `[..., n, k]` and is used transposed (`q @ k^T` without a copy).
+/// With `transpose_lhs`, `a` is `[..., k, m]` and is used transposed (the weight gradient
+/// `dy^T @ x` of a linear layer without a copy); with `transpose_rhs`, `b` is `[..., n, k]`
+/// (`q @ k^T`). `transpose_lhs` is left out of the serialized form when false, so graphs written
+/// before it existed read back unchanged.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MatMul {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transpose_lhs: bool,
     pub transpose_rhs: bool,
+}
+
+impl MatMul {
+    /// `a @ b`, or `a @ b^T` with `transpose_rhs`.
+    pub fn new(transpose_rhs: bool) -> MatMul {
+        MatMul {
+            transpose_lhs: false,
+            transpose_rhs,
+        }
+    }
+
+    /// `(m, k)` of the lhs `a` as used (transposed with `transpose_lhs`).
+    pub fn lhs_dims(&self, a: &[usize]) -> (usize, usize) {
+        let r = a.len();
+        if self.transpose_lhs {
+            (a[r - 1], a[r - 2])
+        } else {
+            (a[r - 2], a[r - 1])
+        }
+    }
+
+    /// `(k, n)` of the rhs `b` as used (transposed with `transpose_rhs`).
+    pub fn rhs_dims(&self, b: &[usize]) -> (usize, usize) {
+        let r = b.len();
+        if self.transpose_rhs {
+            (b[r - 1], b[r - 2])
+        } else {
+            (b[r - 2], b[r - 1])
+        }
+    }
 }
 
 impl OpRule for MatMul {
@@ -69,16 +104,13 @@ impl OpRule for MatMul {
         if a.rank() < 2 || b.rank() < 2 {
             return Err(format!("operands must have rank >= 2, found {a} and {b}"));
         }
-        let (m, k) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1]);
-        let (bk, n) = if self.transpose_rhs {
-            (b.shape[b.rank() - 1], b.shape[b.rank() - 2])
-        } else {
-            (b.shape[b.rank() - 2], b.shape[b.rank() - 1])
-        };
+        let ((m, k), (bk, n)) = (self.lhs_dims(&a.shape), self.rhs_dims(&b.shape));
         if k != bk {
+            let t = |yes: bool| if yes { "^T" } else { "" };
             return Err(format!(
-                "inner dimensions differ: {a} @ {b}{} ({k} vs {bk})",
-                if self.transpose_rhs { "^T" } else { "" }
+                "inner dimensions differ: {a}{} @ {b}{} ({k} vs {bk})",
+                t(self.transpose_lhs),
+                t(self.transpose_rhs)
             ));
         }
         let mut shape = broadcast_shapes(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
@@ -86,8 +118,7 @@ impl OpRule for MatMul {
         Ok(vec![a.with_shape(shape)])
     }
     fn cost(&self, i: &[&TensorType], o: &[TensorType]) -> Cost {
-        let a = &i[0].shape;
-        let k = a[a.len() - 1] as u64;
+        let k = self.lhs_dims(&i[0].shape).1 as u64;
         let out = numel(&o[0].shape);
         Cost {
             macs: out * k,

@@ -102,8 +102,18 @@ pub(crate) fn workspace_bytes(graph: &Graph, n: NodeIndex, layouts: &HashMap<Val
             let y = if cx.inputs.len() == 3 { out } else { 0 };
             cx.copy_if_strided(0) + y
         }
-        // Operands are reshaped to rank 2 or 3 first, which copies strided ones.
-        Op::MatMul(_) => cx.copy_if_strided(0) + cx.copy_if_strided(1),
+        // Operands are reshaped to rank 2 or 3 first, which copies strided ones, and a transposed
+        // lhs whose batch is folded into rows (an rhs without batch) is copied too.
+        Op::MatMul(m) => {
+            let batch = |i: usize| cx.dims(i)[..cx.dims(i).len() - 2].iter().product::<usize>();
+            let folded_transposed = m.transpose_lhs && batch(0) > 1 && batch(1) == 1;
+            let lhs = if folded_transposed {
+                cx.bytes(0)
+            } else {
+                cx.copy_if_strided(0)
+            };
+            lhs + cx.copy_if_strided(1)
+        }
         // The CPU custom ops (fused norms, softmax, GELU) read contiguous input.
         Op::LayerNorm(_) | Op::GroupNorm(_) => cx.copy_if_strided(0),
         Op::Softmax(o) if o.axis + 1 == cx.dims(0).len() => cx.copy_if_strided(0),

@@ -5,7 +5,8 @@
 //! Both backends need each operand's two innermost dims to be "tight": row-major (strides
 //! `[cols, 1]`) or column-major (strides `[1, rows]`), and the batch dims to collapse to one
 //! stride (possibly 0, for a broadcast operand). The kernels reshape operands to rank 2 or 3 so
-//! that this always holds, and express `transpose_rhs` / `w^T` as a column-major view (no copy).
+//! that this always holds, and express `transpose_lhs`, `transpose_rhs` and `w^T` as column-major
+//! views (no copy).
 
 use candle_core::{DType, Tensor};
 use vitdet_ir::ops::MatMul;
@@ -96,7 +97,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
     })
 }
 
-/// Batched `a [..., m, k] @ b [..., k, n]` (or `b [..., n, k]` transposed) with broadcast batch
+/// Batched `a [..., m, k] @ b [..., k, n]` (`a [..., k, m]`, `b [..., n, k]` used transposed
+/// with the op's flags) with broadcast batch
 /// dims. An rhs without batch dims is folded: the lhs batch becomes matrix rows (one gemm). A
 /// broadcast operand with a single batch element uses a stride-0 batch view (no copy); only
 /// partially broadcast batch shapes are materialized.
@@ -110,20 +112,23 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
             b.dims()
         )));
     }
-    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
-    let (bk, n) = if op.transpose_rhs {
-        (b.dims()[rb - 1], b.dims()[rb - 2])
-    } else {
-        (b.dims()[rb - 2], b.dims()[rb - 1])
-    };
+    let ((m, k), (bk, n)) = (op.lhs_dims(a.dims()), op.rhs_dims(b.dims()));
     if k != bk {
         return Err(KernelError::Unsupported(format!(
-            "inner dimensions differ: {:?} @ {:?} (transpose_rhs={})",
+            "inner dimensions differ: {:?} @ {:?} (transpose_lhs={}, transpose_rhs={})",
             a.dims(),
             b.dims(),
+            op.transpose_lhs,
             op.transpose_rhs
         )));
     }
+    // A transposed lhs is a column-major view, which the paths below keep without a copy
+    // where its batch allows (see `batched`).
+    let a = &if op.transpose_lhs {
+        a.transpose(ra - 2, ra - 1)?
+    } else {
+        a.clone()
+    };
     let batch_a = a.dims()[..ra - 2].to_vec();
     let batch_b = b.dims()[..rb - 2].to_vec();
     let batch = broadcast_shapes(&batch_a, &batch_b)

@@ -50,7 +50,7 @@ impl Default for KernelOptions {
 
 /// `a @ b` or `a @ b^T` through the runtime's matmul kernel.
 fn mm(a: &Tensor, b: &Tensor, transpose_rhs: bool) -> KernelResult<Tensor> {
-    linear::matmul(&MatMul { transpose_rhs }, a, b)
+    linear::matmul(&MatMul::new(transpose_rhs), a, b)
 }
 
 /// Windows `start..start + count` along one axis, each with `valid` unpadded tokens.

@@ -1,6 +1,6 @@
 //! Contractions: linear layers, matrix products and convolutions.
 
-use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d, MatMul, Permute, ReduceSum};
+use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d, MatMul, ReduceSum};
 use vitdet_ir::Value;
 
 use super::{Ctx, Grads};
@@ -26,7 +26,7 @@ pub(super) fn linear(ctx: &mut Ctx, dy: Value) -> Grads {
     let rows = xs.iter().product::<usize>() / inp;
     let dx = if ctx.needs(0) {
         let dy2 = ctx.reshape(dy, vec![rows, out])?;
-        let dx = ctx.emit(MatMul { transpose_rhs: false }, &[dy2, w])?;
+        let dx = ctx.emit(MatMul::new(false), &[dy2, w])?;
         Some(ctx.reshape(dx, xs.clone())?)
     } else {
         None
@@ -34,8 +34,11 @@ pub(super) fn linear(ctx: &mut Ctx, dy: Value) -> Grads {
     let dw = if ctx.needs(1) {
         let dy2 = ctx.reshape(dy, vec![rows, out])?;
         let x2 = ctx.reshape(x, vec![rows, inp])?;
-        let dyt = ctx.emit(Permute { perm: vec![1, 0] }, &[dy2])?;
-        Some(ctx.emit(MatMul { transpose_rhs: false }, &[dyt, x2])?)
+        let dy_t_x = MatMul {
+            transpose_lhs: true,
+            transpose_rhs: false,
+        };
+        Some(ctx.emit(dy_t_x, &[dy2, x2])?)
     } else {
         None
     };
@@ -43,40 +46,44 @@ pub(super) fn linear(ctx: &mut Ctx, dy: Value) -> Grads {
     with_bias_grad(ctx, vec![dx, dw], dy, (0..rank - 1).collect())
 }
 
-/// Swaps the last two axes.
-fn transpose(ctx: &mut Ctx, v: Value) -> Result<Value, String> {
-    let r = ctx.shape(v).len();
-    let mut perm: Vec<usize> = (0..r).collect();
-    perm.swap(r - 2, r - 1);
-    ctx.emit(Permute { perm }, &[v])
-}
-
-/// `y = a @ b` (or `a @ b^T`), batch axes broadcast.
+/// `y = A @ B` with `A = a` or `a^T` (`transpose_lhs`) and `B = b` or `b^T` (`transpose_rhs`),
+/// batch axes broadcast: `dA = dy @ B^T` and `dB = A^T @ dy`, each a matmul whose transpose
+/// flags read the operands as stored (no transposed copies), summed over broadcast axes.
 pub(super) fn matmul(ctx: &mut Ctx, o: &MatMul, dy: Value) -> Grads {
     let (a, b) = (ctx.input(0), ctx.input(1));
     let (sa, sb) = (ctx.shape(a), ctx.shape(b));
     let da = if ctx.needs(0) {
-        // dy [.., m, n] @ b^T: b is [.., k, n] (use it transposed) or [.., n, k] (as is).
-        let g = ctx.emit(
-            MatMul {
-                transpose_rhs: !o.transpose_rhs,
-            },
-            &[dy, b],
-        )?;
+        let g = if o.transpose_lhs {
+            // a = A^T: da = B @ dy^T.
+            let op = MatMul {
+                transpose_lhs: o.transpose_rhs,
+                transpose_rhs: true,
+            };
+            ctx.emit(op, &[b, dy])?
+        } else {
+            // da = dy @ B^T.
+            ctx.emit(MatMul::new(!o.transpose_rhs), &[dy, b])?
+        };
         Some(ctx.sum_to(g, &sa)?)
     } else {
         None
     };
     let db = if ctx.needs(1) {
-        let g = if o.transpose_rhs {
-            // b [.., n, k]: dy^T [.., n, m] @ a [.., m, k]
-            let dyt = transpose(ctx, dy)?;
-            ctx.emit(MatMul { transpose_rhs: false }, &[dyt, a])?
+        let op = if o.transpose_rhs {
+            // b = B^T: db = dy^T @ A.
+            MatMul {
+                transpose_lhs: true,
+                transpose_rhs: o.transpose_lhs,
+            }
         } else {
-            // b [.., k, n]: a^T [.., k, m] @ dy [.., m, n]
-            let at = transpose(ctx, a)?;
-            ctx.emit(MatMul { transpose_rhs: false }, &[at, dy])?
+            // db = A^T @ dy.
+            MatMul {
+                transpose_lhs: !o.transpose_lhs,
+                transpose_rhs: false,
+            }
         };
+        let args = if o.transpose_rhs { [dy, a] } else { [a, dy] };
+        let g = ctx.emit(op, &args)?;
         Some(ctx.sum_to(g, &sb)?)
     } else {
         None
