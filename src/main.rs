@@ -54,10 +54,11 @@ struct TrainArgs {
     /// Images per optimizer step, run as per-image passes with gradients accumulated (train mode).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Precision: f32, or autocast to bf16 / f16 (in infer mode also fusing the attention).
+    /// Precision: f32, or autocast to bf16 / f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Keep the unfused attention subgraph (train mode, or infer mode with --dtype bf16/f16).
+    /// Keep the unfused attention subgraph (both modes fuse the windowed and global attention
+    /// by default).
     #[arg(long)]
     no_fuse: bool,
 }
@@ -331,7 +332,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
             train,
         } => {
-            // Inference in mixed precision: fused attention and autocast (`--dtype bf16|f16`).
+            // Inference as `vitdet infer` runs it: fused attention (unless `--no-fuse`) and
+            // autocast to `--dtype`; f32 without fusion is the graph as built.
             let mut lowering = None;
             if mode == Mode::Infer {
                 let flags = train.train_only_flags();
@@ -339,12 +341,8 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("{} apply to --mode train", flags.join(", "));
                 }
                 let precision = vitdet::compile::parse_dtype_flag(&train.dtype)?;
-                match precision {
-                    vitdet::passes::Precision::F32 if train.no_fuse => {
-                        anyhow::bail!("--no-fuse applies to --mode train, or to inference with --dtype bf16 / f16")
-                    }
-                    vitdet::passes::Precision::F32 => {}
-                    p => lowering = Some((p, !train.no_fuse)),
+                if precision != vitdet::passes::Precision::F32 || !train.no_fuse {
+                    lowering = Some((precision, !train.no_fuse));
                 }
             }
             let target = match (mode, backbone_only) {

@@ -36,7 +36,8 @@ pub struct CompileReport {
     /// whole step: parameters + optimizer state + gradient accumulator + `arena_bytes`.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub train: Option<TrainReport>,
-    /// An inference graph compiled in mixed precision (`--dtype bf16|f16`).
+    /// How an inference graph was lowered (fused attention, autocast); `None` for the graph as
+    /// built (`--dtype f32 --no-fuse`).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lowering: Option<InferenceLowering>,
     /// Measured with `--bench`.
@@ -89,9 +90,10 @@ impl CompileReport {
         );
         let _ = writeln!(s, "nodes        {}", self.nodes);
         if let Some(l) = &self.lowering {
+            let autocast = if l.dtype == "f32" { "" } else { " (autocast)" };
             let _ = writeln!(
                 s,
-                "precision    {} (autocast), {} attention regions fused",
+                "precision    {}{autocast}, {} attention regions fused",
                 l.dtype, l.fused_attention
             );
         }

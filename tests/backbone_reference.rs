@@ -11,8 +11,10 @@ mod common;
 
 use candle_core::Device;
 use common::{compare, load};
+use vitdet::compile::lower_inference;
 use vitdet::ir::{Graph, Value};
 use vitdet::models::{build_backbone, ModelConfig};
+use vitdet::passes::Precision;
 use vitdet::runtime::{run, ParamStore};
 
 const TOL: f64 = 1e-5;
@@ -44,6 +46,18 @@ fn check_family(preset: &str, weights: &str, io: &str) {
         let (rel, max) = compare(out.get(name).unwrap(), &io[name]);
         eprintln!("{preset} {name}: rel L2 {rel:.2e}, max abs {max:.2e}");
         assert!(rel <= TOL, "{preset} {name}: relative L2 error {rel:.3e} > {TOL:e}");
+    }
+    // The graph `vitdet infer` runs in f32, attention fused: the fused CPU kernel does the same
+    // arithmetic in the same order, so its outputs are the built graph's, bit for bit.
+    let (fused, regions) = lower_inference(&graph, Precision::F32, true).unwrap();
+    assert_eq!(regions, config.depth, "{preset}: every block's attention fused");
+    let fused_out = run(&fused, &params, &[("image", io["image"].clone())], &device).unwrap();
+    for name in ["block0", "block1", "p2", "p3", "p4", "p5", "p6"] {
+        let (rel, max) = compare(fused_out.get(name).unwrap(), out.get(name).unwrap());
+        assert!(
+            rel == 0.0 && max == 0.0,
+            "{preset} {name}: fused differs from built ({rel:e}, {max:e})"
+        );
     }
 }
 
