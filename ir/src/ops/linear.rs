@@ -71,22 +71,22 @@ impl MatMul {
 
     /// `(m, k)` of the lhs `a` as used (transposed with `transpose_lhs`).
     pub fn lhs_dims(&self, a: &[usize]) -> (usize, usize) {
-        let r = a.len();
-        if self.transpose_lhs {
-            (a[r - 1], a[r - 2])
-        } else {
-            (a[r - 2], a[r - 1])
-        }
+        matrix_dims(a, self.transpose_lhs)
     }
 
     /// `(k, n)` of the rhs `b` as used (transposed with `transpose_rhs`).
     pub fn rhs_dims(&self, b: &[usize]) -> (usize, usize) {
-        let r = b.len();
-        if self.transpose_rhs {
-            (b[r - 1], b[r - 2])
-        } else {
-            (b[r - 2], b[r - 1])
-        }
+        matrix_dims(b, self.transpose_rhs)
+    }
+}
+
+/// `(rows, cols)` of the matrices of `[..., r, c]`, swapped when used transposed.
+fn matrix_dims(dims: &[usize], transposed: bool) -> (usize, usize) {
+    let (r, c) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    if transposed {
+        (c, r)
+    } else {
+        (r, c)
     }
 }
 

@@ -883,16 +883,12 @@ mod tests {
         0.5 + s * h / 3.0
     }
 
-    #[test]
-    fn gelu_f32_is_accurate() {
-        // Reference: x * Phi(x) with Phi from an f64 Simpson integration.
+    /// The largest `error(x)` over x in [-6, 6] (steps of 0.0137): for x >= -3, and below.
+    fn worst_errors(error: impl Fn(f32) -> f64) -> (f64, f64) {
         let (mut worst, mut worst_tail) = (0f64, 0f64);
         let mut x = -6.0f32;
         while x <= 6.0 {
-            let want = x as f64 * phi(x as f64);
-            let got = gelu_f32(x) as f64;
-            // Near x = -6 the Simpson Phi itself is only good to ~1e-12 absolute.
-            let err = (got - want).abs() / (want.abs() + 1e-12);
+            let err = error(x);
             if x >= -3.0 {
                 worst = worst.max(err);
             } else {
@@ -900,6 +896,17 @@ mod tests {
             }
             x += 0.0137;
         }
+        (worst, worst_tail)
+    }
+
+    #[test]
+    fn gelu_f32_is_accurate() {
+        // Reference: x * Phi(x) with Phi from an f64 Simpson integration.
+        let (worst, worst_tail) = worst_errors(|x| {
+            let want = x as f64 * phi(x as f64);
+            // Near x = -6 the Simpson Phi itself is only good to ~1e-12 absolute.
+            (gelu_f32(x) as f64 - want).abs() / (want.abs() + 1e-12)
+        });
         assert!(worst < 1e-6, "max relative error {worst:e} for x >= -3");
         assert!(worst_tail < 1e-5, "max relative error {worst_tail:e} for x < -3");
         assert_eq!(gelu_f32(0.0), 0.0);
@@ -914,20 +921,11 @@ mod tests {
         // Reference: Phi(x) + x pdf(x) in f64. The two terms cancel for negative x (the
         // derivative is zero near x = -0.752), so the error is bounded relative to the terms'
         // magnitudes, as the f32 rounding of each term bounds it.
-        let (mut worst, mut worst_tail) = (0f64, 0f64);
-        let mut x = -6.0f32;
-        while x <= 6.0 {
+        let (worst, worst_tail) = worst_errors(|x| {
             let xd = x as f64;
             let (cdf, slope) = (phi(xd), xd * pdf(xd));
-            let got = gelu_grad_f32(x, 1.0) as f64;
-            let err = (got - (cdf + slope)).abs() / (cdf.abs() + slope.abs() + 1e-30);
-            if x >= -3.0 {
-                worst = worst.max(err);
-            } else {
-                worst_tail = worst_tail.max(err);
-            }
-            x += 0.0137;
-        }
+            (gelu_grad_f32(x, 1.0) as f64 - (cdf + slope)).abs() / (cdf.abs() + slope.abs() + 1e-30)
+        });
         assert!(worst < 1e-6, "max relative error {worst:e} for x >= -3");
         assert!(worst_tail < 1e-5, "max relative error {worst_tail:e} for x < -3");
         // GELU'(0) = 1/2, dy scales, saturation to 0 and to dy, NaN passes through.
