@@ -98,10 +98,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
 }
 
 /// Batched `a [..., m, k] @ b [..., k, n]` (`a [..., k, m]`, `b [..., n, k]` used transposed
-/// with the op's flags) with broadcast batch
-/// dims. An rhs without batch dims is folded: the lhs batch becomes matrix rows (one gemm). A
-/// broadcast operand with a single batch element uses a stride-0 batch view (no copy); only
-/// partially broadcast batch shapes are materialized.
+/// with the op's flags) with broadcast batch dims. An rhs without batch dims is folded: the lhs
+/// batch becomes matrix rows (one gemm). A broadcast operand with a single batch element uses a
+/// stride-0 batch view (no copy); only partially broadcast batch shapes are materialized.
 pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     expect_float("lhs", a)?;
     let (ra, rb) = (a.rank(), b.rank());
