@@ -105,7 +105,12 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-fn contiguous_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+/// The data of a contiguous CPU storage under layout `l`, or an error naming `op`.
+pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => bail!("{op}: input must be contiguous"),
@@ -362,20 +367,45 @@ unsafe fn softmax_block_avx2(src: &[f32], dst: &mut [f32], dim: usize) {
     softmax_block(src, dst, dim)
 }
 
-/// Runs `f` on blocks of whole rows of `dim` elements in parallel (about 16K elements or an
-/// equal share per thread, whichever is smaller); a trailing partial row goes to the last block.
+/// Elements per parallel block for rows of `dim` elements: whole rows, about 16K elements or an
+/// equal share per thread, whichever is smaller.
+fn rows_block(len: usize, dim: usize) -> usize {
+    let rows = len / dim;
+    let per_task = (16384 / dim)
+        .max(1)
+        .min(rows.div_ceil(rayon::current_num_threads()).max(1));
+    per_task * dim
+}
+
+/// Runs `f` on blocks of whole rows of `dim` elements in parallel (see [`rows_block`]); a
+/// trailing partial row goes to the last block.
 fn par_rows<T: Real>(src: &[T], dim: usize, f: impl Fn(&[T], &mut [T]) + Sync + Send) -> Vec<T> {
     let mut dst = vec![T::ZERO; src.len()];
     if dim == 0 || src.is_empty() {
         return dst;
     }
-    let rows = src.len() / dim;
-    let per_task = (16384 / dim)
-        .max(1)
-        .min(rows.div_ceil(rayon::current_num_threads()).max(1));
-    dst.par_chunks_mut(per_task * dim)
-        .zip(src.par_chunks(per_task * dim))
+    let block = rows_block(src.len(), dim);
+    dst.par_chunks_mut(block)
+        .zip(src.par_chunks(block))
         .for_each(|(d, s)| f(s, d));
+    dst
+}
+
+/// [`par_rows`] over two inputs of one length, read block by block side by side.
+pub(crate) fn par_rows2<T: Real>(
+    a: &[T],
+    b: &[T],
+    dim: usize,
+    f: impl Fn(&[T], &[T], &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut dst = vec![T::ZERO; a.len()];
+    if dim == 0 || a.is_empty() {
+        return dst;
+    }
+    let block = rows_block(a.len(), dim);
+    dst.par_chunks_mut(block)
+        .zip(a.par_chunks(block).zip(b.par_chunks(block)))
+        .for_each(|(d, (x, y))| f(x, y, d));
     dst
 }
 
@@ -518,15 +548,8 @@ fn relu_grad_block<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
     }
 }
 
-/// `f(x, dy, dx)` over contiguous `x` and `dy` in parallel blocks of 16K elements.
-fn zip_blocks<T: Real>(x: &[T], dy: &[T], f: impl Fn(&[T], &[T], &mut [T]) + Sync + Send) -> Vec<T> {
-    let mut dx = vec![T::ZERO; x.len()];
-    let block = 16384;
-    dx.par_chunks_mut(block)
-        .zip(x.par_chunks(block).zip(dy.par_chunks(block)))
-        .for_each(|(d, (a, g))| f(a, g, d));
-    dx
-}
+/// Elementwise gradient kernels run in blocks of this many elements (see [`par_rows2`]).
+const ELEMENTWISE_BLOCK: usize = 16384;
 
 /// The backward of a unary function in one pass over contiguous `x` and `dy` of one shape,
 /// where the candle expression makes several passes over temporaries: GELU ([`gelu_grad_f32`])
@@ -556,19 +579,23 @@ impl CustomOp2 for UnaryGradCpu {
                 #[cfg(target_arch = "x86_64")]
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    let dx = zip_blocks(x, dy, |a, g, d| unsafe { gelu_grad_block_avx2(a, g, d) });
+                    let dx = par_rows2(x, dy, ELEMENTWISE_BLOCK, |a, g, d| unsafe {
+                        gelu_grad_block_avx2(a, g, d)
+                    });
                     return Ok((CpuStorage::F32(dx), l1.shape().clone()));
                 }
-                CpuStorage::F32(zip_blocks(x, dy, gelu_grad_block))
+                CpuStorage::F32(par_rows2(x, dy, ELEMENTWISE_BLOCK, gelu_grad_block))
             }
-            (UnaryKind::Relu, CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(zip_blocks(
+            (UnaryKind::Relu, CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(par_rows2(
                 contiguous_slice(s1, l1, name)?,
                 contiguous_slice(s2, l2, name)?,
+                ELEMENTWISE_BLOCK,
                 relu_grad_block,
             )),
-            (UnaryKind::Relu, CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(zip_blocks(
+            (UnaryKind::Relu, CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(par_rows2(
                 contiguous_slice(s1, l1, name)?,
                 contiguous_slice(s2, l2, name)?,
+                ELEMENTWISE_BLOCK,
                 relu_grad_block,
             )),
             (kind, _, _) => bail!(

@@ -4,9 +4,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::cpu::Real;
+use super::cpu::{contiguous_slice, par_rows2, Real};
 
 /// `dx = y * (dy - sum(y * dy))` per row of the last axis, from the softmax output `y` and its
 /// gradient `dy` (same shape). Per row: the dot product (8 running lanes so the loop
@@ -34,33 +33,13 @@ fn softmax_grad_row<T: Real>(y: &[T], dy: &[T], dx: &mut [T]) {
     }
 }
 
-/// Splits rows of `dim` elements over rayon tasks (about 16K elements or an equal share per
-/// thread, whichever is smaller).
+/// Rows of `dim` elements over rayon tasks (see `cpu::par_rows2`).
 fn softmax_grad_rows<T: Real>(y: &[T], dy: &[T], dim: usize) -> Vec<T> {
-    let mut dx = vec![T::ZERO; y.len()];
-    if dim == 0 || y.is_empty() {
-        return dx;
-    }
-    let rows = y.len() / dim;
-    let per_task = (16384 / dim)
-        .max(1)
-        .min(rows.div_ceil(rayon::current_num_threads()).max(1));
-    let block = per_task * dim;
-    dx.par_chunks_mut(block)
-        .zip(y.par_chunks(block).zip(dy.par_chunks(block)))
-        .for_each(|(d, (a, b))| {
-            for ((d, a), b) in d.chunks_mut(dim).zip(a.chunks(dim)).zip(b.chunks(dim)) {
-                softmax_grad_row(a, b, d);
-            }
-        });
-    dx
-}
-
-fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => bail!("{op}: input must be contiguous"),
-    }
+    par_rows2(y, dy, dim, |a, b, d| {
+        for ((d, a), b) in d.chunks_mut(dim).zip(a.chunks(dim)).zip(b.chunks(dim)) {
+            softmax_grad_row(a, b, d);
+        }
+    })
 }
 
 impl CustomOp2 for SoftmaxGradLastDim {
@@ -75,13 +54,13 @@ impl CustomOp2 for SoftmaxGradLastDim {
         let name = self.name();
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(softmax_grad_rows(
-                contiguous::<f32>(s1, l1, name)?,
-                contiguous::<f32>(s2, l2, name)?,
+                contiguous_slice::<f32>(s1, l1, name)?,
+                contiguous_slice::<f32>(s2, l2, name)?,
                 dim,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(softmax_grad_rows(
-                contiguous::<f64>(s1, l1, name)?,
-                contiguous::<f64>(s2, l2, name)?,
+                contiguous_slice::<f64>(s1, l1, name)?,
+                contiguous_slice::<f64>(s2, l2, name)?,
                 dim,
             )),
             _ => bail!(

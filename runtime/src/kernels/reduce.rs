@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use vitdet_ir::ops::ReduceSum;
 
-use super::cpu::Real;
+use super::cpu::{contiguous_slice, Real};
 use super::{accum_dtype, expect_float, KernelError, KernelResult};
 
 /// Sum over `op.axes`, accumulated in f32 for half types and rounded back; the summed axes are
@@ -159,12 +159,10 @@ impl CustomOp1 for SumForm {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            bail!("{}: input must be contiguous", self.name())
-        };
+        let name = self.name();
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.sum(&v[a..b])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.sum(&v[a..b])),
+            CpuStorage::F32(_) => CpuStorage::F32(self.sum(contiguous_slice::<f32>(s, l, name)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.sum(contiguous_slice::<f64>(s, l, name)?)),
             _ => bail!("{}: f32/f64 only, found {:?}", self.name(), s.dtype()),
         };
         Ok((out, Shape::from(self.kept())))
