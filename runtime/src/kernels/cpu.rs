@@ -101,9 +101,16 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// A raw pointer that rayon tasks may share when they write disjoint elements.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer. A closure calling this captures the `Send` wrapper, not its raw field.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// The data of a contiguous CPU storage under layout `l`, or an error naming `op`.
 pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
@@ -763,8 +770,6 @@ fn norm_impl<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: &[T]) -> Ve
             let tiles_per = inner.div_ceil(TILE);
             let ptr = SendPtr(dst.as_mut_ptr());
             (0..outer * tiles_per).into_par_iter().for_each(|t| {
-                #[allow(clippy::redundant_locals)]
-                let ptr = ptr; // capture the Send wrapper, not its raw-pointer field
                 let (o, i0) = (t / tiles_per, (t % tiles_per) * TILE);
                 let len = TILE.min(inner - i0);
                 let base = o * c * inner + i0;
@@ -794,7 +799,7 @@ fn norm_impl<T: Real>(kind: NormKind, eps: f64, x: &[T], w: &[T], b: &[T]) -> Ve
                     let row = &x[off..off + len];
                     // SAFETY: tiles cover disjoint (outer, inner-range) blocks, so every output
                     // element is written by exactly one task.
-                    let out = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(off), len) };
+                    let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(off), len) };
                     let (wc, bc) = (w[ci], b[ci]);
                     for i in 0..len {
                         out[i] = (row[i] - mean_t[i]) * rstd_t[i] * wc + bc;

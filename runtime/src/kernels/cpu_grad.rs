@@ -8,7 +8,7 @@ use crate::cuda::im2col::Im2ColTile;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::cpu::Taps;
+use super::cpu::{SendPtr, Taps};
 
 /// Runs `f` on the contiguous data of a CPU tensor of element type `T` (copying only when the
 /// tensor is not contiguous).
@@ -25,12 +25,6 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
 }
 
 // ----- normalization gradients -----
-
-/// A raw pointer that rayon tasks may share when they write disjoint elements.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-unsafe impl<T> Send for SendPtr<T> {}
-unsafe impl<T> Sync for SendPtr<T> {}
 
 /// How a normalization's statistics are grouped; `x` is viewed as `[outer, c, inner]` (with
 /// `outer = n` for group and batch norm). The affine weight is per `c` in every case.
@@ -135,8 +129,6 @@ pub(crate) fn norm_grad<T: WithDType>(
                 .fold(
                     || (vec![0f64; c], vec![0f64; c]),
                     |mut acc, t| {
-                        #[allow(clippy::redundant_locals)]
-                        let ptr = ptr; // capture the Send wrapper, not its raw-pointer field
                         let (o, i0) = (t / tiles_per, (t % tiles_per) * TILE);
                         let len = TILE.min(inner - i0);
                         let run = |k: usize| o * c * inner + k * inner + i0;
@@ -173,7 +165,7 @@ pub(crate) fn norm_grad<T: WithDType>(
                             let wk = f(w[k]);
                             // SAFETY: tasks cover disjoint (outer, inner-range) blocks, so every
                             // element of dx is written by exactly one task.
-                            let out = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(run(k)), len) };
+                            let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(run(k)), len) };
                             for j in 0..len {
                                 let xh = (f(x[run(k) + j]) - mean[j]) * rstd[j];
                                 let g = f(dy[run(k) + j]) * wk;

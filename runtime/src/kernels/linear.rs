@@ -11,7 +11,7 @@
 use candle_core::{DType, Tensor};
 use vitdet_ir::ops::MatMul;
 
-use super::{contraction_needs_f32, expect_float, KernelError, KernelResult};
+use super::{contraction_needs_f32, cpu_gemm, expect_float, KernelError, KernelResult};
 
 /// `t` itself when its two innermost dims are tight row- or column-major, else a contiguous copy.
 pub(crate) fn gemm_operand(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -100,7 +100,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
 /// Batched `a [..., m, k] @ b [..., k, n]` (`a [..., k, m]`, `b [..., n, k]` used transposed
 /// with the op's flags) with broadcast batch dims. An rhs without batch dims is folded: the lhs
 /// batch becomes matrix rows (one gemm). A broadcast operand with a single batch element uses a
-/// stride-0 batch view (no copy); only partially broadcast batch shapes are materialized.
+/// stride-0 batch view (no copy); only partially broadcast batch shapes are materialized. On the
+/// CPU, a batch of small products is split over threads by element ([`cpu_gemm`]).
 pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     expect_float("lhs", a)?;
     let (ra, rb) = (a.rank(), b.rank());
@@ -177,7 +178,12 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
                 full.append(&mut bd);
                 rhs_mat(&b.broadcast_as(full)?.contiguous()?, &[nb])?
             };
-            gemm_operand(&lhs)?.matmul(&gemm_operand(&rhs)?)?
+            let (lhs, rhs) = (gemm_operand(&lhs)?, gemm_operand(&rhs)?);
+            if cpu_gemm::applies(&lhs, &rhs) {
+                cpu_gemm::batched_matmul(&lhs, &rhs)?
+            } else {
+                lhs.matmul(&rhs)?
+            }
         };
         Ok(y.reshape(out_dims.clone())?)
     })

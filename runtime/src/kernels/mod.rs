@@ -19,6 +19,7 @@ pub mod attention;
 pub mod conv;
 pub(crate) mod cpu;
 pub(crate) mod cpu_attention_grad;
+pub(crate) mod cpu_gemm;
 pub(crate) mod cpu_grad;
 pub mod detection;
 pub mod elementwise;
