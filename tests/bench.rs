@@ -189,6 +189,28 @@ fn end_to_end_step_runs_on_the_cpu() {
     assert!(report["median_ms"].as_f64().unwrap() > 0.0);
     assert!(report["fused_attention"].as_u64().unwrap() > 0);
     assert!(report["planned_arena_bytes"].as_u64().unwrap() > 0);
+    // The same kernel time, split by op kind and by scope.
+    let total = |key: &str| -> f64 {
+        report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["host_ms"].as_f64().unwrap())
+            .sum()
+    };
+    let scopes: Vec<&str> = report["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["scope"].as_str().unwrap())
+        .collect();
+    assert!(scopes.contains(&"backbone.net"), "{scopes:?}");
+    assert!(scopes.iter().all(|s| s.split('.').count() <= 2), "{scopes:?}");
+    let (by_op, by_scope) = (total("ops"), total("scopes"));
+    assert!(
+        by_op > 0.0 && (by_op - by_scope).abs() <= 1e-6 * by_op,
+        "{by_op} vs {by_scope} ms"
+    );
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub struct RunOutput {
     pub param_bytes: usize,
     /// Wall time spent in each op's kernels, by op name.
     pub op_seconds: BTreeMap<String, f64>,
+    /// The same time by the nodes' scope, cut to its first [`SCOPE_DEPTH`] components
+    /// (`backbone.net`, `backward/roi_heads.mask_head`, ...).
+    pub scope_seconds: BTreeMap<String, f64>,
     /// Measured heap high-water mark of the run (see the module doc), or `None` when the
     /// counting allocator is not the global allocator.
     pub measured_peak_bytes: Option<usize>,
@@ -191,6 +194,7 @@ fn execute(
     let mut held_bytes = 0usize;
     let mut peak = 0usize;
     let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
+    let mut scope_seconds: BTreeMap<String, f64> = BTreeMap::new();
     let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
     let measuring = crate::alloc::installed();
     let mut measured_steps: Vec<usize> = Vec::with_capacity(if measuring { order.len() } else { 0 });
@@ -239,7 +243,9 @@ fn execute(
                 if sync_each_op {
                     device.synchronize()?;
                 }
-                *op_seconds.entry(op.name().to_string()).or_insert(0.0) += start.elapsed().as_secs_f64();
+                let seconds = start.elapsed().as_secs_f64();
+                *op_seconds.entry(op.name().to_string()).or_insert(0.0) += seconds;
+                *scope_seconds.entry(scope_key(&node.scope).to_string()).or_insert(0.0) += seconds;
                 check_outputs(graph, n, &outs)?;
                 // Ops without inputs (anchors, ...) have no device to follow: place them.
                 outs.into_iter()
@@ -298,10 +304,25 @@ fn execute(
         peak_live_bytes: peak,
         param_bytes: graph.param_bytes(),
         op_seconds,
+        scope_seconds,
         measured_peak_bytes: measuring.then(|| measured_steps.iter().copied().max().unwrap_or(0)),
         measured_step_bytes: measuring.then_some(measured_steps),
         device_peak_bytes: device_memory::peak_since(device, device_base)?,
     })
+}
+
+/// Scope components [`RunOutput::scope_seconds`] keeps.
+pub const SCOPE_DEPTH: usize = 2;
+
+/// `scope` cut after its [`SCOPE_DEPTH`]th dot-separated component (`(root)` when empty).
+fn scope_key(scope: &str) -> &str {
+    if scope.is_empty() {
+        return "(root)";
+    }
+    match scope.match_indices('.').nth(SCOPE_DEPTH - 1) {
+        Some((i, _)) => &scope[..i],
+        None => scope,
+    }
 }
 
 /// Device memory measurement around a run (CUDA's pool; nothing elsewhere).
@@ -477,4 +498,18 @@ fn gather_params(
         out.insert(n, t);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scope_keys_keep_two_components() {
+        assert_eq!(super::scope_key("backbone.net.blocks.3.attn"), "backbone.net");
+        assert_eq!(
+            super::scope_key("backward/roi_heads.mask_head.conv1"),
+            "backward/roi_heads.mask_head"
+        );
+        assert_eq!(super::scope_key("proposal_generator"), "proposal_generator");
+        assert_eq!(super::scope_key(""), "(root)");
+    }
 }

@@ -69,6 +69,18 @@ pub struct OpTime {
     pub synced_ms: Option<f64>,
 }
 
+/// One scope's share of a step (scopes cut to two components: `backbone.net`,
+/// `backward/roi_heads.mask_head`, ...).
+#[derive(Clone, Debug, Serialize)]
+pub struct ScopeTime {
+    pub scope: String,
+    /// Host time in its ops in the last timed run (see [`OpTime::host_ms`]).
+    pub host_ms: f64,
+    /// Their time with the device waited for after each op (`--profile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub synced_ms: Option<f64>,
+}
+
 /// What timing a step measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepResult {
@@ -86,6 +98,8 @@ pub struct StepResult {
     pub param_bytes: u64,
     /// Per op kind, the slowest first (by device time when profiled, else host time).
     pub ops: Vec<OpTime>,
+    /// Per scope, the slowest first (same order key).
+    pub scopes: Vec<ScopeTime>,
 }
 
 impl StepResult {
@@ -109,6 +123,17 @@ impl StepResult {
             weights = bytes(self.param_bytes),
             arena = bytes(self.planned_arena_bytes),
         ) + &self.ops_text()
+            + &self.scopes_text()
+    }
+
+    /// The slowest scopes, as text.
+    fn scopes_text(&self) -> String {
+        let mut text = format!("{:<40} {:>10} {:>10}\n", "scope", "host ms", "synced ms");
+        for s in self.scopes.iter().take(OPS_SHOWN) {
+            let synced = s.synced_ms.map_or("-".to_string(), |v| format!("{v:.2}"));
+            text += &format!("{:<40} {:>10.2} {:>10}\n", s.scope, s.host_ms, synced);
+        }
+        text
     }
 
     /// The slowest op kinds, as text.
@@ -140,6 +165,21 @@ fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMa
     let key = |o: &OpTime| o.synced_ms.unwrap_or(o.host_ms);
     ops.sort_by(|a, b| key(b).total_cmp(&key(a)));
     ops
+}
+
+/// Per scope: host seconds and synced seconds, slowest first.
+fn scope_times(host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<ScopeTime> {
+    let mut scopes: Vec<ScopeTime> = host
+        .iter()
+        .map(|(scope, &secs)| ScopeTime {
+            scope: scope.clone(),
+            host_ms: secs * 1e3,
+            synced_ms: synced.map(|s| s.get(scope).copied().unwrap_or(0.0) * 1e3),
+        })
+        .collect();
+    let key = |s: &ScopeTime| s.synced_ms.unwrap_or(s.host_ms);
+    scopes.sort_by(|a, b| key(b).total_cmp(&key(a)));
+    scopes
 }
 
 /// A compiled step: the graph, its order, its planned arena and its attention fusions.
@@ -198,18 +238,20 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut heap_peak: Option<usize> = None;
     let mut host_op_seconds = BTreeMap::new();
+    let mut host_scope_seconds = BTreeMap::new();
     let program = Program::new(&step.graph, &step.order)?;
     let mut timing = time_calls(device, opts.warmup, opts.iters, || {
         let out = program.run(&params, &named, device).context("running the step")?;
         heap_peak = heap_peak.max(out.measured_peak_bytes);
         host_op_seconds = out.op_seconds.clone();
+        host_scope_seconds = out.scope_seconds.clone();
         Ok(out)
     })?;
     let synced = if opts.profile {
         let out = program
             .run_profiled(&params, &named, device)
             .context("profiling the step")?;
-        Some(out.op_seconds)
+        Some((out.op_seconds, out.scope_seconds))
     } else {
         None
     };
@@ -228,7 +270,8 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
         timing,
         planned_arena_bytes: step.arena_bytes,
         param_bytes: params.total_bytes() as u64,
-        ops: op_times(&step.graph, &host_op_seconds, synced.as_ref()),
+        ops: op_times(&step.graph, &host_op_seconds, synced.as_ref().map(|s| &s.0)),
+        scopes: scope_times(&host_scope_seconds, synced.as_ref().map(|s| &s.1)),
     })
 }
 
