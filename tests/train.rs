@@ -67,6 +67,17 @@ fn resumed_run_repeats_the_uninterrupted_run_exactly() {
     // Stopped with a checkpoint at 3; the resume runs 4 and 5.
     let text = ok(&["--threads", "2", "train", "--out", split.to_str().unwrap(), "--resume"]);
     assert!(text.contains("trained iterations 4..5"), "{text}");
+    // Where the kernel time went, per op kind and per scope.
+    assert!(text.contains("kernel time"), "{text}");
+    let scopes = text
+        .lines()
+        .find_map(|l| l.strip_prefix("by scope: "))
+        .expect("a by-scope line");
+    for share in scopes.split(", ") {
+        let (scope, percent) = share.rsplit_once(' ').expect("`scope N%`");
+        assert!(percent.ends_with('%') && scope.split('.').count() <= 2, "{text}");
+    }
+    assert!(scopes.contains("roi_heads."), "{text}");
     let (a, b) = (losses(&whole), losses(&split));
     assert_eq!(a.len(), 5);
     assert_eq!(b.len(), 5);

@@ -219,12 +219,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let kernels: f64 = summary.op_seconds.iter().map(|(_, t)| t).sum();
-    let top: Vec<String> = summary
-        .op_seconds
-        .iter()
-        .take(6)
-        .map(|(op, t)| format!("{op} {:.0}%", 100.0 * t / kernels.max(1e-12)))
-        .collect();
-    println!("kernel time {kernels:.1} s: {}", top.join(", "));
+    let top = |times: &[(String, f64)]| -> String {
+        let shares: Vec<String> = times
+            .iter()
+            .take(6)
+            .map(|(name, t)| format!("{name} {:.0}%", 100.0 * t / kernels.max(1e-12)))
+            .collect();
+        shares.join(", ")
+    };
+    println!("kernel time {kernels:.1} s: {}", top(&summary.op_seconds));
+    println!("by scope: {}", top(&summary.scope_seconds));
     Ok(())
 }

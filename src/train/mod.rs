@@ -173,6 +173,8 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     /// Kernel time per op name over the whole run, slowest first.
     pub op_seconds: Vec<(String, f64)>,
+    /// The same time per scope (two components: `backbone.net`, ...), slowest first.
+    pub scope_seconds: Vec<(String, f64)>,
     /// Float16: the loss scale at the end and the optimizer steps this invocation skipped.
     pub loss_scale: Option<f32>,
     pub skipped_steps: u64,
@@ -350,6 +352,7 @@ fn run(
     let mut last = None;
     let mut skipped_steps = 0;
     let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut scope_seconds: std::collections::BTreeMap<String, f64> = Default::default();
     let end = stop_at.map_or(options.iterations, |n| n.min(options.iterations));
     if end <= start {
         bail!("--stop-at {end} is not after the checkpoint's iteration {start}");
@@ -382,6 +385,9 @@ fn run(
         }
         for (op, t) in &result.op_seconds {
             *op_seconds.entry(op.clone()).or_default() += t;
+        }
+        for (scope, t) in &result.scope_seconds {
+            *scope_seconds.entry(scope.clone()).or_default() += t;
         }
         let multiplier = schedule.multiplier(iteration)?;
         let (loss_scale, skipped) = match &mut scaler {
@@ -437,8 +443,12 @@ fn run(
         last = Some(line);
     }
     progress.finish();
-    let mut op_seconds: Vec<(String, f64)> = op_seconds.into_iter().collect();
-    op_seconds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest_first = |m: std::collections::BTreeMap<String, f64>| {
+        let mut v: Vec<(String, f64)> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    };
+    let (op_seconds, scope_seconds) = (slowest_first(op_seconds), slowest_first(scope_seconds));
     Ok(TrainSummary {
         start_iteration: start,
         iterations: end,
@@ -446,6 +456,7 @@ fn run(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint: checkpoint_path,
         op_seconds,
+        scope_seconds,
         loss_scale: scaler.as_ref().map(GradScaler::scale),
         skipped_steps,
     })

@@ -36,6 +36,8 @@ pub struct StepResult {
     pub truncated: usize,
     /// Kernel time per op name over the batch.
     pub op_seconds: BTreeMap<String, f64>,
+    /// The same time per scope (`RunOutput::scope_seconds`).
+    pub scope_seconds: BTreeMap<String, f64>,
 }
 
 impl StepResult {
@@ -207,6 +209,7 @@ impl TrainStep {
         let mut grads: Vec<Option<Tensor>> = vec![None; gradients.len()];
         let mut updates: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
+        let mut scope_seconds: BTreeMap<String, f64> = BTreeMap::new();
         for b in 0..n {
             let mut inputs = vec![
                 ("image", batch.images.narrow(0, b, 1)?),
@@ -224,6 +227,9 @@ impl TrainStep {
                 .with_context(|| format!("iteration {}, image {b}", iteration + 1))?;
             for (op, t) in &out.op_seconds {
                 *op_seconds.entry(op.clone()).or_default() += t;
+            }
+            for (scope, t) in &out.scope_seconds {
+                *scope_seconds.entry(scope.clone()).or_default() += t;
             }
             for name in &self.losses {
                 let v = out.get(name).expect("loss outputs exist").to_dtype(DType::F64)?;
@@ -259,6 +265,7 @@ impl TrainStep {
             buffer_updates: updates.into_iter().collect(),
             truncated: batch.truncated,
             op_seconds,
+            scope_seconds,
         })
     }
 }
