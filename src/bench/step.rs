@@ -150,36 +150,48 @@ impl StepResult {
 /// Op kinds the text report lists.
 const OPS_SHOWN: usize = 12;
 
-/// Per op kind of `graph`: node count, host seconds and synced seconds, slowest first.
-fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
-    let counts = vitdet_passes::CostSummary::of(graph).ops;
-    let mut ops: Vec<OpTime> = host
+/// `(name, host ms, synced ms)` for every name timed, slowest first (by the synced time when
+/// profiled, else the host time).
+fn slowest_first(
+    host: &BTreeMap<String, f64>,
+    synced: Option<&BTreeMap<String, f64>>,
+) -> Vec<(String, f64, Option<f64>)> {
+    let mut rows: Vec<(String, f64, Option<f64>)> = host
         .iter()
-        .map(|(op, &secs)| OpTime {
-            op: op.clone(),
-            count: counts.get(op).copied().unwrap_or(0),
-            host_ms: secs * 1e3,
-            synced_ms: synced.map(|s| s.get(op).copied().unwrap_or(0.0) * 1e3),
+        .map(|(name, &secs)| {
+            let synced_ms = synced.map(|s| s.get(name).copied().unwrap_or(0.0) * 1e3);
+            (name.clone(), secs * 1e3, synced_ms)
         })
         .collect();
-    let key = |o: &OpTime| o.synced_ms.unwrap_or(o.host_ms);
-    ops.sort_by(|a, b| key(b).total_cmp(&key(a)));
-    ops
+    let key = |r: &(String, f64, Option<f64>)| r.2.unwrap_or(r.1);
+    rows.sort_by(|a, b| key(b).total_cmp(&key(a)));
+    rows
 }
 
-/// Per scope: host seconds and synced seconds, slowest first.
-fn scope_times(host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<ScopeTime> {
-    let mut scopes: Vec<ScopeTime> = host
-        .iter()
-        .map(|(scope, &secs)| ScopeTime {
-            scope: scope.clone(),
-            host_ms: secs * 1e3,
-            synced_ms: synced.map(|s| s.get(scope).copied().unwrap_or(0.0) * 1e3),
+/// Per op kind of `graph`: node count, host and synced time, slowest first.
+fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
+    let counts = vitdet_passes::CostSummary::of(graph).ops;
+    slowest_first(host, synced)
+        .into_iter()
+        .map(|(op, host_ms, synced_ms)| OpTime {
+            count: counts.get(&op).copied().unwrap_or(0),
+            op,
+            host_ms,
+            synced_ms,
         })
-        .collect();
-    let key = |s: &ScopeTime| s.synced_ms.unwrap_or(s.host_ms);
-    scopes.sort_by(|a, b| key(b).total_cmp(&key(a)));
-    scopes
+        .collect()
+}
+
+/// Per scope: host and synced time, slowest first.
+fn scope_times(host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<ScopeTime> {
+    slowest_first(host, synced)
+        .into_iter()
+        .map(|(scope, host_ms, synced_ms)| ScopeTime {
+            scope,
+            host_ms,
+            synced_ms,
+        })
+        .collect()
 }
 
 /// A compiled step: the graph, its order, its planned arena and its attention fusions.
