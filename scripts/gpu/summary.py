@@ -75,6 +75,12 @@ def main():
                     f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced "
                     + ("-" if s is None else f"{s:8.2f} ms")
                 )
+        for sc in r.get("scopes", [])[:6]:
+            s = sc.get("synced_ms")
+            print(
+                f"  scope {sc['scope']:<38} host {sc['host_ms']:8.2f} ms  synced "
+                + ("-" if s is None else f"{s:8.2f} ms")
+            )
 
     for variant in ("eager", "fused"):
         study = os.path.join(out, f"study_vitdet_l_{variant}.txt")
