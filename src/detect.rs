@@ -17,6 +17,7 @@ use vitdet_runtime::{kernels, run_with_order, CandleDType, Device, ParamStore, T
 use crate::compile::{compile_config_with, inference_lowering, Target};
 use crate::detections::{coco_results, draw, Categories, CocoResult, Detection};
 use crate::infer::load_params;
+use crate::report::slowest_first;
 
 /// detectron2's mask threshold when pasting.
 pub const MASK_THRESHOLD: f64 = 0.5;
@@ -58,6 +59,8 @@ pub struct ImageReport {
     pub seconds: f64,
     /// Kernel time per op name, slowest first.
     pub op_seconds: Vec<(String, f64)>,
+    /// The same time per scope (two components: `backbone.net`, `roi_heads.mask_head`, ...).
+    pub scope_seconds: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,7 +140,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
         let id = image_id(path, index);
         let start = Instant::now();
         match detect_one(&config, &params, path, &opts.runner) {
-            Ok((rgb, dets, op_seconds)) => {
+            Ok((rgb, dets, (op_seconds, scope_seconds))) => {
                 let (h, w) = (rgb.height() as usize, rgb.width() as usize);
                 results.extend(coco_results(&dets, id, h, w, &categories));
                 let picture = if images.len() == 1 {
@@ -156,6 +159,7 @@ pub fn detect(opts: &DetectOptions) -> Result<DetectSummary> {
                     detections: dets.len(),
                     seconds: start.elapsed().as_secs_f64(),
                     op_seconds,
+                    scope_seconds,
                 });
             }
             // One bad file in a folder does not lose the others' results.
@@ -187,17 +191,18 @@ pub(crate) fn write_png(path: &Path, img: &RgbImage) -> Result<()> {
     vitdet_runtime::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Kernel seconds per op name and per scope, slowest first.
+type KernelSeconds = (Vec<(String, f64)>, Vec<(String, f64)>);
+
 /// Runs the detector on one image; detections in original-image pixels, as detectron2's
 /// `detector_postprocess`: boxes scaled from the resized frame and clipped to the image, empty
 /// boxes dropped, masks pasted into the image and thresholded.
-type OpSeconds = Vec<(String, f64)>;
-
 pub(crate) fn detect_one(
     config: &ModelConfig,
     params: &ParamStore,
     path: &Path,
     runner: &Runner,
-) -> Result<(RgbImage, Vec<Detection>, OpSeconds)> {
+) -> Result<(RgbImage, Vec<Detection>, KernelSeconds)> {
     let device = &runner.device;
     let rgb = load_rgb(path)?;
     let pre: Preprocessed = preprocess_rgb(&rgb, config.image_size, device)?;
@@ -272,9 +277,8 @@ pub(crate) fn detect_one(
             d.mask = Some(m);
         }
     }
-    let mut op_seconds: OpSeconds = out.op_seconds.into_iter().collect();
-    op_seconds.sort_by(|a, b| b.1.total_cmp(&a.1));
-    Ok((rgb, dets, op_seconds))
+    let seconds = (slowest_first(&out.op_seconds), slowest_first(&out.scope_seconds));
+    Ok((rgb, dets, seconds))
 }
 
 impl DetectSummary {

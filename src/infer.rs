@@ -10,7 +10,7 @@ use vitdet_passes::Precision;
 use vitdet_runtime::{preprocess_image, CandleDType, Device, ParamStore, Program, Tensor};
 
 use crate::compile::{compile_with, inference_lowering, CompileOptions, Target};
-use crate::report::bytes;
+use crate::report::{bytes, slowest_first};
 use crate::rss::RssProbe;
 
 #[derive(Clone, Debug)]
@@ -75,6 +75,8 @@ pub struct InferSummary {
     pub param_bytes: usize,
     /// Seconds per op name in the last run, slowest first.
     pub op_seconds: Vec<(String, f64)>,
+    /// The same seconds per scope (two components: `backbone.net`, ...), slowest first.
+    pub scope_seconds: Vec<(String, f64)>,
 }
 
 pub struct InferResult {
@@ -144,11 +146,8 @@ pub fn infer(opts: &InferOptions) -> Result<InferResult> {
         measured_peak_activation_bytes: out.peak_live_bytes,
         planned_peak_activation_bytes: compiled.report.peak_activation_bytes,
         param_bytes: out.param_bytes,
-        op_seconds: {
-            let mut v: Vec<(String, f64)> = out.op_seconds.clone().into_iter().collect();
-            v.sort_by(|a, b| b.1.total_cmp(&a.1));
-            v
-        },
+        op_seconds: slowest_first(&out.op_seconds),
+        scope_seconds: slowest_first(&out.scope_seconds),
     };
     Ok(InferResult {
         outputs: out.outputs,

@@ -296,6 +296,13 @@ impl TrainReport {
 }
 
 /// 1234567 -> "1.23M".
+/// Kernel times keyed by op or scope, as `(name, seconds)` pairs, slowest first.
+pub fn slowest_first(times: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = times.iter().map(|(k, &t)| (k.clone(), t)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
 pub fn human(x: f64, unit: &str) -> String {
     let (v, p) = if x >= 1e12 {
         (x / 1e12, "T")

@@ -405,6 +405,26 @@ fn infer_out_writes_coco_results_and_pictures() {
     assert!(strict.as_array().unwrap().len() < results.as_array().unwrap().len());
     let err = fails(&detect_args(image.to_str().unwrap(), out3.to_str().unwrap(), "1.5"));
     assert!(err.contains("score-thresh"), "{err}");
+
+    // The JSON report gives each image's kernel time per op kind and per scope.
+    let out4 = dir.path().join("json");
+    let mut args = detect_args(image.to_str().unwrap(), out4.to_str().unwrap(), "0");
+    args.extend(["--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let names = |key: &str| -> Vec<String> {
+        report["images"][0][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pair| pair[0].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names("op_seconds").contains(&"conv2d".to_string()));
+    let scopes = names("scope_seconds");
+    assert!(
+        scopes.contains(&"backbone.net".to_string()) && scopes.iter().any(|s| s.starts_with("roi_heads.")),
+        "{scopes:?}"
+    );
 }
 
 #[test]

@@ -43,6 +43,7 @@ use vitdet_runtime::ParamStore;
 
 use crate::compile::CheckpointChoice;
 use crate::data::{CocoDataset, LsjConfig, TrainLoader};
+use crate::report::slowest_first;
 pub use metrics::MetricsLine;
 pub use step::{StepResult, TrainStep};
 
@@ -443,12 +444,7 @@ fn run(
         last = Some(line);
     }
     progress.finish();
-    let slowest_first = |m: std::collections::BTreeMap<String, f64>| {
-        let mut v: Vec<(String, f64)> = m.into_iter().collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
-    };
-    let (op_seconds, scope_seconds) = (slowest_first(op_seconds), slowest_first(scope_seconds));
+    let (op_seconds, scope_seconds) = (slowest_first(&op_seconds), slowest_first(&scope_seconds));
     Ok(TrainSummary {
         start_iteration: start,
         iterations: end,
