@@ -244,8 +244,8 @@ fn execute(
                     device.synchronize()?;
                 }
                 let seconds = start.elapsed().as_secs_f64();
-                *op_seconds.entry(op.name().to_string()).or_insert(0.0) += seconds;
-                *scope_seconds.entry(scope_key(&node.scope).to_string()).or_insert(0.0) += seconds;
+                add_seconds(&mut op_seconds, op.name(), seconds);
+                add_seconds(&mut scope_seconds, scope_key(&node.scope), seconds);
                 check_outputs(graph, n, &outs)?;
                 // Ops without inputs (anchors, ...) have no device to follow: place them.
                 outs.into_iter()
@@ -309,6 +309,17 @@ fn execute(
         measured_step_bytes: measuring.then_some(measured_steps),
         device_peak_bytes: device_memory::peak_since(device, device_base)?,
     })
+}
+
+/// Adds `seconds` to `key`'s total, allocating the key only the first time (on a GPU the
+/// executor's per-op host time is the dispatch cost).
+fn add_seconds(totals: &mut BTreeMap<String, f64>, key: &str, seconds: f64) {
+    match totals.get_mut(key) {
+        Some(t) => *t += seconds,
+        None => {
+            totals.insert(key.to_string(), seconds);
+        }
+    }
 }
 
 /// Scope components [`RunOutput::scope_seconds`] keeps.
