@@ -14,8 +14,10 @@ use rayon::prelude::*;
 use super::cpu::SendPtr;
 
 /// Largest product (`m * n * k` multiply-adds) still split over the batch rather than inside
-/// each `gemm`: about 0.1 ms of work on one core, so a task amortizes its scheduling, and
-/// small enough that a batch of them spreads evenly.
+/// each `gemm`: up to about 0.3 ms of work on one core, enough to amortize a task's
+/// scheduling, small enough that a batch of them spreads evenly over the threads. Larger ones
+/// (global attention's `[4096, 64] @ [64, 4096]`) gain nothing from it: candle's split of
+/// each product keeps both threads busy.
 const MAX_SMALL_PRODUCT: usize = 1 << 23;
 
 /// Whether [`batched_matmul`] takes `a [b, m, k] @ b [b, k, n]`: a CPU f32 / f64 batch of at
