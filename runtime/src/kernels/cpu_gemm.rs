@@ -16,8 +16,8 @@ use super::cpu::SendPtr;
 /// Largest product (`m * n * k` multiply-adds) still split over the batch rather than inside
 /// each `gemm`: up to about 0.3 ms of work on one core, enough to amortize a task's
 /// scheduling, small enough that a batch of them spreads evenly over the threads. Larger ones
-/// (global attention's `[4096, 64] @ [64, 4096]`) gain nothing from it: candle's split of
-/// each product keeps both threads busy.
+/// (global attention's `[4096, 64] @ [64, 4096]`) keep candle's split of each product, whose
+/// per-product synchronization is then small beside the product.
 const MAX_SMALL_PRODUCT: usize = 1 << 23;
 
 /// Whether [`batched_matmul`] takes `a [b, m, k] @ b [b, k, n]`: a CPU f32 / f64 batch of at
