@@ -132,8 +132,14 @@ mod tests {
     #[test]
     fn equals_candle_matmul_bit_for_bit() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F64] {
-            let (nb, m, k, n) = (5, 37, 64, 29);
+        // Inner sizes from one k block to several (the attention's 64, 196 and longer sums).
+        for (dtype, (nb, m, k, n)) in [
+            (DType::F32, (5, 37, 64, 29)),
+            (DType::F64, (5, 37, 64, 29)),
+            (DType::F32, (3, 196, 196, 64)),
+            (DType::F32, (2, 64, 1500, 48)),
+            (DType::F64, (2, 33, 900, 70)),
+        ] {
             let a = Tensor::randn(0f32, 1.0, (nb, m, k), &dev)?.to_dtype(dtype)?;
             let b = Tensor::randn(0f32, 1.0, (nb, k, n), &dev)?.to_dtype(dtype)?;
             let bt = Tensor::randn(0f32, 1.0, (nb, n, k), &dev)?
