@@ -295,7 +295,6 @@ impl TrainReport {
     }
 }
 
-/// 1234567 -> "1.23M".
 /// Kernel times keyed by op or scope, as `(name, seconds)` pairs, slowest first.
 pub fn slowest_first(times: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
     let mut v: Vec<(String, f64)> = times.iter().map(|(k, &t)| (k.clone(), t)).collect();
@@ -303,6 +302,14 @@ pub fn slowest_first(times: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
     v
 }
 
+/// Adds each of `from`'s kernel times (per op or per scope) to `into`'s total under its name.
+pub fn add_times(into: &mut BTreeMap<String, f64>, from: &BTreeMap<String, f64>) {
+    for (name, t) in from {
+        *into.entry(name.clone()).or_default() += t;
+    }
+}
+
+/// 1234567 -> "1.23M".
 pub fn human(x: f64, unit: &str) -> String {
     let (v, p) = if x >= 1e12 {
         (x / 1e12, "T")

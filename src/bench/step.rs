@@ -152,7 +152,7 @@ const OPS_SHOWN: usize = 12;
 
 /// `(name, host ms, synced ms)` for every name timed, slowest first (by the synced time when
 /// profiled, else the host time).
-fn slowest_first(
+fn timing_rows(
     host: &BTreeMap<String, f64>,
     synced: Option<&BTreeMap<String, f64>>,
 ) -> Vec<(String, f64, Option<f64>)> {
@@ -171,7 +171,7 @@ fn slowest_first(
 /// Per op kind of `graph`: node count, host and synced time, slowest first.
 fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
     let counts = vitdet_passes::CostSummary::of(graph).ops;
-    slowest_first(host, synced)
+    timing_rows(host, synced)
         .into_iter()
         .map(|(op, host_ms, synced_ms)| OpTime {
             count: counts.get(&op).copied().unwrap_or(0),
@@ -184,7 +184,7 @@ fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMa
 
 /// Per scope: host and synced time, slowest first.
 fn scope_times(host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<ScopeTime> {
-    slowest_first(host, synced)
+    timing_rows(host, synced)
         .into_iter()
         .map(|(scope, host_ms, synced_ms)| ScopeTime {
             scope,

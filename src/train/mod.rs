@@ -43,7 +43,7 @@ use vitdet_runtime::ParamStore;
 
 use crate::compile::CheckpointChoice;
 use crate::data::{CocoDataset, LsjConfig, TrainLoader};
-use crate::report::slowest_first;
+use crate::report::{add_times, slowest_first};
 pub use metrics::MetricsLine;
 pub use step::{StepResult, TrainStep};
 
@@ -384,12 +384,8 @@ fn run(
         if let Some(bad) = result.non_finite_loss() {
             return Err(stop(progress, bad));
         }
-        for (op, t) in &result.op_seconds {
-            *op_seconds.entry(op.clone()).or_default() += t;
-        }
-        for (scope, t) in &result.scope_seconds {
-            *scope_seconds.entry(scope.clone()).or_default() += t;
-        }
+        add_times(&mut op_seconds, &result.op_seconds);
+        add_times(&mut scope_seconds, &result.scope_seconds);
         let multiplier = schedule.multiplier(iteration)?;
         let (loss_scale, skipped) = match &mut scaler {
             None => {

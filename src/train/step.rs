@@ -15,6 +15,7 @@ use super::StepOptions;
 use crate::compile::{self, compile_train, LOSS, LOSS_SCALE_INPUT};
 use crate::data::rng::{Domain, Stream};
 use crate::data::{collate, TrainSample};
+use crate::report::add_times;
 
 /// Prefix of the outputs carrying new values of buffers (BatchNorm running statistics).
 pub const UPDATE_PREFIX: &str = "update/";
@@ -225,12 +226,8 @@ impl TrainStep {
             let out = program
                 .run(params, &inputs, device)
                 .with_context(|| format!("iteration {}, image {b}", iteration + 1))?;
-            for (op, t) in &out.op_seconds {
-                *op_seconds.entry(op.clone()).or_default() += t;
-            }
-            for (scope, t) in &out.scope_seconds {
-                *scope_seconds.entry(scope.clone()).or_default() += t;
-            }
+            add_times(&mut op_seconds, &out.op_seconds);
+            add_times(&mut scope_seconds, &out.scope_seconds);
             for name in &self.losses {
                 let v = out.get(name).expect("loss outputs exist").to_dtype(DType::F64)?;
                 *losses.entry(name.clone()).or_default() += v.flatten_all()?.to_vec1::<f64>()?[0] / n as f64;
