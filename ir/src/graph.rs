@@ -116,7 +116,9 @@ impl Graph {
                 })?;
             types.push(t);
         }
-        op.rule().infer(&types).map_err(err)
+        let mut outputs = op.rule().infer(&types).map_err(err)?;
+        op.rule().rows().apply(op.name(), &types, &mut outputs).map_err(err)?;
+        Ok(outputs)
     }
 
     /// Declares `value` a graph output named `name`.

@@ -49,10 +49,17 @@ impl fmt::Display for DType {
 }
 
 /// The static type of a value: element type and shape.
+///
+/// With `dynamic_rows`, the leading dim is an upper bound: at run time the value holds that
+/// many rows or fewer (XLA's bounded dynamic dimension). Such values come from
+/// [`crate::ops::DynamicPrefix`] and flow only through ops whose [`crate::OpRule::rows`] accepts
+/// them; plans and costs use the bound.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TensorType {
     pub dtype: DType,
     pub shape: Vec<usize>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dynamic_rows: bool,
 }
 
 impl TensorType {
@@ -60,7 +67,14 @@ impl TensorType {
         TensorType {
             dtype,
             shape: shape.into(),
+            dynamic_rows: false,
         }
+    }
+
+    /// The same type with a dynamic leading dim bounded by the static one.
+    pub fn with_dynamic_rows(mut self) -> Self {
+        self.dynamic_rows = true;
+        self
     }
 
     pub fn f32(shape: impl Into<Vec<usize>>) -> Self {
@@ -79,6 +93,8 @@ impl TensorType {
         self.numel() * self.dtype.size_in_bytes()
     }
 
+    /// A static type of the same dtype (a dynamic row count is not carried over: whether an
+    /// output's rows are dynamic is the op's [`crate::OpRule::rows`] to say).
     pub fn with_shape(&self, shape: impl Into<Vec<usize>>) -> Self {
         TensorType::new(self.dtype, shape)
     }
@@ -86,7 +102,10 @@ impl TensorType {
 
 impl fmt::Display for TensorType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        let mut dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        if let (true, Some(rows)) = (self.dynamic_rows, dims.first_mut()) {
+            rows.insert_str(0, "<=");
+        }
         write!(f, "{}[{}]", self.dtype, dims.join(","))
     }
 }

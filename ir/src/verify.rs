@@ -6,6 +6,7 @@ use petgraph::Direction;
 use crate::error::IrError;
 use crate::graph::{Graph, Value};
 use crate::ops::Op;
+use crate::NodeIndex;
 
 impl Graph {
     /// Checks the whole graph: acyclic; every node's inputs present exactly once each, in
@@ -87,6 +88,41 @@ impl Graph {
                     o.value.node.index(),
                     o.value.output
                 )));
+            }
+            if self.value_type(o.value).dynamic_rows {
+                return Err(IrError::Graph(format!(
+                    "output `{}` has a dynamic row count; graph outputs must be static",
+                    o.name
+                )));
+            }
+        }
+        self.verify_one_row_count()
+    }
+
+    /// Dynamic values of one bound must hold the same rows at run time, so every
+    /// `DynamicPrefix` must read the same count.
+    fn verify_one_row_count(&self) -> Result<(), IrError> {
+        let mut count: Option<(NodeIndex, Value)> = None;
+        for i in self.graph.node_indices() {
+            if !matches!(self.graph[i].op, Op::DynamicPrefix(_)) {
+                continue;
+            }
+            let c = self.inputs_of(i)[1];
+            match count {
+                None => count = Some((i, c)),
+                Some((first, seen)) if seen != c => {
+                    return Err(IrError::Graph(format!(
+                        "dynamic_prefix nodes %{} and %{} read different counts (%{}:{} and %{}:{}); \
+                         a graph's dynamic rows share one count",
+                        first.index(),
+                        i.index(),
+                        seen.node.index(),
+                        seen.output,
+                        c.node.index(),
+                        c.output
+                    )));
+                }
+                Some(_) => {}
             }
         }
         Ok(())

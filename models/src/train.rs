@@ -3,8 +3,8 @@
 //! autodiff to differentiate.
 
 use vitdet_ir::ops::{
-    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets,
-    SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
+    max_positives, AnchorTargets, BinaryKind, Cast, DynamicPrefix, GatherRows, IotaLike, LossNorm, MaskTargets,
+    ProposalTargets, ReduceSum, SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
 };
 use vitdet_ir::{DType, Graph, Value};
 
@@ -121,17 +121,21 @@ pub fn build_detector_training(cfg: &ModelConfig, image_size: [usize; 2], max_gt
 ///   proposals, matcher 0.5, 512 RoIs, a quarter foreground at most); the box head runs on the
 ///   512 sampled slots; `loss_cls` = cross-entropy mean over the sampled RoIs, `loss_box_reg` =
 ///   L1 of the gt class's deltas summed over the foreground / the number of sampled RoIs;
-/// * mask loss (`mask_rcnn_loss`): the mask head runs on the first `int(512 * 0.25) = 128`
-///   slots, which hold every sampled foreground RoI (the sample lists foreground first); the
-///   targets are `MaskTargets` (RoIAlign crop of the matched gt mask, `>= 0.5`); `loss_mask` =
-///   BCE of the gt class's mask logits, mean over the foreground RoIs' pixels (0 without
-///   foreground).
+/// * mask loss (`mask_rcnn_loss`): the mask head runs on the sampled foreground RoIs only
+///   (`select_foreground_proposals`): the first `count` slots, `count` being the number of
+///   foreground RoIs, at most `int(512 * 0.25) = 128` (the sample lists foreground first). The
+///   rows are dynamic ([`DynamicPrefix`], bounded by 128: plans and FLOP counts use the
+///   bound), so its kernels, and in the `vit` family its BatchNorm statistics, see the
+///   foreground RoIs alone, as detectron2's. The targets are `MaskTargets` (RoIAlign crop of the
+///   matched gt mask, `>= 0.5`); `loss_mask` = BCE of the gt class's mask logits, mean over the
+///   foreground RoIs' pixels.
 ///
 /// Deviations from detectron2 (static shapes): when fewer than 512 RoIs can be sampled, the
-/// box head also runs on the empty slots (zero boxes, weight 0); the mask head always runs on
-/// 128 slots, the ones past the foreground being background RoIs or empty (weight 0). Losses
-/// are unaffected, except that in the `vit` family the heads' BatchNorm statistics include
-/// those extra rows (detectron2 normalizes over the sampled / foreground RoIs only).
+/// box head also runs on the empty slots (zero boxes, weight 0); in the `vit` family its
+/// BatchNorm statistics then include those rows. Without any foreground RoI (an image without
+/// instances) the mask head runs on one slot of weight 0: the loss and its gradients are 0 as
+/// in detectron2, but the `vit` family's mask-head BatchNorm running statistics take that
+/// slot's, where detectron2 leaves them unchanged.
 pub fn build_detector_training_with(
     cfg: &ModelConfig,
     image_size: [usize; 2],
@@ -280,8 +284,19 @@ pub fn build_detector_training_with(
             Ok((cls, reg))
         })?;
 
+        // The mask head runs on the sampled foreground RoIs only, as detectron2's
+        // `select_foreground_proposals`: the first `count` slots, at most `m`. At least one slot
+        // runs (kernels are not defined on empty tensors); without foreground its weight is 0.
         let m = mask_slots.min(r);
-        let first = |b: &mut Builder, v: Value| b.slice(v, 0, 0, m);
+        let count = b.op(
+            ReduceSum {
+                axes: vec![0],
+                keepdim: false,
+            },
+            &[foreground],
+        )?;
+        let count = b.op(Cast { dtype: DType::I64 }, &[count])?;
+        let first = |b: &mut Builder, v: Value| b.op(DynamicPrefix { min_rows: 1, bound: m }, &[v, count]);
         let (mask_rois, mask_matched, mask_fg, mask_class) = (
             first(b, rois)?,
             first(b, matched)?,

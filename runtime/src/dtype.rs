@@ -36,7 +36,14 @@ pub fn describe(t: &candle_core::Tensor) -> String {
     format!("{}[{}]", t.dtype().as_str(), dims.join(","))
 }
 
-/// Whether a tensor has exactly this static type.
+/// Whether a tensor has this type: exactly its shape, or for a type with dynamic rows, at
+/// most its bound of rows and exactly its other dims.
 pub fn matches(t: &candle_core::Tensor, ty: &TensorType) -> bool {
-    t.dims() == ty.shape.as_slice() && t.dtype() == to_candle(ty.dtype)
+    let dims = t.dims();
+    let shape_ok = if ty.dynamic_rows {
+        dims.len() == ty.rank() && dims[0] <= ty.shape[0] && dims[1..] == ty.shape[1..]
+    } else {
+        dims == ty.shape.as_slice()
+    };
+    shape_ok && t.dtype() == to_candle(ty.dtype)
 }

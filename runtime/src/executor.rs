@@ -6,7 +6,8 @@
 //! A *value* (one output of one node) is **live** from the moment its node has run until the
 //! moment its last consumer has run; graph outputs stay live until the end of the run. The
 //! executor holds exactly the live values. *Live bytes* are the sum of
-//! [`TensorType::size_in_bytes`] over the live values, counting graph inputs (live from their
+//! [`TensorType::size_in_bytes`] over the live values (for a value with dynamic rows, its
+//! bound, as the memory plan reserves), counting graph inputs (live from their
 //! `input` node's position in the order) and computed values, but not parameters and buffers,
 //! which are reported separately as [`RunOutput::param_bytes`].
 //!
@@ -189,13 +190,13 @@ fn execute(
     let mut fed = feed_inputs(graph, inputs, device)?;
     let param_values = gather_params(graph, params, device)?;
 
-    // The values the executor holds, and their measured size.
+    // The values the executor holds, and their size by type.
     let mut held: HashMap<Value, Tensor> = HashMap::new();
     let mut held_bytes = 0usize;
     let mut peak = 0usize;
     let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
     let mut scope_seconds: BTreeMap<String, f64> = BTreeMap::new();
-    let tensor_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let value_bytes = |v: Value| graph.value_type(v).size_in_bytes();
     let measuring = crate::alloc::installed();
     let mut measured_steps: Vec<usize> = Vec::with_capacity(if measuring { order.len() } else { 0 });
     // Bytes of graph inputs the executor holds (caller-owned storage, see the module doc).
@@ -261,11 +262,12 @@ fn execute(
         };
         let is_input = matches!(node.op, Op::Input(_));
         for (output, t) in outputs.into_iter().enumerate() {
-            held_bytes += tensor_bytes(&t);
+            let v = Value { node: n, output };
+            held_bytes += value_bytes(v);
             if is_input {
-                held_input_bytes += tensor_bytes(&t);
+                held_input_bytes += value_bytes(v);
             }
-            held.insert(Value { node: n, output }, t);
+            held.insert(v, t);
         }
         peak = peak.max(held_bytes);
         if measuring {
@@ -273,10 +275,10 @@ fn execute(
             measured_steps.push(heap + held_input_bytes);
         }
         for v in liveness.step(n) {
-            if let Some(t) = held.remove(&v) {
-                held_bytes -= tensor_bytes(&t);
+            if held.remove(&v).is_some() {
+                held_bytes -= value_bytes(v);
                 if matches!(graph.node(v.node).op, Op::Input(_)) {
-                    held_input_bytes -= tensor_bytes(&t);
+                    held_input_bytes -= value_bytes(v);
                 }
             }
         }

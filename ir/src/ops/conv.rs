@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, expect_same_dtype, numel, Cost, OpRule};
+use super::{expect_float, expect_rank, expect_same_dtype, numel, Cost, OpRule, RowRule};
 use crate::types::TensorType;
 
 /// 2-d convolution (PyTorch's `conv2d`): `x [N, C, H, W]`, `w [O, C/groups, kh, kw]`, optional
@@ -82,6 +82,9 @@ impl OpRule for Conv2d {
             flops: 2 * macs + if i.len() == 3 { out } else { 0 },
             activations: out,
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
     }
 }
 
@@ -171,6 +174,9 @@ impl OpRule for Conv2dGradWeight {
             activations: 0,
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[])
+    }
 }
 
 /// 2-d transposed convolution (PyTorch's `conv_transpose2d`, groups 1): `x [N, C, H, W]`,
@@ -241,5 +247,8 @@ impl OpRule for ConvTranspose2d {
             flops: 2 * macs + if i.len() == 3 { out } else { 0 },
             activations: out,
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
     }
 }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, numel, Cost, OpRule};
+use super::{expect_float, expect_rank, numel, Cost, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// detectron2's `DefaultAnchorGenerator` on one level: for a `grid[0] x grid[1]` feature map
@@ -228,6 +228,9 @@ impl OpRule for GatherRows {
         shape.extend_from_slice(&x.shape[2..]);
         Ok(vec![x.with_shape(shape)])
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[0])
+    }
 }
 
 /// Backward of [`GatherRows`]: inputs `indices [N]` (i64) and `dy [N, ...]` -> `dx [N, rows,
@@ -260,6 +263,9 @@ impl OpRule for GatherRowsGrad {
         let mut shape = vec![dy.shape[0], self.rows];
         shape.extend_from_slice(&dy.shape[1..]);
         Ok(vec![dy.with_shape(shape)])
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[0])
     }
 }
 
@@ -368,6 +374,10 @@ impl OpRule for RoiAlign {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        // The boxes (last input) are the rows; the feature levels are static.
+        RowRule::new(&[self.scales.len()], &[0])
+    }
 }
 
 /// Backward of [`RoiAlign`] with respect to the features: inputs `boxes [R, 4]` and
@@ -422,6 +432,9 @@ impl OpRule for RoiAlignGrad {
             flops: 4 * 4 * numel(&i[1].shape) + o.iter().map(|t| numel(&t.shape)).sum::<u64>(),
             ..Cost::default()
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[])
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, OpRule};
+use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +55,9 @@ impl OpRule for Unary {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
+    }
 }
 
 /// Backward of [`Unary`]: inputs `(x, dy)` of the same type, `dx = dy * f'(x)` elementwise:
@@ -89,6 +92,9 @@ impl OpRule for UnaryGrad {
             flops: numel(&o[0].shape) * (self.kind.flops_per_element() + 1),
             ..Cost::default()
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[0])
     }
 }
 
@@ -126,6 +132,9 @@ impl OpRule for Binary {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1], &[0])
+    }
 }
 
 /// `y = x * mul + add` with scalar constants.
@@ -152,6 +161,9 @@ impl OpRule for Affine {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
+    }
 }
 
 /// Converts to another dtype (used by mixed precision).
@@ -169,6 +181,9 @@ impl OpRule for Cast {
     }
     fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
         Ok(vec![TensorType::new(self.dtype, i[0].shape.clone())])
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
     }
 }
 

@@ -43,7 +43,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, numel, Cost, OpRule};
+use super::{expect_float, numel, Cost, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// How a loss's weighted sum is normalized (see the module doc).
@@ -169,6 +169,9 @@ impl OpRule for SigmoidBceLoss {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1, 2], &[])
+    }
 }
 
 /// Gradient of [`SigmoidBceLoss`]: inputs `(logits, targets, weights, dloss [, count])`,
@@ -196,6 +199,9 @@ impl OpRule for SigmoidBceLossGrad {
             flops: 6 * numel(&i[0].shape),
             ..Cost::default()
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 1, 2], &[0])
     }
 }
 

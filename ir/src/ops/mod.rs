@@ -41,7 +41,7 @@ pub use pool::{MaxPool2d, MaxPool2dGrad};
 pub use random::{splitmix64, DropPathMask};
 pub use reduce::ReduceSum;
 pub use resize::{Resize, ResizeGrad, ResizeMode};
-pub use shape::{Concat, Expand, Pad, Permute, Reshape, Slice};
+pub use shape::{Concat, DynamicPrefix, Expand, Pad, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
 pub use targets::{max_positives, AnchorTargets, MaskTargets, ProposalTargets};
 pub use window_attention::{lse_dtype, WindowAttention, WindowAttentionGrad, WindowGeometry, WindowRelPos};
@@ -85,6 +85,68 @@ impl std::iter::Sum for Cost {
     }
 }
 
+/// Which inputs and outputs of an op are indexed by rows that may be dynamic (see
+/// [`TensorType::dynamic_rows`]): the op computes on each row of these inputs independently,
+/// or reduces over them, so it runs unchanged on fewer rows than the bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowRule {
+    /// Inputs whose leading dim is the row dim. If one of them is dynamic, all must be.
+    pub inputs: Vec<usize>,
+    /// Outputs whose leading dim is those inputs' rows: dynamic when they are. Every other
+    /// output is static (a reduction over the actual rows, such as a weight gradient).
+    pub outputs: Vec<usize>,
+}
+
+impl RowRule {
+    /// Takes no dynamic input (the default).
+    pub fn none() -> RowRule {
+        RowRule::default()
+    }
+
+    pub fn new(inputs: &[usize], outputs: &[usize]) -> RowRule {
+        RowRule {
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+        }
+    }
+
+    /// Output types with their dynamic flags set from the inputs' (left as the type rule made
+    /// them when no input is dynamic: [`DynamicPrefix`] makes them). Errors when a dynamic input
+    /// sits where the op cannot take one, or row inputs mix dynamic and static rows or bounds.
+    pub(crate) fn apply(&self, op: &str, inputs: &[&TensorType], outputs: &mut [TensorType]) -> Result<(), String> {
+        let dynamic: Vec<usize> = (0..inputs.len()).filter(|&i| inputs[i].dynamic_rows).collect();
+        let Some(&first) = dynamic.first() else {
+            return Ok(());
+        };
+        for t in outputs.iter_mut() {
+            t.dynamic_rows = false;
+        }
+        if let Some(i) = dynamic.iter().find(|i| !self.inputs.contains(i)) {
+            return Err(format!(
+                "input {i} ({}) has a dynamic row count, which `{op}` does not take there",
+                inputs[*i]
+            ));
+        }
+        let bound = inputs[first].shape[0];
+        for &i in self.inputs.iter().filter(|&&i| i < inputs.len()) {
+            if !inputs[i].dynamic_rows || inputs[i].shape[0] != bound {
+                return Err(format!(
+                    "input {i} ({}) must have the dynamic rows of input {first} ({})",
+                    inputs[i], inputs[first]
+                ));
+            }
+        }
+        for &o in &self.outputs {
+            let t = &mut outputs[o];
+            if t.shape.first() != Some(&bound) {
+                return Err(format!("output {o} ({t}) does not keep the {bound} bounded rows"));
+            }
+            t.dynamic_rows = true;
+        }
+        Ok(())
+    }
+}
+
 /// The rules every op provides.
 pub trait OpRule {
     /// Lowercase name used in dumps and to find kernels and VJPs.
@@ -96,6 +158,10 @@ pub trait OpRule {
     /// Cost of one execution (see [`Cost`]).
     fn cost(&self, _inputs: &[&TensorType], _outputs: &[TensorType]) -> Cost {
         Cost::default()
+    }
+    /// Which inputs may have a dynamic row count, and which outputs then do (none by default).
+    fn rows(&self) -> RowRule {
+        RowRule::none()
     }
 }
 
@@ -158,6 +224,7 @@ op_set! {
     Permute(Permute),
     Pad(Pad),
     Slice(Slice),
+    DynamicPrefix(DynamicPrefix),
     Concat(Concat),
     Expand(Expand),
     MaxPool2d(MaxPool2d),

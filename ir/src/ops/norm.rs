@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_vector, numel, Cost, OpRule};
+use super::{expect_float, expect_vector, numel, Cost, OpRule, RowRule};
 use crate::types::TensorType;
 
 /// Layer normalization over one axis: `y = (x - mean) / sqrt(var + eps) * w + b`, biased
@@ -40,6 +40,14 @@ impl OpRule for LayerNorm {
             activations: 0,
         }
     }
+    fn rows(&self) -> RowRule {
+        // Normalizing over the rows themselves (axis 0) is not a per-row computation.
+        if self.axis == 0 {
+            RowRule::none()
+        } else {
+            RowRule::new(&[0], &[0])
+        }
+    }
 }
 
 /// Backward of [`LayerNorm`] with the same `axis` and `eps`: inputs `(x, weight [C], dy)`, outputs
@@ -75,6 +83,13 @@ impl OpRule for LayerNormGrad {
         Cost {
             flops: NORM_GRAD_FLOPS * numel(&i[0].shape),
             ..Cost::default()
+        }
+    }
+    fn rows(&self) -> RowRule {
+        if self.axis == 0 {
+            RowRule::none()
+        } else {
+            RowRule::new(&[0, 2], &[0])
         }
     }
 }
@@ -116,6 +131,9 @@ impl OpRule for GroupNorm {
             activations: 0,
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
+    }
 }
 
 /// Backward of [`GroupNorm`] with the same `groups` and `eps`: inputs `(x [N, C, ...],
@@ -156,6 +174,9 @@ impl OpRule for GroupNormGrad {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 2], &[0])
+    }
 }
 
 /// Batch normalization on `[N, C, ...]` with running statistics (inference form):
@@ -191,6 +212,9 @@ impl OpRule for BatchNorm {
             flops: 2 * n,
             activations: 0,
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
     }
 }
 
@@ -240,6 +264,9 @@ impl OpRule for BatchNormTrain {
             ..Cost::default()
         }
     }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[0])
+    }
 }
 
 /// Backward of [`BatchNormTrain`] with the same `eps` (the running statistics carry no
@@ -273,6 +300,9 @@ impl OpRule for BatchNormTrainGrad {
             flops: NORM_GRAD_FLOPS * numel(&i[0].shape),
             ..Cost::default()
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0, 2], &[0])
     }
 }
 

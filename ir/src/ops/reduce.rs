@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, numel, Cost, OpRule};
+use super::{expect_float, numel, Cost, OpRule, RowRule};
 use crate::types::TensorType;
 
 /// Sum over `axes` (strictly increasing, each `< rank`). With `keepdim` the summed axes stay as
@@ -45,6 +45,14 @@ impl OpRule for ReduceSum {
         Cost {
             flops: numel(&i[0].shape),
             ..Cost::default()
+        }
+    }
+    fn rows(&self) -> RowRule {
+        // Summing over the rows leaves a static result; otherwise each row is summed alone.
+        if self.axes.contains(&0) {
+            RowRule::new(&[0], &[])
+        } else {
+            RowRule::new(&[0], &[0])
         }
     }
 }

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::OpRule;
-use crate::types::TensorType;
+use crate::types::{DType, TensorType};
 
 /// Same elements in row-major order under a new shape.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,5 +175,43 @@ impl OpRule for Expand {
             Ok(s) if s == self.shape => Ok(vec![x.with_shape(self.shape.clone())]),
             _ => Err(format!("cannot expand {x} to {:?}", self.shape)),
         }
+    }
+}
+
+/// The first `clamp(count, min_rows, bound)` rows of `x` (inputs: `x [B, ...]` and `count`, an
+/// i64 scalar `[]`), as a value whose row count is dynamic, bounded by `bound`. Ops downstream
+/// that take dynamic rows ([`OpRule::rows`]) compute on the actual rows only: Mask R-CNN's mask
+/// head runs on the sampled foreground RoIs, not on every slot that could hold one. A negative
+/// count is an error at run time. `min_rows >= 1`: kernels are not defined on empty tensors.
+/// All of a graph's dynamic values share one count ([`crate::Graph::verify`] checks it), so
+/// dynamic values of equal bound always hold the same number of rows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DynamicPrefix {
+    pub min_rows: usize,
+    pub bound: usize,
+}
+
+impl OpRule for DynamicPrefix {
+    fn name(&self) -> &'static str {
+        "dynamic_prefix"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (2, 2)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let (x, count) = (i[0], i[1]);
+        let rows = *x.shape.first().ok_or_else(|| format!("input {x} has no rows"))?;
+        if self.min_rows == 0 || self.min_rows > self.bound || self.bound > rows {
+            return Err(format!(
+                "need 1 <= min_rows ({}) <= bound ({}) <= the input's {rows} rows",
+                self.min_rows, self.bound
+            ));
+        }
+        if count.dtype != DType::I64 || count.rank() != 0 {
+            return Err(format!("count must be an i64 scalar [], found {count}"));
+        }
+        let mut shape = x.shape.clone();
+        shape[0] = self.bound;
+        Ok(vec![x.with_shape(shape).with_dynamic_rows()])
     }
 }

@@ -20,7 +20,7 @@ impl OpRule for Input {
         (0, 0)
     }
     fn infer(&self, _: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        Ok(vec![self.ty.clone()])
+        static_source(&self.ty)
     }
 }
 
@@ -64,6 +64,14 @@ impl OpRule for Parameter {
         (0, 0)
     }
     fn infer(&self, _: &[&TensorType]) -> Result<Vec<TensorType>, String> {
-        Ok(vec![self.ty.clone()])
+        static_source(&self.ty)
     }
+}
+
+/// Sources have static shapes: dynamic rows only arise inside a graph, from a count it computes.
+fn static_source(ty: &TensorType) -> Result<Vec<TensorType>, String> {
+    if ty.dynamic_rows {
+        return Err(format!("{ty}: graph inputs and parameters have static shapes"));
+    }
+    Ok(vec![ty.clone()])
 }

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, numel, Cost, OpRule};
+use super::{expect_float, expect_rank, numel, Cost, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// Checks the seed input: an i64 scalar (`[]` or `[1]`).
@@ -293,5 +293,8 @@ impl OpRule for MaskTargets {
             flops: 4 * 4 * 4 * numel(&o[0].shape),
             ..Cost::default()
         }
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[1, 2, 3], &[0])
     }
 }

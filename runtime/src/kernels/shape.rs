@@ -6,7 +6,7 @@
 //! it costs nothing.
 
 use candle_core::Tensor;
-use vitdet_ir::ops::{Concat, Expand, Pad, Permute, Reshape, Slice};
+use vitdet_ir::ops::{Concat, DynamicPrefix, Expand, Pad, Permute, Reshape, Slice};
 
 use super::{KernelError, KernelResult};
 
@@ -67,4 +67,15 @@ pub fn concat(op: &Concat, xs: &[Tensor]) -> KernelResult<Tensor> {
 /// Broadcast to `shape`, as a view (stride 0 on the broadcast axes).
 pub fn expand(op: &Expand, x: &Tensor) -> KernelResult<Tensor> {
     Ok(x.broadcast_as(op.shape.as_slice())?)
+}
+
+/// The first `clamp(count, min_rows, bound)` rows of `x`, a view (no copy). The count is read
+/// back to the host: the row count decides the shapes of the kernels downstream.
+pub fn dynamic_prefix(op: &DynamicPrefix, x: &Tensor, count: &Tensor) -> KernelResult<Tensor> {
+    let count = count.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()?;
+    if count < 0 {
+        return Err(KernelError::Unsupported(format!("row count {count} is negative")));
+    }
+    let rows = (count as usize).clamp(op.min_rows, op.bound);
+    Ok(x.narrow(0, 0, rows)?)
 }
