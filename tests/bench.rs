@@ -189,6 +189,12 @@ fn end_to_end_step_runs_on_the_cpu() {
     assert!(report["median_ms"].as_f64().unwrap() > 0.0);
     assert!(report["fused_attention"].as_u64().unwrap() > 0);
     assert!(report["planned_arena_bytes"].as_u64().unwrap() > 0);
+    // The mask head ran on the valid detections (at least one row), and the plan at those rows
+    // is no larger than the plan at the bound.
+    let rows = report["dynamic_rows"].as_u64().unwrap();
+    assert!((1..=100).contains(&rows), "{rows}");
+    let at_rows = report["planned_arena_bytes_at_rows"].as_u64().unwrap();
+    assert!(at_rows > 0 && at_rows <= report["planned_arena_bytes"].as_u64().unwrap());
     // The same kernel time, split by op kind and by scope.
     let total = |key: &str| -> f64 {
         report[key]

@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use vitdet::ir::ops::{
-    BatchNormTrain, Conv2d, DynamicPrefix, Init, Input, LossNorm, Parameter, RoiAlign, SigmoidBceLoss, Slice, Unary,
-    UnaryKind,
+    BatchNormTrain, Conv2d, DynamicPrefix, Init, Input, LossNorm, PadRows, Parameter, RoiAlign, SigmoidBceLoss, Slice,
+    Unary, UnaryKind,
 };
 use vitdet::ir::{DType as IrDType, Graph, TensorType, Value};
 use vitdet::passes::differentiate;
@@ -103,6 +103,22 @@ fn head(rows: Rows) -> Graph {
     };
     let loss = g.add(loss, "head", &[logits, targets, weights]).unwrap();
     g.set_output("loss", loss);
+    // The probabilities, padded back to the slots with zero rows (dynamic rows only).
+    let probs = g
+        .add(
+            Unary {
+                kind: UnaryKind::Sigmoid,
+            },
+            "head",
+            &[logits],
+        )
+        .unwrap();
+    if let Rows::Dynamic = rows {
+        let probs = g.add(PadRows { rows: SLOTS }, "head", &[probs]).unwrap();
+        g.set_output("probs", probs);
+    } else {
+        g.set_output("probs", probs);
+    }
     g.set_output("running_mean", out(1));
     g.set_output("running_var", out(2));
     differentiate(&g, "loss").unwrap().graph
@@ -147,10 +163,21 @@ fn values(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-fn assert_same(a: &RunOutput, b: &RunOutput) {
-    assert_eq!(a.outputs.len(), b.outputs.len());
-    for ((name, x), (name_b, y)) in a.outputs.iter().zip(&b.outputs) {
+/// The dynamic run's outputs equal the static slice's, its padded `probs` in their first rows
+/// and zero after.
+fn assert_same(dynamic: &RunOutput, slice: &RunOutput) {
+    assert_eq!(dynamic.outputs.len(), slice.outputs.len());
+    for ((name, x), (name_b, y)) in dynamic.outputs.iter().zip(&slice.outputs) {
         assert_eq!(name, name_b);
+        if name == "probs" {
+            let rows = y.dim(0).unwrap();
+            assert_eq!(x.dim(0).unwrap(), SLOTS);
+            assert_eq!(values(&x.narrow(0, 0, rows).unwrap()), values(y));
+            assert!(values(&x.narrow(0, rows, SLOTS - rows).unwrap())
+                .iter()
+                .all(|&v| v == 0.0));
+            continue;
+        }
         assert_eq!(x.dims(), y.dims(), "{name}");
         assert_eq!(values(x), values(y), "{name}");
     }
@@ -184,4 +211,34 @@ fn a_negative_count_is_an_error() {
         err.contains("row count -1 is negative") && err.contains("dynamic_prefix"),
         "{err}"
     );
+}
+
+#[test]
+fn the_detector_runs_its_mask_head_on_the_valid_detections() {
+    use vitdet::models::{build_detector, ModelConfig};
+    let mut cfg = ModelConfig::preset("vitdet-tiny").unwrap();
+    // Random weights score every class near 1/81: this threshold keeps some candidates, not
+    // enough to fill the 20 detection slots.
+    cfg.detector.score_thresh = 0.014;
+    let graph = build_detector(&cfg).unwrap();
+    let params = ParamStore::init_random(&graph, 1, &Device::Cpu).unwrap();
+    let s = cfg.image_size;
+    let image = Tensor::randn(0f32, 1.0, (1, 3, s, s), &Device::Cpu).unwrap();
+    let out = run(&graph, &params, &[("image", image)], &Device::Cpu).unwrap();
+    let valid: Vec<u8> = out.get("valid").unwrap().to_vec1().unwrap();
+    let n = valid.iter().filter(|&&v| v == 1).count();
+    let slots = valid.len();
+    assert!(
+        n > 1 && n < slots,
+        "{n} of {slots} detections: pick a seed with some, not all"
+    );
+    assert!(valid[..n].iter().all(|&v| v == 1), "valid detections come first");
+    assert_eq!(out.dynamic_rows, Some(n));
+    let masks = out.get("masks").unwrap();
+    assert_eq!(masks.dims(), [slots, 28, 28]);
+    let rest = values(&masks.narrow(0, n, slots - n).unwrap());
+    assert!(rest.iter().all(|&v| v == 0.0), "masks of empty slots are 0");
+    // Sigmoid probabilities, strictly inside (0, 1), on the valid rows.
+    let kept = values(&masks.narrow(0, 0, n).unwrap());
+    assert!(kept.iter().all(|&v| v > 0.0 && v < 1.0));
 }

@@ -121,6 +121,23 @@ impl Graph {
         Ok(outputs)
     }
 
+    /// A copy whose dynamic rows are bounded by `rows`: each `DynamicPrefix` bound lowered to
+    /// at most `rows` and every type re-inferred. This is the graph as it runs when its count
+    /// gives `rows` rows, for planning the memory of a run whose row count is known.
+    pub fn with_rows(&self, rows: usize) -> Result<Graph, IrError> {
+        let mut g = self.clone();
+        for i in g.topo_order()? {
+            if let Op::DynamicPrefix(p) = &mut g.graph[i].op {
+                p.bound = p.bound.min(rows);
+            }
+            let inputs = g.inputs_of(i);
+            let node = &g.graph[i];
+            let outputs = g.infer_node(&node.op, &node.scope, &inputs, i.index())?;
+            g.graph[i].outputs = outputs;
+        }
+        Ok(g)
+    }
+
     /// Declares `value` a graph output named `name`.
     pub fn set_output(&mut self, name: &str, value: Value) {
         self.outputs.push(NamedValue {

@@ -2,8 +2,8 @@
 //! what verification rejects.
 
 use vitdet_ir::ops::{
-    Binary, BinaryKind, Conv2d, Conv2dGradWeight, DynamicPrefix, Init, Input, Parameter, ReduceSum, Reshape, Unary,
-    UnaryKind,
+    Binary, BinaryKind, Conv2d, Conv2dGradWeight, DynamicPrefix, Init, Input, PadRows, Parameter, ReduceSum, Reshape,
+    Unary, UnaryKind,
 };
 use vitdet_ir::{DType, Graph, TensorType, Value};
 
@@ -185,4 +185,34 @@ fn json_keeps_the_flag_and_omits_it_for_static_types() {
     back.verify().unwrap();
     assert!(back.value_type(p).dynamic_rows);
     assert!(!back.value_type(total).dynamic_rows);
+}
+
+#[test]
+fn pad_rows_makes_a_dynamic_value_static_again() {
+    let (mut g, x, _, p) = prefix_graph();
+    let r = g.add(Unary { kind: UnaryKind::Relu }, "act", &[p]).unwrap();
+    let padded = g.add(PadRows { rows: 6 }, "pad", &[r]).unwrap();
+    assert_eq!(g.value_type(padded), &TensorType::f32([6, 3, 5, 5]));
+    g.set_output("padded", padded);
+    g.verify().unwrap();
+    // Only a dynamic value, and to at least its bound.
+    for (v, rows) in [(x, 8), (r, 5)] {
+        let err = g.add(PadRows { rows }, "pad", &[v]).unwrap_err().to_string();
+        assert!(err.contains("dynamic rows bounded by at most"), "{err}");
+    }
+}
+
+#[test]
+fn with_rows_lowers_the_bound_and_retypes() {
+    let (mut g, _, _, p) = prefix_graph();
+    let w = weight(&mut g);
+    let y = g.add(Conv2d::same(1), "conv", &[p, w]).unwrap();
+    let padded = g.add(PadRows { rows: 6 }, "pad", &[y]).unwrap();
+    g.set_output("padded", padded);
+    let two = g.with_rows(2).unwrap();
+    two.verify().unwrap();
+    assert_eq!(two.value_type(y).to_string(), "f32[<=2,4,5,5]");
+    assert_eq!(two.value_type(padded), &TensorType::f32([6, 4, 5, 5]));
+    // A row count past the bound keeps it.
+    assert_eq!(g.with_rows(9).unwrap().value_type(y).to_string(), "f32[<=6,4,5,5]");
 }

@@ -3,9 +3,9 @@
 //! parameter names are `scope.leaf`, i.e. detectron2's state-dict keys.
 
 use vitdet_ir::ops::{
-    Affine, BatchNorm, BatchNormTrain, Binary, BinaryKind, Concat, Conv2d, ConvTranspose2d, GroupNorm, Init, Input,
-    LayerNorm, MatMul, MaxPool2d, Pad, Parameter, Permute, Reshape, Resize, ResizeMode, Slice, Softmax, Unary,
-    UnaryKind,
+    Affine, BatchNorm, BatchNormTrain, Binary, BinaryKind, Cast, Concat, Conv2d, ConvTranspose2d, DynamicPrefix,
+    GroupNorm, Init, Input, LayerNorm, MatMul, MaxPool2d, Pad, Parameter, Permute, ReduceSum, Reshape, Resize,
+    ResizeMode, Slice, Softmax, Unary, UnaryKind,
 };
 use vitdet_ir::{DType, Graph, NodeIndex, Op, TensorType, Value};
 
@@ -82,6 +82,30 @@ impl Builder {
 
     pub fn shape(&self, v: Value) -> Vec<usize> {
         self.graph.value_type(v).shape.clone()
+    }
+
+    /// The number of ones in the 0/1 vector `flags` (`[N]`, any numeric dtype) as the i64
+    /// scalar count [`Builder::first_rows`] takes.
+    pub fn count_ones(&mut self, flags: Value) -> Result<Value> {
+        let flags = match self.graph.value_type(flags).dtype {
+            DType::F32 => flags,
+            _ => self.op(Cast { dtype: DType::F32 }, &[flags])?,
+        };
+        // Exact: the sum of at most 2^24 ones in f32.
+        let sum = self.op(
+            ReduceSum {
+                axes: vec![0],
+                keepdim: false,
+            },
+            &[flags],
+        )?;
+        self.op(Cast { dtype: DType::I64 }, &[sum])
+    }
+
+    /// The first `count` rows of `x`, at least one and at most `bound`, as a value with dynamic
+    /// rows (kernels are not defined on empty tensors; a graph computes its count once).
+    pub fn first_rows(&mut self, x: Value, count: Value, bound: usize) -> Result<Value> {
+        self.op(DynamicPrefix { min_rows: 1, bound }, &[x, count])
     }
 
     pub fn input(&mut self, name: &str, shape: Vec<usize>) -> Result<Value> {

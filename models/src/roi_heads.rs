@@ -5,7 +5,7 @@
 //! (`mask_head.mask_fcn{1..n}`, `mask_head.deconv`, `mask_head.predictor`) and
 //! `mask_rcnn_inference`, all in static shapes.
 
-use vitdet_ir::ops::{BoxDecode, GatherRows, IndexSelect, Init, IotaLike, Nms, RoiAlign};
+use vitdet_ir::ops::{BoxDecode, GatherRows, IndexSelect, Init, IotaLike, Nms, PadRows, RoiAlign};
 use vitdet_ir::{DType, Value};
 
 use crate::adapter_fpn::FPN_BN_EPS;
@@ -83,11 +83,18 @@ pub(crate) fn roi_heads(
         })?;
 
         // ----- mask branch (on the detected boxes) -----
-        let logits = mask_logits(b, cfg, levels, boxes)?;
+        // The mask head runs on the valid detections only (they come first), as detectron2's
+        // runs on the instances it returns; the other slots' masks are 0.
+        let slots = b.shape(boxes)[0];
+        let count = b.count_ones(valid)?;
+        let detected = b.first_rows(boxes, count, slots)?;
+        let detected_classes = b.first_rows(classes, count, slots)?;
+        let logits = mask_logits(b, cfg, levels, detected)?;
         let masks = b.scoped("mask_head", |b| {
             // mask_rcnn_inference: the mask of the predicted class, sigmoid.
-            let m = b.op(GatherRows {}, &[logits, classes])?;
-            b.sigmoid(m)
+            let m = b.op(GatherRows {}, &[logits, detected_classes])?;
+            let m = b.sigmoid(m)?;
+            b.op(PadRows { rows: slots }, &[m])
         })?;
         Ok(Detections {
             boxes,

@@ -3,8 +3,8 @@
 //! autodiff to differentiate.
 
 use vitdet_ir::ops::{
-    max_positives, AnchorTargets, BinaryKind, Cast, DynamicPrefix, GatherRows, IotaLike, LossNorm, MaskTargets,
-    ProposalTargets, ReduceSum, SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
+    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets,
+    SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
 };
 use vitdet_ir::{DType, Graph, Value};
 
@@ -288,15 +288,8 @@ pub fn build_detector_training_with(
         // `select_foreground_proposals`: the first `count` slots, at most `m`. At least one slot
         // runs (kernels are not defined on empty tensors); without foreground its weight is 0.
         let m = mask_slots.min(r);
-        let count = b.op(
-            ReduceSum {
-                axes: vec![0],
-                keepdim: false,
-            },
-            &[foreground],
-        )?;
-        let count = b.op(Cast { dtype: DType::I64 }, &[count])?;
-        let first = |b: &mut Builder, v: Value| b.op(DynamicPrefix { min_rows: 1, bound: m }, &[v, count]);
+        let count = b.count_ones(foreground)?;
+        let first = |b: &mut Builder, v: Value| b.first_rows(v, count, m);
         let (mask_rois, mask_matched, mask_fg, mask_class) = (
             first(b, rois)?,
             first(b, matched)?,

@@ -72,6 +72,10 @@ pub struct RunOutput {
     /// the run, above the level at its start (the device counterpart of
     /// `measured_peak_bytes`; see [`crate::cuda::pool`]). `None` on other devices.
     pub device_peak_bytes: Option<usize>,
+    /// The most rows a `dynamic_prefix` node produced (the graph's dynamic values held at most
+    /// this many), or `None` for a graph without dynamic rows. `Graph::with_rows` of it gives
+    /// the graph to plan this run's memory exactly.
+    pub dynamic_rows: Option<usize>,
 }
 
 impl RunOutput {
@@ -201,6 +205,7 @@ fn execute(
     let mut measured_steps: Vec<usize> = Vec::with_capacity(if measuring { order.len() } else { 0 });
     // Bytes of graph inputs the executor holds (caller-owned storage, see the module doc).
     let mut held_input_bytes = 0usize;
+    let mut dynamic_rows: Option<usize> = None;
     let heap_base = crate::alloc::current_bytes();
     let device_base = device_memory::start(device)?;
 
@@ -248,6 +253,9 @@ fn execute(
                 add_seconds(&mut op_seconds, op.name(), seconds);
                 add_seconds(&mut scope_seconds, scope_key(&node.scope), seconds);
                 check_outputs(graph, n, &outs)?;
+                if let Op::DynamicPrefix(_) = op {
+                    dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
+                }
                 // Ops without inputs (anchors, ...) have no device to follow: place them.
                 outs.into_iter()
                     .map(|t| {
@@ -310,6 +318,7 @@ fn execute(
         measured_peak_bytes: measuring.then(|| measured_steps.iter().copied().max().unwrap_or(0)),
         measured_step_bytes: measuring.then_some(measured_steps),
         device_peak_bytes: device_memory::peak_since(device, device_base)?,
+        dynamic_rows,
     })
 }
 

@@ -63,6 +63,7 @@ def main():
         print(
             f"{mode} {dtype} (convolutions: {r.get('conv_engine', '?')}): median {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), "
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
+            + (f" ({gib(r['planned_arena_bytes_at_rows'])} at the run's {r['dynamic_rows']} dynamic rows)" if r.get("dynamic_rows") else "")
         )
         ops = r.get("ops", [])
         if ops:

@@ -93,8 +93,15 @@ pub struct StepResult {
     pub compile_seconds: f64,
     #[serde(flatten)]
     pub timing: Timing,
-    /// The memory planner's arena for the graph (the activations a run holds at its peak).
+    /// The memory planner's arena for the graph (the activations a run holds at its peak),
+    /// dynamic rows at their bound.
     pub planned_arena_bytes: u64,
+    /// The rows the run's dynamic values held (the mask head's RoIs), if the graph has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_rows: Option<usize>,
+    /// The arena planned at those rows (`Graph::with_rows`): the figure the measured peak
+    /// compares with; `planned_arena_bytes` without dynamic rows.
+    pub planned_arena_bytes_at_rows: u64,
     pub param_bytes: u64,
     /// Per op kind, the slowest first (by device time when profiled, else host time).
     pub ops: Vec<OpTime>,
@@ -109,7 +116,7 @@ impl StepResult {
         format!(
             "{model} {mode} at {size}px, {dtype}, {fused} fused attention blocks, compiled in {compile:.1} s\n\
              step: median {median:.1} ms, min {min:.1} ms ({iters} timed runs)\n\
-             memory: peak {peak} besides the weights ({weights}), planned arena {arena}\n",
+             memory: peak {peak} besides the weights ({weights}), planned arena {arena}{at_rows}\n",
             model = self.model,
             mode = self.mode.name(),
             size = self.image_size,
@@ -122,6 +129,10 @@ impl StepResult {
             peak = t.peak_bytes.map_or("-".to_string(), bytes),
             weights = bytes(self.param_bytes),
             arena = bytes(self.planned_arena_bytes),
+            at_rows = self.dynamic_rows.map_or(String::new(), |r| format!(
+                " ({} at the run's {r} dynamic rows)",
+                bytes(self.planned_arena_bytes_at_rows)
+            )),
         ) + &self.ops_text()
             + &self.scopes_text()
     }
@@ -249,12 +260,14 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     let inputs = step_inputs(&step.graph, step.image_size, device)?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut heap_peak: Option<usize> = None;
+    let mut dynamic_rows: Option<usize> = None;
     let mut host_op_seconds = BTreeMap::new();
     let mut host_scope_seconds = BTreeMap::new();
     let program = Program::new(&step.graph, &step.order)?;
     let mut timing = time_calls(device, opts.warmup, opts.iters, || {
         let out = program.run(&params, &named, device).context("running the step")?;
         heap_peak = heap_peak.max(out.measured_peak_bytes);
+        dynamic_rows = dynamic_rows.max(out.dynamic_rows);
         host_op_seconds = out.op_seconds.clone();
         host_scope_seconds = out.scope_seconds.clone();
         Ok(out)
@@ -281,6 +294,11 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
         compile_seconds,
         timing,
         planned_arena_bytes: step.arena_bytes,
+        dynamic_rows,
+        planned_arena_bytes_at_rows: match dynamic_rows {
+            Some(r) => vitdet_passes::plan_memory(&step.graph.with_rows(r)?, &step.order)?.arena_bytes as u64,
+            None => step.arena_bytes,
+        },
         param_bytes: params.total_bytes() as u64,
         ops: op_times(&step.graph, &host_op_seconds, synced.as_ref().map(|s| &s.0)),
         scopes: scope_times(&host_scope_seconds, synced.as_ref().map(|s| &s.1)),

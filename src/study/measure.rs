@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_passes::timing::{predict_step_time, DeviceProfile};
-use vitdet_passes::Precision;
+use vitdet_passes::{plan_memory, Precision};
 use vitdet_runtime::{CandleDType, Device, ParamStore, Program, Tensor};
 
 use crate::compile::TrainStep;
@@ -23,8 +23,15 @@ pub struct Measured {
     /// `None` when the allocator is not installed in this binary); on a GPU, the device memory
     /// pool's high-water mark above its start.
     pub measured_arena_bytes: Option<u64>,
+    /// The compiled step's arena, dynamic rows at their bound.
     pub planned_arena_bytes: u64,
-    /// `measured / planned - 1`.
+    /// The rows the step's dynamic values held (the mask head's foreground RoIs), if it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_rows: Option<usize>,
+    /// The arena planned for the step at those rows (`Graph::with_rows`, same order), which
+    /// the measurement compares with; `planned_arena_bytes` without dynamic rows.
+    pub planned_arena_bytes_at_rows: u64,
+    /// `measured / planned at rows - 1`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arena_error: Option<f64>,
     /// The ops with the most kernel time per step, seconds.
@@ -45,6 +52,7 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut times = Vec::new();
     let mut peak = None;
+    let mut rows = None;
     let mut op_seconds: std::collections::BTreeMap<String, f64> = Default::default();
     let program = Program::new(&step.graph, &step.order)?;
     for i in 0..=steps.max(1) {
@@ -58,6 +66,7 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
                     *op_seconds.entry(op.clone()).or_default() += t / steps.max(1) as f64;
                 }
             }
+            rows = rows.max(out.dynamic_rows);
             if let Some(p) = out.device_peak_bytes.or(out.measured_peak_bytes) {
                 peak = Some(peak.unwrap_or(0).max(p as u64));
             }
@@ -73,13 +82,22 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
     top_ops.sort_by(|a, b| b.1.total_cmp(&a.1));
     top_ops.truncate(6);
     let planned = step.plan.arena_bytes as u64;
+    let planned_at_rows = match rows {
+        Some(r) => {
+            let graph = step.graph.with_rows(r)?;
+            plan_memory(&graph, &step.order)?.arena_bytes as u64
+        }
+        None => planned,
+    };
     let predicted = predict_step_time(&step.graph, &step.order, profile).map_err(anyhow::Error::msg)?;
     Ok(Measured {
         step_seconds: times[times.len() / 2],
         predicted_seconds: predicted.seconds * step.batch as f64,
         measured_arena_bytes: peak,
         planned_arena_bytes: planned,
-        arena_error: peak.map(|p| p as f64 / planned as f64 - 1.0),
+        dynamic_rows: rows,
+        planned_arena_bytes_at_rows: planned_at_rows,
+        arena_error: peak.map(|p| p as f64 / planned_at_rows as f64 - 1.0),
         top_ops,
     })
 }

@@ -41,7 +41,7 @@ pub use pool::{MaxPool2d, MaxPool2dGrad};
 pub use random::{splitmix64, DropPathMask};
 pub use reduce::ReduceSum;
 pub use resize::{Resize, ResizeGrad, ResizeMode};
-pub use shape::{Concat, DynamicPrefix, Expand, Pad, Permute, Reshape, Slice};
+pub use shape::{Concat, DynamicPrefix, Expand, Pad, PadRows, Permute, Reshape, Slice};
 pub use source::{Init, Input, Parameter};
 pub use targets::{max_positives, AnchorTargets, MaskTargets, ProposalTargets};
 pub use window_attention::{lse_dtype, WindowAttention, WindowAttentionGrad, WindowGeometry, WindowRelPos};
@@ -225,6 +225,7 @@ op_set! {
     Pad(Pad),
     Slice(Slice),
     DynamicPrefix(DynamicPrefix),
+    PadRows(PadRows),
     Concat(Concat),
     Expand(Expand),
     MaxPool2d(MaxPool2d),

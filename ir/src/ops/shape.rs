@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::OpRule;
+use super::{OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// Same elements in row-major order under a new shape.
@@ -183,6 +183,7 @@ impl OpRule for Expand {
 /// that take dynamic rows ([`OpRule::rows`]) compute on the actual rows only: Mask R-CNN's mask
 /// head runs on the sampled foreground RoIs, not on every slot that could hold one. A negative
 /// count is an error at run time. `min_rows >= 1`: kernels are not defined on empty tensors.
+/// [`PadRows`] turns such a value back into a static one.
 /// All of a graph's dynamic values share one count ([`crate::Graph::verify`] checks it), so
 /// dynamic values of equal bound always hold the same number of rows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -213,5 +214,37 @@ impl OpRule for DynamicPrefix {
         let mut shape = x.shape.clone();
         shape[0] = self.bound;
         Ok(vec![x.with_shape(shape).with_dynamic_rows()])
+    }
+}
+
+/// A value with dynamic rows padded with zero rows to `rows`, at least its bound:
+/// `x [<=B, ...]` -> `[rows, ...]`, static. The way back from [`DynamicPrefix`] (graph outputs
+/// are static).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PadRows {
+    pub rows: usize,
+}
+
+impl OpRule for PadRows {
+    fn name(&self) -> &'static str {
+        "pad_rows"
+    }
+    fn arity(&self) -> (usize, usize) {
+        (1, 1)
+    }
+    fn infer(&self, i: &[&TensorType]) -> Result<Vec<TensorType>, String> {
+        let x = i[0];
+        if !x.dynamic_rows || x.shape[0] > self.rows {
+            return Err(format!(
+                "input must have dynamic rows bounded by at most {}, found {x}",
+                self.rows
+            ));
+        }
+        let mut shape = x.shape.clone();
+        shape[0] = self.rows;
+        Ok(vec![x.with_shape(shape)])
+    }
+    fn rows(&self) -> RowRule {
+        RowRule::new(&[0], &[])
     }
 }

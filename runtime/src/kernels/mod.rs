@@ -116,6 +116,7 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::Pad(o) => one(shape::pad(o, &x[0])?),
         Op::Slice(o) => one(shape::slice(o, &x[0])?),
         Op::DynamicPrefix(o) => one(shape::dynamic_prefix(o, &x[0], &x[1])?),
+        Op::PadRows(o) => one(shape::pad_rows(o, &x[0])?),
         Op::Concat(o) => one(shape::concat(o, x)?),
         Op::Expand(o) => one(shape::expand(o, &x[0])?),
         Op::MaxPool2d(o) => one(pool::max_pool2d(o, &x[0])?),

@@ -6,7 +6,7 @@
 //! it costs nothing.
 
 use candle_core::Tensor;
-use vitdet_ir::ops::{Concat, DynamicPrefix, Expand, Pad, Permute, Reshape, Slice};
+use vitdet_ir::ops::{Concat, DynamicPrefix, Expand, Pad, PadRows, Permute, Reshape, Slice};
 
 use super::{KernelError, KernelResult};
 
@@ -78,4 +78,16 @@ pub fn dynamic_prefix(op: &DynamicPrefix, x: &Tensor, count: &Tensor) -> KernelR
     }
     let rows = (count as usize).clamp(op.min_rows, op.bound);
     Ok(x.narrow(0, 0, rows)?)
+}
+
+/// Zero rows appended up to `rows`.
+pub fn pad_rows(op: &PadRows, x: &Tensor) -> KernelResult<Tensor> {
+    let have = x.dim(0)?;
+    if have > op.rows {
+        return Err(KernelError::Unsupported(format!(
+            "{have} rows exceed the bound {}",
+            op.rows
+        )));
+    }
+    Ok(x.pad_with_zeros(0, 0, op.rows - have)?)
 }
