@@ -160,11 +160,14 @@ impl CompileReport {
                 bytes(b.measured_peak_activation_bytes)
             );
             if let Some(heap) = b.measured_heap_peak_bytes {
+                let rows = b
+                    .dynamic_rows
+                    .map_or(String::new(), |r| format!(" at the run's {r} dynamic rows"));
                 let _ = writeln!(
                     s,
-                    "  heap     {} high-water mark ({:+.1}% of the planned arena)",
+                    "  heap     {} high-water mark ({:+.1}% of the planned arena{rows})",
                     bytes(heap),
-                    100.0 * (heap as f64 / self.arena_bytes.max(1) as f64 - 1.0)
+                    100.0 * (heap as f64 / b.planned_arena_bytes_at_rows.max(1) as f64 - 1.0)
                 );
             }
         }

@@ -28,9 +28,14 @@ pub struct Benchmark {
     pub fps: f64,
     pub measured_peak_activation_bytes: usize,
     /// Heap high-water mark of the run above its start (the counting allocator, when the binary
-    /// installs it), to compare with the planned arena.
+    /// installs it), to compare with the planned arena at the run's rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured_heap_peak_bytes: Option<usize>,
+    /// The rows the run's dynamic values held (the mask head's detections), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_rows: Option<usize>,
+    /// The arena planned at those rows (`Graph::with_rows`); the compiled arena without them.
+    pub planned_arena_bytes_at_rows: usize,
 }
 
 /// Which implementation runs convolutions on CUDA (`--conv-engine`).
@@ -101,5 +106,10 @@ pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
         fps: 1.0 / seconds,
         measured_peak_activation_bytes: out.peak_live_bytes,
         measured_heap_peak_bytes: out.measured_peak_bytes,
+        dynamic_rows: out.dynamic_rows,
+        planned_arena_bytes_at_rows: match out.dynamic_rows {
+            Some(r) => vitdet_passes::plan_memory(&compiled.graph.with_rows(r)?, &compiled.order)?.arena_bytes,
+            None => compiled.report.arena_bytes,
+        },
     })
 }

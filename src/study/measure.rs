@@ -67,8 +67,12 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
                 }
             }
             rows = rows.max(out.dynamic_rows);
-            if let Some(p) = out.device_peak_bytes.or(out.measured_peak_bytes) {
-                peak = Some(peak.unwrap_or(0).max(p as u64));
+            // Not the warm-up's: the first products on each thread allocate the gemm crate's
+            // cache-sized slabs, which live as long as the process (as the rayon pool).
+            if i > 0 {
+                if let Some(p) = out.device_peak_bytes.or(out.measured_peak_bytes) {
+                    peak = Some(peak.unwrap_or(0).max(p as u64));
+                }
             }
         }
         // Kernels on a GPU run asynchronously: the step ends when the device is idle.
