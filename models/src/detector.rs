@@ -38,7 +38,8 @@ pub fn build_detector(cfg: &ModelConfig) -> Result<Graph> {
 /// past the NMS survivors are invalid and never become detections) and `detections_per_image`
 /// detections; output rows with `valid = 0` hold arbitrary (finite) values, and their masks
 /// are 0: the mask head runs on the valid detections only (a dynamic row count bounded by
-/// `detections_per_image`; plans and FLOP counts use the bound). Masks are the 28x28 per-box
+/// `detections_per_image`, at least 1, so without any valid detection slot 0 still gets a
+/// mask; plans and FLOP counts use the bound). Masks are the 28x28 per-box
 /// probabilities (`mask_rcnn_inference`); pasting them into the image
 /// (`PasteMasks`, detectron2's `paste_masks_in_image`, in the *original* image frame) is left
 /// to a separate step, so the graph has no `pasted` output.

@@ -83,8 +83,8 @@ pub(crate) fn roi_heads(
         })?;
 
         // ----- mask branch (on the detected boxes) -----
-        // The mask head runs on the valid detections only (they come first), as detectron2's
-        // runs on the instances it returns; the other slots' masks are 0.
+        // The mask head runs on the valid detections only (they come first, at least one slot
+        // runs), as detectron2's runs on the instances it returns; the other slots' masks are 0.
         let slots = b.shape(boxes)[0];
         let count = b.count_ones(valid)?;
         let detected = b.first_rows(boxes, count, slots)?;
