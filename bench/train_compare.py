@@ -38,9 +38,9 @@ as the last iteration's metrics line appears (polling /proc every 50 ms) and rep
 whole-process peak.
 
 Differences that remain: detectron2 trains in float32 here (the config enables AMP, which is a
-GPU setting); both run detectron2's drop path 0.1. detectron2's mask head runs only on the
-sampled foreground RoIs (reported as `fg_rois`), vitdet's static graph always runs it on the
-int(512 * 0.25) = 128 foreground slots of the RoI sample, masking the empty ones. The two images
+GPU setting); both run detectron2's drop path 0.1. Both run the mask head only on the sampled
+foreground RoIs (reported as `fg_rois`; vitdet's from `roi_head/num_fg_samples` in its
+metrics.jsonl), whose number depends on the image and the weights. The two images
 differ (detectron2: the synthetic picture below, unaugmented; vitdet: its synthetic dataset through
 its LSJ loader), but both are 1024x1024 inputs to shape-static or image-size-bound computations,
 so the work per iteration does not depend on the picture beyond the number of foreground RoIs.
@@ -270,6 +270,7 @@ def run_vitdet(args):
             # the 50 ms polling interval; None where two lines appeared within one poll.
             "cpu_seconds": [None] + [b - a if b != a else None for a, b in zip(cpu_at_line, cpu_at_line[1:])],
             "losses": [l["losses"] for l in lines],
+            "fg_rois": [l.get("samples", {}).get("roi_head/num_fg_samples") for l in lines],
             "peak_rss_bytes": peak,
             "peak_rss_iterations_bytes": peak_iterations,
             "load_start": load_start,
@@ -345,7 +346,7 @@ def main():
         else:
             p = r["peak_rss_iterations_bytes"]
             note = ("peak by the last iteration " + (f"{p / GIB:.2f} GiB" if p else "not sampled")
-                    + " (the rest: final checkpoint write)")
+                    + f" (the rest: final checkpoint write); fg RoIs {r['fg_rois']}")
         print(f"{name:<12} {med[name]:>8.1f} {fmt(r['median_cpu_seconds'], 11)} "
               f"{r['peak_rss_bytes'] / GIB:>13.2f}  {note}")
         print(f"{'':<12} per iteration: " + ", ".join(f"{s:.1f}" for s in r["seconds"])

@@ -126,6 +126,22 @@ fn loss_falls() {
         ],
     );
     let m = losses(&run);
+    // Every iteration logs its samples under detectron2's names: whole counts, every image's
+    // instances give positives and foreground (gt boxes match anchors as low-quality matches
+    // and join the proposals), within detectron2's sample sizes (256 anchors, 512 RoIs).
+    for line in &m {
+        let stat = |name: &str| -> f64 {
+            let v = line.samples[name];
+            assert!(v >= 0.0 && v.fract() == 0.0, "{name} = {v}");
+            v
+        };
+        let (pos, neg) = (stat("rpn/num_pos_anchors"), stat("rpn/num_neg_anchors"));
+        let (fg, bg) = (stat("roi_head/num_fg_samples"), stat("roi_head/num_bg_samples"));
+        assert!(
+            pos >= 1.0 && pos + neg <= 256.0 && fg >= 1.0 && fg + bg <= 512.0,
+            "{line:?}"
+        );
+    }
     let mean = |s: &[MetricsLine]| s.iter().map(|l| l.losses["loss"]).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&m[..8]), mean(&m[m.len() - 8..]));
     // At initialization the classifier and mask losses sit at ln(K+1) and ln 2; 40 steps at

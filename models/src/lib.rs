@@ -107,5 +107,5 @@ pub use rpn::{box_scale_clamp, RPN_ANCHOR_SIZES, RPN_ASPECT_RATIOS};
 pub use simple_pyramid::PYRAMID_LN_EPS;
 pub use train::{
     build_detector_training, build_detector_training_with, TrainingConfig, ANCHOR_TARGETS_STREAM, BUFFER_UPDATE_PREFIX,
-    GT_BOXES, GT_CLASSES, GT_MASKS, GT_VALID, LOSS_NAMES, PROPOSAL_TARGETS_STREAM, SEED,
+    GT_BOXES, GT_CLASSES, GT_MASKS, GT_VALID, LOSS_NAMES, PROPOSAL_TARGETS_STREAM, SAMPLE_STAT_NAMES, SEED,
 };

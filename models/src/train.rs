@@ -3,7 +3,7 @@
 //! autodiff to differentiate.
 
 use vitdet_ir::ops::{
-    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets,
+    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets, ReduceSum,
     SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
 };
 use vitdet_ir::{DType, Graph, Value};
@@ -35,6 +35,16 @@ pub const LOSS_NAMES: [&str; 6] = [
     "loss_box_reg",
     "loss_mask",
     "loss",
+];
+
+/// Names of the training graph's sampling statistics (f32 scalars `[]`), detectron2's event
+/// names: positive and negative anchors in the RPN's sample, foreground and background RoIs in
+/// the RoI heads' sample.
+pub const SAMPLE_STAT_NAMES: [&str; 4] = [
+    "rpn/num_pos_anchors",
+    "rpn/num_neg_anchors",
+    "roi_head/num_fg_samples",
+    "roi_head/num_bg_samples",
 ];
 
 /// Prefix of the outputs carrying updated buffers: `update/<buffer name>` is the new value of
@@ -101,7 +111,8 @@ pub fn build_detector_training(cfg: &ModelConfig, image_size: [usize; 2], max_gt
 /// invalid rows). `image_size` (height, width) is the resized image inside the padded input,
 /// as `image_hw` of [`crate::build_detector_for_image`]: proposals are clipped to it.
 ///
-/// Outputs: [`LOSS_NAMES`] (f32 scalars) and, for the BatchNorm of the `vit` family, one
+/// Outputs: [`LOSS_NAMES`] (f32 scalars), [`SAMPLE_STAT_NAMES`] (f32 scalars, counts that
+/// carry no gradient) and, for the BatchNorm of the `vit` family, one
 /// [`BUFFER_UPDATE_PREFIX`] output per running statistic.
 ///
 /// The graph is [`crate::build_detector`]'s backbone, RPN and heads (same modules, parameter
@@ -194,7 +205,7 @@ pub fn build_detector_training_with(
     let proposals = rpn(&mut b, cfg, &feats, image_size, topk)?;
 
     // ----- RPN losses -----
-    let (loss_rpn_cls, loss_rpn_loc) = b.scoped("proposal_generator", |b| {
+    let (loss_rpn_cls, loss_rpn_loc, rpn_stats) = b.scoped("proposal_generator", |b| {
         let cat = |b: &mut Builder, f: fn(&crate::rpn::RpnLevel) -> Value| {
             let vs: Vec<Value> = proposals.levels.iter().map(f).collect();
             b.concat(&vs, 0)
@@ -220,6 +231,9 @@ pub fn build_detector_training_with(
             value: tc.rpn_batch_size_per_image as f64,
         };
         let cls = b.op(SigmoidBceLoss { norm }, &[logits, objectness, sampled])?;
+        // The objectness target is 1 exactly on the sampled positives.
+        let (pos, all) = (sum_all(b, objectness)?, sum_all(b, sampled)?);
+        let neg = b.binary(BinaryKind::Sub, all, pos)?;
         let loc = b.op(
             SmoothL1Loss {
                 beta: tc.smooth_l1_beta,
@@ -227,12 +241,12 @@ pub fn build_detector_training_with(
             },
             &[deltas, target_deltas, objectness],
         )?;
-        Ok((cls, loc))
+        Ok((cls, loc, [pos, neg]))
     })?;
 
     // ----- RoI heads -----
     let levels = &feats[..4];
-    let (loss_cls, loss_box_reg, loss_mask) = b.scoped("roi_heads", |b| {
+    let (loss_cls, loss_box_reg, loss_mask, roi_stats) = b.scoped("roi_heads", |b| {
         let targets = b.op_multi(
             ProposalTargets {
                 num_classes: k,
@@ -287,6 +301,8 @@ pub fn build_detector_training_with(
         // The mask head runs on the sampled foreground RoIs only, as detectron2's
         // `select_foreground_proposals`: the first `count` slots, at most `m`. At least one slot
         // runs (kernels are not defined on empty tensors); without foreground its weight is 0.
+        let (fg, all) = (sum_all(b, foreground)?, sum_all(b, sampled)?);
+        let bg = b.binary(BinaryKind::Sub, all, fg)?;
         let m = mask_slots.min(r);
         let count = b.count_ones(foreground)?;
         let first = |b: &mut Builder, v: Value| b.first_rows(v, count, m);
@@ -308,7 +324,7 @@ pub fn build_detector_training_with(
                 &[logits, targets, mask_fg],
             )
         })?;
-        Ok((loss_cls, loss_box_reg, loss_mask))
+        Ok((loss_cls, loss_box_reg, loss_mask, [fg, bg]))
     })?;
 
     let parts = [loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, loss_mask];
@@ -321,8 +337,22 @@ pub fn build_detector_training_with(
     for (name, v) in LOSS_NAMES.iter().zip(parts.iter().chain([&total])) {
         graph.set_output(name, *v);
     }
+    for (name, v) in SAMPLE_STAT_NAMES.iter().zip(rpn_stats.iter().chain(&roi_stats)) {
+        graph.set_output(name, *v);
+    }
     for (name, v) in updates {
         graph.set_output(&format!("{BUFFER_UPDATE_PREFIX}{name}"), v);
     }
     Ok(graph)
+}
+
+/// The sum of all entries of a vector, `[]`.
+fn sum_all(b: &mut Builder, v: Value) -> Result<Value> {
+    b.op(
+        ReduceSum {
+            axes: vec![0],
+            keepdim: false,
+        },
+        &[v],
+    )
 }

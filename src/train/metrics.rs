@@ -15,6 +15,10 @@ pub struct MetricsLine {
     pub iteration: u64,
     /// `loss` and its terms, averaged over the batch.
     pub losses: BTreeMap<String, f64>,
+    /// Anchors and RoIs sampled per image, averaged over the batch, under detectron2's event
+    /// names (`rpn/num_pos_anchors`, `roi_head/num_fg_samples`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub samples: BTreeMap<String, f64>,
     /// Learning rate of parameters with multiplier 1 (the heads).
     pub lr: f64,
     /// Wall time of the iteration.

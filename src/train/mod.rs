@@ -12,7 +12,8 @@
 //! A run directory holds:
 //! * `train.json`: the options the run was started with (a resumed run reads them back, so a
 //!   resume cannot silently change the experiment);
-//! * `metrics.jsonl`: one JSON object per iteration (loss terms, learning rate, timing);
+//! * `metrics.jsonl`: one JSON object per iteration (loss terms, sampled anchors and RoIs,
+//!   learning rate, timing);
 //! * `checkpoint.safetensors`: parameters, optimizer state (and the loss scaler's, for float16)
 //!   and the iteration reached, replaced atomically every `checkpoint_period` iterations and at
 //!   the end. It is also a weights file for `vitdet infer --weights`.
@@ -411,6 +412,7 @@ fn run(
         let line = MetricsLine {
             iteration: iteration + 1,
             losses: result.losses.clone(),
+            samples: result.sample_stats.clone(),
             lr: options.base_lr * multiplier,
             seconds: t0.elapsed().as_secs_f64(),
             truncated_instances: result.truncated,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
-use vitdet_models::{ModelConfig, TrainingConfig};
+use vitdet_models::{ModelConfig, TrainingConfig, SAMPLE_STAT_NAMES};
 use vitdet_passes::autodiff::{BACKWARD_SCOPE, GRAD_PREFIX};
 use vitdet_passes::{Precision, RECOMPUTE_SCOPE};
 use vitdet_runtime::{CandleDType as DType, Device, Tensor};
@@ -25,11 +25,15 @@ pub struct TrainStep {
     compiled: compile::TrainStep,
     /// Loss outputs (`loss` and its terms), in graph order.
     losses: Vec<String>,
+    /// Sampling statistics among the outputs ([`SAMPLE_STAT_NAMES`]).
+    sample_stats: Vec<String>,
 }
 
 /// One iteration's losses (averaged over the batch), gradients and buffer updates.
 pub struct StepResult {
     pub losses: BTreeMap<String, f64>,
+    /// Sampled anchors and RoIs per image (detectron2's event names), averaged over the batch.
+    pub sample_stats: BTreeMap<String, f64>,
     /// Averaged over the batch; with a loss scale, still multiplied by it.
     pub gradients: Vec<(String, Tensor)>,
     pub buffer_updates: Vec<(String, Tensor)>,
@@ -98,14 +102,17 @@ impl TrainStep {
             );
         }
         debug_assert!(compiled.gradients.iter().all(|(_, o)| o.starts_with(GRAD_PREFIX)));
-        let losses = compiled
-            .graph
-            .outputs
-            .iter()
-            .filter(|o| o.name.starts_with(LOSS))
-            .map(|o| o.name.clone())
-            .collect();
-        Ok(TrainStep { compiled, losses })
+        let outputs = |keep: &dyn Fn(&str) -> bool| -> Vec<String> {
+            let names = compiled.graph.outputs.iter().map(|o| o.name.as_str());
+            names.filter(|n| keep(n)).map(str::to_string).collect()
+        };
+        let losses = outputs(&|n| n.starts_with(LOSS));
+        let sample_stats = outputs(&|n| SAMPLE_STAT_NAMES.contains(&n));
+        Ok(TrainStep {
+            compiled,
+            losses,
+            sample_stats,
+        })
     }
 
     /// The step's graph and order, checked once for the steps [`TrainStep::run_batch`] runs.
@@ -207,6 +214,7 @@ impl TrainStep {
         let gradients = &self.compiled.gradients;
         let n = samples.len();
         let mut losses: BTreeMap<String, f64> = BTreeMap::new();
+        let mut sample_stats: BTreeMap<String, f64> = BTreeMap::new();
         let mut grads: Vec<Option<Tensor>> = vec![None; gradients.len()];
         let mut updates: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
@@ -228,9 +236,11 @@ impl TrainStep {
                 .with_context(|| format!("iteration {}, image {b}", iteration + 1))?;
             add_times(&mut op_seconds, &out.op_seconds);
             add_times(&mut scope_seconds, &out.scope_seconds);
-            for name in &self.losses {
-                let v = out.get(name).expect("loss outputs exist").to_dtype(DType::F64)?;
-                *losses.entry(name.clone()).or_default() += v.flatten_all()?.to_vec1::<f64>()?[0] / n as f64;
+            for (names, into) in [(&self.losses, &mut losses), (&self.sample_stats, &mut sample_stats)] {
+                for name in names {
+                    let v = out.get(name).expect("named outputs exist").to_dtype(DType::F64)?;
+                    *into.entry(name.clone()).or_default() += v.flatten_all()?.to_vec1::<f64>()?[0] / n as f64;
+                }
             }
             for (slot, (_, output)) in grads.iter_mut().zip(gradients) {
                 let g = out.get(output).expect("gradient outputs exist");
@@ -258,6 +268,7 @@ impl TrainStep {
         }
         Ok(StepResult {
             losses,
+            sample_stats,
             gradients: averaged,
             buffer_updates: updates.into_iter().collect(),
             truncated: batch.truncated,
