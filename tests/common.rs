@@ -7,6 +7,16 @@ use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 
+/// A tensor's values as f32, flattened.
+pub fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")

@@ -1,5 +1,7 @@
 //! Training data: the synthetic dataset, the COCO loader, large-scale jitter and batching.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
@@ -23,10 +25,6 @@ fn synth(dir: &Path, train: usize, val: usize, size: usize, seed: u64) {
         seed,
     })
     .unwrap();
-}
-
-fn tensor_vec(t: &candle_core::Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -432,7 +430,7 @@ fn lsj_at_scale_one_without_flip_is_the_identity() {
     assert_eq!(s.image_hw, [96, 128]);
     assert_eq!(s.image.dims(), &[3, 128, 128]);
     let expected = normalize_and_pad(&img, 128, &Device::Cpu).unwrap();
-    assert_eq!(tensor_vec(&s.image), tensor_vec(&expected));
+    assert_eq!(common::f32s(&s.image), common::f32s(&expected));
     assert_eq!(s.classes, vec![2, 0]);
     assert_eq!(s.boxes, vec![[5.0, 10.0, 30.0, 40.0], [100.0, 50.0, 126.0, 90.0]]);
     for (m, orig) in s.masks.iter().zip(&inst) {
@@ -453,7 +451,7 @@ fn lsj_flip_mirrors_image_masks_and_boxes() {
     let s = cfg.apply(&img, &inst, &p).unwrap();
     let flipped = image::imageops::flip_horizontal(&img);
     let expected = normalize_and_pad(&flipped, 128, &Device::Cpu).unwrap();
-    assert_eq!(tensor_vec(&s.image), tensor_vec(&expected));
+    assert_eq!(common::f32s(&s.image), common::f32s(&expected));
     // x -> w - x for box edges (w = 128).
     assert_eq!(s.boxes, vec![[98.0, 10.0, 123.0, 40.0], [2.0, 50.0, 28.0, 90.0]]);
     for (m, orig) in s.masks.iter().zip(&inst) {
@@ -550,7 +548,7 @@ fn lsj_boxes_are_tight_boxes_of_the_masks() {
         let out = cfg.apply(&s.image, &inst, &p).unwrap();
         seen_empty_drop |= out.classes.len() < inst.len();
         let [h, w] = out.image_hw;
-        let img = tensor_vec(&out.image);
+        let img = common::f32s(&out.image);
         // Padding (outside the valid region) is exactly zero in every channel.
         for c in 0..3 {
             for y in 0..64 {
@@ -624,7 +622,7 @@ fn loader_rebuilds_any_iteration_alone() {
     // A fresh loader asked for iteration 5, slot 2 only, gives the same sample.
     let again = TrainLoader::new(load(), LsjConfig::vitdet(48), 4, 77).unwrap();
     let one = again.sample(5, 2).unwrap();
-    assert_eq!(tensor_vec(&one.image), tensor_vec(&batch[2].image));
+    assert_eq!(common::f32s(&one.image), common::f32s(&batch[2].image));
     assert_eq!(one.boxes, batch[2].boxes);
     assert_eq!(one.masks, batch[2].masks);
     assert_eq!(one.classes, batch[2].classes);
@@ -632,7 +630,7 @@ fn loader_rebuilds_any_iteration_alone() {
     let other = TrainLoader::new(load(), LsjConfig::vitdet(48), 4, 78).unwrap();
     let differs = (0..4).any(|i| {
         other.batch_images(i) != loader.batch_images(i)
-            || tensor_vec(&other.sample(i, 0).unwrap().image) != tensor_vec(&loader.sample(i, 0).unwrap().image)
+            || common::f32s(&other.sample(i, 0).unwrap().image) != common::f32s(&loader.sample(i, 0).unwrap().image)
     });
     assert!(differs);
     assert!(loader.sample(0, 4).is_err(), "slot outside the batch");

@@ -3,7 +3,10 @@
 //! kernels see the same shapes). This is how the training graph's mask head runs on the sampled
 //! foreground RoIs only, as detectron2's, whose BatchNorm normalizes over them alone.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::f32s;
 use vitdet::ir::ops::{
     BatchNormTrain, Conv2d, DynamicPrefix, Init, Input, LossNorm, PadRows, Parameter, RoiAlign, SigmoidBceLoss, Slice,
     Unary, UnaryKind,
@@ -154,15 +157,6 @@ fn outputs(rows: Rows, count: i64) -> (Graph, RunOutput) {
     (graph, out)
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// The dynamic run's outputs equal the static slice's, its padded `probs` in their first rows
 /// and zero after.
 fn assert_same(dynamic: &RunOutput, slice: &RunOutput) {
@@ -172,14 +166,14 @@ fn assert_same(dynamic: &RunOutput, slice: &RunOutput) {
         if name == "probs" {
             let rows = y.dim(0).unwrap();
             assert_eq!(x.dim(0).unwrap(), SLOTS);
-            assert_eq!(values(&x.narrow(0, 0, rows).unwrap()), values(y));
-            assert!(values(&x.narrow(0, rows, SLOTS - rows).unwrap())
+            assert_eq!(f32s(&x.narrow(0, 0, rows).unwrap()), f32s(y));
+            assert!(f32s(&x.narrow(0, rows, SLOTS - rows).unwrap())
                 .iter()
                 .all(|&v| v == 0.0));
             continue;
         }
         assert_eq!(x.dims(), y.dims(), "{name}");
-        assert_eq!(values(x), values(y), "{name}");
+        assert_eq!(f32s(x), f32s(y), "{name}");
     }
 }
 
@@ -198,7 +192,7 @@ fn dynamic_rows_compute_what_a_static_slice_computes() {
     // ignores them, but the BatchNorm's statistics (and so every gradient before it) do not.
     let (_, three) = outputs(Rows::Dynamic, 3);
     let (_, all) = outputs(Rows::First(4), 3);
-    let mean = |o: &RunOutput| values(o.get("running_mean").unwrap());
+    let mean = |o: &RunOutput| f32s(o.get("running_mean").unwrap());
     assert_ne!(mean(&three), mean(&all));
 }
 
@@ -236,9 +230,9 @@ fn the_detector_runs_its_mask_head_on_the_valid_detections() {
     assert_eq!(out.dynamic_rows, Some(n));
     let masks = out.get("masks").unwrap();
     assert_eq!(masks.dims(), [slots, 28, 28]);
-    let rest = values(&masks.narrow(0, n, slots - n).unwrap());
+    let rest = f32s(&masks.narrow(0, n, slots - n).unwrap());
     assert!(rest.iter().all(|&v| v == 0.0), "masks of empty slots are 0");
     // Sigmoid probabilities, strictly inside (0, 1), on the valid rows.
-    let kept = values(&masks.narrow(0, 0, n).unwrap());
+    let kept = f32s(&masks.narrow(0, 0, n).unwrap());
     assert!(kept.iter().all(|&v| v > 0.0 && v < 1.0));
 }

@@ -53,10 +53,6 @@ fn gradients(
         .collect()
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
 /// Any tensor's values, exactly (f64 holds every f32 and every integer here).
 fn exact(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -83,7 +79,7 @@ fn scaled_step_unscales_to_the_plain_gradients_and_skips_on_overflow() {
     let reference = gradients(&plain, &params, &inputs, None);
     let largest = reference
         .iter()
-        .flat_map(|(_, g)| values(g))
+        .flat_map(|(_, g)| common::f32s(g))
         .fold(0f32, |m, v| m.max(v.abs()));
     assert!(largest > 1.0, "the overflow case needs a gradient above 1 ({largest})");
 
@@ -97,7 +93,7 @@ fn scaled_step_unscales_to_the_plain_gradients_and_skips_on_overflow() {
     assert!(!unscaled.found_inf);
     let mut nonzero = 0;
     for ((name, g), (_, r)) in unscaled.gradients.iter().zip(&reference) {
-        let (g, r) = (values(g), values(r));
+        let (g, r) = (common::f32s(g), common::f32s(r));
         assert_eq!(g, r, "{name}: unscaled gradient differs from the plain one");
         nonzero += r.iter().filter(|v| **v != 0.0).count();
     }
