@@ -298,11 +298,12 @@ pub fn build_detector_training_with(
             Ok((cls, reg))
         })?;
 
+        let (fg, all) = (sum_all(b, foreground)?, sum_all(b, sampled)?);
+        let bg = b.binary(BinaryKind::Sub, all, fg)?;
+
         // The mask head runs on the sampled foreground RoIs only, as detectron2's
         // `select_foreground_proposals`: the first `count` slots, at most `m`. At least one slot
         // runs (kernels are not defined on empty tensors); without foreground its weight is 0.
-        let (fg, all) = (sum_all(b, foreground)?, sum_all(b, sampled)?);
-        let bg = b.binary(BinaryKind::Sub, all, fg)?;
         let m = mask_slots.min(r);
         let count = b.count_ones(foreground)?;
         let first = |b: &mut Builder, v: Value| b.first_rows(v, count, m);
