@@ -84,22 +84,26 @@ impl Builder {
         self.graph.value_type(v).shape.clone()
     }
 
-    /// The number of ones in the 0/1 vector `flags` (`[N]`, any numeric dtype) as the i64
-    /// scalar count [`Builder::first_rows`] takes.
-    pub fn count_ones(&mut self, flags: Value) -> Result<Value> {
-        let flags = match self.graph.value_type(flags).dtype {
-            DType::F32 => flags,
-            _ => self.op(Cast { dtype: DType::F32 }, &[flags])?,
+    /// The sum of the vector `v` (`[N]`, any numeric dtype) as an f32 scalar `[]`; for a 0/1
+    /// vector, its number of ones (exact up to 2^24).
+    pub fn sum_rows(&mut self, v: Value) -> Result<Value> {
+        let v = match self.graph.value_type(v).dtype {
+            DType::F32 => v,
+            _ => self.op(Cast { dtype: DType::F32 }, &[v])?,
         };
-        // Exact: the sum of at most 2^24 ones in f32.
-        let sum = self.op(
+        self.op(
             ReduceSum {
                 axes: vec![0],
                 keepdim: false,
             },
-            &[flags],
-        )?;
-        self.op(Cast { dtype: DType::I64 }, &[sum])
+            &[v],
+        )
+    }
+
+    /// A whole number held in an f32 scalar (a [`Builder::sum_rows`] of ones) as the i64 count
+    /// [`Builder::first_rows`] takes.
+    pub fn row_count(&mut self, ones: Value) -> Result<Value> {
+        self.op(Cast { dtype: DType::I64 }, &[ones])
     }
 
     /// The first `count` rows of `x`, at least one and at most `bound`, as a value with dynamic

@@ -86,7 +86,8 @@ pub(crate) fn roi_heads(
         // The mask head runs on the valid detections only (they come first, at least one slot
         // runs), as detectron2's runs on the instances it returns; the other slots' masks are 0.
         let slots = b.shape(boxes)[0];
-        let count = b.count_ones(valid)?;
+        let valid_count = b.sum_rows(valid)?;
+        let count = b.row_count(valid_count)?;
         let detected = b.first_rows(boxes, count, slots)?;
         let detected_classes = b.first_rows(classes, count, slots)?;
         let logits = mask_logits(b, cfg, levels, detected)?;

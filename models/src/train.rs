@@ -3,7 +3,7 @@
 //! autodiff to differentiate.
 
 use vitdet_ir::ops::{
-    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets, ReduceSum,
+    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets,
     SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
 };
 use vitdet_ir::{DType, Graph, Value};
@@ -232,7 +232,7 @@ pub fn build_detector_training_with(
         };
         let cls = b.op(SigmoidBceLoss { norm }, &[logits, objectness, sampled])?;
         // The objectness target is 1 exactly on the sampled positives.
-        let (pos, all) = (sum_all(b, objectness)?, sum_all(b, sampled)?);
+        let (pos, all) = (b.sum_rows(objectness)?, b.sum_rows(sampled)?);
         let neg = b.binary(BinaryKind::Sub, all, pos)?;
         let loc = b.op(
             SmoothL1Loss {
@@ -298,14 +298,14 @@ pub fn build_detector_training_with(
             Ok((cls, reg))
         })?;
 
-        let (fg, all) = (sum_all(b, foreground)?, sum_all(b, sampled)?);
+        let (fg, all) = (b.sum_rows(foreground)?, b.sum_rows(sampled)?);
         let bg = b.binary(BinaryKind::Sub, all, fg)?;
 
         // The mask head runs on the sampled foreground RoIs only, as detectron2's
         // `select_foreground_proposals`: the first `count` slots, at most `m`. At least one slot
         // runs (kernels are not defined on empty tensors); without foreground its weight is 0.
         let m = mask_slots.min(r);
-        let count = b.count_ones(foreground)?;
+        let count = b.row_count(fg)?;
         let first = |b: &mut Builder, v: Value| b.first_rows(v, count, m);
         let (mask_rois, mask_matched, mask_fg, mask_class) = (
             first(b, rois)?,
@@ -345,15 +345,4 @@ pub fn build_detector_training_with(
         graph.set_output(&format!("{BUFFER_UPDATE_PREFIX}{name}"), v);
     }
     Ok(graph)
-}
-
-/// The sum of all entries of a vector, `[]`.
-fn sum_all(b: &mut Builder, v: Value) -> Result<Value> {
-    b.op(
-        ReduceSum {
-            axes: vec![0],
-            keepdim: false,
-        },
-        &[v],
-    )
 }

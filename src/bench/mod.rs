@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
+use vitdet_ir::{Graph, NodeIndex};
 use vitdet_runtime::{Device, ParamStore, Program, Tensor};
 
 use crate::compile::Compiled;
@@ -87,6 +88,16 @@ pub fn kernel_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The arena planned for `graph` in `order` at the rows a run's dynamic values held
+/// (`Graph::with_rows`): what that run's measured peak compares with. `bound_arena`, the plan at
+/// the bound, when the run had no dynamic rows.
+pub fn arena_at_rows(graph: &Graph, order: &[NodeIndex], rows: Option<usize>, bound_arena: usize) -> Result<usize> {
+    Ok(match rows {
+        Some(r) => vitdet_passes::plan_memory(&graph.with_rows(r)?, order)?.arena_bytes,
+        None => bound_arena,
+    })
+}
+
 pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
     let params = ParamStore::init_random(&compiled.graph, 0, device)?;
     let mut inputs = Vec::new();
@@ -107,9 +118,11 @@ pub fn benchmark(compiled: &Compiled, device: &Device) -> Result<Benchmark> {
         measured_peak_activation_bytes: out.peak_live_bytes,
         measured_heap_peak_bytes: out.measured_peak_bytes,
         dynamic_rows: out.dynamic_rows,
-        planned_arena_bytes_at_rows: match out.dynamic_rows {
-            Some(r) => vitdet_passes::plan_memory(&compiled.graph.with_rows(r)?, &compiled.order)?.arena_bytes,
-            None => compiled.report.arena_bytes,
-        },
+        planned_arena_bytes_at_rows: arena_at_rows(
+            &compiled.graph,
+            &compiled.order,
+            out.dynamic_rows,
+            compiled.report.arena_bytes,
+        )?,
     })
 }

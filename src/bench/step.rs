@@ -295,10 +295,12 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
         timing,
         planned_arena_bytes: step.arena_bytes,
         dynamic_rows,
-        planned_arena_bytes_at_rows: match dynamic_rows {
-            Some(r) => vitdet_passes::plan_memory(&step.graph.with_rows(r)?, &step.order)?.arena_bytes as u64,
-            None => step.arena_bytes,
-        },
+        planned_arena_bytes_at_rows: super::arena_at_rows(
+            &step.graph,
+            &step.order,
+            dynamic_rows,
+            step.arena_bytes as usize,
+        )? as u64,
         param_bytes: params.total_bytes() as u64,
         ops: op_times(&step.graph, &host_op_seconds, synced.as_ref().map(|s| &s.0)),
         scopes: scope_times(&host_scope_seconds, synced.as_ref().map(|s| &s.1)),

@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_passes::timing::{predict_step_time, DeviceProfile};
-use vitdet_passes::{plan_memory, Precision};
+use vitdet_passes::Precision;
 use vitdet_runtime::{CandleDType, Device, ParamStore, Program, Tensor};
 
+use crate::bench::arena_at_rows;
 use crate::compile::TrainStep;
 
 /// What running a configuration measured.
@@ -86,13 +87,7 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
     top_ops.sort_by(|a, b| b.1.total_cmp(&a.1));
     top_ops.truncate(6);
     let planned = step.plan.arena_bytes as u64;
-    let planned_at_rows = match rows {
-        Some(r) => {
-            let graph = step.graph.with_rows(r)?;
-            plan_memory(&graph, &step.order)?.arena_bytes as u64
-        }
-        None => planned,
-    };
+    let planned_at_rows = arena_at_rows(&step.graph, &step.order, rows, step.plan.arena_bytes)? as u64;
     let predicted = predict_step_time(&step.graph, &step.order, profile).map_err(anyhow::Error::msg)?;
     Ok(Measured {
         step_seconds: times[times.len() / 2],
