@@ -20,6 +20,20 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+/// Allocates, on every thread that runs kernels (the rayon pool's and the caller's), the
+/// packing slab the `gemm` crate keeps per thread for the life of the process (the L2 cache's
+/// size, 1 MiB on the development machine). A thread otherwise allocates it on its first
+/// product, and which threads compute the first products depends on scheduling: a measured
+/// run would then count it or not by chance. The executor calls this before measuring.
+pub fn allocate_thread_slabs() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let touch = || gemm_common::gemm::L2_SLAB.with(|_| ());
+        rayon::broadcast(|_| touch());
+        touch();
+    });
+}
+
 /// Raises glibc's `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` to 2 GiB (see the module doc).
 /// Returns whether the settings were applied (false on non-glibc targets).
 pub fn retain_freed_memory() -> bool {

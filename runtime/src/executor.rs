@@ -202,6 +202,9 @@ fn execute(
     let mut scope_seconds: BTreeMap<String, f64> = BTreeMap::new();
     let value_bytes = |v: Value| graph.value_type(v).size_in_bytes();
     let measuring = crate::alloc::installed();
+    if measuring {
+        crate::alloc::allocate_thread_slabs();
+    }
     let mut measured_steps: Vec<usize> = Vec::with_capacity(if measuring { order.len() } else { 0 });
     // Bytes of graph inputs the executor holds (caller-owned storage, see the module doc).
     let mut held_input_bytes = 0usize;
