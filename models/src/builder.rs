@@ -32,8 +32,15 @@ pub const BN_MOMENTUM: f64 = 0.1;
 pub(crate) struct Training {
     /// The graph's i64 seed input.
     pub seed: Value,
-    /// `(buffer name, new value)` for every BatchNorm running statistic.
-    pub buffer_updates: Vec<(String, Value)>,
+    /// Every BatchNorm running statistic, in the order the modules were built.
+    pub buffer_updates: Vec<BufferUpdate>,
+}
+
+/// A buffer's value before the step (the parameter) and the value the step writes back.
+pub(crate) struct BufferUpdate {
+    pub name: String,
+    pub current: Value,
+    pub updated: Value,
 }
 
 impl Builder {
@@ -207,10 +214,19 @@ impl Builder {
             };
             let node = b.op_multi(op, &[x, w, bias, mean, var])?;
             let out = |output| Value { node, output };
-            let (mean_name, var_name) = (b.path("running_mean"), b.path("running_var"));
-            let t = b.training.as_mut().expect("training mode");
-            t.buffer_updates.push((mean_name, out(1)));
-            t.buffer_updates.push((var_name, out(2)));
+            let updates =
+                [("running_mean", mean, out(1)), ("running_var", var, out(2))].map(|(leaf, current, updated)| {
+                    BufferUpdate {
+                        name: b.path(leaf),
+                        current,
+                        updated,
+                    }
+                });
+            b.training
+                .as_mut()
+                .expect("training mode")
+                .buffer_updates
+                .extend(updates);
             Ok(out(0))
         })
     }
@@ -348,6 +364,32 @@ impl Builder {
 
     pub fn add(&mut self, a: Value, b: Value) -> Result<Value> {
         self.binary(BinaryKind::Add, a, b)
+    }
+
+    /// The number of buffer updates recorded so far (0 outside training), to pass to
+    /// [`Builder::keep_updates_if`] for the modules built after it.
+    pub fn updates_recorded(&self) -> usize {
+        self.training.as_ref().map_or(0, |t| t.buffer_updates.len())
+    }
+
+    /// Makes the buffer updates recorded from index `first` on take effect only when `keep` (an
+    /// f32 scalar, 0 or 1) is 1: `updated * keep + current * (1 - keep)`, which is exactly
+    /// `updated` or `current` for finite values.
+    pub fn keep_updates_if(&mut self, first: usize, keep: Value) -> Result<()> {
+        let Some(t) = self.training.as_mut() else {
+            return Ok(());
+        };
+        let mut updates = std::mem::take(&mut t.buffer_updates);
+        if first < updates.len() {
+            let drop = self.op(Affine { mul: -1.0, add: 1.0 }, &[keep])?;
+            for u in &mut updates[first..] {
+                let new = self.binary(BinaryKind::Mul, u.updated, keep)?;
+                let old = self.binary(BinaryKind::Mul, u.current, drop)?;
+                u.updated = self.add(new, old)?;
+            }
+        }
+        self.training.as_mut().expect("training mode").buffer_updates = updates;
+        Ok(())
     }
 
     pub fn scale(&mut self, x: Value, mul: f64) -> Result<Value> {

@@ -3,8 +3,8 @@
 //! autodiff to differentiate.
 
 use vitdet_ir::ops::{
-    max_positives, AnchorTargets, BinaryKind, GatherRows, IotaLike, LossNorm, MaskTargets, ProposalTargets,
-    SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
+    max_positives, AnchorTargets, BinaryKind, Cast, CompareKind, CompareScalar, GatherRows, IotaLike, LossNorm,
+    MaskTargets, ProposalTargets, SigmoidBceLoss, SmoothL1Loss, SoftmaxCrossEntropyLoss,
 };
 use vitdet_ir::{DType, Graph, Value};
 
@@ -144,9 +144,10 @@ pub fn build_detector_training(cfg: &ModelConfig, image_size: [usize; 2], max_gt
 /// Deviations from detectron2 (static shapes): when fewer than 512 RoIs can be sampled, the
 /// box head also runs on the empty slots (zero boxes, weight 0); in the `vit` family its
 /// BatchNorm statistics then include those rows. Without any foreground RoI (an image without
-/// instances) the mask head runs on one slot of weight 0: the loss and its gradients are 0 as
-/// in detectron2, but the `vit` family's mask-head BatchNorm running statistics take that
-/// slot's, where detectron2 leaves them unchanged.
+/// instances) the mask head runs on one slot of weight 0: the loss and its gradients are 0 and
+/// the `vit` family's mask-head BatchNorm running statistics stay as they were, as in
+/// detectron2 (whose mask head runs on no rows, and PyTorch's BatchNorm leaves its statistics
+/// alone on an empty batch).
 pub fn build_detector_training_with(
     cfg: &ModelConfig,
     image_size: [usize; 2],
@@ -313,7 +314,20 @@ pub fn build_detector_training_with(
             first(b, foreground)?,
             first(b, class_idx)?,
         );
+        let first_update = b.updates_recorded();
         let logits = mask_logits(b, cfg, levels, mask_rois)?;
+        // PyTorch's BatchNorm leaves its running statistics alone on an empty batch, and
+        // without foreground detectron2's mask head runs on none: the one weight-0 slot must not
+        // move them (the `vit` family's mask head normalizes with BatchNorm).
+        let any_fg = b.op(
+            CompareScalar {
+                kind: CompareKind::Gt,
+                value: 0.0,
+            },
+            &[fg],
+        )?;
+        let any_fg = b.op(Cast { dtype: DType::F32 }, &[any_fg])?;
+        b.keep_updates_if(first_update, any_fg)?;
         let loss_mask = b.scoped("mask_head", |b| {
             let size = b.shape(logits)[2];
             let targets = b.op(MaskTargets { size }, &[gt_masks, mask_rois, mask_matched, mask_fg])?;
@@ -341,8 +355,8 @@ pub fn build_detector_training_with(
     for (name, v) in SAMPLE_STAT_NAMES.iter().zip(rpn_stats.iter().chain(&roi_stats)) {
         graph.set_output(name, *v);
     }
-    for (name, v) in updates {
-        graph.set_output(&format!("{BUFFER_UPDATE_PREFIX}{name}"), v);
+    for u in updates {
+        graph.set_output(&format!("{BUFFER_UPDATE_PREFIX}{}", u.name), u.updated);
     }
     Ok(graph)
 }

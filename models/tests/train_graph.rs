@@ -254,3 +254,37 @@ fn batch_norm_updates_its_running_statistics() {
     let (n, o) = (new.to_vec1::<f32>().unwrap(), old.to_vec1::<f32>().unwrap());
     assert!(n.iter().zip(&o).any(|(a, b)| a != b) && n.iter().all(|&v| v > 0.0));
 }
+
+/// Without foreground RoIs detectron2's mask head runs on no rows, and PyTorch's BatchNorm
+/// leaves its running statistics alone on an empty batch: the mask head's must come out of the
+/// step bit for bit as they went in, while the rest of the model's still move. With
+/// foreground, the mask head's move too.
+#[test]
+fn mask_head_batch_norm_statistics_stay_without_foreground() {
+    let cfg = tiny("vit-tiny");
+    let g = build_detector_training(&cfg, [128, 128], MAX_GT).unwrap();
+    let params = ParamStore::init_random(&g, 5, &Device::Cpu).unwrap();
+    let updates: Vec<String> = g
+        .outputs
+        .iter()
+        .filter_map(|o| o.name.strip_prefix(BUFFER_UPDATE_PREFIX).map(str::to_string))
+        .collect();
+    let in_mask_head = |n: &String| n.starts_with("roi_heads.mask_head.");
+    assert!(updates.iter().filter(|n| in_mask_head(n)).count() >= 2, "{updates:?}");
+    assert!(updates.iter().any(|n| !in_mask_head(n)), "{updates:?}");
+    for (valid, foreground) in [([0, 0, 0], false), ([1, 1, 0], true)] {
+        let mut feed = sample(valid);
+        feed.push((SEED, Tensor::new(0i64, &Device::Cpu).unwrap()));
+        let out = vitdet_runtime::run(&g, &params, &feed, &Device::Cpu).unwrap();
+        let fg = out.get("roi_head/num_fg_samples").unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(fg > 0.0, foreground, "valid {valid:?}: {fg} foreground RoIs");
+        for name in &updates {
+            let new = out.get(&format!("{BUFFER_UPDATE_PREFIX}{name}")).unwrap();
+            let new = new.to_vec1::<f32>().unwrap();
+            let old = params.get(name).unwrap().to_vec1::<f32>().unwrap();
+            let moved = new.iter().zip(&old).any(|(a, b)| a.to_bits() != b.to_bits());
+            let should_move = foreground || !in_mask_head(name);
+            assert_eq!(moved, should_move, "valid {valid:?}: {name}");
+        }
+    }
+}
