@@ -196,6 +196,54 @@ fn dynamic_rows_compute_what_a_static_slice_computes() {
     assert_ne!(mean(&three), mean(&all));
 }
 
+/// `loss = sum(pad_rows(prefix(w)^2) * c)`: the gradient crosses the padding (back to the
+/// dynamic rows) and the prefix (back to all of `w`'s rows), so `dloss/dw = 2 w c` on the first
+/// `clamp(count, 1, 5)` rows and 0 after, exactly (doubling is exact in floating point).
+#[test]
+fn gradients_cross_the_prefix_and_the_padding() {
+    use vitdet::ir::ops::{Binary, BinaryKind, ReduceSum};
+    let (rows, cols, bound, padded) = (6, 3, 5, 8);
+    let mut g = Graph::new();
+    let w = param(&mut g, "w", &[rows, cols], Init::Normal { std: 1.0 }, true);
+    let input = |g: &mut Graph, name: &str, ty: TensorType| g.add(Input { name: name.into(), ty }, "", &[]).unwrap();
+    let count = input(&mut g, "count", TensorType::new(IrDType::I64, []));
+    let c = input(&mut g, "c", TensorType::f32([padded, cols]));
+    let mul = |g: &mut Graph, a: Value, b: Value| g.add(Binary { kind: BinaryKind::Mul }, "head", &[a, b]).unwrap();
+    let y = g
+        .add(DynamicPrefix { min_rows: 1, bound }, "head", &[w, count])
+        .unwrap();
+    let z = mul(&mut g, y, y);
+    let p = g.add(PadRows { rows: padded }, "head", &[z]).unwrap();
+    let q = mul(&mut g, p, c);
+    let sum = ReduceSum {
+        axes: vec![0, 1],
+        keepdim: false,
+    };
+    let loss = g.add(sum, "head", &[q]).unwrap();
+    g.set_output("loss", loss);
+    let diff = differentiate(&g, "loss").unwrap();
+    diff.graph.verify().unwrap();
+    assert_eq!(diff.gradients, vec![("w".to_string(), "grad/w".to_string())]);
+
+    let params = ParamStore::init_random(&g, 7, &Device::Cpu).unwrap();
+    let cs: Vec<f32> = (0..padded * cols).map(|i| 0.25 + i as f32 * 0.5).collect();
+    let ws = f32s(params.get("w").unwrap());
+    for (count, live) in [(3i64, 3), (0, 1), (5, 5), (9, 5)] {
+        let feed = vec![
+            ("count", Tensor::new(count, &Device::Cpu).unwrap()),
+            ("c", Tensor::from_vec(cs.clone(), (padded, cols), &Device::Cpu).unwrap()),
+        ];
+        let out = run(&diff.graph, &params, &feed, &Device::Cpu).unwrap();
+        assert_eq!(out.dynamic_rows, Some(live), "count {count}");
+        let grad = out.get("grad/w").unwrap();
+        assert_eq!(grad.dims(), [rows, cols]);
+        let want: Vec<f32> = (0..rows * cols)
+            .map(|i| if i / cols < live { 2.0 * ws[i] * cs[i] } else { 0.0 })
+            .collect();
+        assert_eq!(f32s(grad), want, "count {count}");
+    }
+}
+
 #[test]
 fn a_negative_count_is_an_error() {
     let graph = head(Rows::Dynamic);

@@ -100,29 +100,38 @@ impl Graph {
     }
 
     /// Dynamic values of one bound must hold the same rows at run time, so every
-    /// `DynamicPrefix` must read the same count.
+    /// `DynamicPrefix` must read the same count and raise it to the same `min_rows`.
     fn verify_one_row_count(&self) -> Result<(), IrError> {
-        let mut count: Option<(NodeIndex, Value)> = None;
+        let mut first: Option<(NodeIndex, Value, usize)> = None;
         for i in self.graph.node_indices() {
-            if !matches!(self.graph[i].op, Op::DynamicPrefix(_)) {
+            let Op::DynamicPrefix(p) = &self.graph[i].op else {
                 continue;
-            }
+            };
             let c = self.inputs_of(i)[1];
-            match count {
-                None => count = Some((i, c)),
-                Some((first, seen)) if seen != c => {
-                    return Err(IrError::Graph(format!(
-                        "dynamic_prefix nodes %{} and %{} read different counts (%{}:{} and %{}:{}); \
-                         a graph's dynamic rows share one count",
-                        first.index(),
-                        i.index(),
-                        seen.node.index(),
-                        seen.output,
-                        c.node.index(),
-                        c.output
-                    )));
-                }
-                Some(_) => {}
+            let Some((f, seen, min_rows)) = first else {
+                first = Some((i, c, p.min_rows));
+                continue;
+            };
+            if seen != c {
+                return Err(IrError::Graph(format!(
+                    "dynamic_prefix nodes %{} and %{} read different counts (%{}:{} and %{}:{}); \
+                     a graph's dynamic rows share one count",
+                    f.index(),
+                    i.index(),
+                    seen.node.index(),
+                    seen.output,
+                    c.node.index(),
+                    c.output
+                )));
+            }
+            if p.min_rows != min_rows {
+                return Err(IrError::Graph(format!(
+                    "dynamic_prefix nodes %{} and %{} raise their count to different min_rows ({min_rows} and {}); \
+                     a graph's dynamic rows share one count",
+                    f.index(),
+                    i.index(),
+                    p.min_rows
+                )));
             }
         }
         Ok(())

@@ -163,6 +163,13 @@ fn verify_wants_one_count_and_static_outputs() {
         .unwrap();
     let err = bad.verify().unwrap_err().to_string();
     assert!(err.contains("read different counts"), "{err}");
+
+    // One count raised to different minimums gives different rows at a count below them.
+    let (mut bad, count) = (g.clone(), g.inputs().find(|(_, n, _)| *n == "count").unwrap().0.into());
+    bad.add(DynamicPrefix { min_rows: 2, bound: 6 }, "head", &[x, count])
+        .unwrap();
+    let err = bad.verify().unwrap_err().to_string();
+    assert!(err.contains("different min_rows (1 and 2)"), "{err}");
 }
 
 #[test]

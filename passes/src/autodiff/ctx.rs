@@ -1,7 +1,7 @@
 //! What a VJP rule sees: the forward node's inputs and outputs, which inputs need a gradient,
 //! and helpers that emit backward nodes into the graph under construction.
 
-use vitdet_ir::ops::{Expand, ReduceSum, Reshape};
+use vitdet_ir::ops::{DynamicPrefix, Expand, ReduceSum, Reshape};
 use vitdet_ir::{Graph, Node, NodeIndex, Op, TensorType, Value};
 
 /// The context of one VJP rule application.
@@ -71,6 +71,18 @@ impl<'g> Ctx<'g> {
     /// The shape of a value.
     pub fn shape(&self, v: Value) -> Vec<usize> {
         self.graph.value_type(v).shape.clone()
+    }
+
+    /// A `dynamic_prefix` of the graph with bound `bound`, and the count it reads: it gives any
+    /// dynamic value of that bound its rows.
+    pub fn dynamic_prefix(&self, bound: usize) -> Option<(DynamicPrefix, Value)> {
+        self.graph
+            .graph
+            .node_indices()
+            .find_map(|n| match &self.graph.node(n).op {
+                Op::DynamicPrefix(p) if p.bound == bound => Some((p.clone(), self.graph.inputs_of(n)[1])),
+                _ => None,
+            })
     }
 
     /// Emits a one-output backward node.

@@ -66,6 +66,8 @@ pub(crate) fn vjp(ctx: &mut Ctx, dys: &[Option<Value>]) -> Grads {
         Op::Reshape(_) | Op::Permute(_) | Op::Pad(_) | Op::Slice(_) | Op::Concat(_) | Op::Expand(_) => {
             shape::shape_op(ctx, &op, dy()?)
         }
+        Op::DynamicPrefix(_) => shape::dynamic_prefix(ctx, dy()?),
+        Op::PadRows(_) => shape::pad_rows(ctx, dy()?),
         Op::ReduceSum(o) => shape::reduce_sum(ctx, o, dy()?),
         Op::MaxPool2d(o) => shape::max_pool2d(ctx, o, dy()?),
         Op::Resize(o) => shape::resize(ctx, o, dy()?),

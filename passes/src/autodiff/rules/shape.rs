@@ -1,6 +1,6 @@
 //! Data movement, reductions, pooling and resizing.
 
-use vitdet_ir::ops::{MaxPool2d, MaxPool2dGrad, Pad, Permute, ReduceSum, Resize, ResizeGrad, Slice};
+use vitdet_ir::ops::{MaxPool2d, MaxPool2dGrad, Pad, PadRows, Permute, ReduceSum, Resize, ResizeGrad, Slice};
 use vitdet_ir::{Op, Value};
 
 use super::{Ctx, Grads};
@@ -64,6 +64,24 @@ pub(super) fn shape_op(ctx: &mut Ctx, op: &Op, dy: Value) -> Grads {
         other => return Err(format!("`{}` is not a layout op", other.name())),
     };
     Ok(vec![Some(g)])
+}
+
+/// The prefix's gradient is `dy` padded back to the input's rows with zero rows (the count is an
+/// integer: no gradient).
+pub(super) fn dynamic_prefix(ctx: &mut Ctx, dy: Value) -> Grads {
+    let rows = ctx.shape(ctx.input(0))[0];
+    Ok(vec![Some(ctx.emit(PadRows { rows }, &[dy])?), None])
+}
+
+/// The padding's gradient is `dy`'s first rows, as many as the input holds: the prefix that made
+/// the input's rows, applied to `dy` (the graph's dynamic values share one count, and equal
+/// bounds mean equal rows).
+pub(super) fn pad_rows(ctx: &mut Ctx, dy: Value) -> Grads {
+    let bound = ctx.shape(ctx.input(0))[0];
+    let (prefix, count) = ctx
+        .dynamic_prefix(bound)
+        .ok_or_else(|| format!("no dynamic_prefix of bound {bound} gives the rows of the padded value"))?;
+    Ok(vec![Some(ctx.emit(prefix, &[dy, count])?)])
 }
 
 /// The sum's gradient is `dy` broadcast back over the summed axes.
