@@ -20,7 +20,7 @@ use candle_core::{DType, Tensor};
 use cudnn_sys::cudnn::sys::{self, Lib};
 use vitdet_ir::ops::{Conv2d, Conv2dGradWeight, ConvTranspose2d};
 
-use super::device::{bind, cuda_device, tensor, view, Cache};
+use super::device::{bind, cuda_device, tensor, view, warn_once, Cache};
 use crate::kernels::{KernelError, KernelResult};
 
 /// Which implementation runs convolutions on CUDA.
@@ -71,17 +71,7 @@ pub fn or_im2col(f: impl FnOnce() -> KernelResult<Tensor>) -> KernelResult<Optio
     match f() {
         Ok(y) => Ok(Some(y)),
         Err(e) if ENGINE.with(Cell::get) == ConvEngine::Auto => {
-            static SAID: Cache<String, ()> = OnceLock::new();
-            let text = e.to_string();
-            if SAID
-                .get_or_init(Default::default)
-                .lock()
-                .expect("cuDNN refusals")
-                .insert(text.clone(), ())
-                .is_none()
-            {
-                eprintln!("warning: {text}; this convolution runs on the im2col kernel instead");
-            }
+            warn_once(&e.to_string(), "this convolution runs on the im2col kernel instead");
             Ok(None)
         }
         Err(e) => Err(e),

@@ -26,6 +26,16 @@ fn unsupported(m: impl std::fmt::Display) -> KernelError {
 /// A process-wide map filled on first use (compiled modules, library handles, chosen algorithms).
 pub type Cache<K, V> = OnceLock<Mutex<HashMap<K, V>>>;
 
+/// Prints `warning: {text}; {instead}` on stderr the first time this `text` comes up in the
+/// process: a library refusing a problem the runtime then runs another way.
+pub fn warn_once(text: &str, instead: &str) {
+    static SAID: Cache<String, ()> = OnceLock::new();
+    let mut said = SAID.get_or_init(Default::default).lock().expect("warnings said");
+    if said.insert(text.to_string(), ()).is_none() {
+        eprintln!("warning: {text}; {instead}");
+    }
+}
+
 /// The CUDA device of a tensor, or an error naming what is not on one.
 pub fn cuda_device(t: &Tensor) -> KernelResult<CudaDevice> {
     Ok(t.device().as_cuda_device()?.clone())

@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConf
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Tensor};
 
-use super::device::{cuda_device, tensor, view, Cache};
+use super::device::{cuda_device, tensor, view, warn_once, Cache};
 use crate::kernels::{KernelError, KernelResult};
 
 /// One cuBLASLt handle (and its workspace) per device.
@@ -38,6 +38,20 @@ pub fn supports(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
         && x.device().is_cuda()
         && w.rank() == 2
         && b.dims() == [w.dims()[0]]
+}
+
+/// [`linear_bias`], or `None` when cuBLASLt refuses the problem (no handle, no algorithm for
+/// the shapes): the caller then runs it as candle's cuBLAS GEMM plus a bias add, and stderr
+/// says so once per refusal.
+pub fn linear_bias_or_none(x: &Tensor, w: &Tensor, b: &Tensor) -> KernelResult<Option<Tensor>> {
+    match linear_bias(x, w, b) {
+        Ok(y) => Ok(Some(y)),
+        Err(KernelError::Unsupported(why)) => {
+            warn_once(&why, "this linear runs on cuBLAS and a bias add instead");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `y = x @ w^T + b` for `x [..., K]`, `w [N, K]`, `b [N]` (see [`supports`]).

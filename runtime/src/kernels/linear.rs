@@ -1,6 +1,6 @@
 //! Contractions: `linear` and batched `matmul`, on candle's matmul (the `gemm` crate on the CPU,
 //! cuBLAS on CUDA). On CUDA, f16 / bf16 `linear` with a bias runs on cuBLASLt with the bias in
-//! the GEMM epilogue ([`crate::cuda::linear`]).
+//! the GEMM epilogue ([`crate::cuda::linear`]), or on cuBLAS where cuBLASLt refuses it.
 //!
 //! Both backends need each operand's two innermost dims to be "tight": row-major (strides
 //! `[cols, 1]`) or column-major (strides `[1, rows]`), and the batch dims to collapse to one
@@ -78,7 +78,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
     }
     #[cfg(feature = "cuda")]
     if let Some(b) = b.filter(|b| crate::cuda::linear::supports(x, w, b)) {
-        return crate::cuda::linear::linear_bias(x, w, b);
+        if let Some(y) = crate::cuda::linear::linear_bias_or_none(x, w, b)? {
+            return Ok(y);
+        }
     }
     let mut ops = vec![x, w];
     ops.extend(b);
