@@ -48,18 +48,22 @@ fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     (d / n.max(1e-300)).sqrt()
 }
 
-/// Runs `graph` on both devices with the same seeded weights and image; returns the outputs.
-fn both(compiled: &vitdet::compile::Compiled, gpu: &Device) -> Vec<(String, Tensor, Tensor)> {
+/// Runs `graph` on both devices with the same seeded weights and inputs (standard normal, the
+/// image uniform over 0..255 when `pixels`); returns the outputs.
+fn both_with(compiled: &vitdet::compile::Compiled, gpu: &Device, pixels: bool) -> Vec<(String, Tensor, Tensor)> {
     let params = ParamStore::init_random(&compiled.graph, 0, &Device::Cpu).unwrap();
     let on_gpu = params.to_device(gpu).unwrap();
     let inputs: Vec<(String, Tensor)> = compiled
         .graph
         .inputs()
         .map(|(_, name, ty)| {
-            (
-                name.to_string(),
-                Tensor::randn(0f32, 1.0, ty.shape.as_slice(), &Device::Cpu).unwrap(),
-            )
+            let shape = ty.shape.as_slice();
+            let t = if pixels && name == vitdet::models::INPUT_NAME {
+                Tensor::rand(0f32, 255.0, shape, &Device::Cpu)
+            } else {
+                Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+            };
+            (name.to_string(), t.unwrap())
         })
         .collect();
     let cpu_in: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
@@ -74,6 +78,10 @@ fn both(compiled: &vitdet::compile::Compiled, gpu: &Device) -> Vec<(String, Tens
         .zip(got.outputs)
         .map(|((name, w), (_, g))| (name, g, w))
         .collect()
+}
+
+fn both(compiled: &vitdet::compile::Compiled, gpu: &Device) -> Vec<(String, Tensor, Tensor)> {
+    both_with(compiled, gpu, false)
 }
 
 #[test]
@@ -155,4 +163,32 @@ fn training_step_f32_matches_the_cpu() {
         checked += 1;
     }
     assert!(checked > 50, "only {checked} gradients");
+}
+
+/// The acceptance check at full size: ViTDet-B's backbone and pyramid at 1024x1024 (seeded
+/// random weights, an image of uniform pixels) as `vitdet infer` runs them (attention fused),
+/// in f32 and bf16, where twelve 768-wide blocks, windows padded from 64 to 70 tokens a side
+/// and 4096-token global attention accumulate the devices' differences. Each level's error is
+/// printed (`cpu-vs-gpu ...` lines, which scripts/gpu/summary.py collects).
+#[test]
+fn vitdet_b_backbone_at_1024_matches_the_cpu() {
+    let Some(gpu) = cuda() else { return };
+    for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 1e-2)] {
+        let mut compiled = vitdet::compile::compile(&vitdet::compile::CompileOptions {
+            model: "vitdet-b".into(),
+            image_size: None,
+            attention: None,
+            target: Target::Backbone,
+        })
+        .unwrap();
+        compiled.graph = vitdet::compile::lower_inference(&compiled.graph, precision, true)
+            .unwrap()
+            .0;
+        compiled.order = vitdet::passes::schedule(&compiled.graph).unwrap();
+        for (name, got, want) in both_with(&compiled, &gpu, true) {
+            let e = rel_l2(&got, &want);
+            eprintln!("cpu-vs-gpu vitdet-b backbone 1024 {precision:?} {name}: rel L2 {e:.2e} (at most {tol:e})");
+            assert!(e <= tol, "{precision:?} {name}: rel L2 {e:e}");
+        }
+    }
 }

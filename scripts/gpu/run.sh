@@ -7,7 +7,8 @@
 #
 # In order, each step under `timeout` (cut to what is left of BUDGET_S, default 480 s) so one
 # failure or hang does not eat the session, each step's output in $OUT/logs/STEP.log:
-#   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU, side by side;
+#   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU, side by side, and
+#      vitdet-b's backbone at 1024 on both devices (its errors printed: `cpu-vs-gpu` lines);
 #   2. `vitdet bench --ops` in f32 and bf16 ($OUT/ops_f32.json, ops_bf16.json), convolutions on
 #      cuDNN (PyTorch's library) and, in bf16, once more on the im2col kernel;
 #   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
@@ -83,7 +84,7 @@ for t in carry/tests/*.xz; do
     [ -e "$t" ] || continue
     name=$(basename "$t" .xz)
     xz -dc "$t" >"$BIN/$name" && chmod +x "$BIN/$name"
-    step "test_$name" 150 bash -c 'cd runtime && exec "$0" --test-threads=1' "$BIN/$name" &
+    step "test_$name" 150 bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
 done
 wait
 

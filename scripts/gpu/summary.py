@@ -32,6 +32,17 @@ def main():
     except OSError:
         print("no status.tsv")
 
+    # The tests' CPU-vs-GPU errors of whole models (tests/cuda_end_to_end.rs).
+    logs = os.path.join(out, "logs")
+    errors = []
+    for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+        if name.startswith("test_"):
+            with open(os.path.join(logs, name), errors="replace") as f:
+                errors += [line.rstrip() for line in f if line.startswith("cpu-vs-gpu ")]
+    if errors:
+        print("\n== same weights and image on the CPU and the GPU (relative L2)")
+        print("\n".join(errors))
+
     ours = [r for r in (load(os.path.join(out, f"ops_{d}.json")) for d in ("f32", "bf16")) if r]
     theirs = load(os.path.join(out, "torch_ops.json")) or {"ops": []}
     if ours:
