@@ -24,7 +24,7 @@ pub use artifact::{Artifact, ARTIFACT_FORMAT};
 pub use error::IrError;
 pub use graph::{Edge, Graph, NamedValue, Node, Value};
 pub use liveness::Liveness;
-pub use ops::{Cost, Op, OpRule};
+pub use ops::{Cost, IntRange, Op, OpRule};
 pub use types::{DType, TensorType};
 
 pub use petgraph::stable_graph::NodeIndex;

@@ -93,7 +93,7 @@ pub(crate) fn roi_heads(
         let logits = mask_logits(b, cfg, levels, detected)?;
         let masks = b.scoped("mask_head", |b| {
             // mask_rcnn_inference: the mask of the predicted class, sigmoid.
-            let m = b.op(GatherRows {}, &[logits, detected_classes])?;
+            let m = b.op(GatherRows::default(), &[logits, detected_classes])?;
             let m = b.sigmoid(m)?;
             b.op(PadRows { rows: slots }, &[m])
         })?;
@@ -198,7 +198,7 @@ fn fast_rcnn_inference(
     let class_ids = iota(b, 1)?;
     let row_ids = iota(b, 0)?;
     // Candidate (row, class) is valid when its proposal is.
-    let valid = b.op(IndexSelect { axis: 0 }, &[proposals.valid, row_ids])?;
+    let valid = b.op(IndexSelect::new(0), &[proposals.valid, row_ids])?;
     let scores = b.reshape(probs, vec![r * k])?;
     let nms = b.op_multi(
         Nms {
@@ -210,8 +210,8 @@ fn fast_rcnn_inference(
     )?;
     let keep = Value { node: nms, output: 0 };
     let keep_valid = Value { node: nms, output: 1 };
-    let boxes = b.op(IndexSelect { axis: 0 }, &[boxes, keep])?;
-    let scores = b.op(IndexSelect { axis: 0 }, &[scores, keep])?;
-    let classes = b.op(IndexSelect { axis: 0 }, &[class_ids, keep])?;
+    let boxes = b.op(IndexSelect::new(0), &[boxes, keep])?;
+    let scores = b.op(IndexSelect::new(0), &[scores, keep])?;
+    let classes = b.op(IndexSelect::new(0), &[class_ids, keep])?;
     Ok((boxes, scores, classes, keep_valid))
 }

@@ -124,8 +124,8 @@ pub(crate) fn rpn(
                 deltas: d,
                 anchors,
             });
-            let d = b.op(IndexSelect { axis: 0 }, &[d, top_idx])?;
-            let anchors = b.op(IndexSelect { axis: 0 }, &[anchors, top_idx])?;
+            let d = b.op(IndexSelect::new(0), &[d, top_idx])?;
+            let anchors = b.op(IndexSelect::new(0), &[anchors, top_idx])?;
             let decoded = b.op(
                 BoxDecode {
                     weights: [1.0; 4],
@@ -163,7 +163,7 @@ pub(crate) fn rpn(
         )?;
         let keep = Value { node: nms, output: 0 };
         let keep_valid = Value { node: nms, output: 1 };
-        let boxes = b.op(IndexSelect { axis: 0 }, &[boxes, keep])?;
+        let boxes = b.op(IndexSelect::new(0), &[boxes, keep])?;
         Ok(Proposals {
             boxes,
             valid: keep_valid,

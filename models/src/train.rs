@@ -287,7 +287,7 @@ pub fn build_detector_training_with(
                 &[logits, labels, sampled],
             )?;
             let deltas = b.reshape(deltas, vec![r, k, 4])?;
-            let deltas = b.op(GatherRows {}, &[deltas, class_idx])?;
+            let deltas = b.op(GatherRows::default(), &[deltas, class_idx])?;
             // Summed over the foreground, divided by the number of sampled RoIs.
             let reg = b.op(
                 SmoothL1Loss {
@@ -331,7 +331,7 @@ pub fn build_detector_training_with(
         let loss_mask = b.scoped("mask_head", |b| {
             let size = b.shape(logits)[2];
             let targets = b.op(MaskTargets { size }, &[gt_masks, mask_rois, mask_matched, mask_fg])?;
-            let logits = b.op(GatherRows {}, &[logits, mask_class])?;
+            let logits = b.op(GatherRows::default(), &[logits, mask_class])?;
             b.op(
                 SigmoidBceLoss {
                     norm: LossNorm::WeightedMean,

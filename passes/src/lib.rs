@@ -5,7 +5,8 @@
 //! activation checkpointing ([`checkpoint`]); then the analyses: the execution schedule
 //! ([`schedule`]), liveness, the static memory plan ([`memory`]: arena offsets, workspace,
 //! breakdown), the cost summary ([`cost`]) and the predicted step time ([`timing`]).
-//! [`dce`] removes what a rewrite leaves unused.
+//! [`dce`] removes what a rewrite leaves unused; [`index_ranges`] marks the gathers whose
+//! indices are in range by construction, last.
 
 pub mod amp;
 pub mod autodiff;
@@ -13,6 +14,7 @@ pub mod checkpoint;
 pub mod cost;
 pub mod dce;
 pub mod fusion;
+pub mod index_ranges;
 pub mod liveness;
 pub mod memory;
 pub mod schedule;
@@ -27,6 +29,7 @@ pub use checkpoint::{
 pub use cost::{params_by_scope, CostSummary};
 pub use dce::eliminate_dead_code;
 pub use fusion::{fuse_attention, Fused, FusedBlock, FusionError, FusionReport, UnmatchedAttention};
+pub use index_ranges::prove_index_ranges;
 pub use liveness::{liveness, Liveness};
 pub use memory::{plan_memory, MemoryBreakdown, MemoryPlan, PlanError};
 pub use schedule::{schedule, RECOMPUTE_SCOPE};

@@ -423,10 +423,10 @@ fn selections_and_roi_align() {
     let mut c = Case::new(80);
     let x = c.param(&[5, 3], 1.0, 0.0);
     let idx = c.input(Tensor::new(&[4i64, 0, 4, 2], &Device::Cpu).unwrap(), DType::I64);
-    let y = c.op(IndexSelect { axis: 0 }, &[x, idx]);
+    let y = c.op(IndexSelect::new(0), &[x, idx]);
     let z = c.param(&[3, 4, 2], 1.0, 0.0);
     let rows = c.input(Tensor::new(&[3i64, 0, 3], &Device::Cpu).unwrap(), DType::I64);
-    let g = c.op(GatherRows {}, &[z, rows]);
+    let g = c.op(GatherRows::default(), &[z, rows]);
     c.check(&[y, g]);
 
     let mut c = Case::new(81);

@@ -207,13 +207,13 @@ fn top_k_ties_and_nan() {
 #[test]
 fn index_select_and_range_error() {
     let x = t32(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], &[3, 2]);
-    let got = nd(&run(IndexSelect { axis: 0 }, &[&x, &ti64(&[2, 0, 2])])[0]);
+    let got = nd(&run(IndexSelect::new(0), &[&x, &ti64(&[2, 0, 2])])[0]);
     assert_eq!(got.shape, vec![3, 2]);
     assert_eq!(got.data, vec![4.0, 5.0, 0.0, 1.0, 4.0, 5.0]);
-    let got = nd(&run(IndexSelect { axis: 1 }, &[&x, &ti64(&[1])])[0]);
+    let got = nd(&run(IndexSelect::new(1), &[&x, &ti64(&[1])])[0]);
     assert_eq!(got.data, vec![1.0, 3.0, 5.0]);
     for bad in [3i64, -1] {
-        match kernels::execute(&IndexSelect { axis: 0 }.into(), &[x.clone(), ti64(&[0, bad])]) {
+        match kernels::execute(&IndexSelect::new(0).into(), &[x.clone(), ti64(&[0, bad])]) {
             Err(e) => assert!(e.to_string().contains(&format!("index {bad}")), "{e}"),
             Ok(_) => panic!("index {bad} accepted"),
         }
@@ -224,10 +224,10 @@ fn index_select_and_range_error() {
 fn gather_rows_picks_per_row() {
     // data [2, 3, 2]: out[n] = data[n, idx[n]].
     let x = t32(&(0..12).map(|v| v as f32).collect::<Vec<_>>(), &[2, 3, 2]);
-    let got = nd(&run(GatherRows {}, &[&x, &ti64(&[2, 1])])[0]);
+    let got = nd(&run(GatherRows::default(), &[&x, &ti64(&[2, 1])])[0]);
     assert_eq!(got.shape, vec![2, 2]);
     assert_eq!(got.data, vec![4.0, 5.0, 8.0, 9.0]);
-    let err = kernels::execute(&GatherRows {}.into(), &[x, ti64(&[0, 3])]).expect_err("index 3 accepted");
+    let err = kernels::execute(&GatherRows::default().into(), &[x, ti64(&[0, 3])]).expect_err("index 3 accepted");
     assert!(err.to_string().contains("index 3"), "{err}");
 }
 

@@ -444,8 +444,8 @@ fn index_select_grad_accumulates_repeated_indices() {
         let idx: Vec<i64> = idx.iter().map(|&i| i.min(size as i64 - 1)).collect();
         shape[axis] = idx.len();
         let dy = randn(&shape, &mut rng);
-        let dx = exec1(IndexSelectGrad { axis, size }, &[i64s(&idx), dy.clone()]);
-        let forward = |xs: &[Tensor]| exec(IndexSelect { axis }, &[xs[0].clone(), i64s(&idx)]);
+        let dx = exec1(IndexSelectGrad::new(axis, size), &[i64s(&idx), dy.clone()]);
+        let forward = |xs: &[Tensor]| exec(IndexSelect::new(axis), &[xs[0].clone(), i64s(&idx)]);
         check_vjp(
             &format!("index_select axis {axis}"),
             &forward,
@@ -457,14 +457,14 @@ fn index_select_grad_accumulates_repeated_indices() {
     }
     // A plain case by hand: rows 1, 1, 0 of a 3-row gradient.
     let dy = Tensor::new(&[[1.0f32], [2.0], [4.0]], &Device::Cpu).unwrap();
-    let dx = exec1(IndexSelectGrad { axis: 0, size: 3 }, &[i64s(&[1, 1, 0]), dy]);
+    let dx = exec1(IndexSelectGrad::new(0, 3), &[i64s(&[1, 1, 0]), dy]);
     assert_eq!(dx.to_vec2::<f32>().unwrap(), [[4.0], [3.0], [0.0]]);
 }
 
 #[test]
 fn index_select_grad_rejects_out_of_range_indices() {
     let dy = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-    let op = IndexSelectGrad { axis: 0, size: 4 };
+    let op = IndexSelectGrad::new(0, 4);
     for bad in [[0i64, 4], [-1, 0]] {
         let err = kernels::execute(&op.clone().into(), &[i64s(&bad), dy.clone()]).unwrap_err();
         assert!(err.to_string().contains("out of range for size 4"), "{err}");
@@ -482,8 +482,8 @@ fn gather_rows_grad_matches_finite_differences() {
     let idx = [3i64, 0, 3];
     let x = randn(&[3, 4, 2, 2], &mut rng);
     let dy = randn(&[3, 2, 2], &mut rng);
-    let dx = exec1(GatherRowsGrad { rows: 4 }, &[i64s(&idx), dy.clone()]);
-    let forward = |xs: &[Tensor]| exec(GatherRows {}, &[xs[0].clone(), i64s(&idx)]);
+    let dx = exec1(GatherRowsGrad::new(4), &[i64s(&idx), dy.clone()]);
+    let forward = |xs: &[Tensor]| exec(GatherRows::default(), &[xs[0].clone(), i64s(&idx)]);
     check_vjp(
         "gather_rows",
         &forward,
@@ -504,7 +504,7 @@ fn gather_rows_grad_matches_finite_differences() {
             }
         }
     }
-    let err = kernels::execute(&GatherRowsGrad { rows: 4 }.into(), &[i64s(&[0, 4, 1]), dy]).unwrap_err();
+    let err = kernels::execute(&GatherRowsGrad::new(4).into(), &[i64s(&[0, 4, 1]), dy]).unwrap_err();
     assert!(err.to_string().contains("index 4 (position 1) out of range"), "{err}");
 }
 

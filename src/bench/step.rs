@@ -238,6 +238,7 @@ fn compile_step(opts: &StepOptions) -> Result<Step> {
         StepMode::Infer => {
             let graph = vitdet_models::build_detector_for_image(&config, [s, s])?;
             let (graph, fused_attention) = lower_inference(&graph, opts.precision, opts.fuse_attention)?;
+            let (graph, _) = vitdet_passes::prove_index_ranges(&graph)?;
             let order = vitdet_passes::schedule(&graph)?;
             let plan = vitdet_passes::plan_memory(&graph, &order)?;
             Ok(Step {

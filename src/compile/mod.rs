@@ -124,6 +124,7 @@ pub fn compile_config_with(
         }
         None => (graph, None),
     };
+    let (graph, _) = vitdet_passes::prove_index_ranges(&graph)?;
     let order = schedule(&graph)?;
     let live = liveness(&graph, &order)?;
     let plan = vitdet_passes::plan_memory(&graph, &order)?;

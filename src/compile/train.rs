@@ -197,7 +197,9 @@ pub fn compile_train(mut config: ModelConfig, opts: &TrainOptions) -> Result<Tra
             None => bail!("--checkpoint auto needs --budget (e.g. --budget 16GiB)"),
         },
     };
-    let ck = apply_checkpointing(&graph, &policy, base)?;
+    let mut ck = apply_checkpointing(&graph, &policy, base)?;
+    // Marks attributes only: the order and the plan stay valid.
+    ck.graph = vitdet_passes::prove_index_ranges(&ck.graph)?.0;
     let breakdown = ck.plan.breakdown(&ck.graph, &ck.order, optimizer_state);
     let peak_memory_bytes = base + ck.plan.arena_bytes as u64;
     if let (Some(budget), false) = (opts.budget_bytes, choice == CheckpointChoice::Auto) {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, numel, Cost, OpRule, RowRule};
+use super::{expect_float, expect_rank, numel, Cost, IntRange, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// detectron2's `DefaultAnchorGenerator` on one level: for a `grid[0] x grid[1]` feature map
@@ -110,6 +110,10 @@ pub struct TopK {
 }
 
 impl OpRule for TopK {
+    /// The indices are positions along the last axis.
+    fn value_ranges(&self, _: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![None, IntRange::indices(*t[0].shape.last().unwrap_or(&0))]
+    }
     fn name(&self) -> &'static str {
         "top_k"
     }
@@ -134,12 +138,29 @@ impl OpRule for TopK {
 
 /// `out = data.index_select(axis, indices)`: `indices [k]` (i64) picks `k` slices of `data`
 /// along `axis`; an out-of-range index is an error at run time.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IndexSelect {
     pub axis: usize,
+    /// Every index is known to be in range (`passes::prove_index_ranges`): a GPU skips the
+    /// run-time check, which would copy the indices to the host and wait for them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indices_in_range: bool,
+}
+
+impl IndexSelect {
+    pub fn new(axis: usize) -> Self {
+        IndexSelect {
+            axis,
+            indices_in_range: false,
+        }
+    }
 }
 
 impl OpRule for IndexSelect {
+    /// The selected values are the data's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "index_select"
     }
@@ -164,10 +185,24 @@ impl OpRule for IndexSelect {
 /// selection, `dy.shape[axis] = k`) -> `dx` with `dx.shape[axis] = size`, zero except that
 /// slice `indices[j]` of `dx` accumulates slice `j` of `dy` (repeated indices add up). An
 /// index outside `0..size` is an error at run time.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IndexSelectGrad {
     pub axis: usize,
     pub size: usize,
+    /// Every index is known to be in range (`passes::prove_index_ranges`): a GPU skips the
+    /// run-time check, which would copy the indices to the host and wait for them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indices_in_range: bool,
+}
+
+impl IndexSelectGrad {
+    pub fn new(axis: usize, size: usize) -> Self {
+        IndexSelectGrad {
+            axis,
+            size,
+            indices_in_range: false,
+        }
+    }
 }
 
 impl OpRule for IndexSelectGrad {
@@ -207,10 +242,19 @@ impl OpRule for IndexSelectGrad {
 
 /// Per-row selection: `data [N, M, ...]`, `indices [N]` (i64) -> `[N, ...]` with
 /// `out[n] = data[n, indices[n]]` (class-specific boxes and masks).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct GatherRows {}
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatherRows {
+    /// Every index is known to be in range (`passes::prove_index_ranges`): a GPU skips the
+    /// run-time check, which would copy the indices to the host and wait for them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indices_in_range: bool,
+}
 
 impl OpRule for GatherRows {
+    /// The selected values are the data's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "gather_rows"
     }
@@ -236,10 +280,23 @@ impl OpRule for GatherRows {
 /// Backward of [`GatherRows`]: inputs `indices [N]` (i64) and `dy [N, ...]` -> `dx [N, rows,
 /// ...]`, zero except `dx[n, indices[n]] = dy[n]`. An index outside `0..rows` is an error at
 /// run time.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct GatherRowsGrad {
     /// `M`, the size of the gathered axis of the forward's data.
     pub rows: usize,
+    /// Every index is known to be in range (`passes::prove_index_ranges`): a GPU skips the
+    /// run-time check, which would copy the indices to the host and wait for them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub indices_in_range: bool,
+}
+
+impl GatherRowsGrad {
+    pub fn new(rows: usize) -> Self {
+        GatherRowsGrad {
+            rows,
+            indices_in_range: false,
+        }
+    }
 }
 
 impl OpRule for GatherRowsGrad {
@@ -284,6 +341,10 @@ pub struct Nms {
 }
 
 impl OpRule for Nms {
+    /// Kept indices are rows of `boxes` (unused slots hold 0).
+    fn value_ranges(&self, _: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![IntRange::indices(t[0].shape[0])]
+    }
     fn name(&self) -> &'static str {
         "nms"
     }

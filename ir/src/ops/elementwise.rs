@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, OpRule, RowRule};
+use super::{broadcast_shapes, expect_float, expect_same_dtype, numel, Cost, IntRange, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +116,27 @@ pub struct Binary {
 }
 
 impl OpRule for Binary {
+    /// Interval arithmetic on integer operands (`None` on overflow or division).
+    fn value_ranges(&self, i: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        let (Some(a), Some(b)) = (i[0], i[1]) else {
+            return vec![None];
+        };
+        if t[0].dtype.is_float() {
+            return vec![None];
+        }
+        let corners = |f: fn(i64, i64) -> Option<i64>| -> Option<IntRange> {
+            let v = [f(a.lo, b.lo)?, f(a.lo, b.hi)?, f(a.hi, b.lo)?, f(a.hi, b.hi)?];
+            Some(IntRange::new(*v.iter().min()?, *v.iter().max()?))
+        };
+        vec![match self.kind {
+            BinaryKind::Minimum => Some(IntRange::new(a.lo.min(b.lo), a.hi.min(b.hi))),
+            BinaryKind::Maximum => Some(IntRange::new(a.lo.max(b.lo), a.hi.max(b.hi))),
+            BinaryKind::Add => corners(i64::checked_add),
+            BinaryKind::Sub => corners(i64::checked_sub),
+            BinaryKind::Mul => corners(i64::checked_mul),
+            BinaryKind::Div => None,
+        }]
+    }
     fn name(&self) -> &'static str {
         "binary"
     }
@@ -173,6 +194,16 @@ pub struct Cast {
 }
 
 impl OpRule for Cast {
+    /// Integer to integer keeps the values when the target holds them all.
+    fn value_ranges(&self, i: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        let holds = |r: IntRange| match self.dtype {
+            DType::I64 => true,
+            DType::U32 => r.lo >= 0 && r.hi <= u32::MAX as i64,
+            DType::U8 => r.lo >= 0 && r.hi <= u8::MAX as i64,
+            _ => false,
+        };
+        vec![i[0].filter(|&r| !t[0].dtype.is_float() && holds(r))]
+    }
     fn name(&self) -> &'static str {
         "cast"
     }

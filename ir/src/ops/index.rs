@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{numel, Cost, OpRule};
+use super::{numel, Cost, IntRange, OpRule};
 use crate::types::{DType, TensorType};
 
 /// `out[i] = start + step * i[axis]`, shaped like the input (whose values are not read), in
@@ -23,6 +23,16 @@ pub struct IotaLike {
 }
 
 impl OpRule for IotaLike {
+    /// `start + step * i` for `i` in `0..len` (integer dtypes).
+    fn value_ranges(&self, _: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        let len = t[0].shape.get(self.axis).copied().unwrap_or(0);
+        if self.dtype.is_float() || len == 0 {
+            return vec![None];
+        }
+        let last = self.start + self.step * (len - 1) as f64;
+        let fits = |v: f64| v.abs() < 2f64.powi(53);
+        vec![(fits(self.start) && fits(last)).then(|| IntRange::new(self.start as i64, last as i64))]
+    }
     fn name(&self) -> &'static str {
         "iota_like"
     }

@@ -85,6 +85,46 @@ impl std::iter::Sum for Cost {
     }
 }
 
+/// Bounds every element of an integer value lies within: `lo..=hi`. Index-producing ops know
+/// them by construction (top-k, NMS, iota), data movement keeps its input's; an index op whose
+/// indices are proven within its axis skips its run-time range check (a copy to the host and a
+/// wait on a GPU). See [`OpRule::value_ranges`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IntRange {
+    pub lo: i64,
+    pub hi: i64,
+}
+
+impl IntRange {
+    pub fn new(lo: i64, hi: i64) -> IntRange {
+        IntRange {
+            lo: lo.min(hi),
+            hi: lo.max(hi),
+        }
+    }
+
+    /// `0..n`, the indices of an axis of size `n` (`None` for an empty axis).
+    pub fn indices(n: usize) -> Option<IntRange> {
+        (n > 0).then(|| IntRange::new(0, i64::try_from(n - 1).unwrap_or(i64::MAX)))
+    }
+
+    /// The smallest range holding both.
+    pub fn union(self, o: IntRange) -> IntRange {
+        IntRange::new(self.lo.min(o.lo), self.hi.max(o.hi))
+    }
+
+    /// Whether every value is an index of an axis of size `n`.
+    pub fn within(self, n: usize) -> bool {
+        self.lo >= 0 && (self.hi as u64) < n as u64
+    }
+}
+
+/// The union of all of `ranges`, if every one is known.
+pub fn union_all(ranges: &[Option<IntRange>]) -> Option<IntRange> {
+    let (first, rest) = ranges.split_first()?;
+    rest.iter().try_fold((*first)?, |acc, r| Some(acc.union((*r)?)))
+}
+
 /// Which inputs and outputs of an op are indexed by rows that may be dynamic (see
 /// [`TensorType::dynamic_rows`]): the op computes on each row of these inputs independently,
 /// or reduces over them, so it runs unchanged on fewer rows than the bound.
@@ -162,6 +202,11 @@ pub trait OpRule {
     /// Which inputs may have a dynamic row count, and which outputs then do (none by default).
     fn rows(&self) -> RowRule {
         RowRule::none()
+    }
+    /// Ranges of the integer outputs' values given the inputs' (`None` where unknown), one per
+    /// output or fewer (the rest unknown). Nothing is known by default.
+    fn value_ranges(&self, _inputs: &[Option<IntRange>], _types: &[&TensorType]) -> Vec<Option<IntRange>> {
+        Vec::new()
     }
 }
 

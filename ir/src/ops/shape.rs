@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{OpRule, RowRule};
+use super::{union_all, IntRange, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// Same elements in row-major order under a new shape.
@@ -12,6 +12,10 @@ pub struct Reshape {
 }
 
 impl OpRule for Reshape {
+    /// The values are the input's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "reshape"
     }
@@ -39,6 +43,10 @@ pub struct Permute {
 }
 
 impl OpRule for Permute {
+    /// The values are the input's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "permute"
     }
@@ -69,6 +77,10 @@ pub struct Pad {
 }
 
 impl OpRule for Pad {
+    /// The input's values and the zeros added.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0].map(|r| r.union(IntRange::new(0, 0)))]
+    }
     fn name(&self) -> &'static str {
         "pad"
     }
@@ -99,6 +111,10 @@ pub struct Slice {
 }
 
 impl OpRule for Slice {
+    /// The values are the input's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "slice"
     }
@@ -130,6 +146,10 @@ pub struct Concat {
 }
 
 impl OpRule for Concat {
+    /// Every input's values.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![union_all(i)]
+    }
     fn name(&self) -> &'static str {
         "concat"
     }
@@ -163,6 +183,10 @@ pub struct Expand {
 }
 
 impl OpRule for Expand {
+    /// The values are the input's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "expand"
     }
@@ -193,6 +217,10 @@ pub struct DynamicPrefix {
 }
 
 impl OpRule for DynamicPrefix {
+    /// The values are the input's.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0]]
+    }
     fn name(&self) -> &'static str {
         "dynamic_prefix"
     }
@@ -226,6 +254,10 @@ pub struct PadRows {
 }
 
 impl OpRule for PadRows {
+    /// The input's values and the zeros added.
+    fn value_ranges(&self, i: &[Option<IntRange>], _: &[&TensorType]) -> Vec<Option<IntRange>> {
+        vec![i[0].map(|r| r.union(IntRange::new(0, 0)))]
+    }
     fn name(&self) -> &'static str {
         "pad_rows"
     }

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{expect_float, expect_rank, numel, Cost, OpRule, RowRule};
+use super::{expect_float, expect_rank, numel, Cost, IntRange, OpRule, RowRule};
 use crate::types::{DType, TensorType};
 
 /// Checks the seed input: an i64 scalar (`[]` or `[1]`).
@@ -160,7 +160,8 @@ impl OpRule for AnchorTargets {
 /// of `FastRCNNOutputLayers.losses`) for one image.
 ///
 /// Inputs: `proposals [P, 4]`, `proposal_valid [P]` u8, `gt_boxes [G, 4]`,
-/// `gt_classes [G]` i64 (in `0..num_classes`), `gt_valid [G]` u8, `seed`.
+/// `gt_classes [G]` i64 (in `0..num_classes`: a valid gt's class outside it is a run-time
+/// error), `gt_valid [G]` u8, `seed`.
 ///
 /// 1. Candidates: the valid proposals, then — with `append_gt` (detectron2's
 ///    `proposal_append_gt`, on by default) — the valid gt boxes as extra proposals, in that
@@ -205,6 +206,13 @@ pub struct ProposalTargets {
 }
 
 impl OpRule for ProposalTargets {
+    /// `labels` are classes `0..num_classes` or `num_classes` (a valid gt with a class outside
+    /// `0..num_classes` is a run-time error); `matched` indexes the gt (0 without any).
+    fn value_ranges(&self, _: &[Option<IntRange>], t: &[&TensorType]) -> Vec<Option<IntRange>> {
+        let classes = i64::try_from(self.num_classes).ok().map(|k| IntRange::new(0, k));
+        let matched = IntRange::indices(t[2].shape[0]).unwrap_or(IntRange::new(0, 0));
+        vec![None, None, classes, None, Some(matched)]
+    }
     fn name(&self) -> &'static str {
         "proposal_targets"
     }

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, WithDType};
 use rayon::prelude::*;
 use vitdet_ir::ops::{
-    Anchors, BoxDecode, ClipBoxes, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
+    Anchors, BoxDecode, ClipBoxes, GatherRows, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
     RoiAlignGrad, TopK,
 };
 
@@ -277,8 +277,31 @@ fn check_indices(idx: &[i64], size: usize, what: &str) -> KernelResult<()> {
     Ok(())
 }
 
-/// `data.index_select(axis, indices)` with candle's gather (any device) after a host-side range
-/// check of the i64 indices: an index outside `0..size` is an error naming it.
+/// The i64 indices on their device, after a host-side range check against `size` unless the
+/// graph proved them in range (`in_range`) and they live on a GPU, where the check would copy
+/// them to the host and wait for the device. The CPU always checks (no wait there), so a wrong
+/// proof is an error in CPU runs, not an out-of-bounds access.
+fn checked_indices(indices: &Tensor, size: usize, in_range: bool, what: &str) -> KernelResult<Tensor> {
+    if !in_range || indices.device().is_cpu() {
+        check_indices(&host_i64(indices, what)?, size, what)?;
+    }
+    Ok(if indices.dtype() == DType::I64 {
+        indices.clone()
+    } else {
+        indices.to_dtype(DType::I64)?
+    })
+}
+
+/// `n * m + indices[n]`: the rows of a `[N, M, ...]` tensor viewed as `[N * M, ...]` that
+/// `indices` picks, one per leading row (on the indices' device).
+fn flat_rows(indices: &Tensor, m: usize) -> KernelResult<Tensor> {
+    let n = indices.elem_count();
+    let starts = Tensor::arange_step(0i64, (n * m) as i64, m as i64, indices.device())?;
+    Ok((indices + starts)?)
+}
+
+/// `data.index_select(axis, indices)` with candle's gather (any device) after a range check of
+/// the i64 indices ([`checked_indices`]): an index outside `0..size` is an error naming it.
 pub fn index_select(op: &IndexSelect, data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
     if op.axis >= data.rank() {
         return unsupported(format!(
@@ -293,23 +316,18 @@ pub fn index_select(op: &IndexSelect, data: &Tensor, indices: &Tensor) -> Kernel
             crate::dtype::describe(indices)
         ));
     }
-    let idx = host_i64(indices, "index_select indices")?;
-    check_indices(
-        &idx,
+    let indices = checked_indices(
+        indices,
         data.dims()[op.axis],
+        op.indices_in_range,
         &format!("index_select along axis {}", op.axis),
     )?;
-    let indices = if indices.dtype() == DType::I64 {
-        indices.clone()
-    } else {
-        indices.to_dtype(DType::I64)?
-    };
     Ok(data.index_select(&indices, op.axis)?)
 }
 
 /// `out[n] = data[n, indices[n]]` for `data [N, M, ...]`: one `index_select` of the rows
 /// `n * M + indices[n]` of `data` viewed as `[N * M, ...]` (any device), after a range check.
-pub fn gather_rows(data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
+pub fn gather_rows(op: &GatherRows, data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
     let dims = data.dims().to_vec();
     if dims.len() < 2 || indices.dims() != [dims[0]] {
         return unsupported(format!(
@@ -319,10 +337,8 @@ pub fn gather_rows(data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
         ));
     }
     let (n, m) = (dims[0], dims[1]);
-    let idx = host_i64(indices, "gather_rows indices")?;
-    check_indices(&idx, m, "gather_rows")?;
-    let flat: Vec<i64> = idx.iter().enumerate().map(|(r, &i)| (r * m) as i64 + i).collect();
-    let flat = Tensor::from_vec(flat, n, data.device())?;
+    let indices = checked_indices(indices, m, op.indices_in_range, "gather_rows")?;
+    let flat = flat_rows(&indices, m)?;
     let mut view = vec![n * m];
     view.extend_from_slice(&dims[2..]);
     let out = data.contiguous()?.reshape(view)?.index_select(&flat, 0)?;
@@ -332,8 +348,8 @@ pub fn gather_rows(data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
 }
 
 /// Backward of [`index_select`]: `dx = zeros(shape with size along axis).index_add(indices,
-/// dy, axis)` (any device, after a host-side range check): repeated indices accumulate,
-/// computed in f32 for half types.
+/// dy, axis)` (any device, after a range check): repeated indices accumulate, computed in f32
+/// for half types.
 pub fn index_select_grad(op: &IndexSelectGrad, indices: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("gradient", dy)?;
     let dims = dy.dims();
@@ -345,12 +361,15 @@ pub fn index_select_grad(op: &IndexSelectGrad, indices: &Tensor, dy: &Tensor) ->
             crate::dtype::describe(dy)
         ));
     }
-    let idx = host_i64(indices, "index_select_grad indices")?;
-    check_indices(&idx, op.size, &format!("index_select_grad along axis {}", op.axis))?;
+    let idx = checked_indices(
+        indices,
+        op.size,
+        op.indices_in_range,
+        &format!("index_select_grad along axis {}", op.axis),
+    )?;
     let mut shape = dims.to_vec();
     shape[op.axis] = op.size;
     let acc = super::accum_dtype(dy.dtype());
-    let idx = Tensor::from_vec(idx, indices.elem_count(), dy.device())?;
     let dx = Tensor::zeros(shape, acc, dy.device())?.index_add(&idx, &dy.to_dtype(acc)?.contiguous()?, op.axis)?;
     Ok(dx.to_dtype(dy.dtype())?)
 }
@@ -371,10 +390,8 @@ pub fn gather_rows_grad(op: &GatherRowsGrad, indices: &Tensor, dy: &Tensor) -> K
         ));
     }
     let (n, m) = (dims[0], op.rows);
-    let idx = host_i64(indices, "gather_rows_grad indices")?;
-    check_indices(&idx, m, "gather_rows_grad")?;
-    let flat: Vec<i64> = idx.iter().enumerate().map(|(r, &i)| (r * m) as i64 + i).collect();
-    let flat = Tensor::from_vec(flat, n, dy.device())?;
+    let indices = checked_indices(indices, m, op.indices_in_range, "gather_rows_grad")?;
+    let flat = flat_rows(&indices, m)?;
     let mut view = vec![n * m];
     view.extend_from_slice(&dims[1..]);
     let dx = Tensor::zeros(view, dy.dtype(), dy.device())?.index_add(&flat, &dy.contiguous()?, 0)?;

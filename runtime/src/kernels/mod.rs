@@ -131,7 +131,7 @@ pub fn execute(op: &Op, inputs: &[Tensor]) -> KernelResult<Vec<Tensor>> {
         Op::TopK(o) => detection::top_k(o, &x[0]),
         Op::IndexSelect(o) => one(detection::index_select(o, &x[0], &x[1])?),
         Op::IndexSelectGrad(o) => one(detection::index_select_grad(o, &x[0], &x[1])?),
-        Op::GatherRows(_) => one(detection::gather_rows(&x[0], &x[1])?),
+        Op::GatherRows(o) => one(detection::gather_rows(o, &x[0], &x[1])?),
         Op::GatherRowsGrad(o) => one(detection::gather_rows_grad(o, &x[0], &x[1])?),
         Op::Nms(o) => detection::nms(o, &x[0], &x[1], x.get(2), x.get(3)),
         Op::RoiAlign(o) => one(detection::roi_align(o, x)?),

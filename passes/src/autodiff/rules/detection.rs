@@ -1,6 +1,6 @@
 //! Selections and RoIAlign. Boxes and indices get no gradient: detectron2 detaches proposals.
 
-use vitdet_ir::ops::{GatherRowsGrad, IndexSelect, IndexSelectGrad, RoiAlign, RoiAlignGrad};
+use vitdet_ir::ops::{GatherRows, GatherRowsGrad, IndexSelect, IndexSelectGrad, RoiAlign, RoiAlignGrad};
 use vitdet_ir::Value;
 
 use super::{Ctx, Grads};
@@ -8,16 +8,22 @@ use super::{Ctx, Grads};
 pub(super) fn index_select(ctx: &mut Ctx, o: &IndexSelect, dy: Value) -> Grads {
     let (x, idx) = (ctx.input(0), ctx.input(1));
     let size = ctx.shape(x)[o.axis];
-    Ok(vec![
-        Some(ctx.emit(IndexSelectGrad { axis: o.axis, size }, &[idx, dy])?),
-        None,
-    ])
+    // The same indices: in range if the forward's are.
+    let grad = IndexSelectGrad {
+        axis: o.axis,
+        size,
+        indices_in_range: o.indices_in_range,
+    };
+    Ok(vec![Some(ctx.emit(grad, &[idx, dy])?), None])
 }
 
-pub(super) fn gather_rows(ctx: &mut Ctx, dy: Value) -> Grads {
+pub(super) fn gather_rows(ctx: &mut Ctx, o: &GatherRows, dy: Value) -> Grads {
     let (x, idx) = (ctx.input(0), ctx.input(1));
-    let rows = ctx.shape(x)[1];
-    Ok(vec![Some(ctx.emit(GatherRowsGrad { rows }, &[idx, dy])?), None])
+    let grad = GatherRowsGrad {
+        rows: ctx.shape(x)[1],
+        indices_in_range: o.indices_in_range,
+    };
+    Ok(vec![Some(ctx.emit(grad, &[idx, dy])?), None])
 }
 
 /// One feature-map gradient per level; the boxes (last input) get none.

@@ -72,7 +72,7 @@ pub(crate) fn vjp(ctx: &mut Ctx, dys: &[Option<Value>]) -> Grads {
         Op::MaxPool2d(o) => shape::max_pool2d(ctx, o, dy()?),
         Op::Resize(o) => shape::resize(ctx, o, dy()?),
         Op::IndexSelect(o) => detection::index_select(ctx, o, dy()?),
-        Op::GatherRows(_) => detection::gather_rows(ctx, dy()?),
+        Op::GatherRows(o) => detection::gather_rows(ctx, o, dy()?),
         Op::RoiAlign(o) => detection::roi_align(ctx, o, dy()?),
         Op::WindowAttention(o) => window_attention::window_attention(ctx, o, dys),
         Op::SigmoidBceLoss(_) | Op::SmoothL1Loss(_) | Op::SoftmaxCrossEntropyLoss(_) => loss::loss(ctx, &op, dy()?),
