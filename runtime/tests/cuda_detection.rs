@@ -1,6 +1,7 @@
 //! The detection CUDA kernels against the CPU kernels at detector sizes (skipped without a
 //! CUDA device): top-k over one RPN level of a 1024 x 1024 image, NMS over the RPN's and the
-//! box head's candidates, multi-level RoIAlign forward and backward.
+//! box head's candidates, multi-level RoIAlign forward and backward, box decoding and
+//! clipping (device tensor ops).
 //!
 //! Tolerances:
 //! * top-k and NMS: exact, in every dtype (they select and order; the kernels compare the
@@ -10,6 +11,10 @@
 //!   the kernels accumulate in f32 where the CPU kernel uses f64 (forward), and add f32
 //!   contributions by atomics in any order (backward). With tens of terms per value the f32
 //!   rounding stays near 1e-7 relative.
+//! * box decoding and clipping: the same f64 operations on both sides, rounded once to f32;
+//!   CUDA's f64 `exp` and the host's may differ in the last f64 place, which survives the
+//!   rounding to f32 at most as one f32 unit: 1e-6 relative per coordinate (plus 1e-3 absolute
+//!   near 0), NaN where the CPU has NaN.
 //! * RoIAlign bf16 / f16: relative L2 2^-8 / 2^-11 (one unit in the last place of the
 //!   format): both sides round the same value once to the storage type, and values within
 //!   f32 rounding of a rounding boundary may land on neighbouring representable values.
@@ -20,7 +25,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, TestRng};
-use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
+use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
 use vitdet_runtime::cuda::detection::run;
 use vitdet_runtime::kernels::detection as cpu;
 
@@ -112,6 +117,51 @@ fn top_k_rpn_level_of_a_1024_image() {
     check_top_k(&dev, &x2, 1000, DType::F32);
     let short = logits(&mut rng, 300 * 81).reshape((300, 81)).unwrap();
     check_top_k(&dev, &short, 10, DType::F32);
+}
+
+// ------------------------------------------------------------------------------- boxes
+
+/// The RPN's decode of 2000 top-k anchors and the box head's class-specific decode of 1000
+/// proposals, then clipping to the image, on the GPU (tensor ops, no host copy) and the CPU.
+#[test]
+fn box_decode_and_clip_rpn_and_box_head() {
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(4);
+    let mut uniform =
+        |n: usize, lo: f64, hi: f64| -> Vec<f32> { (0..n).map(|_| (lo + (hi - lo) * rng.uniform()) as f32).collect() };
+    let clamp = (1000.0f64 / 16.0).ln();
+    for (n, k, weights) in [(2000, 1, [1.0; 4]), (1000, 80, [10.0, 10.0, 5.0, 5.0])] {
+        let op = BoxDecode {
+            weights,
+            scale_clamp: clamp,
+        };
+        // Boxes inside a 1024 image; deltas wide enough to hit the scale clamp and leave it.
+        let corners = uniform(n * 2, 0.0, 900.0);
+        let sizes = uniform(n * 2, 1.0, 300.0);
+        let boxes: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let (x, y) = (corners[2 * i], corners[2 * i + 1]);
+                [x, y, x + sizes[2 * i], y + sizes[2 * i + 1]]
+            })
+            .collect();
+        let boxes = Tensor::from_vec(boxes, (n, 4), &Device::Cpu).unwrap();
+        let deltas = Tensor::from_vec(uniform(n * 4 * k, -6.0, 6.0), (n, 4 * k), &Device::Cpu).unwrap();
+        let want = cpu::box_decode(&op, &deltas, &boxes).unwrap();
+        let got = cpu::box_decode(&op, &deltas.to_device(&dev).unwrap(), &boxes.to_device(&dev).unwrap()).unwrap();
+        assert!(got.device().is_cuda());
+        let clip = ClipBoxes {
+            width: 1024.0,
+            height: 1024.0,
+        };
+        let want_clipped = cpu::clip_boxes(&clip, &want.reshape((n * k, 4)).unwrap()).unwrap();
+        let got_clipped = cpu::clip_boxes(&clip, &got.reshape((n * k, 4)).unwrap()).unwrap();
+        for (what, g, w) in [("decoded", &got, &want), ("clipped", &got_clipped, &want_clipped)] {
+            for (i, (a, b)) in host_f32(g).iter().zip(host_f32(w)).enumerate() {
+                let close = (a - b).abs() <= 1e-6 * b.abs() + 1e-3;
+                assert!(close || (a.is_nan() && b.is_nan()), "{what} [{n}, {k}] {i}: {a} vs {b}");
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------- NMS

@@ -5,7 +5,8 @@
 //! These are hand-written loops on the host. Inputs on the CPU are read in place (after a
 //! conversion to f32/f64 where needed); inputs on another device are **copied to the CPU,
 //! computed there and the result copied back** to the input's device (simple and exact; these
-//! ops are a small part of a detector's time). `index_select`, `gather_rows` and their backward
+//! ops are a small part of a detector's time), except box decoding and clipping, which run as
+//! the same arithmetic in device tensor ops there ([`on_device`]). `index_select`, `gather_rows` and their backward
 //! ops are the exceptions: they check their indices on the host and then gather (scatter-add)
 //! with candle's device-generic `index_select` (`index_add`). With the `cuda` feature, `top_k`,
 //! `nms`, `roi_align` and `roi_align_grad` on CUDA tensors the runtime's kernels take
@@ -30,6 +31,8 @@ use vitdet_ir::ops::{
     Anchors, BoxDecode, ClipBoxes, GatherRows, GatherRowsGrad, IndexSelect, IndexSelectGrad, Nms, PasteMasks, RoiAlign,
     RoiAlignGrad, TopK,
 };
+
+mod on_device;
 
 use super::cpu::Real;
 use super::{expect_float, KernelError, KernelResult};
@@ -151,6 +154,9 @@ pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> KernelResu
             crate::dtype::describe(boxes)
         ));
     }
+    if !deltas.device().is_cpu() {
+        return on_device::box_decode(op, deltas, boxes);
+    }
     let d = host_f64(deltas)?;
     let b = host_f64(boxes)?;
     let [wx, wy, ww, wh] = op.weights;
@@ -190,6 +196,9 @@ pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> KernelResult<Tensor> {
             "clip_boxes expects [..., 4], found {}",
             crate::dtype::describe(boxes)
         ));
+    }
+    if !boxes.device().is_cpu() {
+        return on_device::clip_boxes(op, boxes);
     }
     let mut b = host_f64(boxes)?;
     for (i, v) in b.iter_mut().enumerate() {
