@@ -1,7 +1,8 @@
 //! The detection CUDA kernels against the CPU kernels at detector sizes (skipped without a
 //! CUDA device): top-k over one RPN level of a 1024 x 1024 image, NMS over the RPN's and the
 //! box head's candidates, multi-level RoIAlign forward and backward, box decoding and
-//! clipping (device tensor ops).
+//! clipping, and the heads' sigmoid BCE and smooth L1 losses with their gradients (device
+//! tensor ops).
 //!
 //! Tolerances:
 //! * top-k and NMS: exact, in every dtype (they select and order; the kernels compare the
@@ -15,6 +16,8 @@
 //!   CUDA's f64 `exp` and the host's may differ in the last f64 place, which survives the
 //!   rounding to f32 at most as one f32 unit: 1e-6 relative per coordinate (plus 1e-3 absolute
 //!   near 0), NaN where the CPU has NaN.
+//! * losses and gradients (f32): relative 1e-6 per value, the device summing in another order
+//!   than the host's f64 loop before the result is rounded to f32.
 //! * RoIAlign bf16 / f16: relative L2 2^-8 / 2^-11 (one unit in the last place of the
 //!   format): both sides round the same value once to the storage type, and values within
 //!   f32 rounding of a rounding boundary may land on neighbouring representable values.
@@ -25,9 +28,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, TestRng};
-use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
+use vitdet_ir::ops::{
+    BoxDecode, ClipBoxes, LossNorm, Nms, RoiAlign, RoiAlignGrad, SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss,
+    SmoothL1LossGrad, TopK,
+};
 use vitdet_runtime::cuda::detection::run;
 use vitdet_runtime::kernels::detection as cpu;
+use vitdet_runtime::kernels::loss;
 
 fn host_f32(t: &Tensor) -> Vec<f32> {
     t.to_device(&Device::Cpu)
@@ -162,6 +169,91 @@ fn box_decode_and_clip_rpn_and_box_head() {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------- losses
+
+/// The RPN's objectness BCE and box L1 over 261,888 anchors (256 sampled) and the mask head's
+/// BCE over 128 RoIs of 28x28 pixels, with their gradients, on the GPU and the CPU.
+#[test]
+fn losses_of_the_rpn_and_the_mask_head() {
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(5);
+    let mut values =
+        |n: usize, f: &mut dyn FnMut(f64) -> f64| -> Vec<f32> { (0..n).map(|_| f(rng.uniform()) as f32).collect() };
+    let anchors = 261_888;
+    let logits = values(anchors, &mut |u| 8.0 * u - 4.0);
+    let objectness = values(anchors, &mut |u| (u < 0.1) as u8 as f64);
+    let sampled = values(anchors, &mut |u| (u < 256.0 / 261_888.0) as u8 as f64);
+    let deltas = values(anchors * 4, &mut |u| 2.0 * u - 1.0);
+    let targets = values(anchors * 4, &mut |u| 2.0 * u - 1.0);
+    let masks = values(128 * 784, &mut |u| 6.0 * u - 3.0);
+    let mask_targets = values(128 * 784, &mut |u| (u < 0.4) as u8 as f64);
+    let fg = values(128, &mut |u| (u < 0.8) as u8 as f64);
+    let t = |v: &[f32], shape: &[usize]| Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap();
+    let dloss = Tensor::new(0.7f32, &Device::Cpu).unwrap();
+    let rpn = LossNorm::Constant { value: 256.0 };
+    let mean = LossNorm::WeightedMean;
+    let bce_inputs = [
+        (
+            vec![
+                t(&logits, &[anchors]),
+                t(&objectness, &[anchors]),
+                t(&sampled, &[anchors]),
+            ],
+            rpn,
+        ),
+        (
+            vec![
+                t(&masks, &[128, 28, 28]),
+                t(&mask_targets, &[128, 28, 28]),
+                t(&fg, &[128]),
+            ],
+            mean,
+        ),
+    ];
+    let l1 = vec![
+        t(&deltas, &[anchors, 4]),
+        t(&targets, &[anchors, 4]),
+        t(&objectness, &[anchors]),
+    ];
+    let on = |x: &[Tensor]| x.iter().map(|t| t.to_device(&dev).unwrap()).collect::<Vec<_>>();
+    let with_dloss = |x: &[Tensor]| x.iter().cloned().chain([dloss.clone()]).collect::<Vec<_>>();
+    let check = |what: &str, got: Tensor, want: Tensor| {
+        assert!(got.device().is_cuda(), "{what} left the GPU");
+        for (i, (a, b)) in host_f32(&got).iter().zip(host_f32(&want)).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-12, "{what} [{i}]: {a} vs {b}");
+        }
+    };
+    for (x, norm) in &bce_inputs {
+        let (op, grad) = (SigmoidBceLoss { norm: *norm }, SigmoidBceLossGrad { norm: *norm });
+        check(
+            "bce",
+            loss::sigmoid_bce_loss(&op, &on(x)).unwrap(),
+            loss::sigmoid_bce_loss(&op, x).unwrap(),
+        );
+        let (gx, cx) = (on(&with_dloss(x)), with_dloss(x));
+        check(
+            "bce grad",
+            loss::sigmoid_bce_loss_grad(&grad, &gx).unwrap(),
+            loss::sigmoid_bce_loss_grad(&grad, &cx).unwrap(),
+        );
+    }
+    let (op, grad) = (
+        SmoothL1Loss { beta: 0.0, norm: rpn },
+        SmoothL1LossGrad { beta: 0.0, norm: rpn },
+    );
+    check(
+        "l1",
+        loss::smooth_l1_loss(&op, &on(&l1)).unwrap(),
+        loss::smooth_l1_loss(&op, &l1).unwrap(),
+    );
+    let (gx, cx) = (on(&with_dloss(&l1)), with_dloss(&l1));
+    check(
+        "l1 grad",
+        loss::smooth_l1_loss_grad(&grad, &gx).unwrap(),
+        loss::smooth_l1_loss_grad(&grad, &cx).unwrap(),
+    );
 }
 
 // ------------------------------------------------------------------------------- NMS

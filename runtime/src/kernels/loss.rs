@@ -1,9 +1,12 @@
 //! Loss kernels (`vitdet_ir::ops::loss`): weighted sigmoid BCE, smooth L1 and softmax
 //! cross-entropy reduced to a scalar, and their gradients.
 //!
-//! Host loops in f64 (inputs on another device are copied to the CPU; results go back to the
-//! device of the first input, in its dtype): losses read a few hundred thousand values at most
-//! (the RPN's anchors), and f64 sums make the result independent of the thread count.
+//! Host loops in f64: losses read a few hundred thousand values at most (the RPN's anchors),
+//! and f64 sums make the result independent of the thread count. On a GPU, the sigmoid BCE and
+//! smooth L1 losses and their gradients run as the same f64 arithmetic in device tensor ops
+//! ([`on_device`]), so the step does not wait for the device to copy their inputs to the host;
+//! the cross-entropy (whose labels are checked on the host) copies its inputs to the CPU and
+//! its result back to the first input's device, in its dtype.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -14,6 +17,15 @@ use vitdet_ir::ops::{
 
 use super::{expect_float, KernelError, KernelResult};
 use crate::dtype::describe;
+
+mod on_device;
+
+/// The elementwise losses the device path computes (see [`on_device`]).
+#[derive(Clone, Copy, Debug)]
+enum Elementwise {
+    Bce,
+    SmoothL1 { beta: f64 },
+}
 
 fn unsupported<T>(msg: String) -> KernelResult<T> {
     Err(KernelError::Unsupported(msg))
@@ -36,9 +48,9 @@ fn output(data: Vec<f64>, shape: &[usize], like: &Tensor) -> KernelResult<Tensor
     })
 }
 
-/// The weights as one value per element of `elems` (a prefix-shaped tensor broadcast over the
-/// trailing axes): returns the host weights and the number of elements each one covers.
-fn weights_per_element(w: &Tensor, elems: &[usize], what: &str) -> KernelResult<(Vec<f64>, usize)> {
+/// Checks that the weights have a prefix of the per-element shape `elems` and returns how
+/// many elements each weight covers (the weights are broadcast over the trailing axes).
+fn weights_per(w: &Tensor, elems: &[usize], what: &str) -> KernelResult<usize> {
     expect_float("weights", w)?;
     let r = w.rank();
     if r > elems.len() || w.dims() != &elems[..r] {
@@ -47,42 +59,57 @@ fn weights_per_element(w: &Tensor, elems: &[usize], what: &str) -> KernelResult<
             describe(w)
         ));
     }
-    let per = elems[r..].iter().product::<usize>();
+    Ok(elems[r..].iter().product::<usize>())
+}
+
+/// The weights as one value per element of `elems` (see [`weights_per`]): returns the host
+/// weights and the number of elements each one covers.
+fn weights_per_element(w: &Tensor, elems: &[usize], what: &str) -> KernelResult<(Vec<f64>, usize)> {
+    let per = weights_per(w, elems, what)?;
     Ok((host_f64(w)?, per))
+}
+
+/// Checks the norm's attributes and that a count input comes with [`LossNorm::CountInput`]
+/// and only with it.
+fn check_norm(norm: LossNorm, count: Option<&Tensor>, what: &str) -> KernelResult<()> {
+    if let LossNorm::Constant { value } = norm {
+        if !value.is_finite() || value <= 0.0 {
+            return unsupported(format!(
+                "{what}: the constant normalizer must be positive, found {value}"
+            ));
+        }
+    }
+    match (norm, count) {
+        (LossNorm::CountInput, None) => unsupported(format!("{what}: norm `count_input` needs a count input")),
+        (LossNorm::CountInput, Some(c)) => expect_float("count", c),
+        (_, Some(_)) => unsupported(format!("{what}: a count input is only taken with norm `count_input`")),
+        (_, None) => Ok(()),
+    }
 }
 
 /// The divisor of the weighted sum; `None` when it is 0 (the loss is then 0).
 fn normalizer(norm: LossNorm, w: &[f64], per: usize, count: Option<&Tensor>, what: &str) -> KernelResult<Option<f64>> {
-    let n = match norm {
-        LossNorm::Sum => 1.0,
-        LossNorm::Constant { value } => {
-            if !value.is_finite() || value <= 0.0 {
-                return unsupported(format!(
-                    "{what}: the constant normalizer must be positive, found {value}"
-                ));
-            }
-            value
-        }
-        LossNorm::WeightedMean => w.iter().sum::<f64>() * per as f64,
-        LossNorm::CountInput => match count {
-            Some(c) => {
-                expect_float("count", c)?;
-                host_f64(c)?.iter().sum()
-            }
-            None => return unsupported(format!("{what}: norm `count_input` needs a count input")),
-        },
+    check_norm(norm, count, what)?;
+    let n = match (norm, count) {
+        (LossNorm::Sum, _) => 1.0,
+        (LossNorm::Constant { value }, _) => value,
+        (LossNorm::WeightedMean, _) => w.iter().sum::<f64>() * per as f64,
+        (LossNorm::CountInput, Some(c)) => host_f64(c)?.iter().sum(),
+        (LossNorm::CountInput, None) => unreachable!("checked"),
     };
-    if norm != LossNorm::CountInput && count.is_some() {
-        return unsupported(format!("{what}: a count input is only taken with norm `count_input`"));
-    }
     Ok((n != 0.0).then_some(n))
+}
+
+fn check_dloss(d: &Tensor, what: &str) -> KernelResult<()> {
+    if d.rank() != 0 {
+        return unsupported(format!("{what}: dloss must be a scalar [], found {}", describe(d)));
+    }
+    Ok(())
 }
 
 /// Reads a `dloss` scalar.
 fn read_dloss(d: &Tensor, what: &str) -> KernelResult<f64> {
-    if d.rank() != 0 {
-        return unsupported(format!("{what}: dloss must be a scalar [], found {}", describe(d)));
-    }
+    check_dloss(d, what)?;
     Ok(host_f64(d)?[0])
 }
 
@@ -163,6 +190,11 @@ fn sigmoid(x: f64) -> f64 {
 pub fn sigmoid_bce_loss(op: &SigmoidBceLoss, x: &[Tensor]) -> KernelResult<Tensor> {
     let what = "sigmoid_bce_loss";
     expect_target(&x[0], &x[1], what)?;
+    if !x[0].device().is_cpu() {
+        let per = weights_per(&x[2], x[0].dims(), what)?;
+        check_norm(op.norm, x.get(3), what)?;
+        return on_device::loss(Elementwise::Bce, op.norm, x, per);
+    }
     let (w, per) = weights_per_element(&x[2], x[0].dims(), what)?;
     let Some(n) = normalizer(op.norm, &w, per, x.get(3), what)? else {
         return output(vec![0.0], &[], &x[0]);
@@ -176,6 +208,12 @@ pub fn sigmoid_bce_loss(op: &SigmoidBceLoss, x: &[Tensor]) -> KernelResult<Tenso
 pub fn sigmoid_bce_loss_grad(op: &SigmoidBceLossGrad, x: &[Tensor]) -> KernelResult<Tensor> {
     let what = "sigmoid_bce_loss_grad";
     expect_target(&x[0], &x[1], what)?;
+    if !x[0].device().is_cpu() {
+        let per = weights_per(&x[2], x[0].dims(), what)?;
+        check_dloss(&x[3], what)?;
+        check_norm(op.norm, x.get(4), what)?;
+        return on_device::grad(Elementwise::Bce, op.norm, x, per);
+    }
     let (w, per) = weights_per_element(&x[2], x[0].dims(), what)?;
     let d = read_dloss(&x[3], what)?;
     let n = normalizer(op.norm, &w, per, x.get(4), what)?;
@@ -225,6 +263,11 @@ pub fn smooth_l1_loss(op: &SmoothL1Loss, x: &[Tensor]) -> KernelResult<Tensor> {
     let what = "smooth_l1_loss";
     check_beta(op.beta, what)?;
     expect_target(&x[0], &x[1], what)?;
+    if !x[0].device().is_cpu() {
+        let per = weights_per(&x[2], x[0].dims(), what)?;
+        check_norm(op.norm, x.get(3), what)?;
+        return on_device::loss(Elementwise::SmoothL1 { beta: op.beta }, op.norm, x, per);
+    }
     let (w, per) = weights_per_element(&x[2], x[0].dims(), what)?;
     let Some(n) = normalizer(op.norm, &w, per, x.get(3), what)? else {
         return output(vec![0.0], &[], &x[0]);
@@ -241,6 +284,12 @@ pub fn smooth_l1_loss_grad(op: &SmoothL1LossGrad, x: &[Tensor]) -> KernelResult<
     let what = "smooth_l1_loss_grad";
     check_beta(op.beta, what)?;
     expect_target(&x[0], &x[1], what)?;
+    if !x[0].device().is_cpu() {
+        let per = weights_per(&x[2], x[0].dims(), what)?;
+        check_dloss(&x[3], what)?;
+        check_norm(op.norm, x.get(4), what)?;
+        return on_device::grad(Elementwise::SmoothL1 { beta: op.beta }, op.norm, x, per);
+    }
     let (w, per) = weights_per_element(&x[2], x[0].dims(), what)?;
     let d = read_dloss(&x[3], what)?;
     let n = normalizer(op.norm, &w, per, x.get(4), what)?;
