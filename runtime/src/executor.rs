@@ -129,6 +129,9 @@ pub struct Program<'g> {
     order: &'g [NodeIndex],
     /// The use counts of the order's values, before the first node (cloned by each run).
     liveness: Liveness<'g>,
+    /// Integer scalar inputs that only host loops read ([`kernels::reads_on_host`]): fed on
+    /// the CPU whatever the device.
+    host_inputs: HashSet<&'g str>,
 }
 
 impl<'g> Program<'g> {
@@ -143,7 +146,16 @@ impl<'g> Program<'g> {
             graph,
             order,
             liveness: Liveness::new(graph, order),
+            host_inputs: host_inputs(graph),
         })
+    }
+
+    /// The inputs fed on the CPU whatever the device, sorted: integer scalars only host loops
+    /// read (seeds, row counts).
+    pub fn inputs_on_host(&self) -> Vec<&'g str> {
+        let mut names: Vec<&str> = self.host_inputs.iter().copied().collect();
+        names.sort();
+        names
     }
 
     /// The graph the program runs.
@@ -191,7 +203,7 @@ fn execute(
 ) -> Result<RunOutput, RuntimeError> {
     let (graph, order) = (program.graph, program.order);
     let mut liveness = program.liveness.clone();
-    let mut fed = feed_inputs(graph, inputs, device)?;
+    let mut fed = feed_inputs(graph, inputs, device, &program.host_inputs)?;
     let param_values = gather_params(graph, params, device)?;
 
     // The values the executor holds, and their size by type.
@@ -453,11 +465,37 @@ fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Checks the fed inputs against the graph's and moves them to `device`.
+/// The graph's integer scalar inputs whose every use is a slot its kernel reads on the host.
+fn host_inputs(graph: &Graph) -> HashSet<&str> {
+    let mut only_host: HashMap<NodeIndex, bool> = graph
+        .inputs()
+        .filter(|(_, _, ty)| !ty.dtype.is_float() && ty.numel() == 1)
+        .map(|(n, _, _)| (n, true))
+        .collect();
+    for n in graph.graph.node_indices() {
+        for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
+            if let Some(host) = only_host.get_mut(&v.node) {
+                *host &= kernels::reads_on_host(&graph.node(n).op, slot);
+            }
+        }
+    }
+    for o in &graph.outputs {
+        only_host.insert(o.value.node, false);
+    }
+    graph
+        .inputs()
+        .filter(|(n, _, _)| only_host.get(n) == Some(&true))
+        .map(|(_, name, _)| name)
+        .collect()
+}
+
+/// Checks the fed inputs against the graph's and moves them to `device` (those in `on_host`
+/// to the CPU).
 fn feed_inputs<'a>(
     graph: &'a Graph,
     inputs: &[(&str, Tensor)],
     device: &Device,
+    on_host: &HashSet<&str>,
 ) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
     let declared: HashMap<&'a str, &'a TensorType> = graph.inputs().map(|(_, name, ty)| (name, ty)).collect();
     let mut fed: HashMap<&'a str, Tensor> = HashMap::new();
@@ -483,10 +521,11 @@ fn feed_inputs<'a>(
                 found: describe(t),
             });
         }
-        let t = if t.device().same_device(device) {
+        let place = if on_host.contains(key) { &Device::Cpu } else { device };
+        let t = if t.device().same_device(place) {
             t.clone()
         } else {
-            t.to_device(device)?
+            t.to_device(place)?
         };
         fed.insert(key, t);
     }

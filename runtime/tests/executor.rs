@@ -449,3 +449,76 @@ fn batchnorm_fpn_matches_and_loads_real_keys() {
         );
     }
 }
+
+/// Integer scalars that only host loops read (a seed, a row count) are fed on the CPU, so a
+/// GPU run does not copy them back and wait; one that a device kernel also reads is not, nor
+/// one the graph returns.
+#[test]
+fn host_read_scalars_are_fed_on_the_host() {
+    let mut g = Graph::new();
+    let scalar = |g: &mut Graph, name: &str| {
+        let ty = TensorType::new(vitdet_ir::DType::I64, Vec::<usize>::new());
+        g.add(Input { name: name.into(), ty }, "", &[]).unwrap()
+    };
+    let (seed, count, both, out) = (
+        scalar(&mut g, "seed"),
+        scalar(&mut g, "count"),
+        scalar(&mut g, "both"),
+        scalar(&mut g, "returned"),
+    );
+    let mask = g
+        .add(
+            DropPathMask {
+                rate: 0.2,
+                stream: 1,
+                batch: 4,
+            },
+            "",
+            &[seed],
+        )
+        .unwrap();
+    let x = input(&mut g, "x", &[4, 3]);
+    let prefix = |g: &mut Graph, c: Value| g.add(DynamicPrefix { min_rows: 1, bound: 4 }, "", &[x, c]).unwrap();
+    let rows = prefix(&mut g, count);
+    let sum = ReduceSum {
+        axes: vec![0],
+        keepdim: false,
+    };
+    let total = g.add(sum, "", &[rows]).unwrap();
+    let widened = g
+        .add(
+            Cast {
+                dtype: vitdet_ir::DType::F32,
+            },
+            "",
+            &[both],
+        )
+        .unwrap();
+    let masked = g.add(Binary { kind: BinaryKind::Mul }, "", &[mask, widened]).unwrap();
+    let _ = g
+        .add(
+            DropPathMask {
+                rate: 0.1,
+                stream: 2,
+                batch: 4,
+            },
+            "",
+            &[both],
+        )
+        .unwrap();
+    g.set_output("mask", masked);
+    g.set_output("total", total);
+    g.set_output("returned", out);
+    let order = g.topo_order().unwrap();
+    let program = Program::new(&g, &order).unwrap();
+    assert_eq!(program.inputs_on_host(), ["count", "seed"]);
+    let feed = [
+        ("seed", Tensor::new(7i64, &cpu()).unwrap()),
+        ("count", Tensor::new(2i64, &cpu()).unwrap()),
+        ("both", Tensor::new(1i64, &cpu()).unwrap()),
+        ("returned", Tensor::new(3i64, &cpu()).unwrap()),
+        ("x", Tensor::ones((4, 3), DType::F32, &cpu()).unwrap()),
+    ];
+    let out = program.run(&ParamStore::new(), &feed, &cpu()).unwrap();
+    assert_eq!(out.get("total").unwrap().to_vec1::<f32>().unwrap(), [2.0; 3]);
+}

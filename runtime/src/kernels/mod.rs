@@ -66,6 +66,17 @@ impl std::error::Error for KernelError {}
 
 pub type KernelResult<T> = Result<T, KernelError>;
 
+/// Whether input `slot` of `op` is a scalar its kernel only reads on the host: the seed of the
+/// drop-path masks and of anchor and RoI sampling, the row count of a dynamic prefix. A graph
+/// input used only in such slots can stay on the host ([`crate::Program`] keeps it there), so
+/// reading it does not copy it back from a GPU and wait for the device.
+pub fn reads_on_host(op: &Op, slot: usize) -> bool {
+    matches!(
+        (op, slot),
+        (Op::DropPathMask(_), 0) | (Op::AnchorTargets(_), 3) | (Op::ProposalTargets(_), 5) | (Op::DynamicPrefix(_), 1)
+    )
+}
+
 /// Runs one op on its input tensors (in the op's input order) and returns its outputs.
 ///
 /// Sources (`input`, `parameter`) are not computations: the executor supplies their values, and
