@@ -66,6 +66,15 @@ impl std::error::Error for KernelError {}
 
 pub type KernelResult<T> = Result<T, KernelError>;
 
+/// A tensor's values as f64, flattened (the kernels' unit tests compare paths with it).
+#[cfg(test)]
+pub(crate) fn f64_values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("a float tensor")
+}
+
 /// Whether input `slot` of `op` is a scalar its kernel only reads on the host: the seed of the
 /// drop-path masks and of anchor and RoI sampling, the row count of a dynamic prefix. A graph
 /// input used only in such slots can stay on the host ([`crate::Program`] keeps it there), so

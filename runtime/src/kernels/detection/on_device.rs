@@ -99,13 +99,8 @@ mod tests {
     }
 
     fn bits(t: &Tensor) -> Vec<u64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
+        let v = crate::kernels::f64_values(t);
+        v.iter()
             .map(|v| if v.is_nan() { u64::MAX } else { v.to_bits() })
             .collect()
     }

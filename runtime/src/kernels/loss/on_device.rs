@@ -131,14 +131,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn vals(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
+    use crate::kernels::f64_values as vals;
 
     /// Predictions and targets `[12, 4]` with large, zero and non-finite values, weights per
     /// row with zeros on the non-finite rows, and a count.
