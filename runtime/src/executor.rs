@@ -34,6 +34,15 @@
 //! same way. [`RunOutput::measured_peak_bytes`] is the maximum over the steps and compares
 //! directly with the planner's arena (`vitdet_passes::memory`).
 //!
+//! # Placement
+//!
+//! Graph inputs and the results kernels make on the host (ops without inputs such as the
+//! anchors, host loops) are moved to the run's device when their node runs. Where a host loop
+//! will read such a value ([`crate::kernels::reads_on_host`]: the sampling seed, the anchors
+//! and ground truth of the targets), the run keeps its host copy until the value dies and hands
+//! that to the host loop, which on a GPU would otherwise copy the value back and wait for the
+//! device. Host copies are host memory, outside the live bytes.
+//!
 //! On a CUDA device the run also reads the device memory pool: [`RunOutput::device_peak_bytes`]
 //! is its high-water mark above the level at the start (the pool is set to keep freed memory,
 //! as PyTorch's caching allocator does, so steps after the first reuse it).
@@ -129,9 +138,9 @@ pub struct Program<'g> {
     order: &'g [NodeIndex],
     /// The use counts of the order's values, before the first node (cloned by each run).
     liveness: Liveness<'g>,
-    /// Integer scalar inputs that only host loops read ([`kernels::reads_on_host`]): fed on
-    /// the CPU whatever the device.
-    host_inputs: HashSet<&'g str>,
+    /// Values some kernel reads on the host ([`kernels::reads_on_host`]): made on the host
+    /// (graph inputs, host loops' results) and moved to a GPU, they keep their host copy.
+    read_on_host: HashSet<Value>,
 }
 
 impl<'g> Program<'g> {
@@ -146,16 +155,13 @@ impl<'g> Program<'g> {
             graph,
             order,
             liveness: Liveness::new(graph, order),
-            host_inputs: host_inputs(graph),
+            read_on_host: read_on_host(graph),
         })
     }
 
-    /// The inputs fed on the CPU whatever the device, sorted: integer scalars only host loops
-    /// read (seeds, row counts).
-    pub fn inputs_on_host(&self) -> Vec<&'g str> {
-        let mut names: Vec<&str> = self.host_inputs.iter().copied().collect();
-        names.sort();
-        names
+    /// Whether a kernel reads `v` on the host, so a host copy of it is kept on a GPU run.
+    pub fn reads_on_host(&self, v: Value) -> bool {
+        self.read_on_host.contains(&v)
     }
 
     /// The graph the program runs.
@@ -203,11 +209,14 @@ fn execute(
 ) -> Result<RunOutput, RuntimeError> {
     let (graph, order) = (program.graph, program.order);
     let mut liveness = program.liveness.clone();
-    let mut fed = feed_inputs(graph, inputs, device, &program.host_inputs)?;
+    let mut fed = feed_inputs(graph, inputs)?;
     let param_values = gather_params(graph, params, device)?;
 
     // The values the executor holds, and their size by type.
     let mut held: HashMap<Value, Tensor> = HashMap::new();
+    // Host copies of values made on the host and moved to `device` that a kernel reads on the
+    // host: it reads these instead of copying the value back (a wait for the device).
+    let mut host_copies: HashMap<Value, Tensor> = HashMap::new();
     let mut held_bytes = 0usize;
     let mut peak = 0usize;
     let mut op_seconds: BTreeMap<String, f64> = BTreeMap::new();
@@ -234,8 +243,9 @@ fn execute(
             Op::Input(inp) => vec![fed.remove(inp.name.as_str()).expect("inputs were checked")],
             op => {
                 let mut args = Vec::new();
-                for v in graph.inputs_of(n) {
-                    let t = match param_values.get(&v.node) {
+                for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
+                    let host = host_copies.get(&v).filter(|_| kernels::reads_on_host(op, slot));
+                    let t = match param_values.get(&v.node).or(host) {
                         Some(t) => t.clone(),
                         None => held.get(&v).cloned().ok_or_else(|| {
                             RuntimeError::Order(format!(
@@ -271,18 +281,25 @@ fn execute(
                 if let Op::DynamicPrefix(_) = op {
                     dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
                 }
-                // Ops without inputs (anchors, ...) have no device to follow: place them.
-                outs.into_iter()
-                    .map(|t| {
-                        if t.device().same_device(device) {
-                            Ok(t)
-                        } else {
-                            t.to_device(device)
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
+                outs
             }
         };
+        // Ops without inputs (anchors, ...) and host loops given host copies make their
+        // results on the host: place them, keeping the host copy where a kernel reads it there.
+        let outputs = outputs
+            .into_iter()
+            .enumerate()
+            .map(|(output, t)| {
+                if t.device().same_device(device) {
+                    return Ok(t);
+                }
+                let v = Value { node: n, output };
+                if t.device().is_cpu() && program.read_on_host.contains(&v) {
+                    host_copies.insert(v, t.clone());
+                }
+                t.to_device(device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let is_input = matches!(node.op, Op::Input(_));
         for (output, t) in outputs.into_iter().enumerate() {
             let v = Value { node: n, output };
@@ -298,6 +315,7 @@ fn execute(
             measured_steps.push(heap + held_input_bytes);
         }
         for v in liveness.step(n) {
+            host_copies.remove(&v);
             if held.remove(&v).is_some() {
                 held_bytes -= value_bytes(v);
                 if matches!(graph.node(v.node).op, Op::Input(_)) {
@@ -465,38 +483,21 @@ fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The graph's integer scalar inputs whose every use is a slot its kernel reads on the host.
-fn host_inputs(graph: &Graph) -> HashSet<&str> {
-    let mut only_host: HashMap<NodeIndex, bool> = graph
-        .inputs()
-        .filter(|(_, _, ty)| !ty.dtype.is_float() && ty.numel() == 1)
-        .map(|(n, _, _)| (n, true))
-        .collect();
+/// The values some node reads in a slot its kernel reads on the host.
+fn read_on_host(graph: &Graph) -> HashSet<Value> {
+    let mut values = HashSet::new();
     for n in graph.graph.node_indices() {
         for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
-            if let Some(host) = only_host.get_mut(&v.node) {
-                *host &= kernels::reads_on_host(&graph.node(n).op, slot);
+            if kernels::reads_on_host(&graph.node(n).op, slot) {
+                values.insert(v);
             }
         }
     }
-    for o in &graph.outputs {
-        only_host.insert(o.value.node, false);
-    }
-    graph
-        .inputs()
-        .filter(|(n, _, _)| only_host.get(n) == Some(&true))
-        .map(|(_, name, _)| name)
-        .collect()
+    values
 }
 
-/// Checks the fed inputs against the graph's and moves them to `device` (those in `on_host`
-/// to the CPU).
-fn feed_inputs<'a>(
-    graph: &'a Graph,
-    inputs: &[(&str, Tensor)],
-    device: &Device,
-    on_host: &HashSet<&str>,
-) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
+/// Checks the fed inputs against the graph's (the run places them when their node runs).
+fn feed_inputs<'a>(graph: &'a Graph, inputs: &[(&str, Tensor)]) -> Result<HashMap<&'a str, Tensor>, RuntimeError> {
     let declared: HashMap<&'a str, &'a TensorType> = graph.inputs().map(|(_, name, ty)| (name, ty)).collect();
     let mut fed: HashMap<&'a str, Tensor> = HashMap::new();
     for (name, t) in inputs {
@@ -521,13 +522,7 @@ fn feed_inputs<'a>(
                 found: describe(t),
             });
         }
-        let place = if on_host.contains(key) { &Device::Cpu } else { device };
-        let t = if t.device().same_device(place) {
-            t.clone()
-        } else {
-            t.to_device(place)?
-        };
-        fed.insert(key, t);
+        fed.insert(key, t.clone());
     }
     let mut missing: Vec<(&str, &TensorType)> = declared
         .iter()

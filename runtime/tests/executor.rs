@@ -450,11 +450,10 @@ fn batchnorm_fpn_matches_and_loads_real_keys() {
     }
 }
 
-/// Integer scalars that only host loops read (a seed, a row count) are fed on the CPU, so a
-/// GPU run does not copy them back and wait; one that a device kernel also reads is not, nor
-/// one the graph returns.
+/// The values a host loop reads (a seed, a row count, also when a device kernel reads them
+/// too) are the ones a GPU run keeps a host copy of; the rest are not.
 #[test]
-fn host_read_scalars_are_fed_on_the_host() {
+fn values_host_loops_read_are_known_to_the_program() {
     let mut g = Graph::new();
     let scalar = |g: &mut Graph, name: &str| {
         let ty = TensorType::new(vitdet_ir::DType::I64, Vec::<usize>::new());
@@ -511,7 +510,8 @@ fn host_read_scalars_are_fed_on_the_host() {
     g.set_output("returned", out);
     let order = g.topo_order().unwrap();
     let program = Program::new(&g, &order).unwrap();
-    assert_eq!(program.inputs_on_host(), ["count", "seed"]);
+    let read = [seed, count, both, out, x].map(|v| program.reads_on_host(v));
+    assert_eq!(read, [true, true, true, false, false], "seed, count, both, returned, x");
     let feed = [
         ("seed", Tensor::new(7i64, &cpu()).unwrap()),
         ("count", Tensor::new(2i64, &cpu()).unwrap()),

@@ -75,15 +75,17 @@ pub(crate) fn f64_values(t: &Tensor) -> Vec<f64> {
         .expect("a float tensor")
 }
 
-/// Whether input `slot` of `op` is a scalar its kernel only reads on the host: the seed of the
-/// drop-path masks and of anchor and RoI sampling, the row count of a dynamic prefix. A graph
-/// input used only in such slots can stay on the host ([`crate::Program`] keeps it there), so
-/// reading it does not copy it back from a GPU and wait for the device.
+/// Whether the kernel of `op` reads input `slot` on the host (a host loop): on a GPU it would
+/// copy the value back and wait for the device, so the executor hands it the host copy of a
+/// value made on the host (a graph input, the anchors, a host loop's result) where it kept one.
+/// The host loops that matter on a GPU: drop-path masks and anchor, RoI and mask targets (every
+/// input, seeds and ground truth among them), and a dynamic prefix's row count.
 pub fn reads_on_host(op: &Op, slot: usize) -> bool {
-    matches!(
-        (op, slot),
-        (Op::DropPathMask(_), 0) | (Op::AnchorTargets(_), 3) | (Op::ProposalTargets(_), 5) | (Op::DynamicPrefix(_), 1)
-    )
+    match op {
+        Op::DropPathMask(_) | Op::AnchorTargets(_) | Op::ProposalTargets(_) | Op::MaskTargets(_) => true,
+        Op::DynamicPrefix(_) => slot == 1,
+        _ => false,
+    }
 }
 
 /// Runs one op on its input tensors (in the op's input order) and returns its outputs.
