@@ -258,7 +258,7 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     let step = compile_step(opts)?;
     let compile_seconds = start.elapsed().as_secs_f64();
     let params = ParamStore::init_random(&step.graph, 0, device)?;
-    let inputs = step_inputs(&step.graph, step.image_size, device)?;
+    let inputs = step_inputs(&step.graph, step.image_size)?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut heap_peak: Option<usize> = None;
     let mut dynamic_rows: Option<usize> = None;
@@ -308,9 +308,12 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
     })
 }
 
-/// A value for every input of an inference or training graph of side `s`, on `device`: a
-/// random image and, for training, two ground-truth instances (boxes, classes, masks).
-pub fn step_inputs(graph: &Graph, s: usize, device: &Device) -> Result<Vec<(String, Tensor)>> {
+/// A value for every input of an inference or training graph of side `s`: a random image and,
+/// for training, two ground-truth instances (boxes, classes, masks). On the host, as a data
+/// loader hands them over: a run on a GPU moves them there, as part of the step (and keeps the
+/// host copies its host loops read).
+pub fn step_inputs(graph: &Graph, s: usize) -> Result<Vec<(String, Tensor)>> {
+    let device = &Device::Cpu;
     let mut out = Vec::new();
     for (_, name, ty) in graph.inputs() {
         let shape = ty.shape.as_slice();

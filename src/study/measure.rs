@@ -49,7 +49,7 @@ pub fn measure(step: &TrainStep, profile: &DeviceProfile, steps: usize, device: 
         );
     }
     let params = ParamStore::init_random(&step.graph, 0, device)?;
-    let inputs = crate::bench::step::step_inputs(&step.graph, step.config.image_size, device)?;
+    let inputs = crate::bench::step::step_inputs(&step.graph, step.config.image_size)?;
     let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let mut times = Vec::new();
     let mut peak = None;
