@@ -43,10 +43,34 @@ pub fn max_pool2d(op: &MaxPool2d, x: &Tensor) -> KernelResult<Tensor> {
     Ok(x.max_pool2d_with_stride((kh, kw), (sh, sw))?)
 }
 
+/// The gradient of a kernel-1 max-pool (a strided subsample, detectron2's `LastLevelMaxPool`)
+/// as device tensor ops: `dy [N, C, OH, OW]` placed at every `stride`-th position of zeros
+/// `[N, C, h, w]`. Windows do not overlap, so this is exactly the host loop's result, with no
+/// copy to the host.
+fn strided_scatter(dy: &Tensor, stride: [usize; 2], hw: [usize; 2]) -> candle_core::Result<Tensor> {
+    // Interleave each row (axis 2), then each column (axis 3), with `stride - 1` zero slices.
+    let spread = |t: &Tensor, axis: usize, s: usize| -> candle_core::Result<Tensor> {
+        if s == 1 {
+            return Ok(t.clone());
+        }
+        let t = t.unsqueeze(axis + 1)?;
+        let mut zeros = t.dims().to_vec();
+        zeros[axis + 1] = s - 1;
+        let spread = Tensor::cat(&[&t, &Tensor::zeros(zeros, t.dtype(), t.device())?], axis + 1)?;
+        let mut dims = spread.dims().to_vec();
+        dims[axis] *= s;
+        dims.remove(axis + 1);
+        spread.reshape(dims)
+    };
+    let rows = spread(dy, 2, stride[0])?.narrow(2, 0, hw[0])?;
+    spread(&rows, 3, stride[1])?.narrow(3, 0, hw[1])?.contiguous()
+}
+
 /// Backward of [`max_pool2d`]: each window's gradient goes to the element PyTorch's CPU forward
 /// picks (see [`MaxPool2dGrad`]). A host loop in f64 (exact for every float input; the summed
 /// gradients are rounded once); inputs on another device are copied to the CPU and the result
-/// copied back.
+/// copied back, except for kernel-1 pooling, a strided scatter on the device
+/// ([`strided_scatter`]).
 pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     let (n, c, h, w) = x.dims4()?;
@@ -68,6 +92,9 @@ pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelRes
             x.dtype()
         )));
     }
+    if op.kernel == [1, 1] && op.padding == [0, 0] && !x.device().is_cpu() {
+        return Ok(strided_scatter(dy, [sh, sw], [h, w])?);
+    }
     let host = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F64) };
     let (xh, dyh) = (host(x)?, host(dy)?);
     let dx = with_slice::<f64, _>(&xh, |xs| {
@@ -78,4 +105,41 @@ pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelRes
     Ok(Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu)?
         .to_dtype(x.dtype())?
         .to_device(x.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device path, run on the CPU, gives the host loop's values for detectron2's P6 pool
+    /// (kernel 1, stride 2) on even and odd sides, and other strides.
+    #[test]
+    fn strided_scatter_is_the_host_loops_gradient() {
+        for (hw, stride) in [([8, 6], [2, 2]), ([7, 5], [2, 2]), ([9, 10], [3, 2]), ([4, 4], [1, 1])] {
+            let op = MaxPool2dGrad {
+                kernel: [1, 1],
+                stride,
+                padding: [0, 0],
+            };
+            let x = Tensor::randn(0f32, 1.0, (2, 3, hw[0], hw[1]), &Device::Cpu).unwrap();
+            let y = max_pool2d(
+                &MaxPool2d {
+                    kernel: [1, 1],
+                    stride,
+                    padding: [0, 0],
+                },
+                &x,
+            )
+            .unwrap();
+            let dy = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
+            let host = max_pool2d_grad(&op, &x, &dy).unwrap();
+            let ours = strided_scatter(&dy, stride, hw).unwrap();
+            assert_eq!(ours.dims(), host.dims());
+            assert_eq!(
+                super::super::f64_values(&ours),
+                super::super::f64_values(&host),
+                "{hw:?} {stride:?}"
+            );
+        }
+    }
 }
