@@ -41,7 +41,8 @@
 //! will read such a value ([`crate::kernels::reads_on_host`]: the sampling seed, the anchors
 //! and ground truth of the targets), the run keeps its host copy until the value dies and hands
 //! that to the host loop, which on a GPU would otherwise copy the value back and wait for the
-//! device. Host copies are host memory, outside the live bytes.
+//! device. Data movement between them (the concatenation of the levels' anchors) also runs on
+//! the host copies. Host copies are host memory, outside the live bytes.
 //!
 //! On a CUDA device the run also reads the device memory pool: [`RunOutput::device_peak_bytes`]
 //! is its high-water mark above the level at the start (the pool is set to keep freed memory,
@@ -281,6 +282,18 @@ fn execute(
                 if let Op::DynamicPrefix(_) = op {
                     dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
                 }
+                // A host loop reads this data movement's result: make it from the host copies too.
+                let wanted = (0..outs.len()).any(|output| program.read_on_host.contains(&Value { node: n, output }));
+                if wanted && kernels::moves_data_only(op) && !device.is_cpu() {
+                    let copies: Option<Vec<Tensor>> =
+                        graph.inputs_of(n).iter().map(|v| host_copies.get(v).cloned()).collect();
+                    if let Some(copies) = copies {
+                        let made = kernels::execute(op, &copies).map_err(|e| kernel_error(graph, n, e.to_string()))?;
+                        for (output, t) in made.into_iter().enumerate() {
+                            host_copies.insert(Value { node: n, output }, t);
+                        }
+                    }
+                }
                 outs
             }
         };
@@ -483,12 +496,19 @@ fn check_order(graph: &Graph, order: &[NodeIndex]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The values some node reads in a slot its kernel reads on the host.
+/// The values some node reads in a slot its kernel reads on the host, and the inputs of the
+/// data-movement ops that make those ([`kernels::moves_data_only`]), transitively.
 fn read_on_host(graph: &Graph) -> HashSet<Value> {
     let mut values = HashSet::new();
-    for n in graph.graph.node_indices() {
+    let Ok(order) = graph.topo_order() else {
+        return values; // verification reports the cycle
+    };
+    for &n in order.iter().rev() {
+        let op = &graph.node(n).op;
+        let makes_read = kernels::moves_data_only(op)
+            && (0..graph.node(n).outputs.len()).any(|output| values.contains(&Value { node: n, output }));
         for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
-            if kernels::reads_on_host(&graph.node(n).op, slot) {
+            if makes_read || kernels::reads_on_host(op, slot) {
                 values.insert(v);
             }
         }

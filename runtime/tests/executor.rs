@@ -508,15 +508,57 @@ fn values_host_loops_read_are_known_to_the_program() {
     g.set_output("mask", masked);
     g.set_output("total", total);
     g.set_output("returned", out);
+    // Data movement feeding a host loop: its inputs are wanted on the host too (the levels'
+    // anchors concatenated for the anchor targets).
+    let parts = [0, 1].map(|i| {
+        let ty = TensorType::new(vitdet_ir::DType::I64, [1]);
+        g.add(
+            Input {
+                name: format!("part{i}"),
+                ty,
+            },
+            "",
+            &[],
+        )
+        .unwrap()
+    });
+    let joined = g.add(Concat { axis: 0 }, "", &parts).unwrap();
+    let first = g
+        .add(
+            Slice {
+                axis: 0,
+                start: 0,
+                end: 1,
+            },
+            "",
+            &[joined],
+        )
+        .unwrap();
+    let scalar_seed = g.add(Reshape { shape: vec![] }, "", &[first]).unwrap();
+    let drop = DropPathMask {
+        rate: 0.1,
+        stream: 3,
+        batch: 4,
+    };
+    let other = g.add(drop, "", &[scalar_seed]).unwrap();
+    g.set_output("other", other);
     let order = g.topo_order().unwrap();
     let program = Program::new(&g, &order).unwrap();
     let read = [seed, count, both, out, x].map(|v| program.reads_on_host(v));
     assert_eq!(read, [true, true, true, false, false], "seed, count, both, returned, x");
+    let moved = [parts[0], parts[1], joined, first, scalar_seed, other].map(|v| program.reads_on_host(v));
+    assert_eq!(
+        moved,
+        [true, true, true, true, true, false],
+        "parts, concat, slice, reshape, mask"
+    );
     let feed = [
         ("seed", Tensor::new(7i64, &cpu()).unwrap()),
         ("count", Tensor::new(2i64, &cpu()).unwrap()),
         ("both", Tensor::new(1i64, &cpu()).unwrap()),
         ("returned", Tensor::new(3i64, &cpu()).unwrap()),
+        ("part0", Tensor::new(&[5i64], &cpu()).unwrap()),
+        ("part1", Tensor::new(&[6i64], &cpu()).unwrap()),
         ("x", Tensor::ones((4, 3), DType::F32, &cpu()).unwrap()),
     ];
     let out = program.run(&ParamStore::new(), &feed, &cpu()).unwrap();

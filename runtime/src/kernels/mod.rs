@@ -88,6 +88,16 @@ pub fn reads_on_host(op: &Op, slot: usize) -> bool {
     }
 }
 
+/// Whether `op` only moves data (concatenates, reshapes, slices, permutes, broadcasts): where a
+/// host loop reads its result, the executor also runs it on its inputs' host copies, so the
+/// host loop reads e.g. the concatenated anchors without copying them back from a GPU.
+pub fn moves_data_only(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Concat(_) | Op::Reshape(_) | Op::Slice(_) | Op::Permute(_) | Op::Expand(_)
+    )
+}
+
 /// Runs one op on its input tensors (in the op's input order) and returns its outputs.
 ///
 /// Sources (`input`, `parameter`) are not computations: the executor supplies their values, and
