@@ -41,8 +41,9 @@
 //! will read such a value ([`crate::kernels::reads_on_host`]: the sampling seed, the anchors
 //! and ground truth of the targets), the run keeps its host copy until the value dies and hands
 //! that to the host loop, which on a GPU would otherwise copy the value back and wait for the
-//! device. Data movement between them (the concatenation of the levels' anchors) also runs on
-//! the host copies. Host copies are host memory, outside the live bytes.
+//! device. Data movement between them (the concatenation of the levels' anchors, the prefix of
+//! sampled RoIs the mask targets take) also runs on the host copies. Host copies are host
+//! memory, outside the live bytes.
 //!
 //! On a CUDA device the run also reads the device memory pool: [`RunOutput::device_peak_bytes`]
 //! is its high-water mark above the level at the start (the pool is set to keep freed memory,
@@ -285,8 +286,16 @@ fn execute(
                 // A host loop reads this data movement's result: make it from the host copies too.
                 let wanted = (0..outs.len()).any(|output| program.read_on_host.contains(&Value { node: n, output }));
                 if wanted && kernels::moves_data_only(op) && !device.is_cpu() {
-                    let copies: Option<Vec<Tensor>> =
-                        graph.inputs_of(n).iter().map(|v| host_copies.get(v).cloned()).collect();
+                    // A slot read on the host anyway (a prefix's count) may take the device value.
+                    let copies: Option<Vec<Tensor>> = graph
+                        .inputs_of(n)
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, v)| {
+                            let device_value = || held.get(v).cloned().filter(|_| kernels::reads_on_host(op, slot));
+                            host_copies.get(v).cloned().or_else(device_value)
+                        })
+                        .collect();
                     if let Some(copies) = copies {
                         let made = kernels::execute(op, &copies).map_err(|e| kernel_error(graph, n, e.to_string()))?;
                         for (output, t) in made.into_iter().enumerate() {

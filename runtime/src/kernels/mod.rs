@@ -88,13 +88,14 @@ pub fn reads_on_host(op: &Op, slot: usize) -> bool {
     }
 }
 
-/// Whether `op` only moves data (concatenates, reshapes, slices, permutes, broadcasts): where a
-/// host loop reads its result, the executor also runs it on its inputs' host copies, so the
-/// host loop reads e.g. the concatenated anchors without copying them back from a GPU.
+/// Whether `op` only moves data (concatenates, reshapes, slices, permutes, broadcasts, takes a
+/// dynamic prefix): where a host loop reads its result, the executor also runs it on its
+/// inputs' host copies, so the host loop reads e.g. the concatenated anchors or the sampled
+/// foreground RoIs without copying them back from a GPU.
 pub fn moves_data_only(op: &Op) -> bool {
     matches!(
         op,
-        Op::Concat(_) | Op::Reshape(_) | Op::Slice(_) | Op::Permute(_) | Op::Expand(_)
+        Op::Concat(_) | Op::Reshape(_) | Op::Slice(_) | Op::Permute(_) | Op::Expand(_) | Op::DynamicPrefix(_)
     )
 }
 

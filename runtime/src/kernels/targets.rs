@@ -1,8 +1,9 @@
 //! Training-target kernels (`vitdet_ir::ops::targets`): anchor and proposal matching and
 //! sampling, and mask targets.
 //!
-//! Host loops, like the detection kernels: inputs on another device are copied to the CPU and
-//! the results copied back to the device of the first input. Arithmetic follows detectron2
+//! Host loops: inputs on another device are copied to the CPU, and the results are host
+//! tensors, which the executor moves to the run's device (keeping host copies where another
+//! host loop reads them: the mask targets read the sampled RoIs without waiting for a GPU). Arithmetic follows detectron2
 //! where its rounding decides an outcome: IoUs are computed in f32 in `pairwise_iou`'s order of
 //! operations, so threshold comparisons and ties (low-quality matches) are decided exactly as
 //! detectron2 decides them; regression targets (`get_deltas`) are computed in f64 from the f32
@@ -60,9 +61,9 @@ fn host_mask(t: &Tensor) -> KernelResult<Vec<bool>> {
         .collect())
 }
 
-fn to_device<T: candle_core::WithDType>(data: Vec<T>, shape: &[usize], device: &Device) -> KernelResult<Tensor> {
-    let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
-    Ok(if device.is_cpu() { t } else { t.to_device(device)? })
+/// A result of the host loops: a host tensor (the executor places it).
+fn host_tensor<T: candle_core::WithDType>(data: Vec<T>, shape: &[usize]) -> KernelResult<Tensor> {
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
 /// Checks `boxes [N, 4]` and returns `N`.
@@ -304,12 +305,11 @@ pub fn anchor_targets(
     for &i in &neg {
         weights[i] = 1.0;
     }
-    let dev = anchors.device();
     Ok(vec![
-        to_device(objectness, &[a], dev)?,
-        to_device(weights, &[a], dev)?,
-        to_device(deltas, &[a, 4], dev)?,
-        to_device(matched, &[a], dev)?,
+        host_tensor(objectness, &[a])?,
+        host_tensor(weights, &[a])?,
+        host_tensor(deltas, &[a, 4])?,
+        host_tensor(matched, &[a])?,
     ])
 }
 
@@ -425,15 +425,14 @@ pub fn proposal_targets(op: &ProposalTargets, x: &[Tensor]) -> KernelResult<Vec<
             }
         }
     }
-    let dev = proposals.device();
-    let rois = Tensor::from_vec(rois, &[s, 4], &Device::Cpu)?.to_dtype(proposals.dtype())?;
+    let rois = host_tensor(rois, &[s, 4])?.to_dtype(proposals.dtype())?;
     Ok(vec![
-        if dev.is_cpu() { rois } else { rois.to_device(dev)? },
-        to_device(weights, &[s], dev)?,
-        to_device(labels, &[s], dev)?,
-        to_device(deltas, &[s, 4], dev)?,
-        to_device(matched, &[s], dev)?,
-        to_device(foreground, &[s], dev)?,
+        rois,
+        host_tensor(weights, &[s])?,
+        host_tensor(labels, &[s])?,
+        host_tensor(deltas, &[s, 4])?,
+        host_tensor(matched, &[s])?,
+        host_tensor(foreground, &[s])?,
     ])
 }
 
@@ -469,10 +468,9 @@ pub fn mask_targets(
         None => vec![true; r],
     };
     let m = op.size;
-    let dev = rois.device();
     let mut out = vec![0f32; r * m * m];
     if r == 0 || h == 0 || w == 0 {
-        return to_device(out, &[r, m, m], dev);
+        return host_tensor(out, &[r, m, m]);
     }
     let mut rows_of: Vec<Vec<usize>> = vec![Vec::new(); g];
     for (i, (&gi, &u)) in idx.iter().zip(&use_row).enumerate() {
@@ -520,5 +518,5 @@ pub fn mask_targets(
             }
         }
     }
-    to_device(out, &[r, m, m], dev)
+    host_tensor(out, &[r, m, m])
 }
