@@ -281,9 +281,7 @@ pub fn build_detector_training_with(
         let (loss_cls, loss_box_reg) = b.scoped("box_predictor", |b| {
             let (logits, deltas) = box_predictor(b, cfg, feat)?;
             let cls = b.op(
-                SoftmaxCrossEntropyLoss {
-                    norm: LossNorm::WeightedMean,
-                },
+                SoftmaxCrossEntropyLoss::new(LossNorm::WeightedMean),
                 &[logits, labels, sampled],
             )?;
             let deltas = b.reshape(deltas, vec![r, k, 4])?;

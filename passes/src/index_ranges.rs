@@ -1,14 +1,16 @@
-//! Index range analysis: which gathers and scatters can skip their run-time range check.
+//! Index range analysis: which gathers, scatters and cross-entropies can skip their run-time
+//! range check.
 //!
-//! `index_select`, `gather_rows` and their backward ops check every index before they read or
-//! write with it. On the CPU the check is a loop over the indices; on a GPU it copies them to
-//! the host and waits for the device, which stalls the detector's proposal and RoI stages
-//! between small kernels. Most indices are in range by construction: top-k positions, NMS
-//! survivors, iotas, sampled classes, and selections and reshapes of those. A forward pass over
-//! the graph bounds every integer value with each op's [`vitdet_ir::OpRule::value_ranges`], and marks the
-//! index ops whose indices provably lie within their axis (`indices_in_range`); their kernels
-//! then skip the check on a GPU. The CPU kernels keep checking (it costs no wait there), so a
-//! wrong proof shows as an error in the CPU tests instead of an out-of-bounds access.
+//! `index_select`, `gather_rows`, their backward ops and the cross-entropy (its labels) check
+//! every index before they use it. On the CPU the check is a loop over the indices; on a GPU it
+//! copies them to the host and waits for the device, which stalls the detector's proposal and
+//! RoI stages between small kernels. Most indices are in range by construction: top-k
+//! positions, NMS survivors, iotas, sampled classes, and selections and reshapes of those. A
+//! forward pass over the graph bounds every integer value with each op's
+//! [`vitdet_ir::OpRule::value_ranges`], and marks the ops whose indices provably lie within
+//! their axis (`indices_in_range`, `labels_in_range`); on a GPU their kernels then skip the
+//! check. The CPU kernels keep checking (it costs no wait there), so a wrong proof shows as an
+//! error in the CPU tests instead of an out-of-bounds access.
 
 use std::collections::HashMap;
 
@@ -35,6 +37,8 @@ pub fn prove_index_ranges(graph: &Graph) -> Result<(Graph, usize), IrError> {
             Op::GatherRows(_) => (known[1], types[0].shape[1]),
             Op::IndexSelectGrad(o) => (known[0], o.size),
             Op::GatherRowsGrad(o) => (known[0], o.rows),
+            // Labels index the classes (the logits' columns).
+            Op::SoftmaxCrossEntropyLoss(_) | Op::SoftmaxCrossEntropyLossGrad(_) => (known[1], types[0].shape[1]),
             _ => continue,
         };
         if !indices.is_some_and(|r| r.within(size)) {
@@ -45,6 +49,8 @@ pub fn prove_index_ranges(graph: &Graph) -> Result<(Graph, usize), IrError> {
             Op::GatherRows(o) => o.indices_in_range = true,
             Op::IndexSelectGrad(o) => o.indices_in_range = true,
             Op::GatherRowsGrad(o) => o.indices_in_range = true,
+            Op::SoftmaxCrossEntropyLoss(o) => o.labels_in_range = true,
+            Op::SoftmaxCrossEntropyLossGrad(o) => o.labels_in_range = true,
             _ => unreachable!("matched above"),
         }
         proven += 1;

@@ -8,7 +8,7 @@ use vitdet_ir::{DType, Graph, Op, TensorType, Value};
 use vitdet_models::{build_detector, build_detector_training, ModelConfig};
 use vitdet_passes::{differentiate, prove_index_ranges};
 
-/// (index ops, index ops marked in range).
+/// (ops that check indices, those of them marked in range).
 fn marks(g: &Graph) -> (usize, usize) {
     let mut count = (0, 0);
     for n in g.graph.node_indices() {
@@ -17,6 +17,8 @@ fn marks(g: &Graph) -> (usize, usize) {
             Op::GatherRows(o) => o.indices_in_range,
             Op::IndexSelectGrad(o) => o.indices_in_range,
             Op::GatherRowsGrad(o) => o.indices_in_range,
+            Op::SoftmaxCrossEntropyLoss(o) => o.labels_in_range,
+            Op::SoftmaxCrossEntropyLossGrad(o) => o.labels_in_range,
             _ => continue,
         };
         count.0 += 1;
@@ -37,8 +39,9 @@ fn the_detectors_gathers_are_in_range_by_construction() {
         assert_eq!((marked, n), (total, total), "{family} inference");
         proven.verify().unwrap();
 
-        // Training: top-k and NMS positions, the sampled classes (clamped to the last class)
-        // and the mask head's foreground prefix of them, and the backward scatters.
+        // Training: top-k and NMS positions, the sampled classes (the cross-entropy's labels;
+        // clamped to the last class, the class-specific gathers' indices) and the mask head's
+        // foreground prefix of them, and the backward scatters.
         let forward = build_detector_training(&cfg, [cfg.image_size, cfg.image_size], 4).unwrap();
         let step = differentiate(&forward, "loss").unwrap().graph;
         let (proven, n) = prove_index_ranges(&step).unwrap();
@@ -51,6 +54,15 @@ fn the_detectors_gathers_are_in_range_by_construction() {
             "{family}: the step scatters gradients"
         );
         assert_eq!((marked, n), (total, total), "{family} training");
+        let losses = proven
+            .graph
+            .node_indices()
+            .filter(|&i| matches!(proven.node(i).op, Op::SoftmaxCrossEntropyLoss(ref o) if o.labels_in_range))
+            .count();
+        assert_eq!(
+            losses, 1,
+            "{family}: the box predictor's cross-entropy has proven labels"
+        );
     }
 }
 

@@ -1,8 +1,7 @@
 //! The detection CUDA kernels against the CPU kernels at detector sizes (skipped without a
 //! CUDA device): top-k over one RPN level of a 1024 x 1024 image, NMS over the RPN's and the
 //! box head's candidates, multi-level RoIAlign forward and backward, box decoding and
-//! clipping, and the heads' sigmoid BCE and smooth L1 losses with their gradients (device
-//! tensor ops).
+//! clipping, and the heads' losses with their gradients (device tensor ops).
 //!
 //! Tolerances:
 //! * top-k and NMS: exact, in every dtype (they select and order; the kernels compare the
@@ -30,7 +29,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, TestRng};
 use vitdet_ir::ops::{
     BoxDecode, ClipBoxes, LossNorm, Nms, RoiAlign, RoiAlignGrad, SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss,
-    SmoothL1LossGrad, TopK,
+    SmoothL1LossGrad, SoftmaxCrossEntropyLoss, SoftmaxCrossEntropyLossGrad, TopK,
 };
 use vitdet_runtime::cuda::detection::run;
 use vitdet_runtime::kernels::detection as cpu;
@@ -173,8 +172,9 @@ fn box_decode_and_clip_rpn_and_box_head() {
 
 // ------------------------------------------------------------------------------- losses
 
-/// The RPN's objectness BCE and box L1 over 261,888 anchors (256 sampled) and the mask head's
-/// BCE over 128 RoIs of 28x28 pixels, with their gradients, on the GPU and the CPU.
+/// The RPN's objectness BCE and box L1 over 261,888 anchors (256 sampled), the mask head's
+/// BCE over 128 RoIs of 28x28 pixels and the box predictor's cross-entropy, with their
+/// gradients, on the GPU and the CPU.
 #[test]
 fn losses_of_the_rpn_and_the_mask_head() {
     let Some(dev) = common::cuda_device() else { return };
@@ -239,6 +239,31 @@ fn losses_of_the_rpn_and_the_mask_head() {
             loss::sigmoid_bce_loss_grad(&grad, &cx).unwrap(),
         );
     }
+    // The box predictor's cross-entropy over 512 RoIs of 81 classes, labels proven in range.
+    let class_logits = values(512 * 81, &mut |u| 10.0 * u - 5.0);
+    let labels: Vec<i64> = (0..512).map(|i| (i * 37 % 81) as i64).collect();
+    let ce = vec![
+        t(&class_logits, &[512, 81]),
+        Tensor::from_vec(labels, 512, &Device::Cpu).unwrap(),
+        Tensor::ones(512, DType::F32, &Device::Cpu).unwrap(),
+    ];
+    let op = SoftmaxCrossEntropyLoss {
+        norm: mean,
+        labels_in_range: true,
+    };
+    let grad = SoftmaxCrossEntropyLossGrad {
+        norm: mean,
+        labels_in_range: true,
+    };
+    let want = loss::softmax_cross_entropy_loss(&op, &ce).unwrap();
+    check("ce", loss::softmax_cross_entropy_loss(&op, &on(&ce)).unwrap(), want);
+    let (gx, cx) = (on(&with_dloss(&ce)), with_dloss(&ce));
+    let want = loss::softmax_cross_entropy_loss_grad(&grad, &cx).unwrap();
+    check(
+        "ce grad",
+        loss::softmax_cross_entropy_loss_grad(&grad, &gx).unwrap(),
+        want,
+    );
     let (op, grad) = (
         SmoothL1Loss { beta: 0.0, norm: rpn },
         SmoothL1LossGrad { beta: 0.0, norm: rpn },

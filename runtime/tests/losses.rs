@@ -129,8 +129,8 @@ fn cross_entropy_matches_pytorch() {
     let f = fixtures();
     let norm = LossNorm::WeightedMean;
     check_pair(
-        SoftmaxCrossEntropyLoss { norm }.into(),
-        SoftmaxCrossEntropyLossGrad { norm }.into(),
+        SoftmaxCrossEntropyLoss::new(norm).into(),
+        SoftmaxCrossEntropyLossGrad::new(norm).into(),
         &[&f["ce_logits"], &f["ce_labels"], &f["ce_w"]],
         false,
         &f["ce_mean"],
@@ -209,9 +209,9 @@ fn gradients_match_finite_differences() {
     let labels = Tensor::new(&[4i64, 0, 2, 2], &Device::Cpu).unwrap();
     let w = t64(&Nd::new(&[4], vec![1.0, 0.0, 0.7, 1.3]));
     let norm = LossNorm::Sum;
-    let g = run(SoftmaxCrossEntropyLossGrad { norm }, &[&t64(&z), &labels, &w, &one]);
+    let g = run(SoftmaxCrossEntropyLossGrad::new(norm), &[&t64(&z), &labels, &w, &one]);
     check_fd(
-        |zz| scalar(&run(SoftmaxCrossEntropyLoss { norm }, &[zz, &labels, &w])),
+        |zz| scalar(&run(SoftmaxCrossEntropyLoss::new(norm), &[zz, &labels, &w])),
         &z,
         &g,
         "cross-entropy",
@@ -276,7 +276,7 @@ fn large_logits_stay_finite() {
     let z = Tensor::new(&[[1000.0f32, 0.0, -1000.0]], &Device::Cpu).unwrap();
     let l = Tensor::new(&[2i64], &Device::Cpu).unwrap();
     let w = Tensor::ones(1, DType::F32, &Device::Cpu).unwrap();
-    let loss = scalar(&run(SoftmaxCrossEntropyLoss { norm: LossNorm::Sum }, &[&z, &l, &w]));
+    let loss = scalar(&run(SoftmaxCrossEntropyLoss::new(LossNorm::Sum), &[&z, &l, &w]));
     assert!((loss - 2000.0).abs() < 1e-3, "{loss}");
 }
 
@@ -285,7 +285,7 @@ fn bad_inputs_are_errors() {
     let z = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
     let labels = Tensor::new(&[1i64, 3], &Device::Cpu).unwrap();
-    let op: Op = SoftmaxCrossEntropyLoss { norm: LossNorm::Sum }.into();
+    let op: Op = SoftmaxCrossEntropyLoss::new(LossNorm::Sum).into();
     match kernels::execute(&op, &[z.clone(), labels, w.clone()]) {
         Err(KernelError::Candle(e)) => assert!(e.to_string().contains("label 3 (row 1)"), "{e}"),
         other => panic!("expected a data error, got {other:?}"),

@@ -281,6 +281,19 @@ impl OpRule for SmoothL1LossGrad {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SoftmaxCrossEntropyLoss {
     pub norm: LossNorm,
+    /// Every label is known to be in `0..C` (`passes::prove_index_ranges`): a GPU computes the
+    /// loss on the device instead of checking the labels on the host (a copy and a wait).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labels_in_range: bool,
+}
+
+impl SoftmaxCrossEntropyLoss {
+    pub fn new(norm: LossNorm) -> Self {
+        SoftmaxCrossEntropyLoss {
+            norm,
+            labels_in_range: false,
+        }
+    }
 }
 
 impl OpRule for SoftmaxCrossEntropyLoss {
@@ -308,6 +321,19 @@ impl OpRule for SoftmaxCrossEntropyLoss {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SoftmaxCrossEntropyLossGrad {
     pub norm: LossNorm,
+    /// Every label is known to be in `0..C` (`passes::prove_index_ranges`): a GPU computes the
+    /// loss on the device instead of checking the labels on the host (a copy and a wait).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labels_in_range: bool,
+}
+
+impl SoftmaxCrossEntropyLossGrad {
+    pub fn new(norm: LossNorm) -> Self {
+        SoftmaxCrossEntropyLossGrad {
+            norm,
+            labels_in_range: false,
+        }
+    }
 }
 
 impl OpRule for SoftmaxCrossEntropyLossGrad {

@@ -4,9 +4,10 @@
 //! Host loops in f64: losses read a few hundred thousand values at most (the RPN's anchors),
 //! and f64 sums make the result independent of the thread count. On a GPU, the sigmoid BCE and
 //! smooth L1 losses and their gradients run as the same f64 arithmetic in device tensor ops
-//! ([`on_device`]), so the step does not wait for the device to copy their inputs to the host;
-//! the cross-entropy (whose labels are checked on the host) copies its inputs to the CPU and
-//! its result back to the first input's device, in its dtype.
+//! ([`on_device`]), so the step does not wait for the device to copy their inputs to the host,
+//! and so does the cross-entropy where the compiler proved its labels in range
+//! (`labels_in_range`); otherwise it checks them on the host, computing there, and copies its
+//! result back to the first input's device, in its dtype.
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -303,9 +304,8 @@ pub fn smooth_l1_loss_grad(op: &SmoothL1LossGrad, x: &[Tensor]) -> KernelResult<
 
 // ------------------------------------------------------------------------------- cross-entropy
 
-/// Checks `(logits [N, C], labels [N])` and returns `(N, C, labels)`; every label must be in
-/// `0..C`.
-fn classification(logits: &Tensor, labels: &Tensor, what: &str) -> KernelResult<(usize, usize, Vec<i64>)> {
+/// Checks the shapes of `(logits [N, C], labels [N])` and returns `(N, C)`.
+fn classification_shape(logits: &Tensor, labels: &Tensor, what: &str) -> KernelResult<(usize, usize)> {
     expect_float("logits", logits)?;
     let (n, c) = match logits.dims() {
         &[n, c] if c > 0 => (n, c),
@@ -317,6 +317,13 @@ fn classification(logits: &Tensor, labels: &Tensor, what: &str) -> KernelResult<
             describe(labels)
         ));
     }
+    Ok((n, c))
+}
+
+/// Checks `(logits [N, C], labels [N])` and returns `(N, C, labels)`; every label must be in
+/// `0..C`.
+fn classification(logits: &Tensor, labels: &Tensor, what: &str) -> KernelResult<(usize, usize, Vec<i64>)> {
+    let (n, c) = classification_shape(logits, labels, what)?;
     let l = labels.to_device(&Device::Cpu)?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
     if let Some((r, v)) = l.iter().enumerate().find(|(_, &v)| v < 0 || v as u64 >= c as u64) {
         return Err(KernelError::Candle(candle_core::Error::Msg(format!(
@@ -339,6 +346,12 @@ fn logsumexp(row: &[f64]) -> f64 {
 /// `[]`.
 pub fn softmax_cross_entropy_loss(op: &SoftmaxCrossEntropyLoss, x: &[Tensor]) -> KernelResult<Tensor> {
     let what = "softmax_cross_entropy_loss";
+    if op.labels_in_range && !x[0].device().is_cpu() {
+        let (n, _) = classification_shape(&x[0], &x[1], what)?;
+        let per = weights_per(&x[2], &[n], what)?;
+        check_norm(op.norm, x.get(3), what)?;
+        return on_device::cross_entropy(op.norm, x, per);
+    }
     let (n, c, labels) = classification(&x[0], &x[1], what)?;
     let (w, per) = weights_per_element(&x[2], &[n], what)?;
     let Some(norm) = normalizer(op.norm, &w, per, x.get(3), what)? else {
@@ -363,6 +376,13 @@ pub fn softmax_cross_entropy_loss(op: &SoftmaxCrossEntropyLoss, x: &[Tensor]) ->
 /// `dlogits[r] = dloss / n * w_r * (softmax(x_r) - onehot(labels_r))`.
 pub fn softmax_cross_entropy_loss_grad(op: &SoftmaxCrossEntropyLossGrad, x: &[Tensor]) -> KernelResult<Tensor> {
     let what = "softmax_cross_entropy_loss_grad";
+    if op.labels_in_range && !x[0].device().is_cpu() {
+        let (n, _) = classification_shape(&x[0], &x[1], what)?;
+        let per = weights_per(&x[2], &[n], what)?;
+        check_dloss(&x[3], what)?;
+        check_norm(op.norm, x.get(4), what)?;
+        return on_device::cross_entropy_grad(op.norm, x, per);
+    }
     let (n, c, labels) = classification(&x[0], &x[1], what)?;
     let (w, per) = weights_per_element(&x[2], &[n], what)?;
     let d = read_dloss(&x[3], what)?;

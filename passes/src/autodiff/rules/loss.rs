@@ -17,7 +17,11 @@ pub(super) fn loss(ctx: &mut Ctx, op: &Op, dy: Value) -> Grads {
             norm: o.norm,
         }
         .into(),
-        Op::SoftmaxCrossEntropyLoss(o) => SoftmaxCrossEntropyLossGrad { norm: o.norm }.into(),
+        Op::SoftmaxCrossEntropyLoss(o) => SoftmaxCrossEntropyLossGrad {
+            norm: o.norm,
+            labels_in_range: o.labels_in_range,
+        }
+        .into(),
         other => return Err(format!("`{}` is not a loss", other.name())),
     };
     let mut grads = vec![Some(ctx.emit(grad, &inputs)?)];

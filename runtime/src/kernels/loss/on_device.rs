@@ -120,10 +120,54 @@ pub(super) fn grad(kind: Elementwise, norm: LossNorm, x: &[Tensor], per: usize) 
     Ok(keep(&w.ne(0.0)?, &g)?.to_dtype(x[0].dtype())?)
 }
 
+/// `logsumexp` of each row of `logits [N, C]` (f64) as `[N, 1]`: `m + ln(sum(exp(x - m)))` with
+/// `m` the row's maximum, or `m` itself when it is not finite.
+fn logsumexp_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let m = logits.max_keepdim(1)?;
+    let lse = (logits.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + &m)?;
+    m.abs()?.lt(f64::INFINITY)?.where_cond(&lse, &m)
+}
+
+/// The cross-entropy of inputs `logits [N, C], labels [N], weights [, count]` with labels known
+/// to be in `0..C`: `sum(w (logsumexp(x) - x[label])) / n`, a scalar of the logits' dtype.
+pub(super) fn cross_entropy(norm: LossNorm, x: &[Tensor], per: usize) -> KernelResult<Tensor> {
+    let logits = f64s(&x[0])?;
+    let n_rows = logits.dim(0)?;
+    let labels = x[1].to_dtype(DType::I64)?.reshape((n_rows, 1))?;
+    let picked = logits.gather(&labels, 1)?;
+    let rows = (logsumexp_rows(&logits)? - picked)?.squeeze(1)?;
+    let w = per_element(&x[2], &[n_rows], per)?;
+    let n = normalizer(norm, &x[2], per, x.get(3))?;
+    let terms = keep(&w.ne(0.0)?, &(&w * rows)?)?;
+    Ok(divide_unless_zero(&terms.sum_all()?, &n)?.to_dtype(x[0].dtype())?)
+}
+
+/// Its gradient, inputs `logits, labels, weights, dloss [, count]`: row `r` is
+/// `(dloss / n) w_r (softmax(x_r) - onehot(label_r))` (0 for weight-0 rows and when `n` is 0).
+pub(super) fn cross_entropy_grad(norm: LossNorm, x: &[Tensor], per: usize) -> KernelResult<Tensor> {
+    let logits = f64s(&x[0])?;
+    let (n_rows, classes) = logits.dims2()?;
+    let labels = x[1].to_dtype(DType::I64)?.reshape((n_rows, 1))?;
+    let columns = Tensor::arange(0i64, classes as i64, logits.device())?.reshape((1, classes))?;
+    let onehot = labels.broadcast_eq(&columns)?.to_dtype(DType::F64)?;
+    let probs = logits.broadcast_sub(&logsumexp_rows(&logits)?)?.exp()?;
+    let w = per_element(&x[2], &[n_rows], per)?.reshape((n_rows, 1))?;
+    let n = normalizer(norm, &x[2], per, x.get(4))?;
+    let scale = divide_unless_zero(&f64s(&x[3])?, &n)?;
+    let g = w.broadcast_mul(&scale)?.broadcast_mul(&(probs - onehot)?)?;
+    // As the host loop: nothing where the weight or the scale is 0, whatever the logits.
+    let live = w.ne(0.0)?.broadcast_mul(&scale.ne(0.0)?)?;
+    let live = live.broadcast_as((n_rows, classes))?.contiguous()?;
+    Ok(keep(&live, &g)?.to_dtype(x[0].dtype())?)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
-    use vitdet_ir::ops::{SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss, SmoothL1LossGrad};
+    use vitdet_ir::ops::{
+        SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss, SmoothL1LossGrad, SoftmaxCrossEntropyLoss,
+        SoftmaxCrossEntropyLossGrad,
+    };
 
     use super::*;
 
@@ -212,6 +256,40 @@ mod tests {
                 }
             }
         }
+        // The cross-entropy: 12 rows of 4 classes, labels in range, NaN and infinite logits in
+        // a weight-0 row.
+        for dtype in [DType::F64, DType::F32] {
+            let x: Vec<Tensor> = inputs().iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+            let labels = Tensor::from_vec(
+                (0..12).map(|r| (r * 5 % 4) as i64).collect::<Vec<_>>(),
+                12,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let rel = if dtype == DType::F64 { 1e-14 } else { 1.2e-7 };
+            for norm in norms {
+                let count = (norm == LossNorm::CountInput).then(|| x[4].clone());
+                let fwd: Vec<Tensor> = [x[0].clone(), labels.clone(), x[2].clone()]
+                    .into_iter()
+                    .chain(count.clone())
+                    .collect();
+                let bwd: Vec<Tensor> = [x[0].clone(), labels.clone(), x[2].clone(), x[3].clone()]
+                    .into_iter()
+                    .chain(count)
+                    .collect();
+                let what = format!("cross-entropy {norm:?} {dtype:?}");
+                let host = super::super::softmax_cross_entropy_loss(&SoftmaxCrossEntropyLoss::new(norm), &fwd).unwrap();
+                let ours = cross_entropy(norm, &fwd, 1).unwrap();
+                assert_eq!((ours.dims(), ours.dtype()), (host.dims(), host.dtype()));
+                close(&vals(&ours), &vals(&host), rel, &format!("loss {what}"));
+                let host = super::super::softmax_cross_entropy_loss_grad(&SoftmaxCrossEntropyLossGrad::new(norm), &bwd)
+                    .unwrap();
+                let ours = cross_entropy_grad(norm, &bwd, 1).unwrap();
+                assert_eq!((ours.dims(), ours.dtype()), (host.dims(), host.dtype()));
+                close(&vals(&ours), &vals(&host), rel, &format!("grad {what}"));
+            }
+        }
+
         // A zero normalizer gives 0 for the loss and its gradient.
         let mut x = inputs();
         x[2] = x[2].zeros_like().unwrap();
