@@ -284,8 +284,8 @@ fn execute(
                     dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
                 }
                 // A host loop reads this data movement's result: make it from the host copies too.
-                let wanted = (0..outs.len()).any(|output| program.read_on_host.contains(&Value { node: n, output }));
-                if wanted && kernels::moves_data_only(op) && !device.is_cpu() {
+                let wanted = || (0..outs.len()).any(|output| program.reads_on_host(Value { node: n, output }));
+                if !device.is_cpu() && kernels::moves_data_only(op) && wanted() {
                     // A slot read on the host anyway (a prefix's count) may take the device value.
                     let copies: Option<Vec<Tensor>> = graph
                         .inputs_of(n)
@@ -316,7 +316,7 @@ fn execute(
                     return Ok(t);
                 }
                 let v = Value { node: n, output };
-                if t.device().is_cpu() && program.read_on_host.contains(&v) {
+                if t.device().is_cpu() && program.reads_on_host(v) {
                     host_copies.insert(v, t.clone());
                 }
                 t.to_device(device)

@@ -138,7 +138,7 @@ impl OpRule for TopK {
 
 /// `out = data.index_select(axis, indices)`: `indices [k]` (i64) picks `k` slices of `data`
 /// along `axis`; an out-of-range index is an error at run time.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IndexSelect {
     pub axis: usize,
     /// Every index is known to be in range (`passes::prove_index_ranges`): a GPU skips the
@@ -185,7 +185,7 @@ impl OpRule for IndexSelect {
 /// selection, `dy.shape[axis] = k`) -> `dx` with `dx.shape[axis] = size`, zero except that
 /// slice `indices[j]` of `dx` accumulates slice `j` of `dy` (repeated indices add up). An
 /// index outside `0..size` is an error at run time.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IndexSelectGrad {
     pub axis: usize,
     pub size: usize,
@@ -280,7 +280,7 @@ impl OpRule for GatherRows {
 /// Backward of [`GatherRows`]: inputs `indices [N]` (i64) and `dy [N, ...]` -> `dx [N, rows,
 /// ...]`, zero except `dx[n, indices[n]] = dy[n]`. An index outside `0..rows` is an error at
 /// run time.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GatherRowsGrad {
     /// `M`, the size of the gathered axis of the forward's data.
     pub rows: usize,
