@@ -5,10 +5,11 @@
 //! These are hand-written loops on the host. Inputs on the CPU are read in place (after a
 //! conversion to f32/f64 where needed); inputs on another device are **copied to the CPU,
 //! computed there and the result copied back** to the input's device (simple and exact; these
-//! ops are a small part of a detector's time), except box decoding and clipping, which run as
-//! the same arithmetic in device tensor ops there ([`on_device`]). `index_select`, `gather_rows` and their backward
-//! ops are the exceptions: they check their indices on the host and then gather (scatter-add)
-//! with candle's device-generic `index_select` (`index_add`). With the `cuda` feature, `top_k`,
+//! ops are a small part of a detector's time). The exceptions: box decoding and clipping run as
+//! the same arithmetic in device tensor ops there (`on_device`); `index_select`,
+//! `gather_rows` and their backward ops check their indices on the host (unless the compiler
+//! proved them in range and they live on a GPU) and then gather (scatter-add) with candle's
+//! device-generic `index_select` (`index_add`). With the `cuda` feature, `top_k`,
 //! `nms`, `roi_align` and `roi_align_grad` on CUDA tensors the runtime's kernels take
 //! ([`crate::cuda::detection`]: f32/f16/bf16, `k <= 4096`, at most 393,216 NMS boxes, at most
 //! 8 RoIAlign levels) run on the device instead: top-k and NMS with identical results,
@@ -310,7 +311,7 @@ fn flat_rows(indices: &Tensor, m: usize) -> KernelResult<Tensor> {
 }
 
 /// `data.index_select(axis, indices)` with candle's gather (any device) after a range check of
-/// the i64 indices ([`checked_indices`]): an index outside `0..size` is an error naming it.
+/// the i64 indices (`checked_indices`): an index outside `0..size` is an error naming it.
 pub fn index_select(op: &IndexSelect, data: &Tensor, indices: &Tensor) -> KernelResult<Tensor> {
     if op.axis >= data.rank() {
         return unsupported(format!(

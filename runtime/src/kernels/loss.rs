@@ -4,7 +4,7 @@
 //! Host loops in f64: losses read a few hundred thousand values at most (the RPN's anchors),
 //! and f64 sums make the result independent of the thread count. On a GPU, the sigmoid BCE and
 //! smooth L1 losses and their gradients run as the same f64 arithmetic in device tensor ops
-//! ([`on_device`]), so the step does not wait for the device to copy their inputs to the host,
+//! (`on_device`), so the step does not wait for the device to copy their inputs to the host,
 //! and so does the cross-entropy where the compiler proved its labels in range
 //! (`labels_in_range`); otherwise it checks them on the host, computing there, and copies its
 //! result back to the first input's device, in its dtype.

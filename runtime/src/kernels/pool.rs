@@ -70,7 +70,7 @@ fn strided_scatter(dy: &Tensor, stride: [usize; 2], hw: [usize; 2]) -> candle_co
 /// picks (see [`MaxPool2dGrad`]). A host loop in f64 (exact for every float input; the summed
 /// gradients are rounded once); inputs on another device are copied to the CPU and the result
 /// copied back, except for kernel-1 pooling, a strided scatter on the device
-/// ([`strided_scatter`]).
+/// (`strided_scatter`).
 pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     let (n, c, h, w) = x.dims4()?;

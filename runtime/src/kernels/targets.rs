@@ -3,11 +3,13 @@
 //!
 //! Host loops: inputs on another device are copied to the CPU, and the results are host
 //! tensors, which the executor moves to the run's device (keeping host copies where another
-//! host loop reads them: the mask targets read the sampled RoIs without waiting for a GPU). Arithmetic follows detectron2
-//! where its rounding decides an outcome: IoUs are computed in f32 in `pairwise_iou`'s order of
-//! operations, so threshold comparisons and ties (low-quality matches) are decided exactly as
-//! detectron2 decides them; regression targets (`get_deltas`) are computed in f64 from the f32
-//! boxes and rounded once. Mask targets reuse the RoIAlign kernel of the detection family.
+//! host loop reads them: the mask targets read the sampled RoIs without waiting for a GPU).
+//!
+//! Arithmetic follows detectron2 where its rounding decides an outcome: IoUs are computed in
+//! f32 in `pairwise_iou`'s order of operations, so threshold comparisons and ties (low-quality
+//! matches) are decided exactly as detectron2 decides them; regression targets (`get_deltas`)
+//! are computed in f64 from the f32 boxes and rounded once. Mask targets reuse the RoIAlign
+//! kernel of the detection family.
 //!
 //! Bad ground truth (a valid box that is not finite or has no area, a class outside
 //! `0..num_classes`, a matched index out of range) and non-finite valid proposals (detectron2:
