@@ -5,20 +5,27 @@
 #
 #   OUT=/some/folder bash scripts/gpu/run.sh
 #
-# In order, each step under `timeout` (cut to what is left of BUDGET_S, default 480 s) so one
-# failure or hang does not eat the session, each step's output in $OUT/logs/STEP.log:
+# Each step under `timeout` (cut to what is left of BUDGET_S, default 480 s) so one failure or
+# hang does not eat the session, each step's output in logs/STEP.log, most needed first:
 #   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU, side by side, and
 #      vitdet-b's backbone at 1024 on both devices (its errors printed: `cpu-vs-gpu` lines);
-#   2. `vitdet bench --ops` in f32 and bf16 ($OUT/ops_f32.json, ops_bf16.json), convolutions on
-#      cuDNN (PyTorch's library) and, in bf16, once more on the im2col kernel;
-#   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: $OUT/torch_ops.json);
-#   4. end-to-end vitdet-b at 1024: inference in bf16, a training step in bf16, then in f32
-#      ($OUT/e2e_*.json), each with a profiled run (device and dispatch time per op kind);
+#   2. `vitdet bench --ops` in bf16 (ops_bf16.json), convolutions on cuDNN (PyTorch's library)
+#      and once more on the im2col kernel;
+#   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: torch_ops.json);
+#   4. end-to-end vitdet-b at 1024: inference and a training step in bf16 (e2e_*.json), each
+#      with a profiled run (device and dispatch time per op kind);
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
-#      in f16, with eager then fused attention ($OUT/study_vitdet_l_{eager,fused}.txt).
+#      in f16, with fused then eager attention (study_vitdet_l_{fused,eager}.txt);
+#   6. the op table and a training step in f32, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
+#
+# The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
+# and packed after every step into $OUT/results.tar.gz (unpack it and run scripts/gpu/summary.py
+# on it): what finished is there even if the call is cut off.
 set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
+FINAL_OUT=$OUT
+OUT=$(mktemp -d)
 BUDGET_S=${BUDGET_S:-480}
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
@@ -37,6 +44,11 @@ fi
 mkdir -p "$OUT/logs"
 STATUS=$OUT/status.tsv
 : >"$STATUS"
+
+# pack: the results so far into $FINAL_OUT/results.tar.gz, replaced whole.
+pack() {
+    tar -C "$OUT" -czf "$FINAL_OUT/results.tar.gz.part" . && mv "$FINAL_OUT/results.tar.gz.part" "$FINAL_OUT/results.tar.gz"
+}
 
 # step NAME LIMIT_S CMD...: CMD under timeout, at most LIMIT_S and what is left of the budget;
 # records NAME, exit status (124: timed out) and seconds in status.tsv.
@@ -59,6 +71,7 @@ step() {
     printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >>"$STATUS"
     echo "   $name: exit $rc after ${took}s"
     tail -n 4 "$OUT/logs/$name.log" | sed 's/^/   | /'
+    [ -z "${STEP_IN_BACKGROUND:-}" ] && pack
 }
 
 # The carried binaries, decompressed outside the repository.
@@ -84,15 +97,17 @@ for t in carry/tests/*.xz; do
     [ -e "$t" ] || continue
     name=$(basename "$t" .xz)
     xz -dc "$t" >"$BIN/$name" && chmod +x "$BIN/$name"
-    step "test_$name" 150 bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
+    STEP_IN_BACKGROUND=1 step "test_$name" 150 bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
 done
 wait
+pack
 
-# 2. The op table.
-for dtype in f32 bf16; do
-    step "ops_$dtype" 120 "$V" bench --device cuda --ops --dtype "$dtype" --iters 10 --warmup 2 \
-        --format json --out "$OUT/ops_$dtype.json"
-done
+# 2. The op table, in bf16 (the acceptance table's precision); f32 comes last.
+ops() { # ops DTYPE LIMIT_S
+    step "ops_$1" "$2" "$V" bench --device cuda --ops --dtype "$1" --iters 10 --warmup 2 \
+        --format json --out "$OUT/ops_$1.json"
+}
+ops bf16 120
 
 # The convolutions again on the runtime's own im2col kernel + cuBLAS, beside cuDNN's.
 [ -n "${VITDET_CUDNN:-}" ] && step ops_bf16_im2col 60 "$V" bench --device cuda --ops --only conv --dtype bf16 \
@@ -110,13 +125,12 @@ e2e() { # e2e MODE DTYPE ITERS LIMIT_S
 }
 e2e infer bf16 5 120
 e2e train bf16 3 150
-e2e train f32 3 120
 
-# 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured. First as detectron2
-#    runs it (f16 AMP, eager attention; its H100 numbers are printed beside), then with the fused
-#    attention kernels.
+# 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
+#    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
+#    kernels, then with eager attention as detectron2 computes it.
 if "$V" study --help 2>/dev/null | grep -q -- '--device'; then
-    for variant in eager fused; do
+    for variant in fused eager; do
         fuse=""
         [ "$variant" = fused ] && fuse=--fuse
         step "study_vitdet_l_$variant" 150 bash -c '"$0" study --model vitdet-l --measure --device cuda \
@@ -128,4 +142,11 @@ else
     echo "== study_vitdet_l: skipped, this binary's study measures on the CPU only"
 fi
 
-python3 scripts/gpu/summary.py "$OUT" | tee "$OUT/summary.txt"
+# 6. What the budget leaves: f32.
+ops f32 90
+e2e train f32 3 120
+
+python3 scripts/gpu/summary.py "$OUT" >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+cp "$OUT/summary.txt" "$FINAL_OUT/summary.txt"
+pack
