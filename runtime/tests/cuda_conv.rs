@@ -4,6 +4,8 @@
 //! weight gradient, and its input gradient (a transposed convolution), plus strided, dilated
 //! and asymmetric attributes, and a strided one whose input gradient needs an output padding. Runs where a GPU exists; skipped, saying so,
 //! elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
+//! Also the pyramid's max-pool gradients (device tensor ops where windows do not overlap),
+//! which select and copy, so they must equal the CPU's exactly.
 //!
 //! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
 //! in f32 and differ only in summation order: over K = C*kh*kw <= 576 products in the forward
@@ -212,4 +214,38 @@ fn an_empty_batch_on_cudnn_gives_an_empty_output_and_a_zero_weight_gradient() {
         let total: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert_eq!(total, 0.0, "weight gradient over no images");
     });
+}
+
+/// The max-pool gradients of detectron2's pyramid on the GPU equal the CPU's host loop exactly:
+/// `simfp_5`'s 2x2 stride-2 pool of ViT-B's 768 x 64 x 64 map (ties included: the input is
+/// rounded to a few values) and `LastLevelMaxPool`'s kernel-1 stride-2 one, in f32 and bf16.
+#[test]
+fn pyramid_max_pool_gradients_equal_the_cpu() {
+    use vitdet_ir::ops::MaxPool2dGrad;
+    use vitdet_runtime::kernels::pool::max_pool2d_grad;
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(5);
+    for dtype in [DType::F32, DType::BF16] {
+        for (kernel, stride, c, side) in [(2, 2, 768, 64), (1, 2, 256, 16), (2, 2, 8, 7)] {
+            let x = Nd::randn(&[1, c, side, side], &mut rng, 2.0, 0.0)
+                .tensor_as(dtype)
+                .round()
+                .unwrap();
+            let out = (side - kernel) / stride + 1;
+            let dy = Nd::randn(&[1, c, out, out], &mut rng, 1.0, 0.0).tensor_as(dtype);
+            let op = MaxPool2dGrad {
+                kernel: [kernel, kernel],
+                stride: [stride, stride],
+                padding: [0, 0],
+            };
+            let cpu = max_pool2d_grad(&op, &x, &dy).unwrap();
+            let gpu = max_pool2d_grad(&op, &x.to_device(&dev).unwrap(), &dy.to_device(&dev).unwrap()).unwrap();
+            assert!(gpu.device().is_cuda());
+            let (g, w) = (Nd::from_tensor(&gpu), Nd::from_tensor(&cpu));
+            assert!(
+                g.data == w.data,
+                "max_pool2d_grad k{kernel} s{stride} {c}x{side}^2 {dtype:?} differs"
+            );
+        }
+    }
 }

@@ -3,6 +3,9 @@
 //!
 //! Tolerance: relative L2 2e-3 for f16 and 1e-2 for bf16: both sides accumulate in f32 and
 //! round the output once to the half type (about 2^-11 and 2^-8 relative per element).
+//!
+//! Also the sums of bias and norm-parameter gradients, which run as products with a ones
+//! vector on the GPU.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -55,5 +58,40 @@ fn offset_views_and_empty_inputs() {
         let empty = on(&xc).narrow(0, 0, 0).unwrap();
         let got = linear(&empty, &on(&wc), Some(&bg)).unwrap();
         assert_eq!(got.dims(), [0, 80], "{dtype:?}: no rows");
+    }
+}
+
+/// `reduce_sum` in the shapes of the training step's bias gradients (a linear's `[4096, 768]`
+/// over rows, a pyramid conv's `[1, 256, 64, 64]` and the mask head's `[128, 256, 14, 14]` over
+/// all but channels, and a leading-and-trailing mix), GPU against CPU. Both accumulate in
+/// f32 and round once: relative L2 1e-6 for f32 (summation order over up to 25,088 terms),
+/// 2^-8 for bf16 (one rounding of values that can straddle a rounding boundary).
+#[test]
+fn bias_gradient_sums_match_the_cpu() {
+    use vitdet_ir::ops::ReduceSum;
+    use vitdet_runtime::kernels::reduce::reduce_sum;
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(8);
+    let cases: [(&[usize], &[usize], bool); 4] = [
+        (&[4096, 768], &[0], false),
+        (&[1, 256, 64, 64], &[0, 2, 3], false),
+        (&[128, 256, 14, 14], &[0, 2, 3], true),
+        (&[3, 4096, 64], &[0, 1], false),
+    ];
+    for (dims, axes, keepdim) in cases {
+        let x = Nd::randn(dims, &mut rng, 1.0, 0.1);
+        let op = ReduceSum {
+            axes: axes.to_vec(),
+            keepdim,
+        };
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1.0 / 256.0)] {
+            let xc = x.tensor_as(dtype);
+            let want = reduce_sum(&op, &xc).unwrap();
+            let got = reduce_sum(&op, &xc.to_device(&dev).unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_l2(&got, &want);
+            assert!(e <= tol, "{dims:?} over {axes:?} {dtype:?}: rel L2 {e:e}");
+        }
     }
 }

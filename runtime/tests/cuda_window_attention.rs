@@ -3,6 +3,9 @@
 //!
 //! f16 / bf16 run on the tensor-core kernels (`fwd_tc`, `bwd_tc`), f32 on the f32 kernels.
 //!
+//! Also the backward ops of the unfused attention's relative-position tables, which run as
+//! diagonal sums on the GPU where the CPU scatters rows with `index_add`.
+//!
 //! Tolerances: f32 relative L2 1e-5 (both sides f32, different summation order over rows of
 //! up to 4096 keys); bf16 / f16 1e-2 (inputs rounded once to the half type on both sides, the
 //! CUDA kernels accumulate in f32 and round outputs once, the CPU kernel likewise: the residual
@@ -151,4 +154,45 @@ fn global_beit_bias_tensor_cores_head_dim_80() {
     };
     check(case(DType::F16), DType::F16, 1e-2, &dev);
     check(case(DType::BF16), DType::BF16, 1e-2, &dev);
+}
+
+/// `rel_pos_gather_grad` (detectron2's decomposed tables: window 14 and global 64, head dim 64)
+/// and `rel_pos_bias_grad` (BEiT's table, a 14 x 14 window and 12 heads) on the GPU against the
+/// CPU. Relative L2 1e-6 in f32: both sides add the same f32 terms (at most 64, or 196 per
+/// table entry for BEiT's) in different orders; bf16 2^-8: both accumulate in f32 and round once.
+#[test]
+fn relative_position_table_gradients() {
+    use vitdet_ir::ops::{RelPosBias, RelPosBiasGrad, RelPosGatherGrad};
+    use vitdet_runtime::kernels::attention;
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(11);
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1.0 / 256.0)] {
+        for n in [14, 64] {
+            let dy = Nd::randn(&[n, n, 64], &mut rng, 1.0, 0.0).tensor_as(dtype);
+            let op = RelPosGatherGrad {
+                q_size: n,
+                k_size: n,
+                table_len: 2 * n - 1,
+            };
+            let cpu = attention::rel_pos_gather_grad(&op, &dy).unwrap();
+            let gpu = attention::rel_pos_gather_grad(&op, &dy.to_device(&dev).unwrap()).unwrap();
+            assert!(gpu.device().is_cuda());
+            let err = rel_l2(&gpu, &cpu);
+            assert!(
+                err <= tol,
+                "rel_pos_gather_grad {n}x{n} {dtype:?}: rel L2 {err:.2e} > {tol:.0e}"
+            );
+        }
+        let window = [14, 14];
+        let dy = Nd::randn(&[12, 196, 196], &mut rng, 1.0, 0.0).tensor_as(dtype);
+        let op = RelPosBiasGrad { window };
+        let cpu = attention::rel_pos_bias_grad(&op, &dy).unwrap();
+        let gpu = attention::rel_pos_bias_grad(&op, &dy.to_device(&dev).unwrap()).unwrap();
+        assert_eq!(cpu.dims(), [RelPosBias { window }.table_len(), 12]);
+        let err = rel_l2(&gpu, &cpu);
+        assert!(
+            err <= tol,
+            "rel_pos_bias_grad {window:?} {dtype:?}: rel L2 {err:.2e} > {tol:.0e}"
+        );
+    }
 }

@@ -2,8 +2,10 @@
 //! backward ops.
 //!
 //! The relative-position ops read small tables (parameters) and are written with candle ops on
-//! index tensors built on the host, so they run on any device without a CPU round trip; their
-//! backward ops scatter-add with candle's `index_add` over the same indices.
+//! index tensors built on the host, so they run on any device without a CPU round trip. Their
+//! backward ops scatter-add with candle's `index_add` over the same indices on the CPU; on other
+//! devices, where an index only depends on `i - j`, as [`diagonal_sums`] (candle's CUDA
+//! `index_add` walks every index in one thread per output column).
 
 use candle_core::{DType, Tensor};
 use vitdet_ir::ops::{RelPosBias, RelPosBiasGrad, RelPosGather, RelPosGatherGrad, Softmax, SoftmaxGrad};
@@ -200,7 +202,12 @@ pub fn rel_pos_gather_grad(op: &RelPosGatherGrad, dy: &Tensor) -> KernelResult<T
     }
     let c = dims[2];
     let target = 2 * q.max(k) - 1;
-    let g = scatter_rows(rel_pos_gather_rows(q, k), &dy.reshape((q * k, c))?, target)?;
+    // With q == k the row read for (i, j) is i - j + k - 1: a diagonal sum.
+    let g = if q == k && !dy.device().is_cpu() {
+        rel_pos_gather_grad_by_diagonals(dy)?
+    } else {
+        scatter_rows(rel_pos_gather_rows(q, k), &dy.reshape((q * k, c))?, target)?
+    };
     let g = if l != target {
         // Forward: resized = M table with M [target, l]; adjoint: dtable = M^T g.
         let m = Tensor::from_vec(linear_interp_matrix(l, target), (target, l), dy.device())?;
@@ -224,6 +231,107 @@ pub fn rel_pos_bias_grad(op: &RelPosBiasGrad, dy: &Tensor) -> KernelResult<Tenso
             op.window
         )));
     }
+    if !dy.device().is_cpu() {
+        return Ok(rel_pos_bias_grad_by_diagonals(dy, [h, w])?.to_dtype(dy.dtype())?);
+    }
     let src = dy.permute((1, 2, 0))?.reshape((n * n, heads))?;
     Ok(scatter_rows(rel_pos_bias_rows(h, w), &src, op.table_len())?.to_dtype(dy.dtype())?)
+}
+
+/// The scatter of [`rel_pos_gather_grad`] for `q == k` (row `i - j + k - 1`), in the
+/// accumulation dtype, as [`diagonal_sums`].
+fn rel_pos_gather_grad_by_diagonals(dy: &Tensor) -> candle_core::Result<Tensor> {
+    diagonal_sums(&dy.to_dtype(accum_dtype(dy.dtype()))?.unsqueeze(0)?)?.squeeze(0)
+}
+
+/// [`rel_pos_bias_grad`] in the accumulation dtype as [`diagonal_sums`]: the table row is
+/// `(yi - yj + h - 1) (2w - 1) + (xi - xj + w - 1)`, so sum the diagonals of the rows' pairs,
+/// then of the columns'.
+fn rel_pos_bias_grad_by_diagonals(dy: &Tensor, [h, w]: [usize; 2]) -> candle_core::Result<Tensor> {
+    let heads = dy.dim(0)?;
+    let t = dy
+        .to_dtype(accum_dtype(dy.dtype()))?
+        .reshape((heads, h, w, h, w))?
+        .permute((1, 3, 2, 4, 0))?
+        .reshape((1, h, h, w * w * heads))?;
+    let t = diagonal_sums(&t)?.reshape((2 * h - 1, w, w, heads))?;
+    diagonal_sums(&t)?.reshape(((2 * h - 1) * (2 * w - 1), heads))
+}
+
+/// `t [A, n, m, B] -> out [A, n + m - 1, B]` with `out[a, i - j + m - 1, b]` the sum of every
+/// `t[a, i, j, b]`, as a few dense ops: the columns reversed (`j' = m - 1 - j`, so the output
+/// index is `i + j'`), each row padded with `n` zeros, and the flat rows re-read one element
+/// shorter, which shifts row `i` right by `i` (what wraps in from the row above is padding);
+/// the sum over `i` is then the output. Sums run in `t`'s dtype, in order of `i`.
+fn diagonal_sums(t: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, n, m, b) = t.dims4()?;
+    let reversed = Tensor::from_vec((0..m as u32).rev().collect::<Vec<_>>(), m, t.device())?;
+    let padded = t.index_select(&reversed, 2)?.pad_with_zeros(2, 0, n)?;
+    padded
+        .reshape((a, n * (n + m), b))?
+        .narrow(1, 0, n * (n + m - 1))?
+        .reshape((a, n, n + m - 1, b))?
+        .sum(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Small integers, so every sum is exact whatever its order.
+    fn integers(dims: &[usize], seed: u32) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n as u32)
+            .map(|i| ((i * 7919 + seed * 104729) % 17) as f32 - 8.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// The device path, run on the CPU, equals the CPU's `index_add` scatter exactly, for
+    /// detectron2's window (14) and a small global size, and BEiT's windows.
+    #[test]
+    fn diagonal_sums_are_the_scatters() {
+        for (n, c) in [(14, 64), (5, 3), (1, 4)] {
+            let dy = integers(&[n, n, c], n as u32);
+            let scatter = scatter_rows(rel_pos_gather_rows(n, n), &dy.reshape((n * n, c)).unwrap(), 2 * n - 1).unwrap();
+            let ours = rel_pos_gather_grad_by_diagonals(&dy).unwrap();
+            assert_eq!(ours.dims(), scatter.dims());
+            assert_eq!(
+                super::super::f64_values(&ours),
+                super::super::f64_values(&scatter),
+                "q = k = {n}"
+            );
+        }
+        for (h, w, heads) in [(3, 4, 2), (7, 7, 3), (1, 2, 1)] {
+            let n = h * w;
+            let dy = integers(&[heads, n, n], (h * w) as u32);
+            let op = RelPosBias { window: [h, w] };
+            let src = dy.permute((1, 2, 0)).unwrap().reshape((n * n, heads)).unwrap();
+            let scatter = scatter_rows(rel_pos_bias_rows(h, w), &src, op.table_len()).unwrap();
+            let ours = rel_pos_bias_grad_by_diagonals(&dy, [h, w]).unwrap();
+            assert_eq!(ours.dims(), scatter.dims());
+            assert_eq!(
+                super::super::f64_values(&ours),
+                super::super::f64_values(&scatter),
+                "window {h}x{w}"
+            );
+        }
+    }
+
+    /// Not a tautology: the sums do depend on which diagonal each element lands on.
+    #[test]
+    fn diagonal_sums_place_each_element_on_its_offset() {
+        let mut v = vec![0f32; 9];
+        v[2] = 1.0; // (i, j) = (0, 2): row 0 - 2 + 2 = 0
+        v[3] = 10.0; // (1, 0): row 1 - 0 + 2 = 3
+        let t = Tensor::from_vec(v, (1, 3, 3, 1), &Device::Cpu).unwrap();
+        let out = diagonal_sums(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(out, vec![1.0, 0.0, 0.0, 10.0, 0.0]);
+    }
 }

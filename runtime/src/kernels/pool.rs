@@ -66,11 +66,51 @@ fn strided_scatter(dy: &Tensor, stride: [usize; 2], hw: [usize; 2]) -> candle_co
     spread(&rows, 3, stride[1])?.narrow(3, 0, hw[1])?.contiguous()
 }
 
+/// The gradient of max-pooling in windows that tile the input (`kernel == stride`, no padding;
+/// detectron2's 2x2 `simfp` pool) as device tensor ops. Each window's elements are scanned in
+/// row-major order as [`MaxPool2dGrad`] says: an element replaces the pick when it is greater or
+/// NaN. The pick's position gets the window's gradient (one term, so exact), every other
+/// position, and rows or columns past the last window, zero.
+fn tiled_window_scatter(x: &Tensor, dy: &Tensor, kernel: [usize; 2]) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let [kh, kw] = kernel;
+    let (oh, ow) = (h / kh, w / kw);
+    // [N, C, OH, OW, KH * KW]: each window's elements, in scan order.
+    let windows = x
+        .narrow(2, 0, oh * kh)?
+        .narrow(3, 0, ow * kw)?
+        .reshape((n, c, oh, kh, ow, kw))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .reshape((n, c, oh, ow, kh * kw))?
+        .contiguous()?;
+    let element = |e: usize| windows.narrow(4, e, 1);
+    let mut best = element(0)?;
+    let mut pick = Tensor::zeros(best.dims(), DType::U32, x.device())?;
+    for e in 1..kh * kw {
+        let v = element(e)?;
+        let replace = (v.gt(&best)? + v.ne(&v)?)?.ne(0u8)?;
+        best = replace.where_cond(&v, &best)?;
+        pick = replace.where_cond(&Tensor::full(e as u32, pick.dims(), x.device())?, &pick)?;
+    }
+    let positions = Tensor::arange(0u32, (kh * kw) as u32, x.device())?;
+    let onehot = pick.broadcast_eq(&positions.reshape((1, 1, 1, 1, kh * kw))?)?;
+    let dx = onehot.where_cond(
+        &dy.unsqueeze(4)?.broadcast_as(onehot.dims())?,
+        &Tensor::zeros(onehot.dims(), dy.dtype(), dy.device())?,
+    )?;
+    dx.reshape((n, c, oh, ow, kh, kw))?
+        .permute((0, 1, 2, 4, 3, 5))?
+        .reshape((n, c, oh * kh, ow * kw))?
+        .pad_with_zeros(2, 0, h - oh * kh)?
+        .pad_with_zeros(3, 0, w - ow * kw)?
+        .contiguous()
+}
+
 /// Backward of [`max_pool2d`]: each window's gradient goes to the element PyTorch's CPU forward
 /// picks (see [`MaxPool2dGrad`]). A host loop in f64 (exact for every float input; the summed
 /// gradients are rounded once); inputs on another device are copied to the CPU and the result
-/// copied back, except for kernel-1 pooling, a strided scatter on the device
-/// (`strided_scatter`).
+/// copied back, except where windows do not overlap: kernel-1 pooling, a strided scatter on the
+/// device (`strided_scatter`), and windows that tile the input (`tiled_window_scatter`).
 pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     let (n, c, h, w) = x.dims4()?;
@@ -94,6 +134,9 @@ pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelRes
     }
     if op.kernel == [1, 1] && op.padding == [0, 0] && !x.device().is_cpu() {
         return Ok(strided_scatter(dy, [sh, sw], [h, w])?);
+    }
+    if op.kernel == op.stride && op.padding == [0, 0] && !x.device().is_cpu() {
+        return Ok(tiled_window_scatter(x, dy, op.kernel)?);
     }
     let host = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F64) };
     let (xh, dyh) = (host(x)?, host(dy)?);
@@ -140,6 +183,48 @@ mod tests {
                 super::super::f64_values(&host),
                 "{hw:?} {stride:?}"
             );
+        }
+    }
+
+    /// The tiled-window device path, run on the CPU, gives the host loop's values: ties (first
+    /// maximum wins), NaN (last NaN wins), all `-inf` windows (first element), sides that leave
+    /// rows and columns outside every window, and bf16.
+    #[test]
+    fn tiled_window_scatter_is_the_host_loops_gradient() {
+        for (hw, kernel) in [([8, 6], [2, 2]), ([7, 5], [2, 2]), ([9, 10], [3, 2]), ([4, 4], [1, 1])] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (n, c) = (2, 3);
+                let len = n * c * hw[0] * hw[1];
+                // Few distinct values, so ties are common.
+                let mut v: Vec<f32> = (0..len).map(|i| ((i * 37) % 5) as f32).collect();
+                v[1] = f32::NAN;
+                v[hw[1] + 1] = f32::NAN;
+                v[2 * hw[1]..2 * hw[1] + 4].fill(f32::NEG_INFINITY);
+                v[3 * hw[1]..3 * hw[1] + 4].fill(f32::NEG_INFINITY);
+                let x = Tensor::from_vec(v, (n, c, hw[0], hw[1]), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let op = MaxPool2dGrad {
+                    kernel,
+                    stride: kernel,
+                    padding: [0, 0],
+                };
+                let (oh, ow) = (hw[0] / kernel[0], hw[1] / kernel[1]);
+                let dy = Tensor::randn(0f32, 1.0, (n, c, oh, ow), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let host = max_pool2d_grad(&op, &x, &dy).unwrap();
+                let ours = tiled_window_scatter(&x, &dy, kernel).unwrap();
+                assert_eq!(ours.dims(), host.dims());
+                assert_eq!(ours.dtype(), host.dtype());
+                assert_eq!(
+                    super::super::f64_values(&ours),
+                    super::super::f64_values(&host),
+                    "{hw:?} {kernel:?} {dtype:?}"
+                );
+            }
         }
     }
 }

@@ -12,8 +12,9 @@ use super::{accum_dtype, expect_float, KernelError, KernelResult};
 
 /// Sum over `op.axes`, accumulated in f32 for half types and rounded back; the summed axes are
 /// dropped unless `keepdim`. No axes returns the input. On the CPU, contiguous inputs in the
-/// shapes of bias and norm gradients (see [`SumForm`]) run a parallel kernel; others, and
-/// other devices, candle's `sum_keepdim` (single-threaded on the CPU, with per-element index
+/// shapes of bias and norm gradients (see [`SumForm`]) run a parallel kernel; on a CUDA device
+/// they run as a product with a ones vector (`SumForm::sum_by_matmul`); others, and other
+/// devices, candle's `sum_keepdim` (single-threaded on the CPU, with per-element index
 /// arithmetic for axes other than the last).
 pub fn reduce_sum(op: &ReduceSum, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
@@ -33,18 +34,14 @@ pub fn reduce_sum(op: &ReduceSum, x: &Tensor) -> KernelResult<Tensor> {
         return Ok(x.clone());
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
-    let x = x.to_dtype(acc)?;
-    let y = match SumForm::of(&dims, &op.axes) {
-        // Contiguous input only: a copy would be workspace the memory plan does not count.
-        Some(form) if x.device().is_cpu() && x.is_contiguous() => {
-            let keep: Vec<usize> = (0..dims.len())
-                .map(|d| if op.axes.contains(&d) { 1 } else { dims[d] })
-                .collect();
-            x.apply_op1_no_bwd(&form)?.reshape(keep)?
+    let form = SumForm::of(&dims, &op.axes);
+    let y = match form {
+        Some(form) if x.device().is_cuda() && x.is_contiguous() && x.elem_count() > 0 => {
+            form.sum_by_matmul(x)?.reshape(keep_dims(&dims, &op.axes))?
         }
-        _ => x.sum_keepdim(op.axes.clone())?,
+        _ => sum_in(x.to_dtype(acc)?, form, &dims, &op.axes)?.to_dtype(dtype)?,
     };
-    let y = if op.keepdim {
+    Ok(if op.keepdim {
         y
     } else {
         let kept: Vec<usize> = (0..dims.len())
@@ -52,8 +49,25 @@ pub fn reduce_sum(op: &ReduceSum, x: &Tensor) -> KernelResult<Tensor> {
             .map(|d| dims[d])
             .collect();
         y.reshape(kept)?
-    };
-    Ok(y.to_dtype(dtype)?)
+    })
+}
+
+/// The sum of `x` (already in its accumulation dtype) over `axes`, keeping them as 1.
+fn sum_in(x: Tensor, form: Option<SumForm>, dims: &[usize], axes: &[usize]) -> candle_core::Result<Tensor> {
+    Ok(match form {
+        // Contiguous input only: a copy would be workspace the memory plan does not count.
+        Some(form) if x.device().is_cpu() && x.is_contiguous() => {
+            x.apply_op1_no_bwd(&form)?.reshape(keep_dims(dims, axes))?
+        }
+        _ => x.sum_keepdim(axes.to_vec())?,
+    })
+}
+
+/// `dims` with the `axes` set to 1.
+fn keep_dims(dims: &[usize], axes: &[usize]) -> Vec<usize> {
+    (0..dims.len())
+        .map(|d| if axes.contains(&d) { 1 } else { dims[d] })
+        .collect()
 }
 
 /// A sum over some axes of a contiguous tensor, its axes merged into runs of summed and kept
@@ -94,6 +108,35 @@ impl SumForm {
             [(true, rows), (false, kept)] => Some(SumForm::Leading { rows, kept }),
             _ => None,
         }
+    }
+
+    /// The sum of contiguous `x` (of the form's shape, any float dtype) as a product with a
+    /// ones vector, in `x`'s dtype, flat (`kept` values): a GEMM reads the
+    /// rows coalesced where candle's CUDA reduction strides across them (a linear bias
+    /// gradient sums `[4096, 768]` over its rows). cuBLAS accumulates in f32 for every float
+    /// type (candle leaves reduced-precision GEMMs off) and rounds once, as the f32 sum
+    /// rounded back does. With a batch (`outer > 1`) a half type is summed in f32, so the
+    /// partial sums are not rounded.
+    fn sum_by_matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let ones = |n: usize, shape: (usize, usize), dtype| Tensor::ones(n, dtype, x.device())?.reshape(shape);
+        let y = match *self {
+            SumForm::Leading { rows, kept } => ones(rows, (1, rows), dtype)?.matmul(&x.reshape((rows, kept))?)?,
+            SumForm::Inner { outer: 1, kept, inner } => {
+                x.reshape((kept, inner))?.matmul(&ones(inner, (inner, 1), dtype)?)?
+            }
+            SumForm::Inner { outer, kept, inner } => {
+                let acc = accum_dtype(dtype);
+                let per_item =
+                    x.to_dtype(acc)?
+                        .reshape((outer * kept, inner))?
+                        .matmul(&ones(inner, (inner, 1), acc)?)?;
+                ones(outer, (1, outer), acc)?
+                    .matmul(&per_item.reshape((outer, kept))?)?
+                    .to_dtype(dtype)?
+            }
+        };
+        y.flatten_all()
     }
 
     fn kept(&self) -> usize {
@@ -166,5 +209,38 @@ impl CustomOp1 for SumForm {
             _ => bail!("{}: f32/f64 only, found {:?}", self.name(), s.dtype()),
         };
         Ok((out, Shape::from(self.kept())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The CUDA path's products, run on the CPU in f32, give the CPU kernel's sums in every
+    /// form (small integers: exact in any order), including a batch of conv bias gradients.
+    #[test]
+    fn sums_by_matmul_are_the_sums() {
+        let cases: [(&[usize], &[usize]); 5] = [
+            (&[6, 5], &[0]),
+            (&[1, 4, 3, 3], &[0, 2, 3]),
+            (&[3, 4, 2, 5], &[0, 2, 3]),
+            (&[2, 3, 7], &[0, 1]),
+            (&[4, 6], &[1]),
+        ];
+        for (dims, axes) in cases {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 13) % 11) as f32 - 5.0).collect();
+            let x = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+            let form = SumForm::of(dims, axes).expect("a bias-gradient form");
+            let ours = form.sum_by_matmul(&x).unwrap().reshape(keep_dims(dims, axes)).unwrap();
+            let want = sum_in(x.clone(), Some(form), dims, axes).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            assert_eq!(
+                super::super::f64_values(&ours),
+                super::super::f64_values(&want),
+                "{dims:?} {axes:?}"
+            );
+        }
     }
 }
