@@ -1,6 +1,9 @@
 //! Convolutions on cuDNN: forward, input gradient (a transposed convolution) and weight
-//! gradient, through cuDNN's convolution API with its heuristic algorithm choice, as PyTorch
-//! runs them with `cudnn.benchmark` off.
+//! gradient, through cuDNN's convolution API. Each problem's algorithm is chosen once by timing
+//! the candidates (`cudnnFind*`, as PyTorch does with `cudnn.benchmark` on): the legacy API's
+//! heuristic ranking picked a forward 3x3 bf16 algorithm twice as slow as PyTorch's choice.
+//! `VITDET_CUDNN_ALGO=heuristic` takes the heuristic's first fitting choice instead (no timing
+//! runs; the first use of each shape is then cheaper).
 //!
 //! cuDNN is loaded at run time (`libcudnn.so.9`, or the file named by `$VITDET_CUDNN`), so
 //! neither the build nor a machine without cuDNN needs it: there convolutions keep running on
@@ -349,8 +352,15 @@ fn transform_algorithm(direction: Direction, algo: c_int) -> bool {
     }
 }
 
-/// The algorithm and workspace bytes for a problem: cuDNN's heuristic ranking, first fitting
-/// choice, cached per problem.
+/// Whether algorithms are ranked by cuDNN's heuristic (`VITDET_CUDNN_ALGO=heuristic`) rather
+/// than by timing them.
+fn heuristic_ranking() -> bool {
+    static HEURISTIC: OnceLock<bool> = OnceLock::new();
+    *HEURISTIC.get_or_init(|| std::env::var("VITDET_CUDNN_ALGO").is_ok_and(|v| v == "heuristic"))
+}
+
+/// The algorithm and workspace bytes for a problem: the fastest by cuDNN's timing runs (or its
+/// heuristic ranking, see [`heuristic_ranking`]) that fits, cached per problem.
 fn algorithm(
     h: sys::cudnnHandle_t,
     d: &Descriptors,
@@ -375,9 +385,15 @@ fn algorithm(
     check(status, &format!("{direction:?} algorithm count"))?;
     let mut perf = vec![AlgoPerf::default(); most.max(1) as usize];
     let mut count: c_int = 0;
+    let heuristic = heuristic_ranking();
+    // Both calls take the same arguments and fill the same records, best first.
     let status = unsafe {
         match direction {
-            Direction::Forward => (lib.cudnnGetConvolutionForwardAlgorithm_v7)(
+            Direction::Forward => (if heuristic {
+                lib.cudnnGetConvolutionForwardAlgorithm_v7
+            } else {
+                lib.cudnnFindConvolutionForwardAlgorithm
+            })(
                 h,
                 d.x,
                 d.w,
@@ -387,7 +403,11 @@ fn algorithm(
                 &mut count,
                 perf.as_mut_ptr().cast(),
             ),
-            Direction::BackwardData => (lib.cudnnGetConvolutionBackwardDataAlgorithm_v7)(
+            Direction::BackwardData => (if heuristic {
+                lib.cudnnGetConvolutionBackwardDataAlgorithm_v7
+            } else {
+                lib.cudnnFindConvolutionBackwardDataAlgorithm
+            })(
                 h,
                 d.w,
                 d.y,
@@ -397,7 +417,11 @@ fn algorithm(
                 &mut count,
                 perf.as_mut_ptr().cast(),
             ),
-            Direction::BackwardFilter => (lib.cudnnGetConvolutionBackwardFilterAlgorithm_v7)(
+            Direction::BackwardFilter => (if heuristic {
+                lib.cudnnGetConvolutionBackwardFilterAlgorithm_v7
+            } else {
+                lib.cudnnFindConvolutionBackwardFilterAlgorithm
+            })(
                 h,
                 d.x,
                 d.y,

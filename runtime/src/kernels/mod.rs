@@ -78,11 +78,13 @@ pub(crate) fn f64_values(t: &Tensor) -> Vec<f64> {
 /// Whether the kernel of `op` reads input `slot` on the host (a host loop): on a GPU it would
 /// copy the value back and wait for the device, so the executor hands it the host copy of a
 /// value made on the host (a graph input, the anchors, a host loop's result) where it kept one.
-/// The host loops that matter on a GPU: drop-path masks and anchor, RoI and mask targets (every
-/// input, seeds and ground truth among them), and a dynamic prefix's row count.
+/// The host loops that matter on a GPU: drop-path masks and anchor and RoI targets (every
+/// input, seeds and ground truth among them), the RoIs' matches and validity of the mask
+/// targets (which pool the masks on the device), and a dynamic prefix's row count.
 pub fn reads_on_host(op: &Op, slot: usize) -> bool {
     match op {
-        Op::DropPathMask(_) | Op::AnchorTargets(_) | Op::ProposalTargets(_) | Op::MaskTargets(_) => true,
+        Op::DropPathMask(_) | Op::AnchorTargets(_) | Op::ProposalTargets(_) => true,
+        Op::MaskTargets(_) => slot >= 2,
         Op::DynamicPrefix(_) => slot == 1,
         _ => false,
     }

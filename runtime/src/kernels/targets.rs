@@ -443,6 +443,13 @@ pub fn proposal_targets(op: &ProposalTargets, x: &[Tensor]) -> KernelResult<Vec<
 /// [`MaskTargets`]: `BitMasks.crop_and_resize`. The RoIs of each gt are pooled together by
 /// the detection family's RoIAlign kernel on that gt's mask as a one-channel, one-level
 /// feature map (scale 1, adaptive sampling, aligned), then thresholded with `>= 0.5`.
+///
+/// Where the masks are on the CPU this is a host loop. Where they are on another device (a GPU,
+/// as detectron2 crops them) the pooling and thresholding run there as device ops on the masks
+/// and RoIs (`pooled_on_device`); only `matched` and `valid`, which the executor hands over from
+/// their host copies, are read on the host. The GPU's RoIAlign accumulates in f32 where the
+/// CPU's uses f64, so a bin averaging to within f32 rounding of 0.5 could threshold the other
+/// way.
 pub fn mask_targets(
     op: &MaskTargets,
     gt_masks: &Tensor,
@@ -470,9 +477,8 @@ pub fn mask_targets(
         None => vec![true; r],
     };
     let m = op.size;
-    let mut out = vec![0f32; r * m * m];
     if r == 0 || h == 0 || w == 0 {
-        return host_tensor(out, &[r, m, m]);
+        return Ok(Tensor::zeros((r, m, m), DType::F32, gt_masks.device())?);
     }
     let mut rows_of: Vec<Vec<usize>> = vec![Vec::new(); g];
     for (i, (&gi, &u)) in idx.iter().zip(&use_row).enumerate() {
@@ -495,20 +501,16 @@ pub fn mask_targets(
         canonical_level: 0,
         min_level: 0,
     };
-    let masks = gt_masks.to_device(&Device::Cpu)?;
+    if !gt_masks.device().is_cpu() {
+        return pooled_on_device(&align, gt_masks, rois, &rows_of, r);
+    }
     let boxes = rois.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let mut out = vec![0f32; r * m * m];
     for (gi, rows) in rows_of.iter().enumerate() {
         if rows.is_empty() {
             continue;
         }
-        let plane = masks.narrow(0, gi, 1)?.reshape((1, 1, h, w))?.to_dtype(DType::F32)?;
-        let sel = Tensor::from_vec(
-            rows.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            rows.len(),
-            &Device::Cpu,
-        )?;
-        let b = boxes.index_select(&sel, 0)?;
-        let pooled = super::detection::roi_align(&align, &[plane, b])?
+        let pooled = pool_rows(&align, gt_masks, &boxes, gi, rows)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         for (k, &i) in rows.iter().enumerate() {
@@ -521,4 +523,99 @@ pub fn mask_targets(
         }
     }
     host_tensor(out, &[r, m, m])
+}
+
+/// RoIAlign of the f32 `boxes` at `rows` on gt `gi`'s mask: `[rows, 1, m, m]` f32, on the
+/// masks' device.
+fn pool_rows(align: &RoiAlign, gt_masks: &Tensor, boxes: &Tensor, gi: usize, rows: &[usize]) -> KernelResult<Tensor> {
+    let (_, h, w) = gt_masks.dims3()?;
+    let plane = gt_masks.narrow(0, gi, 1)?.reshape((1, 1, h, w))?.to_dtype(DType::F32)?;
+    let sel = Tensor::from_vec(
+        rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        rows.len(),
+        boxes.device(),
+    )?;
+    super::detection::roi_align(align, &[plane, boxes.index_select(&sel, 0)?])
+}
+
+/// [`mask_targets`] with the masks and RoIs on their device: each gt's rows pooled as on the
+/// host, the pooled rows put back in RoI order by one gather (rows of no gt read a zero row),
+/// then thresholded.
+fn pooled_on_device(
+    align: &RoiAlign,
+    gt_masks: &Tensor,
+    rois: &Tensor,
+    rows_of: &[Vec<usize>],
+    r: usize,
+) -> KernelResult<Tensor> {
+    let m = align.output_size[0];
+    let dev = gt_masks.device();
+    let boxes = rois.to_device(dev)?.to_dtype(DType::F32)?;
+    let mut parts = Vec::new();
+    let mut source: Vec<usize> = Vec::new();
+    for (gi, rows) in rows_of.iter().enumerate() {
+        if !rows.is_empty() {
+            parts.push(pool_rows(align, gt_masks, &boxes, gi, rows)?.reshape((rows.len(), m * m))?);
+            source.extend(rows);
+        }
+    }
+    // Where each RoI's row is in the concatenated parts; the zero row after them by default.
+    let mut at = vec![source.len() as u32; r];
+    for (p, &i) in source.iter().enumerate() {
+        at[i] = p as u32;
+    }
+    parts.push(Tensor::zeros((1, m * m), DType::F32, dev)?);
+    let pooled = Tensor::cat(&parts, 0)?.index_select(&Tensor::from_vec(at, r, dev)?, 0)?;
+    let half = Tensor::new(0.5f32, dev)?;
+    Ok(pooled.broadcast_ge(&half)?.to_dtype(DType::F32)?.reshape((r, m, m))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device path, run on the CPU, gives the host loop's targets exactly: RoIs of three gt
+    /// masks (blobs of several shapes), one RoI invalid, one gt without RoIs, RoIs in no order.
+    #[test]
+    fn pooled_on_device_is_the_host_loop() {
+        let (g, h, w, m) = (4, 40, 50, 7);
+        let mut masks = vec![0u8; g * h * w];
+        for gi in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    let (cy, cx) = (10.0 + 8.0 * gi as f64, 12.0 + 9.0 * gi as f64);
+                    let d = ((y as f64 - cy) / (10.0 + 2.0 * gi as f64)).powi(2) + ((x as f64 - cx) / 14.0).powi(2);
+                    masks[(gi * h + y) * w + x] = u8::from(d <= 1.0 || (gi == 2 && x % 5 == 0));
+                }
+            }
+        }
+        let masks = Tensor::from_vec(masks, (g, h, w), &Device::Cpu).unwrap();
+        let rois: Vec<f32> = vec![
+            5.0, 4.0, 20.0, 17.0, 10.0, 12.0, 30.0, 25.0, 0.5, 0.5, 49.5, 39.5, 14.2, 3.7, 22.9, 31.1, 2.0, 2.0, 3.0,
+            3.0, 30.0, 20.0, 45.0, 38.0,
+        ];
+        let r = rois.len() / 4;
+        let rois = Tensor::from_vec(rois, (r, 4), &Device::Cpu).unwrap();
+        let matched = Tensor::from_vec(vec![2i64, 0, 1, 2, 0, 1], r, &Device::Cpu).unwrap();
+        let valid = Tensor::from_vec(vec![1u8, 1, 1, 0, 1, 1], r, &Device::Cpu).unwrap();
+        let op = MaskTargets { size: m };
+        let host = mask_targets(&op, &masks, &rois, &matched, Some(&valid)).unwrap();
+        let rows_of = vec![vec![1, 4], vec![2, 5], vec![0], vec![]];
+        let align = RoiAlign {
+            output_size: [m, m],
+            scales: vec![1.0],
+            sampling_ratio: 0,
+            aligned: true,
+            canonical_box_size: 224.0,
+            canonical_level: 0,
+            min_level: 0,
+        };
+        let ours = pooled_on_device(&align, &masks, &rois, &rows_of, r).unwrap();
+        assert_eq!(ours.dims(), host.dims());
+        let (a, b) = (super::super::f64_values(&ours), super::super::f64_values(&host));
+        assert_eq!(a, b);
+        let ones = b.iter().filter(|&&v| v == 1.0).count();
+        assert!(ones > 20 && ones < b.len() / 2, "{ones} of {} foreground", b.len());
+        assert!(b[3 * m * m..4 * m * m].iter().all(|&v| v == 0.0), "the invalid row");
+    }
 }
