@@ -173,14 +173,14 @@ impl WinGeom {
     }
 
     /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q
-    /// and dO tiles, K, Q and dO transposed, and dS in the input type, dS in f32, and three
+    /// and dO tiles, K, Q and dO transposed, and dS in the input type, dS in f32, and four
     /// per-query values.
     pub fn tc_bwd_shared_bytes(&self) -> usize {
         let hd = self.hd as usize;
         let (ldt, ldv, ldq) = (hd + 8, TC_KEYS + 8, TC_ROWS + 8);
         let (ldp, ldb) = (TC_KEYS + 8, TC_KEYS + 1);
         let tiles = 2 * TC_KEYS * ldt + hd * ldv + 2 * TC_ROWS * ldt + 2 * hd * ldq + TC_ROWS * ldp;
-        2 * tiles + 4 * TC_ROWS * ldb + 4 * 3 * TC_ROWS
+        2 * tiles + 4 * TC_ROWS * ldb + 4 * 4 * TC_ROWS
     }
 
     /// `bwd_tc`: four warps per 64 keys of a (window, head).

@@ -101,6 +101,29 @@ __device__ __forceinline__ void topk_pick_bin(const unsigned* hist, unsigned* su
     __syncthreads();
 }
 
+// Calls f(i, key) for this thread's elements i of a row of n and their score keys: elements
+// t, t + nt, ... in rounds of TOPK_UNROLL whose loads are all issued before any is used. One
+// block reads a whole row several times, so the loop is bound by load latency unless many loads
+// are in flight.
+#define TOPK_UNROLL 8
+template <class T, class F>
+__device__ __forceinline__ void topk_for_each_key(const T* __restrict__ xr, int n, F f) {
+    const int t = threadIdx.x, nt = blockDim.x;
+    for (int base = t; base < n; base += nt * TOPK_UNROLL) {
+        unsigned keys[TOPK_UNROLL];
+#pragma unroll
+        for (int u = 0; u < TOPK_UNROLL; ++u) {
+            const int i = base + u * nt;
+            keys[u] = i < n ? det_score_key(to_f32(xr[i])) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < TOPK_UNROLL; ++u) {
+            const int i = base + u * nt;
+            if (i < n) f(i, keys[u]);
+        }
+    }
+}
+
 // One block per row, dynamic shared memory (TOPK_BINS + blockDim.x + 2 * sort_size) * 4 bytes
 // (blockDim.x a power of two). Writes values [rows, k] and indices [rows, k].
 template <class T>
@@ -123,10 +146,9 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
         const int bins = pass == 2 ? 1024 : TOPK_BINS;
         for (int b = t; b < bins; b += nt) hist[b] = 0;
         __syncthreads();
-        for (int i = t; i < g.n; i += nt) {
-            const unsigned key = det_score_key(to_f32(xr[i]));
+        topk_for_each_key(xr, g.n, [&](int, unsigned key) {
             if ((key & mask) == prefix) det_atomic_add(&hist[(key >> shift) & (unsigned)(bins - 1)], 1u);
-        }
+        });
         __syncthreads();
         topk_pick_bin(hist, sums, bins, remaining, &s_digit, &s_above);
         prefix |= s_digit << shift;
@@ -147,11 +169,11 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
             const int bins = 1 << width;
             for (int b = t; b < bins; b += nt) hist[b] = 0;
             __syncthreads();
-            for (int i = t; i < g.n; i += nt) {
+            topk_for_each_key(xr, g.n, [&](int i, unsigned key) {
                 const unsigned tie = (unsigned)(g.n - 1 - i);
-                if ((tie & tmask) == tprefix && det_score_key(to_f32(xr[i])) == key_k)
+                if ((tie & tmask) == tprefix && key == key_k)
                     det_atomic_add(&hist[(tie >> shift) & (unsigned)(bins - 1)], 1u);
-            }
+            });
             __syncthreads();
             topk_pick_bin(hist, sums, bins, remaining, &s_digit, &s_above);
             tprefix |= s_digit << shift;
@@ -166,8 +188,7 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
     // sorts last.
     if (t == 0) s_count = 0;
     __syncthreads();
-    for (int i = t; i < g.n; i += nt) {
-        const unsigned key = det_score_key(to_f32(xr[i]));
+    topk_for_each_key(xr, g.n, [&](int i, unsigned key) {
         if (key > key_k || (key == key_k && (unsigned)(g.n - 1 - i) >= tie_min)) {
             const unsigned p = det_atomic_add(&s_count, 1u);
             if (p < (unsigned)g.k) {  // always, unless the selection above is wrong
@@ -175,7 +196,7 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
                 sidx[p] = (unsigned)i;
             }
         }
-    }
+    });
     for (int p = g.k + t; p < g.sort_size; p += nt) {
         skey[p] = 0u;
         sidx[p] = 0xffffffffu;

@@ -558,10 +558,23 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     for (int nt = 0; nt < HD / 8; ++nt)
         for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
 
+    // Where every key tile is one whole row of the window (global attention at side TC_BK), the
+    // decomposed term's column part is the same in every tile: this thread's columns of its
+    // rows' relw stay in registers, and relh is read once per row and tile. The sums are the
+    // general path's.
+    const bool row_tiles = g.rel == 1 && g.ww == TC_BK;
+    float relw_cols[2][TC_BK / 8][2];
+    for (int r = 0; r < 2; ++r)
+        for (int nt = 0; nt < TC_BK / 8; ++nt)
+            for (int c = 0; c < 2; ++c)
+                relw_cols[r][nt][c] = row_tiles && query[r] ? relw[qrow[r] * g.ww + nt * 8 + 2 * tq + c] : 0.0f;
+
     // The tile's keys' positions in the window, for the decomposed term (one division each per
     // tile rather than per logit).
     __shared__ int key_y[TC_BK], key_x[TC_BK];
     for (int j0 = 0; j0 < n; j0 += TC_BK) {
+        float relh_row[2];
+        for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
         __syncthreads();  // every warp is done with the previous K and V tiles
         tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, (T*)nullptr, (T*)nullptr, vt);
         for (int jj = tid; jj < TC_BK; jj += blockDim.x) {
@@ -587,8 +600,9 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 float s = VITDET_NEG_INF;
                 if (j < n) {
                     const float rel =
-                        query[r] ? rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j, key_y[jj], key_x[jj])
-                                 : 0.0f;
+                        row_tiles  ? relh_row[r] + relw_cols[r][nt][e % 2]
+                        : query[r] ? rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j, key_y[jj], key_x[jj])
+                                   : 0.0f;
                     s = (g.scale * sc[nt][e] + rel) * WA_LOG2E;
                 }
                 sc[nt][e] = s;
@@ -707,6 +721,7 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     float* q_lse = dsf + TC_BQ * TC_LDB;
     float* q_d = q_lse + TC_BQ;
     int* q_valid = reinterpret_cast<int*>(q_d + TC_BQ);
+    float* q_relh = reinterpret_cast<float*>(q_valid + TC_BQ);
 
     const int n = g.wh * g.ww;
     const int h = blockIdx.y, w = blockIdx.z;
@@ -715,6 +730,8 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const int gq = lane / 4, tq = lane % 4;
     const int r0 = warp * 16;  // this warp's keys (rows of S^T, dK, dV) and queries (rows of dQ)
     const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
+    // This block's keys are one whole row of the window (see the forward's `row_tiles`).
+    const bool row_tiles = g.rel == 1 && g.ww == TC_BK;
 
     // This block's keys and values; keys past N are zero (and masked out of P below).
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
@@ -754,7 +771,16 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
             q_valid[r] = valid;
             q_lse[r] = valid ? lse[rows0 + i] : 0.0f;
             q_d[r] = valid ? dsum[rows0 + i] : 0.0f;
+            if (row_tiles) q_relh[r] = valid ? relh[(rows0 + i) * g.wh + j0 / g.ww] : 0.0f;
         }
+        // Where this block's keys are one whole row of the window (global attention at side
+        // TC_BK), the tile's relw terms, read coalesced into the f32 dS tile that each element's
+        // dS then overwrites.
+        if (row_tiles)
+            for (int e = tid; e < TC_BQ * TC_BK; e += blockDim.x) {
+                const int r = e / TC_BK, kx = e % TC_BK, i = i0 + r;
+                dsf[r * TC_LDB + kx] = i < n ? relw[(rows0 + i) * g.ww + kx] : 0.0f;
+            }
         __syncthreads();
 
         // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries.
@@ -788,7 +814,9 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 const bool live = q_valid[r] && j < n;
                 float p = 0.0f;
                 if (live) {
-                    const float x = g.scale * s[nt][o] + rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j) - q_lse[r];
+                    const float rel = row_tiles ? q_relh[r] + dsf[r * TC_LDB + key]
+                                                : rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j);
+                    const float x = g.scale * s[nt][o] + rel - q_lse[r];
                     p = exp2f(x * WA_LOG2E);
                 }
                 const float ds = p * (dp[nt][o] - q_d[r]);
@@ -832,9 +860,21 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 if (q_valid[r]) atomicAdd(&dq[(rows0 + i0 + r) * HD + d], g.scale * c[o]);
             }
         }
-        // Decomposed term: sums of dS over this block's keys by key row (threads 0..63, drelh)
-        // and by key column (threads 64..127, drelw), one query row per thread.
-        if (g.rel == 1) {
+        // Decomposed term: sums of dS over this block's keys by key row (drelh) and by key column
+        // (drelw). Where the keys are one row of the window, drelw's are dS itself (consecutive
+        // threads add consecutive columns of one query row: coalesced atomics) and drelh's one
+        // sum per query row (threads 0..63).
+        if (row_tiles) {
+            for (int e = tid; e < TC_BQ * TC_BK; e += blockDim.x) {
+                const int r = e / TC_BK, kx = e % TC_BK;
+                if (q_valid[r]) atomicAdd(&drelw[(rows0 + i0 + r) * g.ww + kx], dsf[r * TC_LDB + kx]);
+            }
+            if (tid < TC_BQ && q_valid[tid]) {
+                float sum = 0.0f;
+                for (int kx = 0; kx < TC_BK; ++kx) sum += dsf[tid * TC_LDB + kx];
+                atomicAdd(&drelh[(rows0 + i0 + tid) * g.wh + j0 / g.ww], sum);
+            }
+        } else if (g.rel == 1) {
             const int r = tid % TC_BQ, i = i0 + r;
             const int jend = imin(j0 + TC_BK, n);
             const float* dsr = dsf + r * TC_LDB - j0;  // indexed by key
