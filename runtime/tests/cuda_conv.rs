@@ -158,6 +158,24 @@ fn pyramid_and_head_3x3_convolutions() {
     }
 }
 
+/// The RPN's 1x1 objectness and box-delta layers and a pyramid lateral at ViT-B's sizes, one
+/// image: their weight gradients run as one GEMM on CUDA.
+#[test]
+fn rpn_and_pyramid_1x1_convolutions() {
+    let Some(dev) = common::cuda_device() else { return };
+    let pointwise = Conv2d {
+        stride: [1, 1],
+        padding: [0, 0],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        check_conv([1, 256, 64, 64], 3, [1, 1], &pointwise, dtype, &dev);
+        check_conv([1, 256, 32, 40], 12, [1, 1], &pointwise, dtype, &dev);
+        check_conv([1, 768, 32, 32], 256, [1, 1], &pointwise, dtype, &dev);
+    }
+}
+
 #[test]
 fn strided_dilated_and_asymmetric_convolutions() {
     let Some(dev) = common::cuda_device() else { return };

@@ -64,8 +64,10 @@ fn offset_views_and_empty_inputs() {
 /// `reduce_sum` in the shapes of the training step's bias gradients (a linear's `[4096, 768]`
 /// over rows, a pyramid conv's `[1, 256, 64, 64]` and the mask head's `[128, 256, 14, 14]` over
 /// all but channels, and a leading-and-trailing mix), GPU against CPU. Both accumulate in
-/// f32 and round once: relative L2 1e-6 for f32 (summation order over up to 25,088 terms),
-/// 2^-8 for bf16 (one rounding of values that can straddle a rounding boundary).
+/// f32 and round once: relative L2 1e-5 for f32 (the summation orders differ over up to 25,088
+/// terms; an f32 running sum of K terms drifts by about sqrt(K) 2^-24 of their magnitude, 1e-5
+/// at K = 25,088; measured 1.7e-6 on an H200 at K = 12,288), 2^-8 for bf16 (one rounding of
+/// values that can straddle a rounding boundary).
 #[test]
 fn bias_gradient_sums_match_the_cpu() {
     use vitdet_ir::ops::ReduceSum;
@@ -84,7 +86,7 @@ fn bias_gradient_sums_match_the_cpu() {
             axes: axes.to_vec(),
             keepdim,
         };
-        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1.0 / 256.0)] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1.0 / 256.0)] {
             let xc = x.tensor_as(dtype);
             let want = reduce_sum(&op, &xc).unwrap();
             let got = reduce_sum(&op, &xc.to_device(&dev).unwrap()).unwrap();

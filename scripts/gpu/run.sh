@@ -16,7 +16,8 @@
 #      with a profiled run (device and dispatch time per op kind);
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
 #      in f16, with fused then eager attention (study_vitdet_l_{fused,eager}.txt);
-#   6. the op table and a training step in f32, if the budget allows.
+#   6. hardware counters (ncu) of the global attention backward and the top-k kernels;
+#   7. the op table and a training step in f32, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
 #
 # The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
@@ -123,8 +124,8 @@ e2e() { # e2e MODE DTYPE ITERS LIMIT_S
     step "e2e_$1_$2" "$4" "$V" bench --device cuda --model vitdet-b --image-size 1024 --mode "$1" \
         --dtype "$2" --iters "$3" --warmup 1 --profile --format json --out "$OUT/e2e_$1_$2.json"
 }
-e2e infer bf16 5 120
-e2e train bf16 3 150
+e2e infer bf16 10 120
+e2e train bf16 10 150
 
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
@@ -142,7 +143,20 @@ else
     echo "== study_vitdet_l: skipped, this binary's study measures on the CPU only"
 fi
 
-# 6. What the budget leaves: f32.
+# 6. Hardware counters of the kernels still slower than PyTorch's (where ncu reads them: a
+#    Firecracker machine): the global attention backward and the RPN top-k, one launch each.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+if [ -n "$NCU" ]; then
+    for k in "attention_global_grad window_attention_bwd_tc" "top_k top_k"; do
+        set -- $k
+        step "ncu_$1" 60 "$NCU" --clock-control none -k "regex:$2" -c 1 --section SpeedOfLight \
+            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+            "$V" bench --device cuda --ops --only "$1" --dtype bf16 --iters 1 --warmup 0 --format json \
+            --out "$OUT/ncu_$1.json"
+    done
+fi
+
+# 7. What the budget leaves: f32.
 ops f32 90
 e2e train f32 3 120
 

@@ -143,6 +143,17 @@ fn pointwise_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     Ok(y.reshape((n, o, h, wd))?)
 }
 
+/// The weight gradient of a 1x1, stride-1 convolution of one image as one GEMM,
+/// `dy [O, H*W] @ x [C, H*W]^T` (the transpose a view), where cuDNN's legacy API spends about
+/// ten times a GEMM's host time per call (the RPN's and pyramid's 1x1 layers).
+fn pointwise_grad_weight(x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let o = dy.dim(1)?;
+    let x = x.contiguous()?.reshape((c, h * w))?;
+    let dy = dy.contiguous()?.reshape((o, h * w))?;
+    Ok(dy.matmul(&x.t()?)?.reshape((o, c, 1, 1))?)
+}
+
 /// kernel == stride, no padding: one gemm over non-overlapping patches.
 fn patchify_conv(x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
@@ -390,6 +401,10 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
     let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
     with_contraction_dtype(&[x, dy], |t| {
         let (x, dy) = (&t[0], &t[1]);
+        let pointwise = op.kernel == [1, 1] && op.stride == [1, 1] && op.padding == [0, 0] && op.groups == 1;
+        if pointwise && n == 1 && !x.device().is_cpu() {
+            return pointwise_grad_weight(x, dy);
+        }
         #[cfg(feature = "cuda")]
         if let Some(y) = on_cudnn(x, || crate::cuda::cudnn::conv2d_grad_weight(op, x, dy))? {
             return Ok(y);
@@ -775,4 +790,33 @@ fn subsample(x: &Tensor, dim: usize, s: usize) -> candle_core::Result<Tensor> {
     let idx: Vec<u32> = (0..n as u32).map(|i| i * s as u32).collect();
     let idx = Tensor::from_vec(idx, n, x.device())?;
     x.index_select(&idx, dim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The GEMM weight gradient of a 1x1 convolution (other devices' path), run on the CPU,
+    /// equals the CPU kernel's (small integers: exact in any order).
+    #[test]
+    fn pointwise_grad_weight_is_the_weight_gradient() {
+        let ints = |dims: &[usize], seed: usize| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 7 + seed) % 9) as f32 - 4.0).collect();
+            Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+        };
+        let (x, dy) = (ints(&[1, 6, 5, 7], 1), ints(&[1, 3, 5, 7], 2));
+        let op = Conv2dGradWeight {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+            kernel: [1, 1],
+        };
+        let want = conv2d_grad_weight(&op, &x, &dy).unwrap();
+        let got = pointwise_grad_weight(&x, &dy).unwrap();
+        assert_eq!(got.dims(), [3, 6, 1, 1]);
+        assert_eq!(super::super::f64_values(&got), super::super::f64_values(&want));
+    }
 }
