@@ -492,15 +492,7 @@ pub fn mask_targets(
         }
         rows_of[gi as usize].push(i);
     }
-    let align = RoiAlign {
-        output_size: [m, m],
-        scales: vec![1.0],
-        sampling_ratio: 0,
-        aligned: true,
-        canonical_box_size: 224.0,
-        canonical_level: 0,
-        min_level: 0,
-    };
+    let align = mask_pooler(m);
     if !gt_masks.device().is_cpu() {
         return pooled_on_device(&align, gt_masks, rois, &rows_of, r);
     }
@@ -523,6 +515,20 @@ pub fn mask_targets(
         }
     }
     host_tensor(out, &[r, m, m])
+}
+
+/// `BitMasks.crop_and_resize`'s RoIAlign: `m x m` bins on one level at scale 1, adaptive
+/// sampling, aligned.
+fn mask_pooler(m: usize) -> RoiAlign {
+    RoiAlign {
+        output_size: [m, m],
+        scales: vec![1.0],
+        sampling_ratio: 0,
+        aligned: true,
+        canonical_box_size: 224.0,
+        canonical_level: 0,
+        min_level: 0,
+    }
 }
 
 /// RoIAlign of the f32 `boxes` at `rows` on gt `gi`'s mask: `[rows, 1, m, m]` f32, on the
@@ -601,15 +607,7 @@ mod tests {
         let op = MaskTargets { size: m };
         let host = mask_targets(&op, &masks, &rois, &matched, Some(&valid)).unwrap();
         let rows_of = vec![vec![1, 4], vec![2, 5], vec![0], vec![]];
-        let align = RoiAlign {
-            output_size: [m, m],
-            scales: vec![1.0],
-            sampling_ratio: 0,
-            aligned: true,
-            canonical_box_size: 224.0,
-            canonical_level: 0,
-            min_level: 0,
-        };
+        let align = mask_pooler(m);
         let ours = pooled_on_device(&align, &masks, &rois, &rows_of, r).unwrap();
         assert_eq!(ours.dims(), host.dims());
         let (a, b) = (super::super::f64_values(&ours), super::super::f64_values(&host));
