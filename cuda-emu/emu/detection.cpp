@@ -8,6 +8,17 @@
     EMU_LAUNCHER_SMEM(top_k_##S, smem, (Launch l, unsigned smem, const T* x, T* values, long long* indices,      \
                                         TopKGeom g),                                                             \
                       (x, values, indices, g))                                                                   \
+    EMU_LAUNCHER_SMEM(top_k_hist_##S, smem,                                                                     \
+                      (Launch l, unsigned smem, const T* x, const TopKState* state, unsigned* hist, TopKGeom g,  \
+                       int pass),                                                                                \
+                      (x, state, hist, g, pass))                                                                 \
+    EMU_LAUNCHER_SMEM(top_k_compact_##S, smem,                                                                  \
+                      (Launch l, unsigned smem, const T* x, TopKState* state, unsigned* cand, TopKGeom g),       \
+                      (x, state, cand, g))                                                                       \
+    EMU_LAUNCHER_SMEM(top_k_sort_##S, smem,                                                                     \
+                      (Launch l, unsigned smem, const T* x, const unsigned* cand, T* values, long long* indices, \
+                       TopKGeom g),                                                                              \
+                      (x, cand, values, indices, g))                                                             \
     EMU_LAUNCHER(nms_candidates_##S,                                                                             \
                  (Launch l, const T* scores, const unsigned char* valid, unsigned long long* keys,               \
                   unsigned* state, NmsGeom g),                                                                   \
@@ -24,6 +35,8 @@
                  (boxes, levels, dy, g))
 VITDET_FOR_EACH_FLOAT(DET_LAUNCHERS)
 
+EMU_LAUNCHER_SMEM(top_k_pick, smem, (Launch l, unsigned smem, TopKState* state, unsigned* hist, TopKGeom g, int pass),
+                  (state, hist, g, pass))
 EMU_LAUNCHER(nms_mask,
              (Launch l, const float* sorted_boxes, const long long* sorted_groups, const unsigned* state,
               unsigned long long* mask, NmsGeom g, int row0),

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
-use vitdet_runtime::cuda::detection::{NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET};
+use vitdet_runtime::cuda::detection::{NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET, TOPK_BINS, TOPK_STATE_WORDS};
 use vitdet_runtime::cuda::Launch;
 
 use crate::{host, tensor, Result};
@@ -12,6 +12,26 @@ mod ffi {
     use super::{Launch, NmsGeom, RoiGeom, TopKGeom};
     extern "C" {
         pub fn emu_top_k_f32(l: Launch, smem: u32, x: *const f32, values: *mut f32, indices: *mut i64, g: TopKGeom);
+        pub fn emu_top_k_hist_f32(
+            l: Launch,
+            smem: u32,
+            x: *const f32,
+            state: *const u32,
+            hist: *mut u32,
+            g: TopKGeom,
+            pass: i32,
+        );
+        pub fn emu_top_k_pick(l: Launch, smem: u32, state: *mut u32, hist: *mut u32, g: TopKGeom, pass: i32);
+        pub fn emu_top_k_compact_f32(l: Launch, smem: u32, x: *const f32, state: *mut u32, cand: *mut u32, g: TopKGeom);
+        pub fn emu_top_k_sort_f32(
+            l: Launch,
+            smem: u32,
+            x: *const f32,
+            cand: *const u32,
+            values: *mut f32,
+            indices: *mut i64,
+            g: TopKGeom,
+        );
         pub fn emu_nms_candidates_f32(
             l: Launch,
             scores: *const f32,
@@ -62,23 +82,85 @@ fn err(e: candle_core::Error) -> String {
     e.to_string()
 }
 
-/// `[values, indices]` of the `k` largest entries along the last axis (f32 input).
+/// `[values, indices]` of the `k` largest entries along the last axis (f32 input), on the
+/// kernels the runtime picks for the row length.
 pub fn top_k(op: &TopK, x: &Tensor) -> Result<Vec<Tensor>> {
     let n = *x.dims().last().ok_or("top_k of a scalar")?;
-    let g = TopKGeom::new(x.elem_count() / n.max(1), n, op.k)?;
+    top_k_with(op, x, TopKGeom::new(x.elem_count() / n.max(1), n, op.k)?)
+}
+
+/// [`top_k`] on the multi-block kernels in chunks of `chunk` elements, whatever the row length.
+pub fn top_k_chunked(op: &TopK, x: &Tensor, chunk: usize) -> Result<Vec<Tensor>> {
+    let n = *x.dims().last().ok_or("top_k of a scalar")?;
+    top_k_with(
+        op,
+        x,
+        TopKGeom::new(x.elem_count() / n.max(1), n, op.k)?.with_chunk(chunk)?,
+    )
+}
+
+fn top_k_with(op: &TopK, x: &Tensor, g: TopKGeom) -> Result<Vec<Tensor>> {
     let data = host(x)?;
     let mut values = vec![0f32; g.out_elems()];
     let mut indices = vec![0i64; g.out_elems()];
-    unsafe {
-        ffi::emu_top_k_f32(
-            g.launch(),
-            g.shared_bytes(),
-            data.as_ptr(),
-            values.as_mut_ptr(),
-            indices.as_mut_ptr(),
-            g,
-        )
-    };
+    let rows = g.rows as usize;
+    if g.chunk == 0 {
+        unsafe {
+            ffi::emu_top_k_f32(
+                g.launch(),
+                g.shared_bytes(),
+                data.as_ptr(),
+                values.as_mut_ptr(),
+                indices.as_mut_ptr(),
+                g,
+            )
+        };
+    } else {
+        let mut state = vec![0u32; rows * TOPK_STATE_WORDS];
+        let mut hist = vec![0u32; rows * TOPK_BINS];
+        let mut cand = vec![0u32; rows * 2 * op.k];
+        for pass in 0..g.passes() {
+            unsafe {
+                ffi::emu_top_k_hist_f32(
+                    g.chunk_launch(),
+                    g.hist_shared_bytes(),
+                    data.as_ptr(),
+                    state.as_ptr(),
+                    hist.as_mut_ptr(),
+                    g,
+                    pass,
+                );
+                ffi::emu_top_k_pick(
+                    g.pick_launch(),
+                    g.pick_shared_bytes(),
+                    state.as_mut_ptr(),
+                    hist.as_mut_ptr(),
+                    g,
+                    pass,
+                );
+            }
+        }
+        assert!(hist.iter().all(|&c| c == 0), "each pick clears its histogram");
+        unsafe {
+            ffi::emu_top_k_compact_f32(
+                g.chunk_launch(),
+                g.compact_shared_bytes(),
+                data.as_ptr(),
+                state.as_mut_ptr(),
+                cand.as_mut_ptr(),
+                g,
+            );
+            ffi::emu_top_k_sort_f32(
+                g.sort_launch(),
+                g.sort_shared_bytes(),
+                data.as_ptr(),
+                cand.as_ptr(),
+                values.as_mut_ptr(),
+                indices.as_mut_ptr(),
+                g,
+            );
+        }
+    }
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank >= 1") = op.k;
     Ok(vec![

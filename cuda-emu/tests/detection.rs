@@ -54,9 +54,14 @@ fn u8s(t: &Tensor) -> Vec<u8> {
 
 /// Runs both sides and requires identical values (bit patterns; NaN as NaN) and indices.
 fn check_top_k(x: &Tensor, k: usize) {
+    check_top_k_on(x, k, |op, x| detection::top_k(op, x).unwrap());
+}
+
+/// [`check_top_k`] with the emulated side run by `run`.
+fn check_top_k_on(x: &Tensor, k: usize, run: impl Fn(&TopK, &Tensor) -> Vec<Tensor>) {
     let op = TopK { k };
     let want = cpu::top_k(&op, x).unwrap();
-    let got = detection::top_k(&op, x).unwrap();
+    let got = run(&op, x);
     let (gi, wi) = (i64s(&got[1]), i64s(&want[1]));
     let first_bad = gi.iter().zip(&wi).position(|(a, b)| a != b);
     assert!(first_bad.is_none(), "k {k}: indices differ first at {first_bad:?}");
@@ -84,6 +89,27 @@ fn duplicated_scores(rng: &mut Rng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Three rows of 20,000: duplicated scores with NaN and infinities, a row whose k-th score is
+/// shared by thousands of entries (the tie-break passes pick the lowest indices), and a row of
+/// mostly NaN (the selection reaches into the NaNs, ordered by index).
+fn three_rows(rng: &mut Rng) -> Tensor {
+    let n = 20_000;
+    let mut data = duplicated_scores(rng, n);
+    data.extend((0..n).map(|i| if i % 50 == 0 { rng.uniform() + 1.0 } else { 0.5 }));
+    data.extend((0..n).map(|i| if i % 50 == 0 { rng.uniform() } else { f32::NAN }));
+    Tensor::from_vec(data, (3, n), &Device::Cpu).unwrap()
+}
+
+/// The multi-block kernels (histogram and pick per radix pass, compaction, sort) on the same
+/// rows, in chunks that divide the row and chunks that do not.
+#[test]
+fn top_k_multi_block_20000_scores_with_duplicates() {
+    let x = three_rows(&mut Rng(7));
+    for chunk in [2048, 777] {
+        check_top_k_on(&x, 1000, |op, x| detection::top_k_chunked(op, x, chunk).unwrap());
+    }
+}
+
 #[test]
 fn top_k_20000_scores_with_duplicates() {
     let mut rng = Rng(7);
@@ -99,9 +125,10 @@ fn top_k_20000_scores_with_duplicates() {
 }
 
 #[test]
-fn top_k_long_row_takes_the_1024_thread_path() {
-    // Past TOPK_LONG_ROW (65,536) a row gets 1024 threads: the RPN's P2 level at 1024 px has
-    // 196,608 scores; 70,000 with the RPN's k of 2000 exercise the same path in the emulator.
+fn top_k_long_row_takes_the_multi_block_path() {
+    // Past TOPK_LONG_ROW (65,536) a row runs on the multi-block kernels (the sort on 1024
+    // threads): the RPN's P2 level at 1024 px has 196,608 scores; 70,000 with the RPN's k of
+    // 2000 exercise the same path in the emulator.
     let n = 70_000;
     assert!(n > vitdet_runtime::cuda::detection::TOPK_LONG_ROW);
     let mut rng = Rng(13);

@@ -64,6 +64,7 @@ struct TopKGeom {
     int k;
     int sort_size;   // power of two >= k: entries of the shared sort buffer
     int index_bits;  // bit length of n - 1 (width of the tie key)
+    int chunk;       // elements per block of the multi-block kernels (0: one block per row)
 };
 
 // After a histogram pass over `bins` bins: the bin holding the `remaining`-th largest counted
@@ -123,6 +124,10 @@ __device__ __forceinline__ void topk_for_each_key(const T* __restrict__ xr, int 
         }
     }
 }
+
+template <class T>
+__device__ void topk_sort_write(unsigned* skey, unsigned* sidx, const T* __restrict__ xr, T* __restrict__ values,
+                                long long* __restrict__ indices, const TopKGeom& g, long long row);
 
 // One block per row, dynamic shared memory (TOPK_BINS + blockDim.x + 2 * sort_size) * 4 bytes
 // (blockDim.x a power of two). Writes values [rows, k] and indices [rows, k].
@@ -203,6 +208,15 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
     }
     __syncthreads();
 
+    topk_sort_write(skey, sidx, xr, values, indices, g, row);
+}
+
+// Sorts the block's `sort_size` shared entries (keys `skey`, row indices `sidx`; padding key 0,
+// index 0xffffffff sorts last) and writes the first k as row `row`'s values and indices.
+template <class T>
+__device__ void topk_sort_write(unsigned* skey, unsigned* sidx, const T* __restrict__ xr, T* __restrict__ values,
+                                long long* __restrict__ indices, const TopKGeom& g, long long row) {
+    const int t = threadIdx.x, nt = blockDim.x;
     // Bitonic sort: entry a goes before b when its key is larger, or equal with a lower index.
     const int half = g.sort_size / 2;
     for (int size = 2; size <= g.sort_size; size <<= 1) {
@@ -227,6 +241,148 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
         values[row * g.k + j] = xr[i];
         indices[row * g.k + j] = (long long)i;
     }
+}
+
+// Multi-block top-k, for rows long enough that one block per row leaves the GPU idle
+// (g.chunk > 0; the RPN's 196,608 scores at 1024). The same selection and order as `topk_row`:
+// each radix pass is a histogram over chunks of g.chunk elements (`topk_hist`, grid (chunks,
+// rows)) added into a global per-row histogram, from which one block per row picks the bin
+// (`topk_pick`); the selected k are compacted by the chunks (`topk_compact`) and sorted by
+// one block per row (`topk_sort`). The per-row state is zero-filled by the caller, as are the
+// histograms (each pick clears its row's after reading it).
+struct TopKState {
+    unsigned prefix, mask, remaining, ties;  // the k-th largest key's bits found so far
+    unsigned tie_select;                     // more elements share that key than are needed
+    unsigned tprefix, tmask;                 // the smallest taken tie key's bits found so far
+    unsigned count;                          // entries compacted
+};
+
+// What radix pass `pass` counts: passes 0-2 the score key's 11 / 11 / 10 bits, then the tie key
+// n - 1 - index from its top bit, TOPK_RADIX_BITS at a time. False when it has nothing to do.
+__device__ __forceinline__ bool topk_pass(const TopKState& s, const TopKGeom& g, int pass, bool* tie, int* shift,
+                                          int* bins) {
+    *tie = pass >= 3;
+    if (!*tie) {
+        *shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        *bins = pass == 2 ? 1024 : TOPK_BINS;
+        return true;
+    }
+    const int top = g.index_bits - (pass - 3) * TOPK_RADIX_BITS;
+    if (!s.tie_select || top <= 0) return false;
+    const int width = imin(TOPK_RADIX_BITS, top);
+    *shift = top - width;
+    *bins = 1 << width;
+    return true;
+}
+
+// Dynamic shared memory: TOPK_BINS counters.
+template <class T>
+__device__ void topk_hist_impl(const T* __restrict__ x, const TopKState* state, unsigned* hist, TopKGeom g,
+                               int pass) {
+    DYNAMIC_SHARED(unsigned, counts);
+    const long long row = blockIdx.y;
+    const TopKState s = state[row];
+    bool tie;
+    int shift, bins;
+    if (!topk_pass(s, g, pass, &tie, &shift, &bins)) return;
+    for (int b = threadIdx.x; b < bins; b += blockDim.x) counts[b] = 0;
+    __syncthreads();
+    const int i0 = blockIdx.x * g.chunk;
+    const unsigned top = (unsigned)(bins - 1);
+    topk_for_each_key(x + row * g.n + i0, imin(g.chunk, g.n - i0), [&](int i, unsigned key) {
+        if (!tie) {
+            if ((key & s.mask) == s.prefix) det_atomic_add(&counts[(key >> shift) & top], 1u);
+        } else {
+            const unsigned t = (unsigned)(g.n - 1 - (i0 + i));
+            if ((t & s.tmask) == s.tprefix && key == s.prefix) det_atomic_add(&counts[(t >> shift) & top], 1u);
+        }
+    });
+    __syncthreads();
+    for (int b = threadIdx.x; b < bins; b += blockDim.x)
+        if (counts[b]) det_atomic_add(&hist[row * TOPK_BINS + b], counts[b]);
+}
+
+// One block per row (blockDim a power of two); dynamic shared memory: blockDim counters.
+__device__ void topk_pick_impl(TopKState* state, unsigned* hist, TopKGeom g, int pass) {
+    DYNAMIC_SHARED(unsigned, sums);
+    __shared__ unsigned s_digit, s_above;
+    const long long row = blockIdx.x;
+    TopKState s = state[row];
+    bool tie;
+    int shift, bins;
+    if (!topk_pass(s, g, pass, &tie, &shift, &bins)) return;
+    if (pass == 0) s.remaining = (unsigned)g.k;  // the state starts zero-filled
+    unsigned* h = hist + row * TOPK_BINS;
+    topk_pick_bin(h, sums, bins, s.remaining, &s_digit, &s_above);
+    if (threadIdx.x == 0) {
+        const unsigned field = (unsigned)(bins - 1) << shift;
+        if (!tie) {
+            s.prefix |= s_digit << shift;
+            s.mask |= field;
+            s.remaining -= s_above;
+            s.ties = h[s_digit];
+            if (pass == 2) s.tie_select = s.ties > s.remaining;
+        } else {
+            s.tprefix |= s_digit << shift;
+            s.tmask |= field;
+            s.remaining -= s_above;
+        }
+        state[row] = s;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < bins; b += blockDim.x) h[b] = 0;
+}
+
+// The selected elements of each chunk, staged in shared memory (dynamic: 2 k words) and
+// appended to the row's candidates `cand [rows][2][k]` (keys, then indices) at one offset per
+// block.
+template <class T>
+__device__ void topk_compact_impl(const T* __restrict__ x, TopKState* state, unsigned* cand, TopKGeom g) {
+    DYNAMIC_SHARED(unsigned, stage);
+    __shared__ unsigned s_local, s_base;
+    const long long row = blockIdx.y;
+    const TopKState s = state[row];
+    const unsigned key_k = s.prefix, tie_min = s.tie_select ? s.tprefix : 0u;
+    if (threadIdx.x == 0) s_local = 0;
+    __syncthreads();
+    const int i0 = blockIdx.x * g.chunk;
+    topk_for_each_key(x + row * g.n + i0, imin(g.chunk, g.n - i0), [&](int i, unsigned key) {
+        const int at = i0 + i;
+        if (key > key_k || (key == key_k && (unsigned)(g.n - 1 - at) >= tie_min)) {
+            const unsigned p = det_atomic_add(&s_local, 1u);
+            if (p < (unsigned)g.k) {  // always, unless the selection above is wrong
+                stage[p] = key;
+                stage[g.k + p] = (unsigned)at;
+            }
+        }
+    });
+    __syncthreads();
+    const unsigned local = s_local < (unsigned)g.k ? s_local : (unsigned)g.k;
+    if (threadIdx.x == 0) s_base = local ? det_atomic_add(&state[row].count, local) : 0u;
+    __syncthreads();
+    unsigned* c = cand + row * 2 * g.k;
+    for (unsigned j = threadIdx.x; j < local; j += blockDim.x)
+        if (s_base + j < (unsigned)g.k) {
+            c[s_base + j] = stage[j];
+            c[g.k + s_base + j] = stage[g.k + j];
+        }
+}
+
+// One block per row (blockDim a power of two); dynamic shared memory: 2 sort_size words.
+template <class T>
+__device__ void topk_sort_impl(const T* __restrict__ x, const unsigned* cand, T* values, long long* indices,
+                               TopKGeom g) {
+    DYNAMIC_SHARED(unsigned, smem);
+    unsigned* skey = smem;
+    unsigned* sidx = smem + g.sort_size;
+    const long long row = blockIdx.x;
+    const unsigned* c = cand + row * 2 * g.k;
+    for (int p = threadIdx.x; p < g.sort_size; p += blockDim.x) {
+        skey[p] = p < g.k ? c[p] : 0u;
+        sidx[p] = p < g.k ? c[g.k + p] : 0xffffffffu;
+    }
+    __syncthreads();
+    topk_sort_write(skey, sidx, x + row * g.n, values, indices, g, row);
 }
 
 // ------------------------------------------------------------------------------- NMS
@@ -562,6 +718,17 @@ __device__ void roi_align_bwd_impl(const T* __restrict__ boxes, const int* __res
     extern "C" __global__ void top_k_##S(const T* x, T* values, long long* indices, TopKGeom g) {                 \
         topk_row<T>(x, values, indices, g);                                                                        \
     }                                                                                                              \
+    extern "C" __global__ void top_k_hist_##S(const T* x, const TopKState* state, unsigned* hist, TopKGeom g,     \
+                                              int pass) {                                                          \
+        topk_hist_impl<T>(x, state, hist, g, pass);                                                                \
+    }                                                                                                              \
+    extern "C" __global__ void top_k_compact_##S(const T* x, TopKState* state, unsigned* cand, TopKGeom g) {      \
+        topk_compact_impl<T>(x, state, cand, g);                                                                   \
+    }                                                                                                              \
+    extern "C" __global__ void top_k_sort_##S(const T* x, const unsigned* cand, T* values, long long* indices,     \
+                                              TopKGeom g) {                                                        \
+        topk_sort_impl<T>(x, cand, values, indices, g);                                                            \
+    }                                                                                                              \
     extern "C" __global__ void nms_candidates_##S(const T* scores, const unsigned char* valid,                   \
                                                   unsigned long long* keys, unsigned* state, NmsGeom g) {          \
         nms_candidates_impl<T>(scores, valid, keys, state, g);                                                     \
@@ -582,6 +749,10 @@ __device__ void roi_align_bwd_impl(const T* __restrict__ boxes, const int* __res
         roi_align_bwd_impl<T>(boxes, levels, dy, g);                                                               \
     }
 VITDET_FOR_EACH_FLOAT(DET_ENTRY)
+
+extern "C" __global__ void top_k_pick(TopKState* state, unsigned* hist, TopKGeom g, int pass) {
+    topk_pick_impl(state, hist, g, pass);
+}
 
 extern "C" __global__ void nms_mask(const float* sorted_boxes, const long long* sorted_groups, const unsigned* state,
                                     unsigned long long* mask, NmsGeom g, int row0) {
