@@ -217,6 +217,17 @@ fn tensor_core_backward_beit_bias_and_none() {
     }
 }
 
+/// A global block 64 tokens wide (`ww` equal to the kernels' 64-key tile: every key tile one row
+/// of the window), where the decomposed term's column part is read once per row: kept in
+/// registers by the forward, staged and added back by coalesced atomics in the backward.
+#[test]
+fn tensor_cores_rows_as_key_tiles() {
+    for dtype in [DType::F16, DType::BF16] {
+        check_tc(dtype, 16, [3, 64], [3, 64], WindowRelPos::Decomposed, true);
+        check_grad_tc(dtype, 16, [3, 64], [3, 64], WindowRelPos::Decomposed, true);
+    }
+}
+
 /// ViTDet-B/L's head dim, where the products' loops over 16-wide head-dim slices (Q K^T's
 /// k-steps, P V's and the backward's output tiles) run four times.
 #[test]

@@ -678,6 +678,10 @@ VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
 // padded keys' share of dbias through atomicAdd. Dynamic shared memory: see
 // `tc_bwd_shared_bytes` (Rust).
 #define TC_LDB (TC_BK + 1)  // row stride of the f32 dS tile: one thread per query row reads columns
+#define TC_BWD_THREADS (2 * TC_BQ)                          // threads of `wa_bwd_tc`
+#define TC_BWD_TILE_LOADS (TC_BQ * (HD / 8) / TC_BWD_THREADS)  // 16-byte loads per thread per tile
+#define TC_BWD_TILE_ROUND 4                                 // of which in flight at once
+#define TC_BWD_RELW_ROUND 16                                // relw loads in flight per thread
 
 // D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
 // grid ceil(rows / BQ), BQ threads.
@@ -748,39 +752,75 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     for (int i0 = 0; i0 < n; i0 += TC_BQ) {
         // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero), as
         // rows and transposed; consecutive threads take consecutive queries (see
-        // `tc_load_key_tile`).
-        for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
-            const int r = e % TC_BQ, d0 = e / TC_BQ * 8, i = i0 + r;
-            const T *q = nullptr, *d = nullptr;
-            if (i < n) {
-                const Tok qt = token(g, w, i);
-                if (qt.valid) {
-                    q = head_slice(qkv, bias, g, qt, 0, h);
-                    d = dout + token_row(g, qt, g.channels) + h * HD;
+        // `tc_load_key_tile`). The block holds too few warps (two per scheduler) to hide global
+        // loads one at a time, so they are issued in rounds of TC_BWD_TILE_ROUND, each before
+        // its shared-memory stores.
+#pragma unroll
+        for (int u0 = 0; u0 < TC_BWD_TILE_LOADS; u0 += TC_BWD_TILE_ROUND) {
+            vec16 qx[TC_BWD_TILE_ROUND], dx[TC_BWD_TILE_ROUND];
+#pragma unroll
+            for (int u = 0; u < TC_BWD_TILE_ROUND && u0 + u < TC_BWD_TILE_LOADS; ++u) {
+                const int e = tid + (u0 + u) * TC_BWD_THREADS;
+                const int r = e % TC_BQ, d0 = e / TC_BQ * 8, i = i0 + r;
+                const T *q = nullptr, *d = nullptr;
+                if (i < n) {
+                    const Tok qt = token(g, w, i);
+                    if (qt.valid) {
+                        q = head_slice(qkv, bias, g, qt, 0, h);
+                        d = dout + token_row(g, qt, g.channels) + h * HD;
+                    }
                 }
+                qx[u] = tc_load8(q, d0, vec);
+                dx[u] = tc_load8(d, d0, vec);
             }
-            const vec16 qx = tc_load8(q, d0, vec), dx = tc_load8(d, d0, vec);
-            store16(qs + r * TC_LDT + d0, qx);
-            store16(dos + r * TC_LDT + d0, dx);
-            tc_store8_t(qts, TC_LDQ, r, d0, qx);
-            tc_store8_t(dots, TC_LDQ, r, d0, dx);
+#pragma unroll
+            for (int u = 0; u < TC_BWD_TILE_ROUND && u0 + u < TC_BWD_TILE_LOADS; ++u) {
+                const int e = tid + (u0 + u) * TC_BWD_THREADS;
+                const int r = e % TC_BQ, d0 = e / TC_BQ * 8;
+                store16(qs + r * TC_LDT + d0, qx[u]);
+                store16(dos + r * TC_LDT + d0, dx[u]);
+                tc_store8_t(qts, TC_LDQ, r, d0, qx[u]);
+                tc_store8_t(dots, TC_LDQ, r, d0, dx[u]);
+            }
         }
-        for (int r = tid; r < TC_BQ; r += blockDim.x) {
-            const int i = i0 + r;
-            const bool valid = i < n && token(g, w, i).valid;
-            q_valid[r] = valid;
-            q_lse[r] = valid ? lse[rows0 + i] : 0.0f;
-            q_d[r] = valid ? dsum[rows0 + i] : 0.0f;
-            if (row_tiles) q_relh[r] = valid ? relh[(rows0 + i) * g.wh + j0 / g.ww] : 0.0f;
+        // The per-query values (threads 0 .. TC_BQ - 1, one query each).
+        bool valid = false;
+        float q_lse_v = 0.0f, q_d_v = 0.0f, q_relh_v = 0.0f;
+        if (tid < TC_BQ) {
+            const int i = i0 + tid;
+            valid = i < n && token(g, w, i).valid;
+            if (valid) {
+                q_lse_v = lse[rows0 + i];
+                q_d_v = dsum[rows0 + i];
+                if (row_tiles) q_relh_v = relh[(rows0 + i) * g.wh + j0 / g.ww];
+            }
+        }
+        if (tid < TC_BQ) {
+            q_valid[tid] = valid;
+            q_lse[tid] = q_lse_v;
+            q_d[tid] = q_d_v;
+            q_relh[tid] = q_relh_v;
         }
         // Where this block's keys are one whole row of the window (global attention at side
         // TC_BK), the tile's relw terms, read coalesced into the f32 dS tile that each element's
-        // dS then overwrites.
-        if (row_tiles)
-            for (int e = tid; e < TC_BQ * TC_BK; e += blockDim.x) {
-                const int r = e / TC_BK, kx = e % TC_BK, i = i0 + r;
-                dsf[r * TC_LDB + kx] = i < n ? relw[(rows0 + i) * g.ww + kx] : 0.0f;
+        // dS then overwrites; in rounds of TC_BWD_RELW_ROUND loads.
+        if (row_tiles) {
+#pragma unroll
+            for (int e0 = 0; e0 < TC_BQ * TC_BK; e0 += TC_BWD_RELW_ROUND * TC_BWD_THREADS) {
+                float v[TC_BWD_RELW_ROUND];
+#pragma unroll
+                for (int u = 0; u < TC_BWD_RELW_ROUND; ++u) {
+                    const int e = e0 + tid + u * TC_BWD_THREADS;
+                    const int r = e / TC_BK, kx = e % TC_BK, i = i0 + r;
+                    v[u] = i < n ? relw[(rows0 + i) * g.ww + kx] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < TC_BWD_RELW_ROUND; ++u) {
+                    const int e = e0 + tid + u * TC_BWD_THREADS;
+                    dsf[e / TC_BK * TC_LDB + e % TC_BK] = v[u];
+                }
             }
+        }
         __syncthreads();
 
         // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries.
