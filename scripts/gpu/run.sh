@@ -17,7 +17,8 @@
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
 #      in f16, with fused then eager attention (study_vitdet_l_{fused,eager}.txt);
 #   6. hardware counters (ncu) of the global attention backward and the top-k kernels;
-#   7. the op table and a training step in f32, if the budget allows.
+#   7. the op table and a training step in f32, and vitdet-l's, vit-b's and vit-l's steps in
+#      bf16, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
 #
 # The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
@@ -156,9 +157,15 @@ if [ -n "$NCU" ]; then
     done
 fi
 
-# 7. What the budget leaves: f32.
+# 7. What the budget leaves: f32, and the other models' steps in bf16.
 ops f32 90
 e2e train f32 3 120
+for model in vitdet-l vit-b vit-l; do
+    for mode in infer train; do
+        step "e2e_${model}_${mode}_bf16" 90 "$V" bench --device cuda --model "$model" --image-size 1024 \
+            --mode "$mode" --dtype bf16 --iters 5 --warmup 1 --format json --out "$OUT/e2e_${model}_${mode}_bf16.json"
+    done
+done
 
 python3 scripts/gpu/summary.py "$OUT" >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

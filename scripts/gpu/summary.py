@@ -64,11 +64,15 @@ def main():
             if "error" in r:
                 print(f"torch {r['name']} {r['dtype']}: {r['error'][:200]}")
 
-    print("\n== end to end, vitdet-b at 1024")
-    for mode, dtype in (("infer", "bf16"), ("train", "bf16"), ("train", "f32")):
-        r = load(os.path.join(out, f"e2e_{mode}_{dtype}.json"))
+    print("\n== end to end at 1024 (vitdet-b unless named)")
+    runs = [("", "infer", "bf16"), ("", "train", "bf16"), ("", "train", "f32")]
+    runs += [(f"{m}_", mode, "bf16") for m in ("vitdet-l", "vit-b", "vit-l") for mode in ("infer", "train")]
+    for model, mode, dtype in runs:
+        name = f"e2e_{model}{mode}_{dtype}"
+        r = load(os.path.join(out, f"{name}.json"))
+        mode = f"{model.rstrip('_')} {mode}".strip()
         if r is None:
-            print(f"{mode} {dtype}: no result (see logs/e2e_{mode}_{dtype}.log)")
+            print(f"{mode} {dtype}: no result (see logs/{name}.log)")
             continue
         gib = lambda b: "-" if b is None else f"{b / 2**30:.2f} GiB"
         print(
