@@ -681,7 +681,7 @@ VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
 #define TC_BWD_THREADS (2 * TC_BQ)                          // threads of `wa_bwd_tc`
 #define TC_BWD_TILE_LOADS (TC_BQ * (HD / 8) / TC_BWD_THREADS)  // 16-byte loads per thread per tile
 #define TC_BWD_TILE_ROUND 4                                 // of which in flight at once
-#define TC_BWD_RELW_ROUND 16                                // relw loads in flight per thread
+#define TC_BWD_RELW_ROUND 32                                // relw loads in flight per thread (all)
 
 // D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
 // grid ceil(rows / BQ), BQ threads.
@@ -783,27 +783,18 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 tc_store8_t(dots, TC_LDQ, r, d0, dx[u]);
             }
         }
-        // The per-query values (threads 0 .. TC_BQ - 1, one query each).
-        bool valid = false;
-        float q_lse_v = 0.0f, q_d_v = 0.0f, q_relh_v = 0.0f;
-        if (tid < TC_BQ) {
-            const int i = i0 + tid;
-            valid = i < n && token(g, w, i).valid;
-            if (valid) {
-                q_lse_v = lse[rows0 + i];
-                q_d_v = dsum[rows0 + i];
-                if (row_tiles) q_relh_v = relh[(rows0 + i) * g.wh + j0 / g.ww];
-            }
-        }
-        if (tid < TC_BQ) {
-            q_valid[tid] = valid;
-            q_lse[tid] = q_lse_v;
-            q_d[tid] = q_d_v;
-            q_relh[tid] = q_relh_v;
+        for (int r = tid; r < TC_BQ; r += blockDim.x) {
+            const int i = i0 + r;
+            const bool valid = i < n && token(g, w, i).valid;
+            q_valid[r] = valid;
+            q_lse[r] = valid ? lse[rows0 + i] : 0.0f;
+            q_d[r] = valid ? dsum[rows0 + i] : 0.0f;
+            if (row_tiles) q_relh[r] = valid ? relh[(rows0 + i) * g.wh + j0 / g.ww] : 0.0f;
         }
         // Where this block's keys are one whole row of the window (global attention at side
         // TC_BK), the tile's relw terms, read coalesced into the f32 dS tile that each element's
-        // dS then overwrites; in rounds of TC_BWD_RELW_ROUND loads.
+        // dS then overwrites; loads first, as above. (Hoisting the per-query values above the
+        // tile loads as well makes ptxas spill.)
         if (row_tiles) {
 #pragma unroll
             for (int e0 = 0; e0 < TC_BQ * TC_BK; e0 += TC_BWD_RELW_ROUND * TC_BWD_THREADS) {
