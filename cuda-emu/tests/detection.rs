@@ -110,25 +110,18 @@ fn top_k_multi_block_20000_scores_with_duplicates() {
     }
 }
 
+/// The same rows on one block per row (their length would take the multi-block kernels).
 #[test]
 fn top_k_20000_scores_with_duplicates() {
-    let mut rng = Rng(7);
-    let n = 20_000;
-    let mut data = duplicated_scores(&mut rng, n);
-    // A second row where one value fills most of the row, so the k-th score is shared by
-    // thousands of entries and the tie-break passes pick the lowest indices.
-    data.extend((0..n).map(|i| if i % 50 == 0 { rng.uniform() + 1.0 } else { 0.5 }));
-    // A third row of mostly NaN: the selection reaches into the NaNs (ordered by index).
-    data.extend((0..n).map(|i| if i % 50 == 0 { rng.uniform() } else { f32::NAN }));
-    let x = Tensor::from_vec(data, (3, n), &Device::Cpu).unwrap();
-    check_top_k(&x, 1000);
+    let x = three_rows(&mut Rng(7));
+    check_top_k_on(&x, 1000, |op, x| detection::top_k_chunked(op, x, 0).unwrap());
 }
 
 #[test]
 fn top_k_long_row_takes_the_multi_block_path() {
-    // Past TOPK_LONG_ROW (65,536) a row runs on the multi-block kernels (the sort on 1024
-    // threads): the RPN's P2 level at 1024 px has 196,608 scores; 70,000 with the RPN's k of
-    // 2000 exercise the same path in the emulator.
+    // Past TOPK_MULTI_BLOCK_ROW a row runs on the multi-block kernels, past TOPK_LONG_ROW
+    // (65,536) with the sort on 1024 threads: the RPN's P2 level at 1024 px has 196,608 scores;
+    // 70,000 with the RPN's k of 2000 exercise the same path in the emulator.
     let n = 70_000;
     assert!(n > vitdet_runtime::cuda::detection::TOPK_LONG_ROW);
     let mut rng = Rng(13);

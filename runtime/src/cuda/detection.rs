@@ -3,7 +3,7 @@
 //! [`crate::kernels::detection`] (see each part for what differs in rounding).
 //!
 //! - `top_k`: one launch, one block per row (radix select, compaction, bitonic sort in shared
-//!   memory); rows over [`TOPK_LONG_ROW`] the same steps over chunks of the row on many blocks
+//!   memory); rows over [`TOPK_MULTI_BLOCK_ROW`] the same steps over chunks of the row on many blocks
 //!   (`top_k_hist` and `top_k_pick` per radix pass, `top_k_compact`, `top_k_sort`). Values and
 //!   indices are exactly the CPU kernel's, ties by lower index. `k` is limited to
 //!   [`TOPK_SORT_MAX`] (the shared sort buffer).
@@ -41,10 +41,13 @@ pub const TOPK_SORT_MAX: usize = 4096;
 /// Histogram bins of a radix pass (`TOPK_BINS` in the source).
 pub const TOPK_BINS: usize = 2048;
 /// Rows longer than this get 1024 threads per block instead of 256 (one block reads the whole
-/// row several times; more threads keep more loads in flight), and run on the multi-block
-/// kernels in chunks of `TOPK_CHUNK`: one block per row left all but one SM idle (the RPN's
-/// top-2000 of 196,608 scores took 0.36 ms on an H200, PyTorch's 0.09 ms).
+/// row several times; more threads keep more loads in flight).
 pub const TOPK_LONG_ROW: usize = 65_536;
+/// Rows longer than this (eight chunks) run on the multi-block kernels in chunks of
+/// `TOPK_CHUNK`: one block per row left all but one SM idle (the RPN's top-2000 of 196,608
+/// scores took 0.36 ms on an H200, PyTorch's 0.09 ms). At 1024 px the RPN's two finest levels
+/// (196,608 and 49,152 scores) take them.
+pub const TOPK_MULTI_BLOCK_ROW: usize = 8 * TOPK_CHUNK;
 /// Elements per block of the multi-block top-k: 256 threads with eight loads in flight each.
 pub const TOPK_CHUNK: usize = 2048;
 /// Threads per block of the multi-block top-k's histogram, pick and compaction kernels.
@@ -90,7 +93,7 @@ impl TopKGeom {
             k: k as i32,
             sort_size: k.next_power_of_two() as i32,
             index_bits: (usize::BITS - (n - 1).leading_zeros()) as i32,
-            chunk: if n > TOPK_LONG_ROW { TOPK_CHUNK as i32 } else { 0 },
+            chunk: if n > TOPK_MULTI_BLOCK_ROW { TOPK_CHUNK as i32 } else { 0 },
         })
     }
 
