@@ -12,6 +12,7 @@ use std::ffi::c_void;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
 pub mod adamw;
+pub mod binary;
 pub mod detection;
 pub mod gelu;
 pub mod im2col;

@@ -7,6 +7,8 @@
 //! a few ulps and one or two roundings per element. f16 1e-3 and bf16 8e-3: the f32 result
 //! rounded once to the half type (relative error at most 2^-11 and 2^-8 per element, about
 //! half that in RMS): the bounds are about twice the worst case.
+//!
+//! Also the broadcasting binary kernels, the other elementwise family (exact bits).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -52,5 +54,41 @@ fn mlp_activation_f32_f16_bf16() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         check(&[4096, 3072], dtype, &dev);
         check(&[7, 33], dtype, &dev);
+    }
+}
+
+/// Broadcasting add, sub, mul and div (`cuda::binary`) on the GPU against candle's CPU ops, in
+/// the eager attention's rel-pos add shapes (at a quarter of the global block's side) and a
+/// channel bias: each element is one f32 operation rounded once on both sides, so the bits
+/// must agree (NaN as NaN).
+#[test]
+fn broadcasting_binary_ops_equal_the_cpu() {
+    use vitdet_ir::ops::{Binary, BinaryKind};
+    use vitdet_runtime::kernels::elementwise::binary;
+    let Some(dev) = common::cuda_device() else { return };
+    let mut rng = TestRng::new(21);
+    let shapes: [(&[usize], &[usize]); 3] = [
+        (&[4, 16, 16, 16, 16], &[4, 16, 16, 16, 1]),
+        (&[4, 16, 16, 16, 16], &[4, 16, 16, 1, 16]),
+        (&[2, 256, 32, 32], &[1, 256, 1, 1]),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (da, db) in shapes {
+            let a = Nd::randn(da, &mut rng, 1.0, 0.0).tensor_as(dtype);
+            let b = Nd::randn(db, &mut rng, 1.0, 0.0).tensor_as(dtype);
+            for kind in [BinaryKind::Add, BinaryKind::Sub, BinaryKind::Mul, BinaryKind::Div] {
+                let op = Binary { kind };
+                let want = binary(&op, &a, &b).unwrap();
+                let got = binary(&op, &a.to_device(&dev).unwrap(), &b.to_device(&dev).unwrap()).unwrap();
+                assert!(got.device().is_cuda());
+                let (g, w) = (Nd::from_tensor(&got), Nd::from_tensor(&want));
+                let same = g
+                    .data
+                    .iter()
+                    .zip(&w.data)
+                    .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
+                assert!(same, "{dtype:?} {da:?} {kind:?} {db:?}: the GPU differs from the CPU");
+            }
+        }
     }
 }

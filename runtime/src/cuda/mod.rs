@@ -8,6 +8,7 @@
 //! compiles, caches and launches them on candle CUDA tensors.
 
 pub mod adamw;
+pub mod binary;
 #[cfg(feature = "cuda")]
 pub mod cudnn;
 pub mod detection;
@@ -33,6 +34,7 @@ pub fn modules() -> Vec<sources::Module> {
         window_attention::module_for_head_dim(64).for_dtype(candle_core::DType::BF16),
         window_attention::module_for_head_dim(80).for_dtype(candle_core::DType::F16),
         detection::module(),
+        binary::module(),
         gelu::module(),
         im2col::module(),
         softmax::module(),
@@ -47,6 +49,7 @@ pub fn runtime_modules(head_dims: &[usize]) -> Vec<sources::Module> {
     use candle_core::DType;
     let mut modules = vec![adamw::module(), detection::module()];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
+        modules.push(binary::module().for_dtype(dtype));
         modules.push(gelu::module().for_dtype(dtype));
         modules.push(im2col::module().for_dtype(dtype));
         modules.push(norm::module().for_dtype(dtype));

@@ -91,6 +91,10 @@ pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tenso
 /// `a (op) b` with NumPy broadcasting (candle's `broadcast_*`, which use the plain kernels when
 /// the shapes already agree).
 pub fn binary(op: &Binary, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::cuda::binary::run::binary(op.kind, a, b)? {
+        return Ok(y);
+    }
     Ok(match op.kind {
         BinaryKind::Add => a.broadcast_add(b)?,
         BinaryKind::Sub => a.broadcast_sub(b)?,
