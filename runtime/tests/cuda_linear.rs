@@ -63,7 +63,7 @@ fn offset_views_and_empty_inputs() {
 
 /// `reduce_sum` in the shapes of the training step's bias gradients (a linear's `[4096, 768]`
 /// over rows, a pyramid conv's `[1, 256, 64, 64]` and the mask head's `[128, 256, 14, 14]` over
-/// all but channels, and a leading-and-trailing mix), GPU against CPU. Both accumulate in
+/// all but channels, a leading-and-trailing mix, and a middle axis), GPU against CPU. Both accumulate in
 /// f32 and round once: relative L2 1e-5 for f32 (the summation orders differ over up to 25,088
 /// terms; an f32 running sum of K terms drifts by about sqrt(K) 2^-24 of their magnitude, 1e-5
 /// at K = 25,088; measured 1.7e-6 on an H200 at K = 12,288), 2^-8 for bf16 (one rounding of
@@ -74,11 +74,13 @@ fn bias_gradient_sums_match_the_cpu() {
     use vitdet_runtime::kernels::reduce::reduce_sum;
     let Some(dev) = common::cuda_device() else { return };
     let mut rng = TestRng::new(8);
-    let cases: [(&[usize], &[usize], bool); 4] = [
+    let cases: [(&[usize], &[usize], bool); 5] = [
         (&[4096, 768], &[0], false),
         (&[1, 256, 64, 64], &[0, 2, 3], false),
         (&[128, 256, 14, 14], &[0, 2, 3], true),
         (&[3, 4096, 64], &[0, 1], false),
+        // The eager attention's rel-pos gradient (a middle axis: one batched product).
+        (&[4, 16, 16, 16, 16], &[3], true),
     ];
     for (dims, axes, keepdim) in cases {
         let x = Nd::randn(dims, &mut rng, 1.0, 0.1);

@@ -35,10 +35,10 @@ pub fn reduce_sum(op: &ReduceSum, x: &Tensor) -> KernelResult<Tensor> {
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let form = SumForm::of(&dims, &op.axes);
-    let y = match form {
-        Some(form) if x.device().is_cuda() && x.is_contiguous() && x.elem_count() > 0 => {
-            form.sum_by_matmul(x)?.reshape(keep_dims(&dims, &op.axes))?
-        }
+    let on_gpu = x.device().is_cuda() && x.is_contiguous() && x.elem_count() > 0;
+    let y = match (form, middle_run(&dims, &op.axes)) {
+        (Some(form), _) if on_gpu => form.sum_by_matmul(x)?.reshape(keep_dims(&dims, &op.axes))?,
+        (None, Some(run)) if on_gpu => middle_sum_by_matmul(x, run)?.reshape(keep_dims(&dims, &op.axes))?,
         _ => sum_in(x.to_dtype(acc)?, form, &dims, &op.axes)?.to_dtype(dtype)?,
     };
     Ok(if op.keepdim {
@@ -61,6 +61,25 @@ fn sum_in(x: Tensor, form: Option<SumForm>, dims: &[usize], axes: &[usize]) -> c
         }
         _ => x.sum_keepdim(axes.to_vec())?,
     })
+}
+
+/// `[outer, summed, inner]` where `axes` are one run of dims with kept dims on both sides (the
+/// eager attention's rel-pos gradient sums `[12, 64, 64, 64, 64]` over axis 3).
+fn middle_run(dims: &[usize], axes: &[usize]) -> Option<(usize, usize, usize)> {
+    let (first, last) = (*axes.first()?, *axes.last()?);
+    if last - first + 1 != axes.len() || first == 0 || last + 1 >= dims.len() {
+        return None;
+    }
+    let size = |r: std::ops::Range<usize>| dims[r].iter().product::<usize>();
+    Some((size(0..first), size(first..last + 1), size(last + 1..dims.len())))
+}
+
+/// The sum over the middle of contiguous `x [outer, summed, inner]` as one batched product
+/// with a ones row (shared by every batch: stride 0), in `x`'s dtype with f32 accumulation and
+/// one rounding (see [`SumForm::sum_by_matmul`]); flat, `outer * inner` values.
+fn middle_sum_by_matmul(x: &Tensor, (outer, summed, inner): (usize, usize, usize)) -> candle_core::Result<Tensor> {
+    let ones = Tensor::ones((1, 1, summed), x.dtype(), x.device())?.broadcast_as((outer, 1, summed))?;
+    ones.matmul(&x.reshape((outer, summed, inner))?)?.flatten_all()
 }
 
 /// `dims` with the `axes` set to 1.
@@ -242,5 +261,34 @@ mod tests {
                 "{dims:?} {axes:?}"
             );
         }
+    }
+    /// The middle-run product (the GPU path of sums with kept dims on both sides), run on the
+    /// CPU, gives candle's sums exactly (small integers); other axes have no middle run.
+    #[test]
+    fn middle_sums_by_matmul_are_the_sums() {
+        for (dims, axes) in [
+            (&[2, 3, 4, 5, 6][..], &[3][..]),
+            (&[4, 3, 5], &[1]),
+            (&[2, 3, 4, 5], &[1, 2]),
+        ] {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 13) % 11) as f32 - 5.0).collect();
+            let x = Tensor::from_vec(v, dims, &Device::Cpu).unwrap();
+            assert!(SumForm::of(dims, axes).is_none(), "{dims:?} {axes:?} has a form");
+            let run = middle_run(dims, axes).expect("a middle run");
+            let ours = middle_sum_by_matmul(&x, run)
+                .unwrap()
+                .reshape(keep_dims(dims, axes))
+                .unwrap();
+            let want = x.sum_keepdim(axes.to_vec()).unwrap();
+            assert_eq!(
+                super::super::f64_values(&ours),
+                super::super::f64_values(&want),
+                "{dims:?} {axes:?}"
+            );
+        }
+        assert_eq!(middle_run(&[2, 3, 4], &[0]), None);
+        assert_eq!(middle_run(&[2, 3, 4], &[2]), None);
+        assert_eq!(middle_run(&[2, 3, 4, 5], &[1, 3]), None);
     }
 }
