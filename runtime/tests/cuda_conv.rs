@@ -2,8 +2,8 @@
 //! where it loads), against the CPU kernels on the same random inputs: the 3x3 "same"
 //! convolution of the pyramid and heads (one large map, and a batch of RoI-sized maps), its
 //! weight gradient, and its input gradient (a transposed convolution), plus strided, dilated
-//! and asymmetric attributes, and a strided one whose input gradient needs an output padding. Runs where a GPU exists; skipped, saying so,
-//! elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
+//! and asymmetric attributes, and a strided one whose input gradient needs an output padding.
+//! Runs where a GPU exists; skipped, saying so, elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
 //! Also the pyramid's max-pool gradients (device tensor ops where windows do not overlap),
 //! which select and copy, so they must equal the CPU's exactly.
 //!

@@ -49,7 +49,8 @@ STATUS=$OUT/status.tsv
 
 # pack: the results so far into $FINAL_OUT/results.tar.gz, replaced whole.
 pack() {
-    tar -C "$OUT" -czf "$FINAL_OUT/results.tar.gz.part" . && mv "$FINAL_OUT/results.tar.gz.part" "$FINAL_OUT/results.tar.gz"
+    local part=$FINAL_OUT/results.tar.gz.part
+    tar -C "$OUT" -czf "$part" . && mv "$part" "$FINAL_OUT/results.tar.gz"
 }
 
 # step NAME LIMIT_S CMD...: CMD under timeout, at most LIMIT_S and what is left of the budget;
@@ -99,7 +100,8 @@ for t in carry/tests/*.xz; do
     [ -e "$t" ] || continue
     name=$(basename "$t" .xz)
     xz -dc "$t" >"$BIN/$name" && chmod +x "$BIN/$name"
-    STEP_IN_BACKGROUND=1 step "test_$name" 150 bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
+    STEP_IN_BACKGROUND=1 step "test_$name" 150 \
+        bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
 done
 wait
 pack
