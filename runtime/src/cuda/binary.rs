@@ -1,9 +1,10 @@
 //! Broadcasting add, sub, mul and div on CUDA (`kernels/binary.cu`): both operands contiguous,
 //! read through broadcast strides into a contiguous output, every dtype computed in f32 and
 //! rounded once. candle's CUDA kernel for broadcast operands divides the element index by every
-//! dim in 64-bit arithmetic; on the eager attention's decomposed rel-pos adds
-//! (`[12, 64, 64, 64, 64] + [12, 64, 64, 64, 1]`) it ran at a tenth of PyTorch's speed. The
-//! geometry is computed here for both the CUDA path and the host emulator.
+//! dim in 64-bit arithmetic; on the eager attention's decomposed rel-pos add
+//! (`[12, 64, 64, 64, 64] + [12, 64, 64, 64, 1]`, bf16) it took 8.93 ms on an H100 where
+//! PyTorch took 1.06 ms. The geometry is computed here for both the CUDA path and the host
+//! emulator.
 
 use vitdet_ir::ops::BinaryKind;
 
