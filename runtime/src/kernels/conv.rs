@@ -14,16 +14,17 @@
 //! `[C*kh*kw, positions]` order, so one cuBLAS GEMM per tile yields NCHW directly, where
 //! candle's CUDA convolution gathers `[positions, C*kh*kw]` columns with scattered reads and
 //! transposes its product. 1x1 stride-1 convolutions of a few images are one GEMM per image
-//! (`pointwise_conv`). Transposed
+//! (`pointwise_conv`), and off the CPU so is the weight gradient of one image's
+//! (`pointwise_grad_weight`). Transposed
 //! convolutions (the input gradients of every `conv2d` in training) never use candle's CPU
 //! kernel, a direct loop 10-25x slower (`deconv_cpu`): stride 1 runs as the flipped-kernel
 //! convolution on the im2col path, every other attribute set as `w^T @ x` per tile plus a
 //! col2im scatter-add. Other devices never use candle's `conv_transpose2d` either (on CUDA it is
 //! a direct loop kernel): they lower it to a convolution (`conv_transpose2d_portable`).
 //!
-//! On CUDA, where cuDNN loads (`cuda::cudnn`), it runs every weight gradient and every
-//! convolution and transposed convolution but the GEMM-shaped ones below (1x1, patchify and
-//! unpatchify); the im2col paths serve CUDA machines without cuDNN.
+//! On CUDA, where cuDNN loads (`cuda::cudnn`), it runs every weight gradient (but a 1x1 one of
+//! one image) and every convolution and transposed convolution but the GEMM-shaped ones below
+//! (1x1, patchify and unpatchify); the im2col paths serve CUDA machines without cuDNN.
 //!
 //! Two fast paths turn "patchify" layers into a single gemm:
 //! * `conv2d` with kernel == stride, no padding, no dilation, one group (ViT patch embedding):
