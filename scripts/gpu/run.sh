@@ -154,6 +154,7 @@ if [ -n "$NCU" ]; then
         set -- $k
         step "ncu_$1" 60 "$NCU" --clock-control none -k "regex:$2" -c 1 --section SpeedOfLight \
             --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+            --section SchedulerStats --section SourceCounters \
             "$V" bench --device cuda --ops --only "$1" --dtype bf16 --iters 1 --warmup 0 --format json \
             --out "$OUT/ncu_$1.json"
     done
