@@ -40,6 +40,8 @@ fn fits(what: &str, v: usize) -> Result<i32, String> {
 pub const TOPK_SORT_MAX: usize = 4096;
 /// Histogram bins of a radix pass (`TOPK_BINS` in the source).
 pub const TOPK_BINS: usize = 2048;
+/// Bits of a radix pass (`TOPK_RADIX_BITS` in the source).
+const TOPK_RADIX_BITS: i32 = TOPK_BINS.trailing_zeros() as i32;
 /// Rows longer than this get 1024 threads per block instead of 256 (one block reads the whole
 /// row several times; more threads keep more loads in flight).
 pub const TOPK_LONG_ROW: usize = 65_536;
@@ -112,9 +114,10 @@ impl TopKGeom {
     }
 
     /// Radix passes of the multi-block kernels: three over the score key, then as many over the
-    /// tie key as its bits need (each does nothing unless ties must be broken).
+    /// tie key as its bits need (each does nothing unless ties must be broken); `topk_passes` in
+    /// the source.
     pub fn passes(&self) -> i32 {
-        3 + (self.index_bits + TOPK_BINS.trailing_zeros() as i32 - 1) / TOPK_BINS.trailing_zeros() as i32
+        3 + (self.index_bits + TOPK_RADIX_BITS - 1) / TOPK_RADIX_BITS
     }
 
     /// `top_k_hist` and `top_k_compact`: one block per chunk of each row.

@@ -125,6 +125,70 @@ __device__ __forceinline__ void topk_for_each_key(const T* __restrict__ xr, int 
     }
 }
 
+// The radix selection's state for one row: the bits of the k-th largest score key found so far
+// and, where more elements share that key than are needed, of the smallest tie key n - 1 - index
+// taken. `topk_row` keeps it in registers, the multi-block kernels in global memory.
+struct TopKState {
+    unsigned prefix, mask, remaining, ties;  // the k-th largest key's bits found so far
+    unsigned tie_select;                     // more elements share that key than are needed
+    unsigned tprefix, tmask;                 // the smallest taken tie key's bits found so far
+    unsigned count;                          // entries compacted (multi-block kernels)
+};
+
+// Radix passes of a row: three over the score key, then as many over the tie key as its bits need.
+__device__ __forceinline__ int topk_passes(const TopKGeom& g) {
+    return 3 + (g.index_bits + TOPK_RADIX_BITS - 1) / TOPK_RADIX_BITS;
+}
+
+// What radix pass `pass` counts: passes 0-2 the score key's 11 / 11 / 10 bits, then the tie key
+// n - 1 - index from its top bit, TOPK_RADIX_BITS at a time. False when it has nothing to do.
+__device__ __forceinline__ bool topk_pass(const TopKState& s, const TopKGeom& g, int pass, bool* tie, int* shift,
+                                          int* bins) {
+    *tie = pass >= 3;
+    if (!*tie) {
+        *shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        *bins = pass == 2 ? 1024 : TOPK_BINS;
+        return true;
+    }
+    const int top = g.index_bits - (pass - 3) * TOPK_RADIX_BITS;
+    if (!s.tie_select || top <= 0) return false;
+    const int width = imin(TOPK_RADIX_BITS, top);
+    *shift = top - width;
+    *bins = 1 << width;
+    return true;
+}
+
+// The bin element `i` of the row (score key `key`) counts in during a pass, or -1.
+__device__ __forceinline__ int topk_bin(const TopKState& s, const TopKGeom& g, bool tie, int shift, int bins, int i,
+                                        unsigned key) {
+    const unsigned top = (unsigned)(bins - 1);
+    if (!tie) return (key & s.mask) == s.prefix ? (int)((key >> shift) & top) : -1;
+    const unsigned t = (unsigned)(g.n - 1 - i);
+    return (t & s.tmask) == s.tprefix && key == s.prefix ? (int)((t >> shift) & top) : -1;
+}
+
+// The state after a pass picked bin `digit`, with `above` counted elements in higher bins and
+// `in_bin` in it.
+__device__ __forceinline__ void topk_advance(TopKState& s, int pass, bool tie, int shift, int bins, unsigned digit,
+                                             unsigned above, unsigned in_bin) {
+    const unsigned field = (unsigned)(bins - 1) << shift;
+    s.remaining -= above;
+    if (!tie) {
+        s.prefix |= digit << shift;
+        s.mask |= field;
+        s.ties = in_bin;  // elements whose key equals the k-th largest, after the last key pass
+        if (pass == 2) s.tie_select = s.ties > s.remaining;
+    } else {
+        s.tprefix |= digit << shift;
+        s.tmask |= field;
+    }
+}
+
+// Whether element `i` (score key `key`) is among the k selected, once every pass has run.
+__device__ __forceinline__ bool topk_taken(const TopKState& s, const TopKGeom& g, int i, unsigned key) {
+    return key > s.prefix || (key == s.prefix && (!s.tie_select || (unsigned)(g.n - 1 - i) >= s.tprefix));
+}
+
 template <class T>
 __device__ void topk_sort_write(unsigned* skey, unsigned* sidx, const T* __restrict__ xr, T* __restrict__ values,
                                 long long* __restrict__ indices, const TopKGeom& g, long long row);
@@ -144,49 +208,24 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
     const long long row = blockIdx.x;
     const T* xr = x + row * g.n;
 
-    // Phase 1: the k-th largest score key `key_k`, 11 + 11 + 10 bits.
-    unsigned prefix = 0, mask = 0, remaining = (unsigned)g.k, ties = 0;
-    for (int pass = 0; pass < 3; ++pass) {
-        const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-        const int bins = pass == 2 ? 1024 : TOPK_BINS;
+    // The k-th largest score key, 11 + 11 + 10 bits; where more elements share it than are
+    // needed, the lowest indices among them: the `remaining`-th largest tie key n - 1 - i.
+    TopKState s = {};
+    s.remaining = (unsigned)g.k;
+    for (int pass = 0; pass < topk_passes(g); ++pass) {
+        bool tie;
+        int shift, bins;
+        if (!topk_pass(s, g, pass, &tie, &shift, &bins)) continue;
         for (int b = t; b < bins; b += nt) hist[b] = 0;
         __syncthreads();
-        topk_for_each_key(xr, g.n, [&](int, unsigned key) {
-            if ((key & mask) == prefix) det_atomic_add(&hist[(key >> shift) & (unsigned)(bins - 1)], 1u);
+        topk_for_each_key(xr, g.n, [&](int i, unsigned key) {
+            const int b = topk_bin(s, g, tie, shift, bins, i, key);
+            if (b >= 0) det_atomic_add(&hist[b], 1u);
         });
         __syncthreads();
-        topk_pick_bin(hist, sums, bins, remaining, &s_digit, &s_above);
-        prefix |= s_digit << shift;
-        mask |= (unsigned)(bins - 1) << shift;
-        remaining -= s_above;
-        ties = hist[s_digit];  // elements whose key equals key_k
-        __syncthreads();       // hist is cleared by the next pass
-    }
-    const unsigned key_k = prefix;
-
-    // Phase 2: `remaining` of the `ties` elements with key_k are taken, lowest indices first:
-    // the `remaining`-th largest tie key n - 1 - i among them, over `index_bits` bits.
-    unsigned tie_min = 0;
-    if (ties > remaining) {
-        unsigned tprefix = 0, tmask = 0;
-        for (int top = g.index_bits; top > 0; top -= TOPK_RADIX_BITS) {
-            const int width = imin(TOPK_RADIX_BITS, top), shift = top - width;
-            const int bins = 1 << width;
-            for (int b = t; b < bins; b += nt) hist[b] = 0;
-            __syncthreads();
-            topk_for_each_key(xr, g.n, [&](int i, unsigned key) {
-                const unsigned tie = (unsigned)(g.n - 1 - i);
-                if ((tie & tmask) == tprefix && key == key_k)
-                    det_atomic_add(&hist[(tie >> shift) & (unsigned)(bins - 1)], 1u);
-            });
-            __syncthreads();
-            topk_pick_bin(hist, sums, bins, remaining, &s_digit, &s_above);
-            tprefix |= s_digit << shift;
-            tmask |= (unsigned)(bins - 1) << shift;
-            remaining -= s_above;
-            __syncthreads();
-        }
-        tie_min = tprefix;
+        topk_pick_bin(hist, sums, bins, s.remaining, &s_digit, &s_above);
+        topk_advance(s, pass, tie, shift, bins, s_digit, s_above, hist[s_digit]);
+        __syncthreads();  // hist is cleared by the next pass
     }
 
     // Compaction of exactly k elements (any order: the sort orders them), then padding that
@@ -194,7 +233,7 @@ __device__ void topk_row(const T* __restrict__ x, T* __restrict__ values, long l
     if (t == 0) s_count = 0;
     __syncthreads();
     topk_for_each_key(xr, g.n, [&](int i, unsigned key) {
-        if (key > key_k || (key == key_k && (unsigned)(g.n - 1 - i) >= tie_min)) {
+        if (topk_taken(s, g, i, key)) {
             const unsigned p = det_atomic_add(&s_count, 1u);
             if (p < (unsigned)g.k) {  // always, unless the selection above is wrong
                 skey[p] = key;
@@ -244,36 +283,12 @@ __device__ void topk_sort_write(unsigned* skey, unsigned* sidx, const T* __restr
 }
 
 // Multi-block top-k, for rows long enough that one block per row leaves the GPU idle
-// (g.chunk > 0; the RPN's 196,608 scores at 1024). The same selection and order as `topk_row`:
-// each radix pass is a histogram over chunks of g.chunk elements (`topk_hist`, grid (chunks,
-// rows)) added into a global per-row histogram, from which one block per row picks the bin
-// (`topk_pick`); the selected k are compacted by the chunks (`topk_compact`) and sorted by
-// one block per row (`topk_sort`). The per-row state is zero-filled by the caller, as are the
-// histograms (each pick clears its row's after reading it).
-struct TopKState {
-    unsigned prefix, mask, remaining, ties;  // the k-th largest key's bits found so far
-    unsigned tie_select;                     // more elements share that key than are needed
-    unsigned tprefix, tmask;                 // the smallest taken tie key's bits found so far
-    unsigned count;                          // entries compacted
-};
-
-// What radix pass `pass` counts: passes 0-2 the score key's 11 / 11 / 10 bits, then the tie key
-// n - 1 - index from its top bit, TOPK_RADIX_BITS at a time. False when it has nothing to do.
-__device__ __forceinline__ bool topk_pass(const TopKState& s, const TopKGeom& g, int pass, bool* tie, int* shift,
-                                          int* bins) {
-    *tie = pass >= 3;
-    if (!*tie) {
-        *shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-        *bins = pass == 2 ? 1024 : TOPK_BINS;
-        return true;
-    }
-    const int top = g.index_bits - (pass - 3) * TOPK_RADIX_BITS;
-    if (!s.tie_select || top <= 0) return false;
-    const int width = imin(TOPK_RADIX_BITS, top);
-    *shift = top - width;
-    *bins = 1 << width;
-    return true;
-}
+// (g.chunk > 0; the RPN's 196,608 scores at 1024). The same passes, selection and order as
+// `topk_row`: each radix pass is a histogram over chunks of g.chunk elements (`topk_hist`, grid
+// (chunks, rows)) added into a global per-row histogram, from which one block per row picks the
+// bin (`topk_pick`); the selected k are compacted by the chunks (`topk_compact`) and sorted by
+// one block per row (`topk_sort`). The per-row state lives in global memory, zero-filled by the
+// caller, as are the histograms (each pick clears its row's after reading it).
 
 // Dynamic shared memory: TOPK_BINS counters.
 template <class T>
@@ -288,14 +303,9 @@ __device__ void topk_hist_impl(const T* __restrict__ x, const TopKState* state, 
     for (int b = threadIdx.x; b < bins; b += blockDim.x) counts[b] = 0;
     __syncthreads();
     const int i0 = blockIdx.x * g.chunk;
-    const unsigned top = (unsigned)(bins - 1);
     topk_for_each_key(x + row * g.n + i0, imin(g.chunk, g.n - i0), [&](int i, unsigned key) {
-        if (!tie) {
-            if ((key & s.mask) == s.prefix) det_atomic_add(&counts[(key >> shift) & top], 1u);
-        } else {
-            const unsigned t = (unsigned)(g.n - 1 - (i0 + i));
-            if ((t & s.tmask) == s.tprefix && key == s.prefix) det_atomic_add(&counts[(t >> shift) & top], 1u);
-        }
+        const int b = topk_bin(s, g, tie, shift, bins, i0 + i, key);
+        if (b >= 0) det_atomic_add(&counts[b], 1u);
     });
     __syncthreads();
     for (int b = threadIdx.x; b < bins; b += blockDim.x)
@@ -315,18 +325,7 @@ __device__ void topk_pick_impl(TopKState* state, unsigned* hist, TopKGeom g, int
     unsigned* h = hist + row * TOPK_BINS;
     topk_pick_bin(h, sums, bins, s.remaining, &s_digit, &s_above);
     if (threadIdx.x == 0) {
-        const unsigned field = (unsigned)(bins - 1) << shift;
-        if (!tie) {
-            s.prefix |= s_digit << shift;
-            s.mask |= field;
-            s.remaining -= s_above;
-            s.ties = h[s_digit];
-            if (pass == 2) s.tie_select = s.ties > s.remaining;
-        } else {
-            s.tprefix |= s_digit << shift;
-            s.tmask |= field;
-            s.remaining -= s_above;
-        }
+        topk_advance(s, pass, tie, shift, bins, s_digit, s_above, h[s_digit]);
         state[row] = s;
     }
     __syncthreads();
@@ -342,13 +341,12 @@ __device__ void topk_compact_impl(const T* __restrict__ x, TopKState* state, uns
     __shared__ unsigned s_local, s_base;
     const long long row = blockIdx.y;
     const TopKState s = state[row];
-    const unsigned key_k = s.prefix, tie_min = s.tie_select ? s.tprefix : 0u;
     if (threadIdx.x == 0) s_local = 0;
     __syncthreads();
     const int i0 = blockIdx.x * g.chunk;
     topk_for_each_key(x + row * g.n + i0, imin(g.chunk, g.n - i0), [&](int i, unsigned key) {
         const int at = i0 + i;
-        if (key > key_k || (key == key_k && (unsigned)(g.n - 1 - at) >= tie_min)) {
+        if (topk_taken(s, g, at, key)) {
             const unsigned p = det_atomic_add(&s_local, 1u);
             if (p < (unsigned)g.k) {  // always, unless the selection above is wrong
                 stage[p] = key;
