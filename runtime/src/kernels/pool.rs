@@ -43,46 +43,38 @@ pub fn max_pool2d(op: &MaxPool2d, x: &Tensor) -> KernelResult<Tensor> {
     Ok(x.max_pool2d_with_stride((kh, kw), (sh, sw))?)
 }
 
-/// The gradient of a kernel-1 max-pool (a strided subsample, detectron2's `LastLevelMaxPool`)
-/// as device tensor ops: `dy [N, C, OH, OW]` placed at every `stride`-th position of zeros
-/// `[N, C, h, w]`. Windows do not overlap, so this is exactly the host loop's result, with no
-/// copy to the host.
-fn strided_scatter(dy: &Tensor, stride: [usize; 2], hw: [usize; 2]) -> candle_core::Result<Tensor> {
-    // Interleave each row (axis 2), then each column (axis 3), with `stride - 1` zero slices.
-    let spread = |t: &Tensor, axis: usize, s: usize| -> candle_core::Result<Tensor> {
-        if s == 1 {
-            return Ok(t.clone());
-        }
-        let t = t.unsqueeze(axis + 1)?;
-        let mut zeros = t.dims().to_vec();
-        zeros[axis + 1] = s - 1;
-        let spread = Tensor::cat(&[&t, &Tensor::zeros(zeros, t.dtype(), t.device())?], axis + 1)?;
-        let mut dims = spread.dims().to_vec();
-        dims[axis] *= s;
-        dims.remove(axis + 1);
-        spread.reshape(dims)
-    };
-    let rows = spread(dy, 2, stride[0])?.narrow(2, 0, hw[0])?;
-    spread(&rows, 3, stride[1])?.narrow(3, 0, hw[1])?.contiguous()
-}
-
-/// The gradient of max-pooling in windows that tile the input (`kernel == stride`, no padding;
-/// detectron2's 2x2 `simfp` pool) as device tensor ops. Each window's elements are scanned in
-/// row-major order as [`MaxPool2dGrad`] says: an element replaces the pick when it is greater or
-/// NaN. The pick's position gets the window's gradient (one term, so exact), every other
-/// position, and rows or columns past the last window, zero.
-fn tiled_window_scatter(x: &Tensor, dy: &Tensor, kernel: [usize; 2]) -> candle_core::Result<Tensor> {
+/// The gradient of max-pooling in windows that do not overlap (`kernel <= stride`, no padding:
+/// detectron2's kernel-1 stride-2 `LastLevelMaxPool` and 2x2 `simfp` pool) as device tensor
+/// ops. Each window sits at the start of its `stride` cell; the cells cover `[OH * sh, OW * sw]`,
+/// which the input is cut or zero-padded to (no window reads a padded element). Each window's
+/// elements are scanned in row-major order as [`MaxPool2dGrad`] says: an element replaces the
+/// pick when it is greater or NaN. The pick's position gets the window's gradient (one term, so
+/// exact); every other position, and rows or columns outside every cell, zero.
+fn non_overlapping_scatter(
+    x: &Tensor,
+    dy: &Tensor,
+    [kh, kw]: [usize; 2],
+    [sh, sw]: [usize; 2],
+) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let [kh, kw] = kernel;
-    let (oh, ow) = (h / kh, w / kw);
+    let (_, _, oh, ow) = dy.dims4()?;
+    // `t` cut or zero-padded to `size` along `axis`.
+    let fit = |t: &Tensor, axis: usize, size: usize| -> candle_core::Result<Tensor> {
+        let len = t.dim(axis)?;
+        if len >= size {
+            t.narrow(axis, 0, size)
+        } else {
+            t.pad_with_zeros(axis, 0, size - len)
+        }
+    };
     // [N, C, OH, OW, KH * KW]: each window's elements, in scan order.
-    let windows = x
-        .narrow(2, 0, oh * kh)?
-        .narrow(3, 0, ow * kw)?
-        .reshape((n, c, oh, kh, ow, kw))?
+    let windows = fit(&fit(x, 2, oh * sh)?, 3, ow * sw)?
+        .reshape((n, c, oh, sh, ow, sw))?
+        .narrow(3, 0, kh)?
+        .narrow(5, 0, kw)?
         .permute((0, 1, 2, 4, 3, 5))?
-        .reshape((n, c, oh, ow, kh * kw))?
-        .contiguous()?;
+        .contiguous()?
+        .reshape((n, c, oh, ow, kh * kw))?;
     let element = |e: usize| windows.narrow(4, e, 1);
     let mut best = element(0)?;
     let mut pick = Tensor::zeros(best.dims(), DType::U32, x.device())?;
@@ -98,19 +90,20 @@ fn tiled_window_scatter(x: &Tensor, dy: &Tensor, kernel: [usize; 2]) -> candle_c
         &dy.unsqueeze(4)?.broadcast_as(onehot.dims())?,
         &Tensor::zeros(onehot.dims(), dy.dtype(), dy.device())?,
     )?;
-    dx.reshape((n, c, oh, ow, kh, kw))?
+    let cells = dx
+        .reshape((n, c, oh, ow, kh, kw))?
         .permute((0, 1, 2, 4, 3, 5))?
-        .reshape((n, c, oh * kh, ow * kw))?
-        .pad_with_zeros(2, 0, h - oh * kh)?
-        .pad_with_zeros(3, 0, w - ow * kw)?
-        .contiguous()
+        .pad_with_zeros(3, 0, sh - kh)?
+        .pad_with_zeros(5, 0, sw - kw)?
+        .reshape((n, c, oh * sh, ow * sw))?;
+    fit(&fit(&cells, 2, h)?, 3, w)?.contiguous()
 }
 
 /// Backward of [`max_pool2d`]: each window's gradient goes to the element PyTorch's CPU forward
 /// picks (see [`MaxPool2dGrad`]). A host loop in f64 (exact for every float input; the summed
 /// gradients are rounded once); inputs on another device are copied to the CPU and the result
-/// copied back, except where windows do not overlap: kernel-1 pooling, a strided scatter on the
-/// device (`strided_scatter`), and windows that tile the input (`tiled_window_scatter`).
+/// copied back, except where windows do not overlap (`kernel <= stride`, no padding): a scatter
+/// on the device (`non_overlapping_scatter`).
 pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     let (n, c, h, w) = x.dims4()?;
@@ -132,11 +125,8 @@ pub fn max_pool2d_grad(op: &MaxPool2dGrad, x: &Tensor, dy: &Tensor) -> KernelRes
             x.dtype()
         )));
     }
-    if op.kernel == [1, 1] && op.padding == [0, 0] && !x.device().is_cpu() {
-        return Ok(strided_scatter(dy, [sh, sw], [h, w])?);
-    }
-    if op.kernel == op.stride && op.padding == [0, 0] && !x.device().is_cpu() {
-        return Ok(tiled_window_scatter(x, dy, op.kernel)?);
+    if kh <= sh && kw <= sw && op.padding == [0, 0] && !x.device().is_cpu() {
+        return Ok(non_overlapping_scatter(x, dy, op.kernel, op.stride)?);
     }
     let host = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_device(&Device::Cpu)?.to_dtype(DType::F64) };
     let (xh, dyh) = (host(x)?, host(dy)?);
@@ -157,7 +147,7 @@ mod tests {
     /// The device path, run on the CPU, gives the host loop's values for detectron2's P6 pool
     /// (kernel 1, stride 2) on even and odd sides, and other strides.
     #[test]
-    fn strided_scatter_is_the_host_loops_gradient() {
+    fn kernel_1_scatter_is_the_host_loops_gradient() {
         for (hw, stride) in [([8, 6], [2, 2]), ([7, 5], [2, 2]), ([9, 10], [3, 2]), ([4, 4], [1, 1])] {
             let op = MaxPool2dGrad {
                 kernel: [1, 1],
@@ -176,7 +166,7 @@ mod tests {
             .unwrap();
             let dy = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
             let host = max_pool2d_grad(&op, &x, &dy).unwrap();
-            let ours = strided_scatter(&dy, stride, hw).unwrap();
+            let ours = non_overlapping_scatter(&x, &dy, [1, 1], stride).unwrap();
             assert_eq!(ours.dims(), host.dims());
             assert_eq!(
                 super::super::f64_values(&ours),
@@ -186,12 +176,20 @@ mod tests {
         }
     }
 
-    /// The tiled-window device path, run on the CPU, gives the host loop's values: ties (first
-    /// maximum wins), NaN (last NaN wins), all `-inf` windows (first element), sides that leave
-    /// rows and columns outside every window, and bf16.
+    /// The device path for windows that tile the input or are spaced by a larger stride, run on
+    /// the CPU, gives the host loop's values: ties (first maximum wins), NaN (last NaN wins), all
+    /// `-inf` windows (first element), sides that leave rows and columns outside every window,
+    /// and bf16.
     #[test]
-    fn tiled_window_scatter_is_the_host_loops_gradient() {
-        for (hw, kernel) in [([8, 6], [2, 2]), ([7, 5], [2, 2]), ([9, 10], [3, 2]), ([4, 4], [1, 1])] {
+    fn non_overlapping_scatter_is_the_host_loops_gradient() {
+        for (hw, kernel, stride) in [
+            ([8, 6], [2, 2], [2, 2]),
+            ([7, 5], [2, 2], [2, 2]),
+            ([9, 10], [3, 2], [3, 2]),
+            ([4, 4], [1, 1], [1, 1]),
+            ([9, 10], [2, 2], [3, 3]),
+            ([7, 8], [2, 1], [3, 2]),
+        ] {
             for dtype in [DType::F32, DType::BF16] {
                 let (n, c) = (2, 3);
                 let len = n * c * hw[0] * hw[1];
@@ -207,22 +205,22 @@ mod tests {
                     .unwrap();
                 let op = MaxPool2dGrad {
                     kernel,
-                    stride: kernel,
+                    stride,
                     padding: [0, 0],
                 };
-                let (oh, ow) = (hw[0] / kernel[0], hw[1] / kernel[1]);
+                let (oh, ow) = ((hw[0] - kernel[0]) / stride[0] + 1, (hw[1] - kernel[1]) / stride[1] + 1);
                 let dy = Tensor::randn(0f32, 1.0, (n, c, oh, ow), &Device::Cpu)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
                 let host = max_pool2d_grad(&op, &x, &dy).unwrap();
-                let ours = tiled_window_scatter(&x, &dy, kernel).unwrap();
+                let ours = non_overlapping_scatter(&x, &dy, kernel, stride).unwrap();
                 assert_eq!(ours.dims(), host.dims());
                 assert_eq!(ours.dtype(), host.dtype());
                 assert_eq!(
                     super::super::f64_values(&ours),
                     super::super::f64_values(&host),
-                    "{hw:?} {kernel:?} {dtype:?}"
+                    "{hw:?} {kernel:?} {stride:?} {dtype:?}"
                 );
             }
         }
