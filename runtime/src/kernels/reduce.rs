@@ -74,7 +74,7 @@ fn middle_run(dims: &[usize], axes: &[usize]) -> Option<(usize, usize, usize)> {
     Some((size(0..first), size(first..last + 1), size(last + 1..dims.len())))
 }
 
-/// The sum over the middle of contiguous `x [outer, summed, inner]` as one batched product
+/// The sum over the middle of contiguous `x [outer, summed, inner]` as one (batched) product
 /// with a ones row (shared by every batch: stride 0), in `x`'s dtype with f32 accumulation and
 /// one rounding (see [`SumForm::sum_by_matmul`]); flat, `outer * inner` values.
 fn middle_sum_by_matmul(x: &Tensor, (outer, summed, inner): (usize, usize, usize)) -> candle_core::Result<Tensor> {
@@ -137,25 +137,19 @@ impl SumForm {
     /// rounded back does. With a batch (`outer > 1`) a half type is summed in f32, so the
     /// partial sums are not rounded.
     fn sum_by_matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let ones = |n: usize, shape: (usize, usize), dtype| Tensor::ones(n, dtype, x.device())?.reshape(shape);
-        let y = match *self {
-            SumForm::Leading { rows, kept } => ones(rows, (1, rows), dtype)?.matmul(&x.reshape((rows, kept))?)?,
-            SumForm::Inner { outer: 1, kept, inner } => {
-                x.reshape((kept, inner))?.matmul(&ones(inner, (inner, 1), dtype)?)?
-            }
-            SumForm::Inner { outer, kept, inner } => {
-                let acc = accum_dtype(dtype);
-                let per_item =
-                    x.to_dtype(acc)?
-                        .reshape((outer * kept, inner))?
-                        .matmul(&ones(inner, (inner, 1), acc)?)?;
-                ones(outer, (1, outer), acc)?
-                    .matmul(&per_item.reshape((outer, kept))?)?
-                    .to_dtype(dtype)?
-            }
+        // `x [rows, inner] @ ones [inner, 1]`: the sums of the rows.
+        let row_sums = |x: &Tensor, rows: usize, inner: usize| -> candle_core::Result<Tensor> {
+            let ones = Tensor::ones((inner, 1), x.dtype(), x.device())?;
+            x.reshape((rows, inner))?.matmul(&ones)?.flatten_all()
         };
-        y.flatten_all()
+        match *self {
+            SumForm::Leading { rows, kept } => middle_sum_by_matmul(x, (1, rows, kept)),
+            SumForm::Inner { outer: 1, kept, inner } => row_sums(x, kept, inner),
+            SumForm::Inner { outer, kept, inner } => {
+                let per_item = row_sums(&x.to_dtype(accum_dtype(x.dtype()))?, outer * kept, inner)?;
+                middle_sum_by_matmul(&per_item, (1, outer, kept))?.to_dtype(x.dtype())
+            }
+        }
     }
 
     fn kept(&self) -> usize {
@@ -262,6 +256,7 @@ mod tests {
             );
         }
     }
+
     /// The middle-run product (the GPU path of sums with kept dims on both sides), run on the
     /// CPU, gives candle's sums exactly (small integers); other axes have no middle run.
     #[test]
