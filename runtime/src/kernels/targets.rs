@@ -444,12 +444,10 @@ pub fn proposal_targets(op: &ProposalTargets, x: &[Tensor]) -> KernelResult<Vec<
 /// the detection family's RoIAlign kernel on that gt's mask as a one-channel, one-level
 /// feature map (scale 1, adaptive sampling, aligned), then thresholded with `>= 0.5`.
 ///
-/// Where the masks are on the CPU this is a host loop. Where they are on another device (a GPU,
-/// as detectron2 crops them) the pooling and thresholding run there as device ops on the masks
-/// and RoIs (`pooled_on_device`); only `matched` and `valid`, which the executor hands over from
-/// their host copies, are read on the host. The GPU's RoIAlign accumulates in f32 where the
-/// CPU's uses f64, so a bin averaging to within f32 rounding of 0.5 could threshold the other
-/// way.
+/// The pooling and thresholding run as tensor ops on the masks' device (on a GPU, as detectron2
+/// crops them: `pooled`); only `matched` and `valid`, which the executor hands over from their
+/// host copies, are read on the host. The GPU's RoIAlign accumulates in f32 where the CPU's uses
+/// f64, so a bin averaging to within f32 rounding of 0.5 could threshold the other way.
 pub fn mask_targets(
     op: &MaskTargets,
     gt_masks: &Tensor,
@@ -492,29 +490,7 @@ pub fn mask_targets(
         }
         rows_of[gi as usize].push(i);
     }
-    let align = mask_pooler(m);
-    if !gt_masks.device().is_cpu() {
-        return pooled_on_device(&align, gt_masks, rois, &rows_of, r);
-    }
-    let boxes = rois.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let mut out = vec![0f32; r * m * m];
-    for (gi, rows) in rows_of.iter().enumerate() {
-        if rows.is_empty() {
-            continue;
-        }
-        let pooled = pool_rows(&align, gt_masks, &boxes, gi, rows)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for (k, &i) in rows.iter().enumerate() {
-            for (o, v) in out[i * m * m..(i + 1) * m * m]
-                .iter_mut()
-                .zip(&pooled[k * m * m..(k + 1) * m * m])
-            {
-                *o = if *v >= 0.5 { 1.0 } else { 0.0 };
-            }
-        }
-    }
-    host_tensor(out, &[r, m, m])
+    pooled(&mask_pooler(m), gt_masks, rois, &rows_of, r)
 }
 
 /// `BitMasks.crop_and_resize`'s RoIAlign: `m x m` bins on one level at scale 1, adaptive
@@ -544,10 +520,9 @@ fn pool_rows(align: &RoiAlign, gt_masks: &Tensor, boxes: &Tensor, gi: usize, row
     super::detection::roi_align(align, &[plane, boxes.index_select(&sel, 0)?])
 }
 
-/// [`mask_targets`] with the masks and RoIs on their device: each gt's rows pooled as on the
-/// host, the pooled rows put back in RoI order by one gather (rows of no gt read a zero row),
-/// then thresholded.
-fn pooled_on_device(
+/// [`mask_targets`]' values on the masks' device: each gt's rows pooled together, put back in
+/// RoI order by one gather (rows of no gt read a zero row), then thresholded.
+fn pooled(
     align: &RoiAlign,
     gt_masks: &Tensor,
     rois: &Tensor,
@@ -580,10 +555,11 @@ fn pooled_on_device(
 mod tests {
     use super::*;
 
-    /// The device path, run on the CPU, gives the host loop's targets exactly: RoIs of three gt
-    /// masks (blobs of several shapes), one RoI invalid, one gt without RoIs, RoIs in no order.
+    /// Each RoI's target is its own RoIAlign on its gt's mask, thresholded at 0.5, whatever the
+    /// grouping by gt: RoIs of three gt masks (blobs of several shapes), one RoI invalid (zeros),
+    /// one gt without RoIs, RoIs in no order.
     #[test]
-    fn pooled_on_device_is_the_host_loop() {
+    fn targets_are_each_rois_own_pooling() {
         let (g, h, w, m) = (4, 40, 50, 7);
         let mut masks = vec![0u8; g * h * w];
         for gi in 0..3 {
@@ -604,11 +580,21 @@ mod tests {
         let rois = Tensor::from_vec(rois, (r, 4), &Device::Cpu).unwrap();
         let matched = Tensor::from_vec(vec![2i64, 0, 1, 2, 0, 1], r, &Device::Cpu).unwrap();
         let valid = Tensor::from_vec(vec![1u8, 1, 1, 0, 1, 1], r, &Device::Cpu).unwrap();
-        let op = MaskTargets { size: m };
-        let host = mask_targets(&op, &masks, &rois, &matched, Some(&valid)).unwrap();
-        let rows_of = vec![vec![1, 4], vec![2, 5], vec![0], vec![]];
-        let align = mask_pooler(m);
-        let ours = pooled_on_device(&align, &masks, &rois, &rows_of, r).unwrap();
+        let ours = mask_targets(&MaskTargets { size: m }, &masks, &rois, &matched, Some(&valid)).unwrap();
+        // One RoI at a time, on the host.
+        let mut alone = vec![0f32; r * m * m];
+        for (i, gi) in [(0, 2), (1, 0), (2, 1), (4, 0), (5, 1)] {
+            let pooled = pool_rows(&mask_pooler(m), &masks, &rois, gi, &[i])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (o, v) in alone[i * m * m..(i + 1) * m * m].iter_mut().zip(pooled) {
+                *o = if v >= 0.5 { 1.0 } else { 0.0 };
+            }
+        }
+        let host = Tensor::from_vec(alone, (r, m, m), &Device::Cpu).unwrap();
         assert_eq!(ours.dims(), host.dims());
         let (a, b) = (super::super::f64_values(&ours), super::super::f64_values(&host));
         assert_eq!(a, b);
