@@ -363,8 +363,9 @@ pub(crate) fn expect_vector(what: &str, t: &TensorType, c: usize, x: &TensorType
     expect_same_dtype(x, t, what)
 }
 
-/// NumPy-style broadcast of two shapes.
-pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+/// NumPy-style broadcast of two shapes (the shape rule of [`Binary`] and of a matmul's batch
+/// dims).
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {

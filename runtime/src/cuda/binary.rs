@@ -64,18 +64,10 @@ impl BinGeom {
     /// do not broadcast, the output is empty or past 32-bit indexing, or more than
     /// [`MAX_DIMS`] dims remain after collapsing.
     pub fn new(a: &[usize], b: &[usize]) -> Option<(Vec<usize>, BinGeom)> {
-        let rank = a.len().max(b.len());
+        let out = vitdet_ir::ops::broadcast_shapes(a, b).ok()?;
+        let rank = out.len();
+        // An operand's dim aligned at the output's dim `i` (1 where it has fewer dims).
         let at = |d: &[usize], i: usize| if i + d.len() >= rank { d[i + d.len() - rank] } else { 1 };
-        let mut out = Vec::with_capacity(rank);
-        for i in 0..rank {
-            let (x, y) = (at(a, i), at(b, i));
-            out.push(match (x, y) {
-                _ if x == y => x,
-                (1, _) => y,
-                (_, 1) => x,
-                _ => return None,
-            });
-        }
         let numel: usize = out.iter().product();
         if numel == 0 || numel > i32::MAX as usize {
             return None;

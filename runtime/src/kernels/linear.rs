@@ -133,8 +133,8 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     };
     let batch_a = a.dims()[..ra - 2].to_vec();
     let batch_b = b.dims()[..rb - 2].to_vec();
-    let batch = broadcast_shapes(&batch_a, &batch_b)
-        .ok_or_else(|| KernelError::Unsupported(format!("batch dims {batch_a:?} and {batch_b:?} do not broadcast")))?;
+    let batch = vitdet_ir::ops::broadcast_shapes(&batch_a, &batch_b)
+        .map_err(|e| KernelError::Unsupported(format!("matmul batch dims: {e}")))?;
     let (nb, nb_a, nb_b) = (prod(&batch), prod(&batch_a), prod(&batch_b));
     let rhs_mat = |t: &Tensor, lead: &[usize]| -> candle_core::Result<Tensor> {
         // `t` as [lead..., k, n], a transposed view when `transpose_rhs`.
@@ -193,21 +193,4 @@ pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
 
 fn prod(s: &[usize]) -> usize {
     s.iter().product()
-}
-
-/// NumPy broadcast of two shapes.
-pub(crate) fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    (0..rank)
-        .map(|i| {
-            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
-            match (da, db) {
-                (x, y) if x == y => Some(x),
-                (1, y) => Some(y),
-                (x, 1) => Some(x),
-                _ => None,
-            }
-        })
-        .collect()
 }
