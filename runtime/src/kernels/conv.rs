@@ -76,8 +76,7 @@ fn conv2d_nobias(op: &Conv2d, x: &Tensor, w: &Tensor) -> KernelResult<Tensor> {
     if op.groups == 0 || sh == 0 || sw == 0 || dh == 0 || dw == 0 {
         return Err(KernelError::Unsupported(format!("invalid conv2d attributes {op:?}")));
     }
-    let pointwise = [kh, kw] == [1, 1] && op.stride == [1, 1] && op.padding == [0, 0] && op.groups == 1;
-    if pointwise && x.dim(0)? <= POINTWISE_MAX_IMAGES {
+    if is_pointwise([kh, kw], op.stride, op.padding, op.groups) && x.dim(0)? <= POINTWISE_MAX_IMAGES {
         return pointwise_conv(x, w);
     }
     if [kh, kw] == op.stride && op.padding == [0, 0] && op.dilation == [1, 1] && op.groups == 1 {
@@ -122,6 +121,11 @@ fn on_cudnn(x: &Tensor, f: impl FnOnce() -> KernelResult<Tensor>) -> KernelResul
         return crate::cuda::cudnn::or_im2col(f);
     }
     Ok(None)
+}
+
+/// Whether a convolution is a 1x1, stride-1, unpadded, ungrouped one: a product per image.
+fn is_pointwise(kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2], groups: usize) -> bool {
+    kernel == [1, 1] && stride == [1, 1] && padding == [0, 0] && groups == 1
 }
 
 /// Batches up to this size run 1x1 convolutions image by image ([`pointwise_conv`]); larger
@@ -402,8 +406,7 @@ pub fn conv2d_grad_weight(op: &Conv2dGradWeight, x: &Tensor, dy: &Tensor) -> Ker
     let (n, cin, _, _, o, ho, wo) = check_grad_weight(op, x, dy)?;
     with_contraction_dtype(&[x, dy], |t| {
         let (x, dy) = (&t[0], &t[1]);
-        let pointwise = op.kernel == [1, 1] && op.stride == [1, 1] && op.padding == [0, 0] && op.groups == 1;
-        if pointwise && n == 1 && !x.device().is_cpu() {
+        if is_pointwise(op.kernel, op.stride, op.padding, op.groups) && n == 1 && !x.device().is_cpu() {
             return pointwise_grad_weight(x, dy);
         }
         #[cfg(feature = "cuda")]
