@@ -123,12 +123,12 @@ step torch_ops 150 python3 scripts/gpu/torch_ops.py --list "$OUT/ops_list.json" 
     --iters 10 --warmup 2 --out "$OUT/torch_ops.json"
 
 # 4. End-to-end steps.
-e2e() { # e2e MODE DTYPE ITERS LIMIT_S
-    step "e2e_$1_$2" "$4" "$V" bench --device cuda --model vitdet-b --image-size 1024 --mode "$1" \
-        --dtype "$2" --iters "$3" --warmup 1 --profile --format json --out "$OUT/e2e_$1_$2.json"
+e2e() { # e2e MODEL MODE DTYPE ITERS LIMIT_S
+    step "e2e_$1_$2_$3" "$5" "$V" bench --device cuda --model "$1" --image-size 1024 --mode "$2" \
+        --dtype "$3" --iters "$4" --warmup 1 --profile --format json --out "$OUT/e2e_$1_$2_$3.json"
 }
-e2e infer bf16 10 120
-e2e train bf16 10 150
+e2e vitdet-b infer bf16 10 120
+e2e vitdet-b train bf16 10 150
 
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
@@ -162,11 +162,10 @@ fi
 
 # 7. What the budget leaves: f32, and the other models' steps in bf16.
 ops f32 90
-e2e train f32 3 120
+e2e vitdet-b train f32 3 120
 for model in vitdet-l vit-b vit-l; do
     for mode in infer train; do
-        step "e2e_${model}_${mode}_bf16" 90 "$V" bench --device cuda --model "$model" --image-size 1024 \
-            --mode "$mode" --dtype bf16 --iters 5 --warmup 1 --format json --out "$OUT/e2e_${model}_${mode}_bf16.json"
+        e2e "$model" "$mode" bf16 5 90
     done
 done
 

@@ -64,13 +64,13 @@ def main():
             if "error" in r:
                 print(f"torch {r['name']} {r['dtype']}: {r['error'][:200]}")
 
-    print("\n== end to end at 1024 (vitdet-b unless named)")
-    runs = [("", "infer", "bf16"), ("", "train", "bf16"), ("", "train", "f32")]
-    runs += [(f"{m}_", mode, "bf16") for m in ("vitdet-l", "vit-b", "vit-l") for mode in ("infer", "train")]
+    print("\n== end to end at 1024")
+    runs = [("vitdet-b", "infer", "bf16"), ("vitdet-b", "train", "bf16"), ("vitdet-b", "train", "f32")]
+    runs += [(m, mode, "bf16") for m in ("vitdet-l", "vit-b", "vit-l") for mode in ("infer", "train")]
     for model, mode, dtype in runs:
-        name = f"e2e_{model}{mode}_{dtype}"
+        name = f"e2e_{model}_{mode}_{dtype}"
         r = load(os.path.join(out, f"{name}.json"))
-        mode = f"{model.rstrip('_')} {mode}".strip()
+        mode = f"{model} {mode}"
         if r is None:
             print(f"{mode} {dtype}: no result (see logs/{name}.log)")
             continue
