@@ -422,6 +422,10 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define WA_LOG2E 1.4426950408889634f
 #define WA_LN2 0.6931471805599453f
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
+
+// Whether each TC_BK-key tile (or key block) is one whole row of the window, with the decomposed
+// term (global attention at side TC_BK): that term's column part is then the same in every tile.
+__device__ __forceinline__ bool wa_row_tiles(const WinGeom& g) { return g.rel == 1 && g.ww == TC_BK; }
 #define TC_LDV (TC_BK + 8)   // of the transposed key tiles [d][key] (elements)
 #define TC_LDQ (TC_BQ + 8)   // of the backward's transposed query tiles [d][query] (elements)
 #define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
@@ -562,7 +566,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     // decomposed term's column part is the same in every tile: this thread's columns of its
     // rows' relw stay in registers, and relh is read once per row and tile. The sums are the
     // general path's.
-    const bool row_tiles = g.rel == 1 && g.ww == TC_BK;
+    const bool row_tiles = wa_row_tiles(g);
     float relw_cols[2][TC_BK / 8][2];
     for (int r = 0; r < 2; ++r)
         for (int nt = 0; nt < TC_BK / 8; ++nt)
@@ -734,8 +738,8 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const int gq = lane / 4, tq = lane % 4;
     const int r0 = warp * 16;  // this warp's keys (rows of S^T, dK, dV) and queries (rows of dQ)
     const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
-    // This block's keys are one whole row of the window (see the forward's `row_tiles`).
-    const bool row_tiles = g.rel == 1 && g.ww == TC_BK;
+    // This block's keys are one whole row of the window.
+    const bool row_tiles = wa_row_tiles(g);
 
     // This block's keys and values; keys past N are zero (and masked out of P below).
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
