@@ -36,6 +36,7 @@ struct WarpFragments {
     unsigned a[32][4];
     unsigned b[32][2];
     float shuffled[32];
+    const void* rows[32];
 };
 inline std::vector<WarpFragments> warp_fragments;
 
@@ -106,6 +107,30 @@ inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], floa
         float acc = d[o];
         for (unsigned k = 0; k < 16; ++k) acc += A(r, k) * B(k, c);
         d[o] = acc;
+    }
+    __syncthreads();
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.trans.b16: lanes 8m..8m+7 give the addresses of the eight
+// 16-byte rows of matrix m; each lane receives, in r[m], elements (2 (lane % 4), lane / 4) and
+// (2 (lane % 4) + 1, lane / 4) of that matrix, the lower row in the low half.
+inline void ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+    WarpFragments& w = warp_fragments[tid / 32];
+    const unsigned lane = tid % 32;
+    w.rows[lane] = row;
+    __syncthreads();
+    for (unsigned m = 0; m < 4; ++m) {
+        unsigned short lo, hi;
+        for (unsigned k = 0; k < 2; ++k) {
+            const void* p = w.rows[8 * m + 2 * (lane % 4) + k];
+            if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
+                std::fprintf(stderr, "emulated ldmatrix: row address %p is not 16-byte aligned\n", p);
+                std::abort();
+            }
+            std::memcpy(k ? &hi : &lo, static_cast<const unsigned char*>(p) + 2 * (lane / 4), 2);
+        }
+        r[m] = (unsigned)lo | ((unsigned)hi << 16);
     }
     __syncthreads();
 }

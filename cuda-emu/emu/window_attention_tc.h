@@ -23,12 +23,17 @@
     }                                                                                                     \
     EMU_LAUNCHER_NAMED(emu_window_attention_bwd_dsum_tc_##S##TAIL, window_attention_bwd_dsum_tc_##S, 0,    \
                        (Launch l, const T* out, const T* dout, float* dsum, WinGeom g), (out, dout, dsum, g)) \
-    EMU_LAUNCHER_NAMED(emu_window_attention_bwd_tc_##S##TAIL, window_attention_bwd_tc_##S, smem,          \
+    EMU_LAUNCHER_NAMED(emu_window_attention_bwd_kv_tc_##S##TAIL, window_attention_bwd_kv_tc_##S, smem,    \
+                       (Launch l, unsigned smem, const T* qkv, const T* bias, const float* relh,         \
+                        const float* relw, const T* relbias, const T* dout, const float* lse,            \
+                        const float* dsum, float* dbias, T* dqkv, WinGeom g),                             \
+                       (qkv, bias, relh, relw, relbias, dout, lse, dsum, dbias, dqkv, g))                 \
+    EMU_LAUNCHER_NAMED(emu_window_attention_bwd_q_tc_##S##TAIL, window_attention_bwd_q_tc_##S, smem,      \
                        (Launch l, unsigned smem, const T* qkv, const T* bias, const float* relh,         \
                         const float* relw, const T* relbias, const T* dout, const float* lse,            \
                         const float* dsum, float* dq, float* drelh, float* drelw, float* drelbias,       \
-                        float* dbias, T* dqkv, WinGeom g),                                                \
-                       (qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, g)) \
+                        WinGeom g),                                                                       \
+                       (qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, g))  \
     EMU_LAUNCHER_NAMED(emu_window_attention_bwd_dq_tc_##S##TAIL, window_attention_bwd_dq_tc_##S, 0,        \
                        (Launch l, const float* dq, const float* drelh, const float* drelw, const T* rh,  \
                         const T* rw, T* dqkv, WinGeom g),                                                 \

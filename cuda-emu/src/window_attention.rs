@@ -277,7 +277,23 @@ struct TcKernels {
         unsafe extern "C" fn(Launch, *const u16, *const u16, *const u16, *const u16, *mut f32, *mut f32, WinGeom),
     bwd_dsum: unsafe extern "C" fn(Launch, *const u16, *const u16, *mut f32, WinGeom),
     #[allow(clippy::type_complexity)]
-    bwd: unsafe extern "C" fn(
+    bwd_kv: unsafe extern "C" fn(
+        Launch,
+        u32,
+        *const u16,
+        *const u16,
+        *const f32,
+        *const f32,
+        *const u16,
+        *const u16,
+        *const f32,
+        *const f32,
+        *mut f32,
+        *mut u16,
+        WinGeom,
+    ),
+    #[allow(clippy::type_complexity)]
+    bwd_q: unsafe extern "C" fn(
         Launch,
         u32,
         *const u16,
@@ -292,8 +308,6 @@ struct TcKernels {
         *mut f32,
         *mut f32,
         *mut f32,
-        *mut f32,
-        *mut u16,
         WinGeom,
     ),
     bwd_dq: unsafe extern "C" fn(Launch, *const f32, *const f32, *const f32, *const u16, *const u16, *mut u16, WinGeom),
@@ -302,7 +316,15 @@ struct TcKernels {
 
 /// The emulator's entry points for one half type, by name (`emu/window_attention_tc.cpp`).
 macro_rules! tc_kernels {
-    ($fwd:ident, $rel_tables:ident, $bwd_dsum:ident, $bwd:ident, $bwd_dq:ident, $rel_tables_grad:ident) => {{
+    (
+        $fwd:ident,
+        $rel_tables:ident,
+        $bwd_dsum:ident,
+        $bwd_kv:ident,
+        $bwd_q:ident,
+        $bwd_dq:ident,
+        $rel_tables_grad:ident
+    ) => {{
         extern "C" {
             fn $fwd(
                 l: Launch,
@@ -327,7 +349,22 @@ macro_rules! tc_kernels {
                 g: WinGeom,
             );
             fn $bwd_dsum(l: Launch, out: *const u16, dout: *const u16, dsum: *mut f32, g: WinGeom);
-            fn $bwd(
+            fn $bwd_kv(
+                l: Launch,
+                smem: u32,
+                qkv: *const u16,
+                bias: *const u16,
+                relh: *const f32,
+                relw: *const f32,
+                relbias: *const u16,
+                dout: *const u16,
+                lse: *const f32,
+                dsum: *const f32,
+                dbias: *mut f32,
+                dqkv: *mut u16,
+                g: WinGeom,
+            );
+            fn $bwd_q(
                 l: Launch,
                 smem: u32,
                 qkv: *const u16,
@@ -342,8 +379,6 @@ macro_rules! tc_kernels {
                 drelh: *mut f32,
                 drelw: *mut f32,
                 drelbias: *mut f32,
-                dbias: *mut f32,
-                dqkv: *mut u16,
                 g: WinGeom,
             );
             fn $bwd_dq(
@@ -370,7 +405,8 @@ macro_rules! tc_kernels {
             fwd: $fwd,
             rel_tables: $rel_tables,
             bwd_dsum: $bwd_dsum,
-            bwd: $bwd,
+            bwd_kv: $bwd_kv,
+            bwd_q: $bwd_q,
             bwd_dq: $bwd_dq,
             rel_tables_grad: $rel_tables_grad,
         }
@@ -384,7 +420,8 @@ fn tc_kernels(dtype: DType, hd: usize) -> Result<TcKernels> {
             emu_window_attention_fwd_tc_f16,
             emu_window_attention_rel_tables_tc_f16,
             emu_window_attention_bwd_dsum_tc_f16,
-            emu_window_attention_bwd_tc_f16,
+            emu_window_attention_bwd_kv_tc_f16,
+            emu_window_attention_bwd_q_tc_f16,
             emu_window_attention_bwd_dq_tc_f16,
             emu_window_attention_rel_tables_grad_tc_f16
         ),
@@ -392,7 +429,8 @@ fn tc_kernels(dtype: DType, hd: usize) -> Result<TcKernels> {
             emu_window_attention_fwd_tc_bf16,
             emu_window_attention_rel_tables_tc_bf16,
             emu_window_attention_bwd_dsum_tc_bf16,
-            emu_window_attention_bwd_tc_bf16,
+            emu_window_attention_bwd_kv_tc_bf16,
+            emu_window_attention_bwd_q_tc_bf16,
             emu_window_attention_bwd_dq_tc_bf16,
             emu_window_attention_rel_tables_grad_tc_bf16
         ),
@@ -400,7 +438,8 @@ fn tc_kernels(dtype: DType, hd: usize) -> Result<TcKernels> {
             emu_window_attention_fwd_tc_f16_hd64,
             emu_window_attention_rel_tables_tc_f16_hd64,
             emu_window_attention_bwd_dsum_tc_f16_hd64,
-            emu_window_attention_bwd_tc_f16_hd64,
+            emu_window_attention_bwd_kv_tc_f16_hd64,
+            emu_window_attention_bwd_q_tc_f16_hd64,
             emu_window_attention_bwd_dq_tc_f16_hd64,
             emu_window_attention_rel_tables_grad_tc_f16_hd64
         ),
@@ -408,7 +447,8 @@ fn tc_kernels(dtype: DType, hd: usize) -> Result<TcKernels> {
             emu_window_attention_fwd_tc_bf16_hd64,
             emu_window_attention_rel_tables_tc_bf16_hd64,
             emu_window_attention_bwd_dsum_tc_bf16_hd64,
-            emu_window_attention_bwd_tc_bf16_hd64,
+            emu_window_attention_bwd_kv_tc_bf16_hd64,
+            emu_window_attention_bwd_q_tc_bf16_hd64,
             emu_window_attention_bwd_dq_tc_bf16_hd64,
             emu_window_attention_rel_tables_grad_tc_bf16_hd64
         ),
@@ -618,9 +658,24 @@ pub fn window_attention_grad_tc_placed(
     let mut dqkv = vec![0u16; x[0].elem_count()];
     unsafe {
         (t.kernels.bwd_dsum)(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
-        (t.kernels.bwd)(
+        (t.kernels.bwd_kv)(
             g.attention_bwd_tc(),
-            g.tc_bwd_shared_bytes() as u32,
+            g.tc_bwd_kv_shared_bytes(2) as u32,
+            t.qkv(),
+            t.ptr(t.bias),
+            t.relh.as_ptr(),
+            t.relw.as_ptr(),
+            t.ptr(t.relbias),
+            dout.as_ptr(),
+            lse.as_ptr(),
+            dsum.as_ptr(),
+            dbias.as_mut_ptr(),
+            dqkv.as_mut_ptr(),
+            g,
+        );
+        (t.kernels.bwd_q)(
+            g.attention_bwd_tc(),
+            g.tc_bwd_q_shared_bytes(2) as u32,
             t.qkv(),
             t.ptr(t.bias),
             t.relh.as_ptr(),
@@ -633,8 +688,6 @@ pub fn window_attention_grad_tc_placed(
             drelh.as_mut_ptr(),
             drelw.as_mut_ptr(),
             drelbias.as_mut_ptr(),
-            dbias.as_mut_ptr(),
-            dqkv.as_mut_ptr(),
             g,
         );
         (t.kernels.bwd_dq)(

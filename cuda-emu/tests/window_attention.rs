@@ -219,7 +219,8 @@ fn tensor_core_backward_beit_bias_and_none() {
 
 /// A global block 64 tokens wide (`ww` equal to the kernels' 64-key tile: every key tile one row
 /// of the window), where the decomposed term's column part is read once per row: kept in
-/// registers by the forward, staged and added back by coalesced atomics in the backward.
+/// registers by the forward, staged per query tile by the backward's key pass, and summed per
+/// query row in shared memory by its query pass.
 #[test]
 fn tensor_cores_rows_as_key_tiles() {
     for dtype in [DType::F16, DType::BF16] {

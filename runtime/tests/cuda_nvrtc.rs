@@ -27,7 +27,8 @@ fn every_kernel_module_compiles_for_compute_90() {
     for name in [
         "window_attention_fwd_bf16",
         "window_attention_fwd_tc_bf16",
-        "window_attention_bwd_tc_bf16",
+        "window_attention_bwd_kv_tc_bf16",
+        "window_attention_bwd_q_tc_bf16",
     ] {
         assert!(
             ptx.contains(&format!(".entry {name}(")),

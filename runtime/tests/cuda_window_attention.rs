@@ -1,7 +1,7 @@
 //! The fused window-attention CUDA kernels against the CPU kernel on the same random inputs
 //! (runs where a GPU exists; skipped, saying so, elsewhere).
 //!
-//! f16 / bf16 run on the tensor-core kernels (`fwd_tc`, `bwd_tc`), f32 on the f32 kernels.
+//! f16 / bf16 run on the tensor-core kernels (`fwd_tc`, `bwd_kv_tc`, `bwd_q_tc`), f32 on the f32 kernels.
 //!
 //! Also the backward ops of the unfused attention's relative-position tables, which run as
 //! diagonal sums on the GPU where the CPU scatters rows with `index_add`.

@@ -147,12 +147,13 @@ else
 fi
 
 # 6. Hardware counters of the kernels still slower than PyTorch's (where ncu reads them: a
-#    Firecracker machine): the global attention backward and the RPN top-k, one launch each.
+#    Firecracker machine): the global attention backward's key and query passes, and the RPN
+#    top-k.
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 if [ -n "$NCU" ]; then
-    for k in "attention_global_grad window_attention_bwd_tc" "top_k top_k"; do
+    for k in "attention_global_grad window_attention_bwd_(kv|q)_tc 2" "top_k top_k 1"; do
         set -- $k
-        step "ncu_$1" 60 "$NCU" --clock-control none -k "regex:$2" -c 1 --section SpeedOfLight \
+        step "ncu_$1" 60 "$NCU" --clock-control none -k "regex:$2" -c "$3" --section SpeedOfLight \
             --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
             --section SchedulerStats --section SourceCounters \
             "$V" bench --device cuda --ops --only "$1" --dtype bf16 --iters 1 --warmup 0 --format json \

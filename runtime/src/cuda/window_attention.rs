@@ -9,8 +9,9 @@
 //! gradients), then `bwd_kv` (dk, dv, the qkv bias's padded-token share), then
 //! `rel_tables_grad` on each axis for `drh` and `drw`. For f16 / bf16 on the tensor cores
 //! (`tensor_cores()`), `bwd_q` and `bwd_kv` give way to `bwd_dsum_tc` (D per row),
-//! `bwd_tc` (one block per 64 keys: dk, dv, dq accumulated in f32, the rel-pos and bias
-//! gradients) and `bwd_dq_tc` (dq plus the decomposed term's share, into dqkv).
+//! `bwd_kv_tc` (one block per 64 keys: dk, dv, the qkv bias's padded-key share),
+//! `bwd_q_tc` (one block per 64 queries: dq in f32, the rel-pos gradients) and `bwd_dq_tc`
+//! (dq plus the decomposed term's share, into dqkv).
 
 use vitdet_ir::ops::{WindowAttention, WindowGeometry, WindowRelPos};
 
@@ -26,6 +27,8 @@ pub const THREADS: u32 = 128;
 pub const TC_ROWS: usize = 64;
 pub const TC_KEYS: usize = 64;
 pub const TC_THREADS: u32 = 128;
+/// Row stride (f32 elements) of the backward's staged relw rows (`TC_LDR`).
+const TC_LDR: usize = TC_KEYS + 4;
 /// Largest window side the decomposed term supports (`WIN_MAX` in the source).
 pub const WIN_MAX: usize = 64;
 /// Largest head dimension the kernels are compiled for (per-thread rows live in registers).
@@ -172,18 +175,36 @@ impl WinGeom {
         2 * (TC_ROWS * ldt + TC_KEYS * ldt + hd * ldv)
     }
 
-    /// Dynamic shared memory of `bwd_tc` (the layout at the top of `wa_bwd_tc`): the K, V, Q
-    /// and dO tiles, K, Q and dO transposed, and dS in the input type, dS in f32, and four
-    /// per-query values.
-    pub fn tc_bwd_shared_bytes(&self) -> usize {
-        let hd = self.hd as usize;
-        let (ldt, ldv, ldq) = (hd + 8, TC_KEYS + 8, TC_ROWS + 8);
-        let (ldp, ldb) = (TC_KEYS + 8, TC_KEYS + 1);
-        let tiles = 2 * TC_KEYS * ldt + hd * ldv + 2 * TC_ROWS * ldt + 2 * hd * ldq + TC_ROWS * ldp;
-        2 * tiles + 4 * TC_ROWS * ldb + 4 * 4 * TC_ROWS
+    /// Dynamic shared memory of `bwd_kv_tc` (the layout at the top of `wa_bwd_kv_tc`): the K
+    /// and V rows, and two stages of the Q and dO rows, four values per query and, where every
+    /// key block is one row of the window (`row_tiles`), the queries' f32 relw rows.
+    pub fn tc_bwd_kv_shared_bytes(&self, elem: usize) -> usize {
+        let ldt = self.hd as usize + 8;
+        let relw = if self.row_tiles() { 2 * TC_ROWS * TC_LDR * 4 } else { 0 };
+        elem * (2 * TC_KEYS * ldt + 4 * TC_ROWS * ldt) + 2 * 4 * TC_ROWS * 4 + relw
     }
 
-    /// `bwd_tc`: four warps per 64 keys of a (window, head).
+    /// Dynamic shared memory of `bwd_q_tc` (the layout at the top of `wa_bwd_q_tc`): two stages
+    /// of the K and V rows and the keys' window coordinates; then for the decomposed term either
+    /// (`row_tiles`) the queries' relw rows and their gradient, or the f32 dS tile and the
+    /// queries' drelh and drelw rows.
+    pub fn tc_bwd_q_shared_bytes(&self, elem: usize) -> usize {
+        let ldt = self.hd as usize + 8;
+        let rel = match self.rel {
+            1 if self.row_tiles() => 2 * TC_ROWS * TC_LDR * 4,
+            1 => (TC_ROWS * (TC_KEYS + 1) + TC_ROWS * (self.wh + self.ww) as usize) * 4,
+            _ => 0,
+        };
+        elem * 4 * TC_KEYS * ldt + 4 * TC_KEYS * 4 + rel
+    }
+
+    /// Whether every 64-key tile is one whole row of the window, with the decomposed term
+    /// (`wa_row_tiles` in the source).
+    fn row_tiles(&self) -> bool {
+        self.rel == 1 && self.ww as usize == TC_KEYS
+    }
+
+    /// `bwd_kv_tc` and `bwd_q_tc`: four warps per 64 keys, or per 64 queries, of a (window, head).
     pub fn attention_bwd_tc(&self) -> Launch {
         self.per_window_head(TC_KEYS, TC_THREADS)
     }
@@ -451,17 +472,19 @@ pub mod run {
         let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
         let (outv, lsev, doutv) = (view::<T>(&os, ol)?, view::<f32>(&ls, ll)?, view::<T>(&ds, dl)?);
         if o.tensor_cores()? {
-            // Half types on the tensor cores: D per row, the key-block kernel, then dq.
+            // Half types on the tensor cores: D per row, the key pass (dk, dv), the query pass
+            // (dq before the decomposed term's share, the rel-pos gradients), then dq.
             let module = g.module(o.dtype);
             let fd = function(&o.dev, &module, &o.name("bwd_dsum_tc")?)?;
             let mut l = fd.builder();
             l.arg(&outv).arg(&doutv).arg(&mut dsum).arg(&g);
             unsafe { l.launch(config(g.bwd_dsum_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
             let mut dq = zeros::<f32>(&o.dev, g.rows() * g.hd as usize)?;
-            let ft = function(&o.dev, &module, &o.name("bwd_tc")?)?;
-            let bytes = g.tc_bwd_shared_bytes();
-            ft.allow_shared_bytes(bytes)?;
-            let mut l = ft.builder();
+            let elem = o.dtype.size_in_bytes();
+            let fkv = function(&o.dev, &module, &o.name("bwd_kv_tc")?)?;
+            let bytes = g.tc_bwd_kv_shared_bytes(elem);
+            fkv.allow_shared_bytes(bytes)?;
+            let mut l = fkv.builder();
             l.arg(&q)
                 .arg(&b)
                 .arg(&relh)
@@ -469,13 +492,25 @@ pub mod run {
                 .arg(&rb)
                 .arg(&doutv)
                 .arg(&lsev)
-                .arg(&dsum)
-                .arg(&mut dq);
-            l.arg(&mut drelh)
+                .arg(&dsum);
+            l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
+            unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+            let fqt = function(&o.dev, &module, &o.name("bwd_q_tc")?)?;
+            let bytes = g.tc_bwd_q_shared_bytes(elem);
+            fqt.allow_shared_bytes(bytes)?;
+            let mut l = fqt.builder();
+            l.arg(&q)
+                .arg(&b)
+                .arg(&relh)
+                .arg(&relw)
+                .arg(&rb)
+                .arg(&doutv)
+                .arg(&lsev)
+                .arg(&dsum);
+            l.arg(&mut dq)
+                .arg(&mut drelh)
                 .arg(&mut drelw)
                 .arg(&mut drelbias)
-                .arg(&mut dbias)
-                .arg(&mut dqkv)
                 .arg(&g);
             unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
             let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;

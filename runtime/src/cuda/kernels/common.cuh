@@ -173,6 +173,73 @@ __device__ __forceinline__ unsigned load32(const void* p) { return *reinterpret_
 #endif
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
 
+// Asynchronous copies from global to shared memory (cp.async, compute 8.0 and later), so a
+// block can fetch its next tile while it computes on the current one: `cp_async16` moves 16
+// bytes (both addresses 16-byte aligned), `cp_async4` 4; a null source stores zeros instead.
+// `cp_async_commit` closes the group of copies this thread issued since the last one;
+// `cp_async_wait<N>` returns once all but the N newest groups have landed (this thread's
+// copies only: a block barrier must follow before other threads read them). The emulator
+// copies at once. (Defined for compute 8.0 and later only, as the kernels that use them.)
+#ifdef VITDET_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    if (src == nullptr) {
+        store16(dst, vec16{0u, 0u, 0u, 0u});
+        return;
+    }
+    emu::check_aligned(src, 16);
+    store16(dst, load16(src));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    emu::check_aligned(dst, 4);
+    if (src == nullptr) memset(dst, 0, 4);
+    else memcpy(dst, src, 4);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    if (src == nullptr) {
+        store16(dst, vec16{0u, 0u, 0u, 0u});
+        return;
+    }
+    // .ca: through L1, where the other threads reading the same 32-byte sectors find them.
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    if (src == nullptr) {
+        *reinterpret_cast<unsigned*>(dst) = 0u;
+        return;
+    }
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(shared_address(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+
+// Four 8x8 matrices of 16-bit elements from shared memory, transposed (ldmatrix.x4.trans):
+// lane l gives the address of row l % 8 of matrix l / 8 (16-byte aligned); r[m] receives
+// elements (2 (lane % 4), lane / 4) and (2 (lane % 4) + 1, lane / 4) of matrix m. Every lane
+// of the warp calls it (in the emulator every thread of the block).
+#ifdef VITDET_EMU
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4_trans(r, row); }
+#elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
+#endif
+
 // Two 16-bit values packed into one mma register, `lo` in the low half.
 template <class T>
 __device__ __forceinline__ unsigned pack2(T lo, T hi) {

@@ -427,8 +427,6 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 // term (global attention at side TC_BK): that term's column part is then the same in every tile.
 __device__ __forceinline__ bool wa_row_tiles(const WinGeom& g) { return g.rel == 1 && g.ww == TC_BK; }
 #define TC_LDV (TC_BK + 8)   // of the transposed key tiles [d][key] (elements)
-#define TC_LDQ (TC_BQ + 8)   // of the backward's transposed query tiles [d][query] (elements)
-#define TC_LDP (TC_BK + 8)   // of the backward's dS tile (elements)
 
 // Element 0 of head h's part (0 q, 1 k, 2 v) for token `k`: its slice of the token's qkv row,
 // the qkv bias for a padded token, or null (zeros) for a padded token without a bias.
@@ -668,24 +666,31 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     }
 VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
 
-// Tensor-core backward for f16 / bf16, flash-attention-2 style. Three kernels:
-// `wa_bwd_dsum_tc` stores D = rowsum(dout * out) per row; `wa_bwd_tc` gives a block of four
-// warps TC_BK = 64 keys of a (window, head) (16 per warp) and streams the queries in tiles of
-// TC_BQ = 64: each warp recomputes S^T = K Q^T and dP^T = V dO^T for its keys on the mma, turns
-// them in registers into P^T = exp(scale s + rel - lse) and dS^T = P^T (dP^T - D), and feeds
-// those accumulator fragments straight back as A operands of dV += P^T dO and dK += dS^T Q
-// (the m16n8 accumulator layout of two adjacent column tiles is the m16k16 A layout). dS also
-// goes to shared memory (as T for dQ += scale dS K, accumulated across key blocks into a
-// global f32 buffer with atomicAdd; as f32 for the decomposed term's row sums). Then
-// `wa_bwd_dq_tc` adds the decomposed term's q-gradient and writes dq into dqkv. The results
-// are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`): drelh / drelw rows, the BEiT drelbias and the
-// padded keys' share of dbias through atomicAdd. Dynamic shared memory: see
-// `tc_bwd_shared_bytes` (Rust).
-#define TC_LDB (TC_BK + 1)  // row stride of the f32 dS tile: one thread per query row reads columns
-#define TC_BWD_THREADS (2 * TC_BQ)                          // threads of `wa_bwd_tc`
-#define TC_BWD_TILE_LOADS (TC_BQ * (HD / 8) / TC_BWD_THREADS)  // 16-byte loads per thread per tile
-#define TC_BWD_TILE_ROUND 4                                 // of which in flight at once
-#define TC_BWD_RELW_ROUND 32                                // relw loads in flight per thread (all)
+// Tensor-core backward for f16 / bf16, flash-attention-2 style, in four kernels:
+// - `wa_bwd_dsum_tc` stores D = rowsum(dout * out) per query row;
+// - `wa_bwd_kv_tc` gives a block of four warps TC_BK = 64 keys of a (window, head), 16 per
+//   warp, and streams the queries past them in tiles of TC_BQ = 64: each warp recomputes
+//   S^T = K Q^T and dP^T = V dO^T for its keys, turns them in registers into
+//   P^T = exp(scale s + rel - lse) and dS^T = P^T (dP^T - D), and feeds those accumulator
+//   fragments straight back as A operands of dV += P^T dO and dK += dS^T Q (the m16n8
+//   accumulator layout of two adjacent column tiles is the m16k16 A layout);
+// - `wa_bwd_q_tc` gives a block 64 queries and streams the keys, as the forward does:
+//   S = Q K^T and dP = dO V^T again, then dQ += dS K, and the decomposed term's gradients
+//   (dS summed by key row and by key column) and the BEiT bias's;
+// - `wa_bwd_dq_tc` adds the decomposed term's q-gradient and writes dq into dqkv.
+// Every block owns what it writes, so dq, dk, dv and the decomposed rows need no atomics; only
+// the BEiT bias (shared by the windows) and the qkv bias's padded-token share (by the keys)
+// are summed with atomicAdd. Recomputing S and dP in both key and query passes costs two more
+// products per tile pair, which is cheap beside the atomics it replaces.
+//
+// Each streamed tile is fetched with cp.async into one of two shared-memory stages while the
+// block computes on the other. Products that read a tile transposed (the rows of dO, Q and K
+// as B operands along their rows) take their fragments with ldmatrix.trans, so every tile is
+// stored once, as rows. The results are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`). Dynamic
+// shared memory: see `tc_bwd_kv_shared_bytes` and `tc_bwd_q_shared_bytes` (Rust).
+#define TC_LDB (TC_BK + 1)       // row stride of the f32 dS tile: one thread per query row reads columns
+#define TC_LDR (TC_BK + 4)       // of the f32 relw tiles: 16-byte rows, consecutive rows 4 banks apart
+#define TC_BWD_THREADS (2 * TC_BQ)  // threads of the backward's key and query blocks
 
 // D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
 // grid ceil(rows / BQ), BQ threads.
@@ -706,44 +711,104 @@ __device__ void wa_bwd_dsum_tc(const T* out, const T* dout, float* dsum, WinGeom
     dsum[row] = acc;
 }
 
-// The key-block kernel. Grid (ceil(N / TC_BK), heads, windows), 2 * TC_BQ = 128 threads (the
-// decomposed row sums split the threads in two halves of one query row each). `dq` is
-// [rows, HD] f32, zero-filled; drelh, drelw, drelbias, dbias zero-filled as for the f32 kernels.
+// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null) into shared `dst`: an
+// asynchronous copy where `vec` (see `tc_load8`), else element by element at once.
 template <class T>
-__device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
-                          const T* dout, const float* lse, const float* dsum, float* dq, float* drelh, float* drelw,
-                          float* drelbias, float* dbias, T* dqkv, WinGeom g) {
+__device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec) {
+    if (vec) cp_async16(dst, src ? src + d0 : nullptr);
+    else store16(dst, tc_load8(src, d0, false));
+}
+
+// The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
+// product whose B operand is stored as rows: B(k, c) = m[k * ld + c] (dO or Q in the key
+// pass, K in the query pass), through ldmatrix.trans.
+template <class T>
+__device__ __forceinline__ void wa_tc_frag_b_rows(unsigned b[4], const T* m, int ld, int k0, int n0, int lane) {
+    ldmatrix_x4_trans(b, m + (k0 + (lane & 15)) * ld + n0 + (lane & 16 ? 8 : 0));
+}
+
+// One stage of the key pass: query tile i0's Q and dO rows (zero for padded queries), their
+// lse, D and validity, and where the keys are one row `ky` of the window (`row_tiles`) their
+// relh at that row and relw rows. Each thread takes one query row (tid % TC_BQ), so that it
+// finds its token once.
+template <class T>
+__device__ __forceinline__ void wa_bwd_kv_stage(const T* qkv, const T* bias, const T* dout, const float* lse,
+                                                const float* dsum, const float* relh, const float* relw,
+                                                const WinGeom& g, int w, int h, long rows0, int i0, int ky,
+                                                bool row_tiles, bool vec, T* qs, T* dos, float* q_lse, float* q_d,
+                                                float* q_relh, int* q_valid, float* relw_tile) {
+    const int n = g.wh * g.ww, tid = threadIdx.x;
+    const int r = tid % TC_BQ, i = i0 + r;
+    const T *q = nullptr, *d = nullptr;
+    bool valid = false;
+    if (i < n) {
+        const Tok qt = token(g, w, i);
+        valid = qt.valid;
+        if (valid) {
+            q = head_slice(qkv, bias, g, qt, 0, h);
+            d = dout + token_row(g, qt, g.channels) + h * HD;
+        }
+    }
+    for (int c = tid / TC_BQ; c < HD / 8; c += TC_BWD_THREADS / TC_BQ) {
+        tc_copy8(qs + r * TC_LDT + c * 8, q, c * 8, vec);
+        tc_copy8(dos + r * TC_LDT + c * 8, d, c * 8, vec);
+    }
+    if (tid < TC_BQ) {
+        const long row = rows0 + i;
+        q_valid[r] = valid;
+        cp_async4(q_lse + r, valid ? lse + row : nullptr);
+        cp_async4(q_d + r, valid ? dsum + row : nullptr);
+        if (row_tiles) cp_async4(q_relh + r, valid ? relh + row * g.wh + ky : nullptr);
+    }
+    if (row_tiles)
+        for (int e = tid; e < TC_BQ * (TC_BK / 4); e += TC_BWD_THREADS) {
+            const int rr = e / (TC_BK / 4), c4 = e % (TC_BK / 4) * 4, ii = i0 + rr;
+            cp_async16(relw_tile + rr * TC_LDR + c4, ii < n ? relw + (rows0 + ii) * g.ww + c4 : nullptr);
+        }
+}
+
+// The key pass. Grid (ceil(N / TC_BK), heads, windows), TC_BWD_THREADS threads: dk and dv of
+// the block's keys into dqkv, the padded keys' share into dbias (zero-filled).
+template <class T>
+__device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                             const T* dout, const float* lse, const float* dsum, float* dbias, T* dqkv, WinGeom g) {
     DYNAMIC_SHARED(unsigned char, smem);
-    // K, V, Q and dO as rows; K, Q and dO also transposed ([d][key or query]), for the
-    // products that take them as B operands along their rows (dQ += dS K, dK += dS^T Q,
-    // dV += P^T dO), so that every fragment is adjacent pairs.
+    // The block's K and V rows; then per stage the Q and dO rows, four per-query values, and
+    // (row tiles only) the relw rows.
     T* ks = reinterpret_cast<T*>(smem);
     T* vs = ks + TC_BK * TC_LDT;
-    T* kts = vs + TC_BK * TC_LDT;                                 // stride TC_LDV
-    T* qs = kts + HD * TC_LDV;
-    T* dos = qs + TC_BQ * TC_LDT;
-    T* qts = dos + TC_BQ * TC_LDT;                                // stride TC_LDQ
-    T* dots = qts + HD * TC_LDQ;                                  // stride TC_LDQ
-    T* dss = dots + HD * TC_LDQ;                                  // dS [query][key], stride TC_LDP
-    float* dsf = reinterpret_cast<float*>(dss + TC_BQ * TC_LDP);  // dS [query][key] f32, stride TC_LDB
-    float* q_lse = dsf + TC_BQ * TC_LDB;
-    float* q_d = q_lse + TC_BQ;
-    int* q_valid = reinterpret_cast<int*>(q_d + TC_BQ);
-    float* q_relh = reinterpret_cast<float*>(q_valid + TC_BQ);
+    T* stage_tiles = vs + TC_BK * TC_LDT;                                         // 2 x (Q, dO)
+    float* stage_rows = reinterpret_cast<float*>(stage_tiles + 4 * TC_BQ * TC_LDT);  // 2 x 4 x TC_BQ
+    float* stage_relw = stage_rows + 8 * TC_BQ;                                   // 2 x TC_BQ x TC_LDR
 
     const int n = g.wh * g.ww;
     const int h = blockIdx.y, w = blockIdx.z;
     const int j0 = blockIdx.x * TC_BK;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int gq = lane / 4, tq = lane % 4;
-    const int r0 = warp * 16;  // this warp's keys (rows of S^T, dK, dV) and queries (rows of dQ)
+    const int r0 = warp * 16;  // this warp's keys: rows of S^T, dK, dV
     const long rows0 = ((long)w * g.heads + h) * n;  // row of query 0
-    // This block's keys are one whole row of the window.
     const bool row_tiles = wa_row_tiles(g);
-
-    // This block's keys and values; keys past N are zero (and masked out of P below).
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
-    tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, kts, vs, (T*)nullptr);
+
+    // This thread's two keys (fragment rows gq and gq + 8) and their place in the window.
+    int key_y[2], key_x[2];
+    for (int k = 0; k < 2; ++k) {
+        key_y[k] = (j0 + r0 + gq + 8 * k) / g.ww;
+        key_x[k] = (j0 + r0 + gq + 8 * k) % g.ww;
+    }
+
+    auto stage = [&](int s, int i0) {
+        T* qs = stage_tiles + s * 2 * TC_BQ * TC_LDT;
+        float* rows = stage_rows + s * 4 * TC_BQ;
+        wa_bwd_kv_stage(qkv, bias, dout, lse, dsum, relh, relw, g, w, h, rows0, i0, j0 / g.ww, row_tiles, vec, qs,
+                        qs + TC_BQ * TC_LDT, rows, rows + TC_BQ, rows + 2 * TC_BQ,
+                        reinterpret_cast<int*>(rows + 3 * TC_BQ), stage_relw + s * TC_BQ * TC_LDR);
+        cp_async_commit();
+    };
+    stage(0, 0);
+    // Keys past N are zero (and masked out of P below).
+    tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, (T*)nullptr, vs, (T*)nullptr);
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
@@ -753,182 +818,85 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
             dv[nt][o] = 0.0f;
         }
 
-    for (int i0 = 0; i0 < n; i0 += TC_BQ) {
-        // The query tile: q and dout of unpadded queries, zero elsewhere (their P is zero), as
-        // rows and transposed; consecutive threads take consecutive queries (see
-        // `tc_load_key_tile`). The block holds too few warps (two per scheduler) to hide global
-        // loads one at a time, so they are issued in rounds of TC_BWD_TILE_ROUND, each before
-        // its shared-memory stores.
-#pragma unroll
-        for (int u0 = 0; u0 < TC_BWD_TILE_LOADS; u0 += TC_BWD_TILE_ROUND) {
-            vec16 qx[TC_BWD_TILE_ROUND], dx[TC_BWD_TILE_ROUND];
-#pragma unroll
-            for (int u = 0; u < TC_BWD_TILE_ROUND && u0 + u < TC_BWD_TILE_LOADS; ++u) {
-                const int e = tid + (u0 + u) * TC_BWD_THREADS;
-                const int r = e % TC_BQ, d0 = e / TC_BQ * 8, i = i0 + r;
-                const T *q = nullptr, *d = nullptr;
-                if (i < n) {
-                    const Tok qt = token(g, w, i);
-                    if (qt.valid) {
-                        q = head_slice(qkv, bias, g, qt, 0, h);
-                        d = dout + token_row(g, qt, g.channels) + h * HD;
-                    }
-                }
-                qx[u] = tc_load8(q, d0, vec);
-                dx[u] = tc_load8(d, d0, vec);
-            }
-#pragma unroll
-            for (int u = 0; u < TC_BWD_TILE_ROUND && u0 + u < TC_BWD_TILE_LOADS; ++u) {
-                const int e = tid + (u0 + u) * TC_BWD_THREADS;
-                const int r = e % TC_BQ, d0 = e / TC_BQ * 8;
-                store16(qs + r * TC_LDT + d0, qx[u]);
-                store16(dos + r * TC_LDT + d0, dx[u]);
-                tc_store8_t(qts, TC_LDQ, r, d0, qx[u]);
-                tc_store8_t(dots, TC_LDQ, r, d0, dx[u]);
-            }
-        }
-        for (int r = tid; r < TC_BQ; r += blockDim.x) {
-            const int i = i0 + r;
-            const bool valid = i < n && token(g, w, i).valid;
-            q_valid[r] = valid;
-            q_lse[r] = valid ? lse[rows0 + i] : 0.0f;
-            q_d[r] = valid ? dsum[rows0 + i] : 0.0f;
-            if (row_tiles) q_relh[r] = valid ? relh[(rows0 + i) * g.wh + j0 / g.ww] : 0.0f;
-        }
-        // Where this block's keys are one whole row of the window (global attention at side
-        // TC_BK), the tile's relw terms, read coalesced into the f32 dS tile that each element's
-        // dS then overwrites; loads first, as above. (Hoisting the per-query values above the
-        // tile loads as well makes ptxas spill.)
-        if (row_tiles) {
-#pragma unroll
-            for (int e0 = 0; e0 < TC_BQ * TC_BK; e0 += TC_BWD_RELW_ROUND * TC_BWD_THREADS) {
-                float v[TC_BWD_RELW_ROUND];
-#pragma unroll
-                for (int u = 0; u < TC_BWD_RELW_ROUND; ++u) {
-                    const int e = e0 + tid + u * TC_BWD_THREADS;
-                    const int r = e / TC_BK, kx = e % TC_BK, i = i0 + r;
-                    v[u] = i < n ? relw[(rows0 + i) * g.ww + kx] : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < TC_BWD_RELW_ROUND; ++u) {
-                    const int e = e0 + tid + u * TC_BWD_THREADS;
-                    dsf[e / TC_BK * TC_LDB + e % TC_BK] = v[u];
-                }
-            }
+    const int tiles = (n + TC_BQ - 1) / TC_BQ;
+    for (int t = 0; t < tiles; ++t) {
+        const int s = t & 1, i0 = t * TC_BQ;
+        // The next tile streams in while this one is used (its stage was released by the
+        // barrier that ended the previous iteration).
+        if (t + 1 < tiles) {
+            stage(s ^ 1, i0 + TC_BQ);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const T* qs = stage_tiles + s * 2 * TC_BQ * TC_LDT;
+        const T* dos = qs + TC_BQ * TC_LDT;
+        const float* q_lse = stage_rows + s * 4 * TC_BQ;
+        const float* q_d = q_lse + TC_BQ;
+        const float* q_relh = q_d + TC_BQ;
+        const int* q_valid = reinterpret_cast<const int*>(q_relh + TC_BQ);
+        const float* relw_tile = stage_relw + s * TC_BQ * TC_LDR;
 
-        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries.
-        float s[TC_BQ / 8][4], dp[TC_BQ / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_BQ / 8; ++nt) {
-#pragma unroll
-            for (int o = 0; o < 4; ++o) {
-                s[nt][o] = 0.0f;
-                dp[nt][o] = 0.0f;
-            }
-#pragma unroll
-            for (int kt = 0; kt < HD / 16; ++kt) {
-                unsigned a[4], b[2];
-                wa_tc_frag_a(a, ks, TC_LDT, r0, kt * 16, gq, tq);
-                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
-                mma_16816(s[nt], a, b, T());
-                wa_tc_frag_a(a, vs, TC_LDT, r0, kt * 16, gq, tq);
-                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
-                mma_16816(dp[nt], a, b, T());
-            }
-        }
-        // In place: s becomes P^T, dp becomes dS^T. dS is also published for dQ and the
-        // decomposed row sums; the BEiT bias gradient is dS itself.
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries
+        // (each A fragment read once per tile: holding them across tiles makes ptxas spill).
+        float sc[TC_BQ / 8][4], dp[TC_BQ / 8][4];
 #pragma unroll
         for (int nt = 0; nt < TC_BQ / 8; ++nt)
 #pragma unroll
             for (int o = 0; o < 4; ++o) {
-                const int key = r0 + gq + (o >= 2 ? 8 : 0), r = nt * 8 + 2 * tq + (o & 1);
+                sc[nt][o] = 0.0f;
+                dp[nt][o] = 0.0f;
+            }
+#pragma unroll
+        for (int kt = 0; kt < HD / 16; ++kt) {
+            unsigned ka[4], va[4];
+            wa_tc_frag_a(ka, ks, TC_LDT, r0, kt * 16, gq, tq);
+            wa_tc_frag_a(va, vs, TC_LDT, r0, kt * 16, gq, tq);
+#pragma unroll
+            for (int nt = 0; nt < TC_BQ / 8; ++nt) {
+                unsigned b[2];
+                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(sc[nt], ka, b, T());
+                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(dp[nt], va, b, T());
+            }
+        }
+        // In place: sc becomes P^T, dp becomes dS^T.
+#pragma unroll
+        for (int nt = 0; nt < TC_BQ / 8; ++nt)
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                const int k = o >= 2, key = r0 + gq + 8 * k, r = nt * 8 + 2 * tq + (o & 1);
                 const int j = j0 + key, i = i0 + r;
-                const bool live = q_valid[r] && j < n;
                 float p = 0.0f;
-                if (live) {
-                    const float rel = row_tiles ? q_relh[r] + dsf[r * TC_LDB + key]
-                                                : rel_logit(g, relh, relw, relbias, rows0 + i, h, i, j);
-                    const float x = g.scale * s[nt][o] + rel - q_lse[r];
-                    p = exp2f(x * WA_LOG2E);
+                if (q_valid[r] && j < n) {
+                    const float rel = row_tiles ? q_relh[r] + relw_tile[r * TC_LDR + key]
+                                                : rel_logit_at(g, relh, relw, relbias, rows0 + i, h, i, j, key_y[k],
+                                                               key_x[k]);
+                    p = exp2f((g.scale * sc[nt][o] + rel - q_lse[r]) * WA_LOG2E);
                 }
-                const float ds = p * (dp[nt][o] - q_d[r]);
-                s[nt][o] = p;
-                dp[nt][o] = ds;
-                dss[r * TC_LDP + key] = from_f32<T>(ds);
-                if (g.rel == 1) dsf[r * TC_LDB + key] = ds;
-                else if (g.rel == 2 && live) atomicAdd(&drelbias[((long)h * n + i) * n + j], ds);
+                sc[nt][o] = p;
+                dp[nt][o] = p * (dp[nt][o] - q_d[r]);
             }
         // dV += P^T dO, dK += dS^T Q (scale applied once at the end).
 #pragma unroll
         for (int kt = 0; kt < TC_BQ / 16; ++kt) {
             unsigned ap[4], ad[4];
-            wa_tc_acc_as_a<T>(ap, s, kt);
+            wa_tc_acc_as_a<T>(ap, sc, kt);
             wa_tc_acc_as_a<T>(ad, dp, kt);
 #pragma unroll
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                unsigned b[2];
-                wa_tc_frag_bt(b, dots, TC_LDQ, kt * 16, nt * 8, gq, tq);
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned b[4];
+                wa_tc_frag_b_rows(b, dos, TC_LDT, kt * 16, nt * 8, lane);
                 mma_16816(dv[nt], ap, b, T());
-                wa_tc_frag_bt(b, qts, TC_LDQ, kt * 16, nt * 8, gq, tq);
+                mma_16816(dv[nt + 1], ap, b + 2, T());
+                wa_tc_frag_b_rows(b, qs, TC_LDT, kt * 16, nt * 8, lane);
                 mma_16816(dk[nt], ad, b, T());
+                mma_16816(dk[nt + 1], ad, b + 2, T());
             }
         }
-        __syncthreads();
-
-        // dQ += scale dS K for this warp's 16 queries, summed over the key blocks in global f32.
-#pragma unroll
-        for (int nt = 0; nt < HD / 8; ++nt) {
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int kt = 0; kt < TC_BK / 16; ++kt) {
-                unsigned a[4], b[2];
-                wa_tc_frag_a(a, dss, TC_LDP, r0, kt * 16, gq, tq);
-                wa_tc_frag_bt(b, kts, TC_LDV, kt * 16, nt * 8, gq, tq);
-                mma_16816(c, a, b, T());
-            }
-#pragma unroll
-            for (int o = 0; o < 4; ++o) {
-                const int r = r0 + gq + (o >= 2 ? 8 : 0), d = nt * 8 + 2 * tq + (o & 1);
-                if (q_valid[r]) atomicAdd(&dq[(rows0 + i0 + r) * HD + d], g.scale * c[o]);
-            }
-        }
-        // Decomposed term: sums of dS over this block's keys by key row (drelh) and by key column
-        // (drelw). Where the keys are one row of the window, drelw's are dS itself (consecutive
-        // threads add consecutive columns of one query row: coalesced atomics) and drelh's one
-        // sum per query row (threads 0..63).
-        if (row_tiles) {
-            for (int e = tid; e < TC_BQ * TC_BK; e += blockDim.x) {
-                const int r = e / TC_BK, kx = e % TC_BK;
-                if (q_valid[r]) atomicAdd(&drelw[(rows0 + i0 + r) * g.ww + kx], dsf[r * TC_LDB + kx]);
-            }
-            if (tid < TC_BQ && q_valid[tid]) {
-                float sum = 0.0f;
-                for (int kx = 0; kx < TC_BK; ++kx) sum += dsf[tid * TC_LDB + kx];
-                atomicAdd(&drelh[(rows0 + i0 + tid) * g.wh + j0 / g.ww], sum);
-            }
-        } else if (g.rel == 1) {
-            const int r = tid % TC_BQ, i = i0 + r;
-            const int jend = imin(j0 + TC_BK, n);
-            const float* dsr = dsf + r * TC_LDB - j0;  // indexed by key
-            if (q_valid[r] && tid < TC_BQ) {
-                for (int a = j0 / g.ww; a * g.ww < jend; ++a) {
-                    float sum = 0.0f;
-                    const int start = a * g.ww > j0 ? a * g.ww : j0;
-                    for (int j = start; j < imin((a + 1) * g.ww, jend); ++j) sum += dsr[j];
-                    atomicAdd(&drelh[(rows0 + i) * g.wh + a], sum);
-                }
-            } else if (q_valid[r]) {
-                for (int b = 0; b < g.ww; ++b) {
-                    float sum = 0.0f;
-                    for (int j = j0 + (b - j0 % g.ww + g.ww) % g.ww; j < jend; j += g.ww) sum += dsr[j];
-                    atomicAdd(&drelw[(rows0 + i) * g.ww + b], sum);
-                }
-            }
-        }
-        __syncthreads();
+        __syncthreads();  // this stage is free for the tile after next
     }
 
     // dk, dv of this warp's keys: into dqkv for unpadded keys, the qkv bias for padded ones.
@@ -948,6 +916,248 @@ __device__ void wa_bwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 atomicAdd(&dbias[g.channels + h * HD + d], dkv);
                 atomicAdd(&dbias[2 * g.channels + h * HD + d], dv[nt][o]);
             }
+        }
+}
+
+// One stage of the query pass: key tile j0's K and V rows (zero past N) and the keys' place in
+// the window. Each thread takes one key (tid % TC_BK), so that it finds its token once.
+template <class T>
+__device__ __forceinline__ void wa_bwd_q_stage(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
+                                               bool vec, T* ks, T* vs, int* key_y, int* key_x) {
+    const int n = g.wh * g.ww, tid = threadIdx.x;
+    const int jj = tid % TC_BK, j = j0 + jj;
+    const T *k = nullptr, *v = nullptr;
+    if (j < n) {
+        const Tok kt = token(g, w, j);
+        k = head_slice(qkv, bias, g, kt, 1, h);
+        v = head_slice(qkv, bias, g, kt, 2, h);
+    }
+    for (int c = tid / TC_BK; c < HD / 8; c += TC_BWD_THREADS / TC_BK) {
+        tc_copy8(ks + jj * TC_LDT + c * 8, k, c * 8, vec);
+        tc_copy8(vs + jj * TC_LDT + c * 8, v, c * 8, vec);
+    }
+    if (tid < TC_BK) {
+        key_y[jj] = j / g.ww;
+        key_x[jj] = j % g.ww;
+    }
+}
+
+// The query pass. Grid (ceil(N / TC_BQ), heads, windows), TC_BWD_THREADS threads: dq (f32,
+// before the decomposed term's share) of the block's queries into `dq`, their drelh and drelw
+// rows, and their share of drelbias (zero-filled, atomicAdd).
+template <class T>
+__device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
+                            const T* dout, const float* lse, const float* dsum, float* dq, float* drelh,
+                            float* drelw, float* drelbias, WinGeom g) {
+    DYNAMIC_SHARED(unsigned char, smem);
+    // Per stage the K and V rows and the keys' window coordinates; then, for the decomposed
+    // term, either (row tiles) the block's relw rows and their gradient, or the f32 dS tile and
+    // the block's drelh and drelw rows.
+    T* stage_tiles = reinterpret_cast<T*>(smem);                                   // 2 x (K, V)
+    int* stage_keys = reinterpret_cast<int*>(stage_tiles + 4 * TC_BK * TC_LDT);   // 2 x (y, x) x TC_BK
+    float* rel_area = reinterpret_cast<float*>(stage_keys + 4 * TC_BK);
+    float* relw_rows = rel_area;                       // row tiles: [TC_BQ][TC_LDR]
+    float* drelw_rows = relw_rows + TC_BQ * TC_LDR;    // row tiles: [TC_BQ][TC_LDR]
+    float* dsf = rel_area;                             // else: dS [query][key], stride TC_LDB
+    float* drelh_acc = dsf + TC_BQ * TC_LDB;           // else: [TC_BQ][wh]
+    float* drelw_acc = drelh_acc + TC_BQ * g.wh;       // else: [TC_BQ][ww]
+
+    const int n = g.wh * g.ww;
+    const int h = blockIdx.y, w = blockIdx.z;
+    const int i0 = blockIdx.x * TC_BQ;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, tq = lane % 4;
+    const int r0 = warp * 16;  // this warp's queries: rows of S, dP, dQ
+    const long rows0 = ((long)w * g.heads + h) * n;
+    const bool row_tiles = wa_row_tiles(g);
+    const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
+
+    auto stage = [&](int s, int j0) {
+        T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
+        int* keys = stage_keys + s * 2 * TC_BK;
+        wa_bwd_q_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
+        cp_async_commit();
+    };
+    // The block's Q and dO rows go through stage 1's tiles into this warp's A fragments, kept
+    // in registers for the whole key loop; stage 0 streams the first keys meanwhile.
+    stage(0, 0);
+    {
+        T* qs = stage_tiles + 2 * TC_BK * TC_LDT;
+        T* dos = qs + TC_BK * TC_LDT;
+        const int r = tid % TC_BQ, i = i0 + r;
+        const T *q = nullptr, *d = nullptr;
+        if (i < n) {
+            const Tok qt = token(g, w, i);
+            if (qt.valid) {
+                q = head_slice(qkv, bias, g, qt, 0, h);
+                d = dout + token_row(g, qt, g.channels) + h * HD;
+            }
+        }
+        for (int c = tid / TC_BQ; c < HD / 8; c += TC_BWD_THREADS / TC_BQ) {
+            store16(qs + r * TC_LDT + c * 8, tc_load8(q, c * 8, vec));
+            store16(dos + r * TC_LDT + c * 8, tc_load8(d, c * 8, vec));
+        }
+    }
+    if (g.rel == 1)
+        for (int e = tid; e < TC_BQ * (row_tiles ? TC_LDR : g.wh + g.ww); e += TC_BWD_THREADS) {
+            if (row_tiles) {
+                const int r = e / TC_LDR, c = e % TC_LDR, i = i0 + r;
+                relw_rows[e] = i < n && c < TC_BK ? relw[(rows0 + i) * g.ww + c] : 0.0f;
+                drelw_rows[e] = 0.0f;
+            } else {
+                drelh_acc[e] = 0.0f;  // drelw_acc follows drelh_acc
+            }
+        }
+    __syncthreads();
+    unsigned qa[HD / 16][4], da[HD / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < HD / 16; ++kt) {
+        wa_tc_frag_a(qa[kt], stage_tiles + 2 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(da[kt], stage_tiles + 3 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
+    }
+    // The thread's two query rows (fragment rows gq and gq + 8), their lse and D.
+    int qi[2];
+    bool query[2];
+    long qrow[2];
+    float q_lse[2], q_d[2];
+    for (int r = 0; r < 2; ++r) {
+        qi[r] = i0 + r0 + gq + 8 * r;
+        query[r] = qi[r] < n && token(g, w, qi[r]).valid;
+        qrow[r] = rows0 + qi[r];
+        q_lse[r] = query[r] ? lse[qrow[r]] : 0.0f;
+        q_d[r] = query[r] ? dsum[qrow[r]] : 0.0f;
+    }
+    float dqa[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt)
+#pragma unroll
+        for (int o = 0; o < 4; ++o) dqa[nt][o] = 0.0f;
+    __syncthreads();  // stage 1 is free
+
+    const int tiles = (n + TC_BK - 1) / TC_BK;
+    for (int t = 0; t < tiles; ++t) {
+        const int s = t & 1, j0 = t * TC_BK;
+        // Row tiles: this tile is row j0 / ww of the window; its relh per query row.
+        float relh_row[2];
+        for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
+        if (t + 1 < tiles) {
+            stage(s ^ 1, j0 + TC_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
+        const T* vs = ks + TC_BK * TC_LDT;
+        const int* key_y = stage_keys + s * 2 * TC_BK;
+        const int* key_x = key_y + TC_BK;
+
+        // S = Q K^T and dP = dO V^T: this warp's 16 queries against the tile's 64 keys.
+        float sc[TC_BK / 8][4], dp[TC_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; ++nt) {
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                sc[nt][o] = 0.0f;
+                dp[nt][o] = 0.0f;
+            }
+#pragma unroll
+            for (int kt = 0; kt < HD / 16; ++kt) {
+                unsigned b[2];
+                wa_tc_frag_bt(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(sc[nt], qa[kt], b, T());
+                wa_tc_frag_bt(b, vs, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(dp[nt], da[kt], b, T());
+            }
+        }
+        // dS in place of dP; its sums for the decomposed term.
+        float hsum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < TC_BK / 8; ++nt)
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+                const int r = o / 2, row = r0 + gq + 8 * r, jj = nt * 8 + 2 * tq + (o & 1), j = j0 + jj;
+                const bool live = query[r] && j < n;
+                float p = 0.0f;
+                if (live) {
+                    const float rel = row_tiles ? relh_row[r] + relw_rows[row * TC_LDR + jj]
+                                                : rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j,
+                                                               key_y[jj], key_x[jj]);
+                    p = exp2f((g.scale * sc[nt][o] + rel - q_lse[r]) * WA_LOG2E);
+                }
+                const float ds = p * (dp[nt][o] - q_d[r]);
+                dp[nt][o] = ds;
+                if (row_tiles) {
+                    drelw_rows[row * TC_LDR + jj] += ds;  // this thread's own element
+                    hsum[r] += ds;
+                } else if (g.rel == 1) {
+                    dsf[row * TC_LDB + jj] = ds;
+                } else if (g.rel == 2 && live) {
+                    atomicAdd(&drelbias[((long)h * n + qi[r]) * n + j], ds);
+                }
+            }
+        // dQ += dS K (scale applied once at the end).
+#pragma unroll
+        for (int kt = 0; kt < TC_BK / 16; ++kt) {
+            unsigned a[4];
+            wa_tc_acc_as_a<T>(a, dp, kt);
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned b[4];
+                wa_tc_frag_b_rows(b, ks, TC_LDT, kt * 16, nt * 8, lane);
+                mma_16816(dqa[nt], a, b, T());
+                mma_16816(dqa[nt + 1], a, b + 2, T());
+            }
+        }
+        if (row_tiles) {
+            // The tile's keys are one row of the window: one drelh sum per query row, over the
+            // four threads that share it.
+            for (int r = 0; r < 2; ++r) {
+                hsum[r] += shfl_xor(hsum[r], 1);
+                hsum[r] += shfl_xor(hsum[r], 2);
+                if (tq == 0 && query[r]) drelh[qrow[r] * g.wh + j0 / g.ww] = hsum[r];
+            }
+        } else if (g.rel == 1) {
+            // dS summed by key row (threads 0..63, one query row each) and by key column
+            // (threads 64..127) into the block's rows.
+            __syncthreads();
+            const int r = tid % TC_BQ;
+            const int jend = imin(j0 + TC_BK, n);
+            const float* dsr = dsf + r * TC_LDB - j0;  // indexed by key
+            if (tid < TC_BQ) {
+                for (int a = j0 / g.ww; a * g.ww < jend; ++a) {
+                    float sum = 0.0f;
+                    const int start = a * g.ww > j0 ? a * g.ww : j0;
+                    for (int j = start; j < imin((a + 1) * g.ww, jend); ++j) sum += dsr[j];
+                    drelh_acc[r * g.wh + a] += sum;
+                }
+            } else {
+                for (int b = 0; b < g.ww; ++b) {
+                    float sum = 0.0f;
+                    for (int j = j0 + (b - j0 % g.ww + g.ww) % g.ww; j < jend; j += g.ww) sum += dsr[j];
+                    drelw_acc[r * g.ww + b] += sum;
+                }
+            }
+        }
+        __syncthreads();  // this stage (and the dS tile) is free
+    }
+
+    // dq of this warp's queries; the block's drelw (and drelh) rows.
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; ++nt)
+#pragma unroll
+        for (int o = 0; o < 4; ++o) {
+            const int r = o / 2;
+            if (query[r]) dq[qrow[r] * HD + nt * 8 + 2 * tq + (o & 1)] = g.scale * dqa[nt][o];
+        }
+    if (g.rel == 1)
+        for (int e = tid; e < TC_BQ * (row_tiles ? TC_BK : g.wh + g.ww); e += TC_BWD_THREADS) {
+            const int wide = row_tiles ? TC_BK : g.wh + g.ww;
+            const int r = e / wide, c = e % wide, i = i0 + r;
+            if (i >= n || !token(g, w, i).valid) continue;
+            if (row_tiles) drelw[(rows0 + i) * g.ww + c] = drelw_rows[r * TC_LDR + c];
+            else if (c < g.wh) drelh[(rows0 + i) * g.wh + c] = drelh_acc[r * g.wh + c];
+            else drelw[(rows0 + i) * g.ww + c - g.wh] = drelw_acc[r * g.ww + c - g.wh];
         }
 }
 
@@ -979,12 +1189,16 @@ __device__ void wa_bwd_dq_tc(const float* dq, const float* drelh, const float* d
                                                                 WinGeom g) {                                  \
         wa_bwd_dsum_tc<T>(out, dout, dsum, g);                                                                 \
     }                                                                                                          \
-    extern "C" __global__ void window_attention_bwd_tc_##S(                                                    \
+    extern "C" __global__ void window_attention_bwd_kv_tc_##S(                                                 \
+        const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias, const T* dout,    \
+        const float* lse, const float* dsum, float* dbias, T* dqkv, WinGeom g) {                               \
+        wa_bwd_kv_tc<T>(qkv, bias, relh, relw, relbias, dout, lse, dsum, dbias, dqkv, g);                      \
+    }                                                                                                          \
+    extern "C" __global__ void window_attention_bwd_q_tc_##S(                                                  \
         const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias, const T* dout,    \
         const float* lse, const float* dsum, float* dq, float* drelh, float* drelw, float* drelbias,           \
-        float* dbias, T* dqkv, WinGeom g) {                                                                    \
-        wa_bwd_tc<T>(qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, dbias, dqkv, \
-                     g);                                                                                       \
+        WinGeom g) {                                                                                           \
+        wa_bwd_q_tc<T>(qkv, bias, relh, relw, relbias, dout, lse, dsum, dq, drelh, drelw, drelbias, g);        \
     }                                                                                                          \
     extern "C" __global__ void window_attention_bwd_dq_tc_##S(const float* dq, const float* drelh,            \
                                                               const float* drelw, const T* rh, const T* rw,   \
