@@ -600,7 +600,7 @@ pub fn window_attention_tc_placed(op: &WindowAttention, x: &[Tensor], misaligned
     unsafe {
         (t.kernels.fwd)(
             g.attention_tc(),
-            g.tc_shared_bytes() as u32,
+            g.tc_shared_bytes(2) as u32,
             t.qkv(),
             t.ptr(t.bias),
             t.relh.as_ptr(),

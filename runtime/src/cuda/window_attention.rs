@@ -166,16 +166,17 @@ impl WinGeom {
         self.per_window_head(TC_ROWS, TC_THREADS)
     }
 
-    /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`): the Q and K
-    /// tiles and V transposed, in the input type (scores, probabilities and output stay in
-    /// registers).
-    pub fn tc_shared_bytes(&self) -> usize {
-        let hd = self.hd as usize;
-        let (ldt, ldv) = (hd + 8, TC_KEYS + 8);
-        2 * (TC_ROWS * ldt + TC_KEYS * ldt + hd * ldv)
+    /// Dynamic shared memory of `fwd_tc` (the layout at the top of `wa_fwd_tc`), for elements
+    /// of `elem` bytes: two stages of the K and V rows and the keys' window coordinates, and
+    /// where every key tile is one row of the window (`row_tiles`) the queries' f32 relw rows
+    /// (scores, probabilities and output stay in registers).
+    pub fn tc_shared_bytes(&self, elem: usize) -> usize {
+        let ldt = self.hd as usize + 8;
+        let relw = if self.row_tiles() { TC_ROWS * TC_LDR * 4 } else { 0 };
+        elem * 4 * TC_KEYS * ldt + 4 * TC_KEYS * 4 + relw
     }
 
-    /// Dynamic shared memory of `bwd_kv_tc` (the layout at the top of `wa_bwd_kv_tc`): the K
+    /// Dynamic shared memory of `bwd_kv_tc` (the layout at the top of `wa_bwd_kv_tc`), likewise: the K
     /// and V rows, and two stages of the Q and dO rows, four values per query and, where every
     /// key block is one row of the window (`row_tiles`), the queries' f32 relw rows.
     pub fn tc_bwd_kv_shared_bytes(&self, elem: usize) -> usize {
@@ -184,7 +185,7 @@ impl WinGeom {
         elem * (2 * TC_KEYS * ldt + 4 * TC_ROWS * ldt) + 2 * 4 * TC_ROWS * 4 + relw
     }
 
-    /// Dynamic shared memory of `bwd_q_tc` (the layout at the top of `wa_bwd_q_tc`): two stages
+    /// Dynamic shared memory of `bwd_q_tc` (the layout at the top of `wa_bwd_q_tc`), likewise: two stages
     /// of the K and V rows and the keys' window coordinates; then for the decomposed term either
     /// (`row_tiles`) the queries' relw rows and their gradient, or the f32 dS tile and the
     /// queries' drelh and drelw rows.
@@ -388,7 +389,7 @@ pub mod run {
         let tc = o.tensor_cores()?;
         let f = function(&o.dev, &g.module(o.dtype), &o.name(if tc { "fwd_tc" } else { "fwd" })?)?;
         let (launch, shared) = if tc {
-            let bytes = g.tc_shared_bytes();
+            let bytes = g.tc_shared_bytes(o.dtype.size_in_bytes());
             f.allow_shared_bytes(bytes)?;
             (g.attention_tc(), bytes as u32)
         } else {

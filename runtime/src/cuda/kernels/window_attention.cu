@@ -417,16 +417,17 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 // `tc_shared_bytes` (Rust).
 #define TC_BQ 64
 #define TC_BK 64
+#define TC_THREADS 128  // four warps of 16 rows
 // The tensor-core kernels exponentiate in base 2 (exp2f is the hardware's ex2; expf adds a
 // range reduction): logits are carried times log2 e, and the stored lse converted back.
 #define WA_LOG2E 1.4426950408889634f
 #define WA_LN2 0.6931471805599453f
 #define TC_LDT (HD + 8)      // row stride of the Q, K, V tiles (elements)
+#define TC_LDR (TC_BK + 4)   // of the f32 relw rows: 16-byte rows, consecutive rows 4 banks apart
 
 // Whether each TC_BK-key tile (or key block) is one whole row of the window, with the decomposed
 // term (global attention at side TC_BK): that term's column part is then the same in every tile.
 __device__ __forceinline__ bool wa_row_tiles(const WinGeom& g) { return g.rel == 1 && g.ww == TC_BK; }
-#define TC_LDV (TC_BK + 8)   // of the transposed key tiles [d][key] (elements)
 
 // Element 0 of head h's part (0 q, 1 k, 2 v) for token `k`: its slice of the token's qkv row,
 // the qkv bias for a padded token, or null (zeros) for a padded token without a bias.
@@ -450,36 +451,65 @@ __device__ __forceinline__ vec16 tc_load8(const T* src, int d0, bool vec) {
     return vec16{words[0], words[1], words[2], words[3]};
 }
 
-// Those 8 elements as column `c`, rows d0 .. d0 + 7, of a transposed shared tile (row stride
-// `ld`): tiles read as mma B operands along their rows, so that each fragment is adjacent pairs.
+// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null) into shared `dst`: an
+// asynchronous copy where `vec` (see `tc_load8`), else element by element at once.
 template <class T>
-__device__ __forceinline__ void tc_store8_t(T* tile, int ld, int c, int d0, vec16 x) {
-    const unsigned words[4] = {x.x, x.y, x.z, x.w};
-    for (int k = 0; k < 8; ++k) tile[(d0 + k) * ld + c].bits = (unsigned short)(words[k / 2] >> (16 * (k % 2)));
+__device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec) {
+    if (vec) cp_async16(dst, src ? src + d0 : nullptr);
+    else store16(dst, tc_load8(src, d0, false));
 }
 
-// Keys j0 .. j0 + TC_BK of (window w, head h), rows past the window's N zero: K as rows into
-// `ks` (when given) and transposed into `kt` (when given), V as rows into `vs` (when given) and
-// transposed into `vt` (when given). Consecutive threads take consecutive keys, so a warp's
-// transposed stores fill whole shared-memory words, free of bank conflicts (and its 16-byte row
-// stores land in distinct banks, TC_LDT * 2 bytes being an odd multiple of 16).
+// One stage of a key stream: key tile j0's K and V rows (zero past N) and, where given, the
+// keys' place in the window. Each thread takes one key (tid % TC_BK), so that it finds its
+// token once.
 template <class T>
-__device__ __forceinline__ void tc_load_key_tile(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
-                                                 bool vec, T* ks, T* kt, T* vs, T* vt) {
+__device__ __forceinline__ void wa_key_stage(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
+                                             bool vec, T* ks, T* vs, int* key_y, int* key_x) {
+    const int n = g.wh * g.ww, tid = threadIdx.x;
+    const int jj = tid % TC_BK, j = j0 + jj;
+    const T *k = nullptr, *v = nullptr;
+    if (j < n) {
+        const Tok kt = token(g, w, j);
+        k = head_slice(qkv, bias, g, kt, 1, h);
+        v = head_slice(qkv, bias, g, kt, 2, h);
+    }
+    for (int c = tid / TC_BK; c < HD / 8; c += TC_THREADS / TC_BK) {
+        tc_copy8(ks + jj * TC_LDT + c * 8, k, c * 8, vec);
+        tc_copy8(vs + jj * TC_LDT + c * 8, v, c * 8, vec);
+    }
+    if (key_y && tid < TC_BK) {
+        key_y[jj] = j / g.ww;
+        key_x[jj] = j % g.ww;
+    }
+}
+
+// Query tile i0's Q rows (the bias for padded tokens, zero past N) and, where `dos` is given,
+// its dO rows (zero for padded tokens), at once. One query row per thread, as above.
+template <class T>
+__device__ __forceinline__ void wa_query_rows(const T* qkv, const T* bias, const T* dout, const WinGeom& g, int w,
+                                              int h, int i0, bool vec, T* qs, T* dos) {
+    const int n = g.wh * g.ww, tid = threadIdx.x;
+    const int r = tid % TC_BQ, i = i0 + r;
+    const T *q = nullptr, *d = nullptr;
+    if (i < n) {
+        const Tok qt = token(g, w, i);
+        q = head_slice(qkv, bias, g, qt, 0, h);
+        if (qt.valid && dos) d = dout + token_row(g, qt, g.channels) + h * HD;
+    }
+    for (int c = tid / TC_BQ; c < HD / 8; c += TC_THREADS / TC_BQ) {
+        store16(qs + r * TC_LDT + c * 8, tc_load8(q, c * 8, vec));
+        if (dos) store16(dos + r * TC_LDT + c * 8, tc_load8(d, c * 8, vec));
+    }
+}
+
+// Where every key tile is one whole row of the window (`wa_row_tiles`), the decomposed term's
+// column part is the same in every tile: the relw rows of query tile i0 (zero past N, and in
+// the padding columns), f32 [TC_BQ][TC_LDR], read by the threads that own each element.
+__device__ __forceinline__ void wa_relw_rows(const float* relw, const WinGeom& g, long rows0, int i0, float* rows) {
     const int n = g.wh * g.ww;
-    for (int e = threadIdx.x; e < TC_BK * (HD / 8); e += blockDim.x) {
-        const int jj = e % TC_BK, d0 = e / TC_BK * 8, j = j0 + jj;
-        const T *k = nullptr, *v = nullptr;
-        if (j < n) {
-            const Tok tok = token(g, w, j);
-            k = head_slice(qkv, bias, g, tok, 1, h);
-            v = head_slice(qkv, bias, g, tok, 2, h);
-        }
-        const vec16 kx = tc_load8(k, d0, vec), vx = tc_load8(v, d0, vec);
-        if (ks) store16(ks + jj * TC_LDT + d0, kx);
-        if (kt) tc_store8_t(kt, TC_LDV, jj, d0, kx);
-        if (vs) store16(vs + jj * TC_LDT + d0, vx);
-        if (vt) tc_store8_t(vt, TC_LDV, jj, d0, vx);
+    for (int e = threadIdx.x; e < TC_BQ * TC_LDR; e += TC_THREADS) {
+        const int r = e / TC_LDR, c = e % TC_LDR, i = i0 + r;
+        rows[e] = i < n && c < TC_BK ? relw[(rows0 + i) * g.ww + c] : 0.0f;
     }
 }
 
@@ -504,6 +534,14 @@ __device__ __forceinline__ void wa_tc_frag_bt(unsigned b[2], const T* m, int ld,
     b[1] = load32(m + c * ld + k + 8);
 }
 
+// The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
+// product whose B operand is stored as rows: B(k, c) = m[k * ld + c] (dO or Q in the key
+// pass, K in the query pass), through ldmatrix.trans.
+template <class T>
+__device__ __forceinline__ void wa_tc_frag_b_rows(unsigned b[4], const T* m, int ld, int k0, int n0, int lane) {
+    ldmatrix_x4_trans(b, m + (k0 + (lane & 15)) * ld + n0 + (lane & 16 ? 8 : 0));
+}
+
 // The A fragment of columns 16 kt..16 kt+15 of a warp's 16-row accumulator `acc[tile][4]`
 // (8-column tiles), rounded to T.
 template <class T>
@@ -520,27 +558,36 @@ template <class T>
 __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
                           T* out, float* lse, WinGeom g) {
     DYNAMIC_SHARED(unsigned char, smem);
-    T* qs = reinterpret_cast<T*>(smem);
-    T* ks = qs + TC_BQ * TC_LDT;
-    T* vt = ks + TC_BK * TC_LDT;  // V transposed: [HD][TC_LDV]
+    // Two stages of the K and V rows and the keys' place in the window (the query rows pass
+    // through stage 1 first).
+    T* stage_tiles = reinterpret_cast<T*>(smem);                                 // 2 x (K, V)
+    int* stage_keys = reinterpret_cast<int*>(stage_tiles + 4 * TC_BK * TC_LDT);  // 2 x (y, x) x TC_BK
+    float* relw_rows = reinterpret_cast<float*>(stage_keys + 4 * TC_BK);        // row tiles only
 
     const int n = g.wh * g.ww;
     const int h = blockIdx.y, w = blockIdx.z;
     const int i0 = blockIdx.x * TC_BQ;
+    const bool row_tiles = wa_row_tiles(g);
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int gq = lane / 4, tq = lane % 4;
     const int r0 = warp * 16;
 
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias));
-    // The query tile, then this warp's Q fragments, kept in registers for the whole key loop.
-    for (int e = tid; e < TC_BQ * (HD / 8); e += blockDim.x) {
-        const int r = e / (HD / 8), d0 = e % (HD / 8) * 8, i = i0 + r;
-        const T* q = i < n ? head_slice(qkv, bias, g, token(g, w, i), 0, h) : nullptr;
-        store16(qs + r * TC_LDT + d0, tc_load8(q, d0, vec));
-    }
+    auto stage = [&](int s, int j0) {
+        T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
+        int* keys = stage_keys + s * 2 * TC_BK;
+        wa_key_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
+        cp_async_commit();
+    };
+    // The first keys stream in while the query tile is read, then this warp's Q fragments,
+    // kept in registers for the whole key loop.
+    stage(0, 0);
+    wa_query_rows(qkv, bias, (const T*)nullptr, g, w, h, i0, vec, stage_tiles + 2 * TC_BK * TC_LDT, (T*)nullptr);
+    if (row_tiles) wa_relw_rows(relw, g, ((long)w * g.heads + h) * n, i0, relw_rows);
     __syncthreads();
     unsigned qa[HD / 16][4];
-    for (int kt = 0; kt < HD / 16; ++kt) wa_tc_frag_a(qa[kt], qs, TC_LDT, r0, kt * 16, gq, tq);
+    for (int kt = 0; kt < HD / 16; ++kt)
+        wa_tc_frag_a(qa[kt], stage_tiles + 2 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
 
     // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
     // logits in log2 units), this thread's share of their sums (its columns; summed over the
@@ -560,30 +607,28 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     for (int nt = 0; nt < HD / 8; ++nt)
         for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
 
-    // Where every key tile is one whole row of the window (global attention at side TC_BK), the
-    // decomposed term's column part is the same in every tile: this thread's columns of its
-    // rows' relw stay in registers, and relh is read once per row and tile. The sums are the
-    // general path's.
-    const bool row_tiles = wa_row_tiles(g);
-    float relw_cols[2][TC_BK / 8][2];
-    for (int r = 0; r < 2; ++r)
-        for (int nt = 0; nt < TC_BK / 8; ++nt)
-            for (int c = 0; c < 2; ++c)
-                relw_cols[r][nt][c] = row_tiles && query[r] ? relw[qrow[r] * g.ww + nt * 8 + 2 * tq + c] : 0.0f;
-
-    // The tile's keys' positions in the window, for the decomposed term (one division each per
-    // tile rather than per logit).
-    __shared__ int key_y[TC_BK], key_x[TC_BK];
-    for (int j0 = 0; j0 < n; j0 += TC_BK) {
+    // Row tiles: the tile's relh is read once per row and tile, relw from the block's rows.
+    __syncthreads();  // stage 1 is free
+    const int tiles = (n + TC_BK - 1) / TC_BK;
+    for (int t = 0; t < tiles; ++t) {
+        const int s = t & 1, j0 = t * TC_BK;
         float relh_row[2];
         for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
-        __syncthreads();  // every warp is done with the previous K and V tiles
-        tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, (T*)nullptr, (T*)nullptr, vt);
-        for (int jj = tid; jj < TC_BK; jj += blockDim.x) {
-            key_y[jj] = (j0 + jj) / g.ww;
-            key_x[jj] = (j0 + jj) % g.ww;
+        // The next tile streams in while this one is used (its stage was released by the
+        // barrier that ended the previous iteration).
+        if (t + 1 < tiles) {
+            stage(s ^ 1, j0 + TC_BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
+        const T* vs = ks + TC_BK * TC_LDT;
+        // The keys' positions in the window, for the decomposed term (one division each per
+        // tile rather than per logit).
+        const int* key_y = stage_keys + s * 2 * TC_BK;
+        const int* key_x = key_y + TC_BK;
         // S = Q K^T: accumulator element e of tile nt is row gq + 8 (e / 2), key nt * 8 + 2 tq + e % 2.
         float sc[TC_BK / 8][4];
         for (int nt = 0; nt < TC_BK / 8; ++nt) {
@@ -602,7 +647,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
                 float s = VITDET_NEG_INF;
                 if (j < n) {
                     const float rel =
-                        row_tiles  ? relh_row[r] + relw_cols[r][nt][e % 2]
+                        row_tiles  ? relh_row[r] + relw_rows[(r0 + gq + 8 * r) * TC_LDR + jj]
                         : query[r] ? rel_logit_at(g, relh, relw, relbias, qrow[r], h, qi[r], j, key_y[jj], key_x[jj])
                                    : 0.0f;
                     s = (g.scale * sc[nt][e] + rel) * WA_LOG2E;
@@ -632,12 +677,14 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         for (int kt = 0; kt < TC_BK / 16; ++kt) {
             unsigned a[4];
             wa_tc_acc_as_a<T>(a, sc, kt);
-            for (int nt = 0; nt < HD / 8; ++nt) {
-                unsigned b[2];
-                wa_tc_frag_bt(b, vt, TC_LDV, kt * 16, nt * 8, gq, tq);
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                unsigned b[4];
+                wa_tc_frag_b_rows(b, vs, TC_LDT, kt * 16, nt * 8, lane);
                 mma_16816(o[nt], a, b, T());
+                mma_16816(o[nt + 1], a, b + 2, T());
             }
         }
+        __syncthreads();  // this stage is free for the tile after next
     }
     for (int r = 0; r < 2; ++r) {
         l[r] += shfl_xor(l[r], 1);
@@ -689,8 +736,6 @@ VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
 // stored once, as rows. The results are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`). Dynamic
 // shared memory: see `tc_bwd_kv_shared_bytes` and `tc_bwd_q_shared_bytes` (Rust).
 #define TC_LDB (TC_BK + 1)       // row stride of the f32 dS tile: one thread per query row reads columns
-#define TC_LDR (TC_BK + 4)       // of the f32 relw tiles: 16-byte rows, consecutive rows 4 banks apart
-#define TC_BWD_THREADS (2 * TC_BQ)  // threads of the backward's key and query blocks
 
 // D = dout . out per (window, head, query) row, zero for padded queries. One thread per row:
 // grid ceil(rows / BQ), BQ threads.
@@ -709,22 +754,6 @@ __device__ void wa_bwd_dsum_tc(const T* out, const T* dout, float* dsum, WinGeom
         for (int d = 0; d < HD; ++d) acc += to_f32(dout[o + d]) * to_f32(out[o + d]);
     }
     dsum[row] = acc;
-}
-
-// Elements d0 .. d0 + 7 of a tile row from `src` (zeros where null) into shared `dst`: an
-// asynchronous copy where `vec` (see `tc_load8`), else element by element at once.
-template <class T>
-__device__ __forceinline__ void tc_copy8(T* dst, const T* src, int d0, bool vec) {
-    if (vec) cp_async16(dst, src ? src + d0 : nullptr);
-    else store16(dst, tc_load8(src, d0, false));
-}
-
-// The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
-// product whose B operand is stored as rows: B(k, c) = m[k * ld + c] (dO or Q in the key
-// pass, K in the query pass), through ldmatrix.trans.
-template <class T>
-__device__ __forceinline__ void wa_tc_frag_b_rows(unsigned b[4], const T* m, int ld, int k0, int n0, int lane) {
-    ldmatrix_x4_trans(b, m + (k0 + (lane & 15)) * ld + n0 + (lane & 16 ? 8 : 0));
 }
 
 // One stage of the key pass: query tile i0's Q and dO rows (zero for padded queries), their
@@ -749,7 +778,7 @@ __device__ __forceinline__ void wa_bwd_kv_stage(const T* qkv, const T* bias, con
             d = dout + token_row(g, qt, g.channels) + h * HD;
         }
     }
-    for (int c = tid / TC_BQ; c < HD / 8; c += TC_BWD_THREADS / TC_BQ) {
+    for (int c = tid / TC_BQ; c < HD / 8; c += TC_THREADS / TC_BQ) {
         tc_copy8(qs + r * TC_LDT + c * 8, q, c * 8, vec);
         tc_copy8(dos + r * TC_LDT + c * 8, d, c * 8, vec);
     }
@@ -761,13 +790,13 @@ __device__ __forceinline__ void wa_bwd_kv_stage(const T* qkv, const T* bias, con
         if (row_tiles) cp_async4(q_relh + r, valid ? relh + row * g.wh + ky : nullptr);
     }
     if (row_tiles)
-        for (int e = tid; e < TC_BQ * (TC_BK / 4); e += TC_BWD_THREADS) {
+        for (int e = tid; e < TC_BQ * (TC_BK / 4); e += TC_THREADS) {
             const int rr = e / (TC_BK / 4), c4 = e % (TC_BK / 4) * 4, ii = i0 + rr;
             cp_async16(relw_tile + rr * TC_LDR + c4, ii < n ? relw + (rows0 + ii) * g.ww + c4 : nullptr);
         }
 }
 
-// The key pass. Grid (ceil(N / TC_BK), heads, windows), TC_BWD_THREADS threads: dk and dv of
+// The key pass. Grid (ceil(N / TC_BK), heads, windows), TC_THREADS threads: dk and dv of
 // the block's keys into dqkv, the padded keys' share into dbias (zero-filled).
 template <class T>
 __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
@@ -806,9 +835,9 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
                         reinterpret_cast<int*>(rows + 3 * TC_BQ), stage_relw + s * TC_BQ * TC_LDR);
         cp_async_commit();
     };
+    // The block's keys (zero past N, and masked out of P below), then the first query tile.
+    wa_key_stage(qkv, bias, g, w, h, j0, vec, ks, vs, (int*)nullptr, (int*)nullptr);
     stage(0, 0);
-    // Keys past N are zero (and masked out of P below).
-    tc_load_key_tile(qkv, bias, g, w, h, j0, vec, ks, (T*)nullptr, vs, (T*)nullptr);
     float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
     for (int nt = 0; nt < HD / 8; ++nt)
@@ -919,30 +948,7 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
         }
 }
 
-// One stage of the query pass: key tile j0's K and V rows (zero past N) and the keys' place in
-// the window. Each thread takes one key (tid % TC_BK), so that it finds its token once.
-template <class T>
-__device__ __forceinline__ void wa_bwd_q_stage(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int j0,
-                                               bool vec, T* ks, T* vs, int* key_y, int* key_x) {
-    const int n = g.wh * g.ww, tid = threadIdx.x;
-    const int jj = tid % TC_BK, j = j0 + jj;
-    const T *k = nullptr, *v = nullptr;
-    if (j < n) {
-        const Tok kt = token(g, w, j);
-        k = head_slice(qkv, bias, g, kt, 1, h);
-        v = head_slice(qkv, bias, g, kt, 2, h);
-    }
-    for (int c = tid / TC_BK; c < HD / 8; c += TC_BWD_THREADS / TC_BK) {
-        tc_copy8(ks + jj * TC_LDT + c * 8, k, c * 8, vec);
-        tc_copy8(vs + jj * TC_LDT + c * 8, v, c * 8, vec);
-    }
-    if (tid < TC_BK) {
-        key_y[jj] = j / g.ww;
-        key_x[jj] = j % g.ww;
-    }
-}
-
-// The query pass. Grid (ceil(N / TC_BQ), heads, windows), TC_BWD_THREADS threads: dq (f32,
+// The query pass. Grid (ceil(N / TC_BQ), heads, windows), TC_THREADS threads: dq (f32,
 // before the decomposed term's share) of the block's queries into `dq`, their drelh and drelw
 // rows, and their share of drelbias (zero-filled, atomicAdd).
 template <class T>
@@ -975,38 +981,19 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
     auto stage = [&](int s, int j0) {
         T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
         int* keys = stage_keys + s * 2 * TC_BK;
-        wa_bwd_q_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
+        wa_key_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
         cp_async_commit();
     };
     // The block's Q and dO rows go through stage 1's tiles into this warp's A fragments, kept
     // in registers for the whole key loop; stage 0 streams the first keys meanwhile.
     stage(0, 0);
-    {
-        T* qs = stage_tiles + 2 * TC_BK * TC_LDT;
-        T* dos = qs + TC_BK * TC_LDT;
-        const int r = tid % TC_BQ, i = i0 + r;
-        const T *q = nullptr, *d = nullptr;
-        if (i < n) {
-            const Tok qt = token(g, w, i);
-            if (qt.valid) {
-                q = head_slice(qkv, bias, g, qt, 0, h);
-                d = dout + token_row(g, qt, g.channels) + h * HD;
-            }
-        }
-        for (int c = tid / TC_BQ; c < HD / 8; c += TC_BWD_THREADS / TC_BQ) {
-            store16(qs + r * TC_LDT + c * 8, tc_load8(q, c * 8, vec));
-            store16(dos + r * TC_LDT + c * 8, tc_load8(d, c * 8, vec));
-        }
-    }
+    wa_query_rows(qkv, bias, dout, g, w, h, i0, vec, stage_tiles + 2 * TC_BK * TC_LDT,
+                  stage_tiles + 3 * TC_BK * TC_LDT);
+    if (row_tiles) wa_relw_rows(relw, g, rows0, i0, relw_rows);
     if (g.rel == 1)
-        for (int e = tid; e < TC_BQ * (row_tiles ? TC_LDR : g.wh + g.ww); e += TC_BWD_THREADS) {
-            if (row_tiles) {
-                const int r = e / TC_LDR, c = e % TC_LDR, i = i0 + r;
-                relw_rows[e] = i < n && c < TC_BK ? relw[(rows0 + i) * g.ww + c] : 0.0f;
-                drelw_rows[e] = 0.0f;
-            } else {
-                drelh_acc[e] = 0.0f;  // drelw_acc follows drelh_acc
-            }
+        for (int e = tid; e < TC_BQ * (row_tiles ? TC_LDR : g.wh + g.ww); e += TC_THREADS) {
+            if (row_tiles) drelw_rows[e] = 0.0f;
+            else drelh_acc[e] = 0.0f;  // drelw_acc follows drelh_acc
         }
     __syncthreads();
     unsigned qa[HD / 16][4], da[HD / 16][4];
@@ -1151,7 +1138,7 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
             if (query[r]) dq[qrow[r] * HD + nt * 8 + 2 * tq + (o & 1)] = g.scale * dqa[nt][o];
         }
     if (g.rel == 1)
-        for (int e = tid; e < TC_BQ * (row_tiles ? TC_BK : g.wh + g.ww); e += TC_BWD_THREADS) {
+        for (int e = tid; e < TC_BQ * (row_tiles ? TC_BK : g.wh + g.ww); e += TC_THREADS) {
             const int wide = row_tiles ? TC_BK : g.wh + g.ww;
             const int r = e / wide, c = e % wide, i = i0 + r;
             if (i >= n || !token(g, w, i).valid) continue;
