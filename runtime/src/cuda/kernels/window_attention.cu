@@ -820,11 +820,11 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
     const bool row_tiles = wa_row_tiles(g);
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
 
-    // This thread's two keys (fragment rows gq and gq + 8) and their place in the window.
-    int key_y[2], key_x[2];
-    for (int k = 0; k < 2; ++k) {
-        key_y[k] = (j0 + r0 + gq + 8 * k) / g.ww;
-        key_x[k] = (j0 + r0 + gq + 8 * k) % g.ww;
+    // The block's keys' place in the window (in shared memory: registers are the scarcer).
+    __shared__ int key_y[TC_BK], key_x[TC_BK];
+    for (int jj = tid; jj < TC_BK; jj += TC_THREADS) {
+        key_y[jj] = (j0 + jj) / g.ww;
+        key_x[jj] = (j0 + jj) % g.ww;
     }
 
     auto stage = [&](int s, int i0) {
@@ -896,13 +896,13 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
         for (int nt = 0; nt < TC_BQ / 8; ++nt)
 #pragma unroll
             for (int o = 0; o < 4; ++o) {
-                const int k = o >= 2, key = r0 + gq + 8 * k, r = nt * 8 + 2 * tq + (o & 1);
+                const int key = r0 + gq + (o >= 2 ? 8 : 0), r = nt * 8 + 2 * tq + (o & 1);
                 const int j = j0 + key, i = i0 + r;
                 float p = 0.0f;
                 if (q_valid[r] && j < n) {
                     const float rel = row_tiles ? q_relh[r] + relw_tile[r * TC_LDR + key]
-                                                : rel_logit_at(g, relh, relw, relbias, rows0 + i, h, i, j, key_y[k],
-                                                               key_x[k]);
+                                                : rel_logit_at(g, relh, relw, relbias, rows0 + i, h, i, j, key_y[key],
+                                                               key_x[key]);
                     p = exp2f((g.scale * sc[nt][o] + rel - q_lse[r]) * WA_LOG2E);
                 }
                 sc[nt][o] = p;
