@@ -246,6 +246,13 @@ fn tensor_core_backward_head_dim_64() {
     }
 }
 
+/// ViTDet's global blocks: head dim 64 with every 64-key tile one row of the window.
+#[test]
+fn tensor_cores_head_dim_64_rows_as_key_tiles() {
+    check_tc(DType::BF16, 64, [2, 64], [2, 64], WindowRelPos::Decomposed, true);
+    check_grad_tc(DType::BF16, 64, [2, 64], [2, 64], WindowRelPos::Decomposed, true);
+}
+
 /// The tile loads' two paths: 16-byte moves when qkv is 16-byte aligned, element by element
 /// when it is not (a view at an odd offset). They copy the same bits, so forward and backward
 /// must agree exactly (relative L2 0).

@@ -409,7 +409,9 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #if HD % 16 == 0 && (defined(VITDET_EMU) || __CUDA_ARCH__ >= 800)
 // Tensor-core forward for f16 / bf16 (head dims that are multiples of 16), flash-attention-2
 // style. A block of four warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in
-// tiles of TC_BK = 64 through shared memory: S = Q K^T and O += P V run on mma.m16n8k16 with
+// tiles of TC_BK = 64 through shared memory (each fetched with cp.async into one of two stages
+// while the block computes on the other, and stored as rows: V, which P V reads along its
+// columns, through ldmatrix.trans): S = Q K^T and O += P V run on mma.m16n8k16 with
 // f32 accumulators, and the scores, probabilities, output and row statistics never leave the
 // registers: a thread holds two rows' columns of each accumulator, the online softmax reduces
 // row maxima and sums over the four threads sharing a row (xor shuffles), and P's accumulator
