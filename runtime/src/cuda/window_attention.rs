@@ -482,38 +482,33 @@ pub mod run {
             unsafe { l.launch(config(g.bwd_dsum_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
             let mut dq = zeros::<f32>(&o.dev, g.rows() * g.hd as usize)?;
             let elem = o.dtype.size_in_bytes();
-            let fkv = function(&o.dev, &module, &o.name("bwd_kv_tc")?)?;
-            let bytes = g.tc_bwd_kv_shared_bytes(elem);
-            fkv.allow_shared_bytes(bytes)?;
-            let mut l = fkv.builder();
-            l.arg(&q)
-                .arg(&b)
-                .arg(&relh)
-                .arg(&relw)
-                .arg(&rb)
-                .arg(&doutv)
-                .arg(&lsev)
-                .arg(&dsum);
-            l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
-            unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
-            let fqt = function(&o.dev, &module, &o.name("bwd_q_tc")?)?;
-            let bytes = g.tc_bwd_q_shared_bytes(elem);
-            fqt.allow_shared_bytes(bytes)?;
-            let mut l = fqt.builder();
-            l.arg(&q)
-                .arg(&b)
-                .arg(&relh)
-                .arg(&relw)
-                .arg(&rb)
-                .arg(&doutv)
-                .arg(&lsev)
-                .arg(&dsum);
-            l.arg(&mut dq)
-                .arg(&mut drelh)
-                .arg(&mut drelw)
-                .arg(&mut drelbias)
-                .arg(&g);
-            unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+            for pass in ["bwd_kv_tc", "bwd_q_tc"] {
+                let kv = pass == "bwd_kv_tc";
+                let f = function(&o.dev, &module, &o.name(pass)?)?;
+                let bytes = if kv {
+                    g.tc_bwd_kv_shared_bytes(elem)
+                } else {
+                    g.tc_bwd_q_shared_bytes(elem)
+                };
+                f.allow_shared_bytes(bytes)?;
+                let mut l = f.builder();
+                // The two passes read the same inputs.
+                l.arg(&q)
+                    .arg(&b)
+                    .arg(&relh)
+                    .arg(&relw)
+                    .arg(&rb)
+                    .arg(&doutv)
+                    .arg(&lsev)
+                    .arg(&dsum);
+                if kv {
+                    l.arg(&mut dbias).arg(&mut dqkv);
+                } else {
+                    l.arg(&mut dq).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias);
+                }
+                l.arg(&g);
+                unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+            }
             let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;
             let mut l = fq.builder();
             l.arg(&dq)

@@ -515,6 +515,38 @@ __device__ __forceinline__ void wa_relw_rows(const float* relw, const WinGeom& g
     }
 }
 
+// The two-stage stream's step before tile t of `tiles` is used: issues tile t + 1 into the other
+// stage (`issue(t + 1)`, which commits its copies; that stage was released by the barrier that
+// ended the previous step), waits for tile t's copies, and meets the block.
+template <class Issue>
+__device__ __forceinline__ void wa_stream_step(int t, int tiles, Issue issue) {
+    if (t + 1 < tiles) {
+        issue(t + 1);
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+    __syncthreads();
+}
+
+// A thread's two query rows of a 64-query block (fragment rows gq and gq + 8 of its warp's 16):
+// index in the window, whether an unpadded token, and row of the per-row tables.
+struct WaQueryRows {
+    int i[2];
+    bool valid[2];
+    long row[2];
+};
+__device__ __forceinline__ WaQueryRows wa_query_rows_of(const WinGeom& g, int w, long rows0, int i0, int r0, int gq) {
+    const int n = g.wh * g.ww;
+    WaQueryRows q;
+    for (int r = 0; r < 2; ++r) {
+        q.i[r] = i0 + r0 + gq + 8 * r;
+        q.valid[r] = q.i[r] < n && token(g, w, q.i[r]).valid;
+        q.row[r] = rows0 + q.i[r];
+    }
+    return q;
+}
+
 // A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
 template <class T>
 __device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int gq, int tq) {
@@ -556,6 +588,24 @@ __device__ __forceinline__ void wa_tc_acc_as_a(unsigned a[4], const float acc[][
     a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
 }
 
+// This warp's 16 rows against a tile's 64 rows: S = A M^T, with A's fragments `a` (in
+// registers) and M the tile's rows (row stride TC_LDT). Accumulator element e of tile nt is row
+// gq + 8 (e / 2), column nt * 8 + 2 tq + e % 2.
+template <class T>
+__device__ __forceinline__ void wa_tc_rows_product(float s[][4], const unsigned a[][4], const T* m, int gq, int tq) {
+#pragma unroll
+    for (int nt = 0; nt < TC_BK / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+#pragma unroll
+        for (int kt = 0; kt < HD / 16; ++kt) {
+            unsigned b[2];
+            wa_tc_frag_bt(b, m, TC_LDT, kt * 16, nt * 8, gq, tq);
+            mma_16816(s[nt], a[kt], b, T());
+        }
+    }
+}
+
 template <class T>
 __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
                           T* out, float* lse, WinGeom g) {
@@ -594,17 +644,11 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
     // logits in log2 units), this thread's share of their sums (its columns; summed over the
     // quad at the end) and its columns of O.
-    int qi[2];
-    bool query[2];
-    long qrow[2];
-    float m[2], l[2];
-    for (int r = 0; r < 2; ++r) {
-        qi[r] = i0 + r0 + gq + 8 * r;
-        query[r] = qi[r] < n && token(g, w, qi[r]).valid;
-        qrow[r] = ((long)w * g.heads + h) * n + qi[r];
-        m[r] = VITDET_NEG_INF;
-        l[r] = 0.0f;
-    }
+    const WaQueryRows qr = wa_query_rows_of(g, w, ((long)w * g.heads + h) * n, i0, r0, gq);
+    const int* qi = qr.i;
+    const bool* query = qr.valid;
+    const long* qrow = qr.row;
+    float m[2] = {VITDET_NEG_INF, VITDET_NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[HD / 8][4];
     for (int nt = 0; nt < HD / 8; ++nt)
         for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
@@ -616,31 +660,16 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         const int s = t & 1, j0 = t * TC_BK;
         float relh_row[2];
         for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
-        // The next tile streams in while this one is used (its stage was released by the
-        // barrier that ended the previous iteration).
-        if (t + 1 < tiles) {
-            stage(s ^ 1, j0 + TC_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        wa_stream_step(t, tiles, [&](int next) { stage(next & 1, next * TC_BK); });
         const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
         const T* vs = ks + TC_BK * TC_LDT;
         // The keys' positions in the window, for the decomposed term (one division each per
         // tile rather than per logit).
         const int* key_y = stage_keys + s * 2 * TC_BK;
         const int* key_x = key_y + TC_BK;
-        // S = Q K^T: accumulator element e of tile nt is row gq + 8 (e / 2), key nt * 8 + 2 tq + e % 2.
+        // S = Q K^T.
         float sc[TC_BK / 8][4];
-        for (int nt = 0; nt < TC_BK / 8; ++nt) {
-            for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
-            for (int kt = 0; kt < HD / 16; ++kt) {
-                unsigned b[2];
-                wa_tc_frag_bt(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
-                mma_16816(sc[nt], qa[kt], b, T());
-            }
-        }
+        wa_tc_rows_product<T>(sc, qa, ks, gq, tq);
         // Logits, and the rows' new maxima over the quad that shares them.
         float mx[2] = {m[0], m[1]};
         for (int nt = 0; nt < TC_BK / 8; ++nt)
@@ -852,15 +881,7 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
     const int tiles = (n + TC_BQ - 1) / TC_BQ;
     for (int t = 0; t < tiles; ++t) {
         const int s = t & 1, i0 = t * TC_BQ;
-        // The next tile streams in while this one is used (its stage was released by the
-        // barrier that ended the previous iteration).
-        if (t + 1 < tiles) {
-            stage(s ^ 1, i0 + TC_BQ);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        wa_stream_step(t, tiles, [&](int next) { stage(next & 1, next * TC_BQ); });
         const T* qs = stage_tiles + s * 2 * TC_BQ * TC_LDT;
         const T* dos = qs + TC_BQ * TC_LDT;
         const float* q_lse = stage_rows + s * 4 * TC_BQ;
@@ -1004,15 +1025,13 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
         wa_tc_frag_a(qa[kt], stage_tiles + 2 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
         wa_tc_frag_a(da[kt], stage_tiles + 3 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
     }
-    // The thread's two query rows (fragment rows gq and gq + 8), their lse and D.
-    int qi[2];
-    bool query[2];
-    long qrow[2];
+    // The thread's two query rows, their lse and D.
+    const WaQueryRows qr = wa_query_rows_of(g, w, rows0, i0, r0, gq);
+    const int* qi = qr.i;
+    const bool* query = qr.valid;
+    const long* qrow = qr.row;
     float q_lse[2], q_d[2];
     for (int r = 0; r < 2; ++r) {
-        qi[r] = i0 + r0 + gq + 8 * r;
-        query[r] = qi[r] < n && token(g, w, qi[r]).valid;
-        qrow[r] = rows0 + qi[r];
         q_lse[r] = query[r] ? lse[qrow[r]] : 0.0f;
         q_d[r] = query[r] ? dsum[qrow[r]] : 0.0f;
     }
@@ -1029,13 +1048,7 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
         // Row tiles: this tile is row j0 / ww of the window; its relh per query row.
         float relh_row[2];
         for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
-        if (t + 1 < tiles) {
-            stage(s ^ 1, j0 + TC_BK);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        wa_stream_step(t, tiles, [&](int next) { stage(next & 1, next * TC_BK); });
         const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
         const T* vs = ks + TC_BK * TC_LDT;
         const int* key_y = stage_keys + s * 2 * TC_BK;
@@ -1043,22 +1056,8 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
 
         // S = Q K^T and dP = dO V^T: this warp's 16 queries against the tile's 64 keys.
         float sc[TC_BK / 8][4], dp[TC_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_BK / 8; ++nt) {
-#pragma unroll
-            for (int o = 0; o < 4; ++o) {
-                sc[nt][o] = 0.0f;
-                dp[nt][o] = 0.0f;
-            }
-#pragma unroll
-            for (int kt = 0; kt < HD / 16; ++kt) {
-                unsigned b[2];
-                wa_tc_frag_bt(b, ks, TC_LDT, kt * 16, nt * 8, gq, tq);
-                mma_16816(sc[nt], qa[kt], b, T());
-                wa_tc_frag_bt(b, vs, TC_LDT, kt * 16, nt * 8, gq, tq);
-                mma_16816(dp[nt], da[kt], b, T());
-            }
-        }
+        wa_tc_rows_product<T>(sc, qa, ks, gq, tq);
+        wa_tc_rows_product<T>(dp, da, vs, gq, tq);
         // dS in place of dP; its sums for the decomposed term.
         float hsum[2] = {0.0f, 0.0f};
 #pragma unroll
