@@ -547,6 +547,36 @@ __device__ __forceinline__ WaQueryRows wa_query_rows_of(const WinGeom& g, int w,
     return q;
 }
 
+// The two-stage key stream of the forward and the query pass, at the start of their dynamic
+// shared memory: per stage the K and V rows and the keys' place in the window (the block's
+// query rows pass through stage 1 before the stream starts).
+template <class T>
+struct WaKeyStream {
+    T* tiles;   // 2 x (K, V) rows
+    int* keys;  // 2 x (y, x) x TC_BK
+    __device__ explicit WaKeyStream(unsigned char* smem)
+        : tiles(reinterpret_cast<T*>(smem)), keys(reinterpret_cast<int*>(tiles + 4 * TC_BK * TC_LDT)) {}
+    // The shared memory after the stream's.
+    __device__ float* end() const { return reinterpret_cast<float*>(keys + 4 * TC_BK); }
+    __device__ T* k(int s) const { return tiles + s * 2 * TC_BK * TC_LDT; }
+    __device__ T* v(int s) const { return k(s) + TC_BK * TC_LDT; }
+    __device__ int* key_y(int s) const { return keys + s * 2 * TC_BK; }
+    __device__ int* key_x(int s) const { return key_y(s) + TC_BK; }
+    // Issues and commits key tile t into stage t % 2.
+    __device__ void issue(const T* qkv, const T* bias, const WinGeom& g, int w, int h, int t, bool vec) const {
+        const int s = t & 1;
+        wa_key_stage(qkv, bias, g, w, h, t * TC_BK, vec, k(s), v(s), key_y(s), key_x(s));
+        cp_async_commit();
+    }
+};
+
+// Row tiles: the relh of the thread's rows at key row ky (zero for padded rows, and without
+// row tiles).
+__device__ __forceinline__ void wa_relh_at(float out[2], const float* relh, const WinGeom& g, const WaQueryRows& q,
+                                           bool row_tiles, int ky) {
+    for (int r = 0; r < 2; ++r) out[r] = row_tiles && q.valid[r] ? relh[q.row[r] * g.wh + ky] : 0.0f;
+}
+
 // A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
 template <class T>
 __device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int gq, int tq) {
@@ -610,12 +640,8 @@ template <class T>
 __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const float* relw, const T* relbias,
                           T* out, float* lse, WinGeom g) {
     DYNAMIC_SHARED(unsigned char, smem);
-    // Two stages of the K and V rows and the keys' place in the window (the query rows pass
-    // through stage 1 first).
-    T* stage_tiles = reinterpret_cast<T*>(smem);                                 // 2 x (K, V)
-    int* stage_keys = reinterpret_cast<int*>(stage_tiles + 4 * TC_BK * TC_LDT);  // 2 x (y, x) x TC_BK
-    float* relw_rows = reinterpret_cast<float*>(stage_keys + 4 * TC_BK);        // row tiles only
-
+    const WaKeyStream<T> stream(smem);
+    float* relw_rows = stream.end();  // row tiles only
     const int n = g.wh * g.ww;
     const int h = blockIdx.y, w = blockIdx.z;
     const int i0 = blockIdx.x * TC_BQ;
@@ -625,21 +651,15 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     const int r0 = warp * 16;
 
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias));
-    auto stage = [&](int s, int j0) {
-        T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
-        int* keys = stage_keys + s * 2 * TC_BK;
-        wa_key_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
-        cp_async_commit();
-    };
     // The first keys stream in while the query tile is read, then this warp's Q fragments,
     // kept in registers for the whole key loop.
-    stage(0, 0);
-    wa_query_rows(qkv, bias, (const T*)nullptr, g, w, h, i0, vec, stage_tiles + 2 * TC_BK * TC_LDT, (T*)nullptr);
+    stream.issue(qkv, bias, g, w, h, 0, vec);
+    wa_query_rows(qkv, bias, (const T*)nullptr, g, w, h, i0, vec, stream.k(1), (T*)nullptr);
     if (row_tiles) wa_relw_rows(relw, g, ((long)w * g.heads + h) * n, i0, relw_rows);
     __syncthreads();
     unsigned qa[HD / 16][4];
     for (int kt = 0; kt < HD / 16; ++kt)
-        wa_tc_frag_a(qa[kt], stage_tiles + 2 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, gq, tq);
 
     // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
     // logits in log2 units), this thread's share of their sums (its columns; summed over the
@@ -659,14 +679,12 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     for (int t = 0; t < tiles; ++t) {
         const int s = t & 1, j0 = t * TC_BK;
         float relh_row[2];
-        for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
-        wa_stream_step(t, tiles, [&](int next) { stage(next & 1, next * TC_BK); });
-        const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
-        const T* vs = ks + TC_BK * TC_LDT;
+        wa_relh_at(relh_row, relh, g, qr, row_tiles, j0 / g.ww);
+        wa_stream_step(t, tiles, [&](int next) { stream.issue(qkv, bias, g, w, h, next, vec); });
+        const T *ks = stream.k(s), *vs = stream.v(s);
         // The keys' positions in the window, for the decomposed term (one division each per
         // tile rather than per logit).
-        const int* key_y = stage_keys + s * 2 * TC_BK;
-        const int* key_x = key_y + TC_BK;
+        const int *key_y = stream.key_y(s), *key_x = stream.key_x(s);
         // S = Q K^T.
         float sc[TC_BK / 8][4];
         wa_tc_rows_product<T>(sc, qa, ks, gq, tq);
@@ -979,12 +997,10 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
                             const T* dout, const float* lse, const float* dsum, float* dq, float* drelh,
                             float* drelw, float* drelbias, WinGeom g) {
     DYNAMIC_SHARED(unsigned char, smem);
-    // Per stage the K and V rows and the keys' window coordinates; then, for the decomposed
-    // term, either (row tiles) the block's relw rows and their gradient, or the f32 dS tile and
-    // the block's drelh and drelw rows.
-    T* stage_tiles = reinterpret_cast<T*>(smem);                                   // 2 x (K, V)
-    int* stage_keys = reinterpret_cast<int*>(stage_tiles + 4 * TC_BK * TC_LDT);   // 2 x (y, x) x TC_BK
-    float* rel_area = reinterpret_cast<float*>(stage_keys + 4 * TC_BK);
+    // The key stream; then, for the decomposed term, either (row tiles) the block's relw rows
+    // and their gradient, or the f32 dS tile and the block's drelh and drelw rows.
+    const WaKeyStream<T> stream(smem);
+    float* rel_area = stream.end();
     float* relw_rows = rel_area;                       // row tiles: [TC_BQ][TC_LDR]
     float* drelw_rows = relw_rows + TC_BQ * TC_LDR;    // row tiles: [TC_BQ][TC_LDR]
     float* dsf = rel_area;                             // else: dS [query][key], stride TC_LDB
@@ -1001,17 +1017,10 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
     const bool row_tiles = wa_row_tiles(g);
     const bool vec = aligned16(qkv) && (!g.has_bias || aligned16(bias)) && aligned16(dout);
 
-    auto stage = [&](int s, int j0) {
-        T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
-        int* keys = stage_keys + s * 2 * TC_BK;
-        wa_key_stage(qkv, bias, g, w, h, j0, vec, ks, ks + TC_BK * TC_LDT, keys, keys + TC_BK);
-        cp_async_commit();
-    };
     // The block's Q and dO rows go through stage 1's tiles into this warp's A fragments, kept
     // in registers for the whole key loop; stage 0 streams the first keys meanwhile.
-    stage(0, 0);
-    wa_query_rows(qkv, bias, dout, g, w, h, i0, vec, stage_tiles + 2 * TC_BK * TC_LDT,
-                  stage_tiles + 3 * TC_BK * TC_LDT);
+    stream.issue(qkv, bias, g, w, h, 0, vec);
+    wa_query_rows(qkv, bias, dout, g, w, h, i0, vec, stream.k(1), stream.v(1));
     if (row_tiles) wa_relw_rows(relw, g, rows0, i0, relw_rows);
     if (g.rel == 1)
         for (int e = tid; e < TC_BQ * (row_tiles ? TC_LDR : g.wh + g.ww); e += TC_THREADS) {
@@ -1022,8 +1031,8 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
     unsigned qa[HD / 16][4], da[HD / 16][4];
 #pragma unroll
     for (int kt = 0; kt < HD / 16; ++kt) {
-        wa_tc_frag_a(qa[kt], stage_tiles + 2 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
-        wa_tc_frag_a(da[kt], stage_tiles + 3 * TC_BK * TC_LDT, TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(da[kt], stream.v(1), TC_LDT, r0, kt * 16, gq, tq);
     }
     // The thread's two query rows, their lse and D.
     const WaQueryRows qr = wa_query_rows_of(g, w, rows0, i0, r0, gq);
@@ -1047,12 +1056,10 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
         const int s = t & 1, j0 = t * TC_BK;
         // Row tiles: this tile is row j0 / ww of the window; its relh per query row.
         float relh_row[2];
-        for (int r = 0; r < 2; ++r) relh_row[r] = row_tiles && query[r] ? relh[qrow[r] * g.wh + j0 / g.ww] : 0.0f;
-        wa_stream_step(t, tiles, [&](int next) { stage(next & 1, next * TC_BK); });
-        const T* ks = stage_tiles + s * 2 * TC_BK * TC_LDT;
-        const T* vs = ks + TC_BK * TC_LDT;
-        const int* key_y = stage_keys + s * 2 * TC_BK;
-        const int* key_x = key_y + TC_BK;
+        wa_relh_at(relh_row, relh, g, qr, row_tiles, j0 / g.ww);
+        wa_stream_step(t, tiles, [&](int next) { stream.issue(qkv, bias, g, w, h, next, vec); });
+        const T *ks = stream.k(s), *vs = stream.v(s);
+        const int *key_y = stream.key_y(s), *key_x = stream.key_x(s);
 
         // S = Q K^T and dP = dO V^T: this warp's 16 queries against the tile's 64 keys.
         float sc[TC_BK / 8][4], dp[TC_BK / 8][4];
