@@ -11,10 +11,10 @@ use std::ffi::c_void;
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 
+pub mod activation;
 pub mod adamw;
 pub mod binary;
 pub mod detection;
-pub mod gelu;
 pub mod im2col;
 pub mod norm;
 pub mod softmax;

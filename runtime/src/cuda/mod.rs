@@ -7,6 +7,7 @@
 //! is how the kernels are tested on machines without a GPU. With the `cuda` feature, [`device`]
 //! compiles, caches and launches them on candle CUDA tensors.
 
+pub mod activation;
 pub mod adamw;
 pub mod binary;
 #[cfg(feature = "cuda")]
@@ -14,7 +15,6 @@ pub mod cudnn;
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
-pub mod gelu;
 pub mod im2col;
 #[cfg(feature = "cuda")]
 pub mod linear;
@@ -35,7 +35,7 @@ pub fn modules() -> Vec<sources::Module> {
         window_attention::module_for_head_dim(80).for_dtype(candle_core::DType::F16),
         detection::module(),
         binary::module(),
-        gelu::module(),
+        activation::module(),
         im2col::module(),
         softmax::module(),
         adamw::module(),
@@ -50,7 +50,7 @@ pub fn runtime_modules(head_dims: &[usize]) -> Vec<sources::Module> {
     let mut modules = vec![adamw::module(), detection::module()];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         modules.push(binary::module().for_dtype(dtype));
-        modules.push(gelu::module().for_dtype(dtype));
+        modules.push(activation::module().for_dtype(dtype));
         modules.push(im2col::module().for_dtype(dtype));
         modules.push(norm::module().for_dtype(dtype));
         modules.push(softmax::module().for_dtype(dtype));

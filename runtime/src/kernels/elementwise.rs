@@ -8,7 +8,7 @@ use crate::dtype::to_candle;
 
 /// `f(x)` elementwise. GELU is the exact erf form (PyTorch's default): on the CPU, f32 (and f16 /
 /// bf16 through f32) runs the vectorized `cpu::gelu_f32`; on CUDA, f32/f16/bf16 run the
-/// runtime's kernel (`crate::cuda::gelu`); anything else uses candle's `gelu_erf`. Sigmoid is
+/// runtime's kernel (`crate::cuda::activation`); anything else uses candle's `gelu_erf`. Sigmoid is
 /// `1 / (1 + exp(-x))`, which saturates to exactly 0 and 1.
 pub fn unary(op: &Unary, x: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
@@ -32,7 +32,7 @@ fn gelu(x: &Tensor) -> KernelResult<Tensor> {
             Ok(y.to_dtype(x.dtype())?)
         }
         #[cfg(feature = "cuda")]
-        _ if x.device().is_cuda() && crate::cuda::gelu::run::supports(x) => crate::cuda::gelu::run::gelu(x),
+        _ if x.device().is_cuda() && crate::cuda::activation::run::supports(x) => crate::cuda::activation::run::gelu(x),
         _ => Ok(x.gelu_erf()?),
     }
 }
@@ -40,7 +40,7 @@ fn gelu(x: &Tensor) -> KernelResult<Tensor> {
 /// `dx = dy * f'(x)` (see [`UnaryGrad`] for each derivative), from candle ops in f32 for half
 /// types (f64 for f64) and rounded back. One-pass kernels run instead where they exist: on the
 /// CPU `cpu::UnaryGradCpu` (GELU with the forward's f32 arithmetic, ReLU), on CUDA the
-/// runtime's GELU kernel (`crate::cuda::gelu`).
+/// runtime's GELU and ReLU gradient kernels (`crate::cuda::activation`).
 pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
     expect_float("input", x)?;
     if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
@@ -53,8 +53,12 @@ pub fn unary_grad(op: &UnaryGrad, x: &Tensor, dy: &Tensor) -> KernelResult<Tenso
         )));
     }
     #[cfg(feature = "cuda")]
-    if op.kind == UnaryKind::Gelu && x.device().is_cuda() && crate::cuda::gelu::run::supports(x) {
-        return crate::cuda::gelu::run::gelu_grad(x, dy);
+    if x.device().is_cuda() && crate::cuda::activation::run::supports(x) {
+        match op.kind {
+            UnaryKind::Gelu => return crate::cuda::activation::run::gelu_grad(x, dy),
+            UnaryKind::Relu => return crate::cuda::activation::run::relu_grad(x, dy),
+            _ => {}
+        }
     }
     let (dtype, acc) = (x.dtype(), accum_dtype(x.dtype()));
     let (x, dy) = (x.to_dtype(acc)?, dy.to_dtype(acc)?);

@@ -1,4 +1,6 @@
-//! The GELU CUDA kernels (forward and backward), run by the host emulator, against the
+//! The activation CUDA kernels, run by the host emulator. ReLU's gradient is exact: the same
+//! bits as the CPU kernel, zeros, NaN and infinities included. The GELU kernels (forward and
+//! backward), against the
 //! runtime's f64 CPU kernels on the same inputs: x spread over [-8, 8] (both tails, where
 //! gelu tends to 0 and x, and the zero of gelu' near -0.75), in the runtime's launch and in a
 //! small grid whose blocks stride over the tensor several times.
@@ -15,9 +17,9 @@ use candle_core::{DType, Tensor};
 use common::{values, Rng};
 
 mod common;
-use vitdet_cuda_emu::gelu::{gelu, gelu_grad};
+use vitdet_cuda_emu::activation::{gelu, gelu_grad, relu_grad};
 use vitdet_ir::ops::{Unary, UnaryGrad, UnaryKind};
-use vitdet_runtime::cuda::gelu::launch;
+use vitdet_runtime::cuda::activation::launch;
 use vitdet_runtime::cuda::Launch;
 use vitdet_runtime::kernels::elementwise as cpu;
 
@@ -81,9 +83,53 @@ fn blocks_stride_over_what_the_grid_does_not_cover() {
 
 #[test]
 fn the_runtime_launch_caps_its_blocks() {
-    use vitdet_runtime::cuda::gelu::{MAX_BLOCKS, THREADS};
+    use vitdet_runtime::cuda::activation::{MAX_BLOCKS, THREADS};
     assert_eq!(launch(1), Launch::linear(1, THREADS));
     assert_eq!(launch(THREADS as usize + 1), Launch::linear(2, THREADS));
     // ViT-B's MLP activation at 1024^2: [4096, 3072] elements.
     assert_eq!(launch(4096 * 3072), Launch::linear(MAX_BLOCKS, THREADS));
+}
+
+/// ReLU's gradient takes dy where x > 0 and zero elsewhere, NaN x passing dy through (PyTorch's
+/// threshold_backward): the CPU kernel's bits exactly, over random values and the edge cases.
+#[test]
+fn relu_grad_gives_the_cpu_kernels_bits() {
+    let edges = [
+        0.0f32,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-30,
+        -1e-30,
+        2.5,
+        -2.5,
+    ];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mut rng = Rng(91);
+        let mut xs = rng.values(500, 3.0, 0.0);
+        xs.extend(edges);
+        let mut dys = rng.values(xs.len(), 2.0, 0.0);
+        dys[3] = f32::NAN; // a NaN gradient where x > 0 passes through, where x <= 0 is zeroed
+        dys[4] = f32::NAN;
+        let n = xs.len();
+        let x = Tensor::from_vec(xs, n, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let dy = Tensor::from_vec(dys, n, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = cpu::unary_grad(&UnaryGrad { kind: UnaryKind::Relu }, &x, &dy).unwrap();
+        for l in [launch(n), Launch::linear(2, 64)] {
+            let got = relu_grad(l, &x, &dy).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} {l:?}");
+        }
+    }
 }

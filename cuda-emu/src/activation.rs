@@ -1,6 +1,6 @@
-//! The GELU kernels on CPU tensors of f32, f16 or bf16 (computed in the tensor's own storage
-//! type, as on the GPU), launched with a given geometry (the runtime's is
-//! [`vitdet_runtime::cuda::gelu::launch`]).
+//! The activation kernels on CPU tensors of f32, f16 or bf16 (computed in the tensor's own
+//! storage type, as on the GPU), launched with a given geometry (the runtime's is
+//! [`vitdet_runtime::cuda::activation::launch`]).
 
 use std::ffi::c_void;
 
@@ -19,6 +19,9 @@ mod ffi {
         pub fn emu_gelu_grad_f32(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
         pub fn emu_gelu_grad_f16(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
         pub fn emu_gelu_grad_bf16(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
+        pub fn emu_relu_grad_f32(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
+        pub fn emu_relu_grad_f16(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
+        pub fn emu_relu_grad_bf16(l: Launch, x: *const c_void, dy: *const c_void, dx: *mut c_void, n: i64);
     }
 }
 
@@ -28,7 +31,7 @@ pub fn gelu(launch: Launch, x: &Tensor) -> Result<Tensor> {
         DType::F32 => ffi::emu_gelu_f32,
         DType::F16 => ffi::emu_gelu_f16,
         DType::BF16 => ffi::emu_gelu_bf16,
-        t => return Err(format!("the gelu kernels take f32, f16 or bf16, not {t:?}")),
+        t => return Err(format!("the activation kernels take f32, f16 or bf16, not {t:?}")),
     };
     let n = x.elem_count();
     let input = Elems::of(x)?;
@@ -37,8 +40,31 @@ pub fn gelu(launch: Launch, x: &Tensor) -> Result<Tensor> {
     out.into_tensor(x.dtype(), x.dims())
 }
 
+/// The kernel of one gradient: `x` and `dy` in, `dx` out, `n` elements.
+type GradKernel = unsafe extern "C" fn(Launch, *const c_void, *const c_void, *mut c_void, i64);
+
 /// `dy * gelu'(x)`, in their dtype.
 pub fn gelu_grad(launch: Launch, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    grad(
+        launch,
+        x,
+        dy,
+        [ffi::emu_gelu_grad_f32, ffi::emu_gelu_grad_f16, ffi::emu_gelu_grad_bf16],
+    )
+}
+
+/// `dy` where `x > 0`, else zero, in their dtype.
+pub fn relu_grad(launch: Launch, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    grad(
+        launch,
+        x,
+        dy,
+        [ffi::emu_relu_grad_f32, ffi::emu_relu_grad_f16, ffi::emu_relu_grad_bf16],
+    )
+}
+
+/// Runs the f32, f16 or bf16 one of `kernels` (in that order) on `x` and `dy`.
+fn grad(launch: Launch, x: &Tensor, dy: &Tensor, kernels: [GradKernel; 3]) -> Result<Tensor> {
     if x.dims() != dy.dims() || x.dtype() != dy.dtype() {
         return Err(format!(
             "x {:?} {:?} and dy {:?} {:?} differ",
@@ -49,10 +75,10 @@ pub fn gelu_grad(launch: Launch, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         ));
     }
     let kernel = match x.dtype() {
-        DType::F32 => ffi::emu_gelu_grad_f32,
-        DType::F16 => ffi::emu_gelu_grad_f16,
-        DType::BF16 => ffi::emu_gelu_grad_bf16,
-        t => return Err(format!("the gelu kernels take f32, f16 or bf16, not {t:?}")),
+        DType::F32 => kernels[0],
+        DType::F16 => kernels[1],
+        DType::BF16 => kernels[2],
+        t => return Err(format!("the activation kernels take f32, f16 or bf16, not {t:?}")),
     };
     let n = x.elem_count();
     let (xh, dyh) = (Elems::of(x)?, Elems::of(dy)?);

@@ -1,5 +1,6 @@
-//! The GELU CUDA kernels (reached through the runtime's `unary` / `unary_grad`, which dispatch
-//! to them on a CUDA device) against the CPU kernels in f64 on the same inputs: ViT-B's MLP
+//! The activation CUDA kernels (reached through the runtime's `unary` / `unary_grad`, which
+//! dispatch to them on a CUDA device). ReLU's gradient: the CPU kernel's bits. GELU: against
+//! the CPU kernels in f64 on the same inputs: ViT-B's MLP
 //! activation at 1024 px ([4096, 3072]) and a small odd size. Runs where a GPU exists;
 //! skipped, saying so, elsewhere.
 //!
@@ -16,7 +17,8 @@ mod common;
 use candle_core::{DType, Device};
 use common::{rel_l2, Nd, TestRng};
 use vitdet_ir::ops::{Unary, UnaryGrad, UnaryKind};
-use vitdet_runtime::cuda::gelu::run::supports;
+use vitdet_runtime::cuda::activation::run::supports;
+
 use vitdet_runtime::kernels::elementwise::{unary, unary_grad};
 
 fn tolerance(dtype: DType) -> f64 {
@@ -46,6 +48,39 @@ fn check(shape: &[usize], dtype: DType, dev: &Device) {
     assert!(got.device().is_cuda() && got.dtype() == dtype, "{what}: output {got:?}");
     let e = rel_l2(&got, &unary_grad(&bwd, &x64, &dy64).unwrap());
     assert!(e <= tolerance(dtype), "{what}: gelu_grad rel L2 {e:e}");
+}
+
+/// ReLU's gradient at the RPN head's finest level ([1, 256, 256, 256] in bf16) and in the box
+/// head's f32: exactly the CPU kernel's bits.
+#[test]
+fn relu_grad_gives_the_cpu_bits() {
+    let Some(dev) = common::cuda_device() else { return };
+    for (shape, dtype) in [
+        (&[1usize, 256, 256, 256][..], DType::BF16),
+        (&[512, 1024][..], DType::F32),
+    ] {
+        let mut rng = TestRng::new(17);
+        let x = Nd::randn(shape, &mut rng, 1.0, 0.0).tensor_as(dtype);
+        let dy = Nd::randn(shape, &mut rng, 1.0, 0.0).tensor_as(dtype);
+        let op = UnaryGrad { kind: UnaryKind::Relu };
+        let want = unary_grad(&op, &x, &dy).unwrap();
+        let got = unary_grad(&op, &x.to_device(&dev).unwrap(), &dy.to_device(&dev).unwrap()).unwrap();
+        assert!(
+            got.device().is_cuda() && got.dtype() == dtype,
+            "{shape:?}: output {got:?}"
+        );
+        let got = got.to_device(&Device::Cpu).unwrap();
+        let diff = got
+            .ne(&want)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{shape:?} {dtype:?}: elements that differ from the CPU");
+    }
 }
 
 #[test]

@@ -1,21 +1,21 @@
-//! Exact GELU forward and backward (`kernels/gelu.cu`): one pass over the tensor each, computed
-//! in f32 and rounded once. Launch geometry lives here for both the CUDA path and the host
+//! Exact GELU forward and backward, and ReLU's backward (`kernels/activation.cu`): one pass
+//! over the tensor each, computed in f32 and rounded once. Launch geometry lives here for both the CUDA path and the host
 //! emulator.
 
 use super::sources::Module;
 use super::Launch;
 
 /// The kernels' CUDA C source.
-pub const SOURCE: &str = include_str!("kernels/gelu.cu");
+pub const SOURCE: &str = include_str!("kernels/activation.cu");
 
 /// Threads per block.
 pub const THREADS: u32 = 256;
 /// Most blocks of a launch (about 16 per SM on an H100); they stride over the rest.
 pub const MAX_BLOCKS: usize = 2048;
 
-/// The GELU module with every dtype's entry points (`.for_dtype` narrows it to one).
+/// The module with every dtype's entry points (`.for_dtype` narrows it to one).
 pub fn module() -> Module {
-    Module::plain("gelu", SOURCE)
+    Module::plain("activation", SOURCE)
 }
 
 /// The launch over `n` elements: a thread per element, up to [`MAX_BLOCKS`] blocks.
@@ -47,6 +47,12 @@ pub mod run {
     /// `dy * gelu'(x)`, for `x` and `dy` of one shape and dtype (checked by the caller).
     pub fn gelu_grad(x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
         apply("gelu_grad", &[&x.contiguous()?, &dy.contiguous()?])
+    }
+
+    /// `dy` where `x > 0`, else zero (PyTorch's `threshold_backward`), for `x` and `dy` of one
+    /// shape and dtype (checked by the caller).
+    pub fn relu_grad(x: &Tensor, dy: &Tensor) -> KernelResult<Tensor> {
+        apply("relu_grad", &[&x.contiguous()?, &dy.contiguous()?])
     }
 
     /// [`apply_t`] for the inputs' storage type.

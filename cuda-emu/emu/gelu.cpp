@@ -1,9 +1,0 @@
-// Host entry points of the emulated GELU kernels (see cuda_emu.h).
-#include "cuda_emu.h"
-#include "common.cuh"
-#include "gelu.cu"
-
-#define GELU_LAUNCHERS(T, S)                                                                    \
-    EMU_LAUNCHER(gelu_##S, (Launch l, const T* x, T* y, long long n), (x, y, n))               \
-    EMU_LAUNCHER(gelu_grad_##S, (Launch l, const T* x, const T* dy, T* dx, long long n), (x, dy, dx, n))
-VITDET_FOR_EACH_FLOAT(GELU_LAUNCHERS)
