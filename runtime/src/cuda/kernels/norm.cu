@@ -28,19 +28,24 @@ struct NormGeom {
 #define NORM_THREADS 256
 
 // Sums each of v[0..K) over the block, every thread receiving the totals (blockDim.x a power
-// of two, at most NORM_MAX_THREADS; every thread of the block must call it).
+// of two from 32 to NORM_MAX_THREADS; every thread of the block must call it). Each warp sums
+// its lanes with xor shuffles, then every thread adds the warps' partials in the same order,
+// so all get the same bits: two barriers per call, where a tree over shared memory takes one
+// per level.
 template <int K>
 __device__ __forceinline__ void norm_block_sum(float (&v)[K]) {
-    __shared__ float partial[K][NORM_MAX_THREADS];
-    const int t = threadIdx.x;
-    for (int k = 0; k < K; ++k) partial[k][t] = v[k];
+    __shared__ float partial[K][NORM_MAX_THREADS / 32];
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int k = 0; k < K; ++k)
+        for (int m = 16; m > 0; m >>= 1) v[k] += shfl_xor(v[k], m);
+    if (threadIdx.x % 32 == 0)
+        for (int k = 0; k < K; ++k) partial[k][warp] = v[k];
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s)
-            for (int k = 0; k < K; ++k) partial[k][t] += partial[k][t + s];
-        __syncthreads();
+    for (int k = 0; k < K; ++k) {
+        float total = 0.0f;
+        for (int i = 0; i < warps; ++i) total += partial[k][i];
+        v[k] = total;
     }
-    for (int k = 0; k < K; ++k) v[k] = partial[k][0];
     __syncthreads();  // everyone has read the totals before a next call overwrites them
 }
 
