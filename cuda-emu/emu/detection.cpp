@@ -32,7 +32,10 @@
     EMU_LAUNCHER(roi_align_fwd_##S, (Launch l, const T* boxes, const int* levels, T* out, RoiGeom g),           \
                  (boxes, levels, out, g))                                                                        \
     EMU_LAUNCHER(roi_align_bwd_##S, (Launch l, const T* boxes, const int* levels, const T* dy, RoiGeom g),      \
-                 (boxes, levels, dy, g))
+                 (boxes, levels, dy, g))                                                                         \
+    EMU_LAUNCHER(box_decode_##S, (Launch l, const T* deltas, const T* boxes, T* out, BoxGeom g),                 \
+                 (deltas, boxes, out, g))                                                                        \
+    EMU_LAUNCHER(clip_boxes_##S, (Launch l, const T* boxes, T* out, BoxGeom g), (boxes, out, g))
 VITDET_FOR_EACH_FLOAT(DET_LAUNCHERS)
 
 EMU_LAUNCHER_SMEM(top_k_pick, smem, (Launch l, unsigned smem, TopKState* state, unsigned* hist, TopKGeom g, int pass),

@@ -1,15 +1,20 @@
-//! The detection kernels (top-k, NMS, multi-level RoIAlign and its backward), launched as the
-//! runtime's `cuda::detection::run` does, on f32 host buffers.
+//! The detection kernels (top-k, NMS, multi-level RoIAlign and its backward, box decoding and
+//! clipping), launched as the runtime's `cuda::detection::run` does, on f32 host buffers (the
+//! box kernels on f32, f16 or bf16 ones).
 
-use candle_core::{Device, Tensor};
-use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
-use vitdet_runtime::cuda::detection::{NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET, TOPK_BINS, TOPK_STATE_WORDS};
+use candle_core::{DType, Device, Tensor};
+use std::ffi::c_void;
+
+use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
+use vitdet_runtime::cuda::detection::{
+    BoxGeom, NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET, TOPK_BINS, TOPK_STATE_WORDS,
+};
 use vitdet_runtime::cuda::Launch;
 
-use crate::{host, tensor, Result};
+use crate::{host, tensor, Elems, Result};
 
 mod ffi {
-    use super::{Launch, NmsGeom, RoiGeom, TopKGeom};
+    use super::{c_void, BoxGeom, Launch, NmsGeom, RoiGeom, TopKGeom};
     extern "C" {
         pub fn emu_top_k_f32(l: Launch, smem: u32, x: *const f32, values: *mut f32, indices: *mut i64, g: TopKGeom);
         pub fn emu_top_k_hist_f32(
@@ -75,6 +80,13 @@ mod ffi {
         pub fn emu_roi_levels_f32(l: Launch, boxes: *const f32, levels: *mut i32, g: RoiGeom);
         pub fn emu_roi_align_fwd_f32(l: Launch, boxes: *const f32, levels: *const i32, out: *mut f32, g: RoiGeom);
         pub fn emu_roi_align_bwd_f32(l: Launch, boxes: *const f32, levels: *const i32, dy: *const f32, g: RoiGeom);
+        // The box kernels' element pointers are untyped: one declaration per storage type.
+        pub fn emu_box_decode_f32(l: Launch, d: *const c_void, b: *const c_void, o: *mut c_void, g: BoxGeom);
+        pub fn emu_box_decode_f16(l: Launch, d: *const c_void, b: *const c_void, o: *mut c_void, g: BoxGeom);
+        pub fn emu_box_decode_bf16(l: Launch, d: *const c_void, b: *const c_void, o: *mut c_void, g: BoxGeom);
+        pub fn emu_clip_boxes_f32(l: Launch, b: *const c_void, o: *mut c_void, g: BoxGeom);
+        pub fn emu_clip_boxes_f16(l: Launch, b: *const c_void, o: *mut c_void, g: BoxGeom);
+        pub fn emu_clip_boxes_bf16(l: Launch, b: *const c_void, o: *mut c_void, g: BoxGeom);
     }
 }
 
@@ -298,4 +310,35 @@ pub fn roi_align_grad(op: &RoiAlignGrad, boxes: &Tensor, dy: &Tensor) -> Result<
         .zip(&op.feature_shapes)
         .map(|(v, f)| tensor(v, f))
         .collect()
+}
+
+/// `box_decode` of `deltas [N, 4k]` and `boxes [N, 4]` (f32, f16 or bf16, one dtype).
+pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> Result<Tensor> {
+    let (n, d4) = deltas.dims2().map_err(err)?;
+    let g = BoxGeom::decode(op, n, d4 / 4)?;
+    let kernel = match deltas.dtype() {
+        DType::F32 => ffi::emu_box_decode_f32,
+        DType::F16 => ffi::emu_box_decode_f16,
+        DType::BF16 => ffi::emu_box_decode_bf16,
+        t => return Err(format!("the box kernels take f32, f16 or bf16, not {t:?}")),
+    };
+    let (d, b) = (Elems::of(deltas)?, Elems::of(boxes)?);
+    let mut out = d.unwritten_like();
+    unsafe { kernel(g.launch(), d.ptr(), b.ptr(), out.mut_ptr(), g) };
+    out.into_tensor(deltas.dtype(), deltas.dims())
+}
+
+/// `clip_boxes` of `boxes [..., 4]` (f32, f16 or bf16).
+pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> Result<Tensor> {
+    let g = BoxGeom::clip(op, boxes.elem_count());
+    let kernel = match boxes.dtype() {
+        DType::F32 => ffi::emu_clip_boxes_f32,
+        DType::F16 => ffi::emu_clip_boxes_f16,
+        DType::BF16 => ffi::emu_clip_boxes_bf16,
+        t => return Err(format!("the box kernels take f32, f16 or bf16, not {t:?}")),
+    };
+    let b = Elems::of(boxes)?;
+    let mut out = b.unwritten_like();
+    unsafe { kernel(g.launch(), b.ptr(), out.mut_ptr(), g) };
+    out.into_tensor(boxes.dtype(), boxes.dims())
 }

@@ -2,6 +2,7 @@
 //! random inputs (deterministic generator).
 //!
 //! Tolerances:
+//! * box decoding and clipping: exact (the CPU kernel's f64 steps, rounded once).
 //! * top-k and NMS: exact. Both select and order; the kernels compare the same values (scores
 //!   as order-preserving keys, IoUs in f64 with the CPU kernel's operations and rounding).
 //! * RoIAlign forward and backward: relative L2 error 1e-5. Sample positions, taps and weights
@@ -16,7 +17,7 @@ use common::rel_l2;
 
 mod common;
 use vitdet_cuda_emu::detection;
-use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
+use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
 use vitdet_runtime::kernels::detection as cpu;
 
 struct Rng(u64);
@@ -355,4 +356,101 @@ fn roi_align_unaligned_fixed_grid() {
 #[test]
 fn roi_align_aligned_fixed_grid() {
     check_roi_align(true, 3, 8);
+}
+
+/// Box decoding and clipping give the CPU kernels' bits in f32, f16 and bf16: clamped and NaN
+/// scales, inverted and degenerate boxes, coordinates past the image and -0, over two groups of
+/// deltas per box (class-specific regression) and blocks that end mid-box.
+#[test]
+fn box_decode_and_clip_give_the_cpu_bits() {
+    let decode = BoxDecode {
+        weights: [10.0, 10.0, 5.0, 5.0],
+        scale_clamp: (1000.0f64 / 16.0).ln(),
+    };
+    let clip = ClipBoxes {
+        width: 333.0,
+        height: 200.0,
+    };
+    let mut rng = Rng(7);
+    let n = 300;
+    let mut boxes = Vec::new();
+    let mut deltas = Vec::new();
+    for i in 0..n {
+        let x0 = rng.uniform() * 500.0 - 100.0;
+        let y0 = rng.uniform() * 300.0 - 50.0;
+        let (w, h) = match i % 9 {
+            3 => (-5.0, 0.0),
+            4 => (0.0, 0.0),
+            _ => (rng.uniform() * 200.0, rng.uniform() * 150.0),
+        };
+        boxes.extend([x0, y0, x0 + w, y0 + h]);
+        for g in 0..2 {
+            let big = if (i + g) % 7 == 0 { 40.0 } else { 0.0 };
+            let nan = if (i + g) % 13 == 5 { f32::NAN } else { 0.0 };
+            let u = |r: &mut Rng| r.uniform() * 4.0 - 2.0;
+            deltas.extend([u(&mut rng), u(&mut rng), u(&mut rng) + big + nan, u(&mut rng) - big]);
+        }
+    }
+    boxes[0] = -0.0;
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let b = Tensor::from_vec(boxes.clone(), (n, 4), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let d = Tensor::from_vec(deltas.clone(), (n, 8), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = cpu::box_decode(&decode, &d, &b).unwrap();
+        let got = detection::box_decode(&decode, &d, &b).unwrap();
+        assert_eq!((got.dims(), got.dtype()), (want.dims(), want.dtype()));
+        assert_eq!(bits(&got), bits(&want), "box_decode {dtype:?}");
+        assert!(
+            bits(&want).iter().any(|&v| f32::from_bits(v).is_nan()),
+            "the inputs exercise NaN"
+        );
+
+        let decoded = want.reshape((2 * n, 4)).unwrap();
+        let want = cpu::clip_boxes(&clip, &decoded).unwrap();
+        let got = detection::clip_boxes(&clip, &decoded).unwrap();
+        assert_eq!(bits(&got), bits(&want), "clip_boxes {dtype:?}");
+        let want = cpu::clip_boxes(&clip, &b).unwrap();
+        assert_eq!(
+            bits(&detection::clip_boxes(&clip, &b).unwrap()),
+            bits(&want),
+            "clip of -0 {dtype:?}"
+        );
+        assert_eq!(bits(&want)[0], (-0.0f32).to_bits(), "clip keeps -0");
+    }
+}
+
+/// A bound between two half values, just above their midpoint by less than f32 resolves: the
+/// CPU converts f64 to a half type through f32 (as PyTorch's casts do), where the value ties and
+/// rounds to even, so the kernels must too (rounding once would go up).
+#[test]
+fn clipped_bounds_convert_as_the_cpu_does() {
+    let width = 1.0 + 2f64.powi(-8) + 2f64.powi(-30); // bf16: 1 and 1 + 2^-7's midpoint, plus
+    let height = 1.0 + 2f64.powi(-11) + 2f64.powi(-30); // f16: 1 and 1 + 2^-10's midpoint, plus
+    let clip = ClipBoxes { width, height };
+    for (dtype, i) in [(DType::BF16, 0), (DType::F16, 1)] {
+        let b = Tensor::from_vec(vec![5.0f32; 4], (1, 4), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let values = |t: Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let want = values(cpu::clip_boxes(&clip, &b).unwrap());
+        assert_eq!(want[i], 1.0, "{dtype:?}: the CPU's conversion through f32");
+        assert_eq!(values(detection::clip_boxes(&clip, &b).unwrap()), want, "{dtype:?}");
+    }
 }

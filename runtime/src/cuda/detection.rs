@@ -14,8 +14,12 @@
 //!   value is read back to the host.
 //! - `roi_align`: `roi_levels` (each box's level), then `roi_align_fwd`; `roi_align_grad`:
 //!   `roi_levels`, then `roi_align_bwd` scattering into f32 per-level gradients.
+//! - `box_decode`, `clip_boxes`: one launch each, the CPU kernel's f64 arithmetic, converted to
+//!   the storage type as the CPU converts (through f32). `exp` is the GPU's (within an ulp of f64, so the rounded result
+//!   is the CPU's but where the f64 value lies within that ulp of a rounding boundary); the
+//!   emulator, with the host's `exp`, gives the CPU's bits.
 
-use vitdet_ir::ops::{Nms, RoiAlign};
+use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign};
 
 use super::sources::Module;
 use super::Launch;
@@ -381,6 +385,67 @@ impl RoiGeom {
 }
 
 /// The kernels on candle CUDA tensors, in the order the module doc gives.
+/// Threads per block of the box kernels.
+pub const BOX_THREADS: u32 = 256;
+
+/// The box kernels' parameter block (`struct BoxGeom` in the source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BoxGeom {
+    pub wx: f64,
+    pub wy: f64,
+    pub ww: f64,
+    pub wh: f64,
+    pub scale_clamp: f64,
+    pub width: f64,
+    pub height: f64,
+    /// `box_decode`: boxes times groups; `clip_boxes`: coordinates.
+    pub items: i64,
+    /// `box_decode`: groups of 4 deltas per box.
+    pub groups: i32,
+}
+
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for BoxGeom {}
+
+impl BoxGeom {
+    /// `box_decode` of `boxes` boxes with `groups` groups of 4 deltas each.
+    pub fn decode(op: &BoxDecode, boxes: usize, groups: usize) -> Result<BoxGeom, String> {
+        let [wx, wy, ww, wh] = op.weights;
+        Ok(BoxGeom {
+            wx,
+            wy,
+            ww,
+            wh,
+            scale_clamp: op.scale_clamp,
+            width: 0.0,
+            height: 0.0,
+            items: (boxes * groups) as i64,
+            groups: fits("box groups", groups.max(1))?,
+        })
+    }
+
+    /// `clip_boxes` of `coords` coordinates (a multiple of 4).
+    pub fn clip(op: &ClipBoxes, coords: usize) -> BoxGeom {
+        BoxGeom {
+            wx: 1.0,
+            wy: 1.0,
+            ww: 1.0,
+            wh: 1.0,
+            scale_clamp: 0.0,
+            width: op.width,
+            height: op.height,
+            items: coords as i64,
+            groups: 1,
+        }
+    }
+
+    /// One thread per item.
+    pub fn launch(&self) -> Launch {
+        Launch::covering(self.items as usize, BOX_THREADS)
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub mod run {
     use candle_core::cuda_backend::cudarc::driver::{
@@ -388,9 +453,9 @@ pub mod run {
     };
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
-    use vitdet_ir::ops::{Nms, RoiAlign, RoiAlignGrad, TopK};
+    use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
 
-    use super::{module, NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET};
+    use super::{module, BoxGeom, NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET};
     use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros};
     use crate::kernels::{KernelError, KernelResult};
 
@@ -602,6 +667,68 @@ pub mod run {
         }
         let k = g.max_output as usize;
         Ok(vec![tensor(keep, k, &dev), tensor(keep_valid, k, &dev)])
+    }
+
+    // ---------------------------------------------------------------- box coding
+
+    /// Whether the box kernels take these operands: on a CUDA device, of one f32/f16/bf16
+    /// dtype (f64 and mixed dtypes run as tensor ops).
+    pub fn boxes_supported(operands: &[&Tensor]) -> bool {
+        let dtype = operands[0].dtype();
+        float_suffix(operands[0]) && on_cuda(operands.iter().copied()) && operands.iter().all(|t| t.dtype() == dtype)
+    }
+
+    /// [`crate::kernels::detection::box_decode`] for `deltas [N, 4k]`, `boxes [N, 4]`
+    /// (validated by the caller).
+    pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> KernelResult<Tensor> {
+        let (n, d4) = deltas.dims2()?;
+        let g = BoxGeom::decode(op, n, d4 / 4).map_err(unsupported)?;
+        box_kernel("box_decode", &[deltas, boxes], g)
+    }
+
+    /// [`crate::kernels::detection::clip_boxes`] for `boxes [..., 4]` (validated by the caller).
+    pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> KernelResult<Tensor> {
+        box_kernel("clip_boxes", &[boxes], BoxGeom::clip(op, boxes.elem_count()))
+    }
+
+    /// Runs `kernel` on contiguous `inputs` into a tensor shaped as the first.
+    fn box_kernel(kernel: &str, inputs: &[&Tensor], g: BoxGeom) -> KernelResult<Tensor> {
+        match inputs[0].dtype() {
+            DType::F32 => box_kernel_t::<f32>(kernel, inputs, g),
+            DType::F16 => box_kernel_t::<half::f16>(kernel, inputs, g),
+            DType::BF16 => box_kernel_t::<half::bf16>(kernel, inputs, g),
+            d => Err(unsupported(format!("{kernel} on CUDA: dtype {d:?}"))),
+        }
+    }
+
+    fn box_kernel_t<T: CudaDType + DeviceRepr>(kernel: &str, inputs: &[&Tensor], g: BoxGeom) -> KernelResult<Tensor> {
+        let x = inputs[0];
+        let dev = cuda_device(x)?;
+        let n = x.elem_count();
+        if n == 0 {
+            return Ok(x.clone());
+        }
+        let inputs = inputs
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let f = function(&dev, &module(), &format!("{kernel}_{}", suffix(x.dtype())?))?;
+        // Every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        {
+            let storages: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+            let views = storages
+                .iter()
+                .map(|(s, l)| view::<T>(s, l))
+                .collect::<KernelResult<Vec<_>>>()?;
+            let mut l = f.builder();
+            for v in &views {
+                l.arg(v);
+            }
+            l.arg(&mut out).arg(&g);
+            unsafe { l.launch(config(g.launch(), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(tensor(out, x.dims(), &dev))
     }
 
     // ---------------------------------------------------------------- RoIAlign

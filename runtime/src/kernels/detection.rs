@@ -156,6 +156,10 @@ pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> KernelResu
         ));
     }
     if !deltas.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::detection::run::boxes_supported(&[deltas, boxes]) {
+            return crate::cuda::detection::run::box_decode(op, deltas, boxes);
+        }
         return on_device::box_decode(op, deltas, boxes);
     }
     let d = host_f64(deltas)?;
@@ -188,8 +192,8 @@ pub fn box_decode(op: &BoxDecode, deltas: &Tensor, boxes: &Tensor) -> KernelResu
     from_f64(out, &[n, d4], deltas.dtype(), deltas.device())
 }
 
-/// detectron2's `Boxes.clip`: x to `[0, width]`, y to `[0, height]` (NaN stays NaN, as
-/// `torch.clamp`).
+/// detectron2's `Boxes.clip`: x to `[0, width]`, y to `[0, height]` by `torch.clamp`'s
+/// comparisons (NaN and -0 stay as they are).
 pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> KernelResult<Tensor> {
     expect_float("boxes", boxes)?;
     if boxes.dims().last() != Some(&4) {
@@ -199,13 +203,19 @@ pub fn clip_boxes(op: &ClipBoxes, boxes: &Tensor) -> KernelResult<Tensor> {
         ));
     }
     if !boxes.device().is_cpu() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::detection::run::boxes_supported(&[boxes]) {
+            return crate::cuda::detection::run::clip_boxes(op, boxes);
+        }
         return on_device::clip_boxes(op, boxes);
     }
     let mut b = host_f64(boxes)?;
     for (i, v) in b.iter_mut().enumerate() {
         let hi = if i % 2 == 0 { op.width } else { op.height };
-        if !v.is_nan() {
-            *v = v.max(0.0).min(hi);
+        if *v < 0.0 {
+            *v = 0.0;
+        } else if *v > hi {
+            *v = hi;
         }
     }
     from_f64(b, boxes.dims(), boxes.dtype(), boxes.device())

@@ -10,6 +10,8 @@
 //   IoU bitmask over the sorted boxes (64 columns per word, f64 IoU as the CPU kernel) is
 //   built and scanned greedily by one block, in rounds of `block_rows` rows so the mask's
 //   memory stays bounded. Everything stays on the device (no host synchronization).
+// - box_decode / clip_boxes: one thread per box (group of 4 deltas) or coordinate, the CPU
+//   kernel's f64 arithmetic in its order, converted to the storage type as the CPU does.
 // - roi_align / roi_align_grad: each box's pyramid level, then one thread per output
 //   (gradient) element over its bilinear samples; sample positions and taps in f64 as the CPU
 //   kernel, values accumulated in f32; the backward scatters with atomicAdd into f32
@@ -54,6 +56,65 @@ __device__ __forceinline__ unsigned det_score_key(float v) {
     if (v == 0.0f) v = 0.0f;
     const unsigned b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// ------------------------------------------------------------------------------- box coding
+
+// Parameters of box_decode and clip_boxes (`BoxGeom` in cuda/detection.rs).
+struct BoxGeom {
+    double wx, wy, ww, wh;  // box_decode: the deltas' weights
+    double scale_clamp;     // box_decode: the largest dw, dh
+    double width, height;   // clip_boxes: the image
+    long long items;        // box_decode: boxes x groups; clip_boxes: coordinates
+    int groups;             // box_decode: groups of 4 deltas per box
+};
+
+__device__ __forceinline__ double det_f64(float v) { return (double)v; }
+template <class T>
+__device__ __forceinline__ double det_f64(T v) { return (double)to_f32(v); }
+
+// `v` in T as the CPU kernels convert f64 (candle's casts, like PyTorch's): to f32 (rounded to
+// nearest), then to T.
+template <class T>
+__device__ __forceinline__ T det_round(double v) {
+    return from_f32<T>((float)v);
+}
+
+// detectron2's Box2BoxTransform.apply_deltas for group q of box i (deltas [N, 4 groups],
+// boxes [N, 4]): the CPU kernel's f64 steps in its order, each product rounded on its own.
+template <class T>
+__device__ void det_box_decode(const T* deltas, const T* boxes, T* out, BoxGeom g) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= g.items) return;
+    const long long i = e / g.groups;
+    const double x0 = det_f64(boxes[4 * i]), y0 = det_f64(boxes[4 * i + 1]);
+    const double w = det_f64(boxes[4 * i + 2]) - x0, h = det_f64(boxes[4 * i + 3]) - y0;
+    const double cx = x0 + det_mul_rn(0.5, w), cy = y0 + det_mul_rn(0.5, h);
+    const T* d = deltas + 4 * e;
+    const double dx = det_f64(d[0]) / g.wx, dy = det_f64(d[1]) / g.wy;
+    double dw = det_f64(d[2]) / g.ww, dh = det_f64(d[3]) / g.wh;
+    // torch.clamp(max=): NaN stays NaN.
+    if (dw > g.scale_clamp) dw = g.scale_clamp;
+    if (dh > g.scale_clamp) dh = g.scale_clamp;
+    const double pcx = det_mul_rn(dx, w) + cx, pcy = det_mul_rn(dy, h) + cy;
+    const double hw = det_mul_rn(0.5, det_mul_rn(exp(dw), w)), hh = det_mul_rn(0.5, det_mul_rn(exp(dh), h));
+    T* o = out + 4 * e;
+    o[0] = det_round<T>(pcx - hw);
+    o[1] = det_round<T>(pcy - hh);
+    o[2] = det_round<T>(pcx + hw);
+    o[3] = det_round<T>(pcy + hh);
+}
+
+// detectron2's Boxes.clip: x to [0, width], y to [0, height], NaN kept. One thread per
+// coordinate of boxes [..., 4].
+template <class T>
+__device__ void det_clip_boxes(const T* boxes, T* out, BoxGeom g) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= g.items) return;
+    double v = det_f64(boxes[e]);
+    const double hi = e % 2 == 0 ? g.width : g.height;
+    if (v == v) v = fmin(fmax(v, 0.0), hi);
+    out[e] = det_round<T>(v);
 }
 
 // ------------------------------------------------------------------------------- top-k
@@ -745,7 +806,11 @@ __device__ void roi_align_bwd_impl(const T* __restrict__ boxes, const int* __res
     }                                                                                                              \
     extern "C" __global__ void roi_align_bwd_##S(const T* boxes, const int* levels, const T* dy, RoiGeom g) {     \
         roi_align_bwd_impl<T>(boxes, levels, dy, g);                                                               \
-    }
+    }                                                                                                              \
+    extern "C" __global__ void box_decode_##S(const T* deltas, const T* boxes, T* out, BoxGeom g) {                \
+        det_box_decode<T>(deltas, boxes, out, g);                                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void clip_boxes_##S(const T* boxes, T* out, BoxGeom g) { det_clip_boxes<T>(boxes, out, g); }
 VITDET_FOR_EACH_FLOAT(DET_ENTRY)
 
 extern "C" __global__ void top_k_pick(TopKState* state, unsigned* hist, TopKGeom g, int pass) {

@@ -1,6 +1,7 @@
-//! Box decoding and clipping as tensor ops on the inputs' device: for inputs on a GPU, where
-//! the host loops would copy them to the host and wait for the device between the detector's
-//! small kernels. The same f64 arithmetic in the same order as the host loops (true divisions,
+//! Box decoding and clipping as tensor ops on the inputs' device, for devices and dtypes without
+//! the CUDA box kernels (`crate::cuda::detection`; f64, or another GPU backend), where the host
+//! loops would copy the inputs to the host and wait for the device between the detector's small
+//! kernels. The same f64 arithmetic in the same order as the host loops (true divisions,
 //! `torch.clamp`'s NaN handling), rounded to the output dtype once: on the CPU both give the
 //! same bits (tested below).
 
