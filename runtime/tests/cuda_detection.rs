@@ -1,8 +1,9 @@
 //! The detection CUDA kernels against the CPU kernels at detector sizes (skipped without a
 //! CUDA device): top-k over one RPN level of a 1024 x 1024 image, NMS over the RPN's and the
 //! box head's candidates, multi-level RoIAlign forward and backward, box decoding and
-//! clipping, the heads' losses with their gradients (device tensor ops), and the mask targets
-//! (RoIAlign on the gt masks, on the device).
+//! clipping, the heads' losses with their gradients (device tensor ops), the mask targets
+//! (RoIAlign on the gt masks, on the device), and the anchors a program keeps on the device
+//! across runs.
 //!
 //! Tolerances:
 //! * top-k and NMS: exact, in every dtype (they select and order; the kernels compare the
@@ -32,8 +33,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, TestRng};
 use vitdet_ir::ops::{
-    BoxDecode, ClipBoxes, LossNorm, Nms, RoiAlign, RoiAlignGrad, SigmoidBceLoss, SigmoidBceLossGrad, SmoothL1Loss,
-    SmoothL1LossGrad, SoftmaxCrossEntropyLoss, SoftmaxCrossEntropyLossGrad, TopK,
+    Anchors, BoxDecode, ClipBoxes, LossNorm, Nms, RoiAlign, RoiAlignGrad, SigmoidBceLoss, SigmoidBceLossGrad,
+    SmoothL1Loss, SmoothL1LossGrad, SoftmaxCrossEntropyLoss, SoftmaxCrossEntropyLossGrad, TopK,
 };
 use vitdet_runtime::cuda::detection::run;
 use vitdet_runtime::kernels::detection as cpu;
@@ -482,4 +483,43 @@ fn mask_targets_on_the_device() {
     let differ = g.iter().zip(&c).filter(|(a, b)| a != b).count();
     eprintln!("mask targets: {differ} of {} pixels differ from the CPU's", c.len());
     assert!(differ * 1000 <= c.len(), "{differ} of {} pixels differ", c.len());
+}
+
+// ------------------------------------------------------------------------------- anchors
+
+/// A program's anchors, made on the host and placed on the GPU by its first run, are reused by
+/// later runs (no anchors kernel runs again) and stay the CPU's values.
+#[test]
+fn a_program_keeps_its_anchors_on_the_device() {
+    use vitdet_ir::Graph;
+    use vitdet_runtime::{ParamStore, Program};
+    let Some(dev) = common::cuda_device() else { return };
+    let mut g = Graph::new();
+    let anchors = Anchors {
+        grid: [64, 64],
+        stride: 16.0,
+        sizes: vec![128.0],
+        aspect_ratios: vec![0.5, 1.0, 2.0],
+        offset: 0.0,
+    };
+    let a = g.add(anchors, "rpn", &[]).unwrap();
+    let clip = ClipBoxes {
+        width: 1024.0,
+        height: 1024.0,
+    };
+    let clipped = g.add(clip, "rpn", &[a]).unwrap();
+    g.set_output("anchors", clipped);
+    let order = g.topo_order().unwrap();
+    let program = Program::new(&g, &order).unwrap();
+    let want = program.run(&ParamStore::new(), &[], &Device::Cpu).unwrap();
+    let want = host_f32(want.get("anchors").unwrap());
+    for run in 0..3 {
+        let got = program.run_profiled(&ParamStore::new(), &[], &dev).unwrap();
+        assert_eq!(host_f32(got.get("anchors").unwrap()), want, "run {run}");
+        assert_eq!(
+            got.op_seconds.contains_key("anchors"),
+            run == 0,
+            "run {run}: the anchors kernel ran"
+        );
+    }
 }

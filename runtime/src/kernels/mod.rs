@@ -90,6 +90,12 @@ pub fn reads_on_host(op: &Op, slot: usize) -> bool {
     }
 }
 
+/// Whether `op`'s outputs depend on its attributes only (the anchors): a program placing them
+/// on a GPU keeps the placed copies for its later runs (`executor::Program`).
+pub fn is_constant(op: &Op) -> bool {
+    matches!(op, Op::Anchors(_))
+}
+
 /// Whether `op` only moves data (concatenates, reshapes, slices, permutes, broadcasts, takes a
 /// dynamic prefix): where a host loop reads its result, the executor also runs it on its
 /// inputs' host copies, so the host loop reads e.g. the concatenated anchors or the sampled
