@@ -3,13 +3,15 @@
 //! rows, stride, asymmetric padding and dilation, kernels larger than the input), in f32 and in
 //! the half types (a copy, so exact in every dtype); and `w @ columns` against the runtime's
 //! CPU `conv2d`, which ties the layout to the convolution the CUDA path computes from it
-//! (relative L2 1e-6: the same products, summed in another order by another GEMM).
+//! (relative L2 1e-6: the same products, summed in another order by another GEMM). And the
+//! unpatchify kernel of kernel-equals-stride transposed convolutions: the CPU's permute and
+//! bias add, bit for bit.
 
 use candle_core::DType;
 use common::{rel_l2, Rng};
 
 mod common;
-use vitdet_cuda_emu::im2col::columns;
+use vitdet_cuda_emu::im2col::{columns, unpatchify};
 use vitdet_ir::ops::Conv2d;
 use vitdet_runtime::cuda::im2col::Im2ColTile;
 use vitdet_runtime::kernels::conv::conv2d;
@@ -181,5 +183,47 @@ fn weight_times_columns_is_the_convolution() {
             .unwrap();
         let e = rel_l2(&got, &want);
         assert!(e <= 1e-6, "{op:?} kernel {kernel:?}: rel L2 {e:e}");
+    }
+}
+
+/// The product `[n, o * kh * kw, h * w]` of a kernel-equals-stride deconvolution, interleaved
+/// and biased by the kernel, against the CPU path's permute and broadcast add: the same bits in
+/// every dtype (a copy, or one f32 add rounded once as candle's half-type add), with and without
+/// the bias, square and non-square kernels, and blocks that stride over the output.
+#[test]
+fn unpatchify_gives_the_cpu_permute_and_bias_bits() {
+    use candle_core::{Device, Tensor};
+    use vitdet_runtime::cuda::Launch;
+    let mut rng = Rng(11);
+    for (dims, launch) in [
+        ([2usize, 3, 2, 2, 5, 4], None),
+        ([1, 4, 2, 3, 3, 7], None),
+        ([1, 5, 2, 2, 6, 6], Some(Launch::linear(2, 64))),
+    ] {
+        let [n, o, kh, kw, h, w] = dims;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let y = rng.tensor(&[n, o * kh * kw, h * w], 2.0).to_dtype(dtype).unwrap();
+            let b = rng.tensor(&[o], 1.0).to_dtype(dtype).unwrap();
+            let permuted = y
+                .reshape((n, o, kh, kw, h, w))
+                .unwrap()
+                .permute((0, 1, 4, 2, 5, 3))
+                .unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            for bias in [None, Some(&b)] {
+                let want = match bias {
+                    Some(b) => permuted.broadcast_add(&b.reshape((1, o, 1, 1, 1, 1)).unwrap()).unwrap(),
+                    None => permuted.contiguous().unwrap(),
+                };
+                let want = want.reshape((n, o, h * kh, w * kw)).unwrap();
+                let got = unpatchify(&y, bias, dims, launch).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(got.device().location(), Device::Cpu.location());
+                assert_eq!(bits(&got), bits(&want), "{dims:?} {dtype:?} bias {}", bias.is_some());
+            }
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! weight gradient, and its input gradient (a transposed convolution), plus strided, dilated
 //! and asymmetric attributes, and a strided one whose input gradient needs an output padding.
 //! Runs where a GPU exists; skipped, saying so, elsewhere. cuDNN is required where `$VITDET_CUDNN` names it, else skipped, saying why.
-//! Also the pyramid's max-pool gradients (device tensor ops where windows do not overlap),
+//! Also the pyramids' 2x2 stride-2 deconvolution (a GEMM and the unpatchify kernel), and the
+//! pyramid's max-pool gradients (device tensor ops where windows do not overlap),
 //! which select and copy, so they must equal the CPU's exactly.
 //!
 //! Tolerances (relative L2): f32 1e-5. TF32 is off (candle's default), so both sides multiply
@@ -207,6 +208,24 @@ fn strided_dilated_and_asymmetric_convolutions() {
 
 /// cuDNN refuses tensors with a zero extent; the runtime answers an empty batch (of RoIs, say)
 /// without calling it.
+/// The pyramids' 2x2 stride-2 deconvolution with its bias (one GEMM, then the unpatchify
+/// kernel on the GPU), in a batch of two with a non-square map, against the CPU.
+#[test]
+fn pyramid_2x2_deconvolution_with_bias() {
+    let Some(dev) = common::cuda_device() else { return };
+    let up = ConvTranspose2d::upsample(2);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let mut rng = TestRng::new(29);
+        let x = randn(&[2, 96, 12, 20], &mut rng, 1.0, dtype);
+        let w = randn(&[96, 48, 2, 2], &mut rng, 0.1, dtype);
+        let b = randn(&[48], &mut rng, 0.5, dtype);
+        let want = conv_transpose2d(&up, &x, &w, Some(&b)).unwrap();
+        let got = conv_transpose2d(&up, &on(&x, &dev), &on(&w, &dev), Some(&on(&b, &dev))).unwrap();
+        assert_eq!(got.dims(), [2, 48, 24, 40]);
+        check(&format!("2x2 deconvolution {dtype:?}"), &got, &want, dtype);
+    }
+}
+
 #[test]
 fn an_empty_batch_on_cudnn_gives_an_empty_output_and_a_zero_weight_gradient() {
     let Some(dev) = common::cuda_device() else { return };

@@ -1,5 +1,6 @@
-//! Launch geometry and parameters of the im2col kernel (`kernels/im2col.cu`), shared by the CUDA
-//! path and the host emulator.
+//! Launch geometry and parameters of the convolutions' layout kernels (`kernels/im2col.cu`):
+//! im2col, and `unpatchify` for transposed convolutions whose kernel is their stride. Shared by
+//! the CUDA path and the host emulator.
 //!
 //! Convolutions on CUDA run as im2col + one cuBLAS GEMM per tile (`kernels::conv`), as on the
 //! CPU: the kernel writes a tile's `[C*kh*kw, nb*r*Wo]` columns, so `w [O, C*kh*kw] @ cols` is
@@ -156,14 +157,70 @@ impl Im2ColDims {
     }
 }
 
-/// The kernel on candle CUDA tensors.
+/// Most blocks of an `unpatchify` launch; they stride over the rest.
+pub const UNPATCHIFY_MAX_BLOCKS: usize = 4096;
+
+/// `unpatchify`'s parameters (`struct UnpatchifyDims` in the source): the GEMM product
+/// `[n, o, kh, kw, h, w]` becomes `[n, o, h kh, w kw]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpatchifyDims {
+    pub n: i32,
+    pub o: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub h: i32,
+    pub w: i32,
+}
+
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for UnpatchifyDims {}
+
+impl UnpatchifyDims {
+    /// The dims `[n, o, kh, kw, h, w]`, each within the kernel's 32-bit indexing.
+    pub fn new(dims: [usize; 6]) -> Result<UnpatchifyDims, String> {
+        let fit = |v: usize| i32::try_from(v).map_err(|_| format!("unpatchify dims {dims:?} exceed 32 bits"));
+        Ok(UnpatchifyDims {
+            n: fit(dims[0])?,
+            o: fit(dims[1])?,
+            kh: fit(dims[2])?,
+            kw: fit(dims[3])?,
+            h: fit(dims[4])?,
+            w: fit(dims[5])?,
+        })
+    }
+
+    /// Output elements.
+    pub fn elems(&self) -> usize {
+        [self.n, self.o, self.kh, self.kw, self.h, self.w]
+            .iter()
+            .map(|&v| v as usize)
+            .product()
+    }
+
+    /// The output's shape `[n, o, h kh, w kw]`.
+    pub fn out_dims(&self) -> [usize; 4] {
+        let u = |v: i32| v as usize;
+        [u(self.n), u(self.o), u(self.h * self.kh), u(self.w * self.kw)]
+    }
+
+    /// One thread per output element, up to [`UNPATCHIFY_MAX_BLOCKS`] blocks.
+    pub fn launch(&self) -> Launch {
+        Launch::linear(
+            self.elems().div_ceil(THREADS as usize).clamp(1, UNPATCHIFY_MAX_BLOCKS),
+            THREADS,
+        )
+    }
+}
+
+/// The kernels on candle CUDA tensors.
 #[cfg(feature = "cuda")]
 pub mod run {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
 
-    use super::{module, Im2ColDims, Im2ColTile};
+    use super::{module, Im2ColDims, Im2ColTile, UnpatchifyDims};
     use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view};
     use crate::kernels::{KernelError, KernelResult};
 
@@ -206,5 +263,55 @@ pub mod run {
             unsafe { l.launch(config(d.launch(), 0)) }.map_err(candle_core::Error::wrap)?;
         }
         Ok(tensor(cols, shape, &dev))
+    }
+
+    /// The product `y` of a kernel-equals-stride transposed convolution (contiguous
+    /// `[n, o * kh * kw, h * w]` elements, `dims` = `[n, o, kh, kw, h, w]`) as `[n, o, h kh, w kw]`,
+    /// plus the channel `bias` where given, in `y`'s dtype.
+    pub fn unpatchify(y: &Tensor, bias: Option<&Tensor>, dims: [usize; 6]) -> KernelResult<Tensor> {
+        let d = UnpatchifyDims::new(dims).map_err(KernelError::Unsupported)?;
+        let y = y.contiguous()?;
+        let bias = bias.map(|b| b.contiguous()).transpose()?;
+        match y.dtype() {
+            DType::F32 => unpatchify_t::<f32>(&d, &y, bias.as_ref()),
+            DType::F16 => unpatchify_t::<half::f16>(&d, &y, bias.as_ref()),
+            DType::BF16 => unpatchify_t::<half::bf16>(&d, &y, bias.as_ref()),
+            t => Err(KernelError::Unsupported(format!("unpatchify on CUDA: dtype {t:?}"))),
+        }
+    }
+
+    fn unpatchify_t<T: CudaDType + DeviceRepr>(
+        d: &UnpatchifyDims,
+        y: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> KernelResult<Tensor> {
+        let dev = cuda_device(y)?;
+        if d.elems() == 0 {
+            return Ok(Tensor::zeros(d.out_dims().to_vec(), y.dtype(), y.device())?);
+        }
+        let f = function(
+            &dev,
+            &module().for_dtype(y.dtype()),
+            &format!("unpatchify_{}", suffix(y.dtype())?),
+        )?;
+        // Every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(d.elems()) }?;
+        {
+            let (ys, yl) = y.storage_and_layout();
+            let yv = view::<T>(&ys, yl)?;
+            // Without a bias the kernel reads a null pointer's absence (a zero device address).
+            let b = bias.map(|b| b.storage_and_layout());
+            let bv = b.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()?;
+            let null = 0u64;
+            let mut l = f.builder();
+            l.arg(&yv);
+            match &bv {
+                Some(bv) => l.arg(bv),
+                None => l.arg(&null),
+            };
+            l.arg(&mut out).arg(d);
+            unsafe { l.launch(config(d.launch(), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
+        Ok(tensor(out, d.out_dims().to_vec(), &dev))
     }
 }

@@ -745,6 +745,12 @@ fn unpatchify_deconv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult
         let x3 = gemm_operand(&x.reshape((n, c, h * wd))?)?;
         wt.unsqueeze(0)?.broadcast_as((n, o * kh * kw, c))?.matmul(&x3)?
     };
+    // On CUDA one kernel interleaves the kernel offsets and adds the bias (candle's broadcast
+    // add of the permuted view indexes six strided dims per element).
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() && crate::cuda::im2col::run::supports(&y) && b.is_none_or(|b| b.dtype() == y.dtype()) {
+        return crate::cuda::im2col::run::unpatchify(&y, b, [n, o, kh, kw, h, wd]);
+    }
     // [N, O, kh, kw, H, W] -> [N, O, H, kh, W, kw]
     let y = y.reshape((n, o, kh, kw, h, wd))?.permute((0, 1, 4, 2, 5, 3))?;
     let y = match b {
