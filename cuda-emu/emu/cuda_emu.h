@@ -111,26 +111,29 @@ inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2], floa
     __syncthreads();
 }
 
-// ldmatrix.sync.aligned.m8n8.x4.trans.b16: lanes 8m..8m+7 give the addresses of the eight
-// 16-byte rows of matrix m; each lane receives, in r[m], elements (2 (lane % 4), lane / 4) and
-// (2 (lane % 4) + 1, lane / 4) of that matrix, the lower row in the low half.
-inline void ldmatrix_x4_trans(unsigned r[4], const void* row) {
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.b16: lanes 8m..8m+7 give the addresses of the eight
+// 16-byte rows of matrix m; each lane receives, in r[m], two adjacent elements of that matrix:
+// (lane / 4, 2 (lane % 4)) and (lane / 4, 2 (lane % 4) + 1), or with `trans`
+// (2 (lane % 4), lane / 4) and (2 (lane % 4) + 1, lane / 4); the first in the low half.
+inline void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
     const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
     WarpFragments& w = warp_fragments[tid / 32];
     const unsigned lane = tid % 32;
     w.rows[lane] = row;
     __syncthreads();
     for (unsigned m = 0; m < 4; ++m) {
-        unsigned short lo, hi;
+        unsigned short half[2];
         for (unsigned k = 0; k < 2; ++k) {
-            const void* p = w.rows[8 * m + 2 * (lane % 4) + k];
+            const unsigned i = trans ? 2 * (lane % 4) + k : lane / 4;  // row of the matrix
+            const unsigned j = trans ? lane / 4 : 2 * (lane % 4) + k;  // element of the row
+            const void* p = w.rows[8 * m + i];
             if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {
                 std::fprintf(stderr, "emulated ldmatrix: row address %p is not 16-byte aligned\n", p);
                 std::abort();
             }
-            std::memcpy(k ? &hi : &lo, static_cast<const unsigned char*>(p) + 2 * (lane / 4), 2);
+            std::memcpy(&half[k], static_cast<const unsigned char*>(p) + 2 * j, 2);
         }
-        r[m] = (unsigned)lo | ((unsigned)hi << 16);
+        r[m] = (unsigned)half[0] | ((unsigned)half[1] << 16);
     }
     __syncthreads();
 }

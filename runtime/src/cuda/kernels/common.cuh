@@ -144,8 +144,8 @@ __device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const
 }
 #endif
 
-// 16-byte and 4-byte moves (one ld/st.v4.u32 or ld/st.u32 instruction on the GPU): `p` must be
-// aligned to the size, which the emulator checks.
+// 16-byte moves (one ld/st.v4.u32 instruction on the GPU): `p` must be 16-byte aligned, which
+// the emulator checks.
 struct alignas(16) vec16 {
     unsigned x, y, z, w;
 };
@@ -160,16 +160,9 @@ __device__ __forceinline__ void store16(void* p, vec16 v) {
     emu::check_aligned(p, 16);
     memcpy(p, &v, 16);
 }
-__device__ __forceinline__ unsigned load32(const void* p) {
-    emu::check_aligned(p, 4);
-    unsigned v;
-    memcpy(&v, p, 4);
-    return v;
-}
 #else
 __device__ __forceinline__ vec16 load16(const void* p) { return *reinterpret_cast<const vec16*>(p); }
 __device__ __forceinline__ void store16(void* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
-__device__ __forceinline__ unsigned load32(const void* p) { return *reinterpret_cast<const unsigned*>(p); }
 #endif
 __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15u) == 0; }
 
@@ -225,13 +218,21 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
-// Four 8x8 matrices of 16-bit elements from shared memory, transposed (ldmatrix.x4.trans):
-// lane l gives the address of row l % 8 of matrix l / 8 (16-byte aligned); r[m] receives
-// elements (2 (lane % 4), lane / 4) and (2 (lane % 4) + 1, lane / 4) of matrix m. Every lane
-// of the warp calls it (in the emulator every thread of the block).
+// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix.x4): lane l gives the
+// address of row l % 8 of matrix l / 8 (16-byte aligned); r[m] receives elements
+// (lane / 4, 2 (lane % 4)) and (lane / 4, 2 (lane % 4) + 1) of matrix m, or with the .trans
+// form (`ldmatrix_x4_trans`) elements (2 (lane % 4), lane / 4) and (2 (lane % 4) + 1, lane / 4).
+// Every lane of the warp calls it (in the emulator every thread of the block).
 #ifdef VITDET_EMU
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4_trans(r, row); }
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, false); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, true); }
 #elif __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -577,25 +577,20 @@ __device__ __forceinline__ void wa_relh_at(float out[2], const float* relh, cons
     for (int r = 0; r < 2; ++r) out[r] = row_tiles && q.valid[r] ? relh[q.row[r] * g.wh + ky] : 0.0f;
 }
 
-// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld.
+// The A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld,
+// through ldmatrix: matrices (rows +0, +8) x (columns +0, +8) are a[0..3].
 template <class T>
-__device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int gq, int tq) {
-    // Each pair is adjacent and starts at an even element (k and ld even): one 4-byte load.
-    const int k = k0 + 2 * tq;
-    a[0] = load32(m + (r0 + gq) * ld + k);
-    a[1] = load32(m + (r0 + gq + 8) * ld + k);
-    a[2] = load32(m + (r0 + gq) * ld + k + 8);
-    a[3] = load32(m + (r0 + gq + 8) * ld + k + 8);
+__device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int lane) {
+    ldmatrix_x4(a, m + (r0 + (lane & 15)) * ld + k0 + (lane & 16 ? 8 : 0));
 }
 
-// B fragment with B(k, c) = m[c * ld + k]: rows k0..k0+15, column c0 + gq. Every B operand is
-// read this way, its pairs adjacent: row-major tiles used transposed (K in Q K^T) and the tiles
-// kept transposed for the products that use them as they are (V in P V, ...).
+// The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
+// product whose B operand is a row-major tile used transposed, B(k, c) = m[c * ld + k] (K in
+// Q K^T, Q and dO in the key pass's S^T and dP^T), through ldmatrix: each fragment is pairs
+// adjacent along the tile's rows.
 template <class T>
-__device__ __forceinline__ void wa_tc_frag_bt(unsigned b[2], const T* m, int ld, int k0, int c0, int gq, int tq) {
-    const int k = k0 + 2 * tq, c = c0 + gq;
-    b[0] = load32(m + c * ld + k);
-    b[1] = load32(m + c * ld + k + 8);
+__device__ __forceinline__ void wa_tc_frag_bt(unsigned b[4], const T* m, int ld, int k0, int n0, int lane) {
+    ldmatrix_x4(b, m + (n0 + (lane & 7) + (lane & 16 ? 8 : 0)) * ld + k0 + (lane & 8));
 }
 
 // The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
@@ -622,16 +617,20 @@ __device__ __forceinline__ void wa_tc_acc_as_a(unsigned a[4], const float acc[][
 // registers) and M the tile's rows (row stride TC_LDT). Accumulator element e of tile nt is row
 // gq + 8 (e / 2), column nt * 8 + 2 tq + e % 2.
 template <class T>
-__device__ __forceinline__ void wa_tc_rows_product(float s[][4], const unsigned a[][4], const T* m, int gq, int tq) {
+__device__ __forceinline__ void wa_tc_rows_product(float s[][4], const unsigned a[][4], const T* m, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < TC_BK / 8; ++nt) {
+    for (int nt = 0; nt < TC_BK / 8; nt += 2) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) {
+            s[nt][e] = 0.0f;
+            s[nt + 1][e] = 0.0f;
+        }
 #pragma unroll
         for (int kt = 0; kt < HD / 16; ++kt) {
-            unsigned b[2];
-            wa_tc_frag_bt(b, m, TC_LDT, kt * 16, nt * 8, gq, tq);
+            unsigned b[4];
+            wa_tc_frag_bt(b, m, TC_LDT, kt * 16, nt * 8, lane);
             mma_16816(s[nt], a[kt], b, T());
+            mma_16816(s[nt + 1], a[kt], b + 2, T());
         }
     }
 }
@@ -659,7 +658,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     __syncthreads();
     unsigned qa[HD / 16][4];
     for (int kt = 0; kt < HD / 16; ++kt)
-        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, lane);
 
     // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
     // logits in log2 units), this thread's share of their sums (its columns; summed over the
@@ -687,7 +686,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
         const int *key_y = stream.key_y(s), *key_x = stream.key_x(s);
         // S = Q K^T.
         float sc[TC_BK / 8][4];
-        wa_tc_rows_product<T>(sc, qa, ks, gq, tq);
+        wa_tc_rows_product<T>(sc, qa, ks, lane);
         // Logits, and the rows' new maxima over the quad that shares them.
         float mx[2] = {m[0], m[1]};
         for (int nt = 0; nt < TC_BK / 8; ++nt)
@@ -920,16 +919,26 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
             }
 #pragma unroll
         for (int kt = 0; kt < HD / 16; ++kt) {
-            unsigned ka[4], va[4];
-            wa_tc_frag_a(ka, ks, TC_LDT, r0, kt * 16, gq, tq);
-            wa_tc_frag_a(va, vs, TC_LDT, r0, kt * 16, gq, tq);
+            unsigned ka[4];
+            wa_tc_frag_a(ka, ks, TC_LDT, r0, kt * 16, lane);
 #pragma unroll
-            for (int nt = 0; nt < TC_BQ / 8; ++nt) {
-                unsigned b[2];
-                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, gq, tq);
+            for (int nt = 0; nt < TC_BQ / 8; nt += 2) {
+                unsigned b[4];
+                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, lane);
                 mma_16816(sc[nt], ka, b, T());
-                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, gq, tq);
+                mma_16816(sc[nt + 1], ka, b + 2, T());
+            }
+        }
+#pragma unroll
+        for (int kt = 0; kt < HD / 16; ++kt) {
+            unsigned va[4];
+            wa_tc_frag_a(va, vs, TC_LDT, r0, kt * 16, lane);
+#pragma unroll
+            for (int nt = 0; nt < TC_BQ / 8; nt += 2) {
+                unsigned b[4];
+                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, lane);
                 mma_16816(dp[nt], va, b, T());
+                mma_16816(dp[nt + 1], va, b + 2, T());
             }
         }
         // In place: sc becomes P^T, dp becomes dS^T.
@@ -1031,8 +1040,8 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
     unsigned qa[HD / 16][4], da[HD / 16][4];
 #pragma unroll
     for (int kt = 0; kt < HD / 16; ++kt) {
-        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, gq, tq);
-        wa_tc_frag_a(da[kt], stream.v(1), TC_LDT, r0, kt * 16, gq, tq);
+        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, lane);
+        wa_tc_frag_a(da[kt], stream.v(1), TC_LDT, r0, kt * 16, lane);
     }
     // The thread's two query rows, their lse and D.
     const WaQueryRows qr = wa_query_rows_of(g, w, rows0, i0, r0, gq);
@@ -1063,8 +1072,8 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
 
         // S = Q K^T and dP = dO V^T: this warp's 16 queries against the tile's 64 keys.
         float sc[TC_BK / 8][4], dp[TC_BK / 8][4];
-        wa_tc_rows_product<T>(sc, qa, ks, gq, tq);
-        wa_tc_rows_product<T>(dp, da, vs, gq, tq);
+        wa_tc_rows_product<T>(sc, qa, ks, lane);
+        wa_tc_rows_product<T>(dp, da, vs, lane);
         // dS in place of dP; its sums for the decomposed term.
         float hsum[2] = {0.0f, 0.0f};
 #pragma unroll
