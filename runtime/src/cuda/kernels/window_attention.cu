@@ -410,8 +410,9 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 // Tensor-core forward for f16 / bf16 (head dims that are multiples of 16), flash-attention-2
 // style. A block of four warps owns TC_BQ = 64 query rows (16 per warp) and streams keys in
 // tiles of TC_BK = 64 through shared memory (each fetched with cp.async into one of two stages
-// while the block computes on the other, and stored as rows: V, which P V reads along its
-// columns, through ldmatrix.trans): S = Q K^T and O += P V run on mma.m16n8k16 with
+// while the block computes on the other, stored as rows, and read into fragments with
+// ldmatrix; V, which P V reads along its columns, with ldmatrix.trans): S = Q K^T and
+// O += P V run on mma.m16n8k16 with
 // f32 accumulators, and the scores, probabilities, output and row statistics never leave the
 // registers: a thread holds two rows' columns of each accumulator, the online softmax reduces
 // row maxima and sums over the four threads sharing a row (xor shuffles), and P's accumulator
@@ -779,8 +780,8 @@ VITDET_FOR_EACH_HALF(WA_TC_ENTRY)
 // products per tile pair, which is cheap beside the atomics it replaces.
 //
 // Each streamed tile is fetched with cp.async into one of two shared-memory stages while the
-// block computes on the other. Products that read a tile transposed (the rows of dO, Q and K
-// as B operands along their rows) take their fragments with ldmatrix.trans, so every tile is
+// block computes on the other, and every fragment is read with ldmatrix: products that take a
+// tile along its columns (dO and Q in dV and dK, K in dQ) with ldmatrix.trans, so every tile is
 // stored once, as rows. The results are the f32 kernels' (`wa_bwd_q`, `wa_bwd_kv`). Dynamic
 // shared memory: see `tc_bwd_kv_shared_bytes` and `tc_bwd_q_shared_bytes` (Rust).
 #define TC_LDB (TC_BK + 1)       // row stride of the f32 dS tile: one thread per query row reads columns
