@@ -26,12 +26,12 @@ pub fn launch(n: usize) -> Launch {
 /// The kernels on candle CUDA tensors.
 #[cfg(feature = "cuda")]
 pub mod run {
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{DType, Tensor};
 
     use super::{launch, module};
-    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view};
+    use crate::cuda::device::{cuda_device, function, launch_into_new, suffix};
     use crate::kernels::{KernelError, KernelResult};
 
     /// Whether the kernels take `x` (f32, f16 or bf16); the caller runs candle ops otherwise.
@@ -78,22 +78,6 @@ pub mod run {
             &module().for_dtype(x.dtype()),
             &format!("{kernel}_{}", suffix(x.dtype())?),
         )?;
-        // Every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(n) }?;
-        {
-            let storages: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-            let views = storages
-                .iter()
-                .map(|(s, l)| view::<T>(s, l))
-                .collect::<KernelResult<Vec<_>>>()?;
-            let len = n as i64;
-            let mut l = f.builder();
-            for v in &views {
-                l.arg(v);
-            }
-            l.arg(&mut out).arg(&len);
-            unsafe { l.launch(config(launch(n), 0)) }.map_err(candle_core::Error::wrap)?;
-        }
-        Ok(tensor(out, x.dims(), &dev))
+        launch_into_new::<T, i64>(&f, inputs, n, &(n as i64), launch(n), x.dims())
     }
 }

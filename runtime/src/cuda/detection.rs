@@ -456,7 +456,7 @@ pub mod run {
     use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign, RoiAlignGrad, TopK};
 
     use super::{module, BoxGeom, NmsGeom, RoiGeom, TopKGeom, NMS_MASK_BUDGET};
-    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros};
+    use crate::cuda::device::{config, cuda_device, function, launch_into_new, suffix, tensor, view, zeros};
     use crate::kernels::{KernelError, KernelResult};
 
     fn unsupported(m: impl std::fmt::Display) -> KernelError {
@@ -703,32 +703,13 @@ pub mod run {
 
     fn box_kernel_t<T: CudaDType + DeviceRepr>(kernel: &str, inputs: &[&Tensor], g: BoxGeom) -> KernelResult<Tensor> {
         let x = inputs[0];
-        let dev = cuda_device(x)?;
         let n = x.elem_count();
         if n == 0 {
             return Ok(x.clone());
         }
-        let inputs = inputs
-            .iter()
-            .map(|t| t.contiguous())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dev = cuda_device(x)?;
         let f = function(&dev, &module(), &format!("{kernel}_{}", suffix(x.dtype())?))?;
-        // Every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(n) }?;
-        {
-            let storages: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
-            let views = storages
-                .iter()
-                .map(|(s, l)| view::<T>(s, l))
-                .collect::<KernelResult<Vec<_>>>()?;
-            let mut l = f.builder();
-            for v in &views {
-                l.arg(v);
-            }
-            l.arg(&mut out).arg(&g);
-            unsafe { l.launch(config(g.launch(), 0)) }.map_err(candle_core::Error::wrap)?;
-        }
-        Ok(tensor(out, x.dims(), &dev))
+        launch_into_new::<T, BoxGeom>(&f, inputs, n, &g, g.launch(), x.dims())
     }
 
     // ---------------------------------------------------------------- RoIAlign

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, ValidAsZeroBits,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
@@ -274,6 +275,40 @@ pub fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> KernelRe
 /// A zero-filled device buffer of `len` elements.
 pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, len: usize) -> KernelResult<CudaSlice<T>> {
     Ok(dev.alloc_zeros::<T>(len.max(1))?)
+}
+
+/// Launches `f` with the contiguous `inputs` (elements of `T`, in order), a new buffer of `len`
+/// elements of `T` that the kernel writes in full, and `params`; returns the tensor of `shape`
+/// owning that buffer. The shape of the elementwise kernels' launches.
+pub fn launch_into_new<T: CudaDType + DeviceRepr, P: DeviceRepr>(
+    f: &Kernel,
+    inputs: &[&Tensor],
+    len: usize,
+    params: &P,
+    launch: Launch,
+    shape: impl Into<Shape>,
+) -> KernelResult<Tensor> {
+    let dev = cuda_device(inputs[0])?;
+    let inputs = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // Every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(len.max(1)) }?;
+    {
+        let storages: Vec<_> = inputs.iter().map(|t| t.storage_and_layout()).collect();
+        let views = storages
+            .iter()
+            .map(|(s, l)| view::<T>(s, l))
+            .collect::<KernelResult<Vec<_>>>()?;
+        let mut l = f.builder();
+        for v in &views {
+            l.arg(v);
+        }
+        l.arg(&mut out).arg(params);
+        unsafe { l.launch(config(launch, 0)) }.map_err(candle_core::Error::wrap)?;
+    }
+    Ok(tensor(out, shape, &dev))
 }
 
 /// A tensor owning `slice`, of `shape`.
