@@ -10,13 +10,13 @@
 #   1. the runtime's CUDA tests (carry/tests/*.xz): kernels against the CPU, side by side, and
 #      vitdet-b's backbone at 1024 on both devices (its errors printed: `cpu-vs-gpu` lines);
 #   2. `vitdet bench --ops` in bf16 (ops_bf16.json), convolutions on cuDNN (PyTorch's library)
-#      and once more on the im2col kernel;
+#      and once more on the im2col kernel, attention once more on the FMA kernels;
 #   3. the same ops in PyTorch (scripts/gpu/torch_ops.py: torch_ops.json);
 #   4. end-to-end vitdet-b at 1024: inference and a training step in bf16 (e2e_*.json), each
 #      with a profiled run (device and dispatch time per op kind);
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
 #      in f16, with fused then eager attention (study_vitdet_l_{fused,eager}.txt);
-#   6. hardware counters (ncu) of the global attention backward and the top-k kernels;
+#   6. hardware counters (ncu) of the global attention backward's passes and the top-k kernels;
 #   7. the op table and a training step in f32, and vitdet-l's, vit-b's and vit-l's steps in
 #      bf16, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
@@ -116,6 +116,11 @@ ops bf16 120
 # The convolutions again on the runtime's own im2col kernel + cuBLAS, beside cuDNN's.
 [ -n "${VITDET_CUDNN:-}" ] && step ops_bf16_im2col 60 "$V" bench --device cuda --ops --only conv --dtype bf16 \
     --conv-engine im2col --iters 10 --warmup 2 --format json --out "$OUT/ops_bf16_im2col.json"
+
+# The attention ops again on the FMA kernels (VITDET_ATTENTION_KERNELS=fma), the tensor-core
+# kernels' reference path, in the same run.
+step ops_bf16_fma 60 env VITDET_ATTENTION_KERNELS=fma "$V" bench --device cuda --ops --only attention \
+    --dtype bf16 --iters 5 --warmup 1 --format json --out "$OUT/ops_bf16_fma.json"
 
 # 3. PyTorch on the same shapes.
 "$V" bench --ops --list --format json >"$OUT/ops_list.json"

@@ -52,10 +52,14 @@ def main():
         print(f"\n== ops, ViTDet-B at {at} (ratio = vitdet / torch {theirs.get('torch', '?')}, median ms)")
         print(f"convolutions on {', '.join(engines)}")
         print(compare_table(ours, theirs))
-        im2col = load(os.path.join(out, "ops_bf16_im2col.json"))
-        if im2col:
-            print("\nthe convolutions on the im2col kernel + cuBLAS instead:")
-            print(compare_table([im2col], theirs))
+        for name, what in [
+            ("ops_bf16_im2col.json", "the convolutions on the im2col kernel + cuBLAS instead"),
+            ("ops_bf16_fma.json", "the attention on the FMA kernels instead (VITDET_ATTENTION_KERNELS=fma)"),
+        ]:
+            again = load(os.path.join(out, name))
+            if again:
+                print(f"\n{what}:")
+                print(compare_table([again], theirs))
         for report in ours:
             for r in report["ops"]:
                 if "error" in r:

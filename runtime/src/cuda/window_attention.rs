@@ -43,6 +43,20 @@ pub fn module_for_head_dim(hd: usize) -> Module {
     }
 }
 
+/// Which attention kernels half types run, from `VITDET_ATTENTION_KERNELS` (unset: the tensor
+/// cores where they apply): `tensor-cores`, or `fma` for the f32-accumulating FMA kernels (the
+/// reference path, for comparisons or a GPU where the tensor-core kernels misbehave). `true`
+/// for `fma`; an error naming the variable for any other value.
+pub fn fma_requested(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("tensor-cores") => Ok(false),
+        Some("fma") => Ok(true),
+        Some(other) => Err(format!(
+            "VITDET_ATTENTION_KERNELS={other}: expected `tensor-cores` or `fma`"
+        )),
+    }
+}
+
 /// The kernels' parameter block (`struct WinGeom` in the source).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -250,7 +264,9 @@ pub mod run {
     use candle_core::{DType, Tensor};
     use vitdet_ir::ops::{WindowAttention, WindowAttentionGrad};
 
-    use super::WinGeom;
+    use std::sync::OnceLock;
+
+    use super::{fma_requested, WinGeom};
     use crate::cuda::device::{compute_capability, config, cuda_device, function, suffix, tensor, view, zeros};
     use crate::kernels::{KernelError, KernelResult};
 
@@ -319,10 +335,14 @@ pub mod run {
             })
         }
 
-        /// Whether the tensor-core kernels run: half types, a head dim they take, and a GPU
-        /// with the f16 / bf16 mma (compute 8.0 and later; the module leaves them out before).
+        /// Whether the tensor-core kernels run: half types, a head dim they take, a GPU with the
+        /// f16 / bf16 mma (compute 8.0 and later; the module leaves them out before), and no
+        /// `VITDET_ATTENTION_KERNELS=fma` ([`fma_requested`]).
         fn tensor_cores(&self) -> KernelResult<bool> {
-            Ok(self.dtype != DType::F32 && self.g.tensor_cores() && compute_capability(&self.dev)?.0 >= 8)
+            static FMA: OnceLock<Result<bool, String>> = OnceLock::new();
+            let fma = FMA.get_or_init(|| fma_requested(std::env::var("VITDET_ATTENTION_KERNELS").ok().as_deref()));
+            let fma = fma.clone().map_err(KernelError::Unsupported)?;
+            Ok(!fma && self.dtype != DType::F32 && self.g.tensor_cores() && compute_capability(&self.dev)?.0 >= 8)
         }
 
         /// An absent optional input: the kernels never read it, any buffer of the type will do.
@@ -573,5 +593,19 @@ pub mod run {
             _ => {}
         }
         Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fma_requested;
+
+    #[test]
+    fn the_attention_kernels_variable_takes_two_values() {
+        assert_eq!(fma_requested(None), Ok(false));
+        assert_eq!(fma_requested(Some("tensor-cores")), Ok(false));
+        assert_eq!(fma_requested(Some("fma")), Ok(true));
+        let err = fma_requested(Some("FMA")).unwrap_err();
+        assert!(err.contains("VITDET_ATTENTION_KERNELS=FMA"), "{err}");
     }
 }
