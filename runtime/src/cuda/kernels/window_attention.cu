@@ -421,6 +421,7 @@ VITDET_FOR_EACH_FLOAT(WA_ENTRY)
 #define TC_BQ 64
 #define TC_BK 64
 #define TC_THREADS 128  // four warps of 16 rows
+static_assert(TC_BQ == TC_BK, "the products take query and key tiles alike");
 // The tensor-core kernels exponentiate in base 2 (exp2f is the hardware's ex2; expf adds a
 // range reduction): logits are carried times log2 e, and the stored lse converted back.
 #define WA_LOG2E 1.4426950408889634f
@@ -486,19 +487,28 @@ __device__ __forceinline__ void wa_key_stage(const T* qkv, const T* bias, const 
     }
 }
 
+// Query i's slices of head h: its Q (the bias for a padded token, null past N) into `q`, its dO
+// (null but for an unpadded token) into `d`. Whether it is an unpadded token.
+template <class T>
+__device__ __forceinline__ bool wa_query_slices(const T* qkv, const T* bias, const T* dout, const WinGeom& g, int w,
+                                                int h, int i, const T*& q, const T*& d) {
+    q = nullptr;
+    d = nullptr;
+    if (i >= g.wh * g.ww) return false;
+    const Tok qt = token(g, w, i);
+    q = head_slice(qkv, bias, g, qt, 0, h);
+    if (qt.valid) d = dout + token_row(g, qt, g.channels) + h * HD;
+    return qt.valid;
+}
+
 // Query tile i0's Q rows (the bias for padded tokens, zero past N) and, where `dos` is given,
 // its dO rows (zero for padded tokens), at once. One query row per thread, as above.
 template <class T>
 __device__ __forceinline__ void wa_query_rows(const T* qkv, const T* bias, const T* dout, const WinGeom& g, int w,
                                               int h, int i0, bool vec, T* qs, T* dos) {
-    const int n = g.wh * g.ww, tid = threadIdx.x;
-    const int r = tid % TC_BQ, i = i0 + r;
-    const T *q = nullptr, *d = nullptr;
-    if (i < n) {
-        const Tok qt = token(g, w, i);
-        q = head_slice(qkv, bias, g, qt, 0, h);
-        if (qt.valid && dos) d = dout + token_row(g, qt, g.channels) + h * HD;
-    }
+    const int tid = threadIdx.x, r = tid % TC_BQ;
+    const T *q, *d;
+    wa_query_slices(qkv, bias, dout, g, w, h, i0 + r, q, d);
     for (int c = tid / TC_BQ; c < HD / 8; c += TC_THREADS / TC_BQ) {
         store16(qs + r * TC_LDT + c * 8, tc_load8(q, c * 8, vec));
         if (dos) store16(dos + r * TC_LDT + c * 8, tc_load8(d, c * 8, vec));
@@ -578,11 +588,14 @@ __device__ __forceinline__ void wa_relh_at(float out[2], const float* relh, cons
     for (int r = 0; r < 2; ++r) out[r] = row_tiles && q.valid[r] ? relh[q.row[r] * g.wh + ky] : 0.0f;
 }
 
-// The A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major tile with row stride ld,
-// through ldmatrix: matrices (rows +0, +8) x (columns +0, +8) are a[0..3].
+// The A fragments of rows r0..r0+15 of a row-major tile (row stride TC_LDT), one per 16-wide
+// slice of the head dim, through ldmatrix: matrices (rows +0, +8) x (columns +0, +8) are
+// a[kt][0..3].
 template <class T>
-__device__ __forceinline__ void wa_tc_frag_a(unsigned a[4], const T* m, int ld, int r0, int k0, int lane) {
-    ldmatrix_x4(a, m + (r0 + (lane & 15)) * ld + k0 + (lane & 16 ? 8 : 0));
+__device__ __forceinline__ void wa_tc_frags_a(unsigned a[][4], const T* m, int r0, int lane) {
+#pragma unroll
+    for (int kt = 0; kt < HD / 16; ++kt)
+        ldmatrix_x4(a[kt], m + (r0 + (lane & 15)) * TC_LDT + kt * 16 + (lane & 16 ? 8 : 0));
 }
 
 // The B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]), rows k0 .. k0 + 15, of a
@@ -614,9 +627,9 @@ __device__ __forceinline__ void wa_tc_acc_as_a(unsigned a[4], const float acc[][
     a[3] = pack2(from_f32<T>(hi[2]), from_f32<T>(hi[3]));
 }
 
-// This warp's 16 rows against a tile's 64 rows: S = A M^T, with A's fragments `a` (in
-// registers) and M the tile's rows (row stride TC_LDT). Accumulator element e of tile nt is row
-// gq + 8 (e / 2), column nt * 8 + 2 tq + e % 2.
+// This warp's 16 rows against a tile's 64 rows (a key or a query tile: TC_BK = TC_BQ): S = A M^T,
+// with A's fragments `a` (`wa_tc_frags_a`) and M the tile's rows (row stride TC_LDT).
+// Accumulator element e of tile nt is row gq + 8 (e / 2), column nt * 8 + 2 tq + e % 2.
 template <class T>
 __device__ __forceinline__ void wa_tc_rows_product(float s[][4], const unsigned a[][4], const T* m, int lane) {
 #pragma unroll
@@ -658,8 +671,7 @@ __device__ void wa_fwd_tc(const T* qkv, const T* bias, const float* relh, const 
     if (row_tiles) wa_relw_rows(relw, g, ((long)w * g.heads + h) * n, i0, relw_rows);
     __syncthreads();
     unsigned qa[HD / 16][4];
-    for (int kt = 0; kt < HD / 16; ++kt)
-        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, lane);
+    wa_tc_frags_a(qa, stream.k(1), r0, lane);
 
     // The thread's two query rows (fragment rows gq and gq + 8), their running max (of the
     // logits in log2 units), this thread's share of their sums (its columns; summed over the
@@ -817,16 +829,9 @@ __device__ __forceinline__ void wa_bwd_kv_stage(const T* qkv, const T* bias, con
                                                 float* q_relh, int* q_valid, float* relw_tile) {
     const int n = g.wh * g.ww, tid = threadIdx.x;
     const int r = tid % TC_BQ, i = i0 + r;
-    const T *q = nullptr, *d = nullptr;
-    bool valid = false;
-    if (i < n) {
-        const Tok qt = token(g, w, i);
-        valid = qt.valid;
-        if (valid) {
-            q = head_slice(qkv, bias, g, qt, 0, h);
-            d = dout + token_row(g, qt, g.channels) + h * HD;
-        }
-    }
+    const T *q, *d;
+    const bool valid = wa_query_slices(qkv, bias, dout, g, w, h, i, q, d);
+    if (!valid) q = nullptr;  // a padded query's row is masked out: zeros
     for (int c = tid / TC_BQ; c < HD / 8; c += TC_THREADS / TC_BQ) {
         tc_copy8(qs + r * TC_LDT + c * 8, q, c * 8, vec);
         tc_copy8(dos + r * TC_LDT + c * 8, d, c * 8, vec);
@@ -908,39 +913,19 @@ __device__ void wa_bwd_kv_tc(const T* qkv, const T* bias, const float* relh, con
         const int* q_valid = reinterpret_cast<const int*>(q_relh + TC_BQ);
         const float* relw_tile = stage_relw + s * TC_BQ * TC_LDR;
 
-        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries
-        // (each A fragment read once per tile: holding them across tiles makes ptxas spill).
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys against the tile's 64 queries, one
+        // product after the other (the K and V fragments read once per tile: holding them across
+        // tiles, or both at once, makes ptxas spill at head dim 80).
         float sc[TC_BQ / 8][4], dp[TC_BQ / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_BQ / 8; ++nt)
-#pragma unroll
-            for (int o = 0; o < 4; ++o) {
-                sc[nt][o] = 0.0f;
-                dp[nt][o] = 0.0f;
-            }
-#pragma unroll
-        for (int kt = 0; kt < HD / 16; ++kt) {
-            unsigned ka[4];
-            wa_tc_frag_a(ka, ks, TC_LDT, r0, kt * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < TC_BQ / 8; nt += 2) {
-                unsigned b[4];
-                wa_tc_frag_bt(b, qs, TC_LDT, kt * 16, nt * 8, lane);
-                mma_16816(sc[nt], ka, b, T());
-                mma_16816(sc[nt + 1], ka, b + 2, T());
-            }
+        {
+            unsigned ka[HD / 16][4];
+            wa_tc_frags_a(ka, ks, r0, lane);
+            wa_tc_rows_product<T>(sc, ka, qs, lane);
         }
-#pragma unroll
-        for (int kt = 0; kt < HD / 16; ++kt) {
-            unsigned va[4];
-            wa_tc_frag_a(va, vs, TC_LDT, r0, kt * 16, lane);
-#pragma unroll
-            for (int nt = 0; nt < TC_BQ / 8; nt += 2) {
-                unsigned b[4];
-                wa_tc_frag_bt(b, dos, TC_LDT, kt * 16, nt * 8, lane);
-                mma_16816(dp[nt], va, b, T());
-                mma_16816(dp[nt + 1], va, b + 2, T());
-            }
+        {
+            unsigned va[HD / 16][4];
+            wa_tc_frags_a(va, vs, r0, lane);
+            wa_tc_rows_product<T>(dp, va, dos, lane);
         }
         // In place: sc becomes P^T, dp becomes dS^T.
 #pragma unroll
@@ -1039,11 +1024,8 @@ __device__ void wa_bwd_q_tc(const T* qkv, const T* bias, const float* relh, cons
         }
     __syncthreads();
     unsigned qa[HD / 16][4], da[HD / 16][4];
-#pragma unroll
-    for (int kt = 0; kt < HD / 16; ++kt) {
-        wa_tc_frag_a(qa[kt], stream.k(1), TC_LDT, r0, kt * 16, lane);
-        wa_tc_frag_a(da[kt], stream.v(1), TC_LDT, r0, kt * 16, lane);
-    }
+    wa_tc_frags_a(qa, stream.k(1), r0, lane);
+    wa_tc_frags_a(da, stream.v(1), r0, lane);
     // The thread's two query rows, their lse and D.
     const WaQueryRows qr = wa_query_rows_of(g, w, rows0, i0, r0, gq);
     const int* qi = qr.i;
