@@ -8,10 +8,10 @@
 //! the tables again, `bwd_q` (dq, D = rowsum(dout * out), the tables' and the BEiT bias's
 //! gradients), then `bwd_kv` (dk, dv, the qkv bias's padded-token share), then
 //! `rel_tables_grad` on each axis for `drh` and `drw`. For f16 / bf16 on the tensor cores
-//! (`tensor_cores()`), `bwd_q` and `bwd_kv` give way to `bwd_dsum_tc` (D per row),
-//! `bwd_kv_tc` (one block per 64 keys: dk, dv, the qkv bias's padded-key share),
-//! `bwd_q_tc` (one block per 64 queries: dq in f32, the rel-pos gradients) and `bwd_dq_tc`
-//! (dq plus the decomposed term's share, into dqkv).
+//! (`tensor_cores()`), `bwd_q` gives way to `bwd_dsum_tc` (D per row) and `bwd_q_tc` (one
+//! block per 64 queries: dq in f32, the rel-pos gradients), `bwd_kv` to `bwd_kv_tc` (one block
+//! per 64 keys: dk, dv, the qkv bias's padded-key share, from the same inputs), and
+//! `bwd_dq_tc` adds the decomposed term's share to dq, into dqkv.
 
 use vitdet_ir::ops::{WindowAttention, WindowGeometry, WindowRelPos};
 
@@ -492,56 +492,46 @@ pub mod run {
         let b = view::<T>(&bs, bl)?;
         let (rh, rw, rb) = (view::<T>(&hs, hl)?, view::<T>(&ws, wl)?, view::<T>(&rs, rl)?);
         let (outv, lsev, doutv) = (view::<T>(&os, ol)?, view::<f32>(&ls, ll)?, view::<T>(&ds, dl)?);
-        if o.tensor_cores()? {
-            // Half types on the tensor cores: D per row, the key pass (dk, dv), the query pass
-            // (dq before the decomposed term's share, the rel-pos gradients), then dq.
-            let module = g.module(o.dtype);
-            let fd = function(&o.dev, &module, &o.name("bwd_dsum_tc")?)?;
-            let mut l = fd.builder();
-            l.arg(&outv).arg(&doutv).arg(&mut dsum).arg(&g);
-            unsafe { l.launch(config(g.bwd_dsum_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
-            let mut dq = zeros::<f32>(&o.dev, g.rows() * g.hd as usize)?;
-            let elem = o.dtype.size_in_bytes();
-            for pass in ["bwd_kv_tc", "bwd_q_tc"] {
-                let kv = pass == "bwd_kv_tc";
-                let f = function(&o.dev, &module, &o.name(pass)?)?;
-                let bytes = if kv {
-                    g.tc_bwd_kv_shared_bytes(elem)
-                } else {
-                    g.tc_bwd_q_shared_bytes(elem)
-                };
-                f.allow_shared_bytes(bytes)?;
-                let mut l = f.builder();
-                // The two passes read the same inputs.
-                l.arg(&q)
+        // What the key-side kernels (and the tensor-core query pass) read, in their order.
+        macro_rules! key_side_inputs {
+            ($l:expr) => {
+                $l.arg(&q)
                     .arg(&b)
                     .arg(&relh)
                     .arg(&relw)
                     .arg(&rb)
                     .arg(&doutv)
                     .arg(&lsev)
-                    .arg(&dsum);
-                if kv {
-                    l.arg(&mut dbias).arg(&mut dqkv);
-                } else {
-                    l.arg(&mut dq).arg(&mut drelh).arg(&mut drelw).arg(&mut drelbias);
-                }
-                l.arg(&g);
-                unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
-            }
-            let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;
-            let mut l = fq.builder();
-            l.arg(&dq)
-                .arg(&drelh)
-                .arg(&drelw)
-                .arg(&rh)
-                .arg(&rw)
-                .arg(&mut dqkv)
+                    .arg(&dsum)
+            };
+        }
+        let module = g.module(o.dtype);
+        let elem = o.dtype.size_in_bytes();
+        let tc = o.tensor_cores()?;
+        // The query side. Half types on the tensor cores: D per row, then the query pass (dq
+        // before the decomposed term's share, the rel-pos gradients); otherwise `bwd_q` (D,
+        // dq, the rel-pos gradients).
+        let mut dq = None;
+        if tc {
+            let fd = function(&o.dev, &module, &o.name("bwd_dsum_tc")?)?;
+            let mut l = fd.builder();
+            l.arg(&outv).arg(&doutv).arg(&mut dsum).arg(&g);
+            unsafe { l.launch(config(g.bwd_dsum_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
+            let mut dq_acc = zeros::<f32>(&o.dev, g.rows() * g.hd as usize)?;
+            let f = function(&o.dev, &module, &o.name("bwd_q_tc")?)?;
+            let bytes = g.tc_bwd_q_shared_bytes(elem);
+            f.allow_shared_bytes(bytes)?;
+            let mut l = f.builder();
+            key_side_inputs!(l);
+            l.arg(&mut dq_acc)
+                .arg(&mut drelh)
+                .arg(&mut drelw)
+                .arg(&mut drelbias)
                 .arg(&g);
-            unsafe { l.launch(config(g.bwd_dq_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
+            unsafe { l.launch(config(g.attention_bwd_tc(), bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+            dq = Some(dq_acc);
         } else {
-            let fq = function(&o.dev, &g.module(o.dtype), &o.name("bwd_q")?)?;
-            let fkv = function(&o.dev, &g.module(o.dtype), &o.name("bwd_kv")?)?;
+            let fq = function(&o.dev, &module, &o.name("bwd_q")?)?;
             let mut l = fq.builder();
             l.arg(&q)
                 .arg(&b)
@@ -560,17 +550,34 @@ pub mod run {
                 .arg(&mut dqkv)
                 .arg(&g);
             unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
-            let mut l = fkv.builder();
-            l.arg(&q)
-                .arg(&b)
-                .arg(&relh)
-                .arg(&relw)
-                .arg(&rb)
-                .arg(&doutv)
-                .arg(&lsev)
-                .arg(&dsum);
-            l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
-            unsafe { l.launch(config(g.attention(), 0)) }.map_err(candle_core::Error::wrap)?;
+        }
+        // The key side, one kernel on either path: dk, dv and the padded keys' share of the
+        // qkv bias.
+        let (kernel, launch, bytes) = if tc {
+            ("bwd_kv_tc", g.attention_bwd_tc(), g.tc_bwd_kv_shared_bytes(elem))
+        } else {
+            ("bwd_kv", g.attention(), 0)
+        };
+        let fkv = function(&o.dev, &module, &o.name(kernel)?)?;
+        if bytes > 0 {
+            fkv.allow_shared_bytes(bytes)?;
+        }
+        let mut l = fkv.builder();
+        key_side_inputs!(l);
+        l.arg(&mut dbias).arg(&mut dqkv).arg(&g);
+        unsafe { l.launch(config(launch, bytes as u32)) }.map_err(candle_core::Error::wrap)?;
+        // Tensor cores: dq plus the decomposed term's share, into dqkv.
+        if let Some(dq) = &dq {
+            let fq = function(&o.dev, &module, &o.name("bwd_dq_tc")?)?;
+            let mut l = fq.builder();
+            l.arg(dq)
+                .arg(&drelh)
+                .arg(&drelw)
+                .arg(&rh)
+                .arg(&rw)
+                .arg(&mut dqkv)
+                .arg(&g);
+            unsafe { l.launch(config(g.bwd_dq_tc(), 0)) }.map_err(candle_core::Error::wrap)?;
         }
 
         let mut grads = vec![tensor(dqkv, o.qkv.dims(), &o.dev)];
