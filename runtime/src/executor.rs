@@ -256,111 +256,110 @@ fn execute(
             let constants = program.placed_constants.lock().expect("placed constants");
             constants.get(key).cloned()
         });
-        let outputs = if let Some(placed) = placed {
-            let mut outputs = Vec::with_capacity(placed.len());
-            for (output, (host, on_device)) in placed.into_iter().enumerate() {
-                let v = Value { node: n, output };
-                if program.reads_on_host(v) {
-                    host_copies.insert(v, host);
+        let reused = placed.is_some();
+        let made: Vec<Tensor> = match &node.op {
+            Op::Parameter(_) => Vec::new(),
+            Op::Input(inp) => vec![fed.remove(inp.name.as_str()).expect("inputs were checked")],
+            _ if reused => {
+                let placed = placed.expect("a placed constant");
+                let mut outputs = Vec::with_capacity(placed.len());
+                for (output, (host, on_device)) in placed.into_iter().enumerate() {
+                    let v = Value { node: n, output };
+                    if program.reads_on_host(v) {
+                        host_copies.insert(v, host);
+                    }
+                    outputs.push(on_device);
                 }
-                outputs.push(on_device);
+                outputs
             }
-            outputs
-        } else {
-            let made: Vec<Tensor> = match &node.op {
-                Op::Parameter(_) => Vec::new(),
-                Op::Input(inp) => vec![fed.remove(inp.name.as_str()).expect("inputs were checked")],
-                op => {
-                    let mut args = Vec::new();
-                    for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
-                        let host = host_copies.get(&v).filter(|_| kernels::reads_on_host(op, slot));
-                        let t = match param_values.get(&v.node).or(host) {
-                            Some(t) => t.clone(),
-                            None => held.get(&v).cloned().ok_or_else(|| {
-                                RuntimeError::Order(format!(
-                                    "node %{} ({}) in `{}` reads %{}:{}, which the order has not produced",
-                                    n.index(),
-                                    node.op.name(),
-                                    node.scope,
-                                    v.node.index(),
-                                    v.output
-                                ))
-                            })?,
-                        };
-                        args.push(t);
-                    }
-                    let start = std::time::Instant::now();
-                    let outs = kernels::execute(op, &args).map_err(|e| match e {
-                        KernelError::Unsupported(reason) => RuntimeError::Unsupported {
-                            node: n.index(),
-                            op: op.name().to_string(),
-                            scope: node.scope.clone(),
-                            reason,
-                        },
-                        KernelError::Candle(e) => kernel_error(graph, n, e.to_string()),
-                    })?;
-                    drop(args);
-                    if sync_each_op {
-                        device.synchronize()?;
-                    }
-                    let seconds = start.elapsed().as_secs_f64();
-                    add_seconds(&mut op_seconds, op.name(), seconds);
-                    add_seconds(&mut scope_seconds, scope_key(&node.scope), seconds);
-                    check_outputs(graph, n, &outs)?;
-                    if let Op::DynamicPrefix(_) = op {
-                        dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
-                    }
-                    // A host loop reads this data movement's result: make it from the host copies too.
-                    let wanted = || (0..outs.len()).any(|output| program.reads_on_host(Value { node: n, output }));
-                    if !device.is_cpu() && kernels::moves_data_only(op) && wanted() {
-                        // A slot read on the host anyway (a prefix's count) may take the device value.
-                        let copies: Option<Vec<Tensor>> = graph
-                            .inputs_of(n)
-                            .iter()
-                            .enumerate()
-                            .map(|(slot, v)| {
-                                let device_value = || held.get(v).cloned().filter(|_| kernels::reads_on_host(op, slot));
-                                host_copies.get(v).cloned().or_else(device_value)
-                            })
-                            .collect();
-                        if let Some(copies) = copies {
-                            let made =
-                                kernels::execute(op, &copies).map_err(|e| kernel_error(graph, n, e.to_string()))?;
-                            for (output, t) in made.into_iter().enumerate() {
-                                host_copies.insert(Value { node: n, output }, t);
-                            }
+            op => {
+                let mut args = Vec::new();
+                for (slot, v) in graph.inputs_of(n).into_iter().enumerate() {
+                    let host = host_copies.get(&v).filter(|_| kernels::reads_on_host(op, slot));
+                    let t = match param_values.get(&v.node).or(host) {
+                        Some(t) => t.clone(),
+                        None => held.get(&v).cloned().ok_or_else(|| {
+                            RuntimeError::Order(format!(
+                                "node %{} ({}) in `{}` reads %{}:{}, which the order has not produced",
+                                n.index(),
+                                node.op.name(),
+                                node.scope,
+                                v.node.index(),
+                                v.output
+                            ))
+                        })?,
+                    };
+                    args.push(t);
+                }
+                let start = std::time::Instant::now();
+                let outs = kernels::execute(op, &args).map_err(|e| match e {
+                    KernelError::Unsupported(reason) => RuntimeError::Unsupported {
+                        node: n.index(),
+                        op: op.name().to_string(),
+                        scope: node.scope.clone(),
+                        reason,
+                    },
+                    KernelError::Candle(e) => kernel_error(graph, n, e.to_string()),
+                })?;
+                drop(args);
+                if sync_each_op {
+                    device.synchronize()?;
+                }
+                let seconds = start.elapsed().as_secs_f64();
+                add_seconds(&mut op_seconds, op.name(), seconds);
+                add_seconds(&mut scope_seconds, scope_key(&node.scope), seconds);
+                check_outputs(graph, n, &outs)?;
+                if let Op::DynamicPrefix(_) = op {
+                    dynamic_rows = dynamic_rows.max(Some(outs[0].dim(0)?));
+                }
+                // A host loop reads this data movement's result: make it from the host copies too.
+                let wanted = || (0..outs.len()).any(|output| program.reads_on_host(Value { node: n, output }));
+                if !device.is_cpu() && kernels::moves_data_only(op) && wanted() {
+                    // A slot read on the host anyway (a prefix's count) may take the device value.
+                    let copies: Option<Vec<Tensor>> = graph
+                        .inputs_of(n)
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, v)| {
+                            let device_value = || held.get(v).cloned().filter(|_| kernels::reads_on_host(op, slot));
+                            host_copies.get(v).cloned().or_else(device_value)
+                        })
+                        .collect();
+                    if let Some(copies) = copies {
+                        let made = kernels::execute(op, &copies).map_err(|e| kernel_error(graph, n, e.to_string()))?;
+                        for (output, t) in made.into_iter().enumerate() {
+                            host_copies.insert(Value { node: n, output }, t);
                         }
                     }
-                    outs
                 }
-            };
-            // Ops without inputs (anchors, ...) and host loops given host copies make their
-            // results on the host: place them, keeping the host copy where a kernel reads it there.
-            let made_host = constant_key.is_some().then(|| made.clone());
-            let outputs = made
-                .into_iter()
-                .enumerate()
-                .map(|(output, t)| {
-                    if t.device().same_device(device) {
-                        return Ok(t);
-                    }
-                    let v = Value { node: n, output };
-                    if t.device().is_cpu() && program.reads_on_host(v) {
-                        host_copies.insert(v, t.clone());
-                    }
-                    t.to_device(device)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if let (Some(key), Some(host)) = (constant_key, made_host) {
-                let placed = host.into_iter().zip(outputs.iter().cloned()).collect();
-                program
-                    .placed_constants
-                    .lock()
-                    .expect("placed constants")
-                    .insert(key, placed);
+                outs
             }
-            outputs
         };
+        // Ops without inputs (anchors, ...) and host loops given host copies make their
+        // results on the host: place them, keeping the host copy where a kernel reads it there.
+        let made_host = (constant_key.is_some() && !reused).then(|| made.clone());
+        let outputs = made
+            .into_iter()
+            .enumerate()
+            .map(|(output, t)| {
+                if t.device().same_device(device) {
+                    return Ok(t);
+                }
+                let v = Value { node: n, output };
+                if t.device().is_cpu() && program.reads_on_host(v) {
+                    host_copies.insert(v, t.clone());
+                }
+                t.to_device(device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let (Some(key), Some(host)) = (constant_key, made_host) {
+            let placed = host.into_iter().zip(outputs.iter().cloned()).collect();
+            program
+                .placed_constants
+                .lock()
+                .expect("placed constants")
+                .insert(key, placed);
+        }
         let is_input = matches!(node.op, Op::Input(_));
         for (output, t) in outputs.into_iter().enumerate() {
             let v = Value { node: n, output };
