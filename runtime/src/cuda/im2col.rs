@@ -221,7 +221,7 @@ pub mod run {
     use candle_core::{DType, Tensor};
 
     use super::{module, Im2ColDims, Im2ColTile, UnpatchifyDims};
-    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view};
+    use crate::cuda::device::{config, cuda_device, function, launch_into_new, suffix, tensor, view};
     use crate::kernels::{KernelError, KernelResult};
 
     /// Whether the kernel takes tiles of `x` (f32/f16/bf16); the caller lowers the convolution
@@ -253,16 +253,7 @@ pub mod run {
             &module().for_dtype(x.dtype()),
             &format!("im2col_{}", suffix(x.dtype())?),
         )?;
-        // Every element is written by the kernel.
-        let mut cols = unsafe { dev.alloc::<T>(shape.0 * shape.1) }?;
-        {
-            let (xs, xl) = x.storage_and_layout();
-            let xv = view::<T>(&xs, xl)?;
-            let mut l = f.builder();
-            l.arg(&xv).arg(&mut cols).arg(d);
-            unsafe { l.launch(config(d.launch(), 0)) }.map_err(candle_core::Error::wrap)?;
-        }
-        Ok(tensor(cols, shape, &dev))
+        launch_into_new::<T, Im2ColDims>(&f, &[x], shape.0 * shape.1, d, d.launch(), shape)
     }
 
     /// The product `y` of a kernel-equals-stride transposed convolution (contiguous
