@@ -1,6 +1,6 @@
 //! Exact GELU forward and backward, and ReLU's backward (`kernels/activation.cu`): one pass
-//! over the tensor each, computed in f32 and rounded once. Launch geometry lives here for both the CUDA path and the host
-//! emulator.
+//! over the tensor each, computed in f32 and rounded once. Launch geometry lives here for both
+//! the CUDA path and the host emulator.
 
 use super::sources::Module;
 use super::Launch;

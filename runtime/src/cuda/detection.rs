@@ -15,9 +15,9 @@
 //! - `roi_align`: `roi_levels` (each box's level), then `roi_align_fwd`; `roi_align_grad`:
 //!   `roi_levels`, then `roi_align_bwd` scattering into f32 per-level gradients.
 //! - `box_decode`, `clip_boxes`: one launch each, the CPU kernel's f64 arithmetic, converted to
-//!   the storage type as the CPU converts (through f32). `exp` is the GPU's (within an ulp of f64, so the rounded result
-//!   is the CPU's but where the f64 value lies within that ulp of a rounding boundary); the
-//!   emulator, with the host's `exp`, gives the CPU's bits.
+//!   the storage type as the CPU converts (through f32). `exp` is the GPU's (within an ulp of
+//!   f64, so the rounded result is the CPU's but where the f64 value lies within that ulp of a
+//!   rounding boundary); the emulator, with the host's `exp`, gives the CPU's bits.
 
 use vitdet_ir::ops::{BoxDecode, ClipBoxes, Nms, RoiAlign};
 
@@ -384,7 +384,6 @@ impl RoiGeom {
     }
 }
 
-/// The kernels on candle CUDA tensors, in the order the module doc gives.
 /// Threads per block of the box kernels.
 pub const BOX_THREADS: u32 = 256;
 
@@ -446,6 +445,7 @@ impl BoxGeom {
     }
 }
 
+/// The kernels on candle CUDA tensors, in the order the module doc gives.
 #[cfg(feature = "cuda")]
 pub mod run {
     use candle_core::cuda_backend::cudarc::driver::{
