@@ -658,21 +658,6 @@ pub fn window_attention_grad_tc_placed(
     let mut dqkv = vec![0u16; x[0].elem_count()];
     unsafe {
         (t.kernels.bwd_dsum)(g.bwd_dsum_tc(), out.as_ptr(), dout.as_ptr(), dsum.as_mut_ptr(), g);
-        (t.kernels.bwd_kv)(
-            g.attention_bwd_tc(),
-            g.tc_bwd_kv_shared_bytes(2) as u32,
-            t.qkv(),
-            t.ptr(t.bias),
-            t.relh.as_ptr(),
-            t.relw.as_ptr(),
-            t.ptr(t.relbias),
-            dout.as_ptr(),
-            lse.as_ptr(),
-            dsum.as_ptr(),
-            dbias.as_mut_ptr(),
-            dqkv.as_mut_ptr(),
-            g,
-        );
         (t.kernels.bwd_q)(
             g.attention_bwd_tc(),
             g.tc_bwd_q_shared_bytes(2) as u32,
@@ -688,6 +673,21 @@ pub fn window_attention_grad_tc_placed(
             drelh.as_mut_ptr(),
             drelw.as_mut_ptr(),
             drelbias.as_mut_ptr(),
+            g,
+        );
+        (t.kernels.bwd_kv)(
+            g.attention_bwd_tc(),
+            g.tc_bwd_kv_shared_bytes(2) as u32,
+            t.qkv(),
+            t.ptr(t.bias),
+            t.relh.as_ptr(),
+            t.relw.as_ptr(),
+            t.ptr(t.relbias),
+            dout.as_ptr(),
+            lse.as_ptr(),
+            dsum.as_ptr(),
+            dbias.as_mut_ptr(),
+            dqkv.as_mut_ptr(),
             g,
         );
         (t.kernels.bwd_dq)(
