@@ -193,9 +193,15 @@ enum Command {
         /// Timed steps per measured configuration (after a warm-up step).
         #[arg(long, default_value_t = 2)]
         steps: usize,
-        /// Device profile of the predicted times: v100-32gb (the paper's), a100-80gb, h100-80gb.
+        /// Device profile of the predicted times: v100-32gb (the paper's), a100-80gb, h100-80gb,
+        /// h200-141gb.
         #[arg(long, default_value = "v100-32gb")]
         profile: String,
+        /// `vitdet bench --ops --format json` reports timed on the profile's device
+        /// (comma-separated or repeated): their ops' efficiencies replace the profile's assumed
+        /// 60% / 75% of the peaks.
+        #[arg(long, value_delimiter = ',')]
+        calibration: Vec<PathBuf>,
         /// Precision of every row unless swept: f32, bf16 or f16. Default f16 (the paper's
         /// automatic mixed precision), f32 with --measure on the CPU (which runs f32 graphs).
         #[arg(long)]
@@ -393,6 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             steps,
             profile,
+            calibration,
             dtype,
             fuse,
             batch,
@@ -414,6 +421,7 @@ fn run(cli: Cli) -> Result<()> {
                 sweep: study::Dim::parse_list(&sweep).context("--sweep")?,
                 base,
                 profile,
+                calibration,
                 measure,
                 device,
                 steps,

@@ -1,18 +1,29 @@
 //! Step time predicted from the cost model: a per-node roofline over a device profile.
 //!
-//! Each computing node takes `max(flops / compute rate, bytes / memory rate) + launch`, where
+//! Each computing node takes `ideal / efficiency + launch`, where
+//! * `ideal = max(flops / compute rate, bytes / memory rate)` at the datasheet peaks;
 //! * `flops` are the node's plain floating-point operations (`Cost::flops`);
 //! * the compute rate is the device's matmul peak for contractions (matmul, linear, convolutions
 //!   and their gradient ops, fused attention) in the node's output dtype, its vector peak for
-//!   everything else, times [`DeviceProfile::compute_efficiency`];
+//!   everything else;
 //! * `bytes` are the node's inputs plus outputs (parameters included; a reshape moves nothing,
-//!   it is a view), over the memory bandwidth times [`DeviceProfile::memory_efficiency`];
+//!   it is a view);
+//! * `efficiency` is [`DeviceProfile::compute_efficiency`] or [`DeviceProfile::memory_efficiency`]
+//!   (whichever side bounds `ideal`), or, in a calibrated profile ([`DeviceProfile::calibrated`]),
+//!   what the runtime's own kernel for that op reached when timed alone on the device;
 //! * `launch` is a fixed per-kernel overhead (eager frameworks pay ~10 us of dispatch per op).
 //!
 //! The sum over nodes is the step time of a device that runs one kernel at a time, which is what
-//! a CUDA stream does. The efficiencies and launch cost are stated assumptions, not fits: the
-//! datasheet peaks are never reached by real kernels and the study reports the prediction beside
-//! measurements wherever it can measure.
+//! a CUDA stream does. The datasheet profiles' efficiencies and launch cost are stated
+//! assumptions, not fits: real kernels fall well short of the peaks, so those profiles give a
+//! lower bound. A calibrated profile replaces the assumed efficiencies with measured ones: each
+//! timed op call (a row of `vitdet bench --ops`) gives the efficiency of its op at its size, and a
+//! node takes the efficiency of the same op and precision interpolated in `ln(ideal)` between
+//! the rows that bracket it (the nearest row's beyond them). An op that was not timed takes the
+//! rows of its kind: the GEMM-like ops' ([`GEMM_LIKE`]) for a contraction, the row-wise
+//! memory-bound ops' ([`ROW_WISE`]) for anything else.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 use vitdet_ir::{DType, Graph, NodeIndex};
@@ -37,7 +48,54 @@ pub struct DeviceProfile {
     pub memory_efficiency: f64,
     /// Fixed cost per kernel (seconds).
     pub launch_seconds: f64,
+    /// Measured efficiencies, which take the place of the two assumed ones where they apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
 }
+
+/// One op call timed alone on a device: the input of [`DeviceProfile::calibrated`].
+#[derive(Clone, Debug)]
+pub struct MeasuredOp {
+    /// The IR op's name (`linear`, `window_attention_grad`, ...).
+    pub op: String,
+    /// The element type the op computed in.
+    pub dtype: DType,
+    pub flops: u64,
+    /// Its inputs' and outputs' bytes.
+    pub bytes: u64,
+    /// Median time of a call.
+    pub seconds: f64,
+}
+
+/// The efficiencies a device's kernels reached, from timed op calls.
+#[derive(Clone, Debug, Serialize)]
+pub struct Calibration {
+    /// Where the times come from (file names).
+    pub source: String,
+    /// Sorted by op, precision, then `ideal_seconds`.
+    pub ops: Vec<CalibratedOp>,
+}
+
+/// One timed call as the model sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CalibratedOp {
+    pub op: String,
+    /// f16/bf16 (the matmul rate is the tensor cores').
+    pub low_precision: bool,
+    /// The roofline time at the datasheet peaks.
+    pub ideal_seconds: f64,
+    pub measured_seconds: f64,
+    /// `ideal / (measured - launch)`: with it, the model gives this call its measured time.
+    pub efficiency: f64,
+}
+
+/// Ops whose timed rows stand for the contractions that were not timed (batched matmuls,
+/// other convolution shapes): plain GEMMs and convolutions.
+pub const GEMM_LIKE: &[&str] = &["linear", "matmul", "conv2d"];
+
+/// Ops whose timed rows stand for the other ops that were not timed (element-wise, casts,
+/// reductions, gathers): kernels that read and write each element about once.
+pub const ROW_WISE: &[&str] = &["softmax", "layer_norm"];
 
 const T: f64 = 1e12;
 const G: f64 = 1e9;
@@ -57,20 +115,140 @@ impl DeviceProfile {
             compute_efficiency: 0.6,
             memory_efficiency: 0.75,
             launch_seconds: 10e-6,
+            calibration: None,
         };
         match name {
             "v100-32gb" | "v100" => Ok(gpu("v100-32gb", 15.7 * T, 125.0 * T, false, 900.0 * G, 32)),
             "a100-80gb" | "a100" => Ok(gpu("a100-80gb", 19.5 * T, 312.0 * T, true, 2039.0 * G, 80)),
             "h100-80gb" | "h100" => Ok(gpu("h100-80gb", 67.0 * T, 989.0 * T, true, 3350.0 * G, 80)),
+            "h200-141gb" | "h200" => Ok(gpu("h200-141gb", 67.0 * T, 989.0 * T, true, 4800.0 * G, 140)),
             other => Err(format!(
-                "unknown device profile `{other}` (expected v100-32gb, a100-80gb, h100-80gb, or cpu with --measure)"
+                "unknown device profile `{other}` (expected v100-32gb, a100-80gb, h100-80gb, h200-141gb, or cpu with --measure)"
             )),
         }
     }
+
+    /// This profile with the efficiencies of `measured` calls (see the module doc). Errors on a
+    /// call with no time, or one that took no longer than the launch cost (no efficiency fits).
+    pub fn calibrated(mut self, source: &str, measured: &[MeasuredOp]) -> Result<DeviceProfile, String> {
+        if measured.is_empty() {
+            return Err(format!("{source}: no timed ops to calibrate {} with", self.name));
+        }
+        let mut ops = Vec::with_capacity(measured.len());
+        for m in measured {
+            let low = self.check_dtype(m.dtype)?;
+            let ideal = self.ideal_seconds(&m.op, low, m.flops as f64, m.bytes as f64);
+            let kernel = m.seconds - self.launch_seconds;
+            if !m.seconds.is_finite() || kernel <= 0.0 || ideal <= 0.0 {
+                return Err(format!(
+                    "{source}: {} ({:?}) took {:e} s, which leaves no kernel time beyond the {:e} s launch \
+                     cost of {} (or the op has no work)",
+                    m.op, m.dtype, m.seconds, self.launch_seconds, self.name
+                ));
+            }
+            ops.push(CalibratedOp {
+                op: m.op.clone(),
+                low_precision: low,
+                ideal_seconds: ideal,
+                measured_seconds: m.seconds,
+                efficiency: ideal / kernel,
+            });
+        }
+        ops.sort_by(|a, b| {
+            (&a.op, a.low_precision)
+                .cmp(&(&b.op, b.low_precision))
+                .then(a.ideal_seconds.total_cmp(&b.ideal_seconds))
+        });
+        self.name = format!("{}, calibrated", self.name);
+        self.calibration = Some(Calibration {
+            source: source.to_string(),
+            ops,
+        });
+        Ok(self)
+    }
+
+    /// Whether `dtype` computes at the low-precision matmul rate; errors where the device has
+    /// no rate for it.
+    fn check_dtype(&self, dtype: DType) -> Result<bool, String> {
+        if dtype == DType::BF16 && !self.bf16 {
+            return Err(format!("{} has no bf16 matmul rate; use f16 or f32", self.name));
+        }
+        Ok(matches!(dtype, DType::BF16 | DType::F16))
+    }
+
+    /// The compute and memory times at the datasheet peaks.
+    fn ideal_parts(&self, op: &str, low: bool, flops: f64, bytes: f64) -> (f64, f64) {
+        let rate = match (CONTRACTIONS.contains(&op), low) {
+            (true, true) => self.matmul_low,
+            (true, false) => self.matmul_f32,
+            (false, _) => self.vector,
+        };
+        (flops / rate, bytes / self.bandwidth)
+    }
+
+    /// `max(flops / rate, bytes / bandwidth)` at the datasheet peaks.
+    fn ideal_seconds(&self, op: &str, low: bool, flops: f64, bytes: f64) -> f64 {
+        let (compute, memory) = self.ideal_parts(op, low, flops, bytes);
+        compute.max(memory)
+    }
+
+    /// A node's kernel time (launch excluded) and whether compute bounds it: `ideal` over the
+    /// measured efficiency where the profile is calibrated for the op or its kind, else each
+    /// side at its assumed efficiency.
+    fn kernel_seconds(&self, op: &str, low: bool, flops: f64, bytes: f64) -> (f64, bool) {
+        let (compute, memory) = self.ideal_parts(op, low, flops, bytes);
+        let ideal = compute.max(memory);
+        match self.measured_efficiency(op, low, ideal) {
+            Some(e) => (ideal / e, compute >= memory),
+            None => {
+                let (c, m) = (compute / self.compute_efficiency, memory / self.memory_efficiency);
+                (c.max(m), c >= m)
+            }
+        }
+    }
+
+    /// The efficiency the calibration gives a node of `op` at `ideal` seconds: the same op's
+    /// rows, else its kind's; `None` where it has neither.
+    fn measured_efficiency(&self, op: &str, low: bool, ideal: f64) -> Option<f64> {
+        let cal = self.calibration.as_ref()?;
+        let rows = |accept: &dyn Fn(&str) -> bool| -> Vec<&CalibratedOp> {
+            cal.ops
+                .iter()
+                .filter(|r| r.low_precision == low && accept(&r.op))
+                .collect()
+        };
+        let mut near = rows(&|o| o == op);
+        if near.is_empty() {
+            let kind = if CONTRACTIONS.contains(&op) {
+                GEMM_LIKE
+            } else {
+                ROW_WISE
+            };
+            near = rows(&|o| kind.contains(&o));
+            near.sort_by(|a, b| a.ideal_seconds.total_cmp(&b.ideal_seconds));
+        }
+        interpolate_log(&near, ideal)
+    }
+}
+
+/// The efficiency at `ideal` between the rows (sorted by `ideal_seconds`) that bracket it,
+/// linear in `ln(ideal)`; the nearest row's outside them; `None` without rows.
+fn interpolate_log(rows: &[&CalibratedOp], ideal: f64) -> Option<f64> {
+    let (first, last) = (rows.first()?, rows.last()?);
+    if ideal <= first.ideal_seconds {
+        return Some(first.efficiency);
+    }
+    if ideal >= last.ideal_seconds {
+        return Some(last.efficiency);
+    }
+    let i = rows.partition_point(|r| r.ideal_seconds <= ideal);
+    let (a, b) = (rows[i - 1], rows[i]);
+    let t = (ideal / a.ideal_seconds).ln() / (b.ideal_seconds / a.ideal_seconds).ln();
+    Some(a.efficiency + t * (b.efficiency - a.efficiency))
 }
 
 /// A predicted step time and its parts.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct TimeEstimate {
     pub seconds: f64,
     /// Time of nodes bound by compute.
@@ -80,6 +258,15 @@ pub struct TimeEstimate {
     /// Launch overhead.
     pub launch_seconds: f64,
     pub kernels: usize,
+    /// The same time by op name: where it goes.
+    pub by_op: BTreeMap<String, OpTime>,
+}
+
+/// The predicted time of one op name's nodes.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct OpTime {
+    pub kernels: usize,
+    pub seconds: f64,
 }
 
 /// Ops timed at the matmul peak.
@@ -106,20 +293,7 @@ pub fn predict_step_time(graph: &Graph, nodes: &[NodeIndex], device: &DeviceProf
         if node.op.is_source() || VIEWS.contains(&name) {
             continue;
         }
-        let dtype = node.outputs.first().map_or(DType::F32, |t| t.dtype);
-        if dtype == DType::BF16 && !device.bf16 {
-            return Err(format!("{} has no bf16 matmul rate; use f16 or f32", device.name));
-        }
-        let low = matches!(dtype, DType::BF16 | DType::F16);
-        let rate = if CONTRACTIONS.contains(&name) {
-            if low {
-                device.matmul_low
-            } else {
-                device.matmul_f32
-            }
-        } else {
-            device.vector
-        };
+        let low = device.check_dtype(node.outputs.first().map_or(DType::F32, |t| t.dtype))?;
         let flops = graph.node_cost(n).flops as f64;
         let bytes: usize = graph
             .inputs_of(n)
@@ -127,16 +301,129 @@ pub fn predict_step_time(graph: &Graph, nodes: &[NodeIndex], device: &DeviceProf
             .map(|&v| graph.value_type(v).size_in_bytes())
             .chain(node.outputs.iter().map(|t| t.size_in_bytes()))
             .sum();
-        let compute = flops / (rate * device.compute_efficiency);
-        let memory = bytes as f64 / (device.bandwidth * device.memory_efficiency);
-        if compute >= memory {
-            est.compute_seconds += compute;
+        let (seconds, compute_bound) = device.kernel_seconds(name, low, flops, bytes as f64);
+        if compute_bound {
+            est.compute_seconds += seconds;
         } else {
-            est.memory_seconds += memory;
+            est.memory_seconds += seconds;
         }
         est.launch_seconds += device.launch_seconds;
         est.kernels += 1;
+        let op = est.by_op.entry(name.to_string()).or_default();
+        op.kernels += 1;
+        op.seconds += seconds + device.launch_seconds;
     }
     est.seconds = est.compute_seconds + est.memory_seconds + est.launch_seconds;
     Ok(est)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timed(op: &str, dtype: DType, flops: u64, bytes: u64, seconds: f64) -> MeasuredOp {
+        MeasuredOp {
+            op: op.to_string(),
+            dtype,
+            flops,
+            bytes,
+            seconds,
+        }
+    }
+
+    fn h200(measured: &[MeasuredOp]) -> DeviceProfile {
+        DeviceProfile::named("h200-141gb")
+            .unwrap()
+            .calibrated("test", measured)
+            .unwrap()
+    }
+
+    /// A node's whole time, launch included.
+    fn seconds(p: &DeviceProfile, op: &str, low: bool, flops: u64, bytes: u64) -> f64 {
+        p.kernel_seconds(op, low, flops as f64, bytes as f64).0 + p.launch_seconds
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a / b - 1.0).abs() < 1e-12
+    }
+
+    #[test]
+    fn a_timed_call_is_predicted_at_its_measured_time() {
+        let (flops, bytes) = (14_504_951_808, 28_709_376); // ViT-B's qkv projection
+        let p = h200(&[timed("linear", DType::BF16, flops, bytes, 38e-6)]);
+        assert!(close(seconds(&p, "linear", true, flops, bytes), 38e-6));
+        // Twice the work at the same efficiency: twice the kernel time.
+        let twice = seconds(&p, "linear", true, 2 * flops, 2 * bytes);
+        assert!(close(twice - p.launch_seconds, 2.0 * (38e-6 - p.launch_seconds)));
+    }
+
+    #[test]
+    fn efficiencies_interpolate_in_log_ideal_time_and_hold_beyond_the_rows() {
+        let gflop = 1_000_000_000;
+        let p = h200(&[
+            timed("conv2d", DType::BF16, gflop, 1, 1e-3),
+            timed("conv2d", DType::BF16, 100 * gflop, 1, 2e-3),
+        ]);
+        let eff = |flops: u64| {
+            let ideal = flops as f64 / p.matmul_low;
+            ideal / p.kernel_seconds("conv2d", true, flops as f64, 1.0).0
+        };
+        let rows = &p.calibration.as_ref().unwrap().ops;
+        let (e0, e1) = (rows[0].efficiency, rows[1].efficiency);
+        assert!(e1 > e0);
+        // 10 GFLOP sits halfway between 1 and 100 in ln.
+        assert!(close(eff(10 * gflop), (e0 + e1) / 2.0));
+        assert!(close(eff(gflop / 10), e0));
+        assert!(close(eff(1000 * gflop), e1));
+    }
+
+    #[test]
+    fn untimed_ops_take_their_kinds_rows_and_precisions_stay_apart() {
+        let (flops, bytes) = (14_504_951_808, 28_709_376);
+        let p = h200(&[
+            timed("linear", DType::BF16, flops, bytes, 38e-6),
+            timed("layer_norm", DType::BF16, 31_000_000, 12_600_000, 31e-6),
+        ]);
+        // A batched matmul of the same size takes the linear row's efficiency.
+        assert!(close(seconds(&p, "matmul", true, flops, bytes), 38e-6));
+        // An element-wise op takes the row-wise rows'.
+        let cast = seconds(&p, "cast", true, 0, 12_600_000);
+        assert!(close(cast, 31e-6), "{cast}");
+        // No f32 rows: f32 nodes keep the assumed efficiencies.
+        let assumed = DeviceProfile::named("h200-141gb").unwrap();
+        for op in ["matmul", "cast", "linear"] {
+            assert!(close(
+                seconds(&p, op, false, flops, bytes),
+                seconds(&assumed, op, false, flops, bytes)
+            ));
+        }
+        // Nor does an op whose kind has no rows: a transposed convolution with only row-wise
+        // rows timed.
+        let rowwise = h200(&[timed("layer_norm", DType::BF16, 31_000_000, 12_600_000, 31e-6)]);
+        assert!(close(
+            seconds(&rowwise, "conv_transpose2d", true, flops, bytes),
+            seconds(&assumed, "conv_transpose2d", true, flops, bytes)
+        ));
+    }
+
+    #[test]
+    fn calibration_rejects_times_that_no_efficiency_fits() {
+        let p = DeviceProfile::named("h200-141gb").unwrap();
+        let fast = p.launch_seconds / 2.0;
+        let err = p
+            .clone()
+            .calibrated("f.json", &[timed("linear", DType::BF16, 1000, 1000, fast)])
+            .unwrap_err();
+        assert!(err.contains("f.json") && err.contains("launch"), "{err}");
+        assert!(p
+            .clone()
+            .calibrated("f.json", &[])
+            .unwrap_err()
+            .contains("no timed ops"));
+        let v100 = DeviceProfile::named("v100-32gb").unwrap();
+        let err = v100
+            .calibrated("f.json", &[timed("linear", DType::BF16, 1000, 1000, 1e-3)])
+            .unwrap_err();
+        assert!(err.contains("bf16"), "{err}");
+    }
 }

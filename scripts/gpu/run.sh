@@ -138,13 +138,19 @@ e2e vitdet-b train bf16 10 150
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
 #    kernels, then with eager attention as detectron2 computes it.
-if "$V" study --help 2>/dev/null | grep -q -- '--device'; then
+#    The predicted column is this GPU's datasheet profile calibrated by the bf16 op table above.
+if "$V" study --help 2>/dev/null | grep -q -- '--calibration'; then
+    profile=h100-80gb
+    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && profile=h200-141gb
+    calibration=""
+    [ -s "$OUT/ops_bf16.json" ] && calibration="--calibration $OUT/ops_bf16.json"
     for variant in fused eager; do
         fuse=""
         [ "$variant" = fused ] && fuse=--fuse
         step "study_vitdet_l_$variant" 150 bash -c '"$0" study --model vitdet-l --measure --device cuda \
-            --sweep attention,checkpoint --dtype f16 $2 --profile h100-80gb --steps 2 \
-            --plot "$1/study_vitdet_l_$3.svg" >"$1/study_vitdet_l_$3.txt"' "$V" "$OUT" "$fuse" "$variant"
+            --sweep attention,checkpoint --dtype f16 $2 --profile $4 $5 --steps 2 \
+            --plot "$1/study_vitdet_l_$3.svg" >"$1/study_vitdet_l_$3.txt"' \
+            "$V" "$OUT" "$fuse" "$variant" "$profile" "$calibration"
     done
 else
     printf 'study_vitdet_l\tskipped\t0\n' >>"$STATUS"

@@ -136,5 +136,6 @@ pub fn calibrate_cpu() -> Result<DeviceProfile> {
         compute_efficiency: 1.0,
         memory_efficiency: 1.0,
         launch_seconds: launch,
+        calibration: None,
     })
 }

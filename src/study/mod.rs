@@ -7,6 +7,7 @@
 //! a V100-32GB, automatic mixed precision (f16) and attention as PyTorch's eager code runs it,
 //! materializing the probabilities (`--fuse` compiles the fused attention instead).
 
+mod calibration;
 mod measure;
 mod plot;
 mod table;
@@ -76,8 +77,11 @@ pub struct StudyOptions {
     pub sweep: Vec<Dim>,
     /// The point every row starts from (its attention, checkpoint, dtype, batch, fusion).
     pub base: TrainOptions,
-    /// Device profile for predicted times (`v100-32gb`, `a100-80gb`, `h100-80gb`).
+    /// Device profile for predicted times (`v100-32gb`, `a100-80gb`, `h100-80gb`, `h200-141gb`).
     pub profile: String,
+    /// `vitdet bench --ops` reports timed on that device, whose efficiencies replace the
+    /// profile's assumed ones (`DeviceProfile::calibrated`).
+    pub calibration: Vec<std::path::PathBuf>,
     /// Also run each configuration on `device`.
     pub measure: bool,
     /// Where `measure` runs (the CPU, or a GPU in a `cuda` build).
@@ -275,7 +279,10 @@ fn configurations(
 /// Runs a study: compiles every configuration, predicts, and measures if asked.
 pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> {
     let config = crate::compile::load_config(&opts.model, opts.image_size, None)?;
-    let profile = DeviceProfile::named(&opts.profile).map_err(anyhow::Error::msg)?;
+    let mut profile = DeviceProfile::named(&opts.profile).map_err(anyhow::Error::msg)?;
+    if !opts.calibration.is_empty() {
+        profile = calibration::calibrate(profile, &opts.calibration)?;
+    }
     let budget_range = if opts.sweep.contains(&Dim::Budget) {
         let peak = |c| -> Result<u64> {
             let mut o = opts.base.clone();

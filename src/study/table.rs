@@ -92,9 +92,14 @@ fn cells(study: &Study, r: &Row) -> Vec<String> {
 
 fn title(study: &Study) -> String {
     format!(
-        "{}: predicted on {}{}",
+        "{}: predicted on {}{}{}",
         study.model,
         study.profile.name,
+        study
+            .profile
+            .calibration
+            .as_ref()
+            .map_or(String::new(), |c| format!(" by the op times of {}", c.source)),
         study
             .measured_on
             .as_ref()
