@@ -169,6 +169,14 @@ enum Command {
         /// Device for --bench: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Also predict the time of a pass (a training step in train mode) on this device
+        /// profile: v100-32gb, a100-80gb, h100-80gb, h200-141gb.
+        #[arg(long)]
+        profile: Option<String>,
+        /// `vitdet bench --ops --format json` reports timed on the profile's device
+        /// (comma-separated or repeated), whose op efficiencies replace the assumed ones.
+        #[arg(long, value_delimiter = ',', requires = "profile")]
+        calibration: Vec<PathBuf>,
         #[command(flatten)]
         train: TrainArgs,
     },
@@ -336,6 +344,8 @@ fn run(cli: Cli) -> Result<()> {
             mode,
             bench,
             device,
+            profile,
+            calibration,
             train,
         } => {
             // Inference as `vitdet infer` runs it: fused attention (unless `--no-fuse`) and
@@ -371,6 +381,14 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 lowering,
             )?;
+            if let Some(name) = profile {
+                let profile = vitdet::study::device_profile(&name, &calibration)?;
+                let passes = compiled.report.train.as_ref().map_or(1, |t| t.batch);
+                compiled.report.predicted_time = Some(
+                    vitdet::report::PredictedTime::new(&compiled.graph, &compiled.order, passes, &profile)
+                        .map_err(anyhow::Error::msg)?,
+                );
+            }
             if bench {
                 let device = vitdet::infer::parse_device(&device)?;
                 compiled.report.benchmark = Some(vitdet::bench::benchmark(&compiled, &device)?);

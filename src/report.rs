@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde::Serialize;
-use vitdet_ir::Graph;
+use vitdet_ir::{Graph, NodeIndex};
 use vitdet_models::ModelConfig;
+use vitdet_passes::timing::{predict_step_time, DeviceProfile, TimeEstimate};
 use vitdet_passes::{params_by_scope, CostSummary, Liveness};
 
 #[derive(Clone, Debug, Serialize)]
@@ -40,9 +41,34 @@ pub struct CompileReport {
     /// built (`--dtype f32 --no-fuse`).
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lowering: Option<InferenceLowering>,
+    /// Predicted with `--profile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted_time: Option<PredictedTime>,
     /// Measured with `--bench`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub benchmark: Option<crate::bench::Benchmark>,
+}
+
+/// The graph's time on a device profile (`vitdet_passes::timing`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PredictedTime {
+    pub profile: String,
+    /// One pass (inference), or one optimizer step of `batch` passes (training).
+    pub seconds: f64,
+    /// One pass, by part and by op.
+    pub pass: TimeEstimate,
+}
+
+impl PredictedTime {
+    /// The prediction for running `order` of `graph` `passes` times on `profile`.
+    pub fn new(graph: &Graph, order: &[NodeIndex], passes: usize, profile: &DeviceProfile) -> Result<Self, String> {
+        let pass = predict_step_time(graph, order, profile)?;
+        Ok(PredictedTime {
+            profile: profile.name.clone(),
+            seconds: pass.seconds * passes as f64,
+            pass,
+        })
+    }
 }
 
 /// How an inference graph was lowered: autocast precision and fused attention regions.
@@ -77,6 +103,7 @@ impl CompileReport {
             compile_seconds: seconds,
             train: None,
             lowering: None,
+            predicted_time: None,
             benchmark: None,
         }
     }
@@ -150,6 +177,22 @@ impl CompileReport {
                 .join(", ")
         );
         let _ = writeln!(s, "compiled in {:.2} s", self.compile_seconds);
+        if let Some(p) = &self.predicted_time {
+            let by_op: BTreeMap<String, f64> = p.pass.by_op.iter().map(|(k, v)| (k.clone(), v.seconds)).collect();
+            let slowest: Vec<String> = slowest_first(&by_op)
+                .iter()
+                .take(4)
+                .map(|(op, t)| format!("{op} {:.1} ms", t * 1e3))
+                .collect();
+            let _ = writeln!(
+                s,
+                "\npredicted    {:.1} ms on {} ({} kernels; most time: {})",
+                p.seconds * 1e3,
+                p.profile,
+                p.pass.kernels,
+                slowest.join(", ")
+            );
+        }
         if let Some(b) = &self.benchmark {
             let _ = writeln!(s, "\nbenchmark (random weights and input, one pass after a warm-up)");
             let _ = writeln!(s, "  device   {} ({} threads)", b.device, b.threads);

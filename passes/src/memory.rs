@@ -219,6 +219,20 @@ fn value_spans(graph: &Graph, order: &[NodeIndex]) -> Vec<(Value, usize, usize)>
         .collect()
 }
 
+/// The nodes of `order` the runtime runs without a kernel: their output is a view of, or is,
+/// another value's buffer (see `storage`).
+pub(crate) fn view_nodes(graph: &Graph, order: &[NodeIndex]) -> std::collections::HashSet<NodeIndex> {
+    let layouts = storage::layouts(graph, order);
+    order
+        .iter()
+        .copied()
+        .filter(|&n| {
+            let v = Value::from(n);
+            layouts.get(&v).is_some_and(|l| l.root != v)
+        })
+        .collect()
+}
+
 /// The buffers the runtime allocates over `order` (unplaced: offset 0) and the root of every
 /// value that is a view.
 fn runtime_buffers(graph: &Graph, order: &[NodeIndex]) -> (Vec<Buffer>, HashMap<Value, Value>) {

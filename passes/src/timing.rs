@@ -6,8 +6,9 @@
 //! * the compute rate is the device's matmul peak for contractions (matmul, linear, convolutions
 //!   and their gradient ops, fused attention) in the node's output dtype, its vector peak for
 //!   everything else;
-//! * `bytes` are the node's inputs plus outputs (parameters included; a reshape moves nothing,
-//!   it is a view);
+//! * `bytes` are the node's inputs plus outputs (parameters included); a node the runtime runs
+//!   as a view of its input (a contiguous reshape, a slice, inference drop path, ... as the
+//!   memory planner's storage rules say) moves nothing and launches nothing;
 //! * `efficiency` is [`DeviceProfile::compute_efficiency`] or [`DeviceProfile::memory_efficiency`]
 //!   (whichever side bounds `ideal`), or, in a calibrated profile ([`DeviceProfile::calibrated`]),
 //!   what the runtime's own kernel for that op reached when timed alone on the device;
@@ -280,17 +281,15 @@ const CONTRACTIONS: &[&str] = &[
     "window_attention_grad",
 ];
 
-/// Ops that move no data (views).
-const VIEWS: &[&str] = &["reshape"];
-
 /// The predicted time of running `nodes` of `graph` once each on `device` (see the module doc).
 /// Errors when the graph computes in bf16 and the device has no bf16 rate.
 pub fn predict_step_time(graph: &Graph, nodes: &[NodeIndex], device: &DeviceProfile) -> Result<TimeEstimate, String> {
     let mut est = TimeEstimate::default();
+    let views = crate::memory::view_nodes(graph, nodes);
     for &n in nodes {
         let node = graph.node(n);
         let name = node.op.name();
-        if node.op.is_source() || VIEWS.contains(&name) {
+        if node.op.is_source() || views.contains(&n) {
             continue;
         }
         let low = device.check_dtype(node.outputs.first().map_or(DType::F32, |t| t.dtype))?;

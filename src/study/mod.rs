@@ -276,13 +276,20 @@ fn configurations(
     configs
 }
 
+/// The named datasheet profile, calibrated by the `vitdet bench --ops` reports in `calibration`
+/// if any.
+pub fn device_profile(name: &str, calibration: &[std::path::PathBuf]) -> Result<DeviceProfile> {
+    let profile = DeviceProfile::named(name).map_err(anyhow::Error::msg)?;
+    if calibration.is_empty() {
+        return Ok(profile);
+    }
+    calibration::calibrate(profile, calibration)
+}
+
 /// Runs a study: compiles every configuration, predicts, and measures if asked.
 pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> {
     let config = crate::compile::load_config(&opts.model, opts.image_size, None)?;
-    let mut profile = DeviceProfile::named(&opts.profile).map_err(anyhow::Error::msg)?;
-    if !opts.calibration.is_empty() {
-        profile = calibration::calibrate(profile, &opts.calibration)?;
-    }
+    let profile = device_profile(&opts.profile, &opts.calibration)?;
     let budget_range = if opts.sweep.contains(&Dim::Budget) {
         let peak = |c| -> Result<u64> {
             let mut o = opts.base.clone();
