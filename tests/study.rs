@@ -357,6 +357,18 @@ fn a_calibration_that_is_not_an_ops_report_is_named_in_the_error() {
         assert!(err.contains(says) && err.contains(path), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+    // The H200's op times do not calibrate the H100's profile.
+    let h200 = format!("{H200_RUN}-ops-bf16.json");
+    let err = fails(&[
+        "study",
+        "--model",
+        "vit-tiny",
+        "--profile",
+        "h100-80gb",
+        "--calibration",
+        &h200,
+    ]);
+    assert!(err.contains("NVIDIA H200") && err.contains("h100-80gb"), "{err}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ Only the first op table of the summary is read (the default convolution engine).
 import argparse
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -47,8 +48,16 @@ def main():
     p.add_argument("summary")
     p.add_argument("--vitdet", default="vitdet")
     p.add_argument("--prefix", required=True)
+    p.add_argument("--gpu", help="the GPU's name (default: the summary's header, 'one NVIDIA ... (')")
     args = p.parse_args()
     medians = summary_medians(args.summary)
+    gpu = args.gpu
+    if gpu is None:
+        with open(args.summary) as f:
+            found = re.search(r"one (NVIDIA [^(,]+?) \(", f.read())
+        if not found:
+            raise SystemExit(f"{args.summary}: no GPU name in the header; pass --gpu")
+        gpu = found.group(1)
     for dtype in sorted({d for _, d in medians}):
         listed = json.loads(
             subprocess.run(
@@ -65,6 +74,7 @@ def main():
                 ops.append({**case, "median_ms": ms})
         report = {
             "device": "cuda",
+            "gpu": gpu,
             "source": f"median times from {os.path.basename(args.summary)} (run.sh summary)",
             "dtype": dtype,
             "scale": listed["scale"],

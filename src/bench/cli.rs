@@ -82,6 +82,9 @@ pub struct BenchArgs {
 #[derive(Serialize)]
 struct OpsReport {
     device: String,
+    /// The GPU's name, where the device is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu: Option<String>,
     /// CPU kernel threads (CPU runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
@@ -106,6 +109,9 @@ struct OpList {
 #[derive(Serialize)]
 struct StepReport {
     device: String,
+    /// The GPU's name, where the device is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
     /// What ran the convolutions (`--conv-engine`).
@@ -151,6 +157,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .collect();
         let report = OpsReport {
             device: args.device.clone(),
+            gpu: vitdet_runtime::cuda::gpu_name(&device),
             threads: device.is_cpu().then(super::kernel_threads),
             dtype: op_dtype(precision),
             conv_engine,
@@ -190,6 +197,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let text = step.to_text();
     let report = StepReport {
         device: args.device.clone(),
+        gpu: vitdet_runtime::cuda::gpu_name(&device),
         threads: device.is_cpu().then(super::kernel_threads),
         conv_engine,
         step,

@@ -1,5 +1,10 @@
-//! `vitdet study --calibration`: a device profile's efficiencies from `vitdet bench --ops` reports
-//! (JSON) timed on that device.
+//! `vitdet study --calibration` (and `compile`'s): a device profile's efficiencies from
+//! `vitdet bench --ops` reports (JSON) timed on that device.
+//!
+//! A report names the GPU it was timed on (`gpu`); a report timed on another GPU than the
+//! profile's is refused, since its efficiencies would turn the profile's peaks back into the
+//! other GPU's times. A report without the name (written before reports carried it) is taken as
+//! it says.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +16,8 @@ use vitdet_passes::timing::{DeviceProfile, MeasuredOp};
 /// The fields of an ops report (`vitdet bench --ops --format json`) the calibration reads.
 #[derive(Deserialize)]
 struct OpsReport {
+    /// The GPU's name (`NVIDIA H200`).
+    gpu: Option<String>,
     scale: usize,
     ops: Vec<OpRow>,
 }
@@ -26,8 +33,8 @@ struct OpRow {
     median_ms: Option<f64>,
 }
 
-/// The timed rows of one report file.
-fn read_report(path: &Path) -> Result<Vec<MeasuredOp>> {
+/// The timed rows of one report file, which must come from `profile`'s GPU.
+fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let report: OpsReport = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a `vitdet bench --ops --format json` report", path.display()))?;
@@ -38,6 +45,17 @@ fn read_report(path: &Path) -> Result<Vec<MeasuredOp>> {
             path.display(),
             report.scale
         );
+    }
+    if let Some(gpu) = &report.gpu {
+        // Profile names start with the GPU's model: `h100-80gb`.
+        let model = profile.name.split('-').next().unwrap_or_default().to_uppercase();
+        if !gpu.to_uppercase().split_whitespace().any(|word| word == model) {
+            bail!(
+                "{} was timed on {gpu}, not on the {} profile's GPU: calibrate that GPU's profile with it",
+                path.display(),
+                profile.name
+            );
+        }
     }
     let mut rows = Vec::new();
     for row in report.ops {
@@ -63,7 +81,7 @@ fn read_report(path: &Path) -> Result<Vec<MeasuredOp>> {
 pub fn calibrate(profile: DeviceProfile, paths: &[PathBuf]) -> Result<DeviceProfile> {
     let mut measured = Vec::new();
     for path in paths {
-        measured.extend(read_report(path)?);
+        measured.extend(read_report(path, &profile)?);
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     profile

@@ -50,6 +50,11 @@ pub fn bind(dev: &CudaDevice) -> KernelResult<()> {
         .map_err(|e| unsupported(format!("binding the CUDA context: {e}")))
 }
 
+/// The GPU's name as the driver reports it (`NVIDIA H100 80GB HBM3`).
+pub fn device_name(dev: &CudaDevice) -> KernelResult<String> {
+    dev.cuda_stream().context().name().map_err(unsupported)
+}
+
 /// The device's compute capability, (major, minor).
 pub fn compute_capability(dev: &CudaDevice) -> KernelResult<(i32, i32)> {
     dev.cuda_stream().context().compute_capability().map_err(unsupported)

@@ -25,6 +25,17 @@ pub mod softmax;
 pub mod sources;
 pub mod window_attention;
 
+/// The GPU's name (`NVIDIA H100 80GB HBM3`) for a CUDA device; `None` for any other device, in
+/// a build without the `cuda` feature, or where the driver cannot tell.
+pub fn gpu_name(device: &candle_core::Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = device.as_cuda_device() {
+        return device::device_name(dev).ok();
+    }
+    let _ = device;
+    None
+}
+
 /// Every kernel module, with representative compile-time constants: what the NVRTC
 /// compile test builds.
 pub fn modules() -> Vec<sources::Module> {
