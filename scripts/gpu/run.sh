@@ -15,10 +15,10 @@
 #   4. end-to-end vitdet-b at 1024: inference and a training step in bf16 (e2e_*.json), each
 #      with a profiled run (device and dispatch time per op kind);
 #   5. Table 3 on the GPU: `vitdet study --model vitdet-l --sweep attention,checkpoint --measure`
-#      in f16, with fused then eager attention (study_vitdet_l_{fused,eager}.txt);
+#      in f16 with the fused attention, then vitdet-l's, vit-b's and vit-l's steps in bf16, then
+#      the study with eager attention (study_vitdet_l_{fused,eager}.txt);
 #   6. hardware counters (ncu) of the global attention backward's passes and the top-k kernels;
-#   7. the op table and a training step in f32, and vitdet-l's, vit-b's and vit-l's steps in
-#      bf16, if the budget allows.
+#   7. the op table and a training step in f32, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
 #
 # The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
@@ -135,6 +135,16 @@ e2e() { # e2e MODEL MODE DTYPE ITERS LIMIT_S
 e2e vitdet-b infer bf16 10 120
 e2e vitdet-b train bf16 10 150
 
+# vitdet-l's, vit-b's and vit-l's steps in bf16 (run between the two Table 3 studies below).
+other_models() {
+    local model mode
+    for model in vitdet-l vit-b vit-l; do
+        for mode in infer train; do
+            e2e "$model" "$mode" bf16 3 60
+        done
+    done
+}
+
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
 #    kernels, then with eager attention as detectron2 computes it.
@@ -144,15 +154,20 @@ if "$V" study --help 2>/dev/null | grep -q -- '--calibration'; then
     nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && profile=h200-141gb
     calibration=""
     [ -s "$OUT/ops_bf16.json" ] && calibration="--calibration $OUT/ops_bf16.json"
-    for variant in fused eager; do
-        fuse=""
-        [ "$variant" = fused ] && fuse=--fuse
-        step "study_vitdet_l_$variant" 150 bash -c '"$0" study --model vitdet-l --measure --device cuda \
+    study() { # study VARIANT
+        local fuse=""
+        [ "$1" = fused ] && fuse=--fuse
+        step "study_vitdet_l_$1" 150 bash -c '"$0" study --model vitdet-l --measure --device cuda \
             --sweep attention,checkpoint --dtype f16 $2 --profile $4 $5 --steps 2 \
             --plot "$1/study_vitdet_l_$3.svg" >"$1/study_vitdet_l_$3.txt"' \
-            "$V" "$OUT" "$fuse" "$variant" "$profile" "$calibration"
-    done
+            "$V" "$OUT" "$fuse" "$1" "$profile" "$calibration"
+    }
+    study fused
+    # The other models' steps (deliverable 4) before the eager rows, which were measured before.
+    other_models
+    study eager
 else
+    other_models
     printf 'study_vitdet_l\tskipped\t0\n' >>"$STATUS"
     echo "== study_vitdet_l: skipped, this binary's study measures on the CPU only"
 fi
@@ -175,11 +190,6 @@ fi
 # 7. What the budget leaves: f32, and the other models' steps in bf16.
 ops f32 90
 e2e vitdet-b train f32 3 120
-for model in vitdet-l vit-b vit-l; do
-    for mode in infer train; do
-        e2e "$model" "$mode" bf16 5 90
-    done
-done
 
 python3 scripts/gpu/summary.py "$OUT" >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
