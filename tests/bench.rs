@@ -15,6 +15,10 @@ const OPS: &[&str] = &[
     "attention_window_grad",
     "attention_global",
     "attention_global_grad",
+    "window_partition",
+    "rel_pos_add_window",
+    "rel_pos_add_global",
+    "matmul_scores_global",
     "softmax",
     "layer_norm",
     "conv3x3",
@@ -101,7 +105,8 @@ fn small_op_table_times_every_op_on_the_cpu() {
         assert_eq!(op["iters"], 3, "{name}");
         assert_eq!(op["dtype"], "bf16", "{name}");
         assert!(!op["shape"].as_str().unwrap().is_empty(), "{name}");
-        if name != "top_k" {
+        // Selection and copies do no arithmetic.
+        if name != "top_k" && name != "window_partition" {
             assert!(op["flops"].as_u64().unwrap() > 0, "{name} has no FLOP count");
         }
     }
@@ -143,6 +148,20 @@ fn op_list_has_the_vitdet_b_shapes_at_1024() {
     assert_eq!(
         row(&list, "attention_global")["op"]["window"],
         serde_json::json!([64, 64])
+    );
+    // The eager attention's copies and adds at the issue table's shapes.
+    assert_eq!(shapes(row(&list, "window_partition")), [vec![1, 5, 14, 5, 14, 768]]);
+    assert_eq!(
+        shapes(row(&list, "rel_pos_add_window")),
+        [vec![300, 14, 14, 14, 14], vec![300, 14, 14, 14, 1]]
+    );
+    assert_eq!(
+        shapes(row(&list, "rel_pos_add_global")),
+        [vec![12, 64, 64, 64, 64], vec![12, 64, 64, 64, 1]]
+    );
+    assert_eq!(
+        shapes(row(&list, "matmul_scores_global")),
+        [vec![12, 4096, 64], vec![12, 4096, 64]]
     );
     assert_eq!(shapes(row(&list, "softmax")), [vec![12, 4096, 4096]]);
     assert_eq!(shapes(row(&list, "conv3x3"))[0], [1, 256, 256, 256]);

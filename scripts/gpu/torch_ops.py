@@ -4,7 +4,7 @@
 The op list (names, IR attributes, input shapes) comes from `vitdet bench --ops --list
 --format json`, so both sides time the same shapes. Every op runs as PyTorch users would write
 it: F.linear, F.conv2d, F.conv_transpose2d, torch.nn.grad.conv2d_weight, torch.softmax,
-F.layer_norm, torch.topk, and the windowed attention as detectron2 computes it (pad, window partition, the decomposed
+F.layer_norm, torch.topk, broadcasting `+`, `permute(...).contiguous()`, torch.matmul, and the windowed attention as detectron2 computes it (pad, window partition, the decomposed
 relative-position term) with scaled_dot_product_attention taking that term as a dense bias;
 its backward is autograd through the same function. Timing matches vitdet's: warm-up calls,
 then each call between two synchronizations, median reported. f32 runs with TF32 off (candle's
@@ -144,6 +144,15 @@ def make_call(row, dtype, device):
         )
     elif kind == "top_k":
         f = lambda: torch.topk(xs[0], op["k"], dim=-1)
+    elif kind == "binary":
+        binary = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op["kind"]]
+        f = lambda: binary(xs[0], xs[1])
+    elif kind == "permute":
+        f = lambda: xs[0].permute(*op["perm"]).contiguous()
+    elif kind == "mat_mul":
+        a = xs[0].transpose(-1, -2) if op.get("transpose_lhs") else xs[0]
+        b = xs[1].transpose(-1, -2) if op["transpose_rhs"] else xs[1]
+        f = lambda: torch.matmul(a, b)
     else:
         raise ValueError(f"no PyTorch version of {kind}")
 

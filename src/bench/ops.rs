@@ -4,7 +4,8 @@
 //!
 //! The shapes are those of one 1024x1024 image: 64x64 = 4096 tokens of 768 channels, 12 heads of
 //! 64, 14x14 windows (the grid padded to 70x70: 25 windows) with detectron2's decomposed
-//! relative positions, the global blocks as one 64x64 window, the simple feature pyramid's
+//! relative positions, the global blocks as one 64x64 window (fused, and the eager form's window
+//! partition copy, relative-position adds and global q @ k^T), the simple feature pyramid's
 //! convolutions at 256x256 (P2) and its 2x2 deconvolution at 64x64, and the RPN's top-2000 of the
 //! 196,608 P2 anchor scores. `scale` divides every size (the head count stays 12) so the table
 //! also runs on a CPU in seconds.
@@ -15,7 +16,8 @@
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vitdet_ir::ops::{
-    Conv2d, Conv2dGradWeight, ConvTranspose2d, LayerNorm, Linear, Softmax, TopK, WindowAttention, WindowRelPos,
+    Binary, BinaryKind, Conv2d, Conv2dGradWeight, ConvTranspose2d, LayerNorm, Linear, MatMul, Permute, Softmax, TopK,
+    WindowAttention, WindowRelPos,
 };
 use vitdet_ir::{DType, Op, TensorType};
 use vitdet_runtime::{kernels, Device, Tensor};
@@ -153,6 +155,38 @@ pub fn cases(scale: usize, dtype: DType) -> Result<Vec<OpCase>> {
         push(name, what.clone(), op.clone().into(), forward)?;
         push(grad_name, what, op.grad().into(), backward)?;
     }
+
+    // Attention as eager code runs it (the unfused graph, detectron2's module): the windows cut
+    // out of the padded grid by a copy, the decomposed term's broadcast adds over the windows'
+    // [heads, q, q, k, k] logits, and the global block's q @ k^T.
+    let (window, side) = (d.window, d.side);
+    let per_side = side.div_ceil(window);
+    push(
+        "window_partition",
+        format!("[1,{per_side},{window},{per_side},{window},{c}] -> windows-first copy"),
+        Permute {
+            perm: vec![0, 1, 3, 2, 4, 5],
+        }
+        .into(),
+        vec![(ty(&[1, per_side, window, per_side, window, c]), 1.0)],
+    )?;
+    for (name, w, batch) in [
+        ("rel_pos_add_window", window, per_side * per_side * d.heads),
+        ("rel_pos_add_global", side, d.heads),
+    ] {
+        push(
+            name,
+            format!("[{batch},{w},{w},{w},{w}] + [{batch},{w},{w},{w},1]"),
+            Binary { kind: BinaryKind::Add }.into(),
+            vec![(ty(&[batch, w, w, w, w]), 1.0), (ty(&[batch, w, w, w, 1]), 1.0)],
+        )?;
+    }
+    push(
+        "matmul_scores_global",
+        format!("[{h},{t},{hd}] x [{h},{t},{hd}]^T", h = d.heads),
+        MatMul::new(true).into(),
+        vec![(ty(&[d.heads, t, hd]), 1.0), (ty(&[d.heads, t, hd]), 1.0)],
+    )?;
 
     let n = t;
     push(
