@@ -17,6 +17,7 @@ pub mod binary;
 pub mod detection;
 pub mod im2col;
 pub mod norm;
+pub mod permute;
 pub mod softmax;
 pub mod window_attention;
 

@@ -19,6 +19,7 @@ pub mod im2col;
 #[cfg(feature = "cuda")]
 pub mod linear;
 pub mod norm;
+pub mod permute;
 #[cfg(feature = "cuda")]
 pub mod pool;
 pub mod softmax;
@@ -51,6 +52,7 @@ pub fn modules() -> Vec<sources::Module> {
         softmax::module(),
         adamw::module(),
         norm::module(),
+        permute::module(),
     ]
 }
 
@@ -58,7 +60,7 @@ pub fn modules() -> Vec<sources::Module> {
 /// what `vitdet kernels` compiles ahead of time into the kernel cache.
 pub fn runtime_modules(head_dims: &[usize]) -> Vec<sources::Module> {
     use candle_core::DType;
-    let mut modules = vec![adamw::module(), detection::module()];
+    let mut modules = vec![adamw::module(), detection::module(), permute::module()];
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         modules.push(binary::module().for_dtype(dtype));
         modules.push(activation::module().for_dtype(dtype));

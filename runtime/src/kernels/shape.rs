@@ -24,7 +24,15 @@ pub fn permute(op: &Permute, x: &Tensor) -> KernelResult<Tensor> {
             x.dims()
         )));
     }
-    Ok(x.permute(op.perm.clone())?.contiguous()?)
+    // A permutation that keeps the layout contiguous is a view (the memory planner's rule); a
+    // strided input goes through candle's copy, which makes one copy where the kernel would
+    // need two.
+    let y = x.permute(op.perm.clone())?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.is_contiguous() && !y.is_contiguous() {
+        return crate::cuda::permute::run::permute(x, &op.perm);
+    }
+    Ok(y.contiguous()?)
 }
 
 /// Zero padding, one candle `pad_with_zeros` per padded axis.
