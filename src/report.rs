@@ -184,9 +184,15 @@ impl CompileReport {
                 .take(4)
                 .map(|(op, t)| format!("{op} {:.1} ms", t * 1e3))
                 .collect();
+            // Under a calibration, the part it had no timed call for.
+            let assumed = if p.profile.ends_with("calibrated") {
+                format!("; {:.1} ms at assumed efficiencies", p.pass.assumed_seconds * 1e3)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "\npredicted    {:.1} ms on {} ({} kernels; most time: {})",
+                "\npredicted    {:.1} ms on {} ({} kernels{assumed}; most time: {})",
                 p.seconds * 1e3,
                 p.profile,
                 p.pass.kernels,

@@ -91,9 +91,16 @@ fn bytes_of(x: &Tensor) -> Result<Vec<u8>> {
 
 /// `x.permute(perm)` by the kernel, with `x`'s elements placed `offset` elements past a
 /// 16-byte boundary (the plan sees that alignment, as the runtime sees a view's offset);
-/// `wide` forces 64-bit indices. The output starts as 0xFF bytes, so a unit the kernel fails
-/// to write shows. Returns the plan too.
-pub fn permute(x: &Tensor, perm: &[usize], offset: usize, wide: bool) -> Result<(Tensor, PermutePlan)> {
+/// `wide` forces 64-bit indices; `launch` replaces the plan's geometry (fewer threads than
+/// units: the grid-stride loop). The output starts as 0xFF bytes, so a unit the kernel fails to
+/// write shows. Returns the plan too.
+pub fn permute(
+    x: &Tensor,
+    perm: &[usize],
+    offset: usize,
+    wide: bool,
+    launch: Option<Launch>,
+) -> Result<(Tensor, PermutePlan)> {
     let elem = x.dtype().size_in_bytes();
     let bytes = bytes_of(x)?;
     let start = offset * elem;
@@ -111,7 +118,7 @@ pub fn permute(x: &Tensor, perm: &[usize], offset: usize, wide: bool) -> Result<
         let base = input.as_mut_ptr().cast::<u8>();
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(start), bytes.len());
         kernel(&plan)(
-            plan.launch(),
+            launch.unwrap_or_else(|| plan.launch()),
             base.add(start).cast::<c_void>().cast_const(),
             output.as_mut_ptr().cast(),
             plan.dims,

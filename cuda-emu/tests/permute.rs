@@ -9,6 +9,7 @@ use common::Rng;
 
 mod common;
 use vitdet_cuda_emu::permute::permute;
+use vitdet_runtime::cuda::Launch;
 
 fn as_dtype(x: &Tensor, dtype: DType) -> Tensor {
     match dtype {
@@ -29,12 +30,17 @@ fn as_dtype(x: &Tensor, dtype: DType) -> Tensor {
 
 /// Checks one case; returns the unit size the plan chose.
 fn check(x: &Tensor, perm: &[usize], offset: usize, wide: bool) -> usize {
+    check_with(x, perm, offset, wide, None)
+}
+
+/// [`check`] launched with `launch` instead of the plan's geometry.
+fn check_with(x: &Tensor, perm: &[usize], offset: usize, wide: bool, launch: Option<Launch>) -> usize {
     let what = format!(
-        "{:?} {:?} by {perm:?}, offset {offset}, wide {wide}",
+        "{:?} {:?} by {perm:?}, offset {offset}, wide {wide}, launch {launch:?}",
         x.dims(),
         x.dtype()
     );
-    let (got, plan) = permute(x, perm, offset, wide).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (got, plan) = permute(x, perm, offset, wide, launch).unwrap_or_else(|e| panic!("{what}: {e}"));
     let want = x.permute(perm.to_vec()).unwrap().contiguous().unwrap();
     assert_eq!(got.dims(), want.dims(), "{what}");
     let (g, w) = (
@@ -112,4 +118,19 @@ fn random_permutations_of_every_element_size_at_any_alignment_copy_exactly() {
     }
     // Every unit the kernel has was exercised.
     assert_eq!(units.into_iter().collect::<Vec<_>>(), [1, 2, 4, 8, 16]);
+}
+
+#[test]
+fn fewer_threads_than_units_stride_over_the_rest() {
+    // 2 blocks of 32 threads over 3 * 5 * 40 f32 elements, in both index widths and in units of
+    // 4 and 16 bytes.
+    let x = Rng(5).tensor(&[3, 5, 40], 1.0);
+    let small = Launch {
+        grid: [2, 1, 1],
+        block: [32, 1, 1],
+    };
+    for wide in [false, true] {
+        assert_eq!(check_with(&x, &[1, 0, 2], 0, wide, Some(small)), 16);
+        assert_eq!(check_with(&x, &[2, 0, 1], 0, wide, Some(small)), 4);
+    }
 }

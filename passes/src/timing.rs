@@ -75,6 +75,8 @@ pub struct Calibration {
     pub source: String,
     /// Sorted by op, precision, then `ideal_seconds`.
     pub ops: Vec<CalibratedOp>,
+    /// Timed calls left out, and why: those no longer than the launch cost.
+    pub skipped: Vec<String>,
 }
 
 /// One timed call as the model sees it.
@@ -102,8 +104,8 @@ const T: f64 = 1e12;
 const G: f64 = 1e9;
 
 impl DeviceProfile {
-    /// The datasheet profiles: `v100-32gb` (the paper's GPU), `a100-80gb`, `h100-80gb`, each
-    /// with 60% compute and 75% bandwidth efficiency and 10 us per kernel.
+    /// The datasheet profiles: `v100-32gb` (the paper's GPU), `a100-80gb`, `h100-80gb`,
+    /// `h200-141gb`, each with 60% compute and 75% bandwidth efficiency and 10 us per kernel.
     pub fn named(name: &str) -> Result<DeviceProfile, String> {
         let gpu = |name: &str, f32: f64, low: f64, bf16: bool, bw: f64, mem_gib: u64| DeviceProfile {
             name: name.to_string(),
@@ -132,20 +134,28 @@ impl DeviceProfile {
     /// This profile with the efficiencies of `measured` calls (see the module doc). Errors on a
     /// call with no time, or one that took no longer than the launch cost (no efficiency fits).
     pub fn calibrated(mut self, source: &str, measured: &[MeasuredOp]) -> Result<DeviceProfile, String> {
-        if measured.is_empty() {
-            return Err(format!("{source}: no timed ops to calibrate {} with", self.name));
-        }
         let mut ops = Vec::with_capacity(measured.len());
+        let mut skipped = Vec::new();
         for m in measured {
-            let low = self.check_dtype(m.dtype)?;
+            let low = self
+                .check_dtype(m.dtype)
+                .map_err(|e| format!("{source}: its {} rows cannot calibrate this profile: {e}", m.op))?;
+            if !(m.seconds.is_finite() && m.seconds > 0.0) {
+                return Err(format!("{source}: {} ({:?}) has time {} s", m.op, m.dtype, m.seconds));
+            }
             let ideal = self.ideal_seconds(&m.op, low, m.flops as f64, m.bytes as f64);
             let kernel = m.seconds - self.launch_seconds;
-            if !m.seconds.is_finite() || kernel <= 0.0 || ideal <= 0.0 {
-                return Err(format!(
-                    "{source}: {} ({:?}) took {:e} s, which leaves no kernel time beyond the {:e} s launch \
-                     cost of {} (or the op has no work)",
-                    m.op, m.dtype, m.seconds, self.launch_seconds, self.name
+            // The model adds the launch cost to every kernel, so a call that took no longer
+            // cannot be reproduced; its op keeps its kind's or the assumed efficiency.
+            if kernel <= 0.0 || ideal <= 0.0 {
+                skipped.push(format!(
+                    "{} ({:?}): {:.1} us, within the {:.1} us launch cost",
+                    m.op,
+                    m.dtype,
+                    m.seconds * 1e6,
+                    self.launch_seconds * 1e6
                 ));
+                continue;
             }
             ops.push(CalibratedOp {
                 op: m.op.clone(),
@@ -154,6 +164,14 @@ impl DeviceProfile {
                 measured_seconds: m.seconds,
                 efficiency: ideal / kernel,
             });
+        }
+        if ops.is_empty() {
+            let why = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" (skipped: {})", skipped.join("; "))
+            };
+            return Err(format!("{source}: no timed op to calibrate {} with{why}", self.name));
         }
         ops.sort_by(|a, b| {
             (&a.op, a.low_precision)
@@ -164,6 +182,7 @@ impl DeviceProfile {
         self.calibration = Some(Calibration {
             source: source.to_string(),
             ops,
+            skipped,
         });
         Ok(self)
     }
@@ -193,17 +212,17 @@ impl DeviceProfile {
         compute.max(memory)
     }
 
-    /// A node's kernel time (launch excluded) and whether compute bounds it: `ideal` over the
-    /// measured efficiency where the profile is calibrated for the op or its kind, else each
-    /// side at its assumed efficiency.
-    fn kernel_seconds(&self, op: &str, low: bool, flops: f64, bytes: f64) -> (f64, bool) {
+    /// A node's kernel time (launch excluded), whether compute bounds it, and whether it took
+    /// the assumed efficiencies: `ideal` over the measured efficiency where the profile is
+    /// calibrated for the op or its kind, else each side at its assumed efficiency.
+    fn kernel_seconds(&self, op: &str, low: bool, flops: f64, bytes: f64) -> (f64, bool, bool) {
         let (compute, memory) = self.ideal_parts(op, low, flops, bytes);
         let ideal = compute.max(memory);
         match self.measured_efficiency(op, low, ideal) {
-            Some(e) => (ideal / e, compute >= memory),
+            Some(e) => (ideal / e, compute >= memory, false),
             None => {
                 let (c, m) = (compute / self.compute_efficiency, memory / self.memory_efficiency);
-                (c.max(m), c >= m)
+                (c.max(m), c >= m, true)
             }
         }
     }
@@ -259,6 +278,9 @@ pub struct TimeEstimate {
     /// Launch overhead.
     pub launch_seconds: f64,
     pub kernels: usize,
+    /// Kernel time of the nodes at the assumed efficiencies (all of it without a calibration;
+    /// with one, the ops whose precision and kind it has no timed call of).
+    pub assumed_seconds: f64,
     /// The same time by op name: where it goes.
     pub by_op: BTreeMap<String, OpTime>,
 }
@@ -300,7 +322,10 @@ pub fn predict_step_time(graph: &Graph, nodes: &[NodeIndex], device: &DeviceProf
             .map(|&v| graph.value_type(v).size_in_bytes())
             .chain(node.outputs.iter().map(|t| t.size_in_bytes()))
             .sum();
-        let (seconds, compute_bound) = device.kernel_seconds(name, low, flops, bytes as f64);
+        let (seconds, compute_bound, assumed) = device.kernel_seconds(name, low, flops, bytes as f64);
+        if assumed {
+            est.assumed_seconds += seconds;
+        }
         if compute_bound {
             est.compute_seconds += seconds;
         } else {
@@ -340,6 +365,11 @@ mod tests {
     /// A node's whole time, launch included.
     fn seconds(p: &DeviceProfile, op: &str, low: bool, flops: u64, bytes: u64) -> f64 {
         p.kernel_seconds(op, low, flops as f64, bytes as f64).0 + p.launch_seconds
+    }
+
+    /// Whether a node took the assumed efficiencies.
+    fn assumed(p: &DeviceProfile, op: &str, low: bool, flops: u64, bytes: u64) -> bool {
+        p.kernel_seconds(op, low, flops as f64, bytes as f64).2
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -406,23 +436,39 @@ mod tests {
     }
 
     #[test]
-    fn calibration_rejects_times_that_no_efficiency_fits() {
+    fn calls_within_the_launch_cost_are_skipped_and_named() {
         let p = DeviceProfile::named("h200-141gb").unwrap();
-        let fast = p.launch_seconds / 2.0;
+        let fast = timed("permute", DType::BF16, 0, 30_000_000, p.launch_seconds / 2.0);
+        let slow = timed("linear", DType::BF16, 14_504_951_808, 28_709_376, 38e-6);
+        let cal = p.clone().calibrated("f.json", &[fast.clone(), slow]).unwrap();
+        let c = cal.calibration.as_ref().unwrap();
+        assert_eq!(c.ops.len(), 1);
+        assert!(
+            c.skipped.len() == 1 && c.skipped[0].contains("permute"),
+            "{:?}",
+            c.skipped
+        );
+        // The skipped op keeps its kind's (row-wise: none here) or the assumed efficiency.
+        assert!(assumed(&cal, "permute", true, 0, 30_000_000));
+        assert!(!assumed(&cal, "matmul", true, 1 << 30, 1 << 20));
+        // Nothing left to calibrate with: an error naming the file and what was skipped.
+        let err = p.clone().calibrated("f.json", &[fast]).unwrap_err();
+        assert!(err.contains("f.json") && err.contains("permute"), "{err}");
+    }
+
+    #[test]
+    fn calibration_rejects_what_no_efficiency_fits() {
+        let p = DeviceProfile::named("h200-141gb").unwrap();
+        assert!(p.clone().calibrated("f.json", &[]).unwrap_err().contains("no timed op"));
         let err = p
             .clone()
-            .calibrated("f.json", &[timed("linear", DType::BF16, 1000, 1000, fast)])
+            .calibrated("f.json", &[timed("linear", DType::BF16, 1000, 1000, f64::NAN)])
             .unwrap_err();
-        assert!(err.contains("f.json") && err.contains("launch"), "{err}");
-        assert!(p
-            .clone()
-            .calibrated("f.json", &[])
-            .unwrap_err()
-            .contains("no timed ops"));
+        assert!(err.contains("f.json") && err.contains("NaN"), "{err}");
         let v100 = DeviceProfile::named("v100-32gb").unwrap();
         let err = v100
             .calibrated("f.json", &[timed("linear", DType::BF16, 1000, 1000, 1e-3)])
             .unwrap_err();
-        assert!(err.contains("bf16"), "{err}");
+        assert!(err.contains("f.json") && err.contains("bf16"), "{err}");
     }
 }

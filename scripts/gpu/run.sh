@@ -18,7 +18,8 @@
 #      in f16 with the fused attention, then vitdet-l's, vit-b's and vit-l's steps in bf16, then
 #      the study with eager attention (study_vitdet_l_{fused,eager}.txt);
 #   6. hardware counters (ncu) of the global attention backward's passes and the top-k kernels;
-#   7. the op table and a training step in f32, if the budget allows.
+#   7. a training step in f32, if the budget allows (the f32 op table runs right after the bf16
+#      one: it takes seconds, and both calibrate the study's predictions).
 # Last, a short summary table ($OUT/summary.txt too).
 #
 # The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
@@ -112,6 +113,8 @@ ops() { # ops DTYPE LIMIT_S
         --format json --out "$OUT/ops_$1.json"
 }
 ops bf16 120
+# f32 now too (seconds): with bf16 it calibrates the Table 3 study's predictions below.
+ops f32 90
 
 # The convolutions again on the runtime's own im2col kernel + cuBLAS, beside cuDNN's.
 [ -n "${VITDET_CUDNN:-}" ] && step ops_bf16_im2col 60 "$V" bench --device cuda --ops --only conv --dtype bf16 \
@@ -148,12 +151,28 @@ other_models() {
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
 #    kernels, then with eager attention as detectron2 computes it.
-#    The predicted column is this GPU's datasheet profile calibrated by the bf16 op table above.
+#    The predicted column is this GPU's datasheet profile calibrated by the op tables above.
 if "$V" study --help 2>/dev/null | grep -q -- '--calibration'; then
-    profile=h100-80gb
-    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200 && profile=h200-141gb
+    # This GPU's profile, calibrated by its own op tables (bf16 rows need a bf16 rate: not the
+    # V100's); a GPU without a profile gets the H100's, uncalibrated.
+    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    case "$gpu_name" in
+        *H200*) profile=h200-141gb tables="ops_bf16 ops_f32" ;;
+        *H100*) profile=h100-80gb tables="ops_bf16 ops_f32" ;;
+        *A100*) profile=a100-80gb tables="ops_bf16 ops_f32" ;;
+        *) profile=h100-80gb tables="" ;;
+    esac
     calibration=""
-    [ -s "$OUT/ops_bf16.json" ] && calibration="--calibration $OUT/ops_bf16.json"
+    for t in $tables; do
+        [ -s "$OUT/$t.json" ] && calibration="${calibration:+$calibration,}$OUT/$t.json"
+    done
+    [ -n "$calibration" ] && calibration="--calibration $calibration"
+    # A table the calibration refuses (no row timed) must not cost the measurements.
+    if [ -n "$calibration" ] && ! "$V" study --model vit-tiny --profile "$profile" $calibration \
+        --format json >/dev/null 2>"$OUT/logs/calibration.log"; then
+        echo "== calibration refused (logs/calibration.log): the study predicts uncalibrated"
+        calibration=""
+    fi
     study() { # study VARIANT
         local fuse=""
         [ "$1" = fused ] && fuse=--fuse
@@ -188,7 +207,6 @@ if [ -n "$NCU" ]; then
 fi
 
 # 7. What the budget leaves: f32, and the other models' steps in bf16.
-ops f32 90
 e2e vitdet-b train f32 3 120
 
 python3 scripts/gpu/summary.py "$OUT" >"$OUT/summary.txt" 2>&1

@@ -49,7 +49,12 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
     if let Some(gpu) = &report.gpu {
         // Profile names start with the GPU's model: `h100-80gb`.
         let model = profile.name.split('-').next().unwrap_or_default().to_uppercase();
-        if !gpu.to_uppercase().split_whitespace().any(|word| word == model) {
+        // `NVIDIA H100 80GB HBM3`, `NVIDIA A100-SXM4-80GB`, `Tesla V100-SXM2-32GB`.
+        let upper = gpu.to_uppercase();
+        if !upper
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|word| word == model)
+        {
             bail!(
                 "{} was timed on {gpu}, not on the {} profile's GPU: calibrate that GPU's profile with it",
                 path.display(),
@@ -84,7 +89,11 @@ pub fn calibrate(profile: DeviceProfile, paths: &[PathBuf]) -> Result<DeviceProf
         measured.extend(read_report(path, &profile)?);
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    profile
+    let profile = profile
         .calibrated(&names.join(", "), &measured)
-        .map_err(anyhow::Error::msg)
+        .map_err(anyhow::Error::msg)?;
+    for skipped in profile.calibration.iter().flat_map(|c| &c.skipped) {
+        eprintln!("warning: calibration: left out {skipped}");
+    }
+    Ok(profile)
 }

@@ -126,9 +126,11 @@ impl PermutePlan {
             p.dims[i] = n as i64;
             p.strides[i] = s as i64;
             p.total *= n as i64;
-            reach += (n - 1) * s;
+            reach += n.saturating_sub(1) * s;
         }
-        let wide = p.total as u64 > u32::MAX as u64 || reach as u64 > u32::MAX as u64;
+        // 32-bit indices only where the grid-stride loop's last step cannot wrap either.
+        let last_step = p.total as u64 + (MAX_BLOCKS as u64) * THREADS as u64;
+        let wide = last_step > u32::MAX as u64 || reach as u64 > u32::MAX as u64;
         Ok(PermutePlan { dims: p, unit, wide })
     }
 
@@ -159,9 +161,15 @@ pub mod run {
     use crate::cuda::device::{cuda_device, function, launch_into_new};
     use crate::kernels::{KernelError, KernelResult};
 
-    /// `x.permute(perm)`, contiguous, on `x`'s CUDA device.
+    /// `x.permute(perm)`, contiguous, on `x`'s CUDA device. A permutation the kernel does not
+    /// take (more than [`super::MAX_RANK`] axes moving apart) is copied by candle's strided copy
+    /// instead.
     pub fn permute(x: &Tensor, perm: &[usize]) -> KernelResult<Tensor> {
         let x = x.contiguous()?;
+        let shape: Vec<usize> = perm.iter().map(|&a| x.dims()[a]).collect();
+        if x.elem_count() == 0 {
+            return Ok(Tensor::zeros(shape, x.dtype(), x.device())?);
+        }
         let elem = x.dtype().size_in_bytes();
         // New allocations are 256-byte aligned; a view starts where its offset puts it.
         let offset = x.layout().start_offset() * elem;
@@ -170,11 +178,9 @@ pub mod run {
         } else {
             1 << offset.trailing_zeros().min(8)
         };
-        let plan = PermutePlan::new(x.dims(), perm, elem, align).map_err(KernelError::Unsupported)?;
-        let shape: Vec<usize> = perm.iter().map(|&a| x.dims()[a]).collect();
-        if x.elem_count() == 0 {
-            return Ok(Tensor::zeros(shape, x.dtype(), x.device())?);
-        }
+        let Ok(plan) = PermutePlan::new(x.dims(), perm, elem, align) else {
+            return Ok(x.permute(perm.to_vec())?.contiguous()?);
+        };
         match x.dtype() {
             DType::U8 => permute_t::<u8>(&x, &plan, shape),
             DType::U32 => permute_t::<u32>(&x, &plan, shape),
@@ -225,6 +231,19 @@ mod tests {
         // All axes of size 1.
         let p = PermutePlan::new(&[1, 1], &[1, 0], 4, 256).unwrap();
         assert_eq!((p.dims.rank, p.dims.total), (1, 1));
+        // An empty tensor plans (the launcher makes no call for it).
+        let p = PermutePlan::new(&[0, 3, 4], &[2, 1, 0], 4, 256).unwrap();
+        assert_eq!(p.dims.total, 0);
+    }
+
+    #[test]
+    fn indices_widen_before_the_grid_stride_loop_could_wrap() {
+        let step = MAX_BLOCKS * THREADS as usize;
+        // u8 elements transposed (no wider unit): total = rows * cols.
+        let plan = |rows: usize, cols: usize| PermutePlan::new(&[rows, cols], &[1, 0], 1, 256).unwrap();
+        let fits = u32::MAX as usize - step;
+        assert!(!plan(fits / 1024, 1024).wide);
+        assert!(plan(fits / 1024 + 1, 1024).wide);
     }
 
     #[test]
