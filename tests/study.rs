@@ -369,6 +369,26 @@ fn a_calibration_that_is_not_an_ops_report_is_named_in_the_error() {
         &h200,
     ]);
     assert!(err.contains("NVIDIA H200") && err.contains("h100-80gb"), "{err}");
+    // A name whose model is joined to other words by dashes is still that GPU's.
+    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
+    report["gpu"] = "NVIDIA A100-SXM4-80GB".into();
+    let a100 = std::env::temp_dir().join(format!("vitdet-a100-{}.json", std::process::id()));
+    std::fs::write(&a100, report.to_string()).unwrap();
+    let a100 = a100.to_str().unwrap();
+    let args = [
+        "study",
+        "--model",
+        "vit-tiny",
+        "--format",
+        "json",
+        "--calibration",
+        a100,
+    ];
+    let s = json(&[&args[..], &["--profile", "a100-80gb"]].concat());
+    assert!(s["profile"]["calibration"].is_object(), "{}", s["profile"]);
+    let err = fails(&[&args[..], &["--profile", "h200-141gb"]].concat());
+    assert!(err.contains("A100-SXM4"), "{err}");
+    std::fs::remove_file(a100).unwrap();
 }
 
 #[test]
