@@ -107,9 +107,18 @@ fn title(study: &Study) -> String {
     )
 }
 
-/// Why rows did not compile, one line each.
+/// What the predicted times are, then why rows did not compile, one line each.
 fn notes(study: &Study) -> String {
     let mut s = String::new();
+    // The datasheet profiles assume efficiencies that measured kernels fall well short of.
+    if study.profile.calibration.is_none() && study.profile.memory_bytes.is_some() {
+        s += &format!(
+            "s/iter: {:.0}% of the datasheet compute peak, {:.0}% of its bandwidth: a lower bound \
+             (--calibration with `vitdet bench --ops` reports timed on the GPU gives an estimate)\n",
+            100.0 * study.profile.compute_efficiency,
+            100.0 * study.profile.memory_efficiency
+        );
+    }
     for (i, r) in study.rows.iter().enumerate() {
         if let Some(e) = &r.error {
             s += &format!("row {}: {e}\n", i + 1);
