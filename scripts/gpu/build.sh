@@ -2,7 +2,8 @@
 # Builds, here, what scripts/gpu/run.sh carries to the lent GPU machine (no Rust there), into
 # carry/ (git-ignored):
 #   carry/vitdet.xz         the CLI: release, --features cuda, stripped, xz-compressed
-#   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda_*.rs, tests/cuda_end_to_end.rs), likewise
+#   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda/, one module per kernel family, and
+#                           tests/cuda_end_to_end.rs), likewise
 #   carry/kernels.tar.xz    the CUDA kernels' PTX for CUDA_COMPUTE_CAP (`vitdet kernels`)
 # Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
 # candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
@@ -23,7 +24,7 @@ fi
 LIMIT_BYTES=$((60 << 20))
 
 cargo build --release --offline --features cuda --bin vitdet
-# The test executables cargo reports, kept to the CUDA ones (target names cuda_*).
+# The test executables cargo reports, kept to the CUDA ones (target names cuda, cuda_*).
 tests=$({ cargo test --release --offline --features cuda -p vitdet-runtime --tests --no-run --message-format=json
           cargo test --release --offline --features cuda -p vitdet --test cuda_end_to_end --no-run --message-format=json; } |
     python3 -c '
@@ -32,11 +33,12 @@ for line in sys.stdin:
     m = json.loads(line)
     name = m.get("target", {}).get("name", "")
     # cuda_nvrtc needs no GPU: it runs here (cargo test --features cuda --test cuda_nvrtc).
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and name.startswith("cuda_") and name != "cuda_nvrtc":
+    cuda = name == "cuda" or name.startswith("cuda_")
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and cuda and name != "cuda_nvrtc":
         print(m["target"]["name"], m["executable"])
 ')
 if [ -z "$tests" ]; then
-    echo "cargo reported no cuda_* test binaries" >&2
+    echo "cargo reported no CUDA test binaries" >&2
     exit 1
 fi
 

@@ -97,12 +97,22 @@ cat "$OUT/gpu.txt"
 # 1. Tests, from the runtime's folder as cargo runs them. They time nothing, so the binaries run
 #    side by side (each test in a binary one after another): the phase takes the slowest one's
 #    time, not the sum, leaving the budget to the timed steps below, which run alone.
+#    The kernel families' binary (`cuda`) runs as one process per family (its modules).
 for t in carry/tests/*.xz; do
     [ -e "$t" ] || continue
     name=$(basename "$t" .xz)
     xz -dc "$t" >"$BIN/$name" && chmod +x "$BIN/$name"
-    STEP_IN_BACKGROUND=1 step "test_$name" 150 \
-        bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
+    families=""
+    [ "$name" = cuda ] && families=$("$BIN/$name" --list 2>/dev/null | sed -n 's/^\([a-z0-9_]*\)::.*: test$/\1/p' | sort -u)
+    if [ -n "$families" ]; then
+        for family in $families; do
+            STEP_IN_BACKGROUND=1 step "test_cuda_$family" 150 \
+                bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture "$1::"' "$BIN/$name" "$family" &
+        done
+    else
+        STEP_IN_BACKGROUND=1 step "test_$name" 150 \
+            bash -c 'cd runtime && exec "$0" --test-threads=1 --nocapture' "$BIN/$name" &
+    fi
 done
 wait
 pack

@@ -10,9 +10,8 @@
 //! up to 4096 keys); bf16 / f16 1e-2 (inputs rounded once to the half type on both sides, the
 //! CUDA kernels accumulate in f32 and round outputs once, the CPU kernel likewise: the residual
 //! is a few half-precision ulps of the output).
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, Nd, TestRng};

@@ -3,9 +3,8 @@
 //! ViTDet-B's window partition at 1024 px and its inverse, the qkv split, NCHW -> NHWC, integer
 //! and f64 elements, and an input that starts at an odd offset into its buffer. Runs where a GPU
 //! exists; skipped, saying so, elsewhere.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Tensor};
 use common::{Nd, TestRng};

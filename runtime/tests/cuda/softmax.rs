@@ -9,9 +9,8 @@
 //! and bf16 1.6e-2: the same half inputs on both sides, f32 arithmetic, one rounding of the
 //! output, so elements differ by at most one half-precision ulp (2^-11, 2^-8 relative) and only
 //! where the f32 results straddle a rounding boundary; the bounds are four such ulps.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use common::{rel_l2, Nd, TestRng};

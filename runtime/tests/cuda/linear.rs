@@ -6,9 +6,8 @@
 //!
 //! Also the sums of bias and norm-parameter gradients, which run as products with a ones
 //! vector on the GPU.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::DType;
 use common::{rel_l2, Nd, TestRng};

@@ -7,9 +7,8 @@
 //! compute in f32 (f64 statistics on the CPU) and round each output once, so they differ only
 //! where the f32 results fall on either side of a rounding boundary, by one half-precision ulp
 //! (2^-11 and 2^-8 relative) on a fraction of the elements.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, Nd, TestRng};

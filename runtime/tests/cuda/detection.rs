@@ -26,9 +26,8 @@
 //!   format): both sides round the same value once to the storage type, and values within
 //!   f32 rounding of a rounding boundary may land on neighbouring representable values.
 
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, TestRng};

@@ -6,9 +6,8 @@
 //! update's f32 operations in the same order, each correctly rounded (`__fmul_rn`, `__fadd_rn`,
 //! `__fdiv_rn`, `__fsqrt_rn`: no contraction into fused multiply-adds, IEEE division and square
 //! root), from scalars rounded to f32 from the same f64 values, so nothing is left to differ.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

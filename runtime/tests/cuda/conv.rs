@@ -18,9 +18,8 @@
 //! f32 on these shapes, the CPU's f16 is off by 4e-4 (forward, input gradient) and 1e-3
 //! (weight gradient), its bf16 by 2.9e-3, so the GPU-CPU difference of either stays below the
 //! bounds.
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{rel_l2, Nd, TestRng};

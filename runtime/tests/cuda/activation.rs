@@ -10,9 +10,8 @@
 //! half that in RMS): the bounds are about twice the worst case.
 //!
 //! Also the broadcasting binary kernels, the other elementwise family (exact bits).
-#![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use common::{rel_l2, Nd, TestRng};
