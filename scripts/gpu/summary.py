@@ -31,6 +31,11 @@ def main():
                 print(f"{name:<40} {'ok' if rc == '0' else 'exit ' + rc:>8} {seconds:>5} s")
     except OSError:
         print("no status.tsv")
+    try:
+        with open(os.path.join(out, "attention_fallback.txt")) as f:
+            print("\nNOTE: " + f.read().strip())
+    except OSError:
+        pass
 
     # The tests' CPU-vs-GPU errors of whole models (tests/cuda_end_to_end.rs).
     logs = os.path.join(out, "logs")
