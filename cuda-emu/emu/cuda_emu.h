@@ -160,6 +160,36 @@ inline void check_aligned(const void* p, std::size_t bytes) {
         std::abort();
     }
 }
+
+// cp.async as the GPU orders it: a copy lands only once a cp_async_wait covers its committed
+// group, so a kernel that reads a stage before waiting for it reads what was there before (the
+// NaN bytes of fresh dynamic shared memory, or the previous tile) and its test fails. Sources
+// are kernel inputs, unchanged during a launch, so reading them at the wait is reading them at
+// the issue. Each emulated thread is an OS thread of one block: the queues start empty.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    std::size_t bytes;
+};
+inline thread_local std::vector<AsyncCopy> async_open;
+inline thread_local std::vector<std::vector<AsyncCopy>> async_committed;
+
+inline void async_copy(void* dst, const void* src, std::size_t bytes) {
+    check_aligned(dst, bytes);
+    check_aligned(src, bytes);
+    async_open.push_back({dst, src, bytes});
+}
+inline void async_commit() {
+    async_committed.push_back(std::move(async_open));
+    async_open.clear();
+}
+// All but the `newest` most recent committed groups land.
+inline void async_wait(std::size_t newest) {
+    while (async_committed.size() > newest) {
+        for (const AsyncCopy& c : async_committed.front()) std::memcpy(c.dst, c.src, c.bytes);
+        async_committed.erase(async_committed.begin());
+    }
+}
 }  // namespace emu
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline float __int_as_float(int i) {

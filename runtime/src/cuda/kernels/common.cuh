@@ -172,24 +172,29 @@ __device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned lon
 // `cp_async_commit` closes the group of copies this thread issued since the last one;
 // `cp_async_wait<N>` returns once all but the N newest groups have landed (this thread's
 // copies only: a block barrier must follow before other threads read them). The emulator
-// copies at once. (Defined for compute 8.0 and later only, as the kernels that use them.)
+// delays each copy until a wait covers it, as the GPU may. (Defined for compute 8.0 and later
+// only, as the kernels that use them.)
 #ifdef VITDET_EMU
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     if (src == nullptr) {
         store16(dst, vec16{0u, 0u, 0u, 0u});
         return;
     }
-    emu::check_aligned(src, 16);
-    store16(dst, load16(src));
+    emu::async_copy(dst, src, 16);
 }
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-    emu::check_aligned(dst, 4);
-    if (src == nullptr) memset(dst, 0, 4);
-    else memcpy(dst, src, 4);
+    if (src == nullptr) {
+        emu::check_aligned(dst, 4);
+        memset(dst, 0, 4);
+        return;
+    }
+    emu::async_copy(dst, src, 4);
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { emu::async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+    emu::async_wait(N);
+}
 #elif __CUDA_ARCH__ >= 800
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     unsigned a;
