@@ -191,6 +191,34 @@ inline void async_wait(std::size_t newest) {
     }
 }
 }  // namespace emu
+// The intrinsics that round one operation on its own, never contracted into a fused
+// multiply-add with a neighbour (the emulator's build contracts where the host has FMA, as
+// NVRTC does): operands and result pass through volatiles, so the host compiler sees no
+// product feeding a sum.
+inline float __fmul_rn(float a, float b) {
+    volatile float x = a, y = b, r = x * y;
+    return r;
+}
+inline float __fadd_rn(float a, float b) {
+    volatile float x = a, y = b, r = x + y;
+    return r;
+}
+inline float __fsub_rn(float a, float b) {
+    volatile float x = a, y = b, r = x - y;
+    return r;
+}
+inline float __fdiv_rn(float a, float b) {
+    volatile float x = a, y = b, r = x / y;
+    return r;
+}
+inline float __fsqrt_rn(float a) {
+    volatile float x = a, r = std::sqrt(x);
+    return r;
+}
+inline double __dmul_rn(double a, double b) {
+    volatile double x = a, y = b, r = x * y;
+    return r;
+}
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline float __int_as_float(int i) {
     float f;

@@ -40,20 +40,11 @@ struct AdamWStep {
 };
 
 // One correctly rounded f32 operation each.
-#ifdef VITDET_EMU
-// Host C++: one operation per function, so no contraction can join two of them.
-__device__ __forceinline__ float adamw_mul(float a, float b) { return a * b; }
-__device__ __forceinline__ float adamw_add(float a, float b) { return a + b; }
-__device__ __forceinline__ float adamw_sub(float a, float b) { return a - b; }
-__device__ __forceinline__ float adamw_div(float a, float b) { return a / b; }
-__device__ __forceinline__ float adamw_sqrt(float a) { return std::sqrt(a); }
-#else
 __device__ __forceinline__ float adamw_mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float adamw_add(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ float adamw_sub(float a, float b) { return __fsub_rn(a, b); }
 __device__ __forceinline__ float adamw_div(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ float adamw_sqrt(float a) { return __fsqrt_rn(a); }
-#endif
 
 // The table entry owning chunk `c`: the last whose first chunk is <= c (an empty tensor shares
 // its first chunk with the next entry, which therefore wins).

@@ -39,13 +39,7 @@ __device__ __forceinline__ unsigned det_atomic_add(unsigned* p, unsigned v) {
 
 // A product rounded on its own: never contracted into an FMA with a following add, so f64
 // expressions round exactly as the CPU kernel's.
-__device__ __forceinline__ double det_mul_rn(double a, double b) {
-#ifdef VITDET_EMU
-    return a * b;
-#else
-    return __dmul_rn(a, b);
-#endif
-}
+__device__ __forceinline__ double det_mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 __device__ __forceinline__ bool det_finite(float v) { return v == v && v - v == 0.0f; }
 
