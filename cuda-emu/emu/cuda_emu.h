@@ -2,10 +2,12 @@
 // NVRTC compiles for the GPU also run (slowly) on the CPU: every block of a launch runs in
 // turn, its threads as OS threads meeting at `__syncthreads()` on a barrier. `__shared__`
 // variables become statics (blocks run one at a time), dynamic shared memory is one buffer
-// filled with NaN bytes so reading it before writing shows. Of the warp-level operations only
-// mma.m16n8k16 and the xor shuffle (common.cuh's `mma_16816`, `shfl_xor`) exist, exchanged
-// through the block barrier, so every thread of the block must call them together; kernels
-// using other warp intrinsics do not build here, which keeps them out of the tested set.
+// filled with NaN bytes at the start of every block, so reading it before writing shows. Of the
+// warp-level operations only mma.m16n8k16, ldmatrix and the xor shuffle (common.cuh's
+// `mma_16816`, `ldmatrix_x4`, `shfl_xor`) exist, exchanged through the block barrier, so every
+// thread of the block must call them together; kernels using other warp intrinsics do not
+// build here, which keeps them out of the tested set. cp.async copies land at the wait that
+// covers them.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -48,12 +50,13 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, F&& body) {
     std::lock_guard<std::mutex> serial(launch_lock);
     block_dim = block;
     grid_dim = grid;
-    dynamic_shared.assign(shared_bytes, 0xFF);
     const unsigned threads = block.x * block.y * block.z;
     warp_fragments.assign((threads + 31) / 32, WarpFragments{});
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
+                // Each block starts from NaN bytes, not from what the previous block left.
+                dynamic_shared.assign(shared_bytes, 0xFF);
                 std::barrier<> barrier(threads);
                 block_barrier = &barrier;
                 std::vector<std::thread> pool;
