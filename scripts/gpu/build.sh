@@ -5,6 +5,7 @@
 #   carry/tests/NAME.xz     the CUDA test binaries (runtime/tests/cuda/, one module per kernel family, and
 #                           tests/cuda_end_to_end.rs), likewise
 #   carry/kernels.tar.xz    the CUDA kernels' PTX for CUDA_COMPUTE_CAP (`vitdet kernels`)
+#   carry/sanitizer.tar.xz  NVIDIA's compute-sanitizer (from PyPI), for run.sh's race and memory checks
 # Needs the CUDA 13.0 toolkit that ../shared/cuda/setup-cuda13-from-pypi.sh lays out (nvcc for
 # candle's kernels). A clean build takes ~10 minutes on 2 cores; incremental ones are quick.
 #
@@ -62,6 +63,24 @@ VITDET_KERNEL_CACHE=$stub/kernels LD_LIBRARY_PATH=$stub:$CUDA_HOME/lib64 \
     "$CARGO_TARGET_DIR/release/vitdet" kernels --compute "$CUDA_COMPUTE_CAP"
 tar -C "$stub" -cf - kernels | xz -T2 -6 >carry/kernels.tar.xz
 rm -rf "$stub"
+
+# compute-sanitizer (NVIDIA's, from PyPI: the lent machine has none), for run.sh's race and
+# memory checks of the runtime's kernels; where the download fails run.sh skips those steps.
+SANITIZER_VERSION=13.0.85
+sanitizer=${XDG_CACHE_HOME:-$HOME/.cache}/vitdet/compute-sanitizer-$SANITIZER_VERSION
+if [ ! -x "$sanitizer/bin/compute-sanitizer" ]; then
+    tmp=$(mktemp -d)
+    if pip download --quiet --no-deps "nvidia-cuda-sanitizer-api==$SANITIZER_VERSION" -d "$tmp" &&
+        unzip -q "$tmp"/*.whl -d "$tmp/wheel"; then
+        mkdir -p "$sanitizer" && cp -r "$tmp/wheel/nvidia/cu13/bin" "$tmp/wheel/nvidia/cu13/lib" "$sanitizer/"
+    fi
+    rm -rf "$tmp"
+fi
+if [ -x "$sanitizer/bin/compute-sanitizer" ]; then
+    tar -C "$sanitizer" -cf - bin lib | xz -T2 -6 >carry/sanitizer.tar.xz
+else
+    echo "no compute-sanitizer (the download failed): run.sh will skip its sanitizer steps" >&2
+fi
 
 ls -l carry carry/tests
 total=$(du -sb carry | cut -f1)

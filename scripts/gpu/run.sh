@@ -19,7 +19,9 @@
 #      the study with eager attention (study_vitdet_l_{fused,eager}.txt);
 #   6. hardware counters (ncu) of the global attention backward's passes and the top-k kernels;
 #   7. a training step in f32, if the budget allows (the f32 op table runs right after the bf16
-#      one: it takes seconds, and both calibrate the study's predictions).
+#      one: it takes seconds, and both calibrate the study's predictions);
+#   8. compute-sanitizer's racecheck and memcheck on the attention, permute and detection
+#      kernels' tests, if the budget allows.
 # Last, a short summary table ($OUT/summary.txt too).
 #
 # The device tool returns at most 8 files from $OUT, so results are written to a scratch folder
@@ -225,6 +227,21 @@ fi
 
 # 7. What the budget leaves: f32, and the other models' steps in bf16.
 e2e vitdet-b train f32 3 120
+
+# 8. compute-sanitizer on the runtime's own kernels, where build.sh carried it and the budget
+#    allows: racecheck of the attention kernels (shared memory, barriers, cp.async stages) and
+#    memcheck of the attention, permute and detection families' tests (exit 3: errors found).
+if [ -e carry/sanitizer.tar.xz ] && [ -x "$BIN/cuda" ] && mkdir -p "$BIN/sanitizer" &&
+    xz -dc carry/sanitizer.tar.xz | tar -C "$BIN/sanitizer" -xf -; then
+    SANITIZER=$BIN/sanitizer/bin/compute-sanitizer
+    step sanitize_attention_races 120 bash -c 'cd runtime && exec "$0" --tool racecheck --racecheck-memcpy-async yes \
+        --error-exitcode 3 --kernel-name kns=window_attention "$1" --test-threads=1 window_attention::' \
+        "$SANITIZER" "$BIN/cuda"
+    for family in window_attention permute detection; do
+        step "sanitize_memcheck_$family" 90 bash -c 'cd runtime && exec "$0" --tool memcheck --error-exitcode 3 \
+            "$1" --test-threads=1 "$2::"' "$SANITIZER" "$BIN/cuda" "$family"
+    done
+fi
 
 python3 scripts/gpu/summary.py "$OUT" >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

@@ -31,6 +31,13 @@ def main():
                 print(f"{name:<40} {'ok' if rc == '0' else 'exit ' + rc:>8} {seconds:>5} s")
     except OSError:
         print("no status.tsv")
+    # compute-sanitizer's verdicts (step 8 of run.sh).
+    logs_dir = os.path.join(out, "logs")
+    for name in sorted(os.listdir(logs_dir)) if os.path.isdir(logs_dir) else []:
+        if name.startswith("sanitize_"):
+            with open(os.path.join(logs_dir, name), errors="replace") as f:
+                verdicts = [line.strip() for line in f if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
+            print(f"{name[:-4]}: {'; '.join(verdicts) if verdicts else 'no summary line (see the log)'}")
     try:
         with open(os.path.join(out, "attention_fallback.txt")) as f:
             print("\nNOTE: " + f.read().strip())
