@@ -149,10 +149,35 @@ step ops_bf16_fma 60 env VITDET_ATTENTION_KERNELS=fma "$V" bench --device cuda -
 step torch_ops 150 python3 scripts/gpu/torch_ops.py --list "$OUT/ops_list.json" --dtypes f32,bf16 \
     --iters 10 --warmup 2 --out "$OUT/torch_ops.json"
 
-# 4. End-to-end steps.
+# This GPU's device profile, calibrated by the op tables just timed (bf16 rows need a bf16 rate:
+# not the V100's), for the predictions beside the end-to-end steps and in the Table 3 study; a
+# GPU without a profile gets the H100's, uncalibrated.
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+case "$gpu_name" in
+    *H200*) profile=h200-141gb tables="ops_bf16 ops_f32" ;;
+    *H100*) profile=h100-80gb tables="ops_bf16 ops_f32" ;;
+    *A100*) profile=a100-80gb tables="ops_bf16 ops_f32" ;;
+    *) profile=h100-80gb tables="" ;;
+esac
+calibration=""
+for t in $tables; do
+    [ -s "$OUT/$t.json" ] && calibration="${calibration:+$calibration,}$OUT/$t.json"
+done
+[ -n "$calibration" ] && calibration="--calibration $calibration"
+# A table the calibration refuses (no row timed) must not cost the measurements.
+if [ -n "$calibration" ] && ! "$V" study --model vit-tiny --profile "$profile" $calibration \
+    --format json >/dev/null 2>"$OUT/logs/calibration.log"; then
+    echo "== calibration refused (logs/calibration.log): predictions are uncalibrated"
+    calibration=""
+fi
+
+# 4. End-to-end steps, each with the calibrated prediction of the same graph beside it
+#    (predicted_*.json, from `vitdet compile --profile`: no GPU time).
 e2e() { # e2e MODEL MODE DTYPE ITERS LIMIT_S
     step "e2e_$1_$2_$3" "$5" "$V" bench --device cuda --model "$1" --image-size 1024 --mode "$2" \
         --dtype "$3" --iters "$4" --warmup 1 --profile --format json --out "$OUT/e2e_$1_$2_$3.json"
+    "$V" compile --model "$1" --image-size 1024 --mode "$2" --dtype "$3" --profile "$profile" $calibration \
+        --format json >"$OUT/predicted_$1_$2_$3.json" 2>>"$OUT/logs/predicted.log" || true
 }
 e2e vitdet-b infer bf16 10 120
 e2e vitdet-b train bf16 10 150
@@ -170,28 +195,8 @@ other_models() {
 # 5. Table 3 on the GPU: vitdet-l, attention x block checkpointing, measured in f16 AMP as
 #    detectron2 runs it (its H100 numbers are printed beside): first with the fused attention
 #    kernels, then with eager attention as detectron2 computes it.
-#    The predicted column is this GPU's datasheet profile calibrated by the op tables above.
+#    The predicted column is this GPU's profile, calibrated as above.
 if "$V" study --help 2>/dev/null | grep -q -- '--calibration'; then
-    # This GPU's profile, calibrated by its own op tables (bf16 rows need a bf16 rate: not the
-    # V100's); a GPU without a profile gets the H100's, uncalibrated.
-    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-    case "$gpu_name" in
-        *H200*) profile=h200-141gb tables="ops_bf16 ops_f32" ;;
-        *H100*) profile=h100-80gb tables="ops_bf16 ops_f32" ;;
-        *A100*) profile=a100-80gb tables="ops_bf16 ops_f32" ;;
-        *) profile=h100-80gb tables="" ;;
-    esac
-    calibration=""
-    for t in $tables; do
-        [ -s "$OUT/$t.json" ] && calibration="${calibration:+$calibration,}$OUT/$t.json"
-    done
-    [ -n "$calibration" ] && calibration="--calibration $calibration"
-    # A table the calibration refuses (no row timed) must not cost the measurements.
-    if [ -n "$calibration" ] && ! "$V" study --model vit-tiny --profile "$profile" $calibration \
-        --format json >/dev/null 2>"$OUT/logs/calibration.log"; then
-        echo "== calibration refused (logs/calibration.log): the study predicts uncalibrated"
-        calibration=""
-    fi
     study() { # study VARIANT
         local fuse=""
         [ "$1" = fused ] && fuse=--fuse

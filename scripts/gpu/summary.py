@@ -96,6 +96,15 @@ def main():
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
             + (f" ({gib(r['planned_arena_bytes_at_rows'])} at the run's {r['dynamic_rows']} dynamic rows)" if r.get("dynamic_rows") else "")
         )
+        predicted = (load(os.path.join(out, f"predicted_{model}_{name.split('_')[-2]}_{dtype}.json")) or {}).get(
+            "predicted_time"
+        )
+        if predicted:
+            ms = predicted["seconds"] * 1e3
+            print(
+                f"  predicted {ms:.1f} ms on {predicted['profile']} (measured / predicted {r['median_ms'] / ms:.2f}; "
+                f"{predicted['pass'].get('assumed_seconds', 0) * 1e3:.1f} ms at assumed efficiencies)"
+            )
         ops = r.get("ops", [])
         if ops:
             host = sum(o["host_ms"] for o in ops)
