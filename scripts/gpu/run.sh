@@ -126,13 +126,13 @@ if awk -F'\t' '$1 == "test_cuda_window_attention" && $2 != "0" { bad = 1 } END {
 fi
 pack
 
-# 2. The op table, in bf16 (the acceptance table's precision); f32 comes last.
+# 2. The op table, in bf16 (the acceptance table's precision), then in f32.
 ops() { # ops DTYPE LIMIT_S
     step "ops_$1" "$2" "$V" bench --device cuda --ops --dtype "$1" --iters 10 --warmup 2 \
         --format json --out "$OUT/ops_$1.json"
 }
 ops bf16 120
-# f32 now too (seconds): with bf16 it calibrates the Table 3 study's predictions below.
+# (seconds each; both calibrate the predictions below)
 ops f32 90
 
 # The convolutions again on the runtime's own im2col kernel + cuBLAS, beside cuDNN's.
