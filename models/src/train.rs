@@ -135,7 +135,7 @@ pub fn build_detector_training(cfg: &ModelConfig, image_size: [usize; 2], max_gt
 /// * mask loss (`mask_rcnn_loss`): the mask head runs on the sampled foreground RoIs only
 ///   (`select_foreground_proposals`): the first `count` slots, `count` being the number of
 ///   foreground RoIs, at most `int(512 * 0.25) = 128` (the sample lists foreground first). The
-///   rows are dynamic ([`DynamicPrefix`], bounded by 128: plans and FLOP counts use the
+///   rows are dynamic (`DynamicPrefix`, bounded by 128: plans and FLOP counts use the
 ///   bound), so its kernels, and in the `vit` family its BatchNorm statistics, see the
 ///   foreground RoIs alone, as detectron2's. The targets are `MaskTargets` (RoIAlign crop of the
 ///   matched gt mask, `>= 0.5`); `loss_mask` = BCE of the gt class's mask logits, mean over the

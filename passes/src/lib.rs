@@ -3,7 +3,7 @@
 //! Rewrites, each graph in, graph out, in the order `vitdet compile --mode train` runs them:
 //! windowed-attention fusion ([`fusion`]), mixed precision ([`amp`]), autodiff ([`autodiff`]),
 //! activation checkpointing ([`checkpoint`]); then the analyses: the execution schedule
-//! ([`schedule`]), liveness, the static memory plan ([`memory`]: arena offsets, workspace,
+//! ([`schedule()`]), liveness, the static memory plan ([`memory`]: arena offsets, workspace,
 //! breakdown), the cost summary ([`cost`]) and the predicted step time ([`timing`]).
 //! [`dce`] removes what a rewrite leaves unused; [`index_ranges`] marks the gathers whose
 //! indices are in range by construction, last.

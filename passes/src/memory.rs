@@ -5,11 +5,11 @@
 //!
 //! * Every value the runtime stores in memory of its own (a *root*): graph inputs and the
 //!   results of ops that write a new buffer. Values the runtime executes as views (reshape of
-//!   contiguous data, slice, expand, no-op pads/casts/concats, see [`storage`] for the rules)
+//!   contiguous data, slice, expand, no-op pads/casts/concats, see `storage` for the rules)
 //!   get no buffer: they live in their root's, and extend its lifetime. Views of parameters are
 //!   resident with the parameters and never planned.
 //! * Every node whose kernel allocates scratch memory beyond its outputs gets a *workspace*
-//!   buffer live at its own step only ([`workspace`] has the per-op rules).
+//!   buffer live at its own step only (`workspace` has the per-op rules).
 //!
 //! No op writes in place in the runtime (candle always allocates a result), so an elementwise
 //! output never reuses its dying input's buffer: planning that reuse would make the plan
@@ -27,7 +27,7 @@
 //! # Placement
 //!
 //! Offsets come from several greedy heuristics, keeping the smallest arena, as XLA's heap
-//! simulator does ([`placement`] has them and why one is not enough): the skyline (lowest
+//! simulator does (`placement` has them and why one is not enough): the skyline (lowest
 //! offset first, long-lived buffers settling at the bottom), greedy-by-size best fit (TFLite's
 //! arena planner and XLA's default: each buffer in the smallest gap left between placed buffers
 //! whose lifetimes overlap its own) and first fit by size class. Best fit alone is within 1% of
@@ -36,7 +36,7 @@
 //!
 //! [`MemoryPlan::breakdown`] splits the arena at its peak step into saved activations,
 //! transient activations, workspace and fragmentation, beside parameters, gradients and
-//! optimizer state ([`breakdown`]).
+//! optimizer state (`breakdown`).
 
 mod breakdown;
 mod placement;
@@ -137,7 +137,7 @@ pub struct MemoryPlan {
     /// `(offset, aligned size)` of the buffer holding each planned value: its own for a root,
     /// its root's for a view. Values stored with the parameters are absent.
     pub offsets: HashMap<Value, (usize, usize)>,
-    /// The root whose buffer holds each planned value that is a view (see [`storage`]).
+    /// The root whose buffer holds each planned value that is a view (see `storage`).
     pub aliases: HashMap<Value, Value>,
     /// Every buffer with its lifetime: value buffers in definition order, then workspaces.
     pub buffers: Vec<Buffer>,
@@ -301,7 +301,7 @@ fn live_per_step(buffers: &[Buffer], steps: usize, size: impl Fn(&Buffer) -> usi
 }
 
 /// Plans one arena for the activations of `graph` run in `order` (normally
-/// [`crate::schedule`]'s), with every [`Placement`] heuristic. Errors name the offending node
+/// [`crate::schedule()`]'s), with every [`Placement`] heuristic. Errors name the offending node
 /// when `order` is not a valid execution order of `graph`.
 pub fn plan_memory(graph: &Graph, order: &[NodeIndex]) -> Result<MemoryPlan, PlanError> {
     plan_memory_with(graph, order, &Placement::ALL)

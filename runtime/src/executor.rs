@@ -82,7 +82,7 @@ pub struct RunOutput {
     pub measured_step_bytes: Option<Vec<usize>>,
     /// On a CUDA device: the high-water mark of device memory allocated from the pool during
     /// the run, above the level at its start (the device counterpart of
-    /// `measured_peak_bytes`; see [`crate::cuda::pool`]). `None` on other devices.
+    /// `measured_peak_bytes`; see `crate::cuda::pool`). `None` on other devices.
     pub device_peak_bytes: Option<usize>,
     /// The most rows a `dynamic_prefix` node produced (the graph's dynamic values held at most
     /// this many), or `None` for a graph without dynamic rows. `Graph::with_rows` of it gives

@@ -35,7 +35,7 @@ pub enum Target {
     /// square input (detections are clipped to it), `None` for the full square.
     Detector { image_hw: Option<[usize; 2]> },
     /// One training step: the training forward graph (targets and losses), attention fusion,
-    /// mixed precision, its gradients by autodiff, activation checkpointing (see [`train`]).
+    /// mixed precision, its gradients by autodiff, activation checkpointing (see `train`).
     Train(TrainOptions),
 }
 

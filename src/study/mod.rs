@@ -101,7 +101,7 @@ pub struct Row {
     pub batch: usize,
     pub dtype: &'static str,
     pub fused_attention: bool,
-    /// A measured reference for this configuration, if one exists (see [`reference`]).
+    /// A measured reference for this configuration, if one exists (see [`reference()`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
     /// Why this configuration could not be compiled (e.g. an unreachable budget).

@@ -308,7 +308,7 @@ impl OpRule for WindowAttention {
         let g = a.check_inputs(i)?;
         Ok(a.out_types(i[0], &g))
     }
-    /// `macs` as [`Attrs::forward_macs`]; `flops` twice that plus 5 per logit (scale, add,
+    /// `macs` as `Attrs::forward_macs`; `flops` twice that plus 5 per logit (scale, add,
     /// exp, sum, divide); `activations` the logits and outputs of the valid query rows (what
     /// fvcore would count for the unfused matmuls).
     fn cost(&self, i: &[&TensorType], _: &[TensorType]) -> Cost {

@@ -8,7 +8,7 @@
 //! The backward graph is built by visiting the forward nodes in reverse program order. Each
 //! node that lies on a path from a trainable parameter to the loss receives the sum of the
 //! gradients flowing into its outputs and emits, through its op's vector-Jacobian product rule
-//! ([`rules`], found from the op's name), the gradients of the inputs that need one. Inputs that
+//! (`rules`, found from the op's name), the gradients of the inputs that need one. Inputs that
 //! do not depend on a trainable parameter (the image, targets, indices) get no gradient and no
 //! nodes are emitted for them. Ops that are not differentiable (anchor generation, top-k
 //! selection, NMS, target assignment) stop the gradient, as detectron2 detaches proposals.

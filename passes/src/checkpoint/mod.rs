@@ -5,8 +5,8 @@
 //!   several options each (keep everything, ..., keep only the input);
 //! * [`graph`]: the training graph as such a chain: its transformer blocks, what each
 //!   block's backward reads, and the options of keeping less of it;
-//! * [`rewrite`]: the graph with the chosen recomputation cloned in (scheduled late by
-//!   [`crate::schedule`]);
+//! * `rewrite`: the graph with the chosen recomputation cloned in (scheduled late by
+//!   [`crate::schedule()`]);
 //! * [`apply`]: the entry points, [`apply_checkpointing`] and [`frontier`], which solve on
 //!   the model and check the answer with the memory planner.
 

@@ -4,7 +4,7 @@
 //! `cuda` feature needs no kernel compiler beyond candle's own. Their parameter blocks and
 //! launch geometry live here and are always compiled: the host emulator (the
 //! `vitdet-cuda-emu` crate) runs the very same sources with the same launches on the CPU, which
-//! is how the kernels are tested on machines without a GPU. With the `cuda` feature, [`device`]
+//! is how the kernels are tested on machines without a GPU. With the `cuda` feature, `device`
 //! compiles, caches and launches them on candle CUDA tensors.
 
 pub mod activation;

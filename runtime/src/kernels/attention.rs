@@ -4,7 +4,7 @@
 //! The relative-position ops read small tables (parameters) and are written with candle ops on
 //! index tensors built on the host, so they run on any device without a CPU round trip. Their
 //! backward ops scatter-add with candle's `index_add` over the same indices on the CPU; on other
-//! devices, where an index only depends on `i - j`, as [`diagonal_sums`] (candle's CUDA
+//! devices, where an index only depends on `i - j`, as `diagonal_sums` (candle's CUDA
 //! `index_add` walks every index in one thread per output column).
 
 use candle_core::{DType, Tensor};

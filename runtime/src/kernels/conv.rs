@@ -598,7 +598,7 @@ fn conv_transpose2d_nobias(op: &ConvTranspose2d, x: &Tensor, w: &Tensor) -> Kern
     deconv_as_conv(op, x, w)
 }
 
-/// [`conv_transpose2d`] as other devices than the CPU run it ([`deconv_as_conv`]), callable on
+/// [`conv_transpose2d`] as other devices than the CPU run it (`deconv_as_conv`), callable on
 /// the CPU to test that path.
 pub fn conv_transpose2d_portable(
     op: &ConvTranspose2d,

@@ -856,7 +856,7 @@ pub fn roi_align(op: &RoiAlign, inputs: &[Tensor]) -> KernelResult<Tensor> {
 /// -> one gradient `[1, C, H_l, W_l]` per level of `op.feature_shapes`. Each box goes to the
 /// level [`assign_levels`] gives (as in the forward) and each bin's gradient, divided by the
 /// bin's sample count, is added to the four bilinear taps of each of its samples with the
-/// forward's weights ([`roi_align_samples`]: same positions, clamping and out-of-range rule),
+/// forward's weights (`roi_align_samples`: same positions, clamping and out-of-range rule),
 /// which is torchvision's `roi_align_backward`. Boxes get no gradient.
 ///
 /// Host loop like the forward: `dy` is read as f32 (f64 for f64), per-sample products are

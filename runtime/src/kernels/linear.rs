@@ -1,6 +1,6 @@
 //! Contractions: `linear` and batched `matmul`, on candle's matmul (the `gemm` crate on the CPU,
 //! cuBLAS on CUDA). On CUDA, f16 / bf16 `linear` with a bias runs on cuBLASLt with the bias in
-//! the GEMM epilogue ([`crate::cuda::linear`]), or on cuBLAS where cuBLASLt refuses it.
+//! the GEMM epilogue (`crate::cuda::linear`), or on cuBLAS where cuBLASLt refuses it.
 //!
 //! Both backends need each operand's two innermost dims to be "tight": row-major (strides
 //! `[cols, 1]`) or column-major (strides `[1, rows]`), and the batch dims to collapse to one
@@ -103,7 +103,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> KernelResult<Tensor
 /// with the op's flags) with broadcast batch dims. An rhs without batch dims is folded: the lhs
 /// batch becomes matrix rows (one gemm). A broadcast operand with a single batch element uses a
 /// stride-0 batch view (no copy); only partially broadcast batch shapes are materialized. On the
-/// CPU, a batch of small products is split over threads by element ([`cpu_gemm`]).
+/// CPU, a batch of small products is split over threads by element (`cpu_gemm`).
 pub fn matmul(op: &MatMul, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
     expect_float("lhs", a)?;
     let (ra, rb) = (a.rank(), b.rank());

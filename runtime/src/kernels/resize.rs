@@ -14,7 +14,7 @@
 //! * bicubic: the same source coordinate without the clamp at 0, four taps `floor(src) - 1 ..=
 //!   floor(src) + 2` clamped into the image, Keys' cubic convolution with `A = -0.75`.
 //!
-//! `resize_grad` is the exact adjoint: the same taps (one definition, [`taps`]), each output's
+//! `resize_grad` is the exact adjoint: the same taps (one definition, `taps`), each output's
 //! gradient scattered back to its sources with the same weights (an f64 host loop on the CPU,
 //! candle's `index_add` per tap elsewhere).
 
