@@ -26,7 +26,6 @@
 //!   format): both sides round the same value once to the storage type, and values within
 //!   f32 rounding of a rounding boundary may land on neighbouring representable values.
 
-
 use crate::common;
 
 use candle_core::{DType, Device, Tensor};
