@@ -389,6 +389,23 @@ fn a_calibration_that_is_not_an_ops_report_is_named_in_the_error() {
     let err = fails(&[&args[..], &["--profile", "h200-141gb"]].concat());
     assert!(err.contains("A100-SXM4"), "{err}");
     std::fs::remove_file(a100).unwrap();
+    // An op table timed on the CPU calibrates no GPU profile.
+    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
+    report["device"] = "cpu".into();
+    report.as_object_mut().unwrap().remove("gpu");
+    let cpu = std::env::temp_dir().join(format!("vitdet-cpu-ops-{}.json", std::process::id()));
+    std::fs::write(&cpu, report.to_string()).unwrap();
+    let err = fails(&[
+        "study",
+        "--model",
+        "vit-tiny",
+        "--profile",
+        "h200",
+        "--calibration",
+        cpu.to_str().unwrap(),
+    ]);
+    assert!(err.contains("`cpu`") && err.contains("not on a GPU"), "{err}");
+    std::fs::remove_file(cpu).unwrap();
 }
 
 #[test]

@@ -1,10 +1,10 @@
 //! `vitdet study --calibration` (and `compile`'s): a device profile's efficiencies from
 //! `vitdet bench --ops` reports (JSON) timed on that device.
 //!
-//! A report names the GPU it was timed on (`gpu`); a report timed on another GPU than the
-//! profile's is refused, since its efficiencies would turn the profile's peaks back into the
-//! other GPU's times. A report without the name (written before reports carried it) is taken as
-//! it says.
+//! A report names the device and GPU it was timed on (`device`, `gpu`). One timed on the CPU,
+//! or on another GPU than the profile's, is refused: its efficiencies would turn the profile's
+//! peaks back into that device's times. A report without the GPU's name (written before reports
+//! carried it) is taken as it says.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,8 @@ use vitdet_passes::timing::{DeviceProfile, MeasuredOp};
 /// The fields of an ops report (`vitdet bench --ops --format json`) the calibration reads.
 #[derive(Deserialize)]
 struct OpsReport {
+    /// Where it ran: `cpu`, `cuda`, `cuda:N`.
+    device: String,
     /// The GPU's name (`NVIDIA H200`).
     gpu: Option<String>,
     scale: usize,
@@ -44,6 +46,15 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
             "{}: the op table ran at --scale {}; calibrate with the real shapes (--scale 1)",
             path.display(),
             report.scale
+        );
+    }
+    // Every named profile is a GPU's.
+    if !report.device.starts_with("cuda") {
+        bail!(
+            "{} was timed on `{}`, not on a GPU: it cannot calibrate the {} profile",
+            path.display(),
+            report.device,
+            profile.name
         );
     }
     if let Some(gpu) = &report.gpu {
