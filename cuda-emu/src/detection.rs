@@ -113,8 +113,9 @@ pub fn top_k_chunked(op: &TopK, x: &Tensor, chunk: usize) -> Result<Vec<Tensor>>
 
 fn top_k_with(op: &TopK, x: &Tensor, g: TopKGeom) -> Result<Vec<Tensor>> {
     let data = host(x)?;
-    let mut values = vec![0f32; g.out_elems()];
-    let mut indices = vec![0i64; g.out_elems()];
+    // Unwritten outputs show: NaN values and index -1 (the runtime allocates them uninitialized).
+    let mut values = vec![f32::NAN; g.out_elems()];
+    let mut indices = vec![-1i64; g.out_elems()];
     let rows = g.rows as usize;
     if g.chunk == 0 {
         unsafe {

@@ -506,8 +506,9 @@ pub mod run {
     fn top_k_t<T: CudaDType + DeviceRepr + ValidAsZeroBits>(g: &TopKGeom, x: &Tensor) -> KernelResult<Vec<Tensor>> {
         let dev = cuda_device(x)?;
         let x = x.contiguous()?;
-        let mut values = zeros::<T>(&dev, g.out_elems())?;
-        let mut indices = zeros::<i64>(&dev, g.out_elems())?;
+        // Every row's sort writes all k of its values and indices.
+        let mut values = unsafe { dev.alloc::<T>(g.out_elems().max(1)) }?;
+        let mut indices = unsafe { dev.alloc::<i64>(g.out_elems().max(1)) }?;
         let s = suffix(x.dtype())?;
         {
             let (xs, xl) = x.storage_and_layout();
