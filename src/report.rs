@@ -53,6 +53,8 @@ pub struct CompileReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct PredictedTime {
     pub profile: String,
+    /// Whether the profile's efficiencies were measured (`--calibration`) rather than assumed.
+    pub calibrated: bool,
     /// One pass (inference), or one optimizer step of `batch` passes (training).
     pub seconds: f64,
     /// One pass, by part and by op.
@@ -65,6 +67,7 @@ impl PredictedTime {
         let pass = predict_step_time(graph, order, profile)?;
         Ok(PredictedTime {
             profile: profile.name.clone(),
+            calibrated: profile.calibration.is_some(),
             seconds: pass.seconds * passes as f64,
             pass,
         })
@@ -185,7 +188,7 @@ impl CompileReport {
                 .map(|(op, t)| format!("{op} {:.1} ms", t * 1e3))
                 .collect();
             // Under a calibration, the part it had no timed call for.
-            let assumed = if p.profile.ends_with("calibrated") {
+            let assumed = if p.calibrated {
                 format!("; {:.1} ms at assumed efficiencies", p.pass.assumed_seconds * 1e3)
             } else {
                 String::new()

@@ -338,74 +338,52 @@ fn calibrated_h200_times_land_near_the_measured_steps() {
 
 #[test]
 fn a_calibration_that_is_not_an_ops_report_is_named_in_the_error() {
-    let dir = std::env::temp_dir().join(format!("vitdet-calibration-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("ops.json");
-    std::fs::write(&bad, "{\"ops\": 3}").unwrap();
-    let missing = dir.join("missing.json");
-    for (path, says) in [(&bad, "not a `vitdet bench --ops"), (&missing, "cannot read")] {
-        let path = path.to_str().unwrap();
-        let err = fails(&[
+    let dir = tempfile::tempdir().unwrap();
+    fn args<'a>(profile: &'a str, calibration: &'a str) -> [&'a str; 7] {
+        [
             "study",
             "--model",
             "vit-tiny",
             "--profile",
-            "h200",
+            profile,
             "--calibration",
-            path,
-        ]);
+            calibration,
+        ]
+    }
+    let refused = |profile: &str, calibration: &str| fails(&args(profile, calibration));
+    let bad = dir.path().join("ops.json");
+    std::fs::write(&bad, "{\"ops\": 3}").unwrap();
+    let missing = dir.path().join("missing.json");
+    for (path, says) in [(&bad, "not a `vitdet bench --ops"), (&missing, "cannot read")] {
+        let path = path.to_str().unwrap();
+        let err = refused("h200", path);
         assert!(err.contains(says) && err.contains(path), "{err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
     // The H200's op times do not calibrate the H100's profile.
     let h200 = format!("{H200_RUN}-ops-bf16.json");
-    let err = fails(&[
-        "study",
-        "--model",
-        "vit-tiny",
-        "--profile",
-        "h100-80gb",
-        "--calibration",
-        &h200,
-    ]);
+    let err = refused("h100-80gb", &h200);
     assert!(err.contains("NVIDIA H200") && err.contains("h100-80gb"), "{err}");
+    // The H200's report, edited, written into `dir`.
+    let edited = |name: &str, edit: &dyn Fn(&mut Value)| -> String {
+        let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
+        edit(&mut report);
+        let path = dir.path().join(name);
+        std::fs::write(&path, report.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
     // A name whose model is joined to other words by dashes is still that GPU's.
-    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
-    report["gpu"] = "NVIDIA A100-SXM4-80GB".into();
-    let a100 = std::env::temp_dir().join(format!("vitdet-a100-{}.json", std::process::id()));
-    std::fs::write(&a100, report.to_string()).unwrap();
-    let a100 = a100.to_str().unwrap();
-    let args = [
-        "study",
-        "--model",
-        "vit-tiny",
-        "--format",
-        "json",
-        "--calibration",
-        a100,
-    ];
-    let s = json(&[&args[..], &["--profile", "a100-80gb"]].concat());
+    let a100 = edited("a100.json", &|r| r["gpu"] = "NVIDIA A100-SXM4-80GB".into());
+    let s = json(&[&args("a100-80gb", &a100)[..], &["--format", "json"]].concat());
     assert!(s["profile"]["calibration"].is_object(), "{}", s["profile"]);
-    let err = fails(&[&args[..], &["--profile", "h200-141gb"]].concat());
+    let err = refused("h200-141gb", &a100);
     assert!(err.contains("A100-SXM4"), "{err}");
-    std::fs::remove_file(a100).unwrap();
     // An op table timed on the CPU calibrates no GPU profile.
-    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
-    report["device"] = "cpu".into();
-    report.as_object_mut().unwrap().remove("gpu");
-    let cpu = std::env::temp_dir().join(format!("vitdet-cpu-ops-{}.json", std::process::id()));
-    std::fs::write(&cpu, report.to_string()).unwrap();
-    let err = fails(&[
-        "study",
-        "--model",
-        "vit-tiny",
-        "--profile",
-        "h200",
-        "--calibration",
-        cpu.to_str().unwrap(),
-    ]);
+    let cpu = edited("cpu.json", &|r| {
+        r["device"] = "cpu".into();
+        r.as_object_mut().unwrap().remove("gpu");
+    });
+    let err = refused("h200", &cpu);
     assert!(err.contains("`cpu`") && err.contains("not on a GPU"), "{err}");
-    std::fs::remove_file(cpu).unwrap();
 }
 
 #[test]

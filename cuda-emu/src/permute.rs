@@ -4,7 +4,7 @@
 use std::ffi::c_void;
 
 use candle_core::{DType, Device, Tensor};
-use vitdet_runtime::cuda::permute::{PermuteDims, PermutePlan};
+use vitdet_runtime::cuda::permute::{alignment_at, PermuteDims, PermutePlan};
 use vitdet_runtime::cuda::Launch;
 
 use crate::Result;
@@ -104,11 +104,7 @@ pub fn permute(
     let elem = x.dtype().size_in_bytes();
     let bytes = bytes_of(x)?;
     let start = offset * elem;
-    let align = if start == 0 {
-        256
-    } else {
-        1 << start.trailing_zeros().min(8)
-    };
+    let align = alignment_at(start);
     let mut plan = PermutePlan::new(x.dims(), perm, elem, align)?;
     plan.wide |= wide;
     // u128 buffers: 16-byte aligned, as device allocations are (at least).

@@ -131,8 +131,10 @@ impl DeviceProfile {
         }
     }
 
-    /// This profile with the efficiencies of `measured` calls (see the module doc). Errors on a
-    /// call with no time, or one that took no longer than the launch cost (no efficiency fits).
+    /// This profile with the efficiencies of `measured` calls (see the module doc). A call that
+    /// took no longer than the launch cost fits no efficiency and is left out (named in
+    /// [`Calibration::skipped`]). Errors on a dtype the profile has no rate for, a time that is
+    /// not positive and finite, or no call left to calibrate with.
     pub fn calibrated(mut self, source: &str, measured: &[MeasuredOp]) -> Result<DeviceProfile, String> {
         let mut ops = Vec::with_capacity(measured.len());
         let mut skipped = Vec::new();

@@ -39,6 +39,16 @@ pub struct PermuteDims {
 #[cfg(feature = "cuda")]
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for PermuteDims {}
 
+/// The alignment, in bytes, a buffer starting `offset_bytes` into a fresh allocation (256-byte
+/// aligned, as CUDA's are) is known to have: what [`PermutePlan::new`] takes.
+pub fn alignment_at(offset_bytes: usize) -> usize {
+    if offset_bytes == 0 {
+        256
+    } else {
+        1 << offset_bytes.trailing_zeros().min(8)
+    }
+}
+
 /// How one permute copy runs: the parameters, the unit size in bytes and the index width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PermutePlan {
@@ -171,13 +181,8 @@ pub mod run {
             return Ok(Tensor::zeros(shape, x.dtype(), x.device())?);
         }
         let elem = x.dtype().size_in_bytes();
-        // New allocations are 256-byte aligned; a view starts where its offset puts it.
-        let offset = x.layout().start_offset() * elem;
-        let align = if offset == 0 {
-            256
-        } else {
-            1 << offset.trailing_zeros().min(8)
-        };
+        // A view starts where its offset puts it.
+        let align = super::alignment_at(x.layout().start_offset() * elem);
         let Ok(plan) = PermutePlan::new(x.dims(), perm, elem, align) else {
             return Ok(x.permute(perm.to_vec())?.contiguous()?);
         };
