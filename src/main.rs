@@ -177,6 +177,10 @@ enum Command {
         /// (comma-separated or repeated), whose op efficiencies replace the assumed ones.
         #[arg(long, value_delimiter = ',', requires = "profile")]
         calibration: Vec<PathBuf>,
+        /// The profile of the GPU the --calibration reports were timed on, where it is another
+        /// GPU of the --profile's architecture (h200-141gb for an h100-80gb prediction).
+        #[arg(long, requires = "calibration")]
+        calibrated_on: Option<String>,
         #[command(flatten)]
         train: TrainArgs,
     },
@@ -210,6 +214,11 @@ enum Command {
         /// 60% / 75% of the peaks.
         #[arg(long, value_delimiter = ',')]
         calibration: Vec<PathBuf>,
+        /// The profile of the GPU the --calibration reports were timed on, where it is another
+        /// GPU of the --profile's architecture: each op keeps the fraction of its roofline it
+        /// reached there, at the --profile's peaks.
+        #[arg(long, requires = "calibration")]
+        calibrated_on: Option<String>,
         /// Precision of every row unless swept: f32, bf16 or f16. Default f16 (the paper's
         /// automatic mixed precision), f32 with --measure on the CPU (which runs f32 graphs).
         #[arg(long)]
@@ -346,6 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             profile,
             calibration,
+            calibrated_on,
             train,
         } => {
             // Inference as `vitdet infer` runs it: fused attention (unless `--no-fuse`) and
@@ -382,7 +392,7 @@ fn run(cli: Cli) -> Result<()> {
                 lowering,
             )?;
             if let Some(name) = profile {
-                let profile = vitdet::study::device_profile(&name, &calibration)?;
+                let profile = vitdet::study::device_profile(&name, &calibration, calibrated_on.as_deref())?;
                 let passes = compiled.report.train.as_ref().map_or(1, |t| t.batch);
                 compiled.report.predicted_time = Some(
                     vitdet::report::PredictedTime::new(&compiled.graph, &compiled.order, passes, &profile)
@@ -418,6 +428,7 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             profile,
             calibration,
+            calibrated_on,
             dtype,
             fuse,
             batch,
@@ -440,6 +451,7 @@ fn run(cli: Cli) -> Result<()> {
                 base,
                 profile,
                 calibration,
+                calibrated_on,
                 measure,
                 device,
                 steps,

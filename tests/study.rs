@@ -362,7 +362,10 @@ fn a_calibration_that_is_not_an_ops_report_is_named_in_the_error() {
     // The H200's op times do not calibrate the H100's profile.
     let h200 = format!("{H200_RUN}-ops-bf16.json");
     let err = refused("h100-80gb", &h200);
-    assert!(err.contains("NVIDIA H200") && err.contains("h100-80gb"), "{err}");
+    assert!(
+        err.contains("NVIDIA H200") && err.contains("h100-80gb") && err.contains("--calibrated-on"),
+        "{err}"
+    );
     // The H200's report, edited, written into `dir`.
     let edited = |name: &str, edit: &dyn Fn(&mut Value)| -> String {
         let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&h200).unwrap()).unwrap();
@@ -444,6 +447,65 @@ fn calibrated_h200_compile_reports_land_near_the_measured_vitdet_b_steps() {
             "{mode} {dtype}: {predicted:.4} vs {measured} s"
         );
     }
+}
+
+#[test]
+fn h200_op_times_predict_an_h100_step_at_the_h100s_bandwidth() {
+    // `--calibrated-on h200-141gb` carries the H200's measured efficiencies to the H100's
+    // profile: the same SMs at 0.7x the bandwidth, so vitdet-b's AMP training step comes out
+    // slower than on the H200 (its memory-bound kernels), but by less than the bandwidths'
+    // ratio (its compute-bound kernels and launches do not change).
+    let calibration = format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json");
+    let predict = |profile: &str, on: Option<&str>| -> (f64, String) {
+        let mut args = vec![
+            "compile",
+            "--model",
+            "vitdet-b",
+            "--mode",
+            "train",
+            "--dtype",
+            "bf16",
+            "--profile",
+            profile,
+            "--calibration",
+            &calibration,
+            "--format",
+            "json",
+        ];
+        if let Some(on) = on {
+            args.extend(["--calibrated-on", on]);
+        }
+        let p = json(&args)["predicted_time"].clone();
+        (
+            p["seconds"].as_f64().unwrap(),
+            p["profile"].as_str().unwrap().to_string(),
+        )
+    };
+    let (h200, _) = predict("h200-141gb", None);
+    let (h100, name) = predict("h100-80gb", Some("h200-141gb"));
+    assert_eq!(name, "h100-80gb, calibrated on h200-141gb");
+    assert!(h100 > 1.05 * h200 && h100 < h200 * 4800.0 / 3350.0, "{h100} vs {h200}");
+
+    // Where it may not apply: another architecture, or reports from another GPU than named.
+    let tiny = |profile: &str, on: &str| {
+        fails(&[
+            "compile",
+            "--model",
+            "vit-tiny",
+            "--profile",
+            profile,
+            "--calibration",
+            &calibration,
+            "--calibrated-on",
+            on,
+        ])
+    };
+    let err = tiny("a100-80gb", "h200-141gb");
+    assert!(err.contains("ampere") && err.contains("hopper"), "{err}");
+    let err = tiny("h200-141gb", "h100-80gb");
+    assert!(err.contains("NVIDIA H200") && err.contains("h100-80gb"), "{err}");
+    let err = fails(&["study", "--model", "vit-tiny", "--calibrated-on", "h200-141gb"]);
+    assert!(err.contains("--calibration"), "{err}");
 }
 
 #[test]

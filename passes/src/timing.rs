@@ -23,6 +23,12 @@
 //! the rows that bracket it (the nearest row's beyond them). An op that was not timed takes the
 //! rows of its kind: the GEMM-like ops' ([`GEMM_LIKE`]) for a contraction, the row-wise
 //! memory-bound ops' ([`ROW_WISE`]) for anything else.
+//!
+//! Efficiencies carry over to another GPU of the same architecture
+//! ([`DeviceProfile::calibrated_on`]): a call keeps the fraction of its roofline it reached where
+//! it was timed, and its roofline is recomputed at this profile's peaks. Between an H200 and an
+//! H100 (the same SMs, 0.7x the bandwidth) that slows the memory-bound calls and leaves the
+//! compute-bound ones as they were.
 
 use std::collections::BTreeMap;
 
@@ -33,6 +39,9 @@ use vitdet_ir::{DType, Graph, NodeIndex};
 #[derive(Clone, Debug, Serialize)]
 pub struct DeviceProfile {
     pub name: String,
+    /// The chip's architecture (`hopper`, `ampere`, `volta`; `cpu`): measured efficiencies carry
+    /// over between profiles of one architecture only.
+    pub architecture: String,
     /// Matmul peak in f32 (FLOP/s, 2 per multiply-add).
     pub matmul_f32: f64,
     /// Matmul peak in f16/bf16 (tensor cores).
@@ -73,6 +82,9 @@ pub struct MeasuredOp {
 pub struct Calibration {
     /// Where the times come from (file names).
     pub source: String,
+    /// The profile of the GPU they were timed on (this profile's own name, or another of its
+    /// architecture's).
+    pub timed_on: String,
     /// Sorted by op, precision, then `ideal_seconds`.
     pub ops: Vec<CalibratedOp>,
     /// Timed calls left out, and why: those no longer than the launch cost.
@@ -85,10 +97,12 @@ pub struct CalibratedOp {
     pub op: String,
     /// f16/bf16 (the matmul rate is the tensor cores').
     pub low_precision: bool,
-    /// The roofline time at the datasheet peaks.
+    /// The roofline time at this profile's datasheet peaks.
     pub ideal_seconds: f64,
+    /// Where it was timed ([`Calibration::timed_on`]).
     pub measured_seconds: f64,
-    /// `ideal / (measured - launch)`: with it, the model gives this call its measured time.
+    /// `ideal / (measured - launch)` at the peaks and launch cost of the profile it was timed
+    /// on: with it, that profile gives this call its measured time.
     pub efficiency: f64,
 }
 
@@ -107,8 +121,9 @@ impl DeviceProfile {
     /// The datasheet profiles: `v100-32gb` (the paper's GPU), `a100-80gb`, `h100-80gb`,
     /// `h200-141gb`, each with 60% compute and 75% bandwidth efficiency and 10 us per kernel.
     pub fn named(name: &str) -> Result<DeviceProfile, String> {
-        let gpu = |name: &str, f32: f64, low: f64, bf16: bool, bw: f64, mem_gib: u64| DeviceProfile {
+        let gpu = |name: &str, arch: &str, f32: f64, low: f64, bf16: bool, bw: f64, mem_gib: u64| DeviceProfile {
             name: name.to_string(),
+            architecture: arch.to_string(),
             matmul_f32: f32,
             matmul_low: low,
             bf16,
@@ -121,50 +136,74 @@ impl DeviceProfile {
             calibration: None,
         };
         match name {
-            "v100-32gb" | "v100" => Ok(gpu("v100-32gb", 15.7 * T, 125.0 * T, false, 900.0 * G, 32)),
-            "a100-80gb" | "a100" => Ok(gpu("a100-80gb", 19.5 * T, 312.0 * T, true, 2039.0 * G, 80)),
-            "h100-80gb" | "h100" => Ok(gpu("h100-80gb", 67.0 * T, 989.0 * T, true, 3350.0 * G, 80)),
-            "h200-141gb" | "h200" => Ok(gpu("h200-141gb", 67.0 * T, 989.0 * T, true, 4800.0 * G, 140)),
+            "v100-32gb" | "v100" => Ok(gpu("v100-32gb", "volta", 15.7 * T, 125.0 * T, false, 900.0 * G, 32)),
+            "a100-80gb" | "a100" => Ok(gpu("a100-80gb", "ampere", 19.5 * T, 312.0 * T, true, 2039.0 * G, 80)),
+            "h100-80gb" | "h100" => Ok(gpu("h100-80gb", "hopper", 67.0 * T, 989.0 * T, true, 3350.0 * G, 80)),
+            "h200-141gb" | "h200" => Ok(gpu("h200-141gb", "hopper", 67.0 * T, 989.0 * T, true, 4800.0 * G, 140)),
             other => Err(format!(
                 "unknown device profile `{other}` (expected v100-32gb, a100-80gb, h100-80gb, h200-141gb, or cpu with --measure)"
             )),
         }
     }
 
-    /// This profile with the efficiencies of `measured` calls (see the module doc). A call that
-    /// took no longer than the launch cost fits no efficiency and is left out (named in
-    /// [`Calibration::skipped`]). Errors on a dtype the profile has no rate for, a time that is
-    /// not positive and finite, or no call left to calibrate with.
-    pub fn calibrated(mut self, source: &str, measured: &[MeasuredOp]) -> Result<DeviceProfile, String> {
+    /// This profile with the efficiencies of `measured` calls timed on its own device (see the
+    /// module doc): [`DeviceProfile::calibrated_on`] itself.
+    pub fn calibrated(self, source: &str, measured: &[MeasuredOp]) -> Result<DeviceProfile, String> {
+        let own = self.clone();
+        self.calibrated_on(&own, source, measured)
+    }
+
+    /// This profile with the efficiencies of `measured` calls timed on the device of `timed_on`
+    /// (this profile, or another GPU of its architecture): each call's efficiency is its
+    /// roofline at `timed_on`'s peaks over its measured time less `timed_on`'s launch cost, and
+    /// that efficiency then applies at this profile's peaks. A call that took no longer than the
+    /// launch cost fits no efficiency and is left out (named in [`Calibration::skipped`]).
+    /// Errors on profiles of two architectures, a dtype either profile has no rate for, a time
+    /// that is not positive and finite, or no call left to calibrate with.
+    pub fn calibrated_on(
+        mut self,
+        timed_on: &DeviceProfile,
+        source: &str,
+        measured: &[MeasuredOp],
+    ) -> Result<DeviceProfile, String> {
+        if timed_on.architecture != self.architecture {
+            return Err(format!(
+                "{source}: times from {} ({}) cannot calibrate {} ({}): kernels on another \
+                 architecture reach other fractions of its peaks",
+                timed_on.name, timed_on.architecture, self.name, self.architecture
+            ));
+        }
         let mut ops = Vec::with_capacity(measured.len());
         let mut skipped = Vec::new();
         for m in measured {
-            let low = self
+            let low = timed_on
                 .check_dtype(m.dtype)
+                .and_then(|low| self.check_dtype(m.dtype).map(|_| low))
                 .map_err(|e| format!("{source}: its {} rows cannot calibrate this profile: {e}", m.op))?;
             if !(m.seconds.is_finite() && m.seconds > 0.0) {
                 return Err(format!("{source}: {} ({:?}) has time {} s", m.op, m.dtype, m.seconds));
             }
-            let ideal = self.ideal_seconds(&m.op, low, m.flops as f64, m.bytes as f64);
-            let kernel = m.seconds - self.launch_seconds;
+            let (flops, bytes) = (m.flops as f64, m.bytes as f64);
+            let ideal_there = timed_on.ideal_seconds(&m.op, low, flops, bytes);
+            let kernel = m.seconds - timed_on.launch_seconds;
             // The model adds the launch cost to every kernel, so a call that took no longer
             // cannot be reproduced; its op keeps its kind's or the assumed efficiency.
-            if kernel <= 0.0 || ideal <= 0.0 {
+            if kernel <= 0.0 || ideal_there <= 0.0 {
                 skipped.push(format!(
                     "{} ({:?}): {:.1} us, within the {:.1} us launch cost",
                     m.op,
                     m.dtype,
                     m.seconds * 1e6,
-                    self.launch_seconds * 1e6
+                    timed_on.launch_seconds * 1e6
                 ));
                 continue;
             }
             ops.push(CalibratedOp {
                 op: m.op.clone(),
                 low_precision: low,
-                ideal_seconds: ideal,
+                ideal_seconds: self.ideal_seconds(&m.op, low, flops, bytes),
                 measured_seconds: m.seconds,
-                efficiency: ideal / kernel,
+                efficiency: ideal_there / kernel,
             });
         }
         if ops.is_empty() {
@@ -180,9 +219,14 @@ impl DeviceProfile {
                 .cmp(&(&b.op, b.low_precision))
                 .then(a.ideal_seconds.total_cmp(&b.ideal_seconds))
         });
-        self.name = format!("{}, calibrated", self.name);
+        self.name = if timed_on.name == self.name {
+            format!("{}, calibrated", self.name)
+        } else {
+            format!("{}, calibrated on {}", self.name, timed_on.name)
+        };
         self.calibration = Some(Calibration {
             source: source.to_string(),
+            timed_on: timed_on.name.clone(),
             ops,
             skipped,
         });
@@ -456,6 +500,40 @@ mod tests {
         // Nothing left to calibrate with: an error naming the file and what was skipped.
         let err = p.clone().calibrated("f.json", &[fast]).unwrap_err();
         assert!(err.contains("f.json") && err.contains("permute"), "{err}");
+    }
+
+    #[test]
+    fn efficiencies_timed_on_an_h200_carry_to_an_h100_at_its_bandwidth() {
+        let h100 = DeviceProfile::named("h100-80gb").unwrap();
+        let h200 = DeviceProfile::named("h200-141gb").unwrap();
+        let gemm = timed("linear", DType::BF16, 14_504_951_808, 28_709_376, 38e-6);
+        let norm = timed("layer_norm", DType::BF16, 31_000_000, 12_600_000, 31e-6);
+        let calls = [gemm, norm];
+        let there = h200.clone().calibrated("f.json", &calls).unwrap();
+        let here = h100.clone().calibrated_on(&h200, "f.json", &calls).unwrap();
+        assert_eq!(here.name, "h100-80gb, calibrated on h200-141gb");
+        assert_eq!(here.calibration.as_ref().unwrap().timed_on, "h200-141gb");
+        // The same fractions of the rooflines: the compute-bound GEMM as fast as on the H200,
+        // the memory-bound norm's kernel slower by the bandwidths' ratio.
+        let kernel = |p: &DeviceProfile, m: &MeasuredOp| seconds(p, &m.op, true, m.flops, m.bytes) - p.launch_seconds;
+        assert!(close(kernel(&here, &calls[0]), kernel(&there, &calls[0])));
+        assert!(close(
+            kernel(&here, &calls[1]),
+            kernel(&there, &calls[1]) * h200.bandwidth / h100.bandwidth
+        ));
+        // Calibrating on itself is the plain calibration.
+        let own = h200.clone().calibrated_on(&h200, "f.json", &calls).unwrap();
+        assert_eq!(own.name, there.name);
+        assert!(close(kernel(&own, &calls[1]), kernel(&there, &calls[1])));
+        // Another architecture's times are refused, naming both.
+        let err = DeviceProfile::named("a100-80gb")
+            .unwrap()
+            .calibrated_on(&h200, "f.json", &calls)
+            .unwrap_err();
+        assert!(
+            err.contains("a100-80gb") && err.contains("hopper") && err.contains("ampere"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! `vitdet study --calibration` (and `compile`'s): a device profile's efficiencies from
-//! `vitdet bench --ops` reports (JSON) timed on that device.
+//! `vitdet bench --ops` reports (JSON) timed on that device, or, with `--calibrated-on`, on
+//! another GPU of its architecture.
 //!
 //! A report names the device and GPU it was timed on (`device`, `gpu`). One timed on the CPU,
-//! or on another GPU than the profile's, is refused: its efficiencies would turn the profile's
-//! peaks back into that device's times. A report without the GPU's name (written before reports
-//! carried it) is taken as it says.
+//! or on another GPU than the one it is said to come from, is refused: its times would be read
+//! at the wrong peaks. A report without the GPU's name (written before reports carried it) is
+//! taken as it says.
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +68,8 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
             .any(|word| word == model)
         {
             bail!(
-                "{} was timed on {gpu}, not on the {} profile's GPU: calibrate that GPU's profile with it",
+                "{} was timed on {gpu}, not on the {} profile's GPU: calibrate that GPU's profile with it, \
+                 or name it with --calibrated-on",
                 path.display(),
                 profile.name
             );
@@ -93,15 +95,16 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
     Ok(rows)
 }
 
-/// `profile` calibrated by the timed rows of every report in `paths`.
-pub fn calibrate(profile: DeviceProfile, paths: &[PathBuf]) -> Result<DeviceProfile> {
+/// `profile` calibrated by the timed rows of every report in `paths`, which were timed on the
+/// GPU of `timed_on` (`profile` itself, or another of its architecture).
+pub fn calibrate(profile: DeviceProfile, timed_on: &DeviceProfile, paths: &[PathBuf]) -> Result<DeviceProfile> {
     let mut measured = Vec::new();
     for path in paths {
-        measured.extend(read_report(path, &profile)?);
+        measured.extend(read_report(path, timed_on)?);
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let profile = profile
-        .calibrated(&names.join(", "), &measured)
+        .calibrated_on(timed_on, &names.join(", "), &measured)
         .map_err(anyhow::Error::msg)?;
     for skipped in profile.calibration.iter().flat_map(|c| &c.skipped) {
         eprintln!("warning: calibration: left out {skipped}");

@@ -126,6 +126,7 @@ pub fn calibrate_cpu() -> Result<DeviceProfile> {
     let matmul_rate = 2.0 * (n * n * n) as f64 / matmul;
     Ok(DeviceProfile {
         name: format!("cpu ({} threads, measured)", crate::bench::kernel_threads()),
+        architecture: "cpu".to_string(),
         matmul_f32: matmul_rate,
         matmul_low: matmul_rate,
         bf16: false,

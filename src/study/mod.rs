@@ -82,6 +82,9 @@ pub struct StudyOptions {
     /// `vitdet bench --ops` reports timed on that device, whose efficiencies replace the
     /// profile's assumed ones (`DeviceProfile::calibrated`).
     pub calibration: Vec<std::path::PathBuf>,
+    /// The profile of the GPU the `calibration` reports were timed on, where it is not
+    /// `profile`'s (one architecture: `DeviceProfile::calibrated_on`).
+    pub calibrated_on: Option<String>,
     /// Also run each configuration on `device`.
     pub measure: bool,
     /// Where `measure` runs (the CPU, or a GPU in a `cuda` build).
@@ -277,19 +280,30 @@ fn configurations(
 }
 
 /// The named datasheet profile, calibrated by the `vitdet bench --ops` reports in `calibration`
-/// if any.
-pub fn device_profile(name: &str, calibration: &[std::path::PathBuf]) -> Result<DeviceProfile> {
+/// if any, which were timed on the GPU of the profile `calibrated_on` names (default: this one).
+pub fn device_profile(
+    name: &str,
+    calibration: &[std::path::PathBuf],
+    calibrated_on: Option<&str>,
+) -> Result<DeviceProfile> {
     let profile = DeviceProfile::named(name).map_err(anyhow::Error::msg)?;
     if calibration.is_empty() {
+        if let Some(other) = calibrated_on {
+            bail!("--calibrated-on {other} names where the --calibration reports were timed: give them");
+        }
         return Ok(profile);
     }
-    calibration::calibrate(profile, calibration)
+    let timed_on = match calibrated_on {
+        Some(other) => DeviceProfile::named(other).map_err(|e| anyhow::anyhow!("--calibrated-on: {e}"))?,
+        None => profile.clone(),
+    };
+    calibration::calibrate(profile, &timed_on, calibration)
 }
 
 /// Runs a study: compiles every configuration, predicts, and measures if asked.
 pub fn run_study(opts: &StudyOptions, progress: &dyn Fn(&str)) -> Result<Study> {
     let config = crate::compile::load_config(&opts.model, opts.image_size, None)?;
-    let profile = device_profile(&opts.profile, &opts.calibration)?;
+    let profile = device_profile(&opts.profile, &opts.calibration, opts.calibrated_on.as_deref())?;
     let budget_range = if opts.sweep.contains(&Dim::Budget) {
         let peak = |c| -> Result<u64> {
             let mut o = opts.base.clone();
