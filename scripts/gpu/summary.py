@@ -96,15 +96,25 @@ def main():
             f"peak {gib(r.get('peak_bytes'))} besides weights, planned arena {gib(r['planned_arena_bytes'])}"
             + (f" ({gib(r['planned_arena_bytes_at_rows'])} at the run's {r['dynamic_rows']} dynamic rows)" if r.get("dynamic_rows") else "")
         )
-        predicted = (load(os.path.join(out, f"predicted_{model}_{name.split('_')[-2]}_{dtype}.json")) or {}).get(
-            "predicted_time"
-        )
+        run_mode = name.split("_")[-2]
+        predicted = (load(os.path.join(out, f"predicted_{model}_{run_mode}_{dtype}.json")) or {}).get("predicted_time")
         if predicted:
             ms = predicted["seconds"] * 1e3
             print(
                 f"  predicted {ms:.1f} ms on {predicted['profile']} (measured / predicted {r['median_ms'] / ms:.2f}; "
                 f"{predicted['pass'].get('assumed_seconds', 0) * 1e3:.1f} ms at assumed efficiencies)"
             )
+            # The same op times carried to the H100 (run.sh writes it on an H200), scaled by
+            # this GPU's measured / predicted ratio.
+            there = (load(os.path.join(out, f"predicted_h100_{model}_{run_mode}_{dtype}.json")) or {}).get(
+                "predicted_time"
+            )
+            if there:
+                h100 = there["seconds"] * 1e3
+                print(
+                    f"  predicted {h100:.1f} ms on {there['profile']}; "
+                    f"times this GPU's measured / predicted: {h100 * r['median_ms'] / ms:.1f} ms"
+                )
         ops = r.get("ops", [])
         if ops:
             host = sum(o["host_ms"] for o in ops)
