@@ -451,10 +451,10 @@ fn calibrated_h200_compile_reports_land_near_the_measured_vitdet_b_steps() {
 
 #[test]
 fn h200_op_times_predict_an_h100_step_at_the_h100s_bandwidth() {
-    // `--calibrated-on h200-141gb` carries the H200's measured efficiencies to the H100's
-    // profile: the same SMs at 0.7x the bandwidth, so vitdet-b's AMP training step comes out
-    // slower than on the H200 (its memory-bound kernels), but by less than the bandwidths'
-    // ratio (its compute-bound kernels and launches do not change).
+    // `--calibrated-on h200-141gb` carries the H200's op times to the H100's profile: the same
+    // SMs at 0.7x the bandwidth, so vitdet-b's AMP training step comes out slower than on the
+    // H200 (every node's traffic takes longer), but by less than the bandwidths' ratio (its
+    // compute-bound kernels, launches and time beyond the rooflines do not change).
     let calibration = format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json");
     let predict = |profile: &str, on: Option<&str>| -> (f64, String) {
         let mut args = vec![
@@ -484,7 +484,7 @@ fn h200_op_times_predict_an_h100_step_at_the_h100s_bandwidth() {
     let (h200, _) = predict("h200-141gb", None);
     let (h100, name) = predict("h100-80gb", Some("h200-141gb"));
     assert_eq!(name, "h100-80gb, calibrated on h200-141gb");
-    assert!(h100 > 1.05 * h200 && h100 < h200 * 4800.0 / 3350.0, "{h100} vs {h200}");
+    assert!(h100 > h200 && h100 < h200 * 4800.0 / 3350.0, "{h100} vs {h200}");
 
     // Where it may not apply: another architecture, or reports from another GPU than named.
     let tiny = |profile: &str, on: &str| {

@@ -24,11 +24,12 @@
 //! rows of its kind: the GEMM-like ops' ([`GEMM_LIKE`]) for a contraction, the row-wise
 //! memory-bound ops' ([`ROW_WISE`]) for anything else.
 //!
-//! Efficiencies carry over to another GPU of the same architecture
-//! ([`DeviceProfile::calibrated_on`]): a call keeps the fraction of its roofline it reached where
-//! it was timed, and its roofline is recomputed at this profile's peaks. Between an H200 and an
-//! H100 (the same SMs, 0.7x the bandwidth) that slows the memory-bound calls and leaves the
-//! compute-bound ones as they were.
+//! Times carry over to another GPU of the same architecture ([`DeviceProfile::calibrated_on`]):
+//! a call keeps the time it spent beyond its roofline where it was timed (latency, occupancy,
+//! the kernel's own inefficiency), and its roofline is recomputed at this profile's peaks.
+//! Between an H200 and an H100 (the same SMs, 0.7x the bandwidth) that slows a memory-bound call
+//! by its traffic's extra time: by the bandwidths' ratio at full efficiency, by little where the
+//! kernel was far from its roofline.
 
 use std::collections::BTreeMap;
 
@@ -101,8 +102,9 @@ pub struct CalibratedOp {
     pub ideal_seconds: f64,
     /// Where it was timed ([`Calibration::timed_on`]).
     pub measured_seconds: f64,
-    /// `ideal / (measured - launch)` at the peaks and launch cost of the profile it was timed
-    /// on: with it, that profile gives this call its measured time.
+    /// `ideal / (measured - launch)`, both at this profile's peaks (see
+    /// [`DeviceProfile::calibrated_on`] for times from another GPU): with it, the model gives
+    /// this call its measured time.
     pub efficiency: f64,
 }
 
@@ -154,9 +156,11 @@ impl DeviceProfile {
     }
 
     /// This profile with the efficiencies of `measured` calls timed on the device of `timed_on`
-    /// (this profile, or another GPU of its architecture): each call's efficiency is its
-    /// roofline at `timed_on`'s peaks over its measured time less `timed_on`'s launch cost, and
-    /// that efficiency then applies at this profile's peaks. A call that took no longer than the
+    /// (this profile, or another GPU of its architecture). A call's kernel time here is its
+    /// measured time less `timed_on`'s launch cost, plus the change of its roofline
+    /// (`max(flops / rate, bytes / bandwidth)`) from `timed_on`'s peaks to this profile's: the
+    /// time it spent beyond the roofline stays. Its efficiency is this profile's roofline over
+    /// that time, so this profile predicts the call at it. A call that took no longer than the
     /// launch cost fits no efficiency and is left out (named in [`Calibration::skipped`]).
     /// Errors on profiles of two architectures, a dtype either profile has no rate for, a time
     /// that is not positive and finite, or no call left to calibrate with.
@@ -184,11 +188,16 @@ impl DeviceProfile {
                 return Err(format!("{source}: {} ({:?}) has time {} s", m.op, m.dtype, m.seconds));
             }
             let (flops, bytes) = (m.flops as f64, m.bytes as f64);
-            let ideal_there = timed_on.ideal_seconds(&m.op, low, flops, bytes);
-            let kernel = m.seconds - timed_on.launch_seconds;
+            let (ideal_there, ideal) = (
+                timed_on.ideal_seconds(&m.op, low, flops, bytes),
+                self.ideal_seconds(&m.op, low, flops, bytes),
+            );
+            // What the call took beyond its roofline there (latency, occupancy, its own
+            // inefficiency) stays; only the roofline changes with the peaks.
+            let kernel = m.seconds - timed_on.launch_seconds + (ideal - ideal_there);
             // The model adds the launch cost to every kernel, so a call that took no longer
             // cannot be reproduced; its op keeps its kind's or the assumed efficiency.
-            if kernel <= 0.0 || ideal_there <= 0.0 {
+            if m.seconds <= timed_on.launch_seconds || kernel <= 0.0 || ideal <= 0.0 {
                 skipped.push(format!(
                     "{} ({:?}): {:.1} us, within the {:.1} us launch cost",
                     m.op,
@@ -201,9 +210,9 @@ impl DeviceProfile {
             ops.push(CalibratedOp {
                 op: m.op.clone(),
                 low_precision: low,
-                ideal_seconds: self.ideal_seconds(&m.op, low, flops, bytes),
+                ideal_seconds: ideal,
                 measured_seconds: m.seconds,
-                efficiency: ideal_there / kernel,
+                efficiency: ideal / kernel,
             });
         }
         if ops.is_empty() {
@@ -503,23 +512,33 @@ mod tests {
     }
 
     #[test]
-    fn efficiencies_timed_on_an_h200_carry_to_an_h100_at_its_bandwidth() {
+    fn times_from_an_h200_carry_to_an_h100_with_the_rooflines_change() {
         let h100 = DeviceProfile::named("h100-80gb").unwrap();
         let h200 = DeviceProfile::named("h200-141gb").unwrap();
-        let gemm = timed("linear", DType::BF16, 14_504_951_808, 28_709_376, 38e-6);
-        let norm = timed("layer_norm", DType::BF16, 31_000_000, 12_600_000, 31e-6);
-        let calls = [gemm, norm];
+        let (norm_bytes, copy_bytes) = (12_600_000u64, 400_000_000u64);
+        // A copy at the H200's full bandwidth, a norm far below it, a compute-bound GEMM.
+        let copy_s = h200.launch_seconds + copy_bytes as f64 / h200.bandwidth;
+        let calls = [
+            timed("linear", DType::BF16, 14_504_951_808, 28_709_376, 38e-6),
+            timed("layer_norm", DType::BF16, 31_000_000, norm_bytes, 31e-6),
+            timed("permute", DType::BF16, 0, copy_bytes, copy_s),
+        ];
         let there = h200.clone().calibrated("f.json", &calls).unwrap();
         let here = h100.clone().calibrated_on(&h200, "f.json", &calls).unwrap();
         assert_eq!(here.name, "h100-80gb, calibrated on h200-141gb");
         assert_eq!(here.calibration.as_ref().unwrap().timed_on, "h200-141gb");
-        // The same fractions of the rooflines: the compute-bound GEMM as fast as on the H200,
-        // the memory-bound norm's kernel slower by the bandwidths' ratio.
         let kernel = |p: &DeviceProfile, m: &MeasuredOp| seconds(p, &m.op, true, m.flops, m.bytes) - p.launch_seconds;
+        let extra = |bytes: u64| bytes as f64 * (1.0 / h100.bandwidth - 1.0 / h200.bandwidth);
+        // The GEMM's roofline is its compute, the same on both: its time stays.
         assert!(close(kernel(&here, &calls[0]), kernel(&there, &calls[0])));
+        // The norm gains its traffic's extra time only: far less than the bandwidths' ratio.
+        let norm = kernel(&here, &calls[1]);
+        assert!(close(norm, kernel(&there, &calls[1]) + extra(norm_bytes)));
+        assert!(norm < 1.1 * kernel(&there, &calls[1]));
+        // The copy ran at the roofline: it slows by the whole ratio.
         assert!(close(
-            kernel(&here, &calls[1]),
-            kernel(&there, &calls[1]) * h200.bandwidth / h100.bandwidth
+            kernel(&here, &calls[2]),
+            kernel(&there, &calls[2]) * h200.bandwidth / h100.bandwidth
         ));
         // Calibrating on itself is the plain calibration.
         let own = h200.clone().calibrated_on(&h200, "f.json", &calls).unwrap();
