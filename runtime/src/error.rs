@@ -141,6 +141,10 @@ pub enum RuntimeError {
     #[error("device memory pool: {0}")]
     DeviceMemory(String),
 
+    /// The device's event clock could not be recorded or read (`Program::run_device_timed`).
+    #[error("device clock: {0}")]
+    DeviceClock(String),
+
     /// A tensor operation outside any node failed (loading, preprocessing, initialization).
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

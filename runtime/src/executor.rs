@@ -194,7 +194,7 @@ impl<'g> Program<'g> {
         inputs: &[(&str, Tensor)],
         device: &Device,
     ) -> Result<RunOutput, RuntimeError> {
-        execute(self, params, inputs, device, false)
+        execute(self, params, inputs, device, OpClock::Host)
     }
 
     /// [`Program::run`], waiting for the device after every op, so that
@@ -207,8 +207,34 @@ impl<'g> Program<'g> {
         inputs: &[(&str, Tensor)],
         device: &Device,
     ) -> Result<RunOutput, RuntimeError> {
-        execute(self, params, inputs, device, true)
+        execute(self, params, inputs, device, OpClock::Synced)
     }
+
+    /// [`Program::run`] (no waits), with [`RunOutput::op_seconds`] and
+    /// [`RunOutput::scope_seconds`] on the device's own clock: on a CUDA device, events
+    /// recorded on the stream between the nodes charge each node the span from the end of the
+    /// one before to its own end, its kernels plus any time the device waited for the host to
+    /// issue them, so the spans add up to the run's time on the device. Placing the graph's
+    /// inputs is charged to `input`. On the CPU, the same as `run`.
+    pub fn run_device_timed(
+        &self,
+        params: &ParamStore,
+        inputs: &[(&str, Tensor)],
+        device: &Device,
+    ) -> Result<RunOutput, RuntimeError> {
+        execute(self, params, inputs, device, OpClock::DeviceEvents)
+    }
+}
+
+/// How a run times its ops ([`RunOutput::op_seconds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpClock {
+    /// The host's time in each op: on a GPU, the time to issue it.
+    Host,
+    /// The host's time with the device waited for after each op.
+    Synced,
+    /// Spans between events on the device's stream (the host's time on the CPU).
+    DeviceEvents,
 }
 
 fn execute(
@@ -216,7 +242,7 @@ fn execute(
     params: &ParamStore,
     inputs: &[(&str, Tensor)],
     device: &Device,
-    sync_each_op: bool,
+    clock: OpClock,
 ) -> Result<RunOutput, RuntimeError> {
     let (graph, order) = (program.graph, program.order);
     let mut liveness = program.liveness.clone();
@@ -243,6 +269,10 @@ fn execute(
     let mut dynamic_rows: Option<usize> = None;
     let heap_base = crate::alloc::current_bytes();
     let device_base = device_memory::start(device)?;
+    let mut device_clock = match clock {
+        OpClock::DeviceEvents => device_clock::DeviceClock::start(device)?,
+        _ => None,
+    };
 
     for &n in order {
         let node = graph.node(n);
@@ -302,7 +332,7 @@ fn execute(
                     KernelError::Candle(e) => kernel_error(graph, n, e.to_string()),
                 })?;
                 drop(args);
-                if sync_each_op {
+                if clock == OpClock::Synced {
                     device.synchronize()?;
                 }
                 let seconds = start.elapsed().as_secs_f64();
@@ -370,6 +400,11 @@ fn execute(
             held.insert(v, t);
         }
         peak = peak.max(held_bytes);
+        if let Some(c) = device_clock.as_mut() {
+            if !matches!(node.op, Op::Parameter(_)) {
+                c.mark(node.op.name(), scope_key(&node.scope))?;
+            }
+        }
         if measuring {
             let heap = crate::alloc::peak_bytes().saturating_sub(heap_base);
             measured_steps.push(heap + held_input_bytes);
@@ -386,6 +421,9 @@ fn execute(
         debug_assert_eq!(held_bytes, liveness.live_bytes());
     }
     debug_assert_eq!(peak, liveness.peak_bytes());
+    if let Some(c) = device_clock {
+        (op_seconds, scope_seconds) = c.spans()?;
+    }
 
     let mut outputs = Vec::with_capacity(graph.outputs.len());
     for o in &graph.outputs {
@@ -437,6 +475,42 @@ fn scope_key(scope: &str) -> &str {
     match scope.match_indices('.').nth(SCOPE_DEPTH - 1) {
         Some((i, _)) => &scope[..i],
         None => scope,
+    }
+}
+
+/// Op times on the device's clock (CUDA events; no clock elsewhere).
+mod device_clock {
+    #[cfg(feature = "cuda")]
+    pub use crate::cuda::events::DeviceClock;
+
+    #[cfg(not(feature = "cuda"))]
+    pub use none::DeviceClock;
+
+    #[cfg(not(feature = "cuda"))]
+    mod none {
+        use std::collections::BTreeMap;
+
+        use candle_core::Device;
+
+        use crate::error::RuntimeError;
+
+        /// Never made: without the `cuda` feature no device has a clock of its own.
+        pub enum DeviceClock {}
+
+        impl DeviceClock {
+            pub fn start(_: &Device) -> Result<Option<DeviceClock>, RuntimeError> {
+                Ok(None)
+            }
+
+            pub fn mark(&mut self, _: &str, _: &str) -> Result<(), RuntimeError> {
+                match *self {}
+            }
+
+            #[allow(clippy::type_complexity)]
+            pub fn spans(self) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>), RuntimeError> {
+                match self {}
+            }
+        }
     }
 }
 

@@ -102,22 +102,24 @@ fn peak_live_bytes_known_answer() {
 /// A profiled run waits after every op but is otherwise the same run: same outputs, same
 /// accounting, a time for every op kind the graph runs.
 #[test]
-fn profiled_run_matches_and_times_every_op_kind() {
+fn profiled_and_device_timed_runs_match_and_time_every_op_kind() {
     let (g, params, x) = chain_case();
     let order = g.topo_order().unwrap();
     let plain = run_with_order(&g, &params, &[("x", x.clone())], &cpu(), &order).unwrap();
-    let profiled = Program::new(&g, &order)
-        .unwrap()
-        .run_profiled(&params, &[("x", x)], &cpu())
-        .unwrap();
-    for ((n1, t1), (n2, t2)) in plain.outputs.iter().zip(&profiled.outputs) {
-        assert_eq!(n1, n2);
-        assert_eq!(t1.to_vec1::<f32>().unwrap(), t2.to_vec1::<f32>().unwrap(), "{n1}");
+    let program = Program::new(&g, &order).unwrap();
+    // On the CPU the device clock is the host's: the same op kinds as the other runs.
+    let profiled = program.run_profiled(&params, &[("x", x.clone())], &cpu()).unwrap();
+    let device_timed = program.run_device_timed(&params, &[("x", x)], &cpu()).unwrap();
+    for run in [&profiled, &device_timed] {
+        for ((n1, t1), (n2, t2)) in plain.outputs.iter().zip(&run.outputs) {
+            assert_eq!(n1, n2);
+            assert_eq!(t1.to_vec1::<f32>().unwrap(), t2.to_vec1::<f32>().unwrap(), "{n1}");
+        }
+        assert_eq!(run.peak_live_bytes, plain.peak_live_bytes);
+        let kinds: Vec<&str> = run.op_seconds.keys().map(String::as_str).collect();
+        assert_eq!(kinds, ["binary", "concat", "pad", "slice", "unary"]);
+        assert!(run.op_seconds.values().all(|s| *s >= 0.0));
     }
-    assert_eq!(profiled.peak_live_bytes, plain.peak_live_bytes);
-    let kinds: Vec<&str> = profiled.op_seconds.keys().map(String::as_str).collect();
-    assert_eq!(kinds, ["binary", "concat", "pad", "slice", "unary"]);
-    assert!(profiled.op_seconds.values().all(|s| *s >= 0.0));
 }
 
 /// Two branches whose big intermediates overlap or not depending on the order.

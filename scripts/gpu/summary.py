@@ -116,21 +116,25 @@ def main():
                     f"times this GPU's measured / predicted: {h100 * r['median_ms'] / ms:.1f} ms"
                 )
         ops = r.get("ops", [])
+        ms = lambda v: "       -   " if v is None else f"{v:8.2f} ms"
         if ops:
             host = sum(o["host_ms"] for o in ops)
             synced = sum(o.get("synced_ms") or 0.0 for o in ops)
             print(f"  issuing all ops: {host:.1f} ms on the host; profiled, device waited after each: {synced:.1f} ms")
-            for o in ops[:8]:
-                s = o.get("synced_ms")
+            if any(o.get("device_ms") is not None for o in ops):
+                device = sum(o.get("device_ms") or 0.0 for o in ops)
+                print(f"  device clock (events between the nodes of an unsynced run): {device:.1f} ms in all")
+            if r.get("device_clock_error"):
+                print(f"  device clock failed: {r['device_clock_error'][:300]}")
+            for o in ops[:10]:
                 print(
-                    f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced "
-                    + ("-" if s is None else f"{s:8.2f} ms")
+                    f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced {ms(o.get('synced_ms'))}"
+                    f"  device {ms(o.get('device_ms'))}"
                 )
-        for sc in r.get("scopes", [])[:6]:
-            s = sc.get("synced_ms")
+        for sc in r.get("scopes", [])[:8]:
             print(
-                f"  scope {sc['scope']:<38} host {sc['host_ms']:8.2f} ms  synced "
-                + ("-" if s is None else f"{s:8.2f} ms")
+                f"  scope {sc['scope']:<38} host {sc['host_ms']:8.2f} ms  synced {ms(sc.get('synced_ms'))}"
+                f"  device {ms(sc.get('device_ms'))}"
             )
 
     for variant in ("eager", "fused"):

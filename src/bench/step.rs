@@ -49,8 +49,9 @@ pub struct StepOptions {
     pub fuse_attention: bool,
     pub warmup: usize,
     pub iters: usize,
-    /// After the timed runs, one more that waits for the device after every op, to time each
-    /// op kind on the device ([`OpTime::synced_ms`]).
+    /// After the timed runs, on a GPU one that times each node on the device's clock
+    /// ([`OpTime::device_ms`]), then one that waits for the device after every op
+    /// ([`OpTime::synced_ms`]).
     pub profile: bool,
 }
 
@@ -67,6 +68,11 @@ pub struct OpTime {
     /// Their time with the device waited for after each op (`--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synced_ms: Option<f64>,
+    /// Their spans on the device's clock in a run that does not wait (`--profile` on a GPU:
+    /// `Program::run_device_timed`): their kernels plus the device's idle time waiting for
+    /// the host to issue them. The kinds add up to the step's time on the device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_ms: Option<f64>,
 }
 
 /// One scope's share of a step (scopes cut to two components: `backbone.net`,
@@ -79,6 +85,9 @@ pub struct ScopeTime {
     /// Their time with the device waited for after each op (`--profile`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub synced_ms: Option<f64>,
+    /// Their spans on the device's clock (see [`OpTime::device_ms`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_ms: Option<f64>,
 }
 
 /// What timing a step measured.
@@ -103,10 +112,14 @@ pub struct StepResult {
     /// compares with; `planned_arena_bytes` without dynamic rows.
     pub planned_arena_bytes_at_rows: u64,
     pub param_bytes: u64,
-    /// Per op kind, the slowest first (by device time when profiled, else host time).
+    /// Per op kind, the slowest first (by the device clock's spans, else the synced time, else
+    /// the host time: the first the run measured).
     pub ops: Vec<OpTime>,
     /// Per scope, the slowest first (same order key).
     pub scopes: Vec<ScopeTime>,
+    /// Why the device-clock run failed, where it did (the other measurements stand).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_clock_error: Option<String>,
 }
 
 impl StepResult {
@@ -133,74 +146,129 @@ impl StepResult {
                 " ({} at the run's {r} dynamic rows)",
                 bytes(self.planned_arena_bytes_at_rows)
             )),
-        ) + &self.ops_text()
+        ) + &self.device_clock_text()
+            + &self.ops_text()
             + &self.scopes_text()
+    }
+
+    /// The device clock's total (its spans add up to the step's time on the device), or why
+    /// it failed.
+    fn device_clock_text(&self) -> String {
+        if let Some(e) = &self.device_clock_error {
+            return format!("device clock: failed ({e})\n");
+        }
+        let spans: Vec<f64> = self.ops.iter().filter_map(|o| o.device_ms).collect();
+        if spans.is_empty() {
+            return String::new();
+        }
+        format!(
+            "device clock: {:.1} ms from the first node's start to the last one's end\n",
+            spans.iter().sum::<f64>()
+        )
     }
 
     /// The slowest scopes, as text.
     fn scopes_text(&self) -> String {
-        let mut text = format!("{:<40} {:>10} {:>10}\n", "scope", "host ms", "synced ms");
-        for s in self.scopes.iter().take(OPS_SHOWN) {
-            let synced = s.synced_ms.map_or("-".to_string(), |v| format!("{v:.2}"));
-            text += &format!("{:<40} {:>10.2} {:>10}\n", s.scope, s.host_ms, synced);
-        }
-        text
+        let rows = self
+            .scopes
+            .iter()
+            .map(|r| (&r.scope, None, r.host_ms, r.synced_ms, r.device_ms));
+        timing_table("scope", rows)
     }
 
     /// The slowest op kinds, as text.
     fn ops_text(&self) -> String {
-        let mut text = format!("{:<28} {:>6} {:>10} {:>10}\n", "op", "count", "host ms", "synced ms");
-        for o in self.ops.iter().take(OPS_SHOWN) {
-            let synced = o.synced_ms.map_or("-".to_string(), |v| format!("{v:.2}"));
-            text += &format!("{:<28} {:>6} {:>10.2} {:>10}\n", o.op, o.count, o.host_ms, synced);
-        }
-        text
+        let rows = self
+            .ops
+            .iter()
+            .map(|r| (&r.op, Some(r.count), r.host_ms, r.synced_ms, r.device_ms));
+        timing_table("op", rows)
     }
+}
+
+/// Rows (name, node count, host, synced, device ms) as a text table of the first
+/// [`OPS_SHOWN`].
+fn timing_table<'a>(
+    what: &str,
+    rows: impl Iterator<Item = (&'a String, Option<usize>, f64, Option<f64>, Option<f64>)>,
+) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let mut text = format!(
+        "{what:<40} {:>6} {:>10} {:>10} {:>10}\n",
+        "count", "host ms", "synced ms", "device ms"
+    );
+    for (name, count, host, synced, device) in rows.take(OPS_SHOWN) {
+        let count = count.map_or(String::new(), |c| c.to_string());
+        text += &format!(
+            "{name:<40} {count:>6} {host:>10.2} {:>10} {:>10}\n",
+            ms(synced),
+            ms(device)
+        );
+    }
+    text
 }
 
 /// Op kinds the text report lists.
 const OPS_SHOWN: usize = 12;
 
-/// `(name, host ms, synced ms)` for every name timed, slowest first (by the synced time when
-/// profiled, else the host time).
-fn timing_rows(
-    host: &BTreeMap<String, f64>,
-    synced: Option<&BTreeMap<String, f64>>,
-) -> Vec<(String, f64, Option<f64>)> {
-    let mut rows: Vec<(String, f64, Option<f64>)> = host
-        .iter()
-        .map(|(name, &secs)| {
-            let synced_ms = synced.map(|s| s.get(name).copied().unwrap_or(0.0) * 1e3);
-            (name.clone(), secs * 1e3, synced_ms)
+/// A run's seconds by name: the host's, and where measured the synced run's and the device
+/// clock's.
+struct Clocks<'a> {
+    host: &'a BTreeMap<String, f64>,
+    synced: Option<&'a BTreeMap<String, f64>>,
+    device: Option<&'a BTreeMap<String, f64>>,
+}
+
+/// `(name, host ms, synced ms, device ms)` for every name timed, slowest first (by the device
+/// clock where measured, else the synced time, else the host time).
+fn timing_rows(clocks: &Clocks) -> Vec<(String, f64, Option<f64>, Option<f64>)> {
+    let ms = |m: Option<&BTreeMap<String, f64>>, name: &str| m.map(|m| m.get(name).copied().unwrap_or(0.0) * 1e3);
+    // Every name any clock timed: the device clock also charges placing the inputs.
+    let names: std::collections::BTreeSet<&String> = [Some(clocks.host), clocks.synced, clocks.device]
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m.keys())
+        .collect();
+    let mut rows: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            (
+                name.clone(),
+                ms(Some(clocks.host), name).unwrap_or(0.0),
+                ms(clocks.synced, name),
+                ms(clocks.device, name),
+            )
         })
         .collect();
-    let key = |r: &(String, f64, Option<f64>)| r.2.unwrap_or(r.1);
+    let key = |r: &(String, f64, Option<f64>, Option<f64>)| r.3.or(r.2).unwrap_or(r.1);
     rows.sort_by(|a, b| key(b).total_cmp(&key(a)));
     rows
 }
 
-/// Per op kind of `graph`: node count, host and synced time, slowest first.
-fn op_times(graph: &Graph, host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<OpTime> {
+/// Per op kind of `graph`: node count and times, slowest first.
+fn op_times(graph: &Graph, clocks: &Clocks) -> Vec<OpTime> {
     let counts = vitdet_passes::CostSummary::of(graph).ops;
-    timing_rows(host, synced)
+    timing_rows(clocks)
         .into_iter()
-        .map(|(op, host_ms, synced_ms)| OpTime {
+        .map(|(op, host_ms, synced_ms, device_ms)| OpTime {
             count: counts.get(&op).copied().unwrap_or(0),
             op,
             host_ms,
             synced_ms,
+            device_ms,
         })
         .collect()
 }
 
-/// Per scope: host and synced time, slowest first.
-fn scope_times(host: &BTreeMap<String, f64>, synced: Option<&BTreeMap<String, f64>>) -> Vec<ScopeTime> {
-    timing_rows(host, synced)
+/// Per scope: times, slowest first.
+fn scope_times(clocks: &Clocks) -> Vec<ScopeTime> {
+    timing_rows(clocks)
         .into_iter()
-        .map(|(scope, host_ms, synced_ms)| ScopeTime {
+        .map(|(scope, host_ms, synced_ms, device_ms)| ScopeTime {
             scope,
             host_ms,
             synced_ms,
+            device_ms,
         })
         .collect()
 }
@@ -273,6 +341,16 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
         host_scope_seconds = out.scope_seconds.clone();
         Ok(out)
     })?;
+    // The device clock's run first: the synced run's waits leave the pool and caches as a
+    // plain run would not. A failure there costs only its column.
+    let (device_clock, device_clock_error) = if opts.profile && !device.is_cpu() {
+        match program.run_device_timed(&params, &named, device) {
+            Ok(out) => (Some((out.op_seconds, out.scope_seconds)), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
     let synced = if opts.profile {
         let out = program
             .run_profiled(&params, &named, device)
@@ -303,8 +381,20 @@ pub fn run(opts: &StepOptions, device: &Device) -> Result<StepResult> {
             step.arena_bytes as usize,
         )? as u64,
         param_bytes: params.total_bytes() as u64,
-        ops: op_times(&step.graph, &host_op_seconds, synced.as_ref().map(|s| &s.0)),
-        scopes: scope_times(&host_scope_seconds, synced.as_ref().map(|s| &s.1)),
+        ops: op_times(
+            &step.graph,
+            &Clocks {
+                host: &host_op_seconds,
+                synced: synced.as_ref().map(|s| &s.0),
+                device: device_clock.as_ref().map(|s| &s.0),
+            },
+        ),
+        scopes: scope_times(&Clocks {
+            host: &host_scope_seconds,
+            synced: synced.as_ref().map(|s| &s.1),
+            device: device_clock.as_ref().map(|s| &s.1),
+        }),
+        device_clock_error,
     })
 }
 

@@ -15,6 +15,8 @@ pub mod cudnn;
 pub mod detection;
 #[cfg(feature = "cuda")]
 pub mod device;
+#[cfg(feature = "cuda")]
+pub mod events;
 pub mod im2col;
 #[cfg(feature = "cuda")]
 pub mod linear;

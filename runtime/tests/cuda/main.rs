@@ -10,6 +10,7 @@ mod common;
 
 mod activation;
 mod adamw;
+mod clock;
 mod conv;
 mod detection;
 mod linear;

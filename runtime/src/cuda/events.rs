@@ -1,0 +1,72 @@
+//! Op times on the device's own clock: CUDA events recorded on the stream between the ops of
+//! a run that does not wait for the device ([`crate::Program::run_device_timed`]).
+//!
+//! An event is recorded before the first node and after each one; a node is charged the span
+//! between the events around it. That span is its kernels' time plus any time the device sat
+//! idle waiting for the host to issue them (a host loop, a sync point, dispatch slower than the
+//! kernels), so the spans add up to the run's time on the device, and where the host is the
+//! bottleneck it shows on the nodes that wait for it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
+use candle_core::Device;
+
+use crate::error::RuntimeError;
+
+fn fail(what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::DeviceClock(format!("{what}: {e}"))
+}
+
+/// The events of one run, each with the op name and scope of the node it ends.
+pub struct DeviceClock {
+    stream: Arc<CudaStream>,
+    start: CudaEvent,
+    marks: Vec<(CudaEvent, String, String)>,
+}
+
+impl DeviceClock {
+    /// Records the start event on `device`'s stream; `None` for a device other than a GPU.
+    pub fn start(device: &Device) -> Result<Option<DeviceClock>, RuntimeError> {
+        let Ok(dev) = device.as_cuda_device() else {
+            return Ok(None);
+        };
+        let stream = dev.cuda_stream();
+        let start = record(&stream)?;
+        Ok(Some(DeviceClock {
+            stream,
+            start,
+            marks: Vec::new(),
+        }))
+    }
+
+    /// Ends the span of a node of `op` in `scope`.
+    pub fn mark(&mut self, op: &str, scope: &str) -> Result<(), RuntimeError> {
+        let event = record(&self.stream)?;
+        self.marks.push((event, op.to_string(), scope.to_string()));
+        Ok(())
+    }
+
+    /// Waits for the device, then sums the spans by op name and by scope (seconds).
+    #[allow(clippy::type_complexity)]
+    pub fn spans(self) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>), RuntimeError> {
+        let mut ops = BTreeMap::new();
+        let mut scopes = BTreeMap::new();
+        let mut previous = &self.start;
+        for (event, op, scope) in &self.marks {
+            let ms = previous.elapsed_ms(event).map_err(|e| fail("reading an event", e))?;
+            *ops.entry(op.clone()).or_insert(0.0) += f64::from(ms) * 1e-3;
+            *scopes.entry(scope.clone()).or_insert(0.0) += f64::from(ms) * 1e-3;
+            previous = event;
+        }
+        Ok((ops, scopes))
+    }
+}
+
+/// A timing event recorded on `stream` now.
+fn record(stream: &Arc<CudaStream>) -> Result<CudaEvent, RuntimeError> {
+    stream
+        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|e| fail("recording an event", e))
+}
