@@ -215,8 +215,8 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         calibration: Vec<PathBuf>,
         /// The profile of the GPU the --calibration reports were timed on, where it is another
-        /// GPU of the --profile's architecture: each op keeps the fraction of its roofline it
-        /// reached there, at the --profile's peaks.
+        /// GPU of the --profile's architecture: each call keeps the time it spent beyond its
+        /// roofline there, and its roofline is recomputed at the --profile's peaks.
         #[arg(long, requires = "calibration")]
         calibrated_on: Option<String>,
         /// Precision of every row unless swept: f32, bf16 or f16. Default f16 (the paper's

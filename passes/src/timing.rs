@@ -29,7 +29,8 @@
 //! the kernel's own inefficiency), and its roofline is recomputed at this profile's peaks.
 //! Between an H200 and an H100 (the same SMs, 0.7x the bandwidth) that slows a memory-bound call
 //! by its traffic's extra time: by the bandwidths' ratio at full efficiency, by little where the
-//! kernel was far from its roofline.
+//! kernel was far from its roofline. A call that ran above its roofline (data served from cache
+//! rather than memory) is charged the whole extra traffic time, which overstates its slowdown.
 
 use std::collections::BTreeMap;
 
@@ -102,9 +103,10 @@ pub struct CalibratedOp {
     pub ideal_seconds: f64,
     /// Where it was timed ([`Calibration::timed_on`]).
     pub measured_seconds: f64,
-    /// `ideal / (measured - launch)`, both at this profile's peaks (see
-    /// [`DeviceProfile::calibrated_on`] for times from another GPU): with it, the model gives
-    /// this call its measured time.
+    /// `ideal / kernel`: this profile's roofline over the call's kernel time here, which is
+    /// `measured - launch` where it was timed on this profile's GPU, and its carried time
+    /// ([`DeviceProfile::calibrated_on`]) where on another. With it, the model gives the call
+    /// that kernel time.
     pub efficiency: f64,
 }
 
@@ -196,15 +198,24 @@ impl DeviceProfile {
             // inefficiency) stays; only the roofline changes with the peaks.
             let kernel = m.seconds - timed_on.launch_seconds + (ideal - ideal_there);
             // The model adds the launch cost to every kernel, so a call that took no longer
-            // cannot be reproduced; its op keeps its kind's or the assumed efficiency.
-            if m.seconds <= timed_on.launch_seconds || kernel <= 0.0 || ideal <= 0.0 {
-                skipped.push(format!(
-                    "{} ({:?}): {:.1} us, within the {:.1} us launch cost",
-                    m.op,
-                    m.dtype,
-                    m.seconds * 1e6,
+            // cannot be reproduced; its op keeps its kind's or the assumed efficiency. So does
+            // one that, carried to a faster GPU, would take no time: it ran above its datasheet
+            // roofline where it was timed (data served from cache).
+            let why = if m.seconds <= timed_on.launch_seconds {
+                Some(format!(
+                    "within the {:.1} us launch cost",
                     timed_on.launch_seconds * 1e6
-                ));
+                ))
+            } else if kernel <= 0.0 || ideal <= 0.0 {
+                Some(format!(
+                    "above its roofline on {}, no time left on {}",
+                    timed_on.name, self.name
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                skipped.push(format!("{} ({:?}): {:.1} us, {why}", m.op, m.dtype, m.seconds * 1e6));
                 continue;
             }
             ops.push(CalibratedOp {

@@ -116,7 +116,7 @@ def main():
                     f"times this GPU's measured / predicted: {h100 * r['median_ms'] / ms:.1f} ms"
                 )
         ops = r.get("ops", [])
-        ms = lambda v: "       -   " if v is None else f"{v:8.2f} ms"
+        fmt = lambda v: "       -   " if v is None else f"{v:8.2f} ms"
         if ops:
             host = sum(o["host_ms"] for o in ops)
             synced = sum(o.get("synced_ms") or 0.0 for o in ops)
@@ -128,13 +128,13 @@ def main():
                 print(f"  device clock failed: {r['device_clock_error'][:300]}")
             for o in ops[:10]:
                 print(
-                    f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced {ms(o.get('synced_ms'))}"
-                    f"  device {ms(o.get('device_ms'))}"
+                    f"  {o['op']:<26} x{o['count']:<5} host {o['host_ms']:8.2f} ms  synced {fmt(o.get('synced_ms'))}"
+                    f"  device {fmt(o.get('device_ms'))}"
                 )
         for sc in r.get("scopes", [])[:8]:
             print(
-                f"  scope {sc['scope']:<38} host {sc['host_ms']:8.2f} ms  synced {ms(sc.get('synced_ms'))}"
-                f"  device {ms(sc.get('device_ms'))}"
+                f"  scope {sc['scope']:<38} host {sc['host_ms']:8.2f} ms  synced {fmt(sc.get('synced_ms'))}"
+                f"  device {fmt(sc.get('device_ms'))}"
             )
 
     for variant in ("eager", "fused"):

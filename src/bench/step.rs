@@ -162,7 +162,7 @@ impl StepResult {
             return String::new();
         }
         format!(
-            "device clock: {:.1} ms from the first node's start to the last one's end\n",
+            "device clock: {:.1} ms from the run's start event to the last node's end\n",
             spans.iter().sum::<f64>()
         )
     }
@@ -222,7 +222,8 @@ struct Clocks<'a> {
 /// `(name, host ms, synced ms, device ms)` for every name timed, slowest first (by the device
 /// clock where measured, else the synced time, else the host time).
 fn timing_rows(clocks: &Clocks) -> Vec<(String, f64, Option<f64>, Option<f64>)> {
-    let ms = |m: Option<&BTreeMap<String, f64>>, name: &str| m.map(|m| m.get(name).copied().unwrap_or(0.0) * 1e3);
+    // A clock that did not time a name (the device clock's `input`) leaves it blank.
+    let ms = |m: Option<&BTreeMap<String, f64>>, name: &str| m.and_then(|m| m.get(name)).map(|s| s * 1e3);
     // Every name any clock timed: the device clock also charges placing the inputs.
     let names: std::collections::BTreeSet<&String> = [Some(clocks.host), clocks.synced, clocks.device]
         .into_iter()

@@ -36,8 +36,15 @@ struct OpRow {
     median_ms: Option<f64>,
 }
 
-/// The timed rows of one report file, which must come from `profile`'s GPU.
-fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> {
+/// The timed rows of one report file, which must come from `timed_on`'s GPU; `target` is the
+/// profile they calibrate (the same, or another named by `--calibrated-on`).
+fn read_report(path: &Path, target: &DeviceProfile, timed_on: &DeviceProfile) -> Result<Vec<MeasuredOp>> {
+    // Where the reports come from, as the user named it.
+    let expected = if timed_on.name == target.name {
+        format!("the {} profile's GPU", target.name)
+    } else {
+        format!("the GPU --calibrated-on {} names", timed_on.name)
+    };
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let report: OpsReport = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a `vitdet bench --ops --format json` report", path.display()))?;
@@ -55,23 +62,26 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
             "{} was timed on `{}`, not on a GPU: it cannot calibrate the {} profile",
             path.display(),
             report.device,
-            profile.name
+            target.name
         );
     }
     if let Some(gpu) = &report.gpu {
         // Profile names start with the GPU's model: `h100-80gb`.
-        let model = profile.name.split('-').next().unwrap_or_default().to_uppercase();
+        let model = timed_on.name.split('-').next().unwrap_or_default().to_uppercase();
         // `NVIDIA H100 80GB HBM3`, `NVIDIA A100-SXM4-80GB`, `Tesla V100-SXM2-32GB`.
         let upper = gpu.to_uppercase();
         if !upper
             .split(|c: char| !c.is_ascii_alphanumeric())
             .any(|word| word == model)
         {
+            let hint = if timed_on.name == target.name {
+                ", or name that GPU's profile with --calibrated-on"
+            } else {
+                ""
+            };
             bail!(
-                "{} was timed on {gpu}, not on the {} profile's GPU: calibrate that GPU's profile with it, \
-                 or name it with --calibrated-on",
-                path.display(),
-                profile.name
+                "{} was timed on {gpu}, not on {expected}: calibrate that GPU's profile with it{hint}",
+                path.display()
             );
         }
     }
@@ -100,7 +110,7 @@ fn read_report(path: &Path, profile: &DeviceProfile) -> Result<Vec<MeasuredOp>> 
 pub fn calibrate(profile: DeviceProfile, timed_on: &DeviceProfile, paths: &[PathBuf]) -> Result<DeviceProfile> {
     let mut measured = Vec::new();
     for path in paths {
-        measured.extend(read_report(path, timed_on)?);
+        measured.extend(read_report(path, &profile, timed_on)?);
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let profile = profile

@@ -2,7 +2,8 @@
 //! a run that does not wait for the device ([`crate::Program::run_device_timed`]).
 //!
 //! An event is recorded before the first node and after each one; a node is charged the span
-//! between the events around it. That span is its kernels' time plus any time the device sat
+//! between the events around it. The events are created before the run, so that the host's
+//! share of the clock is the record alone. That span is its kernels' time plus any time the device sat
 //! idle waiting for the host to issue them (a host loop, a sync point, dispatch slower than the
 //! kernels), so the spans add up to the run's time on the device, and where the host is the
 //! bottleneck it shows on the nodes that wait for it.
@@ -23,27 +24,37 @@ fn fail(what: &str, e: impl std::fmt::Display) -> RuntimeError {
 pub struct DeviceClock {
     stream: Arc<CudaStream>,
     start: CudaEvent,
+    /// Created, not yet recorded.
+    spare: Vec<CudaEvent>,
     marks: Vec<(CudaEvent, String, String)>,
 }
 
 impl DeviceClock {
-    /// Records the start event on `device`'s stream; `None` for a device other than a GPU.
-    pub fn start(device: &Device) -> Result<Option<DeviceClock>, RuntimeError> {
+    /// Creates the events for `nodes` nodes and records the start event on `device`'s stream;
+    /// `None` for a device other than a GPU.
+    pub fn start(device: &Device, nodes: usize) -> Result<Option<DeviceClock>, RuntimeError> {
         let Ok(dev) = device.as_cuda_device() else {
             return Ok(None);
         };
         let stream = dev.cuda_stream();
-        let start = record(&stream)?;
+        let spare = (0..nodes).map(|_| new_event(&stream)).collect::<Result<Vec<_>, _>>()?;
+        let start = new_event(&stream)?;
+        start.record(&stream).map_err(|e| fail("recording an event", e))?;
         Ok(Some(DeviceClock {
             stream,
             start,
-            marks: Vec::new(),
+            spare,
+            marks: Vec::with_capacity(nodes),
         }))
     }
 
     /// Ends the span of a node of `op` in `scope`.
     pub fn mark(&mut self, op: &str, scope: &str) -> Result<(), RuntimeError> {
-        let event = record(&self.stream)?;
+        let event = match self.spare.pop() {
+            Some(e) => e,
+            None => new_event(&self.stream)?,
+        };
+        event.record(&self.stream).map_err(|e| fail("recording an event", e))?;
         self.marks.push((event, op.to_string(), scope.to_string()));
         Ok(())
     }
@@ -64,9 +75,10 @@ impl DeviceClock {
     }
 }
 
-/// A timing event recorded on `stream` now.
-fn record(stream: &Arc<CudaStream>) -> Result<CudaEvent, RuntimeError> {
+/// A timing event in `stream`'s context, not recorded.
+fn new_event(stream: &Arc<CudaStream>) -> Result<CudaEvent, RuntimeError> {
     stream
-        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(|e| fail("recording an event", e))
+        .context()
+        .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(|e| fail("creating an event", e))
 }
