@@ -258,6 +258,11 @@ fn predicted_memory_matches_detectron2_measured_on_a_gpu() {
 /// whole training steps, on one H200 (`scripts/gpu/run.sh`).
 const H200_RUN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/results/gpu-h200-2026-11-27");
 
+/// `--calibration` with both of that run's op tables (bf16 and f32).
+fn h200_calibration() -> String {
+    format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json")
+}
+
 /// The measured seconds per step of the run's Table 3 rows, `(attention, checkpoint, fused)`.
 fn h200_table3() -> Vec<((String, String, bool), f64)> {
     let text = std::fs::read_to_string(format!("{H200_RUN}.txt")).unwrap();
@@ -289,7 +294,7 @@ fn calibrated_h200_times_land_near_the_measured_steps() {
     // attention's batched matmuls and [heads, N, N] element-wise ops, which were not timed and
     // take the GEMM and row-wise rows' efficiencies: 2x (measured 1.26-1.86x). Without the
     // calibration the same profile is a lower bound of every row, 2-6x below.
-    let calibration = format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json");
+    let calibration = h200_calibration();
     let measured = h200_table3();
     let mut checked = 0;
     for fuse in [false, true] {
@@ -400,7 +405,7 @@ fn calibrated_h200_compile_reports_land_near_the_measured_vitdet_b_steps() {
         let ms = line.split("median ").nth(1).unwrap().split(" ms").next().unwrap();
         ms.parse::<f64>().unwrap() / 1e3
     };
-    let calibration = format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json");
+    let calibration = h200_calibration();
     for (mode, dtype, line) in [
         ("infer", "bf16", "infer bf16 "),
         ("train", "bf16", "train bf16 "),
@@ -455,7 +460,7 @@ fn h200_op_times_predict_an_h100_step_at_the_h100s_bandwidth() {
     // SMs at 0.7x the bandwidth, so vitdet-b's AMP training step comes out slower than on the
     // H200 (every node's traffic takes longer), but by less than the bandwidths' ratio (its
     // compute-bound kernels, launches and time beyond the rooflines do not change).
-    let calibration = format!("{H200_RUN}-ops-bf16.json,{H200_RUN}-ops-f32.json");
+    let calibration = h200_calibration();
     let predict = |profile: &str, on: Option<&str>| -> (f64, String) {
         let mut args = vec![
             "compile",

@@ -46,45 +46,23 @@ fn kernel(plan: &PermutePlan) -> Kernel {
 /// A CPU tensor's elements as little-endian bytes, row-major.
 fn bytes_of(x: &Tensor) -> Result<Vec<u8>> {
     let x = x.flatten_all().map_err(|e| e.to_string())?;
-    let e = |e: candle_core::Error| e.to_string();
+    macro_rules! le_bytes {
+        ($t:ty) => {
+            x.to_vec1::<$t>()
+                .map_err(|e| e.to_string())?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        };
+    }
     Ok(match x.dtype() {
-        DType::U8 => x.to_vec1::<u8>().map_err(e)?,
-        DType::U32 => x
-            .to_vec1::<u32>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => x
-            .to_vec1::<i64>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => x
-            .to_vec1::<half::f16>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => x
-            .to_vec1::<half::bf16>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F32 => x
-            .to_vec1::<f32>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F64 => x
-            .to_vec1::<f64>()
-            .map_err(e)?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
+        DType::U8 => le_bytes!(u8),
+        DType::U32 => le_bytes!(u32),
+        DType::I64 => le_bytes!(i64),
+        DType::F16 => le_bytes!(half::f16),
+        DType::BF16 => le_bytes!(half::bf16),
+        DType::F32 => le_bytes!(f32),
+        DType::F64 => le_bytes!(f64),
         t => return Err(format!("no permute of {t:?}")),
     })
 }

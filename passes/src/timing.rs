@@ -89,7 +89,8 @@ pub struct Calibration {
     pub timed_on: String,
     /// Sorted by op, precision, then `ideal_seconds`.
     pub ops: Vec<CalibratedOp>,
-    /// Timed calls left out, and why: those no longer than the launch cost.
+    /// Timed calls left out, and why: those no longer than the launch cost, and those that,
+    /// carried to a faster GPU, would take no time.
     pub skipped: Vec<String>,
 }
 

@@ -271,11 +271,13 @@ fn execute(
     let device_base = device_memory::start(device)?;
     let mut device_clock = match clock {
         OpClock::DeviceEvents => {
-            let nodes = order.iter().filter(|&&n| !matches!(graph.node(n).op, Op::Parameter(_)));
+            let nodes = order.iter().filter(|&&n| device_clock::has_span(&graph.node(n).op));
             device_clock::DeviceClock::start(device, nodes.count())?
         }
         _ => None,
     };
+    // The nodes the device clock marked, in order.
+    let mut clocked: Vec<NodeIndex> = Vec::new();
 
     for &n in order {
         let node = graph.node(n);
@@ -404,8 +406,9 @@ fn execute(
         }
         peak = peak.max(held_bytes);
         if let Some(c) = device_clock.as_mut() {
-            if !matches!(node.op, Op::Parameter(_)) {
-                c.mark(node.op.name(), scope_key(&node.scope))?;
+            if device_clock::has_span(&node.op) {
+                c.mark()?;
+                clocked.push(n);
             }
         }
         if measuring {
@@ -425,7 +428,13 @@ fn execute(
     }
     debug_assert_eq!(peak, liveness.peak_bytes());
     if let Some(c) = device_clock {
-        (op_seconds, scope_seconds) = c.spans()?;
+        op_seconds.clear();
+        scope_seconds.clear();
+        for (&n, seconds) in clocked.iter().zip(c.spans()?) {
+            let node = graph.node(n);
+            add_seconds(&mut op_seconds, node.op.name(), seconds);
+            add_seconds(&mut scope_seconds, scope_key(&node.scope), seconds);
+        }
     }
 
     let mut outputs = Vec::with_capacity(graph.outputs.len());
@@ -483,16 +492,21 @@ fn scope_key(scope: &str) -> &str {
 
 /// Op times on the device's clock (CUDA events; no clock elsewhere).
 mod device_clock {
+    use vitdet_ir::Op;
+
     #[cfg(feature = "cuda")]
     pub use crate::cuda::events::DeviceClock;
+
+    /// Whether a node of `op` gets a span: every node but parameters, which issue nothing.
+    pub fn has_span(op: &Op) -> bool {
+        !matches!(op, Op::Parameter(_))
+    }
 
     #[cfg(not(feature = "cuda"))]
     pub use none::DeviceClock;
 
     #[cfg(not(feature = "cuda"))]
     mod none {
-        use std::collections::BTreeMap;
-
         use candle_core::Device;
 
         use crate::error::RuntimeError;
@@ -505,12 +519,11 @@ mod device_clock {
                 Ok(None)
             }
 
-            pub fn mark(&mut self, _: &str, _: &str) -> Result<(), RuntimeError> {
+            pub fn mark(&mut self) -> Result<(), RuntimeError> {
                 match *self {}
             }
 
-            #[allow(clippy::type_complexity)]
-            pub fn spans(self) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>), RuntimeError> {
+            pub fn spans(self) -> Result<Vec<f64>, RuntimeError> {
                 match self {}
             }
         }

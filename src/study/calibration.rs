@@ -39,12 +39,6 @@ struct OpRow {
 /// The timed rows of one report file, which must come from `timed_on`'s GPU; `target` is the
 /// profile they calibrate (the same, or another named by `--calibrated-on`).
 fn read_report(path: &Path, target: &DeviceProfile, timed_on: &DeviceProfile) -> Result<Vec<MeasuredOp>> {
-    // Where the reports come from, as the user named it.
-    let expected = if timed_on.name == target.name {
-        format!("the {} profile's GPU", target.name)
-    } else {
-        format!("the GPU --calibrated-on {} names", timed_on.name)
-    };
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let report: OpsReport = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a `vitdet bench --ops --format json` report", path.display()))?;
@@ -74,10 +68,14 @@ fn read_report(path: &Path, target: &DeviceProfile, timed_on: &DeviceProfile) ->
             .split(|c: char| !c.is_ascii_alphanumeric())
             .any(|word| word == model)
         {
-            let hint = if timed_on.name == target.name {
-                ", or name that GPU's profile with --calibrated-on"
+            // Where the reports were said to come from, as the user named it.
+            let (expected, hint) = if timed_on.name == target.name {
+                (
+                    format!("the {} profile's GPU", target.name),
+                    ", or name that GPU's profile with --calibrated-on",
+                )
             } else {
-                ""
+                (format!("the GPU --calibrated-on {} names", timed_on.name), "")
             };
             bail!(
                 "{} was timed on {gpu}, not on {expected}: calibrate that GPU's profile with it{hint}",

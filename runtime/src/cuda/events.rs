@@ -8,7 +8,6 @@
 //! kernels), so the spans add up to the run's time on the device, and where the host is the
 //! bottleneck it shows on the nodes that wait for it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent, CudaStream};
@@ -20,13 +19,13 @@ fn fail(what: &str, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::DeviceClock(format!("{what}: {e}"))
 }
 
-/// The events of one run, each with the op name and scope of the node it ends.
+/// The events of one run: the start, then one recorded after each node.
 pub struct DeviceClock {
     stream: Arc<CudaStream>,
     start: CudaEvent,
     /// Created, not yet recorded.
     spare: Vec<CudaEvent>,
-    marks: Vec<(CudaEvent, String, String)>,
+    marks: Vec<CudaEvent>,
 }
 
 impl DeviceClock {
@@ -48,30 +47,27 @@ impl DeviceClock {
         }))
     }
 
-    /// Ends the span of a node of `op` in `scope`.
-    pub fn mark(&mut self, op: &str, scope: &str) -> Result<(), RuntimeError> {
+    /// Ends the span of the node just issued.
+    pub fn mark(&mut self) -> Result<(), RuntimeError> {
         let event = match self.spare.pop() {
             Some(e) => e,
             None => new_event(&self.stream)?,
         };
         event.record(&self.stream).map_err(|e| fail("recording an event", e))?;
-        self.marks.push((event, op.to_string(), scope.to_string()));
+        self.marks.push(event);
         Ok(())
     }
 
-    /// Waits for the device, then sums the spans by op name and by scope (seconds).
-    #[allow(clippy::type_complexity)]
-    pub fn spans(self) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>), RuntimeError> {
-        let mut ops = BTreeMap::new();
-        let mut scopes = BTreeMap::new();
+    /// Waits for the device, then gives each marked node's span (seconds), in marking order.
+    pub fn spans(self) -> Result<Vec<f64>, RuntimeError> {
+        let mut spans = Vec::with_capacity(self.marks.len());
         let mut previous = &self.start;
-        for (event, op, scope) in &self.marks {
+        for event in &self.marks {
             let ms = previous.elapsed_ms(event).map_err(|e| fail("reading an event", e))?;
-            *ops.entry(op.clone()).or_insert(0.0) += f64::from(ms) * 1e-3;
-            *scopes.entry(scope.clone()).or_insert(0.0) += f64::from(ms) * 1e-3;
+            spans.push(f64::from(ms) * 1e-3);
             previous = event;
         }
-        Ok((ops, scopes))
+        Ok(spans)
     }
 }
 

@@ -205,7 +205,7 @@ pub mod run {
     };
 
     use super::{module, NormGeom};
-    use crate::cuda::device::{config, cuda_device, function, suffix, tensor, view, zeros, Kernel};
+    use crate::cuda::device::{config, cuda_device, function, launch_into_new, suffix, tensor, view, zeros, Kernel};
     use crate::kernels::{KernelError, KernelResult};
 
     /// Whether the kernels take these operands: f32, f16 or bf16, all of the first one's dtype,
@@ -287,16 +287,9 @@ pub mod run {
             ("segments_fwd", g.segments_launch())
         };
         let f = kernel(&dev, entry, x[0].dtype())?;
-        let mut y = written::<T>(&dev, g.elems())?;
-        let guards: Vec<_> = x.iter().map(|t| t.storage_and_layout()).collect();
-        let v = guards
-            .iter()
-            .map(|(s, l)| view::<T>(s, l))
-            .collect::<KernelResult<Vec<_>>>()?;
-        let mut l = f.builder();
-        l.arg(&v[0]).arg(&v[1]).arg(&v[2]).arg(&mut y).arg(&g);
-        unsafe { l.launch(config(launch, 0)) }.map_err(candle_core::Error::wrap)?;
-        Ok(tensor(y, x[0].dims(), &dev))
+        // x, w, b.
+        let inputs: Vec<&Tensor> = x.iter().collect();
+        launch_into_new::<T, NormGeom>(&f, &inputs, g.elems(), &g, launch, x[0].dims())
     }
 
     /// `(dx, dweight, dbias)` of layer and group norm: the `*_bwd` kernel, then the affine sums.
@@ -385,22 +378,9 @@ pub mod run {
     fn batch_fwd<T: CudaDType + DeviceRepr + ValidAsZeroBits>(g: NormGeom, x: &[Tensor]) -> KernelResult<Tensor> {
         let dev = cuda_device(&x[0])?;
         let f = kernel(&dev, "batch_fwd", x[0].dtype())?;
-        let mut y = written::<T>(&dev, g.elems())?;
-        let guards: Vec<_> = x.iter().map(|t| t.storage_and_layout()).collect();
-        let v = guards
-            .iter()
-            .map(|(s, l)| view::<T>(s, l))
-            .collect::<KernelResult<Vec<_>>>()?;
-        let mut l = f.builder();
-        l.arg(&v[0])
-            .arg(&v[1])
-            .arg(&v[2])
-            .arg(&v[3])
-            .arg(&v[4])
-            .arg(&mut y)
-            .arg(&g);
-        unsafe { l.launch(config(g.elements_launch(), 0)) }.map_err(candle_core::Error::wrap)?;
-        Ok(tensor(y, x[0].dims(), &dev))
+        // x, w, b, running mean, running variance.
+        let inputs: Vec<&Tensor> = x.iter().collect();
+        launch_into_new::<T, NormGeom>(&f, &inputs, g.elems(), &g, g.elements_launch(), x[0].dims())
     }
 
     /// Inference batch norm with running statistics.
